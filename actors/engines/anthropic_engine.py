@@ -1,0 +1,163 @@
+"""Engine for Anthropic's Messages API via the official anthropic SDK.
+
+Translates both ways: OpenAI-style system messages become the top-level
+`system`, consecutive messages of one role are merged (the API wants turns to
+alternate), stop reasons and usage come back in OpenAI's terms.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import anthropic
+
+from actors.engines.base import DeltaSink, EngineError, EngineOutput
+from eventstore.events import ChatMessage, Usage
+
+__all__ = ["AnthropicEngine", "to_anthropic"]
+
+FINISH_REASONS = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "pause_turn": "stop",
+    "max_tokens": "length",
+    "tool_use": "tool_calls",
+    "refusal": "content_filter",
+}
+
+# OpenAI parameters that the Messages API has no equivalent for.
+UNSUPPORTED = ("seed", "response_format", "presence_penalty", "frequency_penalty")
+
+
+def to_anthropic(messages: list[ChatMessage]) -> tuple[str | None, list[dict[str, str]]]:
+    """System prompt and alternating user/assistant turns."""
+    system = [m.content for m in messages if m.role in ("system", "developer")]
+    turns: list[dict[str, str]] = []
+    for m in messages:
+        if m.role in ("system", "developer"):
+            continue
+        role = "assistant" if m.role == "assistant" else "user"
+        if turns and turns[-1]["role"] == role:
+            turns[-1]["content"] += "\n\n" + m.content
+        else:
+            turns.append({"role": role, "content": m.content})
+    return ("\n\n".join(system) if system else None), turns
+
+
+def _retry_after(error: anthropic.APIStatusError) -> float | None:
+    value = error.response.headers.get("retry-after")
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def translate_error(error: Exception) -> EngineError:
+    if isinstance(error, anthropic.APITimeoutError):
+        return EngineError(504, "upstream_timeout", "The upstream model did not answer in time.")
+    if isinstance(error, anthropic.APIStatusError):
+        return EngineError(
+            502,
+            "upstream_error",
+            f"The upstream model failed with HTTP {error.status_code}: {error.message}",
+            retry_after=_retry_after(error),
+        )
+    if isinstance(error, anthropic.APIConnectionError):
+        return EngineError(502, "upstream_unreachable", f"The upstream model could not be reached: {error}")
+    return EngineError(502, "upstream_error", f"The upstream model failed: {error!r}")
+
+
+class AnthropicEngine:
+    def __init__(
+        self,
+        name: str,
+        *,
+        base_url: str | None,
+        api_key: str | None,
+        timeout: float,
+        default_max_tokens: int,
+    ) -> None:
+        self.name = name
+        self._default_max_tokens = default_max_tokens
+        self._client = anthropic.AsyncAnthropic(
+            base_url=base_url, api_key=api_key or "not-needed", max_retries=0, timeout=timeout
+        )
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    def _request(self, model: str, messages: list[ChatMessage], params: dict[str, Any]) -> dict[str, Any]:
+        for name in UNSUPPORTED:
+            if params.get(name) is not None:
+                raise EngineError(
+                    400, "unsupported_parameter", f"The parameter '{name}' is not supported by this model."
+                )
+        system, turns = to_anthropic(messages)
+        max_tokens = params.get("max_completion_tokens") or params.get("max_tokens")
+        request: dict[str, Any] = {
+            "model": model,
+            "messages": turns,
+            "max_tokens": max_tokens or self._default_max_tokens,
+        }
+        if system:
+            request["system"] = system
+        for name in ("temperature", "top_p"):
+            if params.get(name) is not None:
+                request[name] = params[name]
+        stop = params.get("stop")
+        if stop:
+            request["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
+        if params.get("user"):
+            request["metadata"] = {"user_id": params["user"]}
+        return request
+
+    async def generate(
+        self,
+        model: str,
+        messages: list[ChatMessage],
+        params: dict[str, Any],
+        on_delta: DeltaSink | None,
+        output: EngineOutput,
+    ) -> None:
+        request = self._request(model, messages, params)
+        try:
+            if on_delta is None:
+                message = await self._client.messages.create(**request)
+                output.parts.extend(b.text for b in message.content if b.type == "text")
+                output.finish_reason = FINISH_REASONS.get(message.stop_reason or "", "stop")
+                output.usage = _usage(message.usage.input_tokens, message.usage.output_tokens)
+            else:
+                await self._stream(request, on_delta, output)
+        except anthropic.AnthropicError as error:
+            raise translate_error(error) from error
+
+    async def _stream(self, request: dict[str, Any], on_delta: DeltaSink, output: EngineOutput) -> None:
+        started = time.perf_counter()
+        input_tokens = output_tokens = 0
+        stream = await self._client.messages.create(stream=True, **request)
+        try:
+            async for event in stream:
+                if event.type == "message_start":
+                    input_tokens = event.message.usage.input_tokens
+                elif event.type == "content_block_delta" and event.delta.type == "text_delta":
+                    if output.ttft_ms is None:
+                        output.ttft_ms = (time.perf_counter() - started) * 1000
+                    output.parts.append(event.delta.text)
+                    await on_delta(event.delta.text)
+                elif event.type == "message_delta":
+                    output.finish_reason = FINISH_REASONS.get(event.delta.stop_reason or "", "stop")
+                    output_tokens = event.usage.output_tokens
+                elif event.type == "error":  # pragma: no cover - the SDK raises first
+                    raise EngineError(502, "upstream_error", str(event))
+        finally:
+            await stream.close()
+        output.usage = _usage(input_tokens, output_tokens)
+
+
+def _usage(input_tokens: int, output_tokens: int) -> Usage:
+    return Usage(
+        prompt_tokens=input_tokens,
+        completion_tokens=output_tokens,
+        total_tokens=input_tokens + output_tokens,
+    )

@@ -1,0 +1,67 @@
+"""What every model engine provides, and how its failures are described."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import msgspec
+
+from actors.protocol import ErrorInfo
+from eventstore.events import ChatMessage, Usage
+
+__all__ = ["DeltaSink", "Engine", "EngineError", "EngineOutput", "estimate_tokens"]
+
+DeltaSink = Callable[[str], Awaitable[None]]
+
+
+class EngineOutput(msgspec.Struct, kw_only=True):
+    # Text pieces as they arrived; joined once at the end.
+    parts: list[str] = msgspec.field(default_factory=list)
+    finish_reason: str = "stop"
+    usage: Usage | None = None
+    ttft_ms: float | None = None
+
+    @property
+    def content(self) -> str:
+        return "".join(self.parts)
+
+
+class EngineError(Exception):
+    """An upstream failure, already translated to the status Veil answers with."""
+
+    def __init__(self, status: int, code: str, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.info = ErrorInfo(
+            status=status,
+            type="invalid_request_error" if status < 500 else "api_error",
+            code=code,
+            message=message,
+        )
+        self.retry_after = retry_after
+
+
+class Engine(Protocol):
+    name: str
+
+    async def generate(
+        self,
+        model: str,
+        messages: list[ChatMessage],
+        params: dict[str, Any],
+        on_delta: DeltaSink | None,
+        output: EngineOutput,
+    ) -> None:
+        """Generate into `output`, calling on_delta per text piece when streaming.
+
+        Filling a caller-owned output (rather than returning one) keeps what was
+        produced before a failure or a cancellation.
+        """
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+def estimate_tokens(text: str) -> int:
+    """A rough token count (about 4 characters a token for English) when upstream gives none."""
+    return max(1, (len(text) + 3) // 4) if text else 0

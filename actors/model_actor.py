@@ -1,0 +1,160 @@
+"""The model actor: runs generations for the engines configured on this worker.
+
+Each engine is one micro service endpoint on `model.<engine>.generate` in a
+queue group, so every worker that has the engine shares its load. Generations
+run as their own tasks: the subscription callback only starts them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.micro import add_service
+from nats.micro.request import Request
+from nats.micro.service import Service
+
+from actors.engines import Engine, EngineError, EngineOutput, estimate_tokens
+from actors.protocol import (
+    GENERATE_CODEC,
+    GENERATE_RESULT_CODEC,
+    OUTPUT_CODEC,
+    Delta,
+    ErrorInfo,
+    GenerateRequest,
+    GenerateResult,
+)
+from bus.codec import DecodeError
+from bus.subjects import model_generate
+from eventstore.events import Usage
+
+__all__ = ["ModelActor"]
+
+log = structlog.get_logger("veil.model")
+
+
+class ModelActor:
+    def __init__(self, nc: Client, engines: dict[str, Engine], *, version: str) -> None:
+        self._nc = nc
+        self._engines = engines
+        self._version = version
+        self._service: Service | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._service = await add_service(
+            self._nc,
+            name="veil-model",
+            version=self._version,
+            description="Runs generations against the configured model engines",
+        )
+        for name in self._engines:
+            await self._service.add_endpoint(
+                name=name, subject=model_generate(name), handler=self._handler(name)
+            )
+
+    def _handler(self, engine: str):  # type: ignore[no-untyped-def]
+        async def handle(request: Request) -> None:
+            task = asyncio.create_task(self._serve(engine, request))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        return handle
+
+    async def _serve(self, engine_name: str, request: Request) -> None:
+        try:
+            job = GENERATE_CODEC.decode(request.data)
+        except DecodeError as error:
+            await request.respond_error("400", f"bad generate request: {error}")
+            return
+        result = await self.generate(engine_name, job)
+        await request.respond(GENERATE_RESULT_CODEC.encode(result))
+
+    async def generate(self, engine_name: str, job: GenerateRequest) -> GenerateResult:
+        engine = self._engines[engine_name]
+        output = EngineOutput()
+        deltas = 0
+        nc = self._nc
+
+        async def on_delta(text: str) -> None:
+            nonlocal deltas
+            deltas += 1
+            assert job.out_subject is not None
+            await nc.publish(job.out_subject, OUTPUT_CODEC.encode(Delta(seq=deltas, text=text)))
+
+        gen = asyncio.create_task(
+            engine.generate(
+                job.upstream_model,
+                job.messages,
+                job.params,
+                on_delta if job.out_subject else None,
+                output,
+            )
+        )
+        cancelled = False
+
+        async def on_cancel(_: Msg) -> None:
+            nonlocal cancelled
+            cancelled = True
+            gen.cancel()
+
+        cancel_sub = (
+            await nc.subscribe(job.cancel_subject, cb=on_cancel) if job.cancel_subject else None
+        )
+        started = time.perf_counter()
+        error: ErrorInfo | None = None
+        try:
+            # wait() does not raise the generation's own errors; we read them below.
+            await asyncio.wait({gen})
+        except asyncio.CancelledError:
+            gen.cancel()
+            raise
+        finally:
+            if cancel_sub is not None:
+                with contextlib.suppress(Exception):
+                    await cancel_sub.unsubscribe()
+        if not gen.cancelled():
+            failure = gen.exception()
+            if isinstance(failure, EngineError):
+                error = failure.info
+            elif failure is not None:  # an engine bug must not kill the worker
+                log.error("engine.failed", engine=engine_name, error=repr(failure))
+                error = ErrorInfo(
+                    status=502, type="api_error", code="engine_error", message=repr(failure)
+                )
+        latency = (time.perf_counter() - started) * 1000
+        content = output.content
+        usage = output.usage
+        if usage is None:
+            prompt = sum(estimate_tokens(m.content) for m in job.messages)
+            completion = estimate_tokens(content)
+            usage = Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+        return GenerateResult(
+            engine=engine_name,
+            upstream_model=job.upstream_model,
+            content=content,
+            finish_reason=output.finish_reason,
+            usage=usage,
+            latency_ms=round(latency, 3),
+            ttft_ms=None if output.ttft_ms is None else round(output.ttft_ms, 3),
+            deltas=deltas,
+            error=error,
+            cancelled=cancelled,
+        )
+
+    async def stop(self, grace: float = 10.0) -> None:
+        if self._service is not None:
+            with contextlib.suppress(Exception):
+                await self._service.stop()
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        for engine in self._engines.values():
+            with contextlib.suppress(Exception):
+                await engine.aclose()

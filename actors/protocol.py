@@ -1,0 +1,138 @@
+"""Messages between the gateway and the actors, on the bus as JSON.
+
+The codecs are built once here and reused by every sender and receiver.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from bus.codec import Codec
+from eventstore.events import ChatMessage, Usage
+
+__all__ = [
+    "CANCEL_CODEC",
+    "GENERATE_CODEC",
+    "GENERATE_RESULT_CODEC",
+    "OUTPUT_CODEC",
+    "START_TURN_CODEC",
+    "TURN_REPLY_CODEC",
+    "CancelRequest",
+    "Delta",
+    "ErrorInfo",
+    "GenerateRequest",
+    "GenerateResult",
+    "OutputUnion",
+    "StartTurn",
+    "TurnAccepted",
+    "TurnDone",
+    "TurnError",
+    "TurnRejected",
+    "TurnReplyUnion",
+]
+
+
+class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """An error in OpenAI's terms: HTTP status, type, code and a readable message."""
+
+    status: int
+    type: str
+    code: str
+    message: str
+    param: str | None = None
+
+
+class StartTurn(msgspec.Struct, frozen=True, kw_only=True):
+    """Gateway -> session actor: run one chat turn."""
+
+    command_id: str
+    turn_id: str
+    session_id: str
+    new_session: bool
+    tenant: str
+    key_id: str
+    model: str
+    messages: list[ChatMessage]
+    params: dict[str, Any] = {}
+    stream: bool = False
+
+
+class TurnAccepted(msgspec.Struct, frozen=True, kw_only=True, tag="accepted"):
+    """The turn is in the log; its output follows on the turn's out subject.
+
+    `replay` is set when the command was already handled: the out subject then
+    only carries the recorded result.
+    """
+
+    turn_id: str
+    replay: bool = False
+
+
+class TurnRejected(msgspec.Struct, frozen=True, kw_only=True, tag="rejected"):
+    error: ErrorInfo
+
+
+TurnReplyUnion = TurnAccepted | TurnRejected
+
+
+class Delta(msgspec.Struct, frozen=True, kw_only=True, tag="delta"):
+    # 1-based, so the gateway can tell whether it missed one.
+    seq: int
+    text: str
+
+
+class TurnDone(msgspec.Struct, frozen=True, kw_only=True, tag="done"):
+    content: str
+    finish_reason: str
+    usage: Usage
+    # How many deltas were published before this; the gateway waits for them.
+    deltas: int = 0
+
+
+class TurnError(msgspec.Struct, frozen=True, kw_only=True, tag="error"):
+    error: ErrorInfo
+    # Text already streamed before the failure.
+    content: str = ""
+    deltas: int = 0
+
+
+OutputUnion = Delta | TurnDone | TurnError
+
+
+class CancelRequest(msgspec.Struct, frozen=True, kw_only=True):
+    reason: str = "client_disconnected"
+
+
+class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """Session actor -> model actor: one generation against one engine."""
+
+    turn_id: str
+    upstream_model: str
+    messages: list[ChatMessage]
+    params: dict[str, Any] = {}
+    # Publish deltas here when set; a non-streaming turn leaves it empty.
+    out_subject: str | None = None
+    cancel_subject: str | None = None
+
+
+class GenerateResult(msgspec.Struct, frozen=True, kw_only=True):
+    engine: str
+    upstream_model: str
+    content: str = ""
+    finish_reason: str = "stop"
+    usage: Usage = Usage()
+    latency_ms: float = 0.0
+    ttft_ms: float | None = None
+    deltas: int = 0
+    error: ErrorInfo | None = None
+    cancelled: bool = False
+
+
+START_TURN_CODEC: Codec[StartTurn] = Codec(StartTurn)
+TURN_REPLY_CODEC: Codec[TurnReplyUnion] = Codec(TurnReplyUnion)
+OUTPUT_CODEC: Codec[OutputUnion] = Codec(OutputUnion)
+CANCEL_CODEC: Codec[CancelRequest] = Codec(CancelRequest)
+GENERATE_CODEC: Codec[GenerateRequest] = Codec(GenerateRequest)
+GENERATE_RESULT_CODEC: Codec[GenerateResult] = Codec(GenerateResult)

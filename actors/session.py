@@ -1,0 +1,368 @@
+"""A chat session as three pure functions: initial, decide, evolve.
+
+No clock, no ids, no I/O here: the shell (actors/session_actor.py) puts
+timestamps and ids into commands, and `evolve` is replayed by auditors.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import assert_never
+
+import msgspec
+from msgspec.structs import replace
+
+from actors.errors import (
+    AlreadyHandled,
+    NothingNew,
+    SessionExists,
+    SessionNotFound,
+    TurnInProgress,
+)
+from actors.protocol import ErrorInfo, GenerateResult, StartTurn
+from eventstore.events import (
+    ChatMessage,
+    EventUnion,
+    ModelCalled,
+    ReplyCompleted,
+    SessionOpened,
+    TurnCancelled,
+    TurnFailed,
+    TurnStarted,
+    Usage,
+)
+
+__all__ = [
+    "CancelTurn",
+    "Command",
+    "CompleteTurn",
+    "FailTurn",
+    "OpenTurn",
+    "OpenTurnState",
+    "SessionState",
+    "TurnOutcome",
+    "decide",
+    "evolve",
+    "fold",
+    "initial",
+    "prompt",
+]
+
+SYSTEM_ROLES = frozenset({"system", "developer"})
+
+
+class OpenTurnState(msgspec.Struct, frozen=True, kw_only=True):
+    turn_id: str
+    command_id: str
+    model: str
+    messages: tuple[ChatMessage, ...]
+    lease_until: datetime
+
+
+class TurnOutcome(msgspec.Struct, frozen=True, kw_only=True):
+    turn_id: str
+    status: str  # completed | failed | cancelled
+    content: str = ""
+    finish_reason: str = "stop"
+    usage: Usage = Usage()
+    error: ErrorInfo | None = None
+
+
+class SessionState(msgspec.Struct, frozen=True, kw_only=True):
+    session_id: str | None = None
+    tenant: str | None = None
+    key_id: str | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    # The client's latest system prompt; it persists until the client sends another.
+    system: str | None = None
+    # Messages of completed turns, in order: what the model sees as the past.
+    history: tuple[ChatMessage, ...] = ()
+    open_turn: OpenTurnState | None = None
+    # Outcome of every handled command, by command id: retries answer from here.
+    outcomes: dict[str, TurnOutcome] = {}
+    turns: int = 0
+    events: int = 0
+    usage: Usage = Usage()
+
+
+# Commands: the shell fills in `now` and everything else non-deterministic.
+
+
+class OpenTurn(msgspec.Struct, frozen=True, kw_only=True):
+    start: StartTurn
+    now: datetime
+    lease_until: datetime
+
+
+class CompleteTurn(msgspec.Struct, frozen=True, kw_only=True):
+    turn_id: str
+    result: GenerateResult
+    now: datetime
+
+
+class FailTurn(msgspec.Struct, frozen=True, kw_only=True):
+    turn_id: str
+    error: ErrorInfo
+    now: datetime
+    result: GenerateResult | None = None
+
+
+class CancelTurn(msgspec.Struct, frozen=True, kw_only=True):
+    turn_id: str
+    now: datetime
+    result: GenerateResult | None = None
+    reason: str = "client_disconnected"
+
+
+Command = OpenTurn | CompleteTurn | FailTurn | CancelTurn
+
+
+def initial() -> SessionState:
+    return SessionState()
+
+
+def fold(events: list[EventUnion], state: SessionState | None = None) -> SessionState:
+    state = initial() if state is None else state
+    for event in events:
+        state = evolve(state, event)
+    return state
+
+
+def _split_messages(
+    history: tuple[ChatMessage, ...], messages: list[ChatMessage]
+) -> tuple[str | None, list[ChatMessage]]:
+    """The client's system prompt and the messages that are new to the session.
+
+    Clients written for stateless OpenAI resend the whole conversation; when
+    what they send starts with the stored history, only the rest is new.
+    """
+    system_parts = [m.content for m in messages if m.role in SYSTEM_ROLES]
+    dialogue = [m for m in messages if m.role not in SYSTEM_ROLES]
+    n = len(history)
+    if n and len(dialogue) > n and tuple(dialogue[:n]) == history:
+        dialogue = dialogue[n:]
+    system = "\n\n".join(system_parts) if system_parts else None
+    return system, dialogue
+
+
+def _model_called(turn_id: str, result: GenerateResult, now: datetime) -> ModelCalled:
+    return ModelCalled(
+        at=now,
+        turn_id=turn_id,
+        engine=result.engine,
+        upstream_model=result.upstream_model,
+        latency_ms=result.latency_ms,
+        ttft_ms=result.ttft_ms,
+        usage=result.usage,
+        finish_reason=None if result.error else result.finish_reason,
+        error=result.error.message if result.error else None,
+        status=result.error.status if result.error else None,
+    )
+
+
+def _decide_open(state: SessionState, cmd: OpenTurn) -> list[EventUnion]:
+    start = cmd.start
+    if start.new_session:
+        if state.session_id is not None:
+            raise SessionExists(f"session {start.session_id} already exists")
+    elif state.session_id is None or state.tenant != start.tenant:
+        raise SessionNotFound(f"No session found with id '{start.session_id}'.")
+    outcome = state.outcomes.get(start.command_id)
+    if outcome is not None:
+        raise AlreadyHandled(outcome.turn_id, outcome)
+    events: list[EventUnion] = []
+    if start.new_session:
+        events.append(
+            SessionOpened(
+                at=cmd.now, session_id=start.session_id, tenant=start.tenant, key_id=start.key_id
+            )
+        )
+    open_turn = state.open_turn
+    if open_turn is not None:
+        if open_turn.command_id == start.command_id:
+            raise AlreadyHandled(open_turn.turn_id, None)
+        if cmd.now < open_turn.lease_until:
+            raise TurnInProgress(open_turn.turn_id, open_turn.lease_until)
+        # Its writer died or hung: close that turn so this one can start.
+        events.append(
+            TurnFailed(
+                at=cmd.now,
+                turn_id=open_turn.turn_id,
+                status=504,
+                code="lease_expired",
+                message="the turn did not finish before its lease expired",
+            )
+        )
+    system, new = _split_messages(state.history, start.messages)
+    if not new:
+        raise NothingNew("The request adds no new message to the session.")
+    events.append(
+        TurnStarted(
+            at=cmd.now,
+            turn_id=start.turn_id,
+            command_id=start.command_id,
+            model=start.model,
+            messages=new,
+            system=system,
+            params=start.params,
+            lease_until=cmd.lease_until,
+            streaming=start.stream,
+        )
+    )
+    return events
+
+
+def _require_open(state: SessionState, turn_id: str) -> bool:
+    return state.open_turn is not None and state.open_turn.turn_id == turn_id
+
+
+def decide(state: SessionState, command: Command) -> list[EventUnion]:
+    """The events a command produces, or a domain error that refuses it."""
+    match command:
+        case OpenTurn():
+            return _decide_open(state, command)
+        case CompleteTurn(turn_id=turn_id, result=result, now=now):
+            if not _require_open(state, turn_id):
+                return []  # already closed (cancelled, or taken over): nothing to add
+            return [
+                _model_called(turn_id, result, now),
+                ReplyCompleted(
+                    at=now,
+                    turn_id=turn_id,
+                    content=result.content,
+                    finish_reason=result.finish_reason,
+                    usage=result.usage,
+                ),
+            ]
+        case FailTurn(turn_id=turn_id, error=error, now=now, result=result):
+            if not _require_open(state, turn_id):
+                return []
+            events: list[EventUnion] = []
+            if result is not None:
+                events.append(_model_called(turn_id, result, now))
+            events.append(
+                TurnFailed(
+                    at=now, turn_id=turn_id, status=error.status, code=error.code,
+                    message=error.message,
+                )
+            )
+            return events
+        case CancelTurn(turn_id=turn_id, now=now, result=result, reason=reason):
+            if not _require_open(state, turn_id):
+                return []
+            events = []
+            if result is not None:
+                events.append(_model_called(turn_id, result, now))
+            events.append(
+                TurnCancelled(
+                    at=now,
+                    turn_id=turn_id,
+                    content=result.content if result else "",
+                    usage=result.usage if result else Usage(),
+                    reason=reason,
+                )
+            )
+            return events
+        case _:
+            assert_never(command)
+
+
+def _add_usage(a: Usage, b: Usage) -> Usage:
+    return Usage(
+        prompt_tokens=a.prompt_tokens + b.prompt_tokens,
+        completion_tokens=a.completion_tokens + b.completion_tokens,
+        total_tokens=a.total_tokens + b.total_tokens,
+    )
+
+
+def _close(state: SessionState, outcome: TurnOutcome, at: datetime, **changes: object) -> SessionState:
+    open_turn = state.open_turn
+    if open_turn is None or open_turn.turn_id != outcome.turn_id:
+        return replace(state, updated_at=at, **changes)
+    outcomes = dict(state.outcomes)
+    outcomes[open_turn.command_id] = outcome
+    return replace(
+        state, open_turn=None, outcomes=outcomes, updated_at=at, turns=state.turns + 1, **changes
+    )
+
+
+def evolve(state: SessionState, event: EventUnion) -> SessionState:
+    """The state after one event. Pure: it is replayed."""
+    state = replace(state, events=state.events + 1)
+    match event:
+        case SessionOpened():
+            return replace(
+                state,
+                session_id=event.session_id,
+                tenant=event.tenant,
+                key_id=event.key_id,
+                created_at=event.at,
+                updated_at=event.at,
+            )
+        case TurnStarted():
+            return replace(
+                state,
+                open_turn=OpenTurnState(
+                    turn_id=event.turn_id,
+                    command_id=event.command_id,
+                    model=event.model,
+                    messages=tuple(event.messages),
+                    lease_until=event.lease_until,
+                ),
+                system=event.system if event.system is not None else state.system,
+                updated_at=event.at,
+            )
+        case ModelCalled():
+            return state
+        case ReplyCompleted():
+            outcome = TurnOutcome(
+                turn_id=event.turn_id,
+                status="completed",
+                content=event.content,
+                finish_reason=event.finish_reason,
+                usage=event.usage,
+            )
+            if state.open_turn is None or state.open_turn.turn_id != event.turn_id:
+                return state
+            history = (
+                *state.history,
+                *state.open_turn.messages,
+                ChatMessage(role="assistant", content=event.content),
+            )
+            return _close(
+                state, outcome, event.at, history=history, usage=_add_usage(state.usage, event.usage)
+            )
+        case TurnFailed():
+            error = ErrorInfo(
+                status=event.status,
+                type="api_error" if event.status >= 500 else "invalid_request_error",
+                code=event.code,
+                message=event.message,
+            )
+            return _close(
+                state, TurnOutcome(turn_id=event.turn_id, status="failed", error=error), event.at
+            )
+        case TurnCancelled():
+            outcome = TurnOutcome(
+                turn_id=event.turn_id,
+                status="cancelled",
+                content=event.content,
+                finish_reason="cancelled",
+                usage=event.usage,
+            )
+            return _close(state, outcome, event.at, usage=_add_usage(state.usage, event.usage))
+        case _:
+            assert_never(event)
+
+
+def prompt(state: SessionState, persona: str | None = None) -> list[ChatMessage]:
+    """What the model receives for the open turn: system, history, new messages."""
+    system = "\n\n".join(p for p in (persona, state.system) if p)
+    messages: list[ChatMessage] = []
+    if system:
+        messages.append(ChatMessage(role="system", content=system))
+    messages.extend(state.history)
+    if state.open_turn is not None:
+        messages.extend(state.open_turn.messages)
+    return messages

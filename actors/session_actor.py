@@ -1,0 +1,252 @@
+"""The session actor's shell: load, decide, append, then act and reply.
+
+All I/O of a session lives here; the logic is in actors/session.py. One
+instance per active session id in a worker; the runtime feeds it one request
+at a time, so turns of one session run one after the other. Across workers,
+the append's expected sequence and the turn lease keep a single writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import msgspec
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+from nats.micro.request import Request
+
+from actors import session
+from actors.errors import ActorError, AlreadyHandled, TurnInProgress
+from actors.protocol import (
+    GENERATE_CODEC,
+    GENERATE_RESULT_CODEC,
+    OUTPUT_CODEC,
+    START_TURN_CODEC,
+    TURN_REPLY_CODEC,
+    ErrorInfo,
+    GenerateRequest,
+    GenerateResult,
+    StartTurn,
+    TurnAccepted,
+    TurnDone,
+    TurnError,
+    TurnRejected,
+)
+from bus.codec import DecodeError
+from bus.subjects import model_generate, session_cancel, session_events, session_out
+from eventstore.errors import ConcurrencyConflict
+from eventstore.events import EventUnion
+from eventstore.store import EventStore
+from veil.config import Config
+
+__all__ = ["SessionActor", "SessionContext"]
+
+log = structlog.get_logger("veil.session")
+
+# Appends that keep conflicting mean a writer is fighting us; give up after this many.
+MAX_CONFLICTS = 20
+
+
+class SessionContext(msgspec.Struct, kw_only=True):
+    """What every session actor of a worker shares."""
+
+    nc: Client
+    store: EventStore
+    config: Config
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+
+
+def _error(status: int, code: str, message: str) -> ErrorInfo:
+    kind = "invalid_request_error" if status < 500 else "api_error"
+    return ErrorInfo(status=status, type=kind, code=code, message=message)
+
+
+class SessionActor:
+    def __init__(self, session_id: str, ctx: SessionContext) -> None:
+        self.session_id = session_id
+        self._ctx = ctx
+        self._state = session.initial()
+        self._last_seq = 0
+        self._loaded = False
+
+    async def stop(self) -> None:
+        return None
+
+    async def _reload(self) -> None:
+        """Catch up with the log: everything after what this actor has seen."""
+        stored = await self._ctx.store.load(self.session_id, after=self._last_seq)
+        for item in stored:
+            self._state = session.evolve(self._state, item.event)
+            self._last_seq = item.seq
+        self._loaded = True
+
+    async def _append(self, command: session.Command, dedupe_id: str | None = None) -> list[EventUnion]:
+        """Decide and append, reloading and deciding again on a conflict."""
+        for _ in range(MAX_CONFLICTS):
+            events = session.decide(self._state, command)
+            if not events:
+                return events
+            try:
+                self._last_seq = await self._ctx.store.append(
+                    self.session_id, events, expected_last_seq=self._last_seq, dedupe_id=dedupe_id
+                )
+            except ConcurrencyConflict:
+                await self._reload()
+                continue
+            for event in events:
+                self._state = session.evolve(self._state, event)
+            return events
+        raise ConcurrencyConflict(self.session_id, self._last_seq)
+
+    async def receive(self, request: Request) -> None:
+        try:
+            start = START_TURN_CODEC.decode(request.data)
+        except DecodeError as error:
+            await self._reject(request, _error(400, "bad_command", f"bad command: {error}"))
+            return
+        if start.session_id != self.session_id:
+            await self._reject(request, _error(400, "bad_command", "session id does not match subject"))
+            return
+        model = self._ctx.config.model(start.model)
+        if model is None:
+            await self._reject(
+                request,
+                _error(404, "model_not_found", f"The model '{start.model}' does not exist."),
+            )
+            return
+        if not self._loaded:
+            await self._reload()
+        out = session_out(self.session_id, start.turn_id)
+        try:
+            await self._open(start)
+        except AlreadyHandled as handled:
+            await request.respond(TURN_REPLY_CODEC.encode(TurnAccepted(turn_id=handled.turn_id, replay=True)))
+            if handled.outcome is not None:
+                await self._publish_outcome(out, handled.outcome)
+            return
+        except ActorError as refusal:
+            await self._reject(request, _error(refusal.status, refusal.code, str(refusal)))
+            return
+        await request.respond(TURN_REPLY_CODEC.encode(TurnAccepted(turn_id=start.turn_id)))
+        await self._run_turn(start, model.pipeline, out)
+
+    async def _open(self, start: StartTurn) -> None:
+        """Append TurnStarted, waiting out another writer's turn if it holds the lease."""
+        while True:
+            now = self._ctx.clock()
+            lease = now + timedelta(seconds=self._ctx.config.server.turn_timeout)
+            try:
+                await self._append(
+                    session.OpenTurn(start=start, now=now, lease_until=lease), dedupe_id=start.command_id
+                )
+                return
+            except TurnInProgress as busy:
+                await self._wait_for_change(busy.lease_until)
+                await self._reload()
+
+    async def _wait_for_change(self, until: datetime) -> None:
+        """Sleep until the session's log grows or the other writer's lease runs out."""
+        changed = asyncio.Event()
+
+        async def on_event(_: Msg) -> None:
+            changed.set()
+
+        sub = await self._ctx.nc.subscribe(session_events(self.session_id), cb=on_event)
+        try:
+            # Check once after subscribing: the turn may have ended in between.
+            if await self._ctx.store.last_seq(self.session_id) != self._last_seq:
+                return
+            timeout = max(0.0, (until - self._ctx.clock()).total_seconds()) + 0.05
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), timeout)
+        finally:
+            await sub.unsubscribe()
+
+    async def _run_turn(self, start: StartTurn, pipeline_name: str, out: str) -> None:
+        nc = self._ctx.nc
+        pipeline = self._ctx.config.pipelines[pipeline_name]
+        cancel_subject = session_cancel(self.session_id, start.turn_id)
+        cancelled = asyncio.Event()
+
+        async def on_cancel(_: Msg) -> None:
+            cancelled.set()
+
+        cancel_sub = await nc.subscribe(cancel_subject, cb=on_cancel)
+        result: GenerateResult | None = None
+        error: ErrorInfo | None = None
+        try:
+            job = GenerateRequest(
+                turn_id=start.turn_id,
+                upstream_model=pipeline.model,
+                messages=session.prompt(self._state, pipeline.system_prompt),
+                params=start.params,
+                out_subject=out if start.stream else None,
+                cancel_subject=cancel_subject,
+            )
+            # The engine's own timeout fires first, so a slow upstream reads as 504 from it.
+            timeout = self._ctx.config.server.turn_timeout
+            try:
+                reply = await nc.request(
+                    model_generate(pipeline.engine), GENERATE_CODEC.encode(job), timeout=timeout
+                )
+                result = GENERATE_RESULT_CODEC.decode(reply.data)
+                error = result.error
+            except NoRespondersError:
+                error = _error(503, "no_model_worker", f"No worker serves the engine '{pipeline.engine}'.")
+            except NatsTimeout:
+                error = _error(504, "model_timeout", "The model actor did not answer in time.")
+            except DecodeError as failure:
+                error = _error(502, "bad_model_reply", f"The model actor answered badly: {failure}")
+        finally:
+            with contextlib.suppress(Exception):
+                await cancel_sub.unsubscribe()
+        now = self._ctx.clock()
+        if cancelled.is_set() or (result is not None and result.cancelled):
+            await self._append(session.CancelTurn(turn_id=start.turn_id, now=now, result=result))
+            return  # nobody is listening any more
+        if error is not None:
+            await self._append(
+                session.FailTurn(turn_id=start.turn_id, error=error, now=now, result=result)
+            )
+            streamed = result.deltas if result else 0
+            await nc.publish(
+                out,
+                OUTPUT_CODEC.encode(
+                    TurnError(error=error, content=result.content if result else "", deltas=streamed)
+                ),
+            )
+            return
+        assert result is not None
+        await self._append(session.CompleteTurn(turn_id=start.turn_id, result=result, now=now))
+        await nc.publish(
+            out,
+            OUTPUT_CODEC.encode(
+                TurnDone(
+                    content=result.content,
+                    finish_reason=result.finish_reason,
+                    usage=result.usage,
+                    deltas=result.deltas,
+                )
+            ),
+        )
+
+    async def _publish_outcome(self, out: str, outcome: session.TurnOutcome) -> None:
+        if outcome.error is not None:
+            message = TurnError(error=outcome.error, content=outcome.content)
+            await self._ctx.nc.publish(out, OUTPUT_CODEC.encode(message))
+            return
+        if outcome.status == "cancelled":
+            error = _error(499, "turn_cancelled", "This request was cancelled by its client.")
+            await self._ctx.nc.publish(out, OUTPUT_CODEC.encode(TurnError(error=error, content=outcome.content)))
+            return
+        done = TurnDone(content=outcome.content, finish_reason=outcome.finish_reason, usage=outcome.usage)
+        await self._ctx.nc.publish(out, OUTPUT_CODEC.encode(done))
+
+    async def _reject(self, request: Request, error: ErrorInfo) -> None:
+        await request.respond(TURN_REPLY_CODEC.encode(TurnRejected(error=error)))

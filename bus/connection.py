@@ -1,0 +1,39 @@
+"""Connecting to NATS with the callbacks wired and logged."""
+
+from __future__ import annotations
+
+import nats
+import structlog
+from nats.aio.client import Client
+
+__all__ = ["connect"]
+
+log = structlog.get_logger("veil.bus")
+
+
+async def connect(url: str, *, name: str) -> Client:
+    """A NATS connection that logs disconnects, reconnects, errors and close."""
+
+    async def on_disconnected() -> None:
+        log.warning("nats.disconnected", name=name)
+
+    async def on_reconnected() -> None:
+        log.info("nats.reconnected", name=name, url=str(nc.connected_url.netloc if nc.connected_url else ""))
+
+    async def on_error(error: Exception) -> None:
+        log.error("nats.error", name=name, error=repr(error))
+
+    async def on_closed() -> None:
+        log.info("nats.closed", name=name)
+
+    nc = await nats.connect(
+        url,
+        name=name,
+        disconnected_cb=on_disconnected,
+        reconnected_cb=on_reconnected,
+        error_cb=on_error,
+        closed_cb=on_closed,
+        max_reconnect_attempts=-1,
+        connect_timeout=5,
+    )
+    return nc

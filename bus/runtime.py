@@ -1,0 +1,159 @@
+"""The actor runtime: activation, one mailbox per actor, passivation, supervision.
+
+Requests arrive through a NATS micro service endpoint (so `$SRV.PING`,
+`$SRV.INFO` and `$SRV.STATS` answer and `nats micro ls` lists the service).
+The endpoint callback only routes: it puts the request into the mailbox of the
+actor that owns the key and returns, so one slow actor never blocks the others
+served by the same subscription.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import Protocol
+
+import structlog
+from nats.aio.client import Client
+from nats.micro import add_service
+from nats.micro.request import Request
+from nats.micro.service import Service
+
+__all__ = ["Actor", "ActorHost"]
+
+log = structlog.get_logger("veil.runtime")
+
+
+class Actor(Protocol):
+    async def receive(self, request: Request) -> None:
+        """Handle one request; replies go through request.respond()."""
+        ...
+
+    async def stop(self) -> None:
+        """Called once on passivation or shutdown."""
+        ...
+
+
+class _Cell:
+    """One live actor: its mailbox and the task draining it."""
+
+    __slots__ = ("actor", "mailbox", "task")
+
+    def __init__(self, actor: Actor) -> None:
+        self.actor = actor
+        # None is the stop signal, queued behind the requests already in.
+        self.mailbox: asyncio.Queue[Request | None] = asyncio.Queue()
+        self.task: asyncio.Task[None] | None = None
+
+
+class ActorHost:
+    """Hosts actors of one kind behind one micro service endpoint."""
+
+    def __init__(
+        self,
+        nc: Client,
+        *,
+        service: str,
+        version: str,
+        description: str,
+        endpoint: str,
+        subject: str,
+        key_of: Callable[[str], str],
+        factory: Callable[[str], Actor],
+        idle_seconds: float = 300.0,
+        queue_group: str = "q",
+    ) -> None:
+        self._nc = nc
+        self._service_name = service
+        self._version = version
+        self._description = description
+        self._endpoint = endpoint
+        self._subject = subject
+        self._key_of = key_of
+        self._factory = factory
+        self._idle = idle_seconds
+        self._queue_group = queue_group
+        self._cells: dict[str, _Cell] = {}
+        self._service: Service | None = None
+        self._stopping = False
+
+    @property
+    def active(self) -> int:
+        return len(self._cells)
+
+    async def start(self) -> None:
+        self._service = await add_service(
+            self._nc,
+            name=self._service_name,
+            version=self._version,
+            description=self._description,
+            queue_group=self._queue_group,
+        )
+        await self._service.add_endpoint(
+            name=self._endpoint, subject=self._subject, handler=self._route
+        )
+
+    async def _route(self, request: Request) -> None:
+        try:
+            key = self._key_of(request.subject)
+        except ValueError as error:
+            await request.respond_error("400", str(error))
+            return
+        cell = self._cells.get(key)
+        if cell is None:
+            cell = _Cell(self._factory(key))
+            self._cells[key] = cell
+            cell.task = asyncio.create_task(self._run(key, cell), name=f"actor:{key}")
+        cell.mailbox.put_nowait(request)
+
+    async def _run(self, key: str, cell: _Cell) -> None:
+        try:
+            while True:
+                try:
+                    request = await asyncio.wait_for(cell.mailbox.get(), self._idle)
+                except TimeoutError:
+                    if cell.mailbox.empty():
+                        return  # passivate; a new request activates a fresh actor
+                    continue
+                if request is None:
+                    return
+                try:
+                    await cell.actor.receive(request)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as error:
+                    # Supervision: restart from the log. The request that
+                    # broke it gets an error reply; the next one finds a new actor.
+                    log.exception("actor.crashed", actor=key, error=repr(error))
+                    with contextlib.suppress(Exception):
+                        await request.respond_error("500", f"actor failed: {error!r}")
+                    with contextlib.suppress(Exception):
+                        await cell.actor.stop()
+                    cell.actor = self._factory(key)
+        finally:
+            if self._cells.get(key) is cell:
+                del self._cells[key]
+            with contextlib.suppress(Exception):
+                await cell.actor.stop()
+            # Anything that raced into the mailbox after the idle check goes to a new actor.
+            while not cell.mailbox.empty() and not self._stopping:
+                leftover = cell.mailbox.get_nowait()
+                if leftover is not None:
+                    await self._route(leftover)
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop taking requests, let running actors finish, then cancel stragglers."""
+        self._stopping = True
+        if self._service is not None:
+            with contextlib.suppress(Exception):
+                await self._service.stop()
+        tasks = [c.task for c in self._cells.values() if c.task is not None]
+        for cell in self._cells.values():
+            cell.mailbox.put_nowait(None)
+        if tasks:
+            done, pending = await asyncio.wait(tasks, timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)

@@ -1,0 +1,95 @@
+"""Every NATS subject Veil uses is built here, and only here.
+
+Ids that become subject tokens are checked against a safe alphabet first
+(DESIGN.md rule 6): nothing from a request reaches a subject unchecked.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = [
+    "EVENTS_STREAM",
+    "EVENTS_WILDCARD",
+    "SESSION_CMD_WILDCARD",
+    "InvalidToken",
+    "is_valid_id",
+    "model_generate",
+    "model_generate_wildcard",
+    "session_cancel",
+    "session_cmd",
+    "session_events",
+    "session_from_cmd_subject",
+    "session_from_events_subject",
+    "session_out",
+    "validate_id",
+]
+
+EVENTS_STREAM = "CHAT_EVENTS"
+EVENTS_WILDCARD = "chat.events.>"
+SESSION_CMD_WILDCARD = "chat.session.*.cmd"
+
+MAX_ID_LENGTH = 128
+_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+
+class InvalidToken(ValueError):
+    """An id that may not become a subject token."""
+
+
+def is_valid_id(value: str) -> bool:
+    return _ID.fullmatch(value) is not None
+
+
+def validate_id(value: str, what: str = "id") -> str:
+    if not is_valid_id(value):
+        raise InvalidToken(
+            f"{what} must be 1-{MAX_ID_LENGTH} characters from [A-Za-z0-9_-]"
+        )
+    return value
+
+
+def session_events(session_id: str) -> str:
+    """The subject a session's events are stored under in CHAT_EVENTS."""
+    return f"chat.events.{validate_id(session_id, 'session id')}"
+
+
+def session_from_events_subject(subject: str) -> str:
+    return subject.rsplit(".", 1)[-1]
+
+
+def session_cmd(session_id: str) -> str:
+    """Commands to a session actor (request/reply, queue group of workers)."""
+    return f"chat.session.{validate_id(session_id, 'session id')}.cmd"
+
+
+def session_from_cmd_subject(subject: str) -> str:
+    parts = subject.split(".")
+    if len(parts) != 4 or parts[0] != "chat" or parts[1] != "session" or parts[3] != "cmd":
+        raise InvalidToken(f"not a session command subject: {subject!r}")
+    return validate_id(parts[2], "session id")
+
+
+def session_out(session_id: str, turn_id: str) -> str:
+    """Per-turn output: deltas, then a final done or error message."""
+    return (
+        f"chat.session.{validate_id(session_id, 'session id')}"
+        f".out.{validate_id(turn_id, 'turn id')}"
+    )
+
+
+def session_cancel(session_id: str, turn_id: str) -> str:
+    """The gateway publishes here when its client went away mid-turn."""
+    return (
+        f"chat.session.{validate_id(session_id, 'session id')}"
+        f".cancel.{validate_id(turn_id, 'turn id')}"
+    )
+
+
+def model_generate(engine: str) -> str:
+    """Generation requests for one configured engine (a queue group per engine)."""
+    return f"model.{validate_id(engine, 'engine name')}.generate"
+
+
+def model_generate_wildcard() -> str:
+    return "model.*.generate"

@@ -1,0 +1,110 @@
+"""The events of a session's log.
+
+Tags are permanent: they are stored in JetStream and read back years later.
+Never derive them from class names, never rename them. Evolve a schema by
+adding fields with defaults or by adding a new event type; unknown fields in
+stored events are ignored on read, so newer writers do not break older readers.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import msgspec
+
+__all__ = [
+    "ChatMessage",
+    "Event",
+    "EventUnion",
+    "ModelCalled",
+    "ReplyCompleted",
+    "SessionOpened",
+    "TurnCancelled",
+    "TurnFailed",
+    "TurnStarted",
+    "Usage",
+]
+
+
+class ChatMessage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One message of a conversation, as the model sees it."""
+
+    role: str
+    content: str
+    name: str | None = None
+
+
+class Usage(msgspec.Struct, frozen=True, kw_only=True):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    """Base of every stored event. `at` is set by the shell, never by evolve."""
+
+    at: datetime
+
+
+class SessionOpened(Event, tag="session.opened", kw_only=True):
+    session_id: str
+    tenant: str
+    # A hash of the API key that opened the session, never the key itself.
+    key_id: str
+
+
+class TurnStarted(Event, tag="turn.started", kw_only=True):
+    turn_id: str
+    command_id: str
+    # The public model name the client asked for.
+    model: str
+    # Only the messages this turn adds to the conversation.
+    messages: list[ChatMessage]
+    # The client's own system prompt, if it sent one this turn.
+    system: str | None = None
+    # Generation parameters the client set (temperature, max_tokens, ...).
+    params: dict[str, Any] = {}
+    # Another writer may take the session over once this has passed.
+    lease_until: datetime
+    streaming: bool = False
+
+
+class ModelCalled(Event, tag="model.called", kw_only=True):
+    """One call to an upstream engine, successful or not."""
+
+    turn_id: str
+    engine: str
+    upstream_model: str
+    latency_ms: float
+    ttft_ms: float | None = None
+    usage: Usage | None = None
+    finish_reason: str | None = None
+    error: str | None = None
+    status: int | None = None
+
+
+class ReplyCompleted(Event, tag="reply.completed", kw_only=True):
+    turn_id: str
+    content: str
+    finish_reason: str
+    usage: Usage
+
+
+class TurnFailed(Event, tag="turn.failed", kw_only=True):
+    turn_id: str
+    status: int
+    code: str
+    message: str
+
+
+class TurnCancelled(Event, tag="turn.cancelled", kw_only=True):
+    """The client went away; what the model produced until then is kept."""
+
+    turn_id: str
+    content: str = ""
+    usage: Usage = Usage()
+    reason: str = "client_disconnected"
+
+
+EventUnion = SessionOpened | TurnStarted | ModelCalled | ReplyCompleted | TurnFailed | TurnCancelled

@@ -1,0 +1,56 @@
+"""The EventStore protocol that every store implements."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import msgspec
+
+from eventstore.events import EventUnion
+
+__all__ = ["EventStore", "SessionInfo", "StoredEvent"]
+
+
+class StoredEvent(msgspec.Struct, frozen=True, kw_only=True):
+    # Position in the store: the stream sequence for JetStream. Strictly
+    # increasing within a session, not contiguous.
+    seq: int
+    event: EventUnion
+
+
+class SessionInfo(msgspec.Struct, frozen=True, kw_only=True):
+    session_id: str
+    events: int
+    last_seq: int
+
+
+class EventStore(Protocol):
+    async def load(self, session_id: str, after: int = 0) -> list[StoredEvent]:
+        """Events of one session with seq > after, in order."""
+        ...
+
+    async def append(
+        self,
+        session_id: str,
+        events: Sequence[EventUnion],
+        *,
+        expected_last_seq: int,
+        dedupe_id: str | None = None,
+    ) -> int:
+        """Append events in order if the session's last seq is expected_last_seq.
+
+        expected_last_seq is 0 for a session with no events. Returns the seq of
+        the last appended event. Raises ConcurrencyConflict when another writer
+        got there first. With dedupe_id, re-appending the same batch (a retry
+        after a lost acknowledgement) stores nothing twice.
+        """
+        ...
+
+    async def last_seq(self, session_id: str) -> int:
+        """The seq of the session's last event, 0 if it has none."""
+        ...
+
+    async def sessions(self) -> list[SessionInfo]:
+        """Every session with at least one event."""
+        ...

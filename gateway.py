@@ -1,0 +1,310 @@
+"""The HTTP face of Veil: OpenAI's chat API over aiohttp, relayed to session actors on NATS.
+
+The gateway holds no conversation state and never calls a model. It checks
+the request, sends a StartTurn command to the session's actor and turns what
+comes back on the turn's output subject into an OpenAI response or SSE stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import structlog
+from aiohttp import web
+from nats.aio.client import Client
+
+from actors.protocol import Delta, StartTurn, TurnDone, TurnError
+from bus.codec import encode
+from bus.connection import connect
+from bus.subjects import MAX_ID_LENGTH, is_valid_id
+from veil.auth import Authenticator, Principal
+from veil.config import Config
+from veil.openai_wire import (
+    ApiError,
+    ChatRequest,
+    chunk,
+    completion,
+    error_body,
+    generation_params,
+    parse_chat_request,
+    to_chat_messages,
+)
+from veil.relay import ClientGone, TurnRelay
+
+__all__ = ["AUTH", "CONFIG", "NATS", "create_app"]
+
+log = structlog.get_logger("veil.gateway")
+
+CONFIG = web.AppKey("config", Config)
+NATS = web.AppKey("nats", Client)
+AUTH = web.AppKey("auth", Authenticator)
+PRINCIPAL = "veil.principal"
+SESSION_HEADER = "X-Session-Id"
+STARTED = int(time.time())
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json(body: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=encode(body), status=status, content_type="application/json", headers=headers)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure leaves as an OpenAI-shaped error; a client mistake is never a 500."""
+    try:
+        return await handler(request)
+    except ApiError as error:
+        return _json(error.body(), error.status)
+    except web.HTTPRequestEntityTooLarge as error:
+        return _json(
+            error_body(f"Request body too large: {error.text}", "invalid_request_error", "request_too_large"),
+            413,
+        )
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        if error.status == 404:
+            message = f"Invalid URL ({request.method} {request.path})"
+        else:
+            message = error.reason
+        return _json(error_body(message, "invalid_request_error", None), error.status, dict(error.headers))
+    except Exception:
+        log.exception("gateway.unhandled", path=request.path)
+        return _json(error_body("The server had an error processing your request.", "server_error", None), 500)
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path.startswith("/v1/"):
+        request[PRINCIPAL] = request.app[AUTH].authenticate(request.headers.get("Authorization"))
+    return await handler(request)
+
+
+async def list_models(request: web.Request) -> web.Response:
+    config = request.app[CONFIG]
+    return _json({"object": "list", "data": [_model_card(m.name) for m in config.models]})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    name = request.match_info["model"]
+    if request.app[CONFIG].model(name) is None:
+        raise _unknown_model(name)
+    return _json(_model_card(name))
+
+
+def _model_card(name: str) -> dict[str, object]:
+    return {"id": name, "object": "model", "created": STARTED, "owned_by": "veil"}
+
+
+def _unknown_model(name: str) -> ApiError:
+    return ApiError(
+        404,
+        f"The model '{name}' does not exist or you do not have access to it.",
+        code="model_not_found",
+        param="model",
+    )
+
+
+def _session_of(request: web.Request, chat: ChatRequest) -> tuple[str, bool]:
+    """The session the client names (body, header or metadata), or a new one."""
+    given = {
+        v
+        for v in (
+            chat.session_id,
+            request.headers.get(SESSION_HEADER),
+            (chat.metadata or {}).get("session_id"),
+        )
+        if v
+    }
+    if len(given) > 1:
+        raise ApiError(400, "The request names more than one session id.", param="session_id", code="invalid_value")
+    if not given:
+        return f"sess_{uuid.uuid4().hex}", True
+    session_id = given.pop()
+    if not is_valid_id(session_id):
+        raise ApiError(
+            400,
+            f"Invalid session id: use 1-{MAX_ID_LENGTH} characters from A-Z, a-z, 0-9, '_' and '-'.",
+            param="session_id",
+            code="invalid_value",
+        )
+    return session_id, False
+
+
+def _command_id(request: web.Request, principal: Principal) -> str:
+    """One id per client request; a client's Idempotency-Key makes its retries the same command."""
+    key = request.headers.get("Idempotency-Key")
+    if key:
+        digest = hashlib.sha256(f"{principal.tenant}\0{key}".encode()).hexdigest()[:32]
+        return f"idem_{digest}"
+    return uuid.uuid4().hex
+
+
+async def _read_body(request: web.Request) -> bytes:
+    body = await request.read()
+    if not body:
+        raise ApiError(400, "The request body is empty; send a JSON object.", code="invalid_json")
+    return body
+
+
+def _client_gone(request: web.Request) -> Callable[[], bool]:
+    def gone() -> bool:
+        transport = request.transport
+        return transport is None or transport.is_closing()
+
+    return gone
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    config = request.app[CONFIG]
+    principal: Principal = request[PRINCIPAL]
+    chat = parse_chat_request(await _read_body(request))
+    if config.model(chat.model) is None:
+        if not config.models:
+            raise ApiError(
+                503,
+                "No upstream model is configured: set OPENAI_BASE_URL/OPENAI_API_KEY or "
+                "ANTHROPIC_API_KEY, or give a config file with engines and pipelines.",
+                code="no_upstream",
+            )
+        raise _unknown_model(chat.model)
+    session_id, new_session = _session_of(request, chat)
+    command_id = _command_id(request, principal)
+    start = StartTurn(
+        command_id=command_id,
+        turn_id=command_id,
+        session_id=session_id,
+        new_session=new_session,
+        tenant=principal.tenant,
+        key_id=principal.key_id,
+        model=chat.model,
+        messages=to_chat_messages(chat),
+        params=generation_params(chat),
+        stream=bool(chat.stream),
+    )
+    async with TurnRelay(request.app[NATS], start) as relay:
+        await relay.send(config.server.accept_timeout)
+        events = relay.events(config.server.turn_timeout, _client_gone(request))
+        try:
+            if chat.stream:
+                include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
+                return await _stream(request, start, events, include_usage)
+            return await _complete(start, events)
+        except ClientGone:
+            log.info("gateway.client_gone", session=session_id, turn=start.turn_id)
+            # Nobody reads this; aiohttp needs a response object all the same.
+            return web.Response(status=499)
+
+
+async def _complete(start: StartTurn, events: AsyncIterator[Delta | TurnDone | TurnError]) -> web.Response:
+    async for item in events:
+        if isinstance(item, TurnDone):
+            body = completion(
+                id=f"chatcmpl-{start.turn_id}",
+                created=int(time.time()),
+                model=start.model,
+                content=item.content,
+                finish_reason=item.finish_reason,
+                usage=item.usage,
+                session_id=start.session_id,
+            )
+            return _json(body, headers={SESSION_HEADER: start.session_id})
+        if isinstance(item, TurnError):
+            e = item.error
+            raise ApiError(e.status, e.message, type=e.type, code=e.code, param=e.param)
+    raise ApiError(502, "The turn ended without a result.", code="no_result")
+
+
+async def _stream(
+    request: web.Request,
+    start: StartTurn,
+    events: AsyncIterator[Delta | TurnDone | TurnError],
+    include_usage: bool,
+) -> web.StreamResponse:
+    """SSE in OpenAI's chunk format. Headers go out with the first event, so a
+    failure before any token is still a plain HTTP error."""
+    response: web.StreamResponse | None = None
+    created = int(time.time())
+    meta = {"id": f"chatcmpl-{start.turn_id}", "created": created, "model": start.model, "session_id": start.session_id}
+    streamed: list[str] = []
+
+    async def send(body: object) -> None:
+        assert response is not None
+        try:
+            await response.write(b"data: " + encode(body) + b"\n\n")
+        except ConnectionResetError:
+            raise ClientGone() from None
+
+    async def begin() -> web.StreamResponse:
+        resp = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream; charset=utf-8",
+                "Cache-Control": "no-cache",
+                SESSION_HEADER: start.session_id,
+            }
+        )
+        await resp.prepare(request)
+        return resp
+
+    async for item in events:
+        if isinstance(item, TurnError) and response is None:
+            e = item.error
+            raise ApiError(e.status, e.message, type=e.type, code=e.code, param=e.param)
+        if response is None:
+            response = await begin()
+            await send(chunk(**meta, delta={"role": "assistant", "content": ""}, include_usage=include_usage))
+        if isinstance(item, Delta):
+            streamed.append(item.text)
+            await send(chunk(**meta, delta={"content": item.text}, include_usage=include_usage))
+            continue
+        # The final message carries the whole text: send whatever deltas did not arrive.
+        sent = "".join(streamed)
+        rest = item.content[len(sent):] if item.content.startswith(sent) else ""
+        if rest:
+            await send(chunk(**meta, delta={"content": rest}, include_usage=include_usage))
+        if isinstance(item, TurnError):
+            e = item.error
+            await send(error_body(e.message, e.type, e.code, e.param))
+            break
+        await send(chunk(**meta, finish_reason=item.finish_reason, include_usage=include_usage))
+        if include_usage:
+            await send(chunk(**meta, usage=item.usage))
+        try:
+            await response.write(b"data: [DONE]\n\n")
+        except ConnectionResetError:
+            raise ClientGone() from None
+    assert response is not None
+    await response.write_eof()
+    return response
+
+
+async def health(request: web.Request) -> web.Response:
+    nc = request.app[NATS]
+    ok = nc.is_connected
+    return _json({"status": "ok" if ok else "degraded", "nats": ok}, 200 if ok else 503)
+
+
+def create_app(config: Config, nats_url: str) -> web.Application:
+    """The gateway application; its NATS connection lives and drains with it."""
+    app = web.Application(
+        client_max_size=config.server.max_body_bytes,
+        middlewares=[errors_middleware, auth_middleware],
+    )
+    app[CONFIG] = config
+    app[AUTH] = Authenticator(config)
+
+    async def nats_connection(app: web.Application) -> AsyncIterator[None]:
+        app[NATS] = await connect(nats_url, name="veil-gateway")
+        yield
+        await app[NATS].drain()
+
+    app.cleanup_ctx.append(nats_connection)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model}", get_model)
+    app.router.add_get("/healthz", health)
+    return app

@@ -1,0 +1,148 @@
+"""The `veil` command: serve, gateway, worker, replay, sessions."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import structlog
+
+from veil.config import Config, ConfigError, load_config
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="veil", description="OpenAI-compatible chat server with memory and agents.")
+    parser.add_argument("--config", help="TOML config file (or VEIL_CONFIG)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (
+        ("serve", "run everything in one process (embeds nats-server unless VEIL_NATS_URL is set)"),
+        ("gateway", "run the HTTP gateway only, against VEIL_NATS_URL"),
+        ("worker", "run the actors only, against VEIL_NATS_URL"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--config", help="TOML config file (or VEIL_CONFIG)")
+        if name != "worker":
+            p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+            p.add_argument("--port", type=int, help="port to listen on (default 8000; 0 picks a free one)")
+    replay = sub.add_parser("replay", help="print a session's events in order and the state rebuilt from them")
+    replay.add_argument("session_id")
+    replay.add_argument("--json", action="store_true", help="one JSON object per line")
+    replay.add_argument("--config", help="TOML config file (or VEIL_CONFIG)")
+    sessions = sub.add_parser("sessions", help="list sessions")
+    sessions.add_argument("--json", action="store_true", help="one JSON object per line")
+    sessions.add_argument("--config", help="TOML config file (or VEIL_CONFIG)")
+    return parser
+
+
+def _configure_logging() -> None:
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso"),
+            structlog.dev.ConsoleRenderer(colors=False),
+        ],
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
+
+
+@contextlib.asynccontextmanager
+async def _log_connection(config: Config) -> AsyncIterator[str]:
+    """A NATS URL with the session log: the configured one, the running server's, or a temporary one."""
+    if config.nats_url:
+        yield config.nats_url
+        return
+    url_file = Path(config.data_dir) / "nats.url"
+    if url_file.exists():
+        yield url_file.read_text().strip()
+        return
+    from veil.server import embedded_nats
+
+    server = embedded_nats(config)
+    if not server.store_dir.exists():
+        raise SystemExit(f"no Veil data in {config.data_dir} (set VEIL_DATA_DIR or VEIL_NATS_URL)")
+    url = await server.astart()
+    try:
+        yield url
+    finally:
+        server.stop()
+
+
+async def _replay(config: Config, session_id: str, as_json: bool) -> int:
+    from bus.connection import connect
+    from bus.subjects import is_valid_id
+    from eventstore.jetstream import JetStreamEventStore
+    from veil.replay import render_replay
+
+    if not is_valid_id(session_id):
+        print(f"invalid session id: {session_id!r}", file=sys.stderr)
+        return 2
+    async with _log_connection(config) as url:
+        nc = await connect(url, name="veil-replay")
+        try:
+            events = await JetStreamEventStore(nc.jetstream(), nc).load(session_id)
+        finally:
+            await nc.drain()
+    if not events:
+        print(f"no events for session {session_id}", file=sys.stderr)
+        return 1
+    for line in render_replay(session_id, events, as_json=as_json):
+        print(line)
+    return 0
+
+
+async def _sessions(config: Config, as_json: bool) -> int:
+    from bus.connection import connect
+    from eventstore.jetstream import JetStreamEventStore, ensure_stream
+    from veil.replay import render_sessions
+
+    async with _log_connection(config) as url:
+        nc = await connect(url, name="veil-sessions")
+        try:
+            js = nc.jetstream()
+            await ensure_stream(js)
+            store = JetStreamEventStore(js, nc)
+            infos = await store.sessions()
+            firsts = {info.session_id: (await store.load(info.session_id))[:1] for info in infos}
+        finally:
+            await nc.drain()
+    for line in render_sessions(infos, firsts, as_json=as_json):
+        print(line)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _configure_logging()
+    try:
+        config = load_config(args.config)
+    except ConfigError as error:
+        print(f"veil: invalid configuration: {error}", file=sys.stderr)
+        return 2
+    if args.command in ("serve", "gateway", "worker"):
+        from veil.server import run_role
+
+        host = getattr(args, "host", None) or config.server.host
+        port = getattr(args, "port", None)
+        port = config.server.port if port is None else port
+        Path(config.data_dir).mkdir(parents=True, exist_ok=True)
+        try:
+            asyncio.run(run_role(config, args.command, host, port))
+        except KeyboardInterrupt:
+            pass
+        return 0
+    if args.command == "replay":
+        return asyncio.run(_replay(config, args.session_id, args.json))
+    if args.command == "sessions":
+        return asyncio.run(_sessions(config, args.json))
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Configuration: a TOML file (`--config`) plus the environment.
+
+Environment variables follow the SDKs' own names where one exists
+(OPENAI_BASE_URL, OPENAI_API_KEY, ANTHROPIC_API_KEY, ANTHROPIC_BASE_URL) and
+VEIL_* otherwise. The file wins over the defaults; VEIL_API_KEYS adds keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+from bus.subjects import is_valid_id
+
+__all__ = [
+    "ApiKey",
+    "Config",
+    "ConfigError",
+    "EngineConfig",
+    "ModelConfig",
+    "PipelineConfig",
+    "ServerConfig",
+    "key_id",
+    "load_config",
+]
+
+DEFAULT_MODEL = "veil"
+
+
+class ConfigError(Exception):
+    """Invalid configuration: the message names the file and the field."""
+
+
+class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Request bodies above this get 413.
+    max_body_bytes: int = 4 * 1024 * 1024
+    # How long a turn may hold its session before another writer takes over.
+    turn_timeout: float = 600.0
+    # How long a request may wait for its session actor to accept it.
+    accept_timeout: float = 600.0
+    # Seconds an idle session actor stays in memory.
+    actor_idle: float = 300.0
+
+
+class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    kind: Literal["openai", "anthropic"]
+    base_url: str | None = None
+    api_key: str | None = None
+    # Read the key from this variable instead of writing it in the file.
+    api_key_env: str | None = None
+    timeout: float = 120.0
+    # Anthropic requires max_tokens; this is used when the client sets none.
+    default_max_tokens: int = 4096
+
+
+class PipelineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    engine: str
+    model: str
+    system_prompt: str | None = None
+
+
+class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A public model name, as /v1/models lists it, and the pipeline behind it."""
+
+    name: str
+    pipeline: str
+    description: str | None = None
+
+
+class ApiKey(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    key: str
+    tenant: str | None = None
+
+
+class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    keys: list[ApiKey] = []
+    engines: dict[str, EngineConfig] = {}
+    pipelines: dict[str, PipelineConfig] = {}
+    models: list[ModelConfig] = []
+    nats_url: str | None = None
+    data_dir: str = ".veil"
+    source: str = "<defaults>"
+
+    def model(self, name: str) -> ModelConfig | None:
+        for model in self.models:
+            if model.name == name:
+                return model
+        return None
+
+    def engine_api_key(self, name: str) -> str | None:
+        engine = self.engines[name]
+        if engine.api_key:
+            return engine.api_key
+        if engine.api_key_env:
+            return os.environ.get(engine.api_key_env)
+        return None
+
+    def tenants_by_key_id(self) -> dict[str, str]:
+        return {key_id(k.key): (k.tenant or key_id(k.key)) for k in self.keys}
+
+
+def key_id(key: str) -> str:
+    """A stable, non-secret name for an API key: what the log records."""
+    return "key_" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _default_engine(env: Mapping[str, str]) -> tuple[str, EngineConfig, str] | None:
+    if env.get("OPENAI_BASE_URL") or env.get("OPENAI_API_KEY"):
+        engine = EngineConfig(
+            kind="openai", base_url=env.get("OPENAI_BASE_URL"), api_key_env="OPENAI_API_KEY"
+        )
+        return "openai", engine, env.get("VEIL_UPSTREAM_MODEL", "gpt-4o-mini")
+    if env.get("ANTHROPIC_API_KEY") or env.get("ANTHROPIC_BASE_URL"):
+        engine = EngineConfig(
+            kind="anthropic",
+            base_url=env.get("ANTHROPIC_BASE_URL"),
+            api_key_env="ANTHROPIC_API_KEY",
+        )
+        return "anthropic", engine, env.get("VEIL_UPSTREAM_MODEL", "claude-sonnet-4-5")
+    return None
+
+
+def _fill_defaults(config: Config, env: Mapping[str, str]) -> Config:
+    if not config.pipelines:
+        found = _default_engine(env)
+        if found is not None:
+            name, engine, upstream_model = found
+            config.engines.setdefault(name, engine)
+            config.pipelines["default"] = PipelineConfig(engine=name, model=upstream_model)
+    if not config.models and "default" in config.pipelines:
+        config.models.append(ModelConfig(name=DEFAULT_MODEL, pipeline="default"))
+    for raw in filter(None, (k.strip() for k in env.get("VEIL_API_KEYS", "").split(","))):
+        config.keys.append(ApiKey(key=raw))
+    config.nats_url = env.get("VEIL_NATS_URL") or config.nats_url
+    config.data_dir = env.get("VEIL_DATA_DIR") or config.data_dir
+    return config
+
+
+def _check(config: Config) -> None:
+    where = config.source
+    for name, pipeline in config.pipelines.items():
+        if pipeline.engine not in config.engines:
+            raise ConfigError(
+                f"{where}: pipelines.{name}.engine: unknown engine {pipeline.engine!r}"
+            )
+    for name in config.engines:
+        if not is_valid_id(name):
+            raise ConfigError(f"{where}: engines.{name}: names may use only [A-Za-z0-9_-]")
+    seen: set[str] = set()
+    for i, model in enumerate(config.models):
+        if model.pipeline not in config.pipelines:
+            raise ConfigError(
+                f"{where}: models[{i}].pipeline: unknown pipeline {model.pipeline!r}"
+            )
+        if model.name in seen:
+            raise ConfigError(f"{where}: models[{i}].name: {model.name!r} is listed twice")
+        seen.add(model.name)
+
+
+def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Read the file (if any), apply the environment, and check references."""
+    env = os.environ if env is None else env
+    path = path or env.get("VEIL_CONFIG")
+    if path:
+        file = Path(path)
+        try:
+            config = msgspec.toml.decode(file.read_bytes(), type=Config)
+        except FileNotFoundError:
+            raise ConfigError(f"{file}: no such file") from None
+        except msgspec.ValidationError as error:
+            raise ConfigError(f"{file}: {error}") from None
+        except msgspec.DecodeError as error:
+            raise ConfigError(f"{file}: {error}") from None
+        config.source = str(file)
+    else:
+        config = Config()
+    config = _fill_defaults(config, env)
+    _check(config)
+    return config

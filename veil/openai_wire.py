@@ -1,0 +1,277 @@
+"""OpenAI's chat wire format: request validation, response and chunk shapes, errors."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+import msgspec
+
+from eventstore.events import ChatMessage, Usage
+
+__all__ = [
+    "ApiError",
+    "ChatRequest",
+    "chunk",
+    "completion",
+    "error_body",
+    "generation_params",
+    "parse_chat_request",
+    "to_chat_messages",
+]
+
+
+class ApiError(Exception):
+    """An error the client gets as `{"error": {...}}` with an HTTP status."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str | None = None,
+        code: str | None = None,
+        param: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type or ("invalid_request_error" if status < 500 else "api_error")
+        self.code = code
+        self.param = param
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.code, self.param)
+
+
+def error_body(message: str, type: str, code: str | None, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class TextPart(msgspec.Struct, tag="text", tag_field="type"):
+    text: str
+
+
+class ImageUrlPart(msgspec.Struct, tag="image_url", tag_field="type"):
+    image_url: dict[str, Any]
+
+
+class InputAudioPart(msgspec.Struct, tag="input_audio", tag_field="type"):
+    input_audio: dict[str, Any]
+
+
+class FilePart(msgspec.Struct, tag="file", tag_field="type"):
+    file: dict[str, Any]
+
+
+class RefusalPart(msgspec.Struct, tag="refusal", tag_field="type"):
+    refusal: str
+
+
+ContentPart = TextPart | ImageUrlPart | InputAudioPart | FilePart | RefusalPart
+
+
+class MessageIn(msgspec.Struct, kw_only=True):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+
+class StreamOptions(msgspec.Struct, kw_only=True):
+    include_usage: bool = False
+
+
+class ChatRequest(msgspec.Struct, kw_only=True):
+    model: str
+    messages: list[MessageIn]
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    response_format: dict[str, Any] | None = None
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    # Veil's own field (DESIGN.md, session id contract).
+    session_id: str | None = None
+
+
+_decoder = msgspec.json.Decoder(ChatRequest)
+_PATH = re.compile(r"at `\$\.?(?P<path>[^`]*)`")
+
+
+def _param_of(message: str) -> str | None:
+    match = _PATH.search(message)
+    return match.group("path") or None if match else None
+
+
+def parse_chat_request(body: bytes) -> ChatRequest:
+    """Decode and check a chat completion request; raises ApiError (400)."""
+    try:
+        request = _decoder.decode(body)
+    except msgspec.ValidationError as error:
+        text = str(error)
+        raise ApiError(400, f"Invalid request: {text}", param=_param_of(text), code="invalid_value") from None
+    except msgspec.DecodeError:
+        raise ApiError(
+            400,
+            "We could not parse the JSON body of your request. (HINT: This likely means you "
+            "aren't using your HTTP library correctly. The OpenAI API expects a JSON payload.)",
+            code="invalid_json",
+        ) from None
+    _check(request)
+    return request
+
+
+def _check(request: ChatRequest) -> None:
+    if not request.model:
+        raise ApiError(400, "You must provide a model parameter.", param="model", code="missing_required_parameter")
+    if not request.messages:
+        raise ApiError(
+            400, "'messages' must contain at least one message.", param="messages", code="empty_array"
+        )
+    if request.tools or request.functions:
+        raise ApiError(400, "Client-side tools are not supported yet.", param="tools", code="unsupported_parameter")
+    if request.n not in (None, 1):
+        raise ApiError(400, "Only n=1 is supported.", param="n", code="unsupported_parameter")
+    for i, message in enumerate(request.messages):
+        if message.role in ("tool", "function"):
+            raise ApiError(
+                400,
+                f"Messages with role '{message.role}' need client-side tools, which are not supported yet.",
+                param=f"messages[{i}].role",
+                code="unsupported_value",
+            )
+        if isinstance(message.content, list):
+            for j, part in enumerate(message.content):
+                if not isinstance(part, TextPart | RefusalPart):
+                    kind = type(part).__struct_config__.tag
+                    raise ApiError(
+                        400,
+                        f"Content parts of type '{kind}' are not supported; send text.",
+                        param=f"messages[{i}].content[{j}].type",
+                        code="unsupported_value",
+                    )
+        elif message.content is None and message.role != "assistant":
+            raise ApiError(
+                400,
+                f"messages[{i}].content must be a string or a list of content parts.",
+                param=f"messages[{i}].content",
+                code="invalid_type",
+            )
+    for field in ("temperature", "top_p"):
+        value = getattr(request, field)
+        if value is not None and not 0 <= value <= 2:
+            raise ApiError(400, f"{field} must be between 0 and 2.", param=field, code="invalid_value")
+    for field in ("max_tokens", "max_completion_tokens"):
+        value = getattr(request, field)
+        if value is not None and value < 1:
+            raise ApiError(400, f"{field} must be at least 1.", param=field, code="invalid_value")
+
+
+def _text(content: str | list[ContentPart] | None) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(p.text if isinstance(p, TextPart) else p.refusal for p in content if isinstance(p, TextPart | RefusalPart))
+
+
+def to_chat_messages(request: ChatRequest) -> list[ChatMessage]:
+    return [ChatMessage(role=m.role, content=_text(m.content), name=m.name) for m in request.messages]
+
+
+PARAMS = (
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "max_completion_tokens",
+    "stop",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "response_format",
+    "user",
+)
+
+
+def generation_params(request: ChatRequest) -> dict[str, Any]:
+    """The generation parameters the client set, and only those."""
+    params: dict[str, Any] = {}
+    for name in PARAMS:
+        value = getattr(request, name)
+        if value is not None:
+            params[name] = value
+    return params
+
+
+def _usage(usage: Usage) -> dict[str, int]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
+
+
+def completion(
+    *, id: str, created: int, model: str, content: str, finish_reason: str, usage: Usage, session_id: str
+) -> dict[str, Any]:
+    """A `chat.completion` object as OpenAI returns it, plus `session_id`."""
+    return {
+        "id": id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content, "refusal": None},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+        ],
+        "usage": _usage(usage),
+        "session_id": session_id,
+    }
+
+
+def chunk(
+    *,
+    id: str,
+    created: int,
+    model: str,
+    session_id: str,
+    delta: dict[str, Any] | None = None,
+    finish_reason: str | None = None,
+    usage: Usage | None = None,
+    include_usage: bool = False,
+) -> dict[str, Any]:
+    """A `chat.completion.chunk`; with usage, the final usage-only chunk (empty choices)."""
+    body: dict[str, Any] = {
+        "id": id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "session_id": session_id,
+    }
+    if usage is not None:
+        body["choices"] = []
+        body["usage"] = _usage(usage)
+        return body
+    body["choices"] = [
+        {"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish_reason}
+    ]
+    if include_usage:
+        body["usage"] = None
+    return body

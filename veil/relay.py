@@ -1,0 +1,128 @@
+"""The gateway's side of a turn: send the command, then follow the turn's output."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+
+from nats.aio.client import Client
+from nats.aio.subscription import Subscription
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+
+from actors.protocol import (
+    CANCEL_CODEC,
+    OUTPUT_CODEC,
+    START_TURN_CODEC,
+    TURN_REPLY_CODEC,
+    CancelRequest,
+    Delta,
+    StartTurn,
+    TurnAccepted,
+    TurnDone,
+    TurnError,
+)
+from bus.subjects import session_cancel, session_cmd, session_out
+from veil.openai_wire import ApiError
+
+__all__ = ["ClientGone", "TurnRelay"]
+
+# How often a waiting relay checks that its HTTP client is still there.
+POLL_SECONDS = 0.25
+# How long to wait for deltas that the final message says were sent but are late.
+STRAGGLER_SECONDS = 1.0
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected while its turn was running."""
+
+
+class TurnRelay:
+    """Subscribes to the turn's output before the command is sent, so nothing is missed."""
+
+    def __init__(self, nc: Client, start: StartTurn) -> None:
+        self._nc = nc
+        self.start = start
+        self._sub: Subscription | None = None
+        self.replay = False
+
+    async def __aenter__(self) -> "TurnRelay":
+        self._sub = await self._nc.subscribe(
+            session_out(self.start.session_id, self.start.turn_id), pending_msgs_limit=0
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+
+    async def send(self, timeout: float) -> None:
+        """Hand the turn to its session actor; raises ApiError if it is refused."""
+        try:
+            msg = await self._nc.request(
+                session_cmd(self.start.session_id), START_TURN_CODEC.encode(self.start), timeout=timeout
+            )
+        except NoRespondersError:
+            raise ApiError(503, "No session worker is running; try again shortly.", code="service_unavailable") from None
+        except NatsTimeout:
+            raise ApiError(504, "The session did not accept the request in time.", code="timeout") from None
+        if msg.headers and msg.headers.get("Nats-Service-Error-Code"):
+            raise ApiError(
+                500, f"The session actor failed: {msg.headers.get('Nats-Service-Error')}", code="actor_failed"
+            )
+        reply = TURN_REPLY_CODEC.decode(msg.data)
+        if not isinstance(reply, TurnAccepted):
+            e = reply.error
+            raise ApiError(e.status, e.message, type=e.type, code=e.code, param=e.param)
+        self.replay = reply.replay
+
+    async def cancel(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._nc.publish(
+                session_cancel(self.start.session_id, self.start.turn_id),
+                CANCEL_CODEC.encode(CancelRequest()),
+            )
+            await self._nc.flush(timeout=1)
+
+    async def events(
+        self, timeout: float, client_gone: Callable[[], bool]
+    ) -> AsyncIterator[Delta | TurnDone | TurnError]:
+        """Deltas in order, then exactly one TurnDone or TurnError.
+
+        Raises ClientGone (after cancelling the turn) when the client left, and
+        ApiError(504) when nothing final arrives within `timeout`.
+        """
+        assert self._sub is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        received = 0
+        while True:
+            if client_gone():
+                await self.cancel()
+                raise ClientGone()
+            if loop.time() > deadline:
+                await self.cancel()
+                raise ApiError(504, "The turn did not finish in time.", code="timeout")
+            try:
+                msg = await self._sub.next_msg(timeout=POLL_SECONDS)
+            except NatsTimeout:
+                continue
+            item = OUTPUT_CODEC.decode(msg.data)
+            if isinstance(item, Delta):
+                if item.seq > received:
+                    received = item.seq
+                    yield item
+                continue
+            if item.deltas > received:
+                await self._stragglers(item.deltas - received)
+            yield item
+            return
+
+    async def _stragglers(self, missing: int) -> None:
+        """Give late deltas a moment; the final message carries the full text anyway."""
+        assert self._sub is not None
+        with contextlib.suppress(NatsTimeout):
+            for _ in range(missing):
+                await self._sub.next_msg(timeout=STRAGGLER_SECONDS)

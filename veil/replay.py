@@ -1,0 +1,134 @@
+"""Rendering a session's log for an auditor: events in order, then the rebuilt state."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import assert_never
+
+import msgspec
+
+from actors import session
+from bus.codec import encode
+from eventstore.events import (
+    EventUnion,
+    ModelCalled,
+    ReplyCompleted,
+    SessionOpened,
+    TurnCancelled,
+    TurnFailed,
+    TurnStarted,
+)
+from eventstore.store import SessionInfo, StoredEvent
+
+__all__ = ["describe", "render_replay", "render_sessions"]
+
+QUOTE_WIDTH = 400
+
+
+def _quote(text: str) -> str:
+    text = text.replace("\n", "\\n")
+    return repr(text if len(text) <= QUOTE_WIDTH else text[:QUOTE_WIDTH] + "...")
+
+
+def describe(event: EventUnion) -> list[str]:
+    """One event as a headline and indented detail lines."""
+    match event:
+        case SessionOpened():
+            return [f"session opened by tenant {event.tenant} (key {event.key_id})"]
+        case TurnStarted():
+            lines = [f"turn {event.turn_id} started: model {event.model}, streaming {event.streaming}"]
+            if event.system is not None:
+                lines.append(f"  client system prompt: {_quote(event.system)}")
+            lines += [f"  {m.role}: {_quote(m.content)}" for m in event.messages]
+            if event.params:
+                lines.append(f"  params: {encode(event.params).decode()}")
+            return lines
+        case ModelCalled():
+            head = f"model called: engine {event.engine}, model {event.upstream_model}, {event.latency_ms:.1f} ms"
+            if event.ttft_ms is not None:
+                head += f" (first token {event.ttft_ms:.1f} ms)"
+            if event.usage is not None:
+                head += f", tokens {event.usage.prompt_tokens} in / {event.usage.completion_tokens} out"
+            if event.error is not None:
+                head += f", FAILED ({event.status}): {event.error}"
+            return [head]
+        case ReplyCompleted():
+            return [
+                f"reply completed: finish {event.finish_reason}, {event.usage.total_tokens} tokens",
+                f"  assistant: {_quote(event.content)}",
+            ]
+        case TurnFailed():
+            return [f"turn {event.turn_id} failed: {event.status} {event.code}: {event.message}"]
+        case TurnCancelled():
+            lines = [
+                f"turn {event.turn_id} cancelled ({event.reason}) after "
+                f"{event.usage.completion_tokens} completion tokens"
+            ]
+            if event.content:
+                lines.append(f"  partial assistant: {_quote(event.content)}")
+            return lines
+        case _:
+            assert_never(event)
+
+
+def render_replay(session_id: str, stored: Sequence[StoredEvent], *, as_json: bool) -> Iterator[str]:
+    state = session.fold([s.event for s in stored])
+    if as_json:
+        for item in stored:
+            yield encode({"seq": item.seq, "event": item.event}).decode()
+        yield encode({"state": _state_summary(state)}).decode()
+        return
+    yield f"Session {session_id}: {len(stored)} events"
+    for item in stored:
+        lines = describe(item.event)
+        stamp = item.event.at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        yield f"#{item.seq:<6} {stamp}  [{item.event.__struct_config__.tag}] {lines[0]}"
+        for line in lines[1:]:
+            yield f"{'':>34}{line}"
+    yield ""
+    yield "Rebuilt state:"
+    for key, value in _state_summary(state).items():
+        if key == "history":
+            yield "  history:"
+            for m in value:
+                yield f"    {m['role']}: {_quote(m['content'])}"
+        else:
+            yield f"  {key}: {value}"
+
+
+def _state_summary(state: session.SessionState) -> dict[str, object]:
+    return {
+        "session_id": state.session_id,
+        "tenant": state.tenant,
+        "created_at": state.created_at.isoformat() if state.created_at else None,
+        "updated_at": state.updated_at.isoformat() if state.updated_at else None,
+        "turns": state.turns,
+        "events": state.events,
+        "open_turn": state.open_turn.turn_id if state.open_turn else None,
+        "usage": msgspec.to_builtins(state.usage),
+        "system": state.system,
+        "history": [msgspec.to_builtins(m) for m in state.history],
+    }
+
+
+def render_sessions(
+    infos: Sequence[SessionInfo], firsts: dict[str, list[StoredEvent]], *, as_json: bool
+) -> Iterator[str]:
+    rows = []
+    for info in infos:
+        first = firsts.get(info.session_id) or []
+        opened = first[0].event if first and isinstance(first[0].event, SessionOpened) else None
+        rows.append(
+            {
+                "session_id": info.session_id,
+                "events": info.events,
+                "tenant": opened.tenant if opened else None,
+                "created_at": opened.at.isoformat() if opened else None,
+            }
+        )
+    if as_json:
+        yield from (encode(row).decode() for row in rows)
+        return
+    yield f"{'SESSION':<40} {'EVENTS':>6}  {'TENANT':<24} CREATED"
+    for row in rows:
+        yield f"{row['session_id']:<40} {row['events']:>6}  {row['tenant'] or '-':<24} {row['created_at'] or '-'}"

@@ -1,0 +1,169 @@
+"""Assembling the roles: workers (actors), gateway, or everything in one process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import structlog
+from aiohttp import web
+from nats.aio.client import Client
+
+import gateway
+from actors.engines import Engine, build_engine
+from actors.model_actor import ModelActor
+from actors.session_actor import SessionActor, SessionContext
+from bus.connection import connect
+from bus.runtime import ActorHost
+from bus.subjects import SESSION_CMD_WILDCARD, session_from_cmd_subject
+from eventstore.jetstream import JetStreamEventStore, ensure_stream
+from veil import __version__
+from veil.config import Config
+from veil.natsserver import NatsServer
+
+__all__ = ["Workers", "embedded_nats", "is_loopback", "run_role", "serve_gateway"]
+
+log = structlog.get_logger("veil.server")
+
+
+class Workers:
+    """The actors of one worker process: session actors and model actors."""
+
+    def __init__(self, config: Config, nats_url: str) -> None:
+        self._config = config
+        self._url = nats_url
+        self._nc: Client | None = None
+        self._sessions: ActorHost | None = None
+        self._models: ModelActor | None = None
+
+    async def start(self) -> None:
+        nc = self._nc = await connect(self._url, name="veil-worker")
+        js = nc.jetstream()
+        await ensure_stream(js)
+        ctx = SessionContext(nc=nc, store=JetStreamEventStore(js, nc), config=self._config)
+        self._sessions = ActorHost(
+            nc,
+            service="veil-session",
+            version=__version__,
+            description="Session actors: one writer per chat session",
+            endpoint="cmd",
+            subject=SESSION_CMD_WILDCARD,
+            key_of=session_from_cmd_subject,
+            factory=lambda sid: SessionActor(sid, ctx),
+            idle_seconds=self._config.server.actor_idle,
+        )
+        await self._sessions.start()
+        engines: dict[str, Engine] = {name: build_engine(self._config, name) for name in self._config.engines}
+        self._models = ModelActor(nc, engines, version=__version__)
+        await self._models.start()
+
+    async def stop(self) -> None:
+        if self._sessions is not None:
+            await self._sessions.stop()
+        if self._models is not None:
+            await self._models.stop()
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await self._nc.drain()
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def serve_gateway(config: Config, nats_url: str, host: str, port: int) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(gateway.create_app(config, nats_url), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    server = site._server
+    sockets = getattr(server, "sockets", None) or []
+    actual = sockets[0].getsockname()[1] if sockets else port
+    return runner, actual
+
+
+def embedded_nats(config: Config) -> NatsServer:
+    """The nats-server the embedded default spawns, storing JetStream under the data dir."""
+    return NatsServer(Path(config.data_dir) / "nats")
+
+
+async def _wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+async def run_role(
+    config: Config,
+    role: str,
+    host: str,
+    port: int,
+    *,
+    until: Callable[[], asyncio.Future[None] | asyncio.Task[None]] | None = None,
+) -> None:
+    """Run `serve` (everything), `gateway` or `worker` until SIGINT/SIGTERM."""
+    if role in ("serve", "gateway"):
+        if not config.keys and not is_loopback(host):
+            raise SystemExit(
+                f"refusing to serve on {host} with authentication off: set VEIL_API_KEYS or "
+                "keys in the config file, or bind to 127.0.0.1"
+            )
+    nats: NatsServer | None = None
+    url = config.nats_url
+    if url is None:
+        if role != "serve":
+            raise SystemExit(f"veil {role} needs VEIL_NATS_URL (only `veil serve` embeds NATS)")
+        nats = embedded_nats(config)
+        url = await nats.astart()
+        (Path(config.data_dir) / "nats.url").write_text(url + "\n")
+        _say(f"Embedded NATS at {url} (JetStream in {nats.store_dir})")
+    workers: Workers | None = None
+    runner: web.AppRunner | None = None
+    try:
+        if role in ("serve", "worker"):
+            workers = Workers(config, url)
+            await workers.start()
+            _say(f"Workers ready: engines {', '.join(config.engines) or '(none)'}")
+        if role in ("serve", "gateway"):
+            runner, actual = await serve_gateway(config, url, host, port)
+            if not config.keys:
+                _say("Authentication is off (no API keys configured): serving loopback only.")
+            if not config.models:
+                _say(
+                    "No upstream configured: set OPENAI_BASE_URL/OPENAI_API_KEY or ANTHROPIC_API_KEY "
+                    "(or --config FILE); chat requests get 503 until then."
+                )
+            _say(f"Veil listening on http://{host}:{actual}/v1 (models: {', '.join(m.name for m in config.models) or '(none)'})")
+        await (until() if until is not None else _wait_for_signal())
+        _say("Stopping: draining requests and actors...")
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        if workers is not None:
+            await workers.stop()
+        if nats is not None:
+            nats.stop()
+            with contextlib.suppress(FileNotFoundError):
+                (Path(config.data_dir) / "nats.url").unlink()
+        _say("Stopped.")
+        sys.stdout.flush()
