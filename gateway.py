@@ -41,7 +41,7 @@ log = structlog.get_logger("veil.gateway")
 CONFIG = web.AppKey("config", Config)
 NATS = web.AppKey("nats", Client)
 AUTH = web.AppKey("auth", Authenticator)
-PRINCIPAL = "veil.principal"
+PRINCIPAL = web.RequestKey("principal", Principal)
 SESSION_HEADER = "X-Session-Id"
 STARTED = int(time.time())
 
@@ -71,7 +71,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             message = f"Invalid URL ({request.method} {request.path})"
         else:
             message = error.reason
-        return _json(error_body(message, "invalid_request_error", None), error.status, dict(error.headers))
+        headers = {k: v for k, v in error.headers.items() if k.lower() != "content-type"}
+        return _json(error_body(message, "invalid_request_error", None), error.status, headers)
     except Exception:
         log.exception("gateway.unhandled", path=request.path)
         return _json(error_body("The server had an error processing your request.", "server_error", None), 500)
@@ -195,6 +196,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 return await _stream(request, start, events, include_usage)
             return await _complete(start, events)
         except ClientGone:
+            await relay.cancel()
             log.info("gateway.client_gone", session=session_id, turn=start.turn_id)
             # Nobody reads this; aiohttp needs a response object all the same.
             return web.Response(status=499)

@@ -91,8 +91,8 @@ class TurnRelay:
     ) -> AsyncIterator[Delta | TurnDone | TurnError]:
         """Deltas in order, then exactly one TurnDone or TurnError.
 
-        Raises ClientGone (after cancelling the turn) when the client left, and
-        ApiError(504) when nothing final arrives within `timeout`.
+        Raises ClientGone when the client left, and ApiError(504) (after
+        cancelling the turn) when nothing final arrives within `timeout`.
         """
         assert self._sub is not None
         loop = asyncio.get_running_loop()
@@ -100,7 +100,6 @@ class TurnRelay:
         received = 0
         while True:
             if client_gone():
-                await self.cancel()
                 raise ClientGone()
             if loop.time() > deadline:
                 await self.cancel()

@@ -102,9 +102,10 @@ class AnthropicEngine:
         }
         if system:
             request["system"] = system
-        for name in ("temperature", "top_p"):
-            if params.get(name) is not None:
-                request[name] = params[name]
+        # This SDK no longer types temperature/top_p; the Messages API still takes them.
+        sampling = {k: params[k] for k in ("temperature", "top_p") if params.get(k) is not None}
+        if sampling:
+            request["extra_body"] = sampling
         stop = params.get("stop")
         if stop:
             request["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)

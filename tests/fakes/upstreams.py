@@ -1,0 +1,866 @@
+"""Fake OpenAI and Anthropic upstream servers for tests and benchmarks.
+
+They are real aiohttp HTTP servers on 127.0.0.1 speaking the providers' wire formats (checked
+against the official SDKs' types and SSE parsers), so the `openai` / `anthropic` SDKs and Veil's
+own upstream clients talk to them unchanged. Replies are deterministic ("echo: <last user text>"
+unless `reply` is set), every request is recorded, and failures can be injected at any time.
+
+    async with FakeOpenAI() as up:          # on the running loop
+        client = AsyncOpenAI(base_url=up.base_url, api_key="x")
+
+    up = FakeAnthropic().start_in_thread()  # own loop in a thread, for sync code
+    ...
+    up.stop_thread()
+
+    python -m tests.fakes.upstreams openai --port 0   # prints "listening on http://127.0.0.1:PORT"
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import itertools
+import re
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, ClassVar, Self
+
+import msgspec
+from aiohttp import web
+
+__all__ = ["Fault", "FakeAnthropic", "FakeOpenAI", "RecordedRequest", "Reply", "split_tokens"]
+
+_encode = msgspec.json.encode  # compact JSON, like the real APIs send
+_decode = msgspec.json.decode
+
+# A "token" is a word with its leading whitespace (trailing whitespace sticks to the last one),
+# so the pieces always join back to the exact text.
+_TOKEN = re.compile(r"\s*\S+\s*$|\s*\S+|\s+$")
+
+Reply = str | Callable[[dict[str, Any]], str]
+"""A fixed reply text, or a function of the parsed request body returning it."""
+
+
+def split_tokens(text: str) -> list[str]:
+    """Split text into the fake's "tokens" (streamed deltas), e.g. "a b" -> ["a", " b"]."""
+    return _TOKEN.findall(text)
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """One injected misbehaviour, applied to one chat request (fields combine)."""
+
+    status: int | None = None  # answer with this HTTP error (provider's error JSON) instead
+    message: str | None = None  # error message; a provider-like default when None
+    retry_after: float | None = None  # sent as the Retry-After header with the error
+    delay: float = 0.0  # sleep before answering at all (provokes client timeouts)
+    token_delay: float = 0.0  # sleep before each streamed content delta
+    break_after: int | None = None  # drop the connection after this many content deltas
+
+
+@dataclass(slots=True)
+class RecordedRequest:
+    """A request as the fake received it."""
+
+    method: str
+    path: str  # e.g. "/v1/chat/completions"
+    headers: dict[str, str]  # names lower-cased
+    body: Any  # parsed JSON body; None when there was none or it was not JSON
+    # "pending" while being answered, then "ok", "error" (an error status was sent),
+    # "broken" (connection dropped by break_stream_after) or "disconnected" (client went away).
+    outcome: str = "pending"
+
+
+class _FakeUpstream:
+    """Server plumbing, recording and failure injection shared by both providers."""
+
+    _url_suffix: ClassVar[str] = ""  # what base_url adds to url for this provider's SDK
+    _id_prefix: ClassVar[str] = "id_"
+
+    def __init__(
+        self,
+        *,
+        api_key: str | None = None,
+        reply: Reply | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        self.api_key = api_key  # when set, requests must carry it
+        self.reply = reply  # None: f"echo: {last user message text}"
+        self.host = host
+        self.port = port  # the real port once started
+        self.requests: list[RecordedRequest] = []
+        self._faults: deque[Fault] = deque()
+        self._sticky: Fault | None = None  # applies to every request once the queue is empty
+        self._lock = threading.Lock()  # test code injects from other threads
+        self._ids = itertools.count(1)
+        self._runner: web.AppRunner | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- addresses ---------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """Root URL, e.g. http://127.0.0.1:PORT."""
+        if self._runner is None:
+            raise RuntimeError(f"{type(self).__name__} is not started")
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        """What to pass as the SDK client's base_url."""
+        return self.url + self._url_suffix
+
+    # -- recording ---------------------------------------------------------------------------
+
+    @property
+    def last_request(self) -> RecordedRequest:
+        if not self.requests:
+            raise LookupError(f"{type(self).__name__} has received no requests")
+        return self.requests[-1]
+
+    # -- failure injection -------------------------------------------------------------------
+
+    def inject(self, fault: Fault, times: int | None = 1) -> None:
+        """Apply `fault` to the next `times` chat requests (queued behind earlier faults);
+        times=None applies it to every chat request once the queue is empty, until reset()."""
+        with self._lock:
+            if times is None:
+                self._sticky = fault
+            else:
+                self._faults.extend([fault] * times)
+
+    def fail_next(
+        self,
+        status: int,
+        message: str | None = None,
+        times: int | None = 1,
+        retry_after: float | None = None,
+    ) -> None:
+        self.inject(Fault(status=status, message=message, retry_after=retry_after), times)
+
+    def delay(self, seconds: float, times: int | None = 1) -> None:
+        self.inject(Fault(delay=seconds), times)
+
+    def token_delay(self, seconds: float, times: int | None = 1) -> None:
+        self.inject(Fault(token_delay=seconds), times)
+
+    def break_stream_after(self, n_deltas: int, times: int | None = 1) -> None:
+        """Streaming: drop the connection after n content deltas (no final chunk / [DONE]).
+        Non-streaming: drop the connection without answering."""
+        self.inject(Fault(break_after=n_deltas), times)
+
+    def reset(self) -> None:
+        """Forget injected faults and recorded requests (api_key and reply stay)."""
+        with self._lock:
+            self._faults.clear()
+            self._sticky = None
+            self.requests.clear()
+
+    def _take_fault(self) -> Fault | None:
+        if not self._faults and self._sticky is None:  # the benchmark path: no lock
+            return None
+        with self._lock:
+            return self._faults.popleft() if self._faults else self._sticky
+
+    # -- provider hooks ----------------------------------------------------------------------
+
+    def _add_routes(self, router: web.UrlDispatcher) -> None:
+        raise NotImplementedError
+
+    def _auth_error(self, headers: dict[str, str]) -> web.Response | None:
+        raise NotImplementedError
+
+    def _error(
+        self, status: int, message: str | None, retry_after: float | None = None
+    ) -> web.Response:
+        raise NotImplementedError
+
+    def _invalid(self, body: Any) -> str | None:
+        """Why the chat request body is unacceptable, or None."""
+        raise NotImplementedError
+
+    def _prompt(self, body: dict[str, Any]) -> tuple[int, str]:
+        """(prompt token count, last user message text)."""
+        raise NotImplementedError
+
+    def _max_tokens(self, body: dict[str, Any]) -> int | None:
+        raise NotImplementedError
+
+    def _response_headers(self, request_id: str) -> dict[str, str]:
+        raise NotImplementedError
+
+    def _completion(
+        self, body: dict[str, Any], rid: str, tokens: list[str], truncated: bool, prompt_tokens: int
+    ) -> bytes:
+        raise NotImplementedError
+
+    def _stream_frames(
+        self, body: dict[str, Any], rid: str, tokens: list[str], truncated: bool, prompt_tokens: int
+    ) -> tuple[list[bytes], list[bytes], list[bytes]]:
+        """SSE frames: (before the content deltas, one per content delta, after them)."""
+        raise NotImplementedError
+
+    # -- request handling --------------------------------------------------------------------
+
+    async def _record(self, request: web.Request) -> RecordedRequest:
+        raw = await request.read()
+        try:
+            body = _decode(raw) if raw else None
+        except msgspec.DecodeError:
+            body = None
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        rec = RecordedRequest(request.method, request.path, headers, body)
+        self.requests.append(rec)
+        return rec
+
+    def _reply_text(self, body: dict[str, Any], last_user: str) -> str:
+        reply = self.reply
+        if reply is None:
+            return f"echo: {last_user}"
+        return reply if isinstance(reply, str) else reply(body)
+
+    async def _handle_chat(self, request: web.Request) -> web.StreamResponse:
+        rec = await self._record(request)
+        resp: web.StreamResponse | None = None
+        try:
+            if (denied := self._auth_error(rec.headers)) is not None:
+                rec.outcome = "error"
+                return denied
+            body = rec.body
+            if (problem := self._invalid(body)) is not None:
+                rec.outcome = "error"
+                return self._error(400, problem)
+            fault = self._take_fault()
+            if fault is not None:
+                if fault.delay:
+                    await asyncio.sleep(fault.delay)
+                if fault.status is not None:
+                    rec.outcome = "error"
+                    return self._error(fault.status, fault.message, fault.retry_after)
+            prompt_tokens, last_user = self._prompt(body)
+            tokens = split_tokens(self._reply_text(body, last_user))
+            limit = self._max_tokens(body)
+            truncated = limit is not None and len(tokens) > limit
+            if truncated:
+                tokens = tokens[:limit]
+            rid = f"{self._id_prefix}{next(self._ids):08d}"
+            headers = self._response_headers(rid)
+
+            if not body.get("stream"):
+                if fault is not None and fault.break_after is not None:
+                    return self._drop(request, rec)
+                rec.outcome = "ok"
+                return web.Response(
+                    body=self._completion(body, rid, tokens, truncated, prompt_tokens),
+                    headers=headers,
+                    content_type="application/json",
+                )
+
+            head, deltas, tail = self._stream_frames(body, rid, tokens, truncated, prompt_tokens)
+            resp = web.StreamResponse(headers=headers)
+            resp.content_type = "text/event-stream"
+            resp.charset = "utf-8"
+            await resp.prepare(request)
+            if fault is None or (not fault.token_delay and fault.break_after is None):
+                rec.outcome = "ok"
+                await resp.write(b"".join([*head, *deltas, *tail]))  # one write: keep it fast
+            else:
+                await resp.write(b"".join(head))
+                n = len(deltas)
+                if fault.break_after is not None:
+                    n = min(fault.break_after, n)
+                for frame in deltas[:n]:
+                    if fault.token_delay:
+                        await asyncio.sleep(fault.token_delay)
+                    await resp.write(frame)
+                if fault.break_after is not None:
+                    return self._drop(request, rec, resp)
+                rec.outcome = "ok"  # before the last write: a client may look as soon as it reads
+                await resp.write(b"".join(tail))
+            await resp.write_eof()
+            return resp
+        except asyncio.CancelledError:  # the client went away (handler_cancellation)
+            rec.outcome = "disconnected"
+            raise
+        except ConnectionError:  # a write hit a dead socket
+            rec.outcome = "disconnected"
+            if resp is None:
+                raise
+            return resp  # aiohttp's own write_eof then fails quietly
+
+    def _drop(
+        self, request: web.Request, rec: RecordedRequest, resp: web.StreamResponse | None = None
+    ) -> web.StreamResponse:
+        # close() flushes what was written, then FIN: the client sees a truncated chunked body.
+        # aiohttp's final write_eof then hits the closed transport and is ignored quietly.
+        rec.outcome = "broken"
+        if request.transport is not None:
+            request.transport.close()
+        return resp if resp is not None else web.Response()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> Self:
+        """Start serving on the running loop."""
+        if self._runner is not None:
+            raise RuntimeError(f"{type(self).__name__} is already started")
+        app = web.Application()
+        self._add_routes(app.router)
+        # handler_cancellation: a client disconnect cancels its handler, so delayed requests
+        # end with their client; short shutdown_timeout so stop() never hangs on them.
+        runner = web.AppRunner(
+            app, access_log=None, handler_cancellation=True, shutdown_timeout=0.5
+        )
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, self.host, self.port).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self.port = runner.addresses[0][1]
+        self._runner = runner
+        return self
+
+    async def stop(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    async def __aenter__(self) -> Self:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def start_in_thread(self) -> Self:
+        """Serve from a background thread with its own loop (for sync clients)."""
+        if self._thread is not None:
+            raise RuntimeError(f"{type(self).__name__} is already running in a thread")
+        loop = asyncio.new_event_loop()
+        started: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            try:
+                loop.run_until_complete(self.start())
+            except BaseException as exc:
+                started.set_exception(exc)
+                loop.close()
+                return
+            started.set_result(None)
+            try:
+                loop.run_forever()
+            finally:
+                loop.run_until_complete(self.stop())
+                # Whatever is still alive (e.g. a cancelled handler) must finish before close().
+                pending = asyncio.all_tasks(loop)
+                for task in pending:
+                    task.cancel()
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+                loop.run_until_complete(loop.shutdown_asyncgens())
+                loop.close()
+
+        thread = threading.Thread(target=run, name=f"{type(self).__name__}-server", daemon=True)
+        thread.start()
+        started.result()
+        self._thread, self._loop = thread, loop
+        return self
+
+    def stop_thread(self) -> None:
+        thread, loop = self._thread, self._loop
+        if thread is None or loop is None:
+            return
+        self._thread = self._loop = None
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+
+    def __enter__(self) -> Self:
+        return self.start_in_thread()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop_thread()
+
+
+def _text_of(content: Any) -> str:
+    """Text of a message's content: a string or a list of {"type": "text", "text": ...} parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(
+            p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
+        )
+    return ""
+
+
+def _prompt_of(messages: list[Any], extra: str = "") -> tuple[int, str]:
+    count = len(extra.split())
+    last_user = ""
+    for m in messages:
+        if isinstance(m, dict):
+            text = _text_of(m.get("content"))
+            count += len(text.split())
+            if m.get("role") == "user":
+                last_user = text
+    return count, last_user
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenAI Chat Completions
+
+
+_OPENAI_ERRORS: dict[int, tuple[str, str | None, str]] = {
+    # status: (error.type, error.code, default message)
+    400: ("invalid_request_error", None, "Invalid request."),
+    401: ("invalid_request_error", "invalid_api_key", "Incorrect API key provided."),
+    403: ("invalid_request_error", "unsupported_country_region_territory", "Forbidden."),
+    404: ("invalid_request_error", "model_not_found", "The model does not exist."),
+    429: ("requests", "rate_limit_exceeded", "Rate limit reached for requests."),
+    500: (
+        "server_error",
+        None,
+        "The server had an error while processing your request. Sorry about that!",
+    ),
+    503: ("server_error", None, "The engine is currently overloaded, please try again later."),
+}
+
+
+class FakeOpenAI(_FakeUpstream):
+    """Fake OpenAI: POST /v1/chat/completions (plain and SSE), GET /v1/models."""
+
+    _url_suffix = "/v1"
+    _id_prefix = "chatcmpl-fake"
+
+    def __init__(
+        self,
+        *,
+        api_key: str | None = None,
+        reply: Reply | None = None,
+        models: tuple[str, ...] = ("gpt-4o-mini", "gpt-4o"),
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        super().__init__(api_key=api_key, reply=reply, host=host, port=port)
+        self.models = models
+
+    def _add_routes(self, router: web.UrlDispatcher) -> None:
+        router.add_post("/v1/chat/completions", self._handle_chat)
+        router.add_get("/v1/models", self._handle_models)
+
+    async def _handle_models(self, request: web.Request) -> web.Response:
+        rec = await self._record(request)
+        if (denied := self._auth_error(rec.headers)) is not None:
+            rec.outcome = "error"
+            return denied
+        rec.outcome = "ok"
+        data = [
+            {"id": m, "object": "model", "created": 1700000000, "owned_by": "openai"}
+            for m in self.models
+        ]
+        return web.Response(
+            body=_encode({"object": "list", "data": data}), content_type="application/json"
+        )
+
+    def _auth_error(self, headers: dict[str, str]) -> web.Response | None:
+        if self.api_key is None:
+            return None
+        auth = headers.get("authorization", "")
+        if not auth.startswith("Bearer "):
+            return self._error(
+                401,
+                "You didn't provide an API key. You need to provide your API key in an "
+                "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+                code=None,
+            )
+        if auth[7:] != self.api_key:
+            return self._error(401, f"Incorrect API key provided: {auth[7:11]}****.")
+        return None
+
+    def _error(
+        self,
+        status: int,
+        message: str | None,
+        retry_after: float | None = None,
+        *,
+        code: str | None | bool = True,
+    ) -> web.Response:
+        etype, default_code, default_message = _OPENAI_ERRORS.get(
+            status,
+            ("server_error", None, f"Error {status}")
+            if status >= 500
+            else ("invalid_request_error", None, f"Error {status}"),
+        )
+        error = {
+            "message": message if message is not None else default_message,
+            "type": etype,
+            "param": None,
+            "code": default_code if code is True else code,
+        }
+        headers = {"x-request-id": f"req_fake{next(self._ids):08d}"}
+        if retry_after is not None:
+            headers["retry-after"] = f"{retry_after:g}"
+        return web.Response(
+            status=status,
+            body=_encode({"error": error}),
+            headers=headers,
+            content_type="application/json",
+        )
+
+    def _invalid(self, body: Any) -> str | None:
+        if not isinstance(body, dict):
+            return "We could not parse the JSON body of your request."
+        if not isinstance(body.get("model"), str):
+            return "you must provide a model parameter"
+        if not isinstance(body.get("messages"), list) or not body["messages"]:
+            return "Missing required parameter: 'messages'."
+        return None
+
+    def _prompt(self, body: dict[str, Any]) -> tuple[int, str]:
+        return _prompt_of(body["messages"])
+
+    def _max_tokens(self, body: dict[str, Any]) -> int | None:
+        limit = body.get("max_completion_tokens")
+        return body.get("max_tokens") if limit is None else limit
+
+    def _response_headers(self, request_id: str) -> dict[str, str]:
+        return {"x-request-id": "req_" + request_id}
+
+    def _completion(
+        self, body: dict[str, Any], rid: str, tokens: list[str], truncated: bool, prompt_tokens: int
+    ) -> bytes:
+        return _encode(
+            {
+                "id": rid,
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": body["model"],
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {
+                            "role": "assistant",
+                            "content": "".join(tokens),
+                            "refusal": None,
+                            "annotations": [],
+                        },
+                        "logprobs": None,
+                        "finish_reason": "length" if truncated else "stop",
+                    }
+                ],
+                "usage": _openai_usage(prompt_tokens, len(tokens)),
+                "service_tier": "default",
+                "system_fingerprint": "fp_fake",
+            }
+        )
+
+    def _stream_frames(
+        self, body: dict[str, Any], rid: str, tokens: list[str], truncated: bool, prompt_tokens: int
+    ) -> tuple[list[bytes], list[bytes], list[bytes]]:
+        options = body.get("stream_options")
+        include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+        base: dict[str, Any] = {
+            "id": rid,
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": body["model"],
+            "service_tier": "default",
+            "system_fingerprint": "fp_fake",
+        }
+
+        def frame(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            chunk = {**base, "choices": [choice]}
+            if include_usage:
+                chunk["usage"] = None  # the real API sends null until the usage chunk
+            return b"data: " + _encode(chunk) + b"\n\n"
+
+        head = [frame({"role": "assistant", "content": "", "refusal": None})]
+        deltas = [frame({"content": t}) for t in tokens]
+        tail = [frame({}, "length" if truncated else "stop")]
+        if include_usage:
+            usage = _openai_usage(prompt_tokens, len(tokens))
+            tail.append(b"data: " + _encode({**base, "choices": [], "usage": usage}) + b"\n\n")
+        tail.append(b"data: [DONE]\n\n")
+        return head, deltas, tail
+
+
+def _openai_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": 0,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Anthropic Messages
+
+
+_ANTHROPIC_ERRORS: dict[int, tuple[str, str]] = {
+    # status: (error.type, default message)
+    400: ("invalid_request_error", "Invalid request."),
+    401: ("authentication_error", "invalid x-api-key"),
+    402: ("billing_error", "Your credit balance is too low."),
+    403: ("permission_error", "Your API key does not have permission to use this resource."),
+    404: ("not_found_error", "The requested resource could not be found."),
+    413: ("request_too_large", "Request exceeds the maximum allowed number of bytes."),
+    429: ("rate_limit_error", "Number of requests has exceeded your rate limit."),
+    500: ("api_error", "Internal server error"),
+    504: ("timeout_error", "Request timed out"),
+    529: ("overloaded_error", "Overloaded"),
+}
+
+
+class FakeAnthropic(_FakeUpstream):
+    """Fake Anthropic: POST /v1/messages (plain and SSE), POST /v1/messages/count_tokens,
+    GET /v1/models. Like the real API it requires the anthropic-version header."""
+
+    _id_prefix = "msg_fake"
+
+    def __init__(
+        self,
+        *,
+        api_key: str | None = None,
+        reply: Reply | None = None,
+        models: tuple[str, ...] = ("claude-sonnet-4-5", "claude-haiku-4-5"),
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        super().__init__(api_key=api_key, reply=reply, host=host, port=port)
+        self.models = models
+
+    def _add_routes(self, router: web.UrlDispatcher) -> None:
+        router.add_post("/v1/messages", self._handle_chat)
+        router.add_post("/v1/messages/count_tokens", self._handle_count_tokens)
+        router.add_get("/v1/models", self._handle_models)
+
+    async def _handle_count_tokens(self, request: web.Request) -> web.Response:
+        rec = await self._record(request)
+        if (denied := self._auth_error(rec.headers)) is not None:
+            rec.outcome = "error"
+            return denied
+        body = rec.body
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            rec.outcome = "error"
+            return self._error(400, "messages: Field required")
+        rec.outcome = "ok"
+        count, _ = self._prompt(body)
+        return web.Response(body=_encode({"input_tokens": count}), content_type="application/json")
+
+    async def _handle_models(self, request: web.Request) -> web.Response:
+        rec = await self._record(request)
+        if (denied := self._auth_error(rec.headers)) is not None:
+            rec.outcome = "error"
+            return denied
+        rec.outcome = "ok"
+        data = [
+            {
+                "type": "model",
+                "id": m,
+                "display_name": m,
+                "created_at": "2025-01-01T00:00:00Z",
+                "lifecycle": "active",
+            }
+            for m in self.models
+        ]
+        page = {
+            "data": data,
+            "has_more": False,
+            "first_id": self.models[0] if self.models else None,
+            "last_id": self.models[-1] if self.models else None,
+        }
+        return web.Response(body=_encode(page), content_type="application/json")
+
+    def _auth_error(self, headers: dict[str, str]) -> web.Response | None:
+        if self.api_key is not None:
+            # The classic header is x-api-key; anthropic SDK 2.x sends the key as a Bearer token.
+            key = headers.get("x-api-key")
+            if key is None and headers.get("authorization", "").startswith("Bearer "):
+                key = headers["authorization"][7:]
+            if key is None:
+                return self._error(401, "x-api-key header is required")
+            if key != self.api_key:
+                return self._error(401, "invalid x-api-key")
+        if "anthropic-version" not in headers:
+            return self._error(400, "anthropic-version: header is required")
+        return None
+
+    def _error(
+        self, status: int, message: str | None, retry_after: float | None = None
+    ) -> web.Response:
+        etype, default_message = _ANTHROPIC_ERRORS.get(
+            status,
+            ("api_error", "Internal server error")
+            if status >= 500
+            else ("invalid_request_error", f"Error {status}"),
+        )
+        request_id = f"req_fake{next(self._ids):08d}"
+        error = {"type": etype, "message": message if message is not None else default_message}
+        headers = {"request-id": request_id}
+        if retry_after is not None:
+            headers["retry-after"] = f"{retry_after:g}"
+        return web.Response(
+            status=status,
+            reason="Overloaded" if status == 529 else None,  # not in http.HTTPStatus
+            body=_encode({"type": "error", "error": error, "request_id": request_id}),
+            headers=headers,
+            content_type="application/json",
+        )
+
+    def _invalid(self, body: Any) -> str | None:
+        if not isinstance(body, dict):
+            return "There was an issue with your request body: it is not valid JSON."
+        if not isinstance(body.get("model"), str):
+            return "model: Field required"
+        if not isinstance(body.get("messages"), list):
+            return "messages: Field required"
+        if not isinstance(body.get("max_tokens"), int):
+            return "max_tokens: Field required"
+        return None
+
+    def _prompt(self, body: dict[str, Any]) -> tuple[int, str]:
+        return _prompt_of(body["messages"], _text_of(body.get("system")))
+
+    def _max_tokens(self, body: dict[str, Any]) -> int | None:
+        limit: int = body["max_tokens"]
+        return limit
+
+    def _response_headers(self, request_id: str) -> dict[str, str]:
+        return {"request-id": "req_" + request_id}
+
+    def _message(
+        self, body: dict[str, Any], rid: str, text: str | None, stop_reason: str | None, usage: Any
+    ) -> dict[str, Any]:
+        return {
+            "id": rid,
+            "type": "message",
+            "role": "assistant",
+            "model": body["model"],
+            "content": [] if text is None else [{"type": "text", "text": text}],
+            "stop_reason": stop_reason,
+            "stop_sequence": None,
+            "usage": usage,
+        }
+
+    def _completion(
+        self, body: dict[str, Any], rid: str, tokens: list[str], truncated: bool, prompt_tokens: int
+    ) -> bytes:
+        usage = _anthropic_usage(prompt_tokens, len(tokens))
+        stop_reason = "max_tokens" if truncated else "end_turn"
+        return _encode(self._message(body, rid, "".join(tokens), stop_reason, usage))
+
+    def _stream_frames(
+        self, body: dict[str, Any], rid: str, tokens: list[str], truncated: bool, prompt_tokens: int
+    ) -> tuple[list[bytes], list[bytes], list[bytes]]:
+        def event(name: str, data: dict[str, Any]) -> bytes:
+            return b"event: " + name.encode() + b"\ndata: " + _encode(data) + b"\n\n"
+
+        # Like the real API: a token or so of output at message_start; message_delta then
+        # carries the cumulative total, which clients must take rather than add.
+        start = self._message(body, rid, None, None, _anthropic_usage(prompt_tokens, 1))
+        block = {"type": "text", "text": ""}
+        head = [
+            event("message_start", {"type": "message_start", "message": start}),
+            event(
+                "content_block_start",
+                {"type": "content_block_start", "index": 0, "content_block": block},
+            ),
+            event("ping", {"type": "ping"}),
+        ]
+        deltas = [
+            event(
+                "content_block_delta",
+                {
+                    "type": "content_block_delta",
+                    "index": 0,
+                    "delta": {"type": "text_delta", "text": t},
+                },
+            )
+            for t in tokens
+        ]
+        tail = [
+            event("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            event(
+                "message_delta",
+                {
+                    "type": "message_delta",
+                    "delta": {
+                        "stop_reason": "max_tokens" if truncated else "end_turn",
+                        "stop_sequence": None,
+                    },
+                    "usage": {"output_tokens": len(tokens)},
+                },
+            ),
+            event("message_stop", {"type": "message_stop"}),
+        ]
+        return head, deltas, tail
+
+
+def _anthropic_usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
+    return {
+        "input_tokens": input_tokens,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+        "output_tokens": output_tokens,
+        "service_tier": "standard",
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Separate-process entry point (benchmarks)
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    cls = FakeOpenAI if args.provider == "openai" else FakeAnthropic
+    up = cls(api_key=args.api_key, reply=args.reply, host=args.host, port=args.port)
+    if args.delay or args.token_delay:
+        up.inject(Fault(delay=args.delay, token_delay=args.token_delay), times=None)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with up:
+        print(f"listening on {up.url}", flush=True)
+        await stop.wait()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.fakes.upstreams", description="Run a fake LLM upstream server."
+    )
+    parser.add_argument("provider", choices=["openai", "anthropic"])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--api-key", default=None, help="require this key")
+    parser.add_argument("--reply", default=None, help="fixed reply text (default: echo)")
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds before every answer")
+    parser.add_argument("--token-delay", type=float, default=0.0, help="seconds per streamed delta")
+    asyncio.run(_serve(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Run Veil (workers + gateway) in a background thread with its own event loop.
+
+Tests then talk to it over real HTTP with the official SDKs, sync or async,
+while the test's own loop stays free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from veil.config import Config
+from veil.server import Workers, serve_gateway
+
+T = TypeVar("T")
+
+
+class VeilThread:
+    def __init__(self, config: Config, nats_url: str) -> None:
+        self.config = config
+        self.nats_url = nats_url
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="veil", daemon=True)
+        self._workers: Workers | None = None
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+        """Run a coroutine on Veil's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    async def _start(self) -> None:
+        self._workers = Workers(self.config, self.nats_url)
+        await self._workers.start()
+        self._runner, self.port = await serve_gateway(self.config, self.nats_url, "127.0.0.1", 0)
+
+    async def _stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._workers is not None:
+            await self._workers.stop()
+
+    def start(self) -> "VeilThread":
+        self._thread.start()
+        self.call(self._start())
+        return self
+
+    def stop(self) -> None:
+        self.call(self._stop())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
