@@ -47,14 +47,14 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
     at: datetime
 
 
-class SessionOpened(Event, tag="session.opened", kw_only=True):
+class SessionOpened(Event, tag="session.opened", frozen=True, kw_only=True):
     session_id: str
     tenant: str
     # A hash of the API key that opened the session, never the key itself.
     key_id: str
 
 
-class TurnStarted(Event, tag="turn.started", kw_only=True):
+class TurnStarted(Event, tag="turn.started", frozen=True, kw_only=True):
     turn_id: str
     command_id: str
     # The public model name the client asked for.
@@ -70,7 +70,7 @@ class TurnStarted(Event, tag="turn.started", kw_only=True):
     streaming: bool = False
 
 
-class ModelCalled(Event, tag="model.called", kw_only=True):
+class ModelCalled(Event, tag="model.called", frozen=True, kw_only=True):
     """One call to an upstream engine, successful or not."""
 
     turn_id: str
@@ -84,21 +84,21 @@ class ModelCalled(Event, tag="model.called", kw_only=True):
     status: int | None = None
 
 
-class ReplyCompleted(Event, tag="reply.completed", kw_only=True):
+class ReplyCompleted(Event, tag="reply.completed", frozen=True, kw_only=True):
     turn_id: str
     content: str
     finish_reason: str
     usage: Usage
 
 
-class TurnFailed(Event, tag="turn.failed", kw_only=True):
+class TurnFailed(Event, tag="turn.failed", frozen=True, kw_only=True):
     turn_id: str
     status: int
     code: str
     message: str
 
 
-class TurnCancelled(Event, tag="turn.cancelled", kw_only=True):
+class TurnCancelled(Event, tag="turn.cancelled", frozen=True, kw_only=True):
     """The client went away; what the model produced until then is kept."""
 
     turn_id: str

@@ -1,0 +1,335 @@
+"""The EventStore on NATS JetStream: one stream, one subject per session, one message per event.
+
+Appends use optimistic concurrency (`Nats-Expected-Last-Subject-Sequence`), chained
+event by event. Reads use the batched direct get, which needs `allow_direct` on the
+stream (nats-server 2.11+).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Sequence
+from typing import Any, Literal, NamedTuple, get_args
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.api import (
+    DiscardPolicy,
+    Header,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+    StreamInfo,
+)
+from nats.js.client import JetStreamContext
+
+from bus.codec import Codec
+from bus.subjects import (
+    EVENTS_STREAM,
+    EVENTS_WILDCARD,
+    session_events,
+    session_from_events_subject,
+)
+from eventstore.errors import ConcurrencyConflict, EventStoreError, StoreUnavailable
+from eventstore.events import EventUnion
+from eventstore.store import SessionInfo, StoredEvent
+
+__all__ = [
+    "DUPLICATE_WINDOW",
+    "EVENT_TYPE_HEADER",
+    "LOAD_BATCH",
+    "JetStreamEventStore",
+    "ensure_stream",
+]
+
+EVENT_TYPE_HEADER = "Veil-Event-Type"
+# Messages asked for per direct get request; the server pages larger reads for us.
+LOAD_BATCH = 512
+# How long the stream remembers a Nats-Msg-Id (seconds).
+DUPLICATE_WINDOW = 120.0
+
+_WRONG_LAST_SEQUENCE = 10071
+_STREAM_NAME_IN_USE = 10058
+_CODEC: Codec[EventUnion] = Codec(EventUnion)
+_TAGS: dict[type, str] = {cls: str(cls.__struct_config__.tag) for cls in get_args(EventUnion)}
+# What a connection in trouble raises; the caller may retry later.
+_UNAVAILABLE = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionDrainingError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.OutboundBufferLimitError,
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,
+    asyncio.TimeoutError,
+)
+
+
+class _Raw(NamedTuple):
+    seq: int
+    msg_id: str | None
+    data: bytes
+
+
+async def ensure_stream(
+    js: JetStreamContext,
+    stream: str = EVENTS_STREAM,
+    *,
+    replicas: int = 1,
+    storage: Literal["file", "memory"] = "file",
+) -> StreamInfo:
+    """Create the events stream, or bring an existing one to our config; safe on every start."""
+    wanted: dict[str, Any] = {
+        "subjects": [EVENTS_WILDCARD],
+        "retention": RetentionPolicy.LIMITS,
+        "storage": StorageType(storage),
+        "num_replicas": replicas,
+        "allow_direct": True,
+        "duplicate_window": DUPLICATE_WINDOW,
+        "discard": DiscardPolicy.OLD,
+        # An audit trail: nothing ages out or is dropped for space.
+        "max_msgs": -1,
+        "max_bytes": -1,
+        "max_age": 0.0,
+        "max_msgs_per_subject": -1,
+    }
+    try:
+        try:
+            info = await js.stream_info(stream)
+        except nats.js.errors.NotFoundError:
+            try:
+                return await js.add_stream(StreamConfig(name=stream, **wanted))
+            except nats.js.errors.BadRequestError as e:
+                # Another process created it between our two calls.
+                if e.err_code != _STREAM_NAME_IN_USE:
+                    raise
+                info = await js.stream_info(stream)
+        current = info.config
+        if all(getattr(current, key) == value for key, value in wanted.items()):
+            return info
+        # Keep whatever else an operator set (description, metadata, ...).
+        return await js.update_stream(current.evolve(**wanted))
+    except _UNAVAILABLE as e:
+        raise StoreUnavailable(f"cannot ensure stream {stream}: {e!r}") from e
+
+
+class JetStreamEventStore:
+    """Sessions' events in one JetStream stream, one subject per session."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        nc: Client,
+        stream: str = EVENTS_STREAM,
+        *,
+        timeout: float = 5.0,
+        load_batch: int = LOAD_BATCH,
+    ) -> None:
+        if load_batch < 1:
+            # A batch of 0 is a plain single-message direct get: no end-of-batch marker.
+            raise ValueError("load_batch must be at least 1")
+        self._js = js
+        self._nc = nc
+        self._stream = stream
+        self._timeout = timeout
+        self._load_batch = load_batch
+        self._direct_get = f"$JS.API.DIRECT.GET.{stream}"
+
+    async def load(self, session_id: str, after: int = 0) -> list[StoredEvent]:
+        """Events of one session with seq > after, in order."""
+        raws = await self._fetch(session_events(session_id), after)
+        return [StoredEvent(seq=raw.seq, event=_CODEC.decode(raw.data)) for raw in raws]
+
+    async def append(
+        self,
+        session_id: str,
+        events: Sequence[EventUnion],
+        *,
+        expected_last_seq: int,
+        dedupe_id: str | None = None,
+    ) -> int:
+        """Append events one message each, each one expecting the previous one's seq."""
+        subject = session_events(session_id)
+        if not events:
+            last = await self.last_seq(session_id)
+            if last != expected_last_seq:
+                raise ConcurrencyConflict(session_id, expected_last_seq)
+            return last
+        expected = expected_last_seq
+        i = 0
+        while i < len(events):
+            event = events[i]
+            headers = {
+                Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value: str(expected),
+                EVENT_TYPE_HEADER: _TAGS[type(event)],
+            }
+            if dedupe_id is not None:
+                headers[Header.MSG_ID.value] = _msg_id(session_id, dedupe_id, i)
+            try:
+                ack = await self._js.publish(
+                    subject,
+                    _CODEC.encode(event),
+                    timeout=self._timeout,
+                    stream=self._stream,
+                    headers=headers,
+                )
+            except nats.js.errors.APIError as e:
+                if e.err_code != _WRONG_LAST_SEQUENCE:
+                    raise EventStoreError(f"append to {subject} refused: {e}") from e
+                if dedupe_id is None:
+                    raise ConcurrencyConflict(session_id, expected_last_seq) from e
+                # The server checks the expected seq before the Msg-Id, so a retry of a
+                # batch that got stored lands here: look for our own messages instead.
+                stored = await self._stored_prefix(
+                    subject, expected_last_seq, session_id, dedupe_id, len(events)
+                )
+                if len(stored) <= i:
+                    raise ConcurrencyConflict(session_id, expected_last_seq) from e
+                i, expected = len(stored), stored[-1]
+                continue
+            except _UNAVAILABLE as e:
+                raise StoreUnavailable(f"append to {subject}: {e!r}") from e
+            # A duplicate's ack carries the seq it was first stored at.
+            expected = ack.seq
+            i += 1
+        return expected
+
+    async def last_seq(self, session_id: str) -> int:
+        """The seq of the session's last event, 0 if it has none."""
+        return await self._last_seq(session_events(session_id))
+
+    async def sessions(self) -> list[SessionInfo]:
+        """Every session with at least one event, sorted by id; one request per session."""
+        try:
+            info = await self._js.stream_info(self._stream, subjects_filter=EVENTS_WILDCARD)
+        except (*_UNAVAILABLE, nats.js.errors.NotFoundError) as e:
+            raise StoreUnavailable(f"stream info {self._stream}: {e!r}") from e
+        except nats.js.errors.APIError as e:
+            raise EventStoreError(f"stream info {self._stream}: {e}") from e
+        counts = info.state.subjects or {}
+        subjects = sorted(counts, key=session_from_events_subject)
+        last_seqs = await asyncio.gather(*(self._last_seq(s) for s in subjects))
+        return [
+            SessionInfo(
+                session_id=session_from_events_subject(subject),
+                events=counts[subject],
+                last_seq=seq,
+            )
+            for subject, seq in zip(subjects, last_seqs)
+            if counts[subject] > 0
+        ]
+
+    async def _last_seq(self, subject: str) -> int:
+        request = json.dumps({"last_by_subj": subject}).encode()
+        try:
+            reply = await self._nc.request(self._direct_get, request, timeout=self._timeout)
+        except _UNAVAILABLE as e:
+            raise StoreUnavailable(f"direct get on {self._stream}: {e!r}") from e
+        headers = reply.headers or {}
+        status = _header(headers, Header.STATUS.value)
+        if status == "404":
+            return 0
+        seq = _seq(headers)
+        if status is not None or seq == 0:
+            raise _status_error(self._stream, headers)
+        return seq
+
+    async def _stored_prefix(
+        self, subject: str, after: int, session_id: str, dedupe_id: str, count: int
+    ) -> list[int]:
+        """Seqs of the batch's own messages right after `after`, as far as they got stored."""
+        seqs: list[int] = []
+        for raw in await self._fetch(subject, after, limit=count):
+            if raw.msg_id != _msg_id(session_id, dedupe_id, len(seqs)):
+                break
+            seqs.append(raw.seq)
+        return seqs
+
+    async def _fetch(self, subject: str, after: int, limit: int | None = None) -> list[_Raw]:
+        """Messages on subject with seq > after (at most limit), by batched direct get."""
+        out: list[_Raw] = []
+        # The server answers a batch with many messages to one inbox, then a status message.
+        batch_done: asyncio.Future[dict[str, Any]] | None = None
+
+        async def collect(msg: Msg) -> None:
+            headers: dict[str, Any] = msg.headers or {}
+            if Header.STATUS.value in headers:
+                if batch_done is not None and not batch_done.done():
+                    batch_done.set_result(headers)
+                return
+            seq = _seq(headers)
+            if seq <= (out[-1].seq if out else after):
+                # Fail the read now rather than time out or loop on a bad page.
+                if batch_done is not None and not batch_done.done():
+                    batch_done.set_exception(EventStoreError(f"bad seq in direct get: {headers}"))
+                return
+            out.append(_Raw(seq, _header(headers, Header.MSG_ID.value), msg.data))
+
+        loop = asyncio.get_running_loop()
+        try:
+            sub = await self._nc.subscribe(self._nc.new_inbox(), cb=collect)
+            try:
+                while True:
+                    start = out[-1].seq + 1 if out else after + 1
+                    batch = (
+                        self._load_batch
+                        if limit is None
+                        else min(self._load_batch, limit - len(out))
+                    )
+                    request = {"seq": start, "next_by_subj": subject, "batch": batch}
+                    received = len(out)
+                    batch_done = loop.create_future()
+                    await self._nc.publish(
+                        self._direct_get, json.dumps(request).encode(), reply=sub.subject
+                    )
+                    end = await asyncio.wait_for(batch_done, self._timeout)
+                    status = _header(end, Header.STATUS.value)
+                    if status == "404":
+                        return out
+                    if status != "204":
+                        raise _status_error(self._stream, end)
+                    pending = int(_header(end, "Nats-Num-Pending") or "0")
+                    if len(out) == received:
+                        raise EventStoreError(f"direct get on {self._stream} made no progress")
+                    if pending == 0 or (limit is not None and len(out) >= limit):
+                        return out
+            finally:
+                # A dead connection has already dropped the subscription.
+                with contextlib.suppress(*_UNAVAILABLE):
+                    await sub.unsubscribe()
+        except _UNAVAILABLE as e:
+            raise StoreUnavailable(f"direct get on {self._stream}: {e!r}") from e
+
+
+def _msg_id(session_id: str, dedupe_id: str, index: int) -> str:
+    # The duplicate window spans the whole stream: scope ids to the session so two
+    # sessions reusing a dedupe id cannot swallow each other's events.
+    return f"{session_id}:{dedupe_id}:{index}"
+
+
+def _header(headers: dict[str, Any], name: str) -> str | None:
+    """One header's value; nats-py gives lists instead of strings when fast_mail_parser is installed."""
+    value = headers.get(name)
+    if isinstance(value, list):
+        return str(value[0]) if value else None
+    return None if value is None else str(value)
+
+
+def _seq(headers: dict[str, Any]) -> int:
+    """The stream sequence of a direct get reply, 0 if it has none."""
+    value = _header(headers, "Nats-Sequence")
+    return int(value) if value is not None and value.isdigit() else 0
+
+
+def _status_error(stream: str, headers: dict[str, Any]) -> EventStoreError:
+    status = _header(headers, Header.STATUS.value)
+    description = (_header(headers, Header.DESCRIPTION.value) or "").strip()
+    if status == "503":
+        # No responders: the stream does not exist or has no allow_direct.
+        return StoreUnavailable(f"no direct get on stream {stream} (503)")
+    return EventStoreError(f"direct get on {stream} failed: {status} {description}")

@@ -1,0 +1,408 @@
+"""One contract for every EventStore: the same tests run against each store."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import msgspec
+import nats
+import pytest
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from bus.codec import Codec, encode
+from bus.subjects import EVENTS_STREAM, InvalidToken, session_events
+from eventstore.errors import ConcurrencyConflict, EventStoreError, StoreUnavailable
+from eventstore.events import (
+    ChatMessage,
+    EventUnion,
+    ModelCalled,
+    ReplyCompleted,
+    SessionOpened,
+    TurnCancelled,
+    TurnFailed,
+    TurnStarted,
+    Usage,
+)
+from eventstore.jetstream import EVENT_TYPE_HEADER, JetStreamEventStore, _header, ensure_stream
+from eventstore.memory import InMemoryEventStore
+from eventstore.store import EventStore, SessionInfo
+
+CODEC: Codec[EventUnion] = Codec(EventUnion)
+T0 = datetime(2026, 11, 26, 9, 30, 15, 123456, tzinfo=UTC)
+
+
+@dataclass
+class Harness:
+    """A store plus a way to write a raw JSON event behind its back."""
+
+    store: EventStore
+    write_raw: Callable[[str, bytes], Awaitable[None]]
+
+
+@pytest.fixture(params=["memory", "jetstream", "jetstream-batch3"])
+async def harness(request: pytest.FixtureRequest, nats_url: str) -> AsyncIterator[Harness]:
+    if request.param == "memory":
+        memory = InMemoryEventStore()
+
+        async def write_memory(session_id: str, raw: bytes) -> None:
+            last = await memory.last_seq(session_id)
+            await memory.append(session_id, [CODEC.decode(raw)], expected_last_seq=last)
+
+        yield Harness(memory, write_memory)
+        return
+    client = await nats.connect(nats_url)
+    js = client.jetstream()
+    await ensure_stream(js)
+    # A batch of 3 makes every multi-event load page through several requests.
+    batch = 3 if request.param == "jetstream-batch3" else 512
+    store = JetStreamEventStore(js, client, load_batch=batch)
+
+    async def write_jetstream(session_id: str, raw: bytes) -> None:
+        await js.publish(session_events(session_id), raw, stream=EVENTS_STREAM)
+
+    yield Harness(store, write_jetstream)
+    await client.drain()
+
+
+@pytest.fixture
+def store(harness: Harness) -> EventStore:
+    return harness.store
+
+
+def new_sid() -> str:
+    return uuid.uuid4().hex
+
+
+def make_events(n: int, turn: str = "t1") -> list[EventUnion]:
+    """n varied events, each distinguishable from the others."""
+    kinds: list[Callable[[int], EventUnion]] = [
+        lambda i: TurnStarted(
+            at=T0 + timedelta(seconds=i),
+            turn_id=f"{turn}-{i}",
+            command_id=f"c{i}",
+            model="small",
+            messages=[ChatMessage(role="user", content=f"hello {i}")],
+            params={"temperature": 0.5},
+            lease_until=T0 + timedelta(seconds=i + 30),
+        ),
+        lambda i: ModelCalled(
+            at=T0 + timedelta(seconds=i),
+            turn_id=f"{turn}-{i}",
+            engine="local",
+            upstream_model="smol",
+            latency_ms=12.5 + i,
+            usage=Usage(prompt_tokens=i, completion_tokens=2, total_tokens=i + 2),
+        ),
+        lambda i: ReplyCompleted(
+            at=T0 + timedelta(seconds=i),
+            turn_id=f"{turn}-{i}",
+            content=f"reply {i} é ✓",
+            finish_reason="stop",
+            usage=Usage(total_tokens=i),
+        ),
+        lambda i: TurnFailed(
+            at=T0 + timedelta(seconds=i), turn_id=f"{turn}-{i}", status=502, code="x", message="m"
+        ),
+        lambda i: TurnCancelled(at=T0 + timedelta(seconds=i), turn_id=f"{turn}-{i}"),
+    ]
+    return [kinds[i % len(kinds)](i) for i in range(n)]
+
+
+def opened(sid: str) -> SessionOpened:
+    return SessionOpened(at=T0, session_id=sid, tenant="acme", key_id="k1")
+
+
+async def test_empty_session(store: EventStore) -> None:
+    sid = new_sid()
+    assert await store.load(sid) == []
+    assert await store.last_seq(sid) == 0
+    assert sid not in {s.session_id for s in await store.sessions()}
+
+
+async def test_append_then_load_in_order(store: EventStore) -> None:
+    sid = new_sid()
+    events: list[EventUnion] = [opened(sid), *make_events(9)]
+    last = await store.append(sid, events, expected_last_seq=0)
+    loaded = await store.load(sid)
+    assert [s.event for s in loaded] == events
+    seqs = [s.seq for s in loaded]
+    assert seqs == sorted(set(seqs)) and seqs[0] > 0
+    assert last == seqs[-1] == await store.last_seq(sid)
+
+
+async def test_appends_chain_on_the_returned_seq(store: EventStore) -> None:
+    sid = new_sid()
+    first = await store.append(sid, make_events(2), expected_last_seq=0)
+    second = await store.append(sid, make_events(3, "t2"), expected_last_seq=first)
+    loaded = await store.load(sid)
+    assert len(loaded) == 5
+    assert loaded[1].seq == first and loaded[-1].seq == second > first
+
+
+async def test_load_after(store: EventStore) -> None:
+    sid = new_sid()
+    events = make_events(8)
+    await store.append(sid, events, expected_last_seq=0)
+    loaded = await store.load(sid)
+    middle = loaded[4].seq
+    later = await store.load(sid, after=middle)
+    assert [s.event for s in later] == events[5:]
+    assert [s.seq for s in later] == [s.seq for s in loaded[5:]]
+    assert await store.load(sid, after=loaded[-1].seq) == []
+    # `after` need not be one of the session's own seqs.
+    assert await store.load(sid, after=loaded[0].seq - 1) == loaded
+
+
+async def test_wrong_expected_seq_conflicts_and_stores_nothing(store: EventStore) -> None:
+    sid = new_sid()
+    last = await store.append(sid, make_events(2), expected_last_seq=0)
+    for stale in (0, last - 1, last + 1000):
+        with pytest.raises(ConcurrencyConflict) as info:
+            await store.append(sid, make_events(3, "late"), expected_last_seq=stale)
+        assert info.value.session_id == sid and info.value.expected == stale
+    assert len(await store.load(sid)) == 2
+    assert await store.last_seq(sid) == last
+
+
+async def test_new_session_must_expect_zero(store: EventStore) -> None:
+    other = new_sid()
+    elsewhere = await store.append(other, make_events(1), expected_last_seq=0)
+    sid = new_sid()
+    with pytest.raises(ConcurrencyConflict):
+        await store.append(sid, make_events(1), expected_last_seq=elsewhere)
+    assert await store.load(sid) == []
+
+
+async def test_concurrent_appenders_one_wins(store: EventStore) -> None:
+    sid = new_sid()
+    base = await store.append(sid, [opened(sid)], expected_last_seq=0)
+    batches = [make_events(3, "a"), make_events(3, "b")]
+    results = await asyncio.gather(
+        *(store.append(sid, b, expected_last_seq=base) for b in batches), return_exceptions=True
+    )
+    wins = [r for r in results if isinstance(r, int)]
+    losses = [r for r in results if isinstance(r, ConcurrencyConflict)]
+    assert len(wins) == 1 and len(losses) == 1, results
+    winner = batches[results.index(wins[0])]
+    loaded = await store.load(sid)
+    assert [s.event for s in loaded] == [opened(sid), *winner]
+    assert loaded[-1].seq == wins[0]
+
+
+async def test_dedupe_retry_stores_nothing_twice(store: EventStore) -> None:
+    sid = new_sid()
+    events = make_events(3)
+    first = await store.append(sid, events, expected_last_seq=0, dedupe_id="cmd-1")
+    # The acknowledgement was lost: the writer retries exactly the same call.
+    again = await store.append(sid, events, expected_last_seq=0, dedupe_id="cmd-1")
+    assert again == first
+    loaded = await store.load(sid)
+    assert [s.event for s in loaded] == events
+    assert await store.last_seq(sid) == first
+
+
+async def test_dedupe_retry_after_the_session_moved_on(store: EventStore) -> None:
+    sid = new_sid()
+    events = make_events(2)
+    first = await store.append(sid, events, expected_last_seq=0, dedupe_id="cmd-1")
+    later = await store.append(sid, make_events(1, "t2"), expected_last_seq=first)
+    assert await store.append(sid, events, expected_last_seq=0, dedupe_id="cmd-1") == first
+    assert len(await store.load(sid)) == 3
+    assert await store.last_seq(sid) == later
+
+
+async def test_fresh_dedupe_id_still_checks_expected_seq(store: EventStore) -> None:
+    sid = new_sid()
+    last = await store.append(sid, make_events(2), expected_last_seq=0, dedupe_id="cmd-1")
+    with pytest.raises(ConcurrencyConflict):
+        await store.append(sid, make_events(1, "x"), expected_last_seq=0, dedupe_id="cmd-2")
+    assert await store.last_seq(sid) == last
+    assert len(await store.load(sid)) == 2
+
+
+async def test_dedupe_ids_are_per_session(store: EventStore) -> None:
+    a, b = new_sid(), new_sid()
+    seq_a = await store.append(a, make_events(2), expected_last_seq=0, dedupe_id="same")
+    seq_b = await store.append(b, make_events(2, "b"), expected_last_seq=0, dedupe_id="same")
+    assert seq_b > seq_a
+    assert [s.event for s in await store.load(b)] == make_events(2, "b")
+
+
+async def test_empty_append_checks_position(store: EventStore) -> None:
+    sid = new_sid()
+    assert await store.append(sid, [], expected_last_seq=0) == 0
+    last = await store.append(sid, make_events(1), expected_last_seq=0)
+    assert await store.append(sid, [], expected_last_seq=last) == last
+    with pytest.raises(ConcurrencyConflict):
+        await store.append(sid, [], expected_last_seq=0)
+    assert len(await store.load(sid)) == 1
+
+
+async def test_sessions_are_isolated(store: EventStore) -> None:
+    a, b = new_sid(), new_sid()
+    seq_a = await store.append(a, make_events(2, "a"), expected_last_seq=0)
+    # b's seqs interleave with a's in the global order, yet b expects its own last seq.
+    seq_b = await store.append(b, make_events(2, "b"), expected_last_seq=0)
+    seq_a = await store.append(a, make_events(1, "a2"), expected_last_seq=seq_a)
+    assert [s.event for s in await store.load(a)] == make_events(2, "a") + make_events(1, "a2")
+    assert [s.event for s in await store.load(b)] == make_events(2, "b")
+    assert await store.last_seq(a) == seq_a and await store.last_seq(b) == seq_b
+    assert seq_a > seq_b
+
+
+async def test_sessions_lists_counts_and_last_seqs(store: EventStore) -> None:
+    ids = sorted(new_sid() for _ in range(3))
+    expected = []
+    for n, sid in enumerate(ids, start=1):
+        last = await store.append(sid, make_events(n), expected_last_seq=0)
+        expected.append(SessionInfo(session_id=sid, events=n, last_seq=last))
+    listed = await store.sessions()
+    ours = [s for s in listed if s.session_id in ids]
+    assert ours == expected
+    assert [s.session_id for s in listed] == sorted(s.session_id for s in listed)
+
+
+async def test_many_events_page_through_batches(store: EventStore) -> None:
+    sid = new_sid()
+    events = make_events(1200)
+    last = 0
+    for start in range(0, len(events), 100):
+        last = await store.append(sid, events[start : start + 100], expected_last_seq=last)
+    loaded = await store.load(sid)
+    assert len(loaded) == 1200
+    assert [s.event for s in loaded] == events
+    assert loaded[-1].seq == last
+    tail = await store.load(sid, after=loaded[599].seq)
+    assert [s.event for s in tail] == events[600:]
+
+
+async def test_unknown_fields_are_ignored_on_read(harness: Harness) -> None:
+    sid = new_sid()
+    event = make_events(3)[2]
+    doc = msgspec.to_builtins(event)
+    doc["written_by_a_newer_version"] = {"nested": [1, 2, 3]}
+    await harness.write_raw(sid, encode(doc))
+    loaded = await harness.store.load(sid)
+    assert [s.event for s in loaded] == [event]
+
+
+async def test_invalid_session_id_is_refused(store: EventStore) -> None:
+    for bad in ("a.b", "a*", ">", "with space", ""):
+        with pytest.raises(InvalidToken):
+            await store.append(bad, make_events(1), expected_last_seq=0)
+        with pytest.raises(InvalidToken):
+            await store.load(bad)
+
+
+# JetStream only: what the contract cannot say about one backend.
+
+
+@pytest.fixture
+async def js_store(nc: Client) -> JetStreamEventStore:
+    js = nc.jetstream()
+    await ensure_stream(js)
+    return JetStreamEventStore(js, nc, load_batch=4)
+
+
+async def test_jetstream_retry_completes_a_batch_cut_short(js_store: JetStreamEventStore) -> None:
+    sid = new_sid()
+    events = make_events(5)
+    # The first attempt died after two of five messages were stored.
+    await js_store.append(sid, events[:2], expected_last_seq=0, dedupe_id="cmd")
+    last = await js_store.append(sid, events, expected_last_seq=0, dedupe_id="cmd")
+    loaded = await js_store.load(sid)
+    assert [s.event for s in loaded] == events
+    assert loaded[-1].seq == last
+    assert await js_store.append(sid, events, expected_last_seq=0, dedupe_id="cmd") == last
+
+
+async def test_jetstream_message_layout(js_store: JetStreamEventStore, nc: Client) -> None:
+    sid = new_sid()
+    events = make_events(2)
+    last = await js_store.append(sid, events, expected_last_seq=0, dedupe_id="cmd")
+    js = nc.jetstream()
+    msg = await js.get_msg(EVENTS_STREAM, last, direct=True)
+    assert msg.subject == session_events(sid)
+    assert msg.headers is not None
+    assert msg.headers[EVENT_TYPE_HEADER] == "model.called"
+    assert msg.headers["Nats-Msg-Id"] == f"{sid}:cmd:1"
+    assert CODEC.decode(msg.data or b"") == events[1]
+
+
+async def test_jetstream_missing_stream_is_unavailable(nc: Client) -> None:
+    store = JetStreamEventStore(nc.jetstream(), nc, stream="NO_SUCH_STREAM", timeout=1.0)
+    with pytest.raises(StoreUnavailable):
+        await store.load(new_sid())
+    with pytest.raises(StoreUnavailable):
+        await store.last_seq(new_sid())
+    with pytest.raises(StoreUnavailable):
+        await store.sessions()
+    # The subject belongs to CHAT_EVENTS, and the publish names another stream.
+    with pytest.raises(EventStoreError):
+        await store.append(new_sid(), make_events(1), expected_last_seq=0)
+
+
+async def test_jetstream_closed_connection_is_unavailable(nats_url: str) -> None:
+    client = await nats.connect(nats_url)
+    store = JetStreamEventStore(client.jetstream(), client, timeout=1.0)
+    await client.close()
+    with pytest.raises(StoreUnavailable):
+        await store.load(new_sid())
+    with pytest.raises(StoreUnavailable):
+        await store.append(new_sid(), make_events(1), expected_last_seq=0)
+    with pytest.raises(StoreUnavailable):
+        await store.last_seq(new_sid())
+
+
+def test_jetstream_refuses_batch_zero(nc: Client) -> None:
+    with pytest.raises(ValueError):
+        JetStreamEventStore(nc.jetstream(), nc, load_batch=0)
+
+
+async def test_ensure_stream_is_idempotent_and_repairs(nc: Client) -> None:
+    js = nc.jetstream()
+    first = await ensure_stream(js)
+    again = await ensure_stream(js)
+    assert again.config == first.config
+    assert first.config.allow_direct and first.config.duplicate_window == 120.0
+    # An operator changed the window and added a description.
+    await js.update_stream(first.config.evolve(duplicate_window=5.0, description="ops note"))
+    repaired = await ensure_stream(js)
+    assert repaired.config.duplicate_window == 120.0
+    assert repaired.config.description == "ops note"
+    assert repaired.config.max_msgs == -1 and repaired.config.max_age == 0
+
+
+async def test_jetstream_silent_or_odd_server(nc: Client) -> None:
+    """A direct get that never ends its batch times out; an unknown status is an error."""
+
+    async def never_ends(msg: Msg) -> None:
+        headers = {"Nats-Sequence": "1", "Nats-Subject": "chat.events.x"}
+        await nc.publish(msg.reply, CODEC.encode(make_events(1)[0]), headers=headers)
+
+    async def odd_status(msg: Msg) -> None:
+        await nc.publish(msg.reply, b"", headers={"Status": "408", "Description": "Bad"})
+
+    await nc.subscribe("$JS.API.DIRECT.GET.FAKE_SILENT", cb=never_ends)
+    await nc.subscribe("$JS.API.DIRECT.GET.FAKE_ODD", cb=odd_status)
+    silent = JetStreamEventStore(nc.jetstream(), nc, stream="FAKE_SILENT", timeout=0.2)
+    with pytest.raises(StoreUnavailable):
+        await silent.load("x")
+    odd = JetStreamEventStore(nc.jetstream(), nc, stream="FAKE_ODD", timeout=0.2)
+    with pytest.raises(EventStoreError) as info:
+        await odd.load("x")
+    assert not isinstance(info.value, StoreUnavailable) and "408" in str(info.value)
+    with pytest.raises(EventStoreError):
+        await odd.last_seq("x")
+
+
+def test_header_values_as_lists() -> None:
+    # nats-py hands header values over as lists when fast_mail_parser is installed.
+    assert _header({"Nats-Sequence": ["42"]}, "Nats-Sequence") == "42"
+    assert _header({"Nats-Sequence": "42"}, "Nats-Sequence") == "42"
+    assert _header({}, "Nats-Sequence") is None
