@@ -27,17 +27,17 @@ def _parser() -> argparse.ArgumentParser:
         ("worker", "run the actors only, against VEIL_NATS_URL"),
     ):
         p = sub.add_parser(name, help=text)
-        p.add_argument("--config", help="TOML config file (or VEIL_CONFIG)")
+        p.add_argument("--config", default=argparse.SUPPRESS, help="TOML config file (or VEIL_CONFIG)")
         if name != "worker":
             p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
             p.add_argument("--port", type=int, help="port to listen on (default 8000; 0 picks a free one)")
     replay = sub.add_parser("replay", help="print a session's events in order and the state rebuilt from them")
     replay.add_argument("session_id")
     replay.add_argument("--json", action="store_true", help="one JSON object per line")
-    replay.add_argument("--config", help="TOML config file (or VEIL_CONFIG)")
+    replay.add_argument("--config", default=argparse.SUPPRESS, help="TOML config file (or VEIL_CONFIG)")
     sessions = sub.add_parser("sessions", help="list sessions")
     sessions.add_argument("--json", action="store_true", help="one JSON object per line")
-    sessions.add_argument("--config", help="TOML config file (or VEIL_CONFIG)")
+    sessions.add_argument("--config", default=argparse.SUPPRESS, help="TOML config file (or VEIL_CONFIG)")
     return parser
 
 

@@ -7,6 +7,7 @@ alternate), stop reasons and usage come back in OpenAI's terms.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -16,6 +17,8 @@ from actors.engines.base import DeltaSink, EngineError, EngineOutput
 from eventstore.events import ChatMessage, Usage
 
 __all__ = ["AnthropicEngine", "to_anthropic"]
+
+DEFAULT_BASE_URL = "https://api.anthropic.com"
 
 FINISH_REASONS = {
     "end_turn": "stop",
@@ -81,7 +84,7 @@ class AnthropicEngine:
         self.name = name
         self._default_max_tokens = default_max_tokens
         self._client = anthropic.AsyncAnthropic(
-            base_url=base_url, api_key=api_key or "not-needed", max_retries=0, timeout=timeout
+            base_url=base_url or os.environ.get("ANTHROPIC_BASE_URL") or DEFAULT_BASE_URL, api_key=api_key or "not-needed", max_retries=0, timeout=timeout
         )
 
     async def aclose(self) -> None:

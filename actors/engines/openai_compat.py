@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -11,6 +12,8 @@ from actors.engines.base import DeltaSink, EngineError, EngineOutput
 from eventstore.events import ChatMessage, Usage
 
 __all__ = ["OpenAIEngine", "PASSTHROUGH"]
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
 # Client parameters sent upstream as they are.
 PASSTHROUGH = (
@@ -57,8 +60,10 @@ class OpenAIEngine:
     def __init__(self, name: str, *, base_url: str | None, api_key: str | None, timeout: float) -> None:
         self.name = name
         # Retries and fallbacks are Veil's decision, recorded as events: the SDK makes none.
+        # Resolved here, not by the SDK: an empty OPENAI_BASE_URL (compose passes
+        # one through) would otherwise become the base URL.
         self._client = openai.AsyncOpenAI(
-            base_url=base_url, api_key=api_key or "not-needed", max_retries=0, timeout=timeout
+            base_url=base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL, api_key=api_key or "not-needed", max_retries=0, timeout=timeout
         )
 
     async def aclose(self) -> None:

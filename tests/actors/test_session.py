@@ -1,0 +1,177 @@
+"""The session's pure logic: given events, when a command, then events (no event loop)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from actors import session
+from actors.errors import AlreadyHandled, NothingNew, SessionExists, SessionNotFound, TurnInProgress
+from actors.protocol import ErrorInfo, GenerateResult, StartTurn
+from eventstore.events import (
+    ChatMessage,
+    EventUnion,
+    ModelCalled,
+    ReplyCompleted,
+    SessionOpened,
+    TurnCancelled,
+    TurnFailed,
+    TurnStarted,
+    Usage,
+)
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+LEASE = timedelta(minutes=10)
+
+
+def user(text: str) -> ChatMessage:
+    return ChatMessage(role="user", content=text)
+
+
+def start(turn: str, *messages: ChatMessage, new: bool = False, tenant: str = "t1") -> StartTurn:
+    return StartTurn(
+        command_id=f"cmd-{turn}",
+        turn_id=turn,
+        session_id="s1",
+        new_session=new,
+        tenant=tenant,
+        key_id="k1",
+        model="veil",
+        messages=list(messages),
+    )
+
+
+def open_turn(cmd: StartTurn, now: datetime = T0) -> session.OpenTurn:
+    return session.OpenTurn(start=cmd, now=now, lease_until=now + LEASE)
+
+
+def result(text: str) -> GenerateResult:
+    return GenerateResult(engine="up", upstream_model="m", content=text, usage=Usage(prompt_tokens=3, completion_tokens=2, total_tokens=5))
+
+
+def given(*events: EventUnion) -> session.SessionState:
+    return session.fold(list(events))
+
+
+def run(state: session.SessionState, command: session.Command) -> tuple[session.SessionState, list[EventUnion]]:
+    events = session.decide(state, command)
+    return session.fold(events, state), events
+
+
+def completed_session() -> session.SessionState:
+    state, _ = run(session.initial(), open_turn(start("t1", user("hi"), new=True)))
+    state, _ = run(state, session.CompleteTurn(turn_id="t1", result=result("hello"), now=T0))
+    return state
+
+
+def test_new_session_opens_and_starts_a_turn() -> None:
+    events = session.decide(session.initial(), open_turn(start("t1", user("hi"), new=True)))
+    assert [type(e) for e in events] == [SessionOpened, TurnStarted]
+    assert events[1].messages == [user("hi")]
+
+
+def test_unknown_session_is_not_found() -> None:
+    with pytest.raises(SessionNotFound):
+        session.decide(session.initial(), open_turn(start("t1", user("hi"))))
+
+
+def test_other_tenant_is_not_found() -> None:
+    with pytest.raises(SessionNotFound):
+        session.decide(completed_session(), open_turn(start("t2", user("x"), tenant="t2")))
+
+
+def test_new_session_id_taken() -> None:
+    with pytest.raises(SessionExists):
+        session.decide(completed_session(), open_turn(start("t2", user("x"), new=True)))
+
+
+def test_completion_appends_to_history_and_prompt() -> None:
+    state = completed_session()
+    assert state.history == (user("hi"), ChatMessage(role="assistant", content="hello"))
+    assert state.turns == 1 and state.usage.total_tokens == 5
+    state, _ = run(state, open_turn(start("t2", ChatMessage(role="system", content="terse"), user("again"))))
+    assert session.prompt(state, "persona") == [
+        ChatMessage(role="system", content="persona\n\nterse"),
+        user("hi"),
+        ChatMessage(role="assistant", content="hello"),
+        user("again"),
+    ]
+
+
+def test_resent_history_prefix_is_stripped() -> None:
+    state = completed_session()
+    _, events = run(state, open_turn(start("t2", user("hi"), ChatMessage(role="assistant", content="hello"), user("new"))))
+    assert events[0].messages == [user("new")]
+
+
+def test_nothing_new_is_refused() -> None:
+    with pytest.raises(NothingNew):
+        session.decide(session.initial(), open_turn(start("t1", ChatMessage(role="system", content="x"), new=True)))
+
+
+def test_retried_command_is_already_handled_with_its_outcome() -> None:
+    state = completed_session()
+    with pytest.raises(AlreadyHandled) as info:
+        session.decide(state, open_turn(start("t1", user("hi"))))
+    assert info.value.outcome is not None and info.value.outcome.content == "hello"
+
+
+def test_retry_while_running_is_already_handled_without_outcome() -> None:
+    state, _ = run(session.initial(), open_turn(start("t1", user("hi"), new=True)))
+    with pytest.raises(AlreadyHandled) as info:
+        session.decide(state, open_turn(start("t1", user("hi"))))
+    assert info.value.outcome is None
+
+
+def test_second_turn_waits_while_the_lease_holds() -> None:
+    state, _ = run(session.initial(), open_turn(start("t1", user("hi"), new=True)))
+    with pytest.raises(TurnInProgress):
+        session.decide(state, open_turn(start("t2", user("x")), now=T0 + timedelta(minutes=1)))
+
+
+def test_expired_lease_fails_the_old_turn_first() -> None:
+    state, _ = run(session.initial(), open_turn(start("t1", user("hi"), new=True)))
+    state, events = run(state, open_turn(start("t2", user("x")), now=T0 + LEASE + timedelta(seconds=1)))
+    assert [type(e) for e in events] == [TurnFailed, TurnStarted]
+    assert events[0].turn_id == "t1" and events[0].code == "lease_expired"
+    assert state.open_turn is not None and state.open_turn.turn_id == "t2"
+    assert state.history == ()  # the abandoned turn never entered the conversation
+
+
+def test_failed_turn_is_recorded_but_not_remembered() -> None:
+    state, _ = run(session.initial(), open_turn(start("t1", user("hi"), new=True)))
+    error = ErrorInfo(status=502, type="api_error", code="upstream_error", message="down")
+    failed = GenerateResult(engine="up", upstream_model="m", error=error)
+    state, events = run(state, session.FailTurn(turn_id="t1", error=error, now=T0, result=failed))
+    assert [type(e) for e in events] == [ModelCalled, TurnFailed]
+    assert events[0].error == "down" and events[0].status == 502
+    assert state.open_turn is None and state.history == ()
+    assert state.outcomes["cmd-t1"].status == "failed"
+
+
+def test_cancel_keeps_what_was_produced() -> None:
+    state, _ = run(session.initial(), open_turn(start("t1", user("hi"), new=True)))
+    partial = GenerateResult(engine="up", upstream_model="m", content="hal", usage=Usage(completion_tokens=1, total_tokens=1), cancelled=True)
+    state, events = run(state, session.CancelTurn(turn_id="t1", now=T0, result=partial))
+    assert [type(e) for e in events] == [ModelCalled, TurnCancelled]
+    assert events[1].content == "hal" and events[1].usage.completion_tokens == 1
+    assert state.open_turn is None and state.outcomes["cmd-t1"].status == "cancelled"
+
+
+def test_closing_a_turn_that_is_not_open_adds_nothing() -> None:
+    state = completed_session()
+    assert session.decide(state, session.CompleteTurn(turn_id="t1", result=result("again"), now=T0)) == []
+    assert session.decide(state, session.CancelTurn(turn_id="zz", now=T0)) == []
+
+
+def test_evolve_is_a_pure_replay() -> None:
+    state = completed_session()
+    events: list[EventUnion] = [
+        SessionOpened(at=T0, session_id="s1", tenant="t1", key_id="k1"),
+        TurnStarted(at=T0, turn_id="t1", command_id="cmd-t1", model="veil", messages=[user("hi")], lease_until=T0 + LEASE),
+        ModelCalled(at=T0, turn_id="t1", engine="up", upstream_model="m", latency_ms=1.0),
+        ReplyCompleted(at=T0, turn_id="t1", content="hello", finish_reason="stop", usage=Usage(prompt_tokens=3, completion_tokens=2, total_tokens=5)),
+    ]
+    assert given(*events) == given(*events)
+    assert given(*events).history == state.history

@@ -1,0 +1,192 @@
+"""Veil as a user runs it: `veil serve`, and a gateway with two workers as separate processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import nats
+import openai
+import pytest
+
+from tests.fakes.upstreams import FakeOpenAI
+from tests.procs import REPO, VeilProcess, processes_mentioning, run_veil
+from veil.natsserver import NatsServer
+
+KEY = "sk-proc-test"
+
+# Keep the variables of the developer's shell out of the children.
+CLEAN = {name: "" for name in ("VEIL_NATS_URL", "VEIL_CONFIG", "VEIL_API_KEYS", "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL")}
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FakeOpenAI]:
+    fake = FakeOpenAI()
+    fake.start_in_thread()
+    yield fake
+    fake.stop_thread()
+
+
+def _chat(base_url: str, text: str, session_id: str | None = None, key: str = KEY) -> openai.types.chat.ChatCompletion:
+    with openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=20) as client:
+        extra = {"session_id": session_id} if session_id else None
+        return client.chat.completions.create(model="veil", messages=[{"role": "user", "content": text}], extra_body=extra)
+
+
+def test_serve_embedded_restart_replay(tmp_path: Path, upstream: FakeOpenAI) -> None:
+    data = tmp_path / "data"
+    env = {**CLEAN, "VEIL_DATA_DIR": str(data), "OPENAI_BASE_URL": upstream.base_url, "OPENAI_API_KEY": "x", "VEIL_UPSTREAM_MODEL": "up-model"}
+    serve = VeilProcess("serve", "--port", "0", env=env)
+    try:
+        port = serve.wait_for(r"Veil listening on http://127\.0\.0\.1:(\d+)/v1").group(1)
+        assert any("Authentication is off" in line for line in serve.lines)
+        assert processes_mentioning(str(data / "nats")), "the embedded nats-server is running"
+        base = f"http://127.0.0.1:{port}/v1"
+        first = _chat(base, "Remember: the code word is heron.")
+        sid = first.model_extra["session_id"]
+        _chat(base, "Second message.", sid)
+    finally:
+        code = serve.interrupt()
+    assert code == 0, serve.lines
+    assert "Stopped." in serve.lines
+    assert not processes_mentioning(str(data / "nats")), "Ctrl-C stops the spawned nats-server too"
+
+    # A restart on the same data directory continues the session.
+    upstream.reset()
+    serve = VeilProcess("serve", "--port", "0", env=env)
+    try:
+        port = serve.wait_for(r"Veil listening on http://127\.0\.0\.1:(\d+)/v1").group(1)
+        _chat(f"http://127.0.0.1:{port}/v1", "What is the code word?", sid)
+    finally:
+        assert serve.interrupt() == 0
+    assert [m["content"] for m in upstream.last_request.body["messages"]] == [
+        "Remember: the code word is heron.",
+        "echo: Remember: the code word is heron.",
+        "Second message.",
+        "echo: Second message.",
+        "What is the code word?",
+    ]
+
+    # The audit trail, read with the server stopped.
+    replay = run_veil("replay", sid, env=env)
+    assert replay.returncode == 0, replay.stderr
+    out = replay.stdout
+    assert out.index("[session.opened]") < out.index("[turn.started]") < out.index("[model.called]") < out.index("[reply.completed]")
+    assert out.count("[turn.started]") == 3 and out.count("[reply.completed]") == 3
+    assert "engine openai, model up-model" in out
+    assert "Rebuilt state:" in out and "turns: 3" in out and "What is the code word?" in out
+    as_json = run_veil("replay", sid, "--json", env=env)
+    lines = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert [line["event"]["type"] for line in lines[:-1]][:2] == ["session.opened", "turn.started"]
+    assert all(a["seq"] < b["seq"] for a, b in zip(lines[:-2], lines[1:-1]))
+    assert lines[-1]["state"]["turns"] == 3
+    sessions = run_veil("sessions", env=env)
+    assert sid in sessions.stdout
+    missing = run_veil("replay", "sess_nothing", env=env)
+    assert missing.returncode == 1
+
+
+def test_serve_refuses_open_bind_without_keys(tmp_path: Path) -> None:
+    result = run_veil("serve", "--host", "0.0.0.0", "--port", "0", env={**CLEAN, "VEIL_DATA_DIR": str(tmp_path)})
+    assert result.returncode != 0
+    assert "authentication off" in result.stderr + result.stdout
+
+
+def test_invalid_config_names_file_and_field(tmp_path: Path) -> None:
+    config = tmp_path / "veil.toml"
+    config.write_text('[pipelines.default]\nengine = "missing"\nmodel = "m"\n')
+    result = run_veil("--config", str(config), "serve", env=CLEAN)
+    assert result.returncode == 2
+    assert str(config) in result.stderr and "pipelines.default.engine" in result.stderr
+
+
+async def _service_stats(url: str, name: str) -> list[dict[str, object]]:
+    """Every instance's $SRV.STATS answer, as `nats micro stats` would gather them."""
+    nc = await nats.connect(url)
+    try:
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        await nc.publish(f"$SRV.STATS.{name}", b"", reply=inbox)
+        replies = []
+        try:
+            while True:
+                msg = await sub.next_msg(timeout=0.5)
+                replies.append(json.loads(msg.data))
+        except nats.errors.TimeoutError:
+            pass
+        return replies
+    finally:
+        await nc.close()
+
+
+def test_gateway_and_two_workers_as_processes(tmp_path: Path, upstream: FakeOpenAI) -> None:
+    config = tmp_path / "veil.toml"
+    config.write_text(
+        f"""
+[[keys]]
+key = "{KEY}"
+tenant = "acme"
+
+[engines.up]
+kind = "openai"
+base_url = "{upstream.base_url}"
+api_key = "x"
+timeout = 10
+
+[pipelines.default]
+engine = "up"
+model = "up-model"
+system_prompt = "You are Veil."
+
+[[models]]
+name = "veil"
+pipeline = "default"
+"""
+    )
+    with NatsServer(tmp_path / "nats") as server:
+        env = {**CLEAN, "VEIL_NATS_URL": server.url, "VEIL_CONFIG": str(config), "VEIL_DATA_DIR": str(tmp_path)}
+        workers = [VeilProcess("worker", env=env) for _ in range(2)]
+        gateway = VeilProcess("gateway", "--port", "0", env=env)
+        try:
+            for w in workers:
+                w.wait_for("Workers ready")
+            port = gateway.wait_for(r"Veil listening on http://127\.0\.0\.1:(\d+)/v1").group(1)
+            base = f"http://127.0.0.1:{port}/v1"
+            with pytest.raises(openai.AuthenticationError):
+                _chat(base, "no key", key="wrong")
+            sids = [_chat(base, f"hello {i}").model_extra["session_id"] for i in range(30)]
+            second = _chat(base, "again", sids[0])
+            assert second.choices[0].message.content == "echo: again"
+            stats = asyncio.run(_service_stats(server.url, "veil-session"))
+            assert len(stats) == 2, "both workers answer $SRV.STATS"
+            served = [sum(e["num_requests"] for e in s["endpoints"]) for s in stats]
+            assert all(n > 0 for n in served), f"both workers took turns: {served}"
+            assert len(asyncio.run(_service_stats(server.url, "veil-model"))) == 2
+
+            # One worker goes away; the other rebuilds any session from the log.
+            assert workers[0].interrupt() == 0
+            reply = _chat(base, "still there?", sids[1])
+            assert reply.choices[0].message.content == "echo: still there?"
+            assert [m["content"] for m in upstream.last_request.body["messages"]] == [
+                "You are Veil.", "hello 1", "echo: hello 1", "still there?"
+            ]
+        finally:
+            codes = [gateway.interrupt()] + [w.interrupt() for w in workers]
+        assert codes == [0, 0, 0], gateway.lines + workers[1].lines
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="Debian's docker-compose is not installed")
+def test_compose_file_is_valid() -> None:
+    result = subprocess.run(
+        ["docker-compose", "-f", "compose.yaml", "config", "-q"],
+        cwd=REPO,
+        env={**os.environ, "VEIL_API_KEYS": "k"},
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
