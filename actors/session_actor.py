@@ -138,6 +138,7 @@ class SessionActor:
 
     async def _open(self, start: StartTurn) -> None:
         """Append TurnStarted, waiting out another writer's turn if it holds the lease."""
+        fresh = False
         while True:
             now = self._ctx.clock()
             lease = now + timedelta(seconds=self._ctx.config.server.turn_timeout)
@@ -147,8 +148,16 @@ class SessionActor:
                 )
                 return
             except TurnInProgress as busy:
+                log.info("session.waiting", session=self.session_id, busy_turn=busy.turn_id)
                 await self._wait_for_change(busy.lease_until)
                 await self._reload()
+            except (AlreadyHandled, ActorError) as refusal:
+                # Another worker may have moved the session on since this actor
+                # last read it: refuse only on a state that is up to date.
+                if isinstance(refusal, AlreadyHandled) or fresh:
+                    raise
+                await self._reload()
+            fresh = True
 
     async def _wait_for_change(self, until: datetime) -> None:
         """Sleep until the session's log grows or the other writer's lease runs out."""

@@ -168,6 +168,27 @@ pipeline = "default"
             assert all(n > 0 for n in served), f"both workers took turns: {served}"
             assert len(asyncio.run(_service_stats(server.url, "veil-model"))) == 2
 
+            # Concurrent turns on one session land on both workers: still one writer.
+            async def burst() -> list[str]:
+                async with openai.AsyncOpenAI(base_url=base, api_key=KEY, max_retries=0, timeout=30) as c:
+                    replies = await asyncio.gather(
+                        *(
+                            c.chat.completions.create(
+                                model="veil",
+                                messages=[{"role": "user", "content": f"burst {i}"}],
+                                extra_body={"session_id": sids[2]},
+                            )
+                            for i in range(8)
+                        )
+                    )
+                return [r.choices[0].message.content for r in replies]
+
+            assert sorted(asyncio.run(burst())) == sorted(f"echo: burst {i}" for i in range(8))
+            replay = run_veil("replay", sids[2], "--json", env=env)
+            kinds = [json.loads(line)["event"]["type"] for line in replay.stdout.splitlines()[:-1]]
+            opened_closed = [k for k in kinds if k in ("turn.started", "reply.completed", "turn.failed")]
+            assert opened_closed == ["turn.started", "reply.completed"] * 9, kinds
+
             # One worker goes away; the other rebuilds any session from the log.
             assert workers[0].interrupt() == 0
             reply = _chat(base, "still there?", sids[1])
