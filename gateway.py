@@ -16,7 +16,16 @@ import structlog
 from aiohttp import web
 from nats.aio.client import Client
 
-from actors.protocol import Delta, StartTurn, TurnDone, TurnError
+from actors.protocol import (
+    Delta,
+    DeleteSession,
+    GetSession,
+    SessionDeleted,
+    SessionView,
+    StartTurn,
+    TurnDone,
+    TurnError,
+)
 from bus.codec import encode
 from bus.connection import connect
 from bus.subjects import MAX_ID_LENGTH, is_valid_id
@@ -32,7 +41,7 @@ from veil.openai_wire import (
     parse_chat_request,
     to_chat_messages,
 )
-from veil.relay import ClientGone, TurnRelay
+from veil.relay import ClientGone, TurnRelay, ask_session
 
 __all__ = ["AUTH", "CONFIG", "NATS", "create_app"]
 
@@ -284,6 +293,68 @@ async def _stream(
     return response
 
 
+def _session_id_param(request: web.Request) -> str:
+    session_id = request.match_info["session_id"]
+    if not is_valid_id(session_id):
+        # Never a subject token; and indistinguishable from a session that does not exist.
+        raise ApiError(404, f"No session found with id '{session_id[:MAX_ID_LENGTH]}'.", code="session_not_found")
+    return session_id
+
+
+def _session_object(view: SessionView) -> dict[str, object]:
+    return {
+        "id": view.session_id,
+        "object": "session",
+        "created_at": int(view.created_at.timestamp()),
+        "updated_at": int(view.updated_at.timestamp()),
+        "model": view.model,
+        "turns": view.turns,
+        "usage": {
+            "prompt_tokens": view.usage.prompt_tokens,
+            "completion_tokens": view.usage.completion_tokens,
+            "total_tokens": view.usage.total_tokens,
+        },
+    }
+
+
+async def _view(request: web.Request, messages: bool) -> SessionView:
+    command = GetSession(session_id=_session_id_param(request), tenant=request[PRINCIPAL].tenant, messages=messages)
+    reply = await ask_session(request.app[NATS], command, request.app[CONFIG].server.accept_timeout)
+    if not isinstance(reply, SessionView):
+        raise ApiError(500, "Unexpected reply from the session actor.", code="actor_failed")
+    return reply
+
+
+async def get_session(request: web.Request) -> web.Response:
+    return _json(_session_object(await _view(request, messages=False)))
+
+
+async def list_messages(request: web.Request) -> web.Response:
+    view = await _view(request, messages=True)
+    data = [
+        {"id": f"msg_{i}", "object": "session.message", "role": m.role, "content": m.content}
+        for i, m in enumerate(view.messages or [])
+    ]
+    return _json(
+        {
+            "object": "list",
+            "data": data,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+            "has_more": False,
+        }
+    )
+
+
+async def delete_session(request: web.Request) -> web.Response:
+    principal = request[PRINCIPAL]
+    command = DeleteSession(session_id=_session_id_param(request), tenant=principal.tenant, key_id=principal.key_id)
+    reply = await ask_session(request.app[NATS], command, request.app[CONFIG].server.accept_timeout)
+    if not isinstance(reply, SessionDeleted):
+        raise ApiError(500, "Unexpected reply from the session actor.", code="actor_failed")
+    return _json({"id": reply.session_id, "object": "session.deleted", "deleted": True})
+
+
 async def health(request: web.Request) -> web.Response:
     nc = request.app[NATS]
     ok = nc.is_connected
@@ -308,5 +379,8 @@ def create_app(config: Config, nats_url: str) -> web.Application:
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model}", get_model)
+    app.router.add_get("/v1/sessions/{session_id}", get_session)
+    app.router.add_delete("/v1/sessions/{session_id}", delete_session)
+    app.router.add_get("/v1/sessions/{session_id}/messages", list_messages)
     app.router.add_get("/healthz", health)
     return app

@@ -5,6 +5,7 @@ The codecs are built once here and reused by every sender and receiver.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import msgspec
@@ -17,9 +18,14 @@ __all__ = [
     "GENERATE_CODEC",
     "GENERATE_RESULT_CODEC",
     "OUTPUT_CODEC",
-    "START_TURN_CODEC",
+    "SESSION_COMMAND_CODEC",
     "TURN_REPLY_CODEC",
     "CancelRequest",
+    "DeleteSession",
+    "GetSession",
+    "SessionCommandUnion",
+    "SessionDeleted",
+    "SessionView",
     "Delta",
     "ErrorInfo",
     "GenerateRequest",
@@ -44,7 +50,7 @@ class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True):
     param: str | None = None
 
 
-class StartTurn(msgspec.Struct, frozen=True, kw_only=True):
+class StartTurn(msgspec.Struct, frozen=True, kw_only=True, tag="start_turn"):
     """Gateway -> session actor: run one chat turn."""
 
     command_id: str
@@ -57,6 +63,41 @@ class StartTurn(msgspec.Struct, frozen=True, kw_only=True):
     messages: list[ChatMessage]
     params: dict[str, Any] = {}
     stream: bool = False
+
+
+class GetSession(msgspec.Struct, frozen=True, kw_only=True, tag="get"):
+    """Gateway -> session actor: the session's metadata, and its messages if asked."""
+
+    session_id: str
+    tenant: str
+    messages: bool = False
+
+
+class DeleteSession(msgspec.Struct, frozen=True, kw_only=True, tag="delete"):
+    """Gateway -> session actor: forget the session everywhere."""
+
+    session_id: str
+    tenant: str
+    key_id: str
+
+
+SessionCommandUnion = StartTurn | GetSession | DeleteSession
+
+
+class SessionView(msgspec.Struct, frozen=True, kw_only=True, tag="session"):
+    session_id: str
+    created_at: datetime
+    updated_at: datetime
+    turns: int
+    usage: Usage
+    model: str | None = None
+    messages: list[ChatMessage] | None = None
+
+
+class SessionDeleted(msgspec.Struct, frozen=True, kw_only=True, tag="deleted"):
+    session_id: str
+    events_erased: int
+    memories_erased: int
 
 
 class TurnAccepted(msgspec.Struct, frozen=True, kw_only=True, tag="accepted"):
@@ -74,7 +115,7 @@ class TurnRejected(msgspec.Struct, frozen=True, kw_only=True, tag="rejected"):
     error: ErrorInfo
 
 
-TurnReplyUnion = TurnAccepted | TurnRejected
+TurnReplyUnion = TurnAccepted | TurnRejected | SessionView | SessionDeleted
 
 
 class Delta(msgspec.Struct, frozen=True, kw_only=True, tag="delta"):
@@ -130,7 +171,7 @@ class GenerateResult(msgspec.Struct, frozen=True, kw_only=True):
     cancelled: bool = False
 
 
-START_TURN_CODEC: Codec[StartTurn] = Codec(StartTurn)
+SESSION_COMMAND_CODEC: Codec[SessionCommandUnion] = Codec(SessionCommandUnion)
 TURN_REPLY_CODEC: Codec[TurnReplyUnion] = Codec(TurnReplyUnion)
 OUTPUT_CODEC: Codec[OutputUnion] = Codec(OutputUnion)
 CANCEL_CODEC: Codec[CancelRequest] = Codec(CancelRequest)

@@ -79,6 +79,8 @@ class SessionState(msgspec.Struct, frozen=True, kw_only=True):
     # Messages of completed turns, in order: what the model sees as the past.
     history: tuple[ChatMessage, ...] = ()
     open_turn: OpenTurnState | None = None
+    # The public model of the latest turn.
+    last_model: str | None = None
     # Outcome of every handled command, by command id: retries answer from here.
     outcomes: dict[str, TurnOutcome] = {}
     turns: int = 0
@@ -311,6 +313,7 @@ def evolve(state: SessionState, event: EventUnion) -> SessionState:
                     lease_until=event.lease_until,
                 ),
                 system=event.system if event.system is not None else state.system,
+                last_model=event.model,
                 updated_at=event.at,
             )
         case ModelCalled():

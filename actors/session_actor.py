@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import assert_never
 
 import msgspec
 import structlog
@@ -22,15 +23,19 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.micro.request import Request
 
 from actors import session
-from actors.errors import ActorError, AlreadyHandled, TurnInProgress
+from actors.errors import ActorError, AlreadyHandled, SessionNotFound, TurnInProgress
 from actors.protocol import (
     GENERATE_CODEC,
     GENERATE_RESULT_CODEC,
     OUTPUT_CODEC,
-    START_TURN_CODEC,
+    SESSION_COMMAND_CODEC,
     TURN_REPLY_CODEC,
+    DeleteSession,
     ErrorInfo,
     GenerateRequest,
+    GetSession,
+    SessionDeleted,
+    SessionView,
     GenerateResult,
     StartTurn,
     TurnAccepted,
@@ -38,11 +43,12 @@ from actors.protocol import (
     TurnError,
     TurnRejected,
 )
-from bus.codec import DecodeError
-from bus.subjects import model_generate, session_cancel, session_events, session_out
+from bus.codec import DecodeError, encode
+from bus.subjects import MEMORY_FORGET, model_generate, session_cancel, session_events, session_out
 from eventstore.errors import ConcurrencyConflict
 from eventstore.events import EventUnion
 from eventstore.store import EventStore
+from eventstore.tombstones import Tombstone, TombstoneLog
 from veil.config import Config
 
 __all__ = ["SessionActor", "SessionContext"]
@@ -59,12 +65,18 @@ class SessionContext(msgspec.Struct, kw_only=True):
     nc: Client
     store: EventStore
     config: Config
+    tombstones: TombstoneLog | None = None
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
 
 
 def _error(status: int, code: str, message: str) -> ErrorInfo:
     kind = "invalid_request_error" if status < 500 else "api_error"
     return ErrorInfo(status=status, type=kind, code=code, message=message)
+
+
+def _not_found(session_id: str) -> ErrorInfo:
+    # The same words as actors.session's refusal: a foreign session looks like a missing one.
+    return _error(404, SessionNotFound.code, f"No session found with id '{session_id}'.")
 
 
 class SessionActor:
@@ -80,6 +92,12 @@ class SessionActor:
 
     async def _reload(self) -> None:
         """Catch up with the log: everything after what this actor has seen."""
+        if not self._loaded and self._ctx.tombstones is not None:
+            # A deletion that was cut short after its tombstone: finish it first.
+            if await self._ctx.tombstones.get(self.session_id) is not None:
+                await self._ctx.store.erase(self.session_id)
+                self._loaded = True
+                return
         stored = await self._ctx.store.load(self.session_id, after=self._last_seq)
         for item in stored:
             self._state = session.evolve(self._state, item.event)
@@ -106,13 +124,80 @@ class SessionActor:
 
     async def receive(self, request: Request) -> None:
         try:
-            start = START_TURN_CODEC.decode(request.data)
+            command = SESSION_COMMAND_CODEC.decode(request.data)
         except DecodeError as error:
             await self._reject(request, _error(400, "bad_command", f"bad command: {error}"))
             return
-        if start.session_id != self.session_id:
+        if command.session_id != self.session_id:
             await self._reject(request, _error(400, "bad_command", "session id does not match subject"))
             return
+        if not self._loaded:
+            await self._reload()
+        match command:
+            case StartTurn():
+                await self._start_turn(request, command)
+            case GetSession():
+                await self._get(request, command)
+            case DeleteSession():
+                await self._delete(request, command)
+            case _:
+                assert_never(command)
+
+    def _owned_by(self, tenant: str) -> bool:
+        return self._state.session_id is not None and self._state.tenant == tenant
+
+    async def _get(self, request: Request, command: GetSession) -> None:
+        await self._reload()  # another worker may have moved it on
+        state = self._state
+        if not self._owned_by(command.tenant):
+            await self._reject(request, _not_found(self.session_id))
+            return
+        assert state.created_at is not None and state.updated_at is not None
+        view = SessionView(
+            session_id=self.session_id,
+            created_at=state.created_at,
+            updated_at=state.updated_at,
+            turns=state.turns,
+            usage=state.usage,
+            model=state.open_turn.model if state.open_turn else state.last_model,
+            messages=list(state.history) if command.messages else None,
+        )
+        await request.respond(TURN_REPLY_CODEC.encode(view))
+
+    async def _delete(self, request: Request, command: DeleteSession) -> None:
+        await self._reload()
+        if not self._owned_by(command.tenant):
+            await self._reject(request, _not_found(self.session_id))
+            return
+        # The tombstone first: if we stop halfway, the next activation finishes the job.
+        if self._ctx.tombstones is not None:
+            await self._ctx.tombstones.record(
+                Tombstone(
+                    session_id=self.session_id,
+                    tenant=command.tenant,
+                    deleted_by=command.key_id,
+                    at=self._ctx.clock(),
+                )
+            )
+        erased = await self._ctx.store.erase(self.session_id)
+        memories = await self._forget_memories(command.tenant)
+        self._state = session.initial()
+        self._last_seq = 0
+        log.info("session.deleted", session=self.session_id, events=erased, memories=memories)
+        reply = SessionDeleted(session_id=self.session_id, events_erased=erased, memories_erased=memories)
+        await request.respond(TURN_REPLY_CODEC.encode(reply))
+
+    async def _forget_memories(self, tenant: str) -> int:
+        """Ask the memory actor to drop the session's rows now; its tombstone check covers outages."""
+        body = encode({"tenant": tenant, "session_id": self.session_id})
+        try:
+            reply = await self._ctx.nc.request(MEMORY_FORGET, body, timeout=10)
+        except (NoRespondersError, NatsTimeout):
+            return 0
+        count = msgspec.json.decode(reply.data).get("deleted", 0)
+        return int(count)
+
+    async def _start_turn(self, request: Request, start: StartTurn) -> None:
         model = self._ctx.config.model(start.model)
         if model is None:
             await self._reject(
@@ -120,8 +205,6 @@ class SessionActor:
                 _error(404, "model_not_found", f"The model '{start.model}' does not exist."),
             )
             return
-        if not self._loaded:
-            await self._reload()
         out = session_out(self.session_id, start.turn_id)
         try:
             await self._open(start)

@@ -11,8 +11,12 @@ import re
 __all__ = [
     "EVENTS_STREAM",
     "EVENTS_WILDCARD",
+    "TOMBSTONES_STREAM",
+    "TOMBSTONES_WILDCARD",
     "SESSION_CMD_WILDCARD",
     "InvalidToken",
+    "MEMORY_FORGET",
+    "MEMORY_RECALL",
     "is_valid_id",
     "model_generate",
     "model_generate_wildcard",
@@ -22,11 +26,14 @@ __all__ = [
     "session_from_cmd_subject",
     "session_from_events_subject",
     "session_out",
+    "session_tombstone",
     "validate_id",
 ]
 
 EVENTS_STREAM = "CHAT_EVENTS"
 EVENTS_WILDCARD = "chat.events.>"
+TOMBSTONES_STREAM = "CHAT_TOMBSTONES"
+TOMBSTONES_WILDCARD = "chat.tombstones.>"
 SESSION_CMD_WILDCARD = "chat.session.*.cmd"
 
 MAX_ID_LENGTH = 128
@@ -52,6 +59,11 @@ def validate_id(value: str, what: str = "id") -> str:
 def session_events(session_id: str) -> str:
     """The subject a session's events are stored under in CHAT_EVENTS."""
     return f"chat.events.{validate_id(session_id, 'session id')}"
+
+
+def session_tombstone(session_id: str) -> str:
+    """Where the record that a session was deleted is kept, after its events are gone."""
+    return f"chat.tombstones.{validate_id(session_id, 'session id')}"
 
 
 def session_from_events_subject(subject: str) -> str:
@@ -93,3 +105,8 @@ def model_generate(engine: str) -> str:
 
 def model_generate_wildcard() -> str:
     return "model.*.generate"
+
+
+# The memory actor's requests: recall for a turn, and forgetting a deleted session.
+MEMORY_RECALL = "memory.recall"
+MEMORY_FORGET = "memory.forget"

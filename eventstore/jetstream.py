@@ -224,6 +224,25 @@ class JetStreamEventStore:
             if counts[subject] > 0
         ]
 
+    async def erase(self, session_id: str) -> int:
+        """Securely delete each of the session's messages, then purge its subject.
+
+        A message delete without `no_erase` makes the server overwrite the
+        message in its block file; a subject purge alone may leave the bytes
+        on disk until the block is compacted.
+        """
+        subject = session_events(session_id)
+        raws = await self._fetch(subject, 0)
+        try:
+            for raw in raws:
+                await self._js.delete_msg(self._stream, raw.seq)
+            await self._js.purge_stream(self._stream, subject=subject)
+        except _UNAVAILABLE as e:
+            raise StoreUnavailable(f"erase {subject}: {e!r}") from e
+        except nats.js.errors.APIError as e:
+            raise EventStoreError(f"erase {subject}: {e}") from e
+        return len(raws)
+
     async def _last_seq(self, subject: str) -> int:
         request = json.dumps({"last_by_subj": subject}).encode()
         try:

@@ -65,6 +65,13 @@ class InMemoryEventStore:
             if log
         ]
 
+    async def erase(self, session_id: str) -> int:
+        """Forget a session's events and its dedupe ids."""
+        log = self._logs.pop(validate_id(session_id, "session id"), [])
+        for key in [k for k in self._dedupe if k[0] == session_id]:
+            del self._dedupe[key]
+        return len(log)
+
     def _last(self, session_id: str) -> int:
         log = self._logs.get(session_id)
         return log[-1].seq if log else 0

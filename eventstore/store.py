@@ -54,3 +54,7 @@ class EventStore(Protocol):
     async def sessions(self) -> list[SessionInfo]:
         """Every session with at least one event."""
         ...
+
+    async def erase(self, session_id: str) -> int:
+        """Delete every event of a session so its bytes are gone; returns how many."""
+        ...

@@ -14,19 +14,22 @@ from nats.errors import TimeoutError as NatsTimeout
 from actors.protocol import (
     CANCEL_CODEC,
     OUTPUT_CODEC,
-    START_TURN_CODEC,
+    SESSION_COMMAND_CODEC,
     TURN_REPLY_CODEC,
     CancelRequest,
     Delta,
+    SessionCommandUnion,
     StartTurn,
     TurnAccepted,
+    TurnRejected,
+    TurnReplyUnion,
     TurnDone,
     TurnError,
 )
 from bus.subjects import session_cancel, session_cmd, session_out
 from veil.openai_wire import ApiError
 
-__all__ = ["ClientGone", "TurnRelay"]
+__all__ = ["ClientGone", "TurnRelay", "ask_session"]
 
 # How often a waiting relay checks that its HTTP client is still there.
 POLL_SECONDS = 0.25
@@ -36,6 +39,27 @@ STRAGGLER_SECONDS = 1.0
 
 class ClientGone(Exception):
     """The HTTP client disconnected while its turn was running."""
+
+
+async def ask_session(nc: Client, command: SessionCommandUnion, timeout: float) -> TurnReplyUnion:
+    """One request to a session actor; refusals and bus failures become ApiErrors."""
+    try:
+        msg = await nc.request(
+            session_cmd(command.session_id), SESSION_COMMAND_CODEC.encode(command), timeout=timeout
+        )
+    except NoRespondersError:
+        raise ApiError(503, "No session worker is running; try again shortly.", code="service_unavailable") from None
+    except NatsTimeout:
+        raise ApiError(504, "The session did not answer in time.", code="timeout") from None
+    if msg.headers and msg.headers.get("Nats-Service-Error-Code"):
+        raise ApiError(
+            500, f"The session actor failed: {msg.headers.get('Nats-Service-Error')}", code="actor_failed"
+        )
+    reply = TURN_REPLY_CODEC.decode(msg.data)
+    if isinstance(reply, TurnRejected):
+        e = reply.error
+        raise ApiError(e.status, e.message, type=e.type, code=e.code, param=e.param)
+    return reply
 
 
 class TurnRelay:
@@ -60,22 +84,9 @@ class TurnRelay:
 
     async def send(self, timeout: float) -> None:
         """Hand the turn to its session actor; raises ApiError if it is refused."""
-        try:
-            msg = await self._nc.request(
-                session_cmd(self.start.session_id), START_TURN_CODEC.encode(self.start), timeout=timeout
-            )
-        except NoRespondersError:
-            raise ApiError(503, "No session worker is running; try again shortly.", code="service_unavailable") from None
-        except NatsTimeout:
-            raise ApiError(504, "The session did not accept the request in time.", code="timeout") from None
-        if msg.headers and msg.headers.get("Nats-Service-Error-Code"):
-            raise ApiError(
-                500, f"The session actor failed: {msg.headers.get('Nats-Service-Error')}", code="actor_failed"
-            )
-        reply = TURN_REPLY_CODEC.decode(msg.data)
+        reply = await ask_session(self._nc, self.start, timeout)
         if not isinstance(reply, TurnAccepted):
-            e = reply.error
-            raise ApiError(e.status, e.message, type=e.type, code=e.code, param=e.param)
+            raise ApiError(500, f"Unexpected reply from the session actor: {reply!r}", code="actor_failed")
         self.replay = reply.replay
 
     async def cancel(self) -> None:

@@ -22,6 +22,7 @@ from bus.connection import connect
 from bus.runtime import ActorHost
 from bus.subjects import SESSION_CMD_WILDCARD, session_from_cmd_subject
 from eventstore.jetstream import JetStreamEventStore, ensure_stream
+from eventstore.tombstones import TombstoneLog
 from veil import __version__
 from veil.config import Config
 from veil.natsserver import NatsServer
@@ -45,7 +46,11 @@ class Workers:
         nc = self._nc = await connect(self._url, name="veil-worker")
         js = nc.jetstream()
         await ensure_stream(js)
-        ctx = SessionContext(nc=nc, store=JetStreamEventStore(js, nc), config=self._config)
+        tombstones = TombstoneLog(js, nc)
+        await tombstones.ensure()
+        ctx = SessionContext(
+            nc=nc, store=JetStreamEventStore(js, nc), config=self._config, tombstones=tombstones
+        )
         self._sessions = ActorHost(
             nc,
             service="veil-session",

@@ -406,3 +406,17 @@ def test_header_values_as_lists() -> None:
     assert _header({"Nats-Sequence": ["42"]}, "Nats-Sequence") == "42"
     assert _header({"Nats-Sequence": "42"}, "Nats-Sequence") == "42"
     assert _header({}, "Nats-Sequence") is None
+
+
+async def test_erase_removes_every_event(store: EventStore) -> None:
+    sid, other = new_sid(), new_sid()
+    await store.append(sid, make_events(3), expected_last_seq=0, dedupe_id="c1")
+    await store.append(other, [opened(other)], expected_last_seq=0)
+    assert await store.erase(sid) == 3
+    assert await store.load(sid) == []
+    assert await store.last_seq(sid) == 0
+    assert sid not in [s.session_id for s in await store.sessions()]
+    assert len(await store.load(other)) == 1
+    # The id can start over from an empty log.
+    await store.append(sid, [opened(sid)], expected_last_seq=0, dedupe_id="c2")
+    assert len(await store.load(sid)) == 1

@@ -1,0 +1,94 @@
+"""Tombstones: the only trace a deleted session leaves (that, when, and by whom).
+
+They live in their own stream, so erasing a session's events never touches
+them, and projections read them to refuse late events of a deleted session.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+import msgspec
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+from nats.js.client import JetStreamContext
+
+from bus.codec import Codec
+from bus.subjects import TOMBSTONES_STREAM, TOMBSTONES_WILDCARD, session_tombstone
+from eventstore.errors import StoreUnavailable
+
+__all__ = ["Tombstone", "TombstoneLog"]
+
+
+class Tombstone(msgspec.Struct, frozen=True, kw_only=True, tag="session.deleted", tag_field="type"):
+    session_id: str
+    tenant: str
+    # The key id (never the key) of who asked for the deletion.
+    deleted_by: str
+    at: datetime
+
+
+_CODEC: Codec[Tombstone] = Codec(Tombstone)
+
+
+class TombstoneLog:
+    def __init__(self, js: JetStreamContext, nc: Client, *, timeout: float = 5.0) -> None:
+        self._js = js
+        self._nc = nc
+        self._timeout = timeout
+
+    async def ensure(self, *, replicas: int = 1) -> None:
+        config = StreamConfig(
+            name=TOMBSTONES_STREAM,
+            subjects=[TOMBSTONES_WILDCARD],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            num_replicas=replicas,
+            allow_direct=True,
+        )
+        try:
+            await self._js.stream_info(TOMBSTONES_STREAM)
+        except nats.js.errors.NotFoundError:
+            try:
+                await self._js.add_stream(config)
+            except nats.js.errors.BadRequestError:
+                await self._js.stream_info(TOMBSTONES_STREAM)  # created meanwhile
+
+    async def record(self, tombstone: Tombstone) -> None:
+        try:
+            await self._js.publish(
+                session_tombstone(tombstone.session_id), _CODEC.encode(tombstone), timeout=self._timeout
+            )
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as e:
+            raise StoreUnavailable(f"recording tombstone: {e!r}") from e
+
+    async def get(self, session_id: str) -> Tombstone | None:
+        request = json.dumps({"last_by_subj": session_tombstone(session_id)}).encode()
+        try:
+            reply = await self._nc.request(f"$JS.API.DIRECT.GET.{TOMBSTONES_STREAM}", request, timeout=self._timeout)
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as e:
+            raise StoreUnavailable(f"reading tombstone: {e!r}") from e
+        if reply.headers and reply.headers.get("Status"):
+            return None
+        return _CODEC.decode(reply.data)
+
+    async def all(self) -> list[Tombstone]:
+        """Every tombstone, oldest first (read once when a projection starts)."""
+        try:
+            info = await self._js.stream_info(TOMBSTONES_STREAM)
+        except nats.js.errors.NotFoundError:
+            return []
+        out: list[Tombstone] = []
+        seq = info.state.first_seq
+        while seq and seq <= info.state.last_seq:
+            try:
+                msg = await self._js.get_msg(TOMBSTONES_STREAM, seq, next=True, subject=TOMBSTONES_WILDCARD, direct=True)
+            except nats.js.errors.NotFoundError:
+                break
+            assert msg.data is not None and msg.seq is not None
+            out.append(_CODEC.decode(msg.data))
+            seq = msg.seq + 1
+        return out

@@ -1,0 +1,131 @@
+"""The sessions API: metadata, messages, and forgetting a session everywhere."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from eventstore.jetstream import JetStreamEventStore
+from tests.fakes.upstreams import FakeOpenAI
+from tests.harness import VeilThread
+from tests.test_gateway import http
+from veil.config import ApiKey, Config, EngineConfig, ModelConfig, PipelineConfig
+from veil.natsserver import NatsServer
+
+KEY_A = "sk-sessions-a"
+KEY_B = "sk-sessions-b"
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FakeOpenAI]:
+    fake = FakeOpenAI()
+    fake.start_in_thread()
+    yield fake
+    fake.stop_thread()
+
+
+@pytest.fixture(scope="module")
+def veil(nats_url: str, upstream: FakeOpenAI) -> Iterator[VeilThread]:
+    config = Config(
+        keys=[ApiKey(key=KEY_A, tenant="a"), ApiKey(key=KEY_B, tenant="b")],
+        engines={"up": EngineConfig(kind="openai", base_url=upstream.base_url, api_key="x")},
+        pipelines={"default": PipelineConfig(engine="up", model="m")},
+        models=[ModelConfig(name="veil", pipeline="default")],
+        nats_url=nats_url,
+    )
+    server = VeilThread(config, nats_url).start()
+    yield server
+    server.stop()
+
+
+def api(veil: VeilThread, method: str, path: str, key: str = KEY_A) -> tuple[int, dict[str, object]]:
+    reply = http(method, f"{veil.base_url}{path}", headers={"Authorization": f"Bearer {key}"})
+    return reply.status_code, reply.json()
+
+
+def chat(veil: VeilThread, text: str, session_id: str | None = None) -> str:
+    with openai.OpenAI(base_url=veil.base_url, api_key=KEY_A, max_retries=0) as client:
+        reply = client.chat.completions.create(
+            model="veil",
+            messages=[{"role": "user", "content": text}],
+            extra_body={"session_id": session_id} if session_id else None,
+        )
+    return str(reply.model_extra["session_id"])
+
+
+def test_session_metadata_and_messages(veil: VeilThread) -> None:
+    sid = chat(veil, "first")
+    chat(veil, "second", sid)
+    status, body = api(veil, "GET", f"/sessions/{sid}")
+    assert status == 200
+    assert body["id"] == sid and body["object"] == "session" and body["turns"] == 2 and body["model"] == "veil"
+    assert body["created_at"] <= body["updated_at"]
+    status, messages = api(veil, "GET", f"/sessions/{sid}/messages")
+    assert status == 200 and messages["object"] == "list"
+    assert [(m["role"], m["content"]) for m in messages["data"]] == [
+        ("user", "first"),
+        ("assistant", "echo: first"),
+        ("user", "second"),
+        ("assistant", "echo: second"),
+    ]
+
+
+@pytest.mark.parametrize("path", ["", "/messages"])
+def test_other_tenants_and_unknown_ids_get_the_same_404(veil: VeilThread, path: str) -> None:
+    sid = chat(veil, "private")
+    foreign = api(veil, "GET", f"/sessions/{sid}{path}", key=KEY_B)
+    missing = api(veil, "GET", f"/sessions/sess_missing{path}", key=KEY_B)
+    assert foreign[0] == missing[0] == 404
+    assert foreign[1]["error"]["code"] == missing[1]["error"]["code"] == "session_not_found"
+    assert api(veil, "DELETE", f"/sessions/{sid}", key=KEY_B)[0] == 404
+    assert api(veil, "GET", f"/sessions/bad.id{path}")[0] == 404
+    assert api(veil, "GET", f"/sessions/{sid}{path}")[0] == 200  # untouched by the attempts
+
+
+def _files_containing(root: Path, needle: bytes) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and needle in p.read_bytes()]
+
+
+def test_delete_forgets_everywhere_and_leaves_a_tombstone(
+    veil: VeilThread, nats_server: NatsServer, upstream: FakeOpenAI
+) -> None:
+    marker = f"zebra-{uuid.uuid4().hex}"
+    sid = chat(veil, f"my secret is {marker}")
+    chat(veil, "and more", sid)
+    assert _files_containing(nats_server.store_dir, marker.encode()), "the text is in the log before"
+    status, body = api(veil, "DELETE", f"/sessions/{sid}")
+    assert status == 200 and body == {"id": sid, "object": "session.deleted", "deleted": True}
+    assert api(veil, "GET", f"/sessions/{sid}")[0] == 404
+    assert api(veil, "DELETE", f"/sessions/{sid}")[0] == 404
+    with pytest.raises(openai.NotFoundError):
+        chat(veil, "still there?", sid)
+    # Erased, not just hidden: the bytes are gone from the JetStream store.
+    deadline = time.monotonic() + 5
+    while _files_containing(nats_server.store_dir, marker.encode()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _files_containing(nats_server.store_dir, marker.encode()) == []
+
+    async def tombstone() -> object:
+        import nats
+
+        from eventstore.tombstones import TombstoneLog
+
+        nc = await nats.connect(veil.nats_url)
+        try:
+            js = nc.jetstream()
+            found = await TombstoneLog(js, nc).get(sid)
+            events = await JetStreamEventStore(js, nc).load(sid)
+            return found, events
+        finally:
+            await nc.close()
+
+    found, events = veil.call(tombstone())
+    assert events == []
+    assert found is not None and found.tenant == "a" and found.deleted_by.startswith("key_")
+    assert marker not in json.dumps(str(found))
