@@ -20,9 +20,11 @@ from actors.errors import (
     TurnInProgress,
 )
 from actors.protocol import ErrorInfo, GenerateResult, StartTurn
+from actors.tokens import estimate_message_tokens
 from eventstore.events import (
     ChatMessage,
     EventUnion,
+    HistorySummarized,
     ModelCalled,
     ReplyCompleted,
     SessionOpened,
@@ -39,6 +41,9 @@ __all__ = [
     "FailTurn",
     "OpenTurn",
     "OpenTurnState",
+    "RecordModelCall",
+    "Summarize",
+    "fold_plan",
     "SessionState",
     "TurnOutcome",
     "decide",
@@ -78,6 +83,9 @@ class SessionState(msgspec.Struct, frozen=True, kw_only=True):
     system: str | None = None
     # Messages of completed turns, in order: what the model sees as the past.
     history: tuple[ChatMessage, ...] = ()
+    # A running summary of history[:summarized], which prompts carry instead of them.
+    summary: str | None = None
+    summarized: int = 0
     open_turn: OpenTurnState | None = None
     # The public model of the latest turn.
     last_model: str | None = None
@@ -117,7 +125,26 @@ class CancelTurn(msgspec.Struct, frozen=True, kw_only=True):
     reason: str = "client_disconnected"
 
 
-Command = OpenTurn | CompleteTurn | FailTurn | CancelTurn
+class Summarize(msgspec.Struct, frozen=True, kw_only=True):
+    """Record a summary of history[:covers], written by the model for this turn."""
+
+    turn_id: str
+    summary: str
+    covers: int
+    result: GenerateResult
+    now: datetime
+
+
+class RecordModelCall(msgspec.Struct, frozen=True, kw_only=True):
+    """Record a model call that shaped nothing (a failed summary, say)."""
+
+    turn_id: str
+    result: GenerateResult
+    purpose: str
+    now: datetime
+
+
+Command = OpenTurn | CompleteTurn | FailTurn | CancelTurn | Summarize | RecordModelCall
 
 
 def initial() -> SessionState:
@@ -148,8 +175,11 @@ def _split_messages(
     return system, dialogue
 
 
-def _model_called(turn_id: str, result: GenerateResult, now: datetime) -> ModelCalled:
+def _model_called(
+    turn_id: str, result: GenerateResult, now: datetime, purpose: str = "reply"
+) -> ModelCalled:
     return ModelCalled(
+        purpose=purpose,
         at=now,
         turn_id=turn_id,
         engine=result.engine,
@@ -266,6 +296,15 @@ def decide(state: SessionState, command: Command) -> list[EventUnion]:
                 )
             )
             return events
+        case Summarize(turn_id=turn_id, summary=summary, covers=covers, result=result, now=now):
+            if not _require_open(state, turn_id) or not state.summarized < covers <= len(state.history):
+                return []
+            return [
+                _model_called(turn_id, result, now, "summary"),
+                HistorySummarized(at=now, turn_id=turn_id, summary=summary, covers=covers),
+            ]
+        case RecordModelCall(turn_id=turn_id, result=result, purpose=purpose, now=now):
+            return [_model_called(turn_id, result, now, purpose)]
         case _:
             assert_never(command)
 
@@ -318,6 +357,8 @@ def evolve(state: SessionState, event: EventUnion) -> SessionState:
             )
         case ModelCalled():
             return state
+        case HistorySummarized():
+            return replace(state, summary=event.summary, summarized=event.covers, updated_at=event.at)
         case ReplyCompleted():
             outcome = TurnOutcome(
                 turn_id=event.turn_id,
@@ -359,13 +400,47 @@ def evolve(state: SessionState, event: EventUnion) -> SessionState:
             assert_never(event)
 
 
-def prompt(state: SessionState, persona: str | None = None) -> list[ChatMessage]:
-    """What the model receives for the open turn: system, history, new messages."""
-    system = "\n\n".join(p for p in (persona, state.system) if p)
+SUMMARY_HEADER = "Summary of the earlier conversation (written by you for yourself):"
+
+
+def _turn_starts(history: tuple[ChatMessage, ...]) -> list[int]:
+    """Indexes where a turn's messages begin: a non-assistant message after an assistant one."""
+    return [
+        i for i, m in enumerate(history)
+        if m.role != "assistant" and (i == 0 or history[i - 1].role == "assistant")
+    ]
+
+
+def fold_plan(state: SessionState, budget: int) -> int | None:
+    """How far to fold history into the summary so the rest fits half the budget, if it
+    does not fit the budget now. Folds whole turns, and always keeps the latest turn."""
+    unsummarized = state.history[state.summarized:]
+    if estimate_message_tokens(unsummarized) <= budget:
+        return None
+    starts = [i for i in _turn_starts(state.history) if i > state.summarized]
+    for start in starts:
+        if estimate_message_tokens(state.history[start:]) <= budget // 2:
+            return start
+    return starts[-1] if starts else None
+
+
+def prompt(state: SessionState, persona: str | None = None, budget: int | None = None) -> list[ChatMessage]:
+    """What the model receives for the open turn: system, summary, recent history, new messages.
+
+    History that still does not fit the budget (a summary failed, or is off) is
+    left out of this prompt from the oldest message on; the log keeps all of it.
+    """
+    parts = [p for p in (persona, state.system) if p]
+    if state.summary:
+        parts.append(f"{SUMMARY_HEADER}\n{state.summary}")
     messages: list[ChatMessage] = []
-    if system:
-        messages.append(ChatMessage(role="system", content=system))
-    messages.extend(state.history)
+    if parts:
+        messages.append(ChatMessage(role="system", content="\n\n".join(parts)))
+    recent = state.history[state.summarized:]
+    if budget is not None:
+        while recent and estimate_message_tokens(recent) > budget:
+            recent = recent[1:]
+    messages.extend(recent)
     if state.open_turn is not None:
         messages.extend(state.open_turn.messages)
     return messages

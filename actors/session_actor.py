@@ -49,7 +49,8 @@ from eventstore.errors import ConcurrencyConflict
 from eventstore.events import EventUnion
 from eventstore.store import EventStore
 from eventstore.tombstones import Tombstone, TombstoneLog
-from veil.config import Config
+from actors.summary import summary_prompt
+from veil.config import Config, PipelineConfig
 
 __all__ = ["SessionActor", "SessionContext"]
 
@@ -273,10 +274,12 @@ class SessionActor:
         result: GenerateResult | None = None
         error: ErrorInfo | None = None
         try:
+            if pipeline.summarize:
+                await self._fold_history(start.turn_id, pipeline)
             job = GenerateRequest(
                 turn_id=start.turn_id,
                 upstream_model=pipeline.model,
-                messages=session.prompt(self._state, pipeline.system_prompt),
+                messages=session.prompt(self._state, pipeline.system_prompt, pipeline.budget),
                 params=start.params,
                 out_subject=out if start.stream else None,
                 cancel_subject=cancel_subject,
@@ -326,6 +329,39 @@ class SessionActor:
                     deltas=result.deltas,
                 )
             ),
+        )
+
+    async def _fold_history(self, turn_id: str, pipeline: PipelineConfig) -> None:
+        """Fold old turns into the running summary when history outgrows the budget.
+
+        A failed summary is recorded and changes nothing: the turns stay in the
+        history, and this prompt leaves out the oldest of them instead.
+        """
+        covers = session.fold_plan(self._state, pipeline.budget)
+        if covers is None:
+            return
+        state = self._state
+        job = GenerateRequest(
+            turn_id=turn_id,
+            upstream_model=pipeline.model,
+            messages=summary_prompt(state.summary, state.history[state.summarized:covers]),
+            params={"temperature": 0.0},
+        )
+        now = self._ctx.clock
+        try:
+            reply = await self._ctx.nc.request(
+                model_generate(pipeline.engine), GENERATE_CODEC.encode(job),
+                timeout=self._ctx.config.server.turn_timeout,
+            )
+            result = GENERATE_RESULT_CODEC.decode(reply.data)
+        except (NoRespondersError, NatsTimeout, DecodeError) as failure:
+            log.warning("session.summary_failed", session=self.session_id, error=repr(failure))
+            return
+        if result.error is not None or not result.content.strip():
+            await self._append(session.RecordModelCall(turn_id=turn_id, result=result, purpose="summary", now=now()))
+            return
+        await self._append(
+            session.Summarize(turn_id=turn_id, summary=result.content.strip(), covers=covers, result=result, now=now())
         )
 
     async def _publish_outcome(self, out: str, outcome: session.TurnOutcome) -> None:

@@ -15,7 +15,9 @@ async def connect(url: str, *, name: str) -> Client:
     """A NATS connection that logs disconnects, reconnects, errors and close."""
 
     async def on_disconnected() -> None:
-        log.warning("nats.disconnected", name=name)
+        # Closing and draining disconnect too; only an unplanned loss is a warning.
+        planned = nc.is_closed or nc.is_draining
+        (log.info if planned else log.warning)("nats.disconnected", name=name)
 
     async def on_reconnected() -> None:
         log.info("nats.reconnected", name=name, url=str(nc.connected_url.netloc if nc.connected_url else ""))

@@ -16,6 +16,7 @@ import msgspec
 __all__ = [
     "ChatMessage",
     "Event",
+    "HistorySummarized",
     "EventUnion",
     "ModelCalled",
     "ReplyCompleted",
@@ -82,6 +83,17 @@ class ModelCalled(Event, tag="model.called", frozen=True, kw_only=True):
     finish_reason: str | None = None
     error: str | None = None
     status: int | None = None
+    # "reply" for the answer, "summary" for folding old turns.
+    purpose: str = "reply"
+
+
+class HistorySummarized(Event, tag="history.summarized", frozen=True, kw_only=True):
+    """Older turns folded into a running summary that replaces them in prompts."""
+
+    turn_id: str
+    summary: str
+    # How many messages of the history, from the start, the summary now covers.
+    covers: int
 
 
 class ReplyCompleted(Event, tag="reply.completed", frozen=True, kw_only=True):
@@ -107,4 +119,12 @@ class TurnCancelled(Event, tag="turn.cancelled", frozen=True, kw_only=True):
     reason: str = "client_disconnected"
 
 
-EventUnion = SessionOpened | TurnStarted | ModelCalled | ReplyCompleted | TurnFailed | TurnCancelled
+EventUnion = (
+    SessionOpened
+    | TurnStarted
+    | ModelCalled
+    | HistorySummarized
+    | ReplyCompleted
+    | TurnFailed
+    | TurnCancelled
+)

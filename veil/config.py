@@ -30,6 +30,9 @@ __all__ = [
 ]
 
 DEFAULT_MODEL = "veil"
+# The share of the context window history may take by default; the rest is for
+# the system prompt, recalled memories and the answer.
+HISTORY_SHARE = 0.5
 
 
 class ConfigError(Exception):
@@ -64,6 +67,16 @@ class PipelineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     engine: str
     model: str
     system_prompt: str | None = None
+    # The upstream model's context window, in tokens.
+    context_window: int = 8192
+    # Tokens of conversation history a prompt may carry; default: a share of the window.
+    history_budget: int | None = None
+    # Fold turns that outgrow the budget into a running summary (else drop them from prompts).
+    summarize: bool = True
+
+    @property
+    def budget(self) -> int:
+        return self.history_budget or int(self.context_window * HISTORY_SHARE)
 
 
 class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -11,6 +11,7 @@ from actors import session
 from bus.codec import encode
 from eventstore.events import (
     EventUnion,
+    HistorySummarized,
     ModelCalled,
     ReplyCompleted,
     SessionOpened,
@@ -43,8 +44,13 @@ def describe(event: EventUnion) -> list[str]:
             if event.params:
                 lines.append(f"  params: {encode(event.params).decode()}")
             return lines
+        case HistorySummarized():
+            return [
+                f"history summarized: the summary now covers the first {event.covers} messages",
+                f"  summary: {_quote(event.summary)}",
+            ]
         case ModelCalled():
-            head = f"model called: engine {event.engine}, model {event.upstream_model}, {event.latency_ms:.1f} ms"
+            head = f"model called for the {event.purpose}: engine {event.engine}, model {event.upstream_model}, {event.latency_ms:.1f} ms"
             if event.ttft_ms is not None:
                 head += f" (first token {event.ttft_ms:.1f} ms)"
             if event.usage is not None:
@@ -107,6 +113,8 @@ def _state_summary(state: session.SessionState) -> dict[str, object]:
         "open_turn": state.open_turn.turn_id if state.open_turn else None,
         "usage": msgspec.to_builtins(state.usage),
         "system": state.system,
+        "summary": state.summary,
+        "summarized_messages": state.summarized,
         "history": [msgspec.to_builtins(m) for m in state.history],
     }
 

@@ -8,6 +8,7 @@ from typing import Any, Protocol
 import msgspec
 
 from actors.protocol import ErrorInfo
+from actors.tokens import estimate_tokens
 from eventstore.events import ChatMessage, Usage
 
 __all__ = ["DeltaSink", "Engine", "EngineError", "EngineOutput", "estimate_tokens"]
@@ -60,8 +61,3 @@ class Engine(Protocol):
         ...
 
     async def aclose(self) -> None: ...
-
-
-def estimate_tokens(text: str) -> int:
-    """A rough token count (about 4 characters a token for English) when upstream gives none."""
-    return max(1, (len(text) + 3) // 4) if text else 0

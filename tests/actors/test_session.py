@@ -175,3 +175,50 @@ def test_evolve_is_a_pure_replay() -> None:
     ]
     assert given(*events) == given(*events)
     assert given(*events).history == state.history
+
+
+def long_session(turns: int, words: int = 20) -> session.SessionState:
+    state, _ = run(session.initial(), open_turn(start("t0", user("w " * words), new=True)))
+    state, _ = run(state, session.CompleteTurn(turn_id="t0", result=result("r " * words), now=T0))
+    for i in range(1, turns):
+        state, _ = run(state, open_turn(start(f"t{i}", user("w " * words))))
+        state, _ = run(state, session.CompleteTurn(turn_id=f"t{i}", result=result("r " * words), now=T0))
+    return state
+
+
+def test_no_fold_while_history_fits() -> None:
+    assert session.fold_plan(long_session(3), budget=10_000) is None
+
+
+def test_fold_plan_keeps_whole_recent_turns_within_half_the_budget() -> None:
+    state = long_session(10)  # each message ~14 tokens with overhead
+    covers = session.fold_plan(state, budget=100)
+    assert covers is not None and covers % 2 == 0 and state.history[covers].role == "user"
+    from actors.tokens import estimate_message_tokens
+
+    assert estimate_message_tokens(state.history[covers:]) <= 50
+
+
+def test_summary_replaces_folded_turns_in_the_prompt() -> None:
+    state = long_session(10)
+    state, _ = run(state, open_turn(start("t10", user("latest"))))
+    covers = session.fold_plan(state, budget=100)
+    assert covers is not None
+    state, events = run(state, session.Summarize(turn_id="t10", summary="Ann likes tea.", covers=covers, result=result("Ann likes tea."), now=T0))
+    assert [type(e).__name__ for e in events] == ["ModelCalled", "HistorySummarized"]
+    assert events[0].purpose == "summary"
+    messages = session.prompt(state, "persona", budget=100)
+    assert messages[0].role == "system" and "Ann likes tea." in messages[0].content
+    assert messages[1:] == [*state.history[covers:], user("latest")]
+    assert len(state.history) == 20  # nothing is lost from the state
+
+
+def test_prompt_drops_oldest_history_when_no_summary_fits() -> None:
+    from actors.tokens import estimate_message_tokens
+
+    state = long_session(10)
+    state, _ = run(state, open_turn(start("t10", user("latest"))))
+    messages = session.prompt(state, None, budget=60)
+    assert messages[-1] == user("latest")
+    assert estimate_message_tokens(messages[:-1]) <= 60
+    assert messages[-2] == state.history[-1]

