@@ -48,6 +48,9 @@ class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True):
     code: str
     message: str
     param: str | None = None
+    # Worth another try (rate limit, server error, unreachable, timeout), and when.
+    retryable: bool = False
+    retry_after: float | None = None
 
 
 class StartTurn(msgspec.Struct, frozen=True, kw_only=True, tag="start_turn"):

@@ -49,6 +49,7 @@ from eventstore.errors import ConcurrencyConflict
 from eventstore.events import EventUnion
 from eventstore.store import EventStore
 from eventstore.tombstones import Tombstone, TombstoneLog
+from actors.model_chain import run_chain
 from actors.summary import summary_prompt
 from veil.config import Config, PipelineConfig
 
@@ -276,28 +277,34 @@ class SessionActor:
         try:
             if pipeline.summarize:
                 await self._fold_history(start.turn_id, pipeline)
-            job = GenerateRequest(
-                turn_id=start.turn_id,
-                upstream_model=pipeline.model,
-                messages=session.prompt(self._state, pipeline.system_prompt, pipeline.budget),
-                params=start.params,
-                out_subject=out if start.stream else None,
-                cancel_subject=cancel_subject,
-            )
-            # The engine's own timeout fires first, so a slow upstream reads as 504 from it.
-            timeout = self._ctx.config.server.turn_timeout
-            try:
-                reply = await nc.request(
-                    model_generate(pipeline.engine), GENERATE_CODEC.encode(job), timeout=timeout
+            messages = session.prompt(self._state, pipeline.system_prompt, pipeline.budget)
+
+            def make_job(upstream_model: str) -> GenerateRequest:
+                return GenerateRequest(
+                    turn_id=start.turn_id,
+                    upstream_model=upstream_model,
+                    messages=messages,
+                    params=start.params,
+                    out_subject=out if start.stream else None,
+                    cancel_subject=cancel_subject,
                 )
-                result = GENERATE_RESULT_CODEC.decode(reply.data)
-                error = result.error
-            except NoRespondersError:
-                error = _error(503, "no_model_worker", f"No worker serves the engine '{pipeline.engine}'.")
-            except NatsTimeout:
-                error = _error(504, "model_timeout", "The model actor did not answer in time.")
-            except DecodeError as failure:
-                error = _error(502, "bad_model_reply", f"The model actor answered badly: {failure}")
+
+            async def record(failed: GenerateResult) -> None:
+                now = self._ctx.clock()
+                await self._append(
+                    session.RecordModelCall(turn_id=start.turn_id, result=failed, purpose="reply", now=now)
+                )
+
+            # The engine's own timeout fires first, so a slow upstream reads as 504 from it.
+            result = await run_chain(
+                nc,
+                pipeline,
+                make_job,
+                timeout=self._ctx.config.server.turn_timeout,
+                record=record,
+                cancelled=cancelled,
+            )
+            error = result.error
         finally:
             with contextlib.suppress(Exception):
                 await cancel_sub.unsubscribe()

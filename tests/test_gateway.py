@@ -55,8 +55,9 @@ def veil(nats_url: str, upstream: FakeOpenAI, claude: FakeAnthropic) -> Iterator
             ),
         },
         pipelines={
-            "default": PipelineConfig(engine="up", model="upstream-secret-model", system_prompt=PERSONA),
-            "claude": PipelineConfig(engine="claude", model="claude-secret-model", system_prompt=PERSONA),
+            # No retries here: these tests are about how one failure reads (fallbacks: tests/test_fallbacks.py).
+            "default": PipelineConfig(engine="up", model="upstream-secret-model", system_prompt=PERSONA, retries=0),
+            "claude": PipelineConfig(engine="claude", model="claude-secret-model", system_prompt=PERSONA, retries=0),
         },
         models=[ModelConfig(name="veil", pipeline="default"), ModelConfig(name="veil-claude", pipeline="claude")],
         nats_url=nats_url,

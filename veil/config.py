@@ -22,6 +22,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "EngineConfig",
+    "FallbackConfig",
     "ModelConfig",
     "PipelineConfig",
     "ServerConfig",
@@ -63,10 +64,22 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     default_max_tokens: int = 4096
 
 
+class FallbackConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    engine: str
+    model: str
+
+
 class PipelineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     engine: str
     model: str
     system_prompt: str | None = None
+    # Tried in order when the engine above keeps failing (429, 5xx, unreachable, timeout).
+    fallbacks: list[FallbackConfig] = []
+    # Retries of one engine before the next in the chain, with exponential backoff.
+    retries: int = 2
+    retry_backoff: float = 0.5
+    # The longest wait between retries, whatever Retry-After asks for.
+    max_retry_wait: float = 10.0
     # The upstream model's context window, in tokens.
     context_window: int = 8192
     # Tokens of conversation history a prompt may carry; default: a share of the window.
@@ -77,6 +90,11 @@ class PipelineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     @property
     def budget(self) -> int:
         return self.history_budget or int(self.context_window * HISTORY_SHARE)
+
+    @property
+    def chain(self) -> list[FallbackConfig]:
+        """Engine and model to try, in order."""
+        return [FallbackConfig(engine=self.engine, model=self.model), *self.fallbacks]
 
 
 class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -164,6 +182,11 @@ def _check(config: Config) -> None:
             raise ConfigError(
                 f"{where}: pipelines.{name}.engine: unknown engine {pipeline.engine!r}"
             )
+        for i, fallback in enumerate(pipeline.fallbacks):
+            if fallback.engine not in config.engines:
+                raise ConfigError(
+                    f"{where}: pipelines.{name}.fallbacks[{i}].engine: unknown engine {fallback.engine!r}"
+                )
     for name in config.engines:
         if not is_valid_id(name):
             raise ConfigError(f"{where}: engines.{name}: names may use only [A-Za-z0-9_-]")

@@ -58,16 +58,21 @@ def _retry_after(error: anthropic.APIStatusError) -> float | None:
 
 def translate_error(error: Exception) -> EngineError:
     if isinstance(error, anthropic.APITimeoutError):
-        return EngineError(504, "upstream_timeout", "The upstream model did not answer in time.")
+        return EngineError(
+            504, "upstream_timeout", "The upstream model did not answer in time.", retryable=True
+        )
     if isinstance(error, anthropic.APIStatusError):
         return EngineError(
             502,
             "upstream_error",
             f"The upstream model failed with HTTP {error.status_code}: {error.message}",
+            retryable=error.status_code == 429 or error.status_code >= 500,
             retry_after=_retry_after(error),
         )
     if isinstance(error, anthropic.APIConnectionError):
-        return EngineError(502, "upstream_unreachable", f"The upstream model could not be reached: {error}")
+        return EngineError(
+            502, "upstream_unreachable", f"The upstream model could not be reached: {error}", retryable=True
+        )
     return EngineError(502, "upstream_error", f"The upstream model failed: {error!r}")
 
 

@@ -31,15 +31,24 @@ class EngineOutput(msgspec.Struct, kw_only=True):
 class EngineError(Exception):
     """An upstream failure, already translated to the status Veil answers with."""
 
-    def __init__(self, status: int, code: str, message: str, *, retry_after: float | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        retryable: bool = False,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.info = ErrorInfo(
             status=status,
             type="invalid_request_error" if status < 500 else "api_error",
             code=code,
             message=message,
+            retryable=retryable,
+            retry_after=retry_after,
         )
-        self.retry_after = retry_after
 
 
 class Engine(Protocol):

