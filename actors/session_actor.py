@@ -49,6 +49,7 @@ from eventstore.errors import ConcurrencyConflict
 from eventstore.events import EventUnion
 from eventstore.store import EventStore
 from eventstore.tombstones import Tombstone, TombstoneLog
+from actors.engines import unsupported_parameter
 from actors.model_chain import run_chain
 from actors.summary import summary_prompt
 from veil.config import Config, PipelineConfig
@@ -207,6 +208,10 @@ class SessionActor:
                 _error(404, "model_not_found", f"The model '{start.model}' does not exist."),
             )
             return
+        refusal = self._check_params(model.pipeline, start)
+        if refusal is not None:
+            await self._reject(request, refusal)
+            return
         out = session_out(self.session_id, start.turn_id)
         try:
             await self._open(start)
@@ -220,6 +225,21 @@ class SessionActor:
             return
         await request.respond(TURN_REPLY_CODEC.encode(TurnAccepted(turn_id=start.turn_id)))
         await self._run_turn(start, model.pipeline, out)
+
+    def _check_params(self, pipeline_name: str, start: StartTurn) -> ErrorInfo | None:
+        """Refuse parameters an engine of the chain cannot honour, before the log is touched."""
+        config = self._ctx.config
+        for link in config.pipelines[pipeline_name].chain:
+            name = unsupported_parameter(config.engines[link.engine].kind, start.params)
+            if name is not None:
+                return ErrorInfo(
+                    status=400,
+                    type="invalid_request_error",
+                    code="unsupported_parameter",
+                    message=f"The parameter '{name}' is not supported by the model '{start.model}'.",
+                    param=name,
+                )
+        return None
 
     async def _open(self, start: StartTurn) -> None:
         """Append TurnStarted, waiting out another writer's turn if it holds the lease."""

@@ -527,6 +527,21 @@ def test_anthropic_engine_translates_both_ways(client: openai.OpenAI, claude: Fa
     ]
 
 
+def test_parameter_an_engine_cannot_honour_is_400_and_writes_nothing(
+    veil: VeilThread, client: openai.OpenAI, claude: FakeAnthropic, store: JetStreamEventStore
+) -> None:
+    first = client.chat.completions.create(model="veil-claude", messages=[{"role": "user", "content": "x"}])
+    sid = first.model_extra["session_id"]
+    before = len(events_of(veil, store, sid))
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model="veil-claude", messages=[{"role": "user", "content": "y"}], seed=7, extra_body={"session_id": sid}
+        )
+    assert info.value.body["param"] == "seed" and info.value.body["code"] == "unsupported_parameter"
+    assert len(events_of(veil, store, sid)) == before
+    assert len(claude.requests) == 1
+
+
 def test_anthropic_rate_limit_is_502(client: openai.OpenAI, claude: FakeAnthropic) -> None:
     claude.fail_next(429, message="slow down")
     with pytest.raises(openai.APIStatusError) as info:

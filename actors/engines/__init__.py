@@ -5,7 +5,30 @@ from __future__ import annotations
 from actors.engines.base import DeltaSink, Engine, EngineError, EngineOutput, estimate_tokens
 from veil.config import Config
 
-__all__ = ["DeltaSink", "Engine", "EngineError", "EngineOutput", "build_engine", "estimate_tokens"]
+__all__ = [
+    "DeltaSink",
+    "Engine",
+    "EngineError",
+    "EngineOutput",
+    "build_engine",
+    "estimate_tokens",
+    "unsupported_parameter",
+]
+
+# Client parameters each kind of engine cannot honour; a request that sets one
+# is refused with 400 before anything is written.
+UNSUPPORTED: dict[str, frozenset[str]] = {
+    "openai": frozenset(),
+    "anthropic": frozenset({"seed", "response_format", "presence_penalty", "frequency_penalty"}),
+}
+
+
+def unsupported_parameter(kind: str, params: dict[str, object]) -> str | None:
+    """The first parameter set in params that this kind of engine cannot honour."""
+    for name in sorted(UNSUPPORTED.get(kind, frozenset())):
+        if params.get(name) is not None:
+            return name
+    return None
 
 
 def build_engine(config: Config, name: str) -> Engine:
