@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
@@ -16,6 +18,7 @@ from typing import Literal
 import msgspec
 
 from bus.subjects import is_valid_id
+from veil._toml_lines import line_of
 
 __all__ = [
     "ApiKey",
@@ -37,7 +40,53 @@ HISTORY_SHARE = 0.5
 
 
 class ConfigError(Exception):
-    """Invalid configuration: the message names the file and the field."""
+    """Invalid configuration: the message names the file, the line and the field."""
+
+
+_AT = re.compile(r"^(?P<message>.*?)(?: - at `\$\.?(?P<path>[^`]*)`)?$", re.S)
+_UNKNOWN = re.compile(r"unknown field `(?P<field>[^`]+)`")
+
+
+def _where(source: str, text: str | None, path: str) -> str:
+    line = line_of(text, path) if text and path else None
+    return f"{source}:{line}" if line else source
+
+
+def _invalid(source: str, text: str | None, path: str, message: str) -> ConfigError:
+    return ConfigError(f"{_where(source, text, path)}: {path or '(top level)'}: {message}")
+
+
+def _dict_entry_error(text: str, path: str) -> tuple[str, str] | None:
+    """msgspec writes a dict key as `[...]`: find the entry that fails, and its own error."""
+    section = path.split("[...]", 1)[0]
+    kinds: dict[str, type] = {"engines": EngineConfig, "pipelines": PipelineConfig}
+    if section not in kinds:
+        return None
+    raw = tomllib.loads(text).get(section, {})
+    for key, value in raw.items():
+        try:
+            msgspec.convert(value, type=kinds[section])
+        except msgspec.ValidationError as error:
+            match = _AT.match(str(error))
+            assert match is not None
+            inner = match.group("path") or ""
+            return f"{section}.{key}" + (f".{inner}" if inner else ""), match.group("message")
+    return None
+
+
+def _from_validation(source: str, text: str, error: Exception) -> ConfigError:
+    match = _AT.match(str(error))
+    assert match is not None
+    path = match.group("path") or ""
+    message = match.group("message")
+    if "[...]" in path:
+        found = _dict_entry_error(text, path)
+        if found is not None:
+            path, message = found
+    unknown = _UNKNOWN.search(message)
+    if unknown:
+        path = f"{path}.{unknown.group('field')}" if path else unknown.group("field")
+    return _invalid(source, text, path, message)
 
 
 class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -175,29 +224,25 @@ def _fill_defaults(config: Config, env: Mapping[str, str]) -> Config:
     return config
 
 
-def _check(config: Config) -> None:
-    where = config.source
+def _check(config: Config, text: str | None) -> None:
+    def invalid(path: str, message: str) -> ConfigError:
+        return _invalid(config.source, text, path, message)
+
     for name, pipeline in config.pipelines.items():
         if pipeline.engine not in config.engines:
-            raise ConfigError(
-                f"{where}: pipelines.{name}.engine: unknown engine {pipeline.engine!r}"
-            )
+            raise invalid(f"pipelines.{name}.engine", f"unknown engine {pipeline.engine!r}")
         for i, fallback in enumerate(pipeline.fallbacks):
             if fallback.engine not in config.engines:
-                raise ConfigError(
-                    f"{where}: pipelines.{name}.fallbacks[{i}].engine: unknown engine {fallback.engine!r}"
-                )
+                raise invalid(f"pipelines.{name}.fallbacks[{i}].engine", f"unknown engine {fallback.engine!r}")
     for name in config.engines:
         if not is_valid_id(name):
-            raise ConfigError(f"{where}: engines.{name}: names may use only [A-Za-z0-9_-]")
+            raise invalid(f"engines.{name}", "names may use only [A-Za-z0-9_-]")
     seen: set[str] = set()
     for i, model in enumerate(config.models):
         if model.pipeline not in config.pipelines:
-            raise ConfigError(
-                f"{where}: models[{i}].pipeline: unknown pipeline {model.pipeline!r}"
-            )
+            raise invalid(f"models[{i}].pipeline", f"unknown pipeline {model.pipeline!r}")
         if model.name in seen:
-            raise ConfigError(f"{where}: models[{i}].name: {model.name!r} is listed twice")
+            raise invalid(f"models[{i}].name", f"{model.name!r} is listed twice")
         seen.add(model.name)
 
 
@@ -205,19 +250,23 @@ def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, st
     """Read the file (if any), apply the environment, and check references."""
     env = os.environ if env is None else env
     path = path or env.get("VEIL_CONFIG")
+    text: str | None = None
     if path:
         file = Path(path)
         try:
-            config = msgspec.toml.decode(file.read_bytes(), type=Config)
-        except FileNotFoundError:
-            raise ConfigError(f"{file}: no such file") from None
+            text = file.read_text()
+        except OSError as error:
+            raise ConfigError(f"{file}: cannot read: {error.strerror}") from None
+        try:
+            config = msgspec.toml.decode(text, type=Config)
         except msgspec.ValidationError as error:
-            raise ConfigError(f"{file}: {error}") from None
+            raise _from_validation(str(file), text, error) from None
         except msgspec.DecodeError as error:
-            raise ConfigError(f"{file}: {error}") from None
+            # tomllib's own message carries the line and column.
+            raise ConfigError(f"{file}: not valid TOML: {error}") from None
         config.source = str(file)
     else:
         config = Config()
     config = _fill_defaults(config, env)
-    _check(config)
+    _check(config, text)
     return config

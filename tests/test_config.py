@@ -1,0 +1,77 @@
+"""Configuration: defaults from the environment, and errors that name file, line and field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from veil.config import ConfigError, load_config
+
+GOOD = """
+[server]
+port = 9000
+
+[engines.up]
+kind = "openai"
+base_url = "http://127.0.0.1:1/v1"
+
+[pipelines.general]
+engine = "up"
+model = "m"
+
+[[models]]
+name = "assistant"
+pipeline = "general"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "veil.toml"
+    path.write_text(text)
+    return path
+
+
+def test_file_loads(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, GOOD), env={})
+    assert config.server.port == 9000
+    assert [m.name for m in config.models] == ["assistant"]
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "field"),
+    [
+        (GOOD.replace('engine = "up"', 'engine = "nope"'), 10, "pipelines.general.engine"),
+        (GOOD.replace('pipeline = "general"', 'pipeline = "nope"'), 15, "models[0].pipeline"),
+        (GOOD.replace("port = 9000", 'port = "x"'), 3, "server.port"),
+        (GOOD.replace('model = "m"', 'model = "m"\ntemprature = 1'), 12, "pipelines.general.temprature"),
+        (GOOD.replace('kind = "openai"', 'kind = "gpt"'), 6, "engines.up.kind"),
+        (GOOD + '\n[[models]]\nname = "assistant"\npipeline = "general"\n', 18, "models[1].name"),
+    ],
+)
+def test_errors_name_file_line_and_field(tmp_path: Path, text: str, line: int, field: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert str(info.value).startswith(f"{path}:{line}: {field}:"), str(info.value)
+
+
+def test_broken_toml_names_the_line(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD.replace("port = 9000", "port = "))
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert str(path) in str(info.value) and "line 3" in str(info.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "absent.toml", env={})
+
+
+def test_environment_defaults() -> None:
+    config = load_config(None, env={"OPENAI_BASE_URL": "http://x/v1", "VEIL_UPSTREAM_MODEL": "q", "VEIL_API_KEYS": "a, b"})
+    assert config.pipelines["default"].model == "q" and config.models[0].name == "veil"
+    assert [k.key for k in config.keys] == ["a", "b"]
+    anthropic = load_config(None, env={"ANTHROPIC_API_KEY": "k"})
+    assert anthropic.engines["anthropic"].kind == "anthropic"
+    assert load_config(None, env={}).models == []
