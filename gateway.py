@@ -17,8 +17,8 @@ from aiohttp import web
 from nats.aio.client import Client
 
 from actors.protocol import (
-    Delta,
     DeleteSession,
+    Delta,
     GetSession,
     SessionDeleted,
     SessionView,
@@ -34,6 +34,7 @@ from veil.config import Config
 from veil.openai_wire import (
     ApiError,
     ChatRequest,
+    ChunkMeta,
     chunk,
     completion,
     error_body,
@@ -240,7 +241,7 @@ async def _stream(
     failure before any token is still a plain HTTP error."""
     response: web.StreamResponse | None = None
     created = int(time.time())
-    meta = {"id": f"chatcmpl-{start.turn_id}", "created": created, "model": start.model, "session_id": start.session_id}
+    meta = ChunkMeta(id=f"chatcmpl-{start.turn_id}", created=created, model=start.model, session_id=start.session_id)
     streamed: list[str] = []
 
     async def send(body: object) -> None:
@@ -267,23 +268,23 @@ async def _stream(
             raise ApiError(e.status, e.message, type=e.type, code=e.code, param=e.param)
         if response is None:
             response = await begin()
-            await send(chunk(**meta, delta={"role": "assistant", "content": ""}, include_usage=include_usage))
+            await send(chunk(meta, delta={"role": "assistant", "content": ""}, include_usage=include_usage))
         if isinstance(item, Delta):
             streamed.append(item.text)
-            await send(chunk(**meta, delta={"content": item.text}, include_usage=include_usage))
+            await send(chunk(meta, delta={"content": item.text}, include_usage=include_usage))
             continue
         # The final message carries the whole text: send whatever deltas did not arrive.
         sent = "".join(streamed)
         rest = item.content[len(sent):] if item.content.startswith(sent) else ""
         if rest:
-            await send(chunk(**meta, delta={"content": rest}, include_usage=include_usage))
+            await send(chunk(meta, delta={"content": rest}, include_usage=include_usage))
         if isinstance(item, TurnError):
             e = item.error
             await send(error_body(e.message, e.type, e.code, e.param))
             break
-        await send(chunk(**meta, finish_reason=item.finish_reason, include_usage=include_usage))
+        await send(chunk(meta, finish_reason=item.finish_reason, include_usage=include_usage))
         if include_usage:
-            await send(chunk(**meta, usage=item.usage))
+            await send(chunk(meta, usage=item.usage))
         try:
             await response.write(b"data: [DONE]\n\n")
         except ConnectionResetError:

@@ -23,7 +23,9 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.micro.request import Request
 
 from actors import session
+from actors.engines import unsupported_parameter
 from actors.errors import ActorError, AlreadyHandled, SessionNotFound, TurnInProgress
+from actors.model_chain import run_chain
 from actors.protocol import (
     GENERATE_CODEC,
     GENERATE_RESULT_CODEC,
@@ -33,25 +35,23 @@ from actors.protocol import (
     DeleteSession,
     ErrorInfo,
     GenerateRequest,
+    GenerateResult,
     GetSession,
     SessionDeleted,
     SessionView,
-    GenerateResult,
     StartTurn,
     TurnAccepted,
     TurnDone,
     TurnError,
     TurnRejected,
 )
+from actors.summary import summary_prompt
 from bus.codec import DecodeError, encode
 from bus.subjects import MEMORY_FORGET, model_generate, session_cancel, session_events, session_out
 from eventstore.errors import ConcurrencyConflict
 from eventstore.events import EventUnion
 from eventstore.store import EventStore
 from eventstore.tombstones import Tombstone, TombstoneLog
-from actors.engines import unsupported_parameter
-from actors.model_chain import run_chain
-from actors.summary import summary_prompt
 from veil.config import Config, PipelineConfig
 
 __all__ = ["SessionActor", "SessionContext"]
@@ -208,9 +208,9 @@ class SessionActor:
                 _error(404, "model_not_found", f"The model '{start.model}' does not exist."),
             )
             return
-        refusal = self._check_params(model.pipeline, start)
-        if refusal is not None:
-            await self._reject(request, refusal)
+        bad_param = self._check_params(model.pipeline, start)
+        if bad_param is not None:
+            await self._reject(request, bad_param)
             return
         out = session_out(self.session_id, start.turn_id)
         try:

@@ -23,7 +23,7 @@ def encode(obj: Any) -> bytes:
 class Codec(Generic[T]):
     """Typed JSON codec for one message type or tagged union."""
 
-    __slots__ = ("type", "_decoder")
+    __slots__ = ("_decoder", "type")
 
     def __init__(self, type_: Any) -> None:
         self.type = type_

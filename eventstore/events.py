@@ -16,8 +16,8 @@ import msgspec
 __all__ = [
     "ChatMessage",
     "Event",
-    "HistorySummarized",
     "EventUnion",
+    "HistorySummarized",
     "ModelCalled",
     "ReplyCompleted",
     "SessionOpened",

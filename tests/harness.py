@@ -48,7 +48,7 @@ class VeilThread:
         if self._workers is not None:
             await self._workers.stop()
 
-    def start(self) -> "VeilThread":
+    def start(self) -> VeilThread:
         self._thread.start()
         self.call(self._start())
         return self

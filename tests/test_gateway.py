@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 
 import aiohttp
 import nats
 import nats.aio.client
-import urllib.error
-import urllib.request
 import openai
 import pytest
 

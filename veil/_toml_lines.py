@@ -35,9 +35,9 @@ def line_of(text: str, path: str) -> int | None:
         if header:
             names = _clean(header.group(2))
             if header.group(1) == "[[":
-                key = ".".join(names)
-                counts[key] = counts.get(key, -1) + 1
-                table = [*names, str(counts[key])]
+                name = ".".join(names)
+                counts[name] = counts.get(name, -1) + 1
+                table = [*names, str(counts[name])]
             else:
                 table = names
             if want[: len(table)] == table:

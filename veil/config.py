@@ -43,7 +43,7 @@ class ConfigError(Exception):
     """Invalid configuration: the message names the file, the line and the field."""
 
 
-_AT = re.compile(r"^(?P<message>.*?)(?: - at `\$\.?(?P<path>[^`]*)`)?$", re.S)
+_AT = re.compile(r"^(?P<message>.*?)(?: - at `\$\.?(?P<path>[^`]*)`)?$", re.DOTALL)
 _UNKNOWN = re.compile(r"unknown field `(?P<field>[^`]+)`")
 
 

@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["NatsServer", "find_binary", "default_config"]
+__all__ = ["NatsServer", "default_config", "find_binary"]
 
 
 def _die_with_parent() -> None:
@@ -149,7 +149,7 @@ class NatsServer:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def __enter__(self) -> "NatsServer":
+    def __enter__(self) -> NatsServer:
         self.start()
         return self
 

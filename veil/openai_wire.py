@@ -12,6 +12,7 @@ from eventstore.events import ChatMessage, Usage
 __all__ = [
     "ApiError",
     "ChatRequest",
+    "ChunkMeta",
     "chunk",
     "completion",
     "error_body",
@@ -246,12 +247,18 @@ def completion(
     }
 
 
+class ChunkMeta(msgspec.Struct, frozen=True, kw_only=True):
+    """What every chunk of one streamed completion repeats."""
+
+    id: str
+    created: int
+    model: str
+    session_id: str
+
+
 def chunk(
+    meta: ChunkMeta,
     *,
-    id: str,
-    created: int,
-    model: str,
-    session_id: str,
     delta: dict[str, Any] | None = None,
     finish_reason: str | None = None,
     usage: Usage | None = None,
@@ -259,11 +266,11 @@ def chunk(
 ) -> dict[str, Any]:
     """A `chat.completion.chunk`; with usage, the final usage-only chunk (empty choices)."""
     body: dict[str, Any] = {
-        "id": id,
+        "id": meta.id,
         "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "session_id": session_id,
+        "created": meta.created,
+        "model": meta.model,
+        "session_id": meta.session_id,
     }
     if usage is not None:
         body["choices"] = []

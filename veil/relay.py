@@ -21,10 +21,10 @@ from actors.protocol import (
     SessionCommandUnion,
     StartTurn,
     TurnAccepted,
-    TurnRejected,
-    TurnReplyUnion,
     TurnDone,
     TurnError,
+    TurnRejected,
+    TurnReplyUnion,
 )
 from bus.subjects import session_cancel, session_cmd, session_out
 from veil.openai_wire import ApiError
@@ -71,7 +71,7 @@ class TurnRelay:
         self._sub: Subscription | None = None
         self.replay = False
 
-    async def __aenter__(self) -> "TurnRelay":
+    async def __aenter__(self) -> TurnRelay:
         self._sub = await self._nc.subscribe(
             session_out(self.start.session_id, self.start.turn_id), pending_msgs_limit=0
         )

@@ -94,12 +94,11 @@ def render_replay(session_id: str, stored: Sequence[StoredEvent], *, as_json: bo
     yield ""
     yield "Rebuilt state:"
     for key, value in _state_summary(state).items():
-        if key == "history":
-            yield "  history:"
-            for m in value:
-                yield f"    {m['role']}: {_quote(m['content'])}"
-        else:
+        if key != "history":
             yield f"  {key}: {value}"
+    yield "  history:"
+    for m in state.history:
+        yield f"    {m.role}: {_quote(m.content)}"
 
 
 def _state_summary(state: session.SessionState) -> dict[str, object]:

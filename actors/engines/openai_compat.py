@@ -11,7 +11,7 @@ import openai
 from actors.engines.base import DeltaSink, EngineError, EngineOutput
 from eventstore.events import ChatMessage, Usage
 
-__all__ = ["OpenAIEngine", "PASSTHROUGH"]
+__all__ = ["PASSTHROUGH", "OpenAIEngine"]
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
@@ -95,7 +95,7 @@ class OpenAIEngine:
     async def _complete(
         self, model: str, wire: list[dict[str, str]], kwargs: dict[str, Any], output: EngineOutput
     ) -> None:
-        response = await self._client.chat.completions.create(model=model, messages=wire, **kwargs)  # type: ignore[call-overload]
+        response = await self._client.chat.completions.create(model=model, messages=wire, **kwargs)  # type: ignore[arg-type]
         choice = response.choices[0]
         output.parts.append(choice.message.content or "")
         output.finish_reason = choice.finish_reason or "stop"

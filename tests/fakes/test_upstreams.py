@@ -15,7 +15,7 @@ import httpx2
 import openai
 import pytest
 
-from tests.fakes.upstreams import Fault, FakeAnthropic, FakeOpenAI, split_tokens
+from tests.fakes.upstreams import FakeAnthropic, FakeOpenAI, Fault, split_tokens
 
 KEY = "sk-test-key"
 USER = [{"role": "user", "content": "hello big world"}]
@@ -297,14 +297,13 @@ async def test_openai_auth_and_models(aoai_up: FakeOpenAI) -> None:
 
 
 async def test_openai_rejects_bad_body(aoai_up: FakeOpenAI) -> None:
-    async with aiohttp.ClientSession() as http:
-        async with http.post(
-            aoai_up.base_url + "/chat/completions",
-            data=b"not json",
-            headers={"Authorization": f"Bearer {KEY}"},
-        ) as resp:
-            assert resp.status == 400
-            body = await resp.json()
+    async with aiohttp.ClientSession() as http, http.post(
+        aoai_up.base_url + "/chat/completions",
+        data=b"not json",
+        headers={"Authorization": f"Bearer {KEY}"},
+    ) as resp:
+        assert resp.status == 400
+        body = await resp.json()
     assert body["error"]["type"] == "invalid_request_error"
     assert aoai_up.last_request.body is None
 
@@ -494,14 +493,13 @@ async def test_anthropic_auth_and_version(aant_up: FakeAnthropic) -> None:
             await bad.messages.create(model="c", max_tokens=10, messages=USER)
     assert info.value.type == "authentication_error"
 
-    async with aiohttp.ClientSession() as http:
-        async with http.post(
-            aant_up.url + "/v1/messages",
-            json={"model": "c", "max_tokens": 5, "messages": USER},
-            headers={"x-api-key": KEY},
-        ) as resp:
-            assert resp.status == 400
-            body = await resp.json()
+    async with aiohttp.ClientSession() as http, http.post(
+        aant_up.url + "/v1/messages",
+        json={"model": "c", "max_tokens": 5, "messages": USER},
+        headers={"x-api-key": KEY},
+    ) as resp:
+        assert resp.status == 400
+        body = await resp.json()
     assert body["type"] == "error"
     assert body["error"] == {
         "type": "invalid_request_error",

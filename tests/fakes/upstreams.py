@@ -34,7 +34,7 @@ from typing import Any, ClassVar, Self
 import msgspec
 from aiohttp import web
 
-__all__ = ["Fault", "FakeAnthropic", "FakeOpenAI", "RecordedRequest", "Reply", "split_tokens"]
+__all__ = ["FakeAnthropic", "FakeOpenAI", "Fault", "RecordedRequest", "Reply", "split_tokens"]
 
 _encode = msgspec.json.encode  # compact JSON, like the real APIs send
 _decode = msgspec.json.decode
