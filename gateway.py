@@ -20,6 +20,8 @@ from actors.protocol import (
     DeleteSession,
     Delta,
     GetSession,
+    MemoriesFound,
+    SearchMemories,
     SessionDeleted,
     SessionView,
     StartTurn,
@@ -194,6 +196,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         key_id=principal.key_id,
         model=chat.model,
         messages=to_chat_messages(chat),
+        user_id=chat.user or (chat.metadata or {}).get("user_id"),
         params=generation_params(chat),
         stream=bool(chat.stream),
     )
@@ -347,6 +350,40 @@ async def list_messages(request: web.Request) -> web.Response:
     )
 
 
+async def search_memories(request: web.Request) -> web.Response:
+    query = request.query.get("q", "").strip()
+    if not query:
+        raise ApiError(400, "Give the search text as the query parameter 'q'.", param="q", code="missing_required_parameter")
+    try:
+        limit = int(request.query.get("limit", "10"))
+    except ValueError:
+        raise ApiError(400, "limit must be an integer.", param="limit", code="invalid_value") from None
+    if not 1 <= limit <= 100:
+        raise ApiError(400, "limit must be between 1 and 100.", param="limit", code="invalid_value")
+    command = SearchMemories(
+        session_id=_session_id_param(request), tenant=request[PRINCIPAL].tenant, query=query, k=limit
+    )
+    reply = await ask_session(request.app[NATS], command, request.app[CONFIG].server.accept_timeout)
+    if not isinstance(reply, MemoriesFound):
+        raise ApiError(500, "Unexpected reply from the session actor.", code="actor_failed")
+    data = [
+        {
+            "id": h.id,
+            "object": "session.memory",
+            "session_id": h.session_id,
+            "role": h.role,
+            "kind": h.kind,
+            "content": h.text,
+            "score": h.score,
+            "vector_similarity": h.vector_similarity,
+            "bm25": h.bm25,
+            "created_at": int(h.created_at.timestamp()),
+        }
+        for h in reply.hits
+    ]
+    return _json({"object": "list", "data": data, "has_more": False})
+
+
 async def delete_session(request: web.Request) -> web.Response:
     principal = request[PRINCIPAL]
     command = DeleteSession(session_id=_session_id_param(request), tenant=principal.tenant, key_id=principal.key_id)
@@ -383,5 +420,6 @@ def create_app(config: Config, nats_url: str) -> web.Application:
     app.router.add_get("/v1/sessions/{session_id}", get_session)
     app.router.add_delete("/v1/sessions/{session_id}", delete_session)
     app.router.add_get("/v1/sessions/{session_id}/messages", list_messages)
+    app.router.add_get("/v1/sessions/{session_id}/memories", search_memories)
     app.router.add_get("/healthz", health)
     return app

@@ -27,6 +27,9 @@ __all__ = [
     "GenerateRequest",
     "GenerateResult",
     "GetSession",
+    "MemoriesFound",
+    "MemoryFound",
+    "SearchMemories",
     "OutputUnion",
     "SessionCommandUnion",
     "SessionDeleted",
@@ -64,6 +67,7 @@ class StartTurn(msgspec.Struct, frozen=True, kw_only=True, tag="start_turn"):
     key_id: str
     model: str
     messages: list[ChatMessage]
+    user_id: str | None = None
     params: dict[str, Any] = {}
     stream: bool = False
 
@@ -84,7 +88,32 @@ class DeleteSession(msgspec.Struct, frozen=True, kw_only=True, tag="delete"):
     key_id: str
 
 
-SessionCommandUnion = StartTurn | GetSession | DeleteSession
+class SearchMemories(msgspec.Struct, frozen=True, kw_only=True, tag="search_memories"):
+    """Gateway -> session actor: search the long-term memory this session can see."""
+
+    session_id: str
+    tenant: str
+    query: str
+    k: int = 10
+
+
+SessionCommandUnion = StartTurn | GetSession | DeleteSession | SearchMemories
+
+
+class MemoryFound(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    session_id: str
+    role: str
+    kind: str
+    text: str
+    score: float
+    created_at: datetime
+    vector_similarity: float | None = None
+    bm25: float | None = None
+
+
+class MemoriesFound(msgspec.Struct, frozen=True, kw_only=True, tag="memories"):
+    hits: list[MemoryFound]
 
 
 class SessionView(msgspec.Struct, frozen=True, kw_only=True, tag="session"):
@@ -118,7 +147,7 @@ class TurnRejected(msgspec.Struct, frozen=True, kw_only=True, tag="rejected"):
     error: ErrorInfo
 
 
-TurnReplyUnion = TurnAccepted | TurnRejected | SessionView | SessionDeleted
+TurnReplyUnion = TurnAccepted | TurnRejected | SessionView | SessionDeleted | MemoriesFound
 
 
 class Delta(msgspec.Struct, frozen=True, kw_only=True, tag="delta"):

@@ -25,6 +25,7 @@ from eventstore.events import (
     ChatMessage,
     EventUnion,
     HistorySummarized,
+    MemoryRecalled,
     ModelCalled,
     ReplyCompleted,
     SessionOpened,
@@ -42,6 +43,7 @@ __all__ = [
     "OpenTurn",
     "OpenTurnState",
     "RecordModelCall",
+    "RecordRecall",
     "SessionState",
     "Summarize",
     "TurnOutcome",
@@ -77,6 +79,8 @@ class SessionState(msgspec.Struct, frozen=True, kw_only=True):
     session_id: str | None = None
     tenant: str | None = None
     key_id: str | None = None
+    # Pinned when the session opens: memory is scoped to this user's sessions.
+    user_id: str | None = None
     created_at: datetime | None = None
     updated_at: datetime | None = None
     # The client's latest system prompt; it persists until the client sends another.
@@ -144,7 +148,13 @@ class RecordModelCall(msgspec.Struct, frozen=True, kw_only=True):
     now: datetime
 
 
-Command = OpenTurn | CompleteTurn | FailTurn | CancelTurn | Summarize | RecordModelCall
+class RecordRecall(msgspec.Struct, frozen=True, kw_only=True):
+    """Record what long-term memory returned for the open turn."""
+
+    recalled: MemoryRecalled
+
+
+Command = OpenTurn | CompleteTurn | FailTurn | CancelTurn | Summarize | RecordModelCall | RecordRecall
 
 
 def initial() -> SessionState:
@@ -207,7 +217,11 @@ def _decide_open(state: SessionState, cmd: OpenTurn) -> list[EventUnion]:
     if start.new_session:
         events.append(
             SessionOpened(
-                at=cmd.now, session_id=start.session_id, tenant=start.tenant, key_id=start.key_id
+                at=cmd.now,
+                session_id=start.session_id,
+                tenant=start.tenant,
+                key_id=start.key_id,
+                user_id=start.user_id,
             )
         )
     open_turn = state.open_turn
@@ -305,6 +319,8 @@ def decide(state: SessionState, command: Command) -> list[EventUnion]:
             ]
         case RecordModelCall(turn_id=turn_id, result=result, purpose=purpose, now=now):
             return [_model_called(turn_id, result, now, purpose)]
+        case RecordRecall(recalled=recalled):
+            return [recalled] if _require_open(state, recalled.turn_id) else []
         case _:
             assert_never(command)
 
@@ -338,6 +354,7 @@ def evolve(state: SessionState, event: EventUnion) -> SessionState:
                 session_id=event.session_id,
                 tenant=event.tenant,
                 key_id=event.key_id,
+                user_id=event.user_id,
                 created_at=event.at,
                 updated_at=event.at,
             )
@@ -355,7 +372,7 @@ def evolve(state: SessionState, event: EventUnion) -> SessionState:
                 last_model=event.model,
                 updated_at=event.at,
             )
-        case ModelCalled():
+        case ModelCalled() | MemoryRecalled():
             return state
         case HistorySummarized():
             return replace(state, summary=event.summary, summarized=event.covers, updated_at=event.at)
@@ -424,7 +441,12 @@ def fold_plan(state: SessionState, budget: int) -> int | None:
     return starts[-1] if starts else None
 
 
-def prompt(state: SessionState, persona: str | None = None, budget: int | None = None) -> list[ChatMessage]:
+def prompt(
+    state: SessionState,
+    persona: str | None = None,
+    budget: int | None = None,
+    memories: str | None = None,
+) -> list[ChatMessage]:
     """What the model receives for the open turn: system, summary, recent history, new messages.
 
     History that still does not fit the budget (a summary failed, or is off) is
@@ -433,6 +455,8 @@ def prompt(state: SessionState, persona: str | None = None, budget: int | None =
     parts = [p for p in (persona, state.system) if p]
     if state.summary:
         parts.append(f"{SUMMARY_HEADER}\n{state.summary}")
+    if memories:
+        parts.append(memories)
     messages: list[ChatMessage] = []
     if parts:
         messages.append(ChatMessage(role="system", content="\n\n".join(parts)))

@@ -19,6 +19,7 @@ import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
+
 from nats.errors import TimeoutError as NatsTimeout
 from nats.micro.request import Request
 
@@ -37,6 +38,9 @@ from actors.protocol import (
     GenerateRequest,
     GenerateResult,
     GetSession,
+    MemoriesFound,
+    MemoryFound,
+    SearchMemories,
     SessionDeleted,
     SessionView,
     StartTurn,
@@ -45,11 +49,13 @@ from actors.protocol import (
     TurnError,
     TurnRejected,
 )
+from actors.memory.actor import RECALL_CODEC, RECALL_REPLY_CODEC, RecallRequest
+from actors.memory.prompting import choose_memories, memory_block
 from actors.summary import summary_prompt
 from bus.codec import DecodeError, encode
-from bus.subjects import MEMORY_FORGET, model_generate, session_cancel, session_events, session_out
+from bus.subjects import MEMORY_FORGET, MEMORY_RECALL, model_generate, session_cancel, session_events, session_out
 from eventstore.errors import ConcurrencyConflict
-from eventstore.events import EventUnion
+from eventstore.events import EventUnion, MemoryRecalled, RecalledMemory
 from eventstore.store import EventStore
 from eventstore.tombstones import Tombstone, TombstoneLog
 from veil.config import Config, PipelineConfig
@@ -143,6 +149,8 @@ class SessionActor:
                 await self._get(request, command)
             case DeleteSession():
                 await self._delete(request, command)
+            case SearchMemories():
+                await self._search(request, command)
             case _:
                 assert_never(command)
 
@@ -166,6 +174,42 @@ class SessionActor:
             messages=list(state.history) if command.messages else None,
         )
         await request.respond(TURN_REPLY_CODEC.encode(view))
+
+    async def _search(self, request: Request, command: SearchMemories) -> None:
+        await self._reload()
+        if not self._owned_by(command.tenant):
+            await self._reject(request, _not_found(self.session_id))
+            return
+        ask = RecallRequest(
+            tenant=command.tenant,
+            session_id=self.session_id,
+            user_id=self._state.user_id,
+            query=command.query,
+            k=command.k,
+        )
+        try:
+            reply = await self._ctx.nc.request(MEMORY_RECALL, RECALL_CODEC.encode(ask), timeout=10)
+        except NoRespondersError:
+            await self._reject(request, _error(503, "memory_unavailable", "Long-term memory is not running."))
+            return
+        except NatsTimeout:
+            await self._reject(request, _error(504, "timeout", "Long-term memory did not answer in time."))
+            return
+        hits = [
+            MemoryFound(
+                id=h.id,
+                session_id=h.session_id,
+                role=h.role,
+                kind=h.kind,
+                text=h.text,
+                score=h.score,
+                created_at=h.created_at,
+                vector_similarity=h.vector_similarity,
+                bm25=h.bm25,
+            )
+            for h in RECALL_REPLY_CODEC.decode(reply.data).hits
+        ]
+        await request.respond(TURN_REPLY_CODEC.encode(MemoriesFound(hits=hits)))
 
     async def _delete(self, request: Request, command: DeleteSession) -> None:
         await self._reload()
@@ -297,7 +341,8 @@ class SessionActor:
         try:
             if pipeline.summarize:
                 await self._fold_history(start.turn_id, pipeline)
-            messages = session.prompt(self._state, pipeline.system_prompt, pipeline.budget)
+            memories = await self._recall(start, pipeline)
+            messages = session.prompt(self._state, pipeline.system_prompt, pipeline.budget, memories)
 
             def make_job(upstream_model: str) -> GenerateRequest:
                 return GenerateRequest(
@@ -357,6 +402,54 @@ class SessionActor:
                 )
             ),
         )
+
+    async def _recall(self, start: StartTurn, pipeline: PipelineConfig) -> str | None:
+        """Ask long-term memory about this turn; record what came back and what is used."""
+        policy = pipeline.memory
+        state = self._state
+        if not policy.recall or state.open_turn is None or state.tenant is None:
+            return None
+        query = next((m.content for m in reversed(state.open_turn.messages) if m.role == "user"), "")
+        if not query.strip():
+            return None
+        ask = RecallRequest(
+            tenant=state.tenant, session_id=self.session_id, user_id=state.user_id, query=query, k=policy.k
+        )
+        now = self._ctx.clock()
+        try:
+            reply = await self._ctx.nc.request(MEMORY_RECALL, RECALL_CODEC.encode(ask), timeout=policy.timeout)
+            hits = RECALL_REPLY_CODEC.decode(reply.data).hits
+        except NoRespondersError:
+            return None  # no memory actor runs: memory is off
+        except (NatsTimeout, DecodeError) as failure:
+            recalled = MemoryRecalled(at=now, turn_id=start.turn_id, query=query, user_id=state.user_id, error=repr(failure))
+            await self._append(session.RecordRecall(recalled=recalled))
+            return None
+        in_prompt = {m.content for m in session.prompt(state)}
+        used = choose_memories(hits, in_prompt, policy)
+        recalled = MemoryRecalled(
+            at=now,
+            turn_id=start.turn_id,
+            query=query,
+            user_id=state.user_id,
+            hits=[
+                RecalledMemory(
+                    id=h.id,
+                    session_id=h.session_id,
+                    source_seq=h.source_seq,
+                    kind=h.kind,
+                    role=h.role,
+                    score=round(h.score, 6),
+                    vector_similarity=None if h.vector_similarity is None else round(h.vector_similarity, 6),
+                    bm25=None if h.bm25 is None else round(h.bm25, 6),
+                    used=h in used,
+                    text=h.text if h.session_id == self.session_id else None,
+                )
+                for h in hits
+            ],
+        )
+        await self._append(session.RecordRecall(recalled=recalled))
+        return memory_block(used, self.session_id) if used else None
 
     async def _fold_history(self, turn_id: str, pipeline: PipelineConfig) -> None:
         """Fold old turns into the running summary when history outgrows the budget.

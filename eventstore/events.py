@@ -18,6 +18,8 @@ __all__ = [
     "Event",
     "EventUnion",
     "HistorySummarized",
+    "MemoryRecalled",
+    "RecalledMemory",
     "ModelCalled",
     "ReplyCompleted",
     "SessionOpened",
@@ -53,6 +55,9 @@ class SessionOpened(Event, tag="session.opened", frozen=True, kw_only=True):
     tenant: str
     # A hash of the API key that opened the session, never the key itself.
     key_id: str
+    # The end user the client named when it opened the session (`user` or
+    # `metadata.user_id`); long-term memory is shared across that user's sessions.
+    user_id: str | None = None
 
 
 class TurnStarted(Event, tag="turn.started", frozen=True, kw_only=True):
@@ -96,6 +101,35 @@ class HistorySummarized(Event, tag="history.summarized", frozen=True, kw_only=Tr
     covers: int
 
 
+class RecalledMemory(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One recalled memory: where it comes from, how it scored, whether it was used."""
+
+    id: str
+    session_id: str
+    # The event in `session_id`'s log the memory was made from.
+    source_seq: int
+    kind: str
+    role: str
+    score: float
+    vector_similarity: float | None = None
+    bm25: float | None = None
+    used: bool = False
+    # Inline only for this session's own memories; another session's text is
+    # referenced by (session_id, source_seq), so deleting that session deletes it.
+    text: str | None = None
+
+
+class MemoryRecalled(Event, tag="memory.recalled", frozen=True, kw_only=True):
+    """What long-term memory returned for a turn, and what of it went into the prompt."""
+
+    turn_id: str
+    query: str
+    # The end user whose other sessions were searched too, if any.
+    user_id: str | None = None
+    hits: list[RecalledMemory] = []
+    error: str | None = None
+
+
 class ReplyCompleted(Event, tag="reply.completed", frozen=True, kw_only=True):
     turn_id: str
     content: str
@@ -124,6 +158,7 @@ EventUnion = (
     | TurnStarted
     | ModelCalled
     | HistorySummarized
+    | MemoryRecalled
     | ReplyCompleted
     | TurnFailed
     | TurnCancelled

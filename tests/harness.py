@@ -7,6 +7,7 @@ while the test's own loop stays free.
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -21,6 +22,9 @@ T = TypeVar("T")
 
 class VeilThread:
     def __init__(self, config: Config, nats_url: str) -> None:
+        if config.data_dir == Config().data_dir:
+            # Never the repository's ./.veil: each instance gets its own memory index.
+            config.data_dir = tempfile.mkdtemp(prefix="veil-test-")
         self.config = config
         self.nats_url = nats_url
         self.port = 0

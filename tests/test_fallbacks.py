@@ -12,7 +12,7 @@ from eventstore.events import ModelCalled, ReplyCompleted, TurnFailed
 from tests.fakes.upstreams import FakeOpenAI
 from tests.harness import VeilThread
 from tests.test_memory_short import load
-from veil.config import Config, EngineConfig, FallbackConfig, ModelConfig, PipelineConfig
+from veil.config import Config, EngineConfig, FallbackConfig, ModelConfig, PipelineConfig, MemoryConfig
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +49,7 @@ def veil(nats_url: str, primary: FakeOpenAI, secondary: FakeOpenAI) -> Iterator[
         },
         models=[ModelConfig(name="veil", pipeline="default")],
         nats_url=nats_url,
+        memory=MemoryConfig(enabled=False),  # long-term memory has its own tests
     )
     server = VeilThread(config, nats_url).start()
     yield server

@@ -19,7 +19,7 @@ from eventstore.events import ReplyCompleted, TurnCancelled, TurnFailed, TurnSta
 from eventstore.jetstream import JetStreamEventStore
 from tests.fakes.upstreams import FakeAnthropic, FakeOpenAI
 from tests.harness import VeilThread
-from veil.config import ApiKey, Config, EngineConfig, ModelConfig, PipelineConfig, ServerConfig
+from veil.config import ApiKey, Config, EngineConfig, ModelConfig, PipelineConfig, ServerConfig, MemoryConfig
 
 KEY_A = "sk-test-tenant-a"
 KEY_A2 = "sk-test-tenant-a-second"
@@ -61,6 +61,7 @@ def veil(nats_url: str, upstream: FakeOpenAI, claude: FakeAnthropic) -> Iterator
         },
         models=[ModelConfig(name="veil", pipeline="default"), ModelConfig(name="veil-claude", pipeline="claude")],
         nats_url=nats_url,
+        memory=MemoryConfig(enabled=False),  # long-term memory has its own tests
     )
     server = VeilThread(config, nats_url).start()
     yield server

@@ -15,7 +15,7 @@ from eventstore.events import ChatMessage, HistorySummarized, ModelCalled
 from eventstore.jetstream import JetStreamEventStore
 from tests.fakes.upstreams import FakeOpenAI
 from tests.harness import VeilThread
-from veil.config import Config, EngineConfig, ModelConfig, PipelineConfig
+from veil.config import Config, EngineConfig, ModelConfig, PipelineConfig, MemoryConfig
 
 BUDGET = 120
 
@@ -41,6 +41,7 @@ def veil(nats_url: str, upstream: FakeOpenAI) -> Iterator[VeilThread]:
         pipelines={"default": PipelineConfig(engine="up", model="m", system_prompt="Persona.", history_budget=BUDGET)},
         models=[ModelConfig(name="veil", pipeline="default")],
         nats_url=nats_url,
+        memory=MemoryConfig(enabled=False),  # long-term memory has its own tests
     )
     server = VeilThread(config, nats_url).start()
     yield server

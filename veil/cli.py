@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("session_id")
     replay.add_argument("--json", action="store_true", help="one JSON object per line")
     replay.add_argument("--config", default=argparse.SUPPRESS, help="TOML config file (or VEIL_CONFIG)")
+    reindex = sub.add_parser("reindex", help="drop the memory index and rebuild it from the log")
+    reindex.add_argument("--config", default=argparse.SUPPRESS, help="TOML config file (or VEIL_CONFIG)")
     sessions = sub.add_parser("sessions", help="list sessions")
     sessions.add_argument("--json", action="store_true", help="one JSON object per line")
     sessions.add_argument("--config", default=argparse.SUPPRESS, help="TOML config file (or VEIL_CONFIG)")
@@ -77,7 +79,7 @@ async def _replay(config: Config, session_id: str, as_json: bool) -> int:
     from bus.connection import connect
     from bus.subjects import is_valid_id
     from eventstore.jetstream import JetStreamEventStore
-    from veil.replay import render_replay
+    from veil.replay import referenced_sessions, render_replay, text_at
 
     if not is_valid_id(session_id):
         print(f"invalid session id: {session_id!r}", file=sys.stderr)
@@ -85,13 +87,21 @@ async def _replay(config: Config, session_id: str, as_json: bool) -> int:
     async with _log_connection(config) as url:
         nc = await connect(url, name="veil-replay")
         try:
-            events = await JetStreamEventStore(nc.jetstream(), nc).load(session_id)
+            store = JetStreamEventStore(nc.jetstream(), nc)
+            events = await store.load(session_id)
+            # Memories recalled from other sessions are references: resolve them while they exist.
+            others = {sid: {s.seq: s.event for s in await store.load(sid)} for sid in referenced_sessions(events)}
         finally:
             await nc.drain()
     if not events:
         print(f"no events for session {session_id}", file=sys.stderr)
         return 1
-    for line in render_replay(session_id, events, as_json=as_json):
+
+    def resolve(sid: str, seq: int) -> str | None:
+        event = others.get(sid, {}).get(seq)
+        return None if event is None else (text_at(event, "user") or text_at(event, "assistant"))
+
+    for line in render_replay(session_id, events, as_json=as_json, resolve=resolve):
         print(line)
     return 0
 
@@ -113,6 +123,15 @@ async def _sessions(config: Config, as_json: bool) -> int:
             await nc.drain()
     for line in render_sessions(infos, firsts, as_json=as_json):
         print(line)
+    return 0
+
+
+async def _reindex(config: Config) -> int:
+    from veil.reindex import reindex
+
+    async with _log_connection(config) as url:
+        events, memories = await reindex(config, url)
+    print(f"Reindexed {events} events into {memories} memories.")
     return 0
 
 
@@ -140,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_replay(config, args.session_id, args.json))
     if args.command == "sessions":
         return asyncio.run(_sessions(config, args.json))
+    if args.command == "reindex":
+        return asyncio.run(_reindex(config))
     return 2
 
 

@@ -26,6 +26,8 @@ __all__ = [
     "ConfigError",
     "EngineConfig",
     "FallbackConfig",
+    "MemoryConfig",
+    "MemoryPolicy",
     "ModelConfig",
     "PipelineConfig",
     "ServerConfig",
@@ -118,6 +120,20 @@ class FallbackConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     model: str
 
 
+class MemoryPolicy(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """How a pipeline uses long-term memory."""
+
+    recall: bool = True
+    # Memories asked for, and at most how many of them go into the prompt.
+    k: int = 8
+    inject: int = 5
+    # A memory found only by vector search needs at least this cosine similarity.
+    min_similarity: float = 0.3
+    # Tokens the recalled memories may take in the prompt.
+    budget: int = 600
+    timeout: float = 2.0
+
+
 class PipelineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     engine: str
     model: str
@@ -135,6 +151,7 @@ class PipelineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     history_budget: int | None = None
     # Fold turns that outgrow the budget into a running summary (else drop them from prompts).
     summarize: bool = True
+    memory: MemoryPolicy = msgspec.field(default_factory=MemoryPolicy)
 
     @property
     def budget(self) -> int:
@@ -154,6 +171,14 @@ class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     description: str | None = None
 
 
+class MemoryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The memory actor: one per index file."""
+
+    enabled: bool = True
+    # Default: memory.sqlite in the data directory.
+    path: str | None = None
+
+
 class ApiKey(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     key: str
     tenant: str | None = None
@@ -165,6 +190,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     engines: dict[str, EngineConfig] = {}
     pipelines: dict[str, PipelineConfig] = {}
     models: list[ModelConfig] = []
+    memory: MemoryConfig = msgspec.field(default_factory=MemoryConfig)
     nats_url: str | None = None
     data_dir: str = ".veil"
     source: str = "<defaults>"

@@ -109,6 +109,7 @@ class ChatRequest(msgspec.Struct, kw_only=True):
 
 
 _decoder = msgspec.json.Decoder(ChatRequest)
+MAX_USER_LENGTH = 256
 _PATH = re.compile(r"at `\$\.?(?P<path>[^`]*)`")
 
 
@@ -171,6 +172,9 @@ def _check(request: ChatRequest) -> None:
                 param=f"messages[{i}].content",
                 code="invalid_type",
             )
+    user = request.user or (request.metadata or {}).get("user_id")
+    if user is not None and not 0 < len(user) <= MAX_USER_LENGTH:
+        raise ApiError(400, f"The user id must be 1-{MAX_USER_LENGTH} characters.", param="user", code="invalid_value")
     for field in ("temperature", "top_p"):
         value = getattr(request, field)
         if value is not None and not 0 <= value <= 2:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import assert_never
 
 import msgspec
@@ -12,6 +12,7 @@ from bus.codec import encode
 from eventstore.events import (
     EventUnion,
     HistorySummarized,
+    MemoryRecalled,
     ModelCalled,
     ReplyCompleted,
     SessionOpened,
@@ -21,7 +22,7 @@ from eventstore.events import (
 )
 from eventstore.store import SessionInfo, StoredEvent
 
-__all__ = ["describe", "render_replay", "render_sessions"]
+__all__ = ["Resolver", "describe", "referenced_sessions", "render_replay", "render_sessions", "text_at"]
 
 QUOTE_WIDTH = 400
 
@@ -31,8 +32,19 @@ def _quote(text: str) -> str:
     return repr(text if len(text) <= QUOTE_WIDTH else text[:QUOTE_WIDTH] + "...")
 
 
-def describe(event: EventUnion) -> list[str]:
-    """One event as a headline and indented detail lines."""
+Resolver = Callable[[str, int], str | None]
+
+
+def _no_references(session_id: str, seq: int) -> str | None:
+    return None
+
+
+def describe(event: EventUnion, resolve: Resolver = _no_references) -> list[str]:
+    """One event as a headline and indented detail lines.
+
+    `resolve` finds the text of a memory recalled from another session, for as
+    long as that session exists.
+    """
     match event:
         case SessionOpened():
             return [f"session opened by tenant {event.tenant} (key {event.key_id})"]
@@ -58,6 +70,21 @@ def describe(event: EventUnion) -> list[str]:
             if event.error is not None:
                 head += f", FAILED ({event.status}): {event.error}"
             return [head]
+        case MemoryRecalled():
+            if event.error is not None:
+                return [f"memory recall failed: {event.error}"]
+            used = sum(h.used for h in event.hits)
+            scope = f" and user {event.user_id}'s other sessions" if event.user_id else ""
+            lines = [f"memory recalled {len(event.hits)} for {_quote(event.query)} (this session{scope}); {used} went into the prompt"]
+            for h in event.hits:
+                text = h.text if h.text is not None else resolve(h.session_id, h.source_seq)
+                shown = _quote(text) if text is not None else "[deleted: its session no longer exists]"
+                where = "" if h.text is not None else f" from {h.session_id}#{h.source_seq}"
+                sim = f" cos {h.vector_similarity:.3f}" if h.vector_similarity is not None else ""
+                bm25 = f" bm25 {h.bm25:.2f}" if h.bm25 is not None else ""
+                mark = "USED" if h.used else "    "
+                lines.append(f"  {mark} {h.score:.4f}{sim}{bm25} {h.role}{where}: {shown}")
+            return lines
         case ReplyCompleted():
             return [
                 f"reply completed: finish {event.finish_reason}, {event.usage.total_tokens} tokens",
@@ -77,7 +104,9 @@ def describe(event: EventUnion) -> list[str]:
             assert_never(event)
 
 
-def render_replay(session_id: str, stored: Sequence[StoredEvent], *, as_json: bool) -> Iterator[str]:
+def render_replay(
+    session_id: str, stored: Sequence[StoredEvent], *, as_json: bool, resolve: Resolver = _no_references
+) -> Iterator[str]:
     state = session.fold([s.event for s in stored])
     if as_json:
         for item in stored:
@@ -86,7 +115,7 @@ def render_replay(session_id: str, stored: Sequence[StoredEvent], *, as_json: bo
         return
     yield f"Session {session_id}: {len(stored)} events"
     for item in stored:
-        lines = describe(item.event)
+        lines = describe(item.event, resolve)
         stamp = item.event.at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
         yield f"#{item.seq:<6} {stamp}  [{item.event.__struct_config__.tag}] {lines[0]}"
         for line in lines[1:]:
@@ -139,3 +168,25 @@ def render_sessions(
     yield f"{'SESSION':<40} {'EVENTS':>6}  {'TENANT':<24} CREATED"
     for row in rows:
         yield f"{row['session_id']:<40} {row['events']:>6}  {row['tenant'] or '-':<24} {row['created_at'] or '-'}"
+
+
+def referenced_sessions(stored: Sequence[StoredEvent]) -> set[str]:
+    """Other sessions whose memories this log references."""
+    return {
+        h.session_id
+        for item in stored
+        if isinstance(item.event, MemoryRecalled)
+        for h in item.event.hits
+        if h.text is None
+    }
+
+
+def text_at(event: EventUnion, role: str) -> str | None:
+    """The text a memory made from this event carries (the projection's rule)."""
+    match event:
+        case TurnStarted():
+            return next((m.content for m in event.messages if m.role == role), None)
+        case ReplyCompleted():
+            return event.content
+        case _:
+            return None

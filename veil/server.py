@@ -16,6 +16,8 @@ from nats.aio.client import Client
 
 import gateway
 from actors.engines import Engine, build_engine
+from actors.memory.actor import MemoryActor
+from veil.memory_role import MemoryHandle, start_memory
 from actors.model_actor import ModelActor
 from actors.session_actor import SessionActor, SessionContext
 from bus.connection import connect
@@ -41,6 +43,7 @@ class Workers:
         self._nc: Client | None = None
         self._sessions: ActorHost | None = None
         self._models: ModelActor | None = None
+        self._memory: MemoryHandle | None = None
 
     async def start(self) -> None:
         nc = self._nc = await connect(self._url, name="veil-worker")
@@ -63,15 +66,23 @@ class Workers:
             idle_seconds=self._config.server.actor_idle,
         )
         await self._sessions.start()
+        if self._config.memory.enabled:
+            self._memory = await start_memory(self._config, nc, js, ctx.store, tombstones)
         engines: dict[str, Engine] = {name: build_engine(self._config, name) for name in self._config.engines}
         self._models = ModelActor(nc, engines, version=__version__)
         await self._models.start()
+
+    @property
+    def memory(self) -> MemoryActor | None:
+        return self._memory.actor if self._memory is not None else None
 
     async def stop(self) -> None:
         if self._sessions is not None:
             await self._sessions.stop()
         if self._models is not None:
             await self._models.stop()
+        if self._memory is not None:
+            await self._memory.stop()
         if self._nc is not None:
             with contextlib.suppress(Exception):
                 await self._nc.drain()

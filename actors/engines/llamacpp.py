@@ -219,8 +219,8 @@ class LlamaCppEngine:
                 cancelled.set()
 
         started = time.perf_counter()
-        self._running.add(cancelled)
         job = self._submit(self._generate, request, cancelled, emit)
+        self._running.add(cancelled)
         try:
             while (text := await pieces.get()) is not None:
                 if on_delta is not None and output.ttft_ms is None:
@@ -348,15 +348,20 @@ class LlamaCppEngine:
                 400, "invalid_messages", f"The model's chat template refused the messages: {error}"
             ) from error
         prompt = llama.tokenize(chat.prompt.encode(), add_bos=not chat.added_special, special=True)
-        room = llama.n_ctx() - len(prompt)
+        # llama.cpp rounds a small n_ctx up (to 256) but llama-cpp-python's token buffer keeps
+        # the size asked for: the smaller of the two is the real limit.
+        context = min(llama.n_ctx(), len(llama.input_ids))
+        room = context - len(prompt)
         if room < 1:
             raise EngineError(
                 400,
                 "context_length_exceeded",
-                f"The messages take {len(prompt)} tokens; the local model's context holds {llama.n_ctx()}.",
+                f"The messages take {len(prompt)} tokens; the local model's context holds {context}.",
             )
         # Without a seed each request samples differently, as upstream models do.
-        llama.set_seed(request.seed if request.seed is not None else random.getrandbits(32))
+        llama.set_seed(
+            request.seed & 0xFFFFFFFF if request.seed is not None else random.getrandbits(32)
+        )
         stops = _StopText(request.stop)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # tokens split characters
         finish, generated = "length", 0
@@ -386,7 +391,9 @@ class LlamaCppEngine:
                     break
         finally:
             tokens.close()
-        if not stops.hit and not cancelled.is_set():
+        if cancelled.is_set():  # only aclose() still waits for an answer
+            raise EngineError(503, "engine_closed", f"The local engine {self.name!r} is closing.")
+        if not stops.hit:
             rest = stops.feed(decoder.decode(b"", final=True))
             rest += "" if stops.hit else stops.flush()
             finish = "stop" if stops.hit else finish

