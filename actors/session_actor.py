@@ -425,7 +425,7 @@ class SessionActor:
             recalled = MemoryRecalled(at=now, turn_id=start.turn_id, query=query, user_id=state.user_id, error=repr(failure))
             await self._append(session.RecordRecall(recalled=recalled))
             return None
-        in_prompt = {m.content for m in session.prompt(state)}
+        in_prompt = {m.content for m in session.prompt(state, None, pipeline.budget)}
         used = choose_memories(hits, in_prompt, policy)
         recalled = MemoryRecalled(
             at=now,

@@ -37,6 +37,24 @@ class VeilThread:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
+    @property
+    def workers(self) -> Workers:
+        assert self._workers is not None
+        return self._workers
+
+    def wait_for_memory(self, timeout: float = 30) -> None:
+        """Block until the memory projection has applied everything in the log."""
+
+        async def caught_up() -> None:
+            memory = self.workers.memory
+            assert memory is not None, "no memory actor runs in this instance"
+            js = self.workers.nc.jetstream()
+            last = (await js.stream_info("CHAT_EVENTS")).state.last_seq
+            while await memory.index.checkpoint() < last:
+                await asyncio.sleep(0.02)
+
+        self.call(caught_up(), timeout)
+
     def call(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
         """Run a coroutine on Veil's loop and wait for its result."""
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)

@@ -73,6 +73,11 @@ class Workers:
         await self._models.start()
 
     @property
+    def nc(self) -> Client:
+        assert self._nc is not None
+        return self._nc
+
+    @property
     def memory(self) -> MemoryActor | None:
         return self._memory.actor if self._memory is not None else None
 

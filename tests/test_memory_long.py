@@ -1,0 +1,190 @@
+"""Long-term memory through the whole system: real NATS, a real SQLite file, the real embedder."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import nats
+import openai
+import pytest
+
+from actors.memory.index import MemoryIndex
+from actors.memory.prompting import MEMORY_PREAMBLE
+from eventstore.events import MemoryRecalled
+from eventstore.jetstream import JetStreamEventStore
+from tests.fakes.upstreams import FakeOpenAI
+from tests.harness import VeilThread
+from tests.procs import run_veil
+from tests.test_gateway import http
+from veil.config import ApiKey, Config, EngineConfig, ModelConfig, PipelineConfig
+from veil.memory_role import index_path
+
+KEY_A = "sk-memory-tenant-a"
+KEY_B = "sk-memory-tenant-b"
+
+FILLER = [
+    "Can you suggest a recipe for banana bread?",
+    "What is the capital of Australia?",
+    "How do I convert Celsius to Fahrenheit?",
+    "Recommend a podcast about ancient history.",
+    "Explain what a mortgage amortisation schedule is.",
+    "Write a haiku about autumn leaves.",
+    "What time zone is Tokyo in?",
+    "How long should I boil an egg?",
+    "Tell me a fun fact about octopuses.",
+    "What is the difference between a list and a tuple?",
+]
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FakeOpenAI]:
+    fake = FakeOpenAI(reply="Noted.")
+    fake.start_in_thread()
+    yield fake
+    fake.stop_thread()
+
+
+@pytest.fixture(scope="module")
+def veil(nats_url: str, upstream: FakeOpenAI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VeilThread]:
+    config = Config(
+        keys=[ApiKey(key=KEY_A, tenant="a"), ApiKey(key=KEY_B, tenant="b")],
+        engines={"up": EngineConfig(kind="openai", base_url=upstream.base_url, api_key="x")},
+        # A small history budget and no summary: a fact from 50 turns ago can only come back by recall.
+        pipelines={"default": PipelineConfig(engine="up", model="m", history_budget=200, summarize=False)},
+        models=[ModelConfig(name="veil", pipeline="default")],
+        nats_url=nats_url,
+        data_dir=str(tmp_path_factory.mktemp("memory-data")),
+    )
+    server = VeilThread(config, nats_url).start()
+    yield server
+    server.stop()
+
+
+def client(veil: VeilThread, key: str = KEY_A) -> openai.OpenAI:
+    return openai.OpenAI(base_url=veil.base_url, api_key=key, max_retries=0, timeout=30)
+
+
+def say(veil: VeilThread, text: str, sid: str | None = None, *, user: str | None = None, key: str = KEY_A) -> str:
+    extra: dict[str, Any] = {}
+    if sid:
+        extra["session_id"] = sid
+    with client(veil, key) as c:
+        reply = c.chat.completions.create(
+            model="veil",
+            messages=[{"role": "user", "content": text}],
+            extra_body=extra or None,
+            **({"user": user} if user else {}),
+        )
+    return str(reply.model_extra["session_id"])
+
+
+def system_of(upstream: FakeOpenAI) -> str:
+    first = upstream.last_request.body["messages"][0]
+    return first["content"] if first["role"] == "system" else ""
+
+
+def load(veil: VeilThread, sid: str) -> list[Any]:
+    async def read() -> list[Any]:
+        nc = await nats.connect(veil.nats_url)
+        try:
+            return [s.event for s in await JetStreamEventStore(nc.jetstream(), nc).load(sid)]
+        finally:
+            await nc.close()
+
+    return veil.call(read())
+
+
+def test_recall_finds_a_fact_from_fifty_turns_ago(veil: VeilThread, upstream: FakeOpenAI) -> None:
+    sid = say(veil, "Please remember that my locker combination is 31-07-44.")
+    for i in range(50):
+        say(veil, f"{FILLER[i % len(FILLER)]} (question {i})", sid)
+    veil.wait_for_memory()
+    say(veil, "Remind me, what is the combination of my locker?", sid)
+    prompt = upstream.last_request.body["messages"]
+    assert all("31-07-44" not in m["content"] for m in prompt[1:]), "not in the recent history"
+    system = system_of(upstream)
+    assert MEMORY_PREAMBLE in system and "<memories>" in system
+    assert '"Please remember that my locker combination is 31-07-44."' in system  # quoted, as data
+    recalled = [e for e in load(veil, sid) if isinstance(e, MemoryRecalled)][-1]
+    used = [h for h in recalled.hits if h.used]
+    assert any(h.text and "31-07-44" in h.text for h in used)
+    assert recalled.query == "Remind me, what is the combination of my locker?"
+    assert all(h.session_id == sid for h in recalled.hits)
+
+
+def test_memories_are_shared_by_a_user_and_never_across_users_or_tenants(veil: VeilThread, upstream: FakeOpenAI) -> None:
+    marker = f"heron-{uuid.uuid4().hex[:8]}"
+    alice_1 = say(veil, f"My secret project codename is {marker}.", user="alice")
+    veil.wait_for_memory()
+    # Alice's other session sees it; the text is referenced, not copied.
+    alice_2 = say(veil, "What is my secret project codename?", user="alice")
+    assert marker in system_of(upstream)
+    hits = [e for e in load(veil, alice_2) if isinstance(e, MemoryRecalled)][-1].hits
+    from_first = [h for h in hits if h.session_id == alice_1]
+    assert from_first and all(h.text is None for h in from_first)
+    # Bob in the same tenant, a session without a user, and alice in another tenant see nothing.
+    for kwargs in ({"user": "bob"}, {}, {"user": "alice", "key": KEY_B}):
+        sid = say(veil, "What is my secret project codename?", **kwargs)  # type: ignore[arg-type]
+        assert marker not in json.dumps(upstream.last_request.body)
+        recalled = [e for e in load(veil, sid) if isinstance(e, MemoryRecalled)]
+        assert all(h.session_id == sid for r in recalled for h in r.hits)
+
+    # The audit resolves the reference while the source exists...
+    env = {"VEIL_NATS_URL": veil.nats_url}
+    out = run_veil("replay", alice_2, env=env).stdout
+    assert marker in out and f"from {alice_1}#" in out
+    # ...and after the source session is deleted, nothing of it is left anywhere.
+    status = http("DELETE", f"{veil.base_url}/sessions/{alice_1}", headers={"Authorization": f"Bearer {KEY_A}"}).status_code
+    assert status == 200
+    out = run_veil("replay", alice_2, env=env).stdout
+    assert marker not in out and "[deleted: its session no longer exists]" in out
+    say(veil, "What is my secret project codename?", user="alice")
+    assert marker not in json.dumps(upstream.last_request.body)
+    path = index_path(veil.config)
+    leftovers = [p for p in path.parent.glob(path.name + "*") if marker.encode() in p.read_bytes()]
+    assert leftovers == []
+
+
+def test_memory_search_endpoint(veil: VeilThread) -> None:
+    sid = say(veil, "I keep my bicycle in the blue shed behind the house.")
+    say(veil, "Also, my favourite tea is genmaicha.", sid)
+    veil.wait_for_memory()
+    r = http("GET", f"{veil.base_url}/sessions/{sid}/memories?q=where%20is%20the%20bike", headers={"Authorization": f"Bearer {KEY_A}"})
+    assert r.status_code == 200
+    data = r.json()["data"]
+    assert data and "bicycle" in data[0]["content"] and data[0]["session_id"] == sid
+    foreign = http("GET", f"{veil.base_url}/sessions/{sid}/memories?q=bike", headers={"Authorization": f"Bearer {KEY_B}"})
+    assert foreign.status_code == 404
+    missing_q = http("GET", f"{veil.base_url}/sessions/{sid}/memories", headers={"Authorization": f"Bearer {KEY_A}"})
+    assert missing_q.status_code == 400 and missing_q.json()["error"]["param"] == "q"
+
+
+def test_reindex_reproduces_the_live_projection(veil: VeilThread, tmp_path: Path) -> None:
+    say(veil, "Index me: the lighthouse keeper's name is Morwenna.")
+    veil.wait_for_memory()
+    live = veil.workers.memory
+    assert live is not None
+    live_rows = veil.call(live.index.dump())
+    # Rebuild into another file from the same log and compare.
+    other = tmp_path / "rebuilt"
+    env = {"VEIL_NATS_URL": veil.nats_url, "VEIL_DATA_DIR": str(other)}
+    result = run_veil("reindex", env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "Reindexed" in result.stdout and "%" in result.stderr  # the progress bar
+
+    async def rebuilt_rows() -> list[Any]:
+        index = await MemoryIndex.open(other / "memory.sqlite")
+        try:
+            return await index.dump()
+        finally:
+            await index.close()
+
+    assert asyncio.run(rebuilt_rows()) == live_rows
+    # A running Veil's index is not rebuilt under its feet.
+    busy = run_veil("reindex", env={"VEIL_NATS_URL": veil.nats_url, "VEIL_DATA_DIR": veil.config.data_dir})
+    assert busy.returncode != 0 and "in use" in (busy.stderr + busy.stdout)
