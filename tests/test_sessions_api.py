@@ -15,7 +15,7 @@ from eventstore.jetstream import JetStreamEventStore
 from tests.fakes.upstreams import FakeOpenAI
 from tests.harness import VeilThread
 from tests.test_gateway import http
-from veil.config import ApiKey, Config, EngineConfig, ModelConfig, PipelineConfig
+from veil.config import ApiKey, Config, EngineConfig, MemoryConfig, ModelConfig, PipelineConfig
 from veil.natsserver import NatsServer
 
 KEY_A = "sk-sessions-a"
@@ -38,6 +38,7 @@ def veil(nats_url: str, upstream: FakeOpenAI) -> Iterator[VeilThread]:
         pipelines={"default": PipelineConfig(engine="up", model="m")},
         models=[ModelConfig(name="veil", pipeline="default")],
         nats_url=nats_url,
+        memory=MemoryConfig(enabled=False),  # long-term memory: tests/test_memory_long.py
     )
     server = VeilThread(config, nats_url).start()
     yield server

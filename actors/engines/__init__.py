@@ -20,6 +20,8 @@ __all__ = [
 UNSUPPORTED: dict[str, frozenset[str]] = {
     "openai": frozenset(),
     "anthropic": frozenset({"seed", "response_format", "presence_penalty", "frequency_penalty"}),
+    # The local engine checks response_format itself (json_object and json_schema work).
+    "local": frozenset(),
 }
 
 
@@ -46,6 +48,16 @@ def build_engine(config: Config, name: str) -> Engine:
             base_url=spec.base_url,
             api_key=api_key,
             timeout=spec.timeout,
-            default_max_tokens=spec.default_max_tokens,
+            default_max_tokens=spec.default_max_tokens or 4096,
+        )
+    if spec.kind == "local":
+        from actors.engines.llamacpp import LlamaCppEngine
+
+        return LlamaCppEngine(
+            name,
+            model_path=spec.model_path,
+            n_ctx=spec.n_ctx,
+            threads=spec.threads,
+            max_tokens_default=spec.default_max_tokens or 512,
         )
     raise ValueError(f"unknown engine kind {spec.kind!r}")
