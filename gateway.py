@@ -197,6 +197,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         model=chat.model,
         messages=to_chat_messages(chat),
         user_id=chat.user or (chat.metadata or {}).get("user_id"),
+        metadata=chat.metadata or {},
         params=generation_params(chat),
         stream=bool(chat.stream),
     )

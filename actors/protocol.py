@@ -68,6 +68,7 @@ class StartTurn(msgspec.Struct, frozen=True, kw_only=True, tag="start_turn"):
     model: str
     messages: list[ChatMessage]
     user_id: str | None = None
+    metadata: dict[str, str] = {}
     params: dict[str, Any] = {}
     stream: bool = False
 

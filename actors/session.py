@@ -27,6 +27,7 @@ from eventstore.events import (
     HistorySummarized,
     MemoryRecalled,
     ModelCalled,
+    PipelineChosen,
     ReplyCompleted,
     SessionOpened,
     TurnCancelled,
@@ -44,6 +45,7 @@ __all__ = [
     "OpenTurnState",
     "RecordModelCall",
     "RecordRecall",
+    "RecordRoute",
     "SessionState",
     "Summarize",
     "TurnOutcome",
@@ -91,8 +93,9 @@ class SessionState(msgspec.Struct, frozen=True, kw_only=True):
     summary: str | None = None
     summarized: int = 0
     open_turn: OpenTurnState | None = None
-    # The public model of the latest turn.
+    # The public model of the latest turn, and the pipeline that last answered it.
     last_model: str | None = None
+    pipeline: str | None = None
     # Outcome of every handled command, by command id: retries answer from here.
     outcomes: dict[str, TurnOutcome] = {}
     turns: int = 0
@@ -154,7 +157,22 @@ class RecordRecall(msgspec.Struct, frozen=True, kw_only=True):
     recalled: MemoryRecalled
 
 
-Command = OpenTurn | CompleteTurn | FailTurn | CancelTurn | Summarize | RecordModelCall | RecordRecall
+class RecordRoute(msgspec.Struct, frozen=True, kw_only=True):
+    """Record the pipeline chosen for the open turn."""
+
+    chosen: PipelineChosen
+
+
+Command = (
+    OpenTurn
+    | CompleteTurn
+    | FailTurn
+    | CancelTurn
+    | Summarize
+    | RecordModelCall
+    | RecordRecall
+    | RecordRoute
+)
 
 
 def initial() -> SessionState:
@@ -252,6 +270,7 @@ def _decide_open(state: SessionState, cmd: OpenTurn) -> list[EventUnion]:
             messages=new,
             system=system,
             params=start.params,
+            metadata=start.metadata,
             lease_until=cmd.lease_until,
             streaming=start.stream,
         )
@@ -321,6 +340,8 @@ def decide(state: SessionState, command: Command) -> list[EventUnion]:
             return [_model_called(turn_id, result, now, purpose)]
         case RecordRecall(recalled=recalled):
             return [recalled] if _require_open(state, recalled.turn_id) else []
+        case RecordRoute(chosen=chosen):
+            return [chosen] if _require_open(state, chosen.turn_id) else []
         case _:
             assert_never(command)
 
@@ -374,6 +395,8 @@ def evolve(state: SessionState, event: EventUnion) -> SessionState:
             )
         case ModelCalled() | MemoryRecalled():
             return state
+        case PipelineChosen():
+            return replace(state, pipeline=event.pipeline)
         case HistorySummarized():
             return replace(state, summary=event.summary, summarized=event.covers, updated_at=event.at)
         case ReplyCompleted():

@@ -53,12 +53,14 @@ from actors.memory.actor import RECALL_CODEC, RECALL_REPLY_CODEC, RecallRequest
 from actors.memory.prompting import choose_memories, memory_block
 from actors.summary import summary_prompt
 from bus.codec import DecodeError, encode
-from bus.subjects import MEMORY_FORGET, MEMORY_RECALL, model_generate, session_cancel, session_events, session_out
+from bus.subjects import MEMORY_FORGET, MEMORY_RECALL, ROUTER_ROUTE, model_generate, session_cancel, session_events, session_out
 from eventstore.errors import ConcurrencyConflict
-from eventstore.events import EventUnion, MemoryRecalled, RecalledMemory
+from eventstore.events import EventUnion, MemoryRecalled, PipelineChosen, RecalledMemory
 from eventstore.store import EventStore
 from eventstore.tombstones import Tombstone, TombstoneLog
-from veil.config import Config, PipelineConfig
+from actors.router_actor import ROUTE_CODEC, ROUTE_REPLY_CODEC, RouteRequest
+from actors.routing import RouteDecision
+from veil.config import Config, ModelConfig, PipelineConfig
 
 __all__ = ["SessionActor", "SessionContext"]
 
@@ -252,7 +254,7 @@ class SessionActor:
                 _error(404, "model_not_found", f"The model '{start.model}' does not exist."),
             )
             return
-        bad_param = self._check_params(model.pipeline, start)
+        bad_param = self._check_params(model, start)
         if bad_param is not None:
             await self._reject(request, bad_param)
             return
@@ -268,12 +270,13 @@ class SessionActor:
             await self._reject(request, _error(refusal.status, refusal.code, str(refusal)))
             return
         await request.respond(TURN_REPLY_CODEC.encode(TurnAccepted(turn_id=start.turn_id)))
-        await self._run_turn(start, model.pipeline, out)
+        await self._run_turn(start, model, out)
 
-    def _check_params(self, pipeline_name: str, start: StartTurn) -> ErrorInfo | None:
-        """Refuse parameters an engine of the chain cannot honour, before the log is touched."""
+    def _check_params(self, model: ModelConfig, start: StartTurn) -> ErrorInfo | None:
+        """Refuse parameters an engine that may answer cannot honour, before the log is touched."""
         config = self._ctx.config
-        for link in config.pipelines[pipeline_name].chain:
+        links = [link for name in model.candidates for link in config.pipelines[name].chain]
+        for link in links:
             name = unsupported_parameter(config.engines[link.engine].kind, start.params)
             if name is not None:
                 return ErrorInfo(
@@ -326,9 +329,38 @@ class SessionActor:
         finally:
             await sub.unsubscribe()
 
-    async def _run_turn(self, start: StartTurn, pipeline_name: str, out: str) -> None:
+    async def _choose_pipeline(self, start: StartTurn, model: ModelConfig) -> str:
+        """Ask the router (for a model with several pipelines) and record its decision."""
+        state = self._state
+        candidates = model.candidates
+        decision = RouteDecision(pipeline=candidates[0], means="only")
+        if len(candidates) > 1:
+            text = next((m.content for m in reversed(start.messages) if m.role == "user"), "")
+            pinned = state.pipeline if model.pin and state.last_model == start.model else None
+            ask = RouteRequest(model=start.model, text=text, metadata=start.metadata, pinned=pinned)
+            try:
+                reply = await self._ctx.nc.request(ROUTER_ROUTE, ROUTE_CODEC.encode(ask), timeout=10)
+                decision = ROUTE_REPLY_CODEC.decode(reply.data)
+            except (NoRespondersError, NatsTimeout, DecodeError) as failure:
+                log.warning("session.router_unavailable", session=self.session_id, error=repr(failure))
+                detail = f"router unavailable: {failure!r}"
+                decision = RouteDecision(pipeline=pinned or candidates[0], means="pinned" if pinned else "default", detail=detail)
+        chosen = PipelineChosen(
+            at=self._ctx.clock(),
+            turn_id=start.turn_id,
+            pipeline=decision.pipeline,
+            means=decision.means,
+            detail=decision.detail,
+            scores=decision.scores,
+            runner_up=decision.runner_up,
+            runner_up_score=decision.runner_up_score,
+        )
+        await self._append(session.RecordRoute(chosen=chosen))
+        return decision.pipeline
+
+    async def _run_turn(self, start: StartTurn, model: ModelConfig, out: str) -> None:
         nc = self._ctx.nc
-        pipeline = self._ctx.config.pipelines[pipeline_name]
+        pipeline = self._ctx.config.pipelines[await self._choose_pipeline(start, model)]
         cancel_subject = session_cancel(self.session_id, start.turn_id)
         cancelled = asyncio.Event()
 

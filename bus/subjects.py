@@ -13,6 +13,7 @@ __all__ = [
     "EVENTS_WILDCARD",
     "MEMORY_FORGET",
     "MEMORY_RECALL",
+    "ROUTER_ROUTE",
     "SESSION_CMD_WILDCARD",
     "TOMBSTONES_STREAM",
     "TOMBSTONES_WILDCARD",
@@ -106,6 +107,9 @@ def model_generate(engine: str) -> str:
 def model_generate_wildcard() -> str:
     return "model.*.generate"
 
+
+# The router actor: which pipeline answers a turn.
+ROUTER_ROUTE = "router.route"
 
 # The memory actor's requests: recall for a turn, and forgetting a deleted session.
 MEMORY_RECALL = "memory.recall"

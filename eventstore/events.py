@@ -21,6 +21,7 @@ __all__ = [
     "MemoryRecalled",
     "RecalledMemory",
     "ModelCalled",
+    "PipelineChosen",
     "ReplyCompleted",
     "SessionOpened",
     "TurnCancelled",
@@ -71,6 +72,8 @@ class TurnStarted(Event, tag="turn.started", frozen=True, kw_only=True):
     system: str | None = None
     # Generation parameters the client set (temperature, max_tokens, ...).
     params: dict[str, Any] = {}
+    # The request's metadata (routing rules may read it).
+    metadata: dict[str, str] = {}
     # Another writer may take the session over once this has passed.
     lease_until: datetime
     streaming: bool = False
@@ -99,6 +102,19 @@ class HistorySummarized(Event, tag="history.summarized", frozen=True, kw_only=Tr
     summary: str
     # How many messages of the history, from the start, the summary now covers.
     covers: int
+
+
+class PipelineChosen(Event, tag="pipeline.chosen", frozen=True, kw_only=True):
+    """Which pipeline answers the turn, by which means, and what it won against."""
+
+    turn_id: str
+    pipeline: str
+    # rule:keyword | rule:pattern | rule:metadata | pinned | semantic | classifier | default | only
+    means: str
+    detail: str | None = None
+    scores: dict[str, float] = {}
+    runner_up: str | None = None
+    runner_up_score: float | None = None
 
 
 class RecalledMemory(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -158,6 +174,7 @@ EventUnion = (
     | TurnStarted
     | ModelCalled
     | HistorySummarized
+    | PipelineChosen
     | MemoryRecalled
     | ReplyCompleted
     | TurnFailed

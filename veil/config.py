@@ -18,6 +18,7 @@ from typing import Literal
 
 import msgspec
 
+from actors.routing import DEFAULT_THRESHOLD, RoutingRules
 from bus.subjects import is_valid_id
 from veil._toml_lines import line_of
 
@@ -30,6 +31,7 @@ __all__ = [
     "MemoryConfig",
     "MemoryPolicy",
     "ModelConfig",
+    "RouterConfig",
     "PipelineConfig",
     "ServerConfig",
     "key_id",
@@ -158,6 +160,7 @@ class PipelineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Fold turns that outgrow the budget into a running summary (else drop them from prompts).
     summarize: bool = True
     memory: MemoryPolicy = msgspec.field(default_factory=MemoryPolicy)
+    routing: RoutingRules = msgspec.field(default_factory=RoutingRules)
 
     @property
     def budget(self) -> int:
@@ -170,11 +173,26 @@ class PipelineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """A public model name, as /v1/models lists it, and the pipeline behind it."""
+    """A public model name, as /v1/models lists it, and the pipelines behind it."""
 
     name: str
-    pipeline: str
+    # One pipeline, or several for the router to choose from (the first is the default).
+    pipeline: str | None = None
+    pipelines: list[str] = []
+    # Keep a session on the pipeline that answered it, unless a rule says otherwise.
+    pin: bool = True
     description: str | None = None
+
+    @property
+    def candidates(self) -> list[str]:
+        return self.pipelines or ([self.pipeline] if self.pipeline else [])
+
+
+class RouterConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    # Cosine similarity to a pipeline's examples needed to route to it.
+    semantic_threshold: float = DEFAULT_THRESHOLD
+    # An LLM that names the pipeline when rules and examples do not decide.
+    classifier: FallbackConfig | None = None
 
 
 class MemoryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -197,6 +215,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     pipelines: dict[str, PipelineConfig] = {}
     models: list[ModelConfig] = []
     memory: MemoryConfig = msgspec.field(default_factory=MemoryConfig)
+    router: RouterConfig = msgspec.field(default_factory=RouterConfig)
     nats_url: str | None = None
     data_dir: str = ".veil"
     source: str = "<defaults>"
@@ -292,10 +311,18 @@ def _check(config: Config, text: str | None) -> None:
                     f"engines.{name}.kind",
                     "the local engine needs the 'local' extra: pip install 'veil[local]'",
                 )
+    if config.router.classifier and config.router.classifier.engine not in config.engines:
+        raise invalid("router.classifier.engine", f"unknown engine {config.router.classifier.engine!r}")
     seen: set[str] = set()
     for i, model in enumerate(config.models):
-        if model.pipeline not in config.pipelines:
-            raise invalid(f"models[{i}].pipeline", f"unknown pipeline {model.pipeline!r}")
+        if model.pipeline and model.pipelines:
+            raise invalid(f"models[{i}].pipelines", "give either pipeline or pipelines, not both")
+        if not model.candidates:
+            raise invalid(f"models[{i}]", "needs a pipeline (or a list of pipelines)")
+        for j, name in enumerate(model.candidates):
+            if name not in config.pipelines:
+                field = f"models[{i}].pipelines[{j}]" if model.pipelines else f"models[{i}].pipeline"
+                raise invalid(field, f"unknown pipeline {name!r}")
         if model.name in seen:
             raise invalid(f"models[{i}].name", f"{model.name!r} is listed twice")
         seen.add(model.name)

@@ -14,6 +14,7 @@ from eventstore.events import (
     HistorySummarized,
     MemoryRecalled,
     ModelCalled,
+    PipelineChosen,
     ReplyCompleted,
     SessionOpened,
     TurnCancelled,
@@ -70,6 +71,18 @@ def describe(event: EventUnion, resolve: Resolver = _no_references) -> list[str]
             if event.error is not None:
                 head += f", FAILED ({event.status}): {event.error}"
             return [head]
+        case PipelineChosen():
+            head = f"pipeline {event.pipeline} chosen by {event.means}"
+            if event.runner_up is not None:
+                score = "" if event.runner_up_score is None else f" ({event.runner_up_score:.3f})"
+                head += f"; runner-up {event.runner_up}{score}"
+            lines = [head]
+            if event.detail:
+                lines.append(f"  why: {event.detail}")
+            if event.scores:
+                scores = ", ".join(f"{k} {v:.3f}" for k, v in sorted(event.scores.items(), key=lambda kv: -kv[1]))
+                lines.append(f"  scores: {scores}")
+            return lines
         case MemoryRecalled():
             if event.error is not None:
                 return [f"memory recall failed: {event.error}"]
@@ -139,6 +152,7 @@ def _state_summary(state: session.SessionState) -> dict[str, object]:
         "turns": state.turns,
         "events": state.events,
         "open_turn": state.open_turn.turn_id if state.open_turn else None,
+        "pipeline": state.pipeline,
         "usage": msgspec.to_builtins(state.usage),
         "system": state.system,
         "summary": state.summary,

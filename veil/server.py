@@ -17,6 +17,8 @@ from nats.aio.client import Client
 import gateway
 from actors.engines import Engine, build_engine
 from actors.memory.actor import MemoryActor
+from actors.memory.embedder import default_embedder
+from actors.router_actor import RouterActor, build_routers
 from veil.memory_role import MemoryHandle, start_memory
 from actors.model_actor import ModelActor
 from actors.session_actor import SessionActor, SessionContext
@@ -44,6 +46,7 @@ class Workers:
         self._sessions: ActorHost | None = None
         self._models: ModelActor | None = None
         self._memory: MemoryHandle | None = None
+        self._router: RouterActor | None = None
 
     async def start(self) -> None:
         nc = self._nc = await connect(self._url, name="veil-worker")
@@ -68,6 +71,10 @@ class Workers:
         await self._sessions.start()
         if self._config.memory.enabled:
             self._memory = await start_memory(self._config, nc, js, ctx.store, tombstones)
+        routers = build_routers(self._config, default_embedder(), nc)
+        if routers:
+            self._router = RouterActor(nc, routers, version=__version__)
+            await self._router.start()
         engines: dict[str, Engine] = {name: build_engine(self._config, name) for name in self._config.engines}
         self._models = ModelActor(nc, engines, version=__version__)
         await self._models.start()
@@ -88,6 +95,8 @@ class Workers:
             await self._models.stop()
         if self._memory is not None:
             await self._memory.stop()
+        if self._router is not None:
+            await self._router.stop()
         if self._nc is not None:
             with contextlib.suppress(Exception):
                 await self._nc.drain()

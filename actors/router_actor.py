@@ -1,0 +1,103 @@
+"""The router actor: chooses the pipeline of each turn for models that have several.
+
+A micro service (`veil-router`, subject `router.route`); one Router per public
+model, with the examples embedded once at start. The optional classifier is a
+short, deterministic call to a model actor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import msgspec
+from nats.aio.client import Client
+from nats.micro import add_service
+from nats.micro.request import Request
+from nats.micro.service import Service
+
+from actors.model_chain import call_model
+from actors.protocol import GenerateRequest
+from actors.routing import AsyncEmbedder, RouteDecision, Router, classifier_prompt, parse_classifier_answer
+from bus.codec import Codec, DecodeError
+from bus.subjects import ROUTER_ROUTE
+from eventstore.events import ChatMessage
+from veil.config import Config, FallbackConfig
+
+__all__ = ["ROUTE_CODEC", "ROUTE_REPLY_CODEC", "RouteRequest", "RouterActor", "build_routers"]
+
+
+class RouteRequest(msgspec.Struct, frozen=True, kw_only=True):
+    model: str
+    text: str
+    metadata: dict[str, str] = {}
+    pinned: str | None = None
+
+
+ROUTE_CODEC: Codec[RouteRequest] = Codec(RouteRequest)
+ROUTE_REPLY_CODEC: Codec[RouteDecision] = Codec(RouteDecision)
+
+
+def _classifier(nc: Client, link: FallbackConfig):  # type: ignore[no-untyped-def]
+    async def classify(text: str, descriptions: dict[str, str | None]) -> str | None:
+        messages = [ChatMessage(role=m["role"], content=m["content"]) for m in classifier_prompt(text, descriptions)]
+        job = GenerateRequest(
+            turn_id="route", upstream_model=link.model, messages=messages,
+            params={"temperature": 0.0, "max_tokens": 16},
+        )
+        result = await call_model(nc, link, job, timeout=15)
+        return None if result.error else parse_classifier_answer(result.content, list(descriptions))
+
+    return classify
+
+
+def build_routers(config: Config, embedder: AsyncEmbedder | None, nc: Client | None = None) -> dict[str, Router]:
+    """One router per public model with more than one pipeline."""
+    classifier = config.router.classifier
+    routers: dict[str, Router] = {}
+    for model in config.models:
+        if len(model.candidates) < 2:
+            continue
+        routers[model.name] = Router(
+            {name: config.pipelines[name].routing for name in model.candidates},
+            embedder,
+            semantic_threshold=config.router.semantic_threshold,
+            classify=_classifier(nc, classifier) if classifier and nc is not None else None,
+        )
+    return routers
+
+
+class RouterActor:
+    def __init__(self, nc: Client, routers: dict[str, Router], *, version: str) -> None:
+        self._nc = nc
+        self._routers = routers
+        self._version = version
+        self._service: Service | None = None
+
+    async def start(self) -> None:
+        for router in self._routers.values():
+            await router.prepare()
+        self._service = await add_service(
+            self._nc,
+            name="veil-router",
+            version=self._version,
+            description="Chooses the pipeline of each turn: rules, pinning, examples, classifier, default",
+        )
+        await self._service.add_endpoint(name="route", subject=ROUTER_ROUTE, handler=self._route)
+
+    async def _route(self, request: Request) -> None:
+        try:
+            ask = ROUTE_CODEC.decode(request.data)
+        except DecodeError as error:
+            await request.respond_error("400", str(error))
+            return
+        router = self._routers.get(ask.model)
+        if router is None:
+            await request.respond_error("404", f"no router for model {ask.model!r}")
+            return
+        decision = await router.route(ask.text, ask.metadata, ask.pinned)
+        await request.respond(ROUTE_REPLY_CODEC.encode(decision))
+
+    async def stop(self) -> None:
+        if self._service is not None:
+            with contextlib.suppress(Exception):
+                await self._service.stop()
