@@ -24,6 +24,7 @@ from actors.tokens import estimate_message_tokens
 from eventstore.events import (
     ChatMessage,
     EventUnion,
+    FactsExtracted,
     HistorySummarized,
     MemoryRecalled,
     ModelCalled,
@@ -45,6 +46,7 @@ __all__ = [
     "OpenTurnState",
     "RecordModelCall",
     "RecordRecall",
+    "RecordFacts",
     "RecordRoute",
     "SessionState",
     "Summarize",
@@ -157,6 +159,15 @@ class RecordRecall(msgspec.Struct, frozen=True, kw_only=True):
     recalled: MemoryRecalled
 
 
+class RecordFacts(msgspec.Struct, frozen=True, kw_only=True):
+    """Record facts the model extracted from a completed turn."""
+
+    turn_id: str
+    facts: list[str]
+    result: GenerateResult
+    now: datetime
+
+
 class RecordRoute(msgspec.Struct, frozen=True, kw_only=True):
     """Record the pipeline chosen for the open turn."""
 
@@ -172,6 +183,7 @@ Command = (
     | RecordModelCall
     | RecordRecall
     | RecordRoute
+    | RecordFacts
 )
 
 
@@ -342,6 +354,11 @@ def decide(state: SessionState, command: Command) -> list[EventUnion]:
             return [recalled] if _require_open(state, recalled.turn_id) else []
         case RecordRoute(chosen=chosen):
             return [chosen] if _require_open(state, chosen.turn_id) else []
+        case RecordFacts(turn_id=turn_id, facts=facts, result=result, now=now):
+            events = [_model_called(turn_id, result, now, "facts")]
+            if facts:
+                events.append(FactsExtracted(at=now, turn_id=turn_id, facts=facts))
+            return events
         case _:
             assert_never(command)
 
@@ -393,7 +410,7 @@ def evolve(state: SessionState, event: EventUnion) -> SessionState:
                 last_model=event.model,
                 updated_at=event.at,
             )
-        case ModelCalled() | MemoryRecalled():
+        case ModelCalled() | MemoryRecalled() | FactsExtracted():
             return state
         case PipelineChosen():
             return replace(state, pipeline=event.pipeline)

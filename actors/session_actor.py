@@ -26,7 +26,7 @@ from nats.micro.request import Request
 from actors import session
 from actors.engines import unsupported_parameter
 from actors.errors import ActorError, AlreadyHandled, SessionNotFound, TurnInProgress
-from actors.model_chain import run_chain
+from actors.model_chain import call_model, run_chain
 from actors.protocol import (
     GENERATE_CODEC,
     GENERATE_RESULT_CODEC,
@@ -51,11 +51,11 @@ from actors.protocol import (
 )
 from actors.memory.actor import RECALL_CODEC, RECALL_REPLY_CODEC, RecallRequest
 from actors.memory.prompting import choose_memories, memory_block
-from actors.summary import summary_prompt
+from actors.summary import facts_prompt, parse_facts, summary_prompt
 from bus.codec import DecodeError, encode
 from bus.subjects import MEMORY_FORGET, MEMORY_RECALL, ROUTER_ROUTE, model_generate, session_cancel, session_events, session_out
 from eventstore.errors import ConcurrencyConflict
-from eventstore.events import EventUnion, MemoryRecalled, PipelineChosen, RecalledMemory
+from eventstore.events import ChatMessage, EventUnion, MemoryRecalled, PipelineChosen, RecalledMemory
 from eventstore.store import EventStore
 from eventstore.tombstones import Tombstone, TombstoneLog
 from actors.router_actor import ROUTE_CODEC, ROUTE_REPLY_CODEC, RouteRequest
@@ -422,6 +422,7 @@ class SessionActor:
             )
             return
         assert result is not None
+        turn_messages = self._state.open_turn.messages if self._state.open_turn else ()
         await self._append(session.CompleteTurn(turn_id=start.turn_id, result=result, now=now))
         await nc.publish(
             out,
@@ -434,6 +435,20 @@ class SessionActor:
                 )
             ),
         )
+        if pipeline.memory.extract_facts:
+            # After the reply went out: the client does not wait for this.
+            exchange = [*turn_messages, ChatMessage(role="assistant", content=result.content)]
+            await self._extract_facts(start.turn_id, pipeline, exchange)
+
+    async def _extract_facts(self, turn_id: str, pipeline: PipelineConfig, exchange: list[ChatMessage]) -> None:
+        link = pipeline.chain[0]
+        job = GenerateRequest(
+            turn_id=turn_id, upstream_model=link.model, messages=facts_prompt(exchange),
+            params={"temperature": 0.0, "max_tokens": 256},
+        )
+        result = await call_model(self._ctx.nc, link, job, timeout=self._ctx.config.server.turn_timeout)
+        facts = [] if result.error else parse_facts(result.content)
+        await self._append(session.RecordFacts(turn_id=turn_id, facts=facts, result=result, now=self._ctx.clock()))
 
     async def _recall(self, start: StartTurn, pipeline: PipelineConfig) -> str | None:
         """Ask long-term memory about this turn; record what came back and what is used."""

@@ -16,6 +16,7 @@ import msgspec
 __all__ = [
     "ChatMessage",
     "Event",
+    "FactsExtracted",
     "EventUnion",
     "HistorySummarized",
     "MemoryRecalled",
@@ -146,6 +147,13 @@ class MemoryRecalled(Event, tag="memory.recalled", frozen=True, kw_only=True):
     error: str | None = None
 
 
+class FactsExtracted(Event, tag="facts.extracted", frozen=True, kw_only=True):
+    """Short statements a pipeline's model drew from a turn, for long-term memory."""
+
+    turn_id: str
+    facts: list[str]
+
+
 class ReplyCompleted(Event, tag="reply.completed", frozen=True, kw_only=True):
     turn_id: str
     content: str
@@ -176,6 +184,7 @@ EventUnion = (
     | HistorySummarized
     | PipelineChosen
     | MemoryRecalled
+    | FactsExtracted
     | ReplyCompleted
     | TurnFailed
     | TurnCancelled

@@ -21,7 +21,9 @@ from tests.fakes.upstreams import FakeOpenAI
 from tests.harness import VeilThread
 from tests.procs import run_veil
 from tests.test_gateway import http
-from veil.config import ApiKey, Config, EngineConfig, ModelConfig, PipelineConfig
+from actors.summary import FACTS_INSTRUCTIONS
+from eventstore.events import FactsExtracted
+from veil.config import ApiKey, Config, EngineConfig, MemoryPolicy, ModelConfig, PipelineConfig
 from veil.memory_role import index_path
 from veil.natsserver import NatsServer
 
@@ -44,7 +46,12 @@ FILLER = [
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[FakeOpenAI]:
-    fake = FakeOpenAI(reply="Noted.")
+    def reply(body: dict[str, Any]) -> str:
+        if body["messages"][0]["content"] == FACTS_INSTRUCTIONS:
+            return "- The user's dog is named Biscuit.\n- NONE"
+        return "Noted."
+
+    fake = FakeOpenAI(reply=reply)
     fake.start_in_thread()
     yield fake
     fake.stop_thread()
@@ -64,8 +71,11 @@ def veil(own_nats: str, upstream: FakeOpenAI, tmp_path_factory: pytest.TempPathF
         keys=[ApiKey(key=KEY_A, tenant="a"), ApiKey(key=KEY_B, tenant="b")],
         engines={"up": EngineConfig(kind="openai", base_url=upstream.base_url, api_key="x")},
         # A small history budget and no summary: a fact from 50 turns ago can only come back by recall.
-        pipelines={"default": PipelineConfig(engine="up", model="m", history_budget=200, summarize=False)},
-        models=[ModelConfig(name="veil", pipeline="default")],
+        pipelines={
+            "default": PipelineConfig(engine="up", model="m", history_budget=200, summarize=False),
+            "facts": PipelineConfig(engine="up", model="m", memory=MemoryPolicy(extract_facts=True)),
+        },
+        models=[ModelConfig(name="veil", pipeline="default"), ModelConfig(name="veil-facts", pipeline="facts")],
         nats_url=nats_url,
         data_dir=str(tmp_path_factory.mktemp("memory-data")),
     )
@@ -78,13 +88,15 @@ def client(veil: VeilThread, key: str = KEY_A) -> openai.OpenAI:
     return openai.OpenAI(base_url=veil.base_url, api_key=key, max_retries=0, timeout=30)
 
 
-def say(veil: VeilThread, text: str, sid: str | None = None, *, user: str | None = None, key: str = KEY_A) -> str:
+def say(
+    veil: VeilThread, text: str, sid: str | None = None, *, user: str | None = None, key: str = KEY_A, model: str = "veil"
+) -> str:
     extra: dict[str, Any] = {}
     if sid:
         extra["session_id"] = sid
     with client(veil, key) as c:
         reply = c.chat.completions.create(
-            model="veil",
+            model=model,
             messages=[{"role": "user", "content": text}],
             extra_body=extra or None,
             **({"user": user} if user else {}),
@@ -197,3 +209,15 @@ def test_reindex_reproduces_the_live_projection(veil: VeilThread, tmp_path: Path
     # A running Veil's index is not rebuilt under its feet.
     busy = run_veil("reindex", env={"VEIL_NATS_URL": veil.nats_url, "VEIL_DATA_DIR": veil.config.data_dir})
     assert busy.returncode != 0 and "in use" in (busy.stderr + busy.stdout)
+
+
+def test_extracted_facts_are_remembered(veil: VeilThread, upstream: FakeOpenAI) -> None:
+    sid = say(veil, "We got a puppy last week and called him Biscuit!", model="veil-facts")
+    facts = [e for e in load(veil, sid) if isinstance(e, FactsExtracted)]
+    assert [f.facts for f in facts] == [["The user's dog is named Biscuit."]]
+    veil.wait_for_memory()
+    r = http("GET", f"{veil.base_url}/sessions/{sid}/memories?q=what%20is%20my%20pet%20called", headers={"Authorization": f"Bearer {KEY_A}"})
+    found = [(h["kind"], h["content"]) for h in r.json()["data"]]
+    assert ("fact", "The user's dog is named Biscuit.") in found
+    out = run_veil("replay", sid, env={"VEIL_NATS_URL": veil.nats_url}).stdout
+    assert "facts extracted" in out and "model called for the facts" in out

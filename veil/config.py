@@ -139,6 +139,8 @@ class MemoryPolicy(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     min_similarity: float = 0.3
     # Tokens the recalled memories may take in the prompt.
     budget: int = 600
+    # After each turn, ask the model for lasting facts about the user (one more call).
+    extract_facts: bool = False
     timeout: float = 2.0
 
 

@@ -11,6 +11,7 @@ from actors import session
 from bus.codec import encode
 from eventstore.events import (
     EventUnion,
+    FactsExtracted,
     HistorySummarized,
     MemoryRecalled,
     ModelCalled,
@@ -71,6 +72,10 @@ def describe(event: EventUnion, resolve: Resolver = _no_references) -> list[str]
             if event.error is not None:
                 head += f", FAILED ({event.status}): {event.error}"
             return [head]
+        case FactsExtracted():
+            return [f"facts extracted from turn {event.turn_id}: {len(event.facts)}"] + [
+                f"  - {_quote(f)}" for f in event.facts
+            ]
         case PipelineChosen():
             head = f"pipeline {event.pipeline} chosen by {event.means}"
             if event.runner_up is not None:

@@ -8,7 +8,7 @@ from actors.memory.embedder import Embedder
 from actors.memory.index import MemoryIndex, MemoryRecord
 from bus.codec import Codec, DecodeError
 from bus.subjects import session_from_events_subject
-from eventstore.events import EventUnion, ReplyCompleted, SessionOpened, TurnStarted
+from eventstore.events import EventUnion, FactsExtracted, ReplyCompleted, SessionOpened, TurnStarted
 from eventstore.store import EventStore
 
 __all__ = ["Owner", "Projector", "records_of"]
@@ -60,6 +60,22 @@ def records_of(session_id: str, seq: int, event: EventUnion, owner: Owner) -> li
                     source_seq=seq,
                     created_at=event.at,
                 )
+            ]
+        case FactsExtracted():
+            return [
+                MemoryRecord(
+                    id=f"{session_id}:{seq}:f{i}",
+                    tenant=tenant,
+                    user_id=user_id,
+                    session_id=session_id,
+                    kind="fact",
+                    role="user",
+                    text=fact,
+                    source_seq=seq,
+                    created_at=event.at,
+                )
+                for i, fact in enumerate(event.facts)
+                if fact.strip()
             ]
         case SessionOpened():
             return []

@@ -222,3 +222,14 @@ def test_prompt_drops_oldest_history_when_no_summary_fits() -> None:
     assert messages[-1] == user("latest")
     assert estimate_message_tokens(messages[:-1]) <= 60
     assert messages[-2] == state.history[-1]
+
+
+def test_parse_facts_drops_bullets_and_none() -> None:
+    from actors.summary import MAX_FACTS, parse_facts
+
+    assert parse_facts("- The user likes tea.\n* NONE\n\n2. The user's son is Tom.") == [
+        "The user likes tea.",
+        "The user's son is Tom.",
+    ]
+    assert parse_facts("NONE") == []
+    assert len(parse_facts("\n".join(f"- fact {i}" for i in range(20)))) == MAX_FACTS
