@@ -84,3 +84,13 @@ def test_environment_defaults() -> None:
 def test_no_upstream_and_no_local_model_means_no_models(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("veil.config.local_model_available", lambda: False)
     assert load_config(None, env={}).models == []
+
+
+def test_readme_config_example_is_valid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    example = readme.split("```toml\n", 1)[1].split("```", 1)[0]
+    monkeypatch.setattr("veil.config.local_model_available", lambda: True)
+    config = load_config(write(tmp_path, example), env={})
+    assert config.model("assistant") is not None
+    assert config.model("assistant").candidates == ["general", "reviewer"]
+    assert config.pipelines["reviewer"].routing.keywords == ["code review", "pull request"]
