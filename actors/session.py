@@ -112,6 +112,8 @@ class OpenTurn(msgspec.Struct, frozen=True, kw_only=True):
     start: StartTurn
     now: datetime
     lease_until: datetime
+    # A pipeline choice known up front (a model with one pipeline) goes in the same append.
+    route: PipelineChosen | None = None
 
 
 class CompleteTurn(msgspec.Struct, frozen=True, kw_only=True):
@@ -287,6 +289,8 @@ def _decide_open(state: SessionState, cmd: OpenTurn) -> list[EventUnion]:
             streaming=start.stream,
         )
     )
+    if cmd.route is not None:
+        events.append(cmd.route)
     return events
 
 

@@ -259,8 +259,10 @@ class SessionActor:
             await self._reject(request, bad_param)
             return
         out = session_out(self.session_id, start.turn_id)
+        # With one pipeline the choice needs no router: record it with TurnStarted.
+        only = self._chosen(start, RouteDecision(pipeline=model.candidates[0], means="only"))
         try:
-            await self._open(start)
+            await self._open(start, only if len(model.candidates) == 1 else None)
         except AlreadyHandled as handled:
             await request.respond(TURN_REPLY_CODEC.encode(TurnAccepted(turn_id=handled.turn_id, replay=True)))
             if handled.outcome is not None:
@@ -288,7 +290,7 @@ class SessionActor:
                 )
         return None
 
-    async def _open(self, start: StartTurn) -> None:
+    async def _open(self, start: StartTurn, route: PipelineChosen | None) -> None:
         """Append TurnStarted, waiting out another writer's turn if it holds the lease."""
         fresh = False
         while True:
@@ -296,7 +298,8 @@ class SessionActor:
             lease = now + timedelta(seconds=self._ctx.config.server.turn_timeout)
             try:
                 await self._append(
-                    session.OpenTurn(start=start, now=now, lease_until=lease), dedupe_id=start.command_id
+                    session.OpenTurn(start=start, now=now, lease_until=lease, route=route),
+                    dedupe_id=start.command_id,
                 )
                 return
             except TurnInProgress as busy:
@@ -329,23 +332,8 @@ class SessionActor:
         finally:
             await sub.unsubscribe()
 
-    async def _choose_pipeline(self, start: StartTurn, model: ModelConfig) -> str:
-        """Ask the router (for a model with several pipelines) and record its decision."""
-        state = self._state
-        candidates = model.candidates
-        decision = RouteDecision(pipeline=candidates[0], means="only")
-        if len(candidates) > 1:
-            text = next((m.content for m in reversed(start.messages) if m.role == "user"), "")
-            pinned = state.pipeline if model.pin and state.last_model == start.model else None
-            ask = RouteRequest(model=start.model, text=text, metadata=start.metadata, pinned=pinned)
-            try:
-                reply = await self._ctx.nc.request(ROUTER_ROUTE, ROUTE_CODEC.encode(ask), timeout=10)
-                decision = ROUTE_REPLY_CODEC.decode(reply.data)
-            except (NoRespondersError, NatsTimeout, DecodeError) as failure:
-                log.warning("session.router_unavailable", session=self.session_id, error=repr(failure))
-                detail = f"router unavailable: {failure!r}"
-                decision = RouteDecision(pipeline=pinned or candidates[0], means="pinned" if pinned else "default", detail=detail)
-        chosen = PipelineChosen(
+    def _chosen(self, start: StartTurn, decision: RouteDecision) -> PipelineChosen:
+        return PipelineChosen(
             at=self._ctx.clock(),
             turn_id=start.turn_id,
             pipeline=decision.pipeline,
@@ -355,7 +343,27 @@ class SessionActor:
             runner_up=decision.runner_up,
             runner_up_score=decision.runner_up_score,
         )
-        await self._append(session.RecordRoute(chosen=chosen))
+
+    async def _choose_pipeline(self, start: StartTurn, model: ModelConfig) -> str:
+        """Ask the router (for a model with several pipelines) and record its decision."""
+        candidates = model.candidates
+        if len(candidates) == 1:
+            return candidates[0]  # recorded with TurnStarted
+        state = self._state
+        text = next((m.content for m in reversed(start.messages) if m.role == "user"), "")
+        pinned = state.pipeline if model.pin and state.last_model == start.model else None
+        ask = RouteRequest(model=start.model, text=text, metadata=start.metadata, pinned=pinned)
+        try:
+            reply = await self._ctx.nc.request(ROUTER_ROUTE, ROUTE_CODEC.encode(ask), timeout=10)
+            decision = ROUTE_REPLY_CODEC.decode(reply.data)
+        except (NoRespondersError, NatsTimeout, DecodeError) as failure:
+            log.warning("session.router_unavailable", session=self.session_id, error=repr(failure))
+            decision = RouteDecision(
+                pipeline=pinned or candidates[0],
+                means="pinned" if pinned else "default",
+                detail=f"router unavailable: {failure!r}",
+            )
+        await self._append(session.RecordRoute(chosen=self._chosen(start, decision)))
         return decision.pipeline
 
     async def _run_turn(self, start: StartTurn, model: ModelConfig, out: str) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
 from pathlib import Path
 
 import structlog
@@ -135,6 +137,19 @@ async def _reindex(config: Config) -> int:
     return 0
 
 
+def _run_fast(main: Coroutine[Any, Any, None]) -> None:
+    """Run a server role on uvloop where it is installed (VEIL_EVENT_LOOP=asyncio opts out)."""
+    if os.environ.get("VEIL_EVENT_LOOP", "uvloop") == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            uvloop.run(main)
+            return
+    asyncio.run(main)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _configure_logging()
@@ -151,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         port = config.server.port if port is None else port
         Path(config.data_dir).mkdir(parents=True, exist_ok=True)
         try:
-            asyncio.run(run_role(config, args.command, host, port))
+            _run_fast(run_role(config, args.command, host, port))
         except KeyboardInterrupt:
             pass
         return 0
