@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -213,7 +214,10 @@ def test_reindex_reproduces_the_live_projection(veil: VeilThread, tmp_path: Path
 
 def test_extracted_facts_are_remembered(veil: VeilThread, upstream: FakeOpenAI) -> None:
     sid = say(veil, "We got a puppy last week and called him Biscuit!", model="veil-facts")
-    facts = [e for e in load(veil, sid) if isinstance(e, FactsExtracted)]
+    # Extraction runs after the reply went out: give it a moment.
+    deadline = time.monotonic() + 10
+    while not (facts := [e for e in load(veil, sid) if isinstance(e, FactsExtracted)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert [f.facts for f in facts] == [["The user's dog is named Biscuit."]]
     veil.wait_for_memory()
     r = http("GET", f"{veil.base_url}/sessions/{sid}/memories?q=what%20is%20my%20pet%20called", headers={"Authorization": f"Bearer {KEY_A}"})
