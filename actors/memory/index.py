@@ -88,6 +88,10 @@ VECTOR_CANDIDATES = 48
 KEYWORD_TERM_CAP = 2000
 #: Reciprocal Rank Fusion constant.
 RRF_K = 60
+#: Candidates of each side that take part in the fusion.
+FUSED_HEAD = 10
+#: Weight of the keyword side in the fusion (the vector side weighs 1).
+KEYWORD_WEIGHT = 0.5
 #: A scope moves to the large-chunk vec0 table once it has received this many memories.
 PROMOTE_AT = 2048
 
@@ -408,10 +412,15 @@ class MemoryIndex:
             self._vector_candidates(scopes, query_vector, pool, kinds),
             self._keyword_candidates(scopes, query_text, pool, kinds),
         )
+        # Fuse only each side's head: with whole candidate pools, anything both sides
+        # found (any shared common word) outranked every paraphrase found by meaning
+        # alone. Keywords weigh half: they confirm more than they discover.
+        # (bench/memory_eval.py: recall@5 0.818 -> 0.905 on its 137 questions.)
+        head = max(k, FUSED_HEAD)
         fused: dict[int, float] = {}
-        for ranking in (vec, kw):
+        for ranking, weight in ((vec[:head], 1.0), (kw[:head], KEYWORD_WEIGHT)):
             for rank, (rid, _) in enumerate(ranking, 1):
-                fused[rid] = fused.get(rid, 0.0) + 1.0 / (RRF_K + rank)
+                fused[rid] = fused.get(rid, 0.0) + weight / (RRF_K + rank)
         sims = dict(vec)
         best = sorted(fused, key=lambda rid: (-fused[rid], -sims.get(rid, -2.0), rid))[:k]
         return await self._hits(tenant, session_id, user_id, best, fused, vec, kw)

@@ -30,6 +30,9 @@ def memory_block(hits: Sequence[Hit], session_id: str) -> str:
     return "\n".join(lines)
 
 
+STRONG_KEYWORD_RANK = 2
+
+
 def choose_memories(hits: Sequence[Hit], in_prompt: set[str], policy: MemoryPolicy) -> list[Hit]:
     """The hits worth the prompt: not already in it, relevant enough, within the budget."""
     chosen: list[Hit] = []
@@ -37,7 +40,9 @@ def choose_memories(hits: Sequence[Hit], in_prompt: set[str], policy: MemoryPoli
     for hit in hits:
         if len(chosen) >= policy.inject or hit.text in in_prompt:
             continue
-        relevant = hit.keyword_rank is not None or (hit.vector_similarity or 0.0) >= policy.min_similarity
+        # A keyword match alone (one shared common word) is not enough, unless it is a top one.
+        strong_keyword = hit.keyword_rank is not None and hit.keyword_rank <= STRONG_KEYWORD_RANK
+        relevant = strong_keyword or (hit.vector_similarity or 0.0) >= policy.min_similarity
         cost = estimate_tokens(hit.text) + 12
         if relevant and spent + cost <= policy.budget:
             chosen.append(hit)
