@@ -1,9 +1,12 @@
 """Counting tokens without a tokenizer download.
 
 Exact counts depend on the upstream model's tokenizer, which Veil may not
-have. This estimate is what budgets use; measured against the SmolLM2 BPE
-tokenizer (see bench/token_estimate.py) it is within the figures that script
-prints. Budgets leave headroom for the error.
+have. This estimate is what budgets use. Against the SmolLM2 BPE tokenizer
+(bench/token_estimate.py) the ratio estimate/real is, median [p10-p90]:
+chat messages 1.08 [0.85-1.27], Markdown 0.81 [0.57-1.00], Python 0.94
+[0.87-1.02]; over a whole chat history it is within 5-10%. So a budget may run
+about 20% over on Markdown-heavy text: the default budget (half the context
+window) leaves that headroom.
 """
 
 from __future__ import annotations
