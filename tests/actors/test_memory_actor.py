@@ -1,0 +1,113 @@
+"""The memory projection follows the log: it catches up after a restart and honours tombstones."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import nats
+import pytest
+from nats.aio.client import Client
+
+from actors.memory.actor import MemoryActor, RecallRequest
+from actors.memory.embedder import default_embedder
+from actors.memory.index import MemoryIndex
+from eventstore.events import ChatMessage, ReplyCompleted, SessionOpened, TurnStarted, Usage
+from eventstore.jetstream import JetStreamEventStore, ensure_stream
+from eventstore.tombstones import Tombstone, TombstoneLog
+from veil.natsserver import NatsServer
+
+T0 = datetime(2026, 5, 1, tzinfo=UTC)
+
+
+@pytest.fixture
+async def nc(tmp_path: Path) -> AsyncIterator[Client]:
+    server = NatsServer(tmp_path / "nats")
+    url = await server.astart()
+    client = await nats.connect(url)
+    await ensure_stream(client.jetstream())
+    await TombstoneLog(client.jetstream(), client).ensure()
+    yield client
+    await client.close()
+    server.stop()
+
+
+async def write_turn(store: JetStreamEventStore, sid: str, text: str, reply: str, *, new: bool) -> None:
+    events: list = []
+    if new:
+        events.append(SessionOpened(at=T0, session_id=sid, tenant="t", key_id="k", user_id="u"))
+    turn = f"turn-{text[:8].replace(' ', '-')}"
+    events.append(
+        TurnStarted(at=T0, turn_id=turn, command_id=turn, model="veil", messages=[ChatMessage(role="user", content=text)], lease_until=T0 + timedelta(minutes=5))
+    )
+    events.append(ReplyCompleted(at=T0, turn_id=turn, content=reply, finish_reason="stop", usage=Usage()))
+    await store.append(sid, events, expected_last_seq=await store.last_seq(sid))
+
+
+async def start_actor(nc: Client, path: Path) -> tuple[MemoryActor, MemoryIndex]:
+    js = nc.jetstream()
+    index = await MemoryIndex.open(path)
+    actor = MemoryActor(
+        nc, js, index, default_embedder(), store=JetStreamEventStore(js, nc), tombstones=TombstoneLog(js, nc), version="0.0.0"
+    )
+    await actor.start()
+    return actor, index
+
+
+async def caught_up(nc: Client, index: MemoryIndex) -> None:
+    last = (await nc.jetstream().stream_info("CHAT_EVENTS")).state.last_seq
+    for _ in range(500):
+        if await index.checkpoint() >= last:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the projection did not catch up")
+
+
+async def test_catches_up_after_a_restart_and_drops_tombstoned_sessions(nc: Client, tmp_path: Path) -> None:
+    js = nc.jetstream()
+    store = JetStreamEventStore(js, nc)
+    path = tmp_path / "memory.sqlite"
+    await write_turn(store, "s1", "My cat is called Pixel.", "Nice name!", new=True)
+    actor, index = await start_actor(nc, path)
+    await caught_up(nc, index)
+    assert await index.count() == 2
+    await actor.stop()
+    await index.close()
+
+    # While the memory actor is down: more turns, a new session, and a deletion.
+    await write_turn(store, "s1", "I moved to Lisbon in March.", "Welcome to Lisbon!", new=False)
+    await write_turn(store, "s2", "The boiler code is 4471.", "Noted.", new=True)
+    await TombstoneLog(js, nc).record(Tombstone(session_id="s2", tenant="t", deleted_by="k", at=T0))
+
+    actor, index = await start_actor(nc, path)
+    await caught_up(nc, index)
+    try:
+        assert await index.count() == 4  # s1's four messages; s2 never comes back
+        hits = await actor.recall(RecallRequest(tenant="t", session_id="s1", user_id="u", query="which city did I move to"))
+        assert hits[0].text == "I moved to Lisbon in March."
+        assert all(h.session_id != "s2" for h in hits)
+        assert await index.checkpoint() == (await js.stream_info("CHAT_EVENTS")).state.last_seq
+    finally:
+        await actor.stop()
+        await index.close()
+
+
+async def test_a_live_tombstone_removes_rows(nc: Client, tmp_path: Path) -> None:
+    js = nc.jetstream()
+    store = JetStreamEventStore(js, nc)
+    await write_turn(store, "s3", "My passport number ends in 9921.", "Got it.", new=True)
+    actor, index = await start_actor(nc, tmp_path / "memory.sqlite")
+    try:
+        await caught_up(nc, index)
+        assert await index.count() == 2
+        await TombstoneLog(js, nc).record(Tombstone(session_id="s3", tenant="t", deleted_by="k", at=T0))
+        for _ in range(200):
+            if await index.count() == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert await index.count() == 0
+    finally:
+        await actor.stop()
+        await index.close()
