@@ -12,7 +12,7 @@ from nats.aio.client import Client
 from nats.js.client import JetStreamContext
 
 from actors.memory.actor import MemoryActor
-from actors.memory.embedder import default_embedder
+from actors.memory.embedder import Embedder, default_embedder
 from actors.memory.index import MemoryIndex
 from eventstore.store import EventStore
 from eventstore.tombstones import TombstoneLog
@@ -58,7 +58,14 @@ async def start_memory(
         return None
     index = await MemoryIndex.open(path)
     actor = MemoryActor(
-        nc, js, index, default_embedder(), store=store, tombstones=tombstones, version=__version__
+        nc,
+        js,
+        index,
+        default_embedder(),
+        projection_embedder=Embedder(),
+        store=store,
+        tombstones=tombstones,
+        version=__version__,
     )
     await actor.start()
     return MemoryHandle(actor, index, fd)

@@ -88,6 +88,7 @@ class MemoryActor:
         index: MemoryIndex,
         embedder: Embedder,
         *,
+        projection_embedder: Embedder | None = None,
         store: EventStore,
         tombstones: TombstoneLog,
         version: str,
@@ -99,7 +100,9 @@ class MemoryActor:
         self._store = store
         self._tombstones = tombstones
         self._version = version
-        self._projector = Projector(index, embedder, store)
+        # Recall embeds on its own thread: queued behind the projection's batches,
+        # a turn's query would wait for the previous turns' messages to be embedded.
+        self._projector = Projector(index, projection_embedder or embedder, store)
         self._service: Service | None = None
         self._task: asyncio.Task[None] | None = None
         self._tombstone_sub: object | None = None

