@@ -351,7 +351,8 @@ class MemoryIndex:
             async with self._transaction() as db:
                 for part in _chunks(sorted(ids)):
                     rows = await db.execute_fetchall(
-                        f"SELECT rid, text FROM memories WHERE tenant = ? AND id IN ({_marks(len(part))})",
+                        "SELECT rid, text FROM memories"
+                        f" WHERE tenant = ? AND id IN ({_marks(len(part))})",
                         (tenant, *part),
                     )
                     found.extend((int(r[0]), str(r[1])) for r in rows)
@@ -781,11 +782,19 @@ class _Transaction:
 
 
 async def _create(db: aiosqlite.Connection, dim: int, *, in_transaction: bool = False) -> None:
-    statements = [s for s in _SCHEMA.split(";") if s.strip()] + [
-        f"CREATE VIRTUAL TABLE IF NOT EXISTS {table} USING vec0("
-        f"scope INTEGER PARTITION KEY, bits BIT[{dim}], chunk_size={chunk})"
-        for table, chunk in _VEC_TABLES
-    ]
+    statements = [s for s in _SCHEMA.split(";") if s.strip()]
+    for table, chunk in _VEC_TABLES:
+        statements.append(
+            f"CREATE VIRTUAL TABLE IF NOT EXISTS {table} USING vec0("
+            f"scope INTEGER PARTITION KEY, bits BIT[{dim}], chunk_size={chunk})"
+        )
+        # vec0 (0.1.9) finds a partition's chunks, on every KNN and insert, with
+        # `WHERE partition00 = ?` on its chunks table, which it leaves unindexed: without
+        # this index each query scans every chunk of every scope (0.6 ms at 1M memories).
+        statements.append(
+            f"CREATE INDEX IF NOT EXISTS {table}_chunks_by_scope"
+            f" ON {table}_chunks (partition00, chunk_id)"
+        )
     if not in_transaction:
         await db.execute("BEGIN IMMEDIATE")
     try:
@@ -850,8 +859,8 @@ async def _promote(db: aiosqlite.Connection, scope: int) -> None:
     ]
     # The same sign bits as quantize(): vec_quantize_binary reads the stored float32 blob.
     await db.execute(
-        "INSERT INTO memory_vec_large (rowid, scope, bits) SELECT rid, ?, vec_quantize_binary(vector)"
-        " FROM memory_vectors WHERE rid BETWEEN ? AND ?",
+        "INSERT INTO memory_vec_large (rowid, scope, bits)"
+        " SELECT rid, ?, vec_quantize_binary(vector) FROM memory_vectors WHERE rid BETWEEN ? AND ?",
         (scope, lo, hi),
     )
     await db.executemany("DELETE FROM memory_vec_small WHERE rowid = ?", rids)
