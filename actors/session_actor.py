@@ -389,7 +389,7 @@ class SessionActor:
                     turn_id=start.turn_id,
                     upstream_model=upstream_model,
                     messages=messages,
-                    params=start.params,
+                    params=pipeline.params.under(start.params),
                     out_subject=out if start.stream else None,
                     cancel_subject=cancel_subject,
                 )

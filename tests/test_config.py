@@ -94,3 +94,9 @@ def test_readme_config_example_is_valid(tmp_path: Path, monkeypatch: pytest.Monk
     assert config.model("assistant") is not None
     assert config.model("assistant").candidates == ["general", "reviewer"]
     assert config.pipelines["reviewer"].routing.keywords == ["code review", "pull request"]
+
+
+def test_pipeline_defaults_an_engine_cannot_honour_are_refused(tmp_path: Path) -> None:
+    text = GOOD.replace('kind = "openai"', 'kind = "anthropic"').replace('model = "m"', 'model = "m"\nparams = { seed = 7 }')
+    with pytest.raises(ConfigError, match=r"pipelines.general.params.seed: the anthropic engine 'up' cannot honour it"):
+        load_config(write(tmp_path, text), env={})

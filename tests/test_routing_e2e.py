@@ -49,6 +49,7 @@ examples = [
 engine = "up"
 model = "coach-model"
 system_prompt = "PERSONA coach"
+params = {{ temperature = 0.2, max_tokens = 300 }}
 
 [pipelines.coach.routing]
 metadata = {{ topic = "fitness" }}
@@ -167,3 +168,12 @@ def test_bad_routing_rule_stops_startup_with_file_line_field(tmp_path: Path) -> 
     result = run_veil("--config", str(path), "serve", env={}, timeout=30)
     assert result.returncode == 2
     assert f"{path}:" in result.stderr and "pipelines.code.routing" in result.stderr and "(unclosed" in result.stderr
+
+
+def test_pipeline_generation_defaults_yield_to_the_client(veil: VeilThread, upstream: FakeOpenAI) -> None:
+    ask(veil, "Help me plan a week of running.", metadata={"topic": "fitness"})
+    sent = upstream.last_request.body
+    assert (sent["temperature"], sent["max_tokens"]) == (0.2, 300)
+    ask(veil, "Help me plan a week of running.", metadata={"topic": "fitness"}, temperature=0.9, max_completion_tokens=50)
+    sent = upstream.last_request.body
+    assert sent["temperature"] == 0.9 and sent["max_completion_tokens"] == 50 and "max_tokens" not in sent

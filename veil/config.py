@@ -14,7 +14,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -28,6 +28,7 @@ __all__ = [
     "ConfigError",
     "EngineConfig",
     "FallbackConfig",
+    "GenerationDefaults",
     "MemoryConfig",
     "MemoryPolicy",
     "ModelConfig",
@@ -39,6 +40,12 @@ __all__ = [
 ]
 
 DEFAULT_MODEL = "veil"
+# Parameters each kind of engine cannot honour (actors.engines refuses them per request too).
+UNSUPPORTED_BY_KIND: dict[str, frozenset[str]] = {
+    "openai": frozenset(),
+    "anthropic": frozenset({"seed", "response_format", "presence_penalty", "frequency_penalty"}),
+    "local": frozenset(),
+}
 # The share of the context window history may take by default; the rest is for
 # the system prompt, recalled memories and the answer.
 HISTORY_SHARE = 0.5
@@ -145,10 +152,31 @@ class MemoryPolicy(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     timeout: float = 2.0
 
 
+class GenerationDefaults(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    """A pipeline's generation parameters; whatever the client sets wins."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+    def under(self, client: dict[str, Any]) -> dict[str, Any]:
+        """These defaults with the client's parameters on top."""
+        merged = {k: v for k, v in msgspec.structs.asdict(self).items() if v is not None}
+        if "max_completion_tokens" in client:
+            merged.pop("max_tokens", None)  # the client's own limit, under either name
+        merged.update(client)
+        return merged
+
+
 class PipelineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     engine: str
     model: str
     system_prompt: str | None = None
+    params: GenerationDefaults = msgspec.field(default_factory=GenerationDefaults)
     # Tried in order when the engine above keeps failing (429, 5xx, unreachable, timeout).
     fallbacks: list[FallbackConfig] = []
     # Retries of one engine before the next in the chain, with exponential backoff.
@@ -299,6 +327,12 @@ def _check(config: Config, text: str | None) -> None:
         for i, fallback in enumerate(pipeline.fallbacks):
             if fallback.engine not in config.engines:
                 raise invalid(f"pipelines.{name}.fallbacks[{i}].engine", f"unknown engine {fallback.engine!r}")
+        defaults = msgspec.structs.asdict(pipeline.params)
+        for link in pipeline.chain:
+            kind = config.engines[link.engine].kind
+            refused = next((k for k, v in defaults.items() if v is not None and k in UNSUPPORTED_BY_KIND.get(kind, ())), None)
+            if refused:
+                raise invalid(f"pipelines.{name}.params.{refused}", f"the {kind} engine {link.engine!r} cannot honour it")
     for name, engine in config.engines.items():
         if not is_valid_id(name):
             raise invalid(f"engines.{name}", "names may use only [A-Za-z0-9_-]")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from actors.engines.base import DeltaSink, Engine, EngineError, EngineOutput, estimate_tokens
-from veil.config import Config
+from veil.config import UNSUPPORTED_BY_KIND, Config
 
 __all__ = [
     "DeltaSink",
@@ -16,13 +16,9 @@ __all__ = [
 ]
 
 # Client parameters each kind of engine cannot honour; a request that sets one
-# is refused with 400 before anything is written.
-UNSUPPORTED: dict[str, frozenset[str]] = {
-    "openai": frozenset(),
-    "anthropic": frozenset({"seed", "response_format", "presence_penalty", "frequency_penalty"}),
-    # The local engine checks response_format itself (json_object and json_schema work).
-    "local": frozenset(),
-}
+# is refused with 400 before anything is written. (The local engine checks
+# response_format itself: json_object and json_schema work.)
+UNSUPPORTED = UNSUPPORTED_BY_KIND
 
 
 def unsupported_parameter(kind: str, params: dict[str, object]) -> str | None:
