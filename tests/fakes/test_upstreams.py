@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import anthropic
@@ -15,7 +17,14 @@ import httpx2
 import openai
 import pytest
 
-from tests.fakes.upstreams import FakeAnthropic, FakeOpenAI, Fault, split_tokens
+from tests.fakes.upstreams import (
+    FakeAnthropic,
+    FakeOpenAI,
+    Fault,
+    ToolCalls,
+    split_arguments,
+    split_tokens,
+)
 
 KEY = "sk-test-key"
 USER = [{"role": "user", "content": "hello big world"}]
@@ -526,3 +535,498 @@ async def test_both_on_one_loop_in_parallel() -> None:
                 )
     assert [r.choices[0].message.content for r in results] == [ECHO, "two"] * 5
     assert len(up1.requests) == len(up2.requests) == 5
+
+
+# -- tool calls ------------------------------------------------------------------------------
+
+WEATHER = ("get_weather", {"city": "Paris"})
+WEATHER_ARGS = '{"city":"Paris"}'  # how a dict is sent: compact JSON
+OAI_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+]
+OAI_STRICT_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "strict": True,
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+                "additionalProperties": False,
+            },
+        },
+    }
+]
+ANT_TOOLS = [
+    {
+        "name": "get_weather",
+        "description": "Current weather",
+        "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}},
+    }
+]
+
+
+def test_split_arguments_keeps_all_text() -> None:
+    assert split_arguments(WEATHER_ARGS) == ['{"', "city", '":"', "Paris", '"}']
+    for text in ['{"a": [1, 2.5], "b": "x y"}', '{"city": "Par', "", "{not json"]:
+        assert "".join(split_arguments(text)) == text
+
+
+def test_tool_calls_empty_is_text() -> None:
+    up = FakeOpenAI(reply=ToolCalls([], text="just text"))
+    assert up._answer({}, "") == "just text"
+
+
+def test_openai_tool_calls_completion(oai_up: FakeOpenAI, oai: openai.OpenAI) -> None:
+    oai_up.reply = ToolCalls([WEATHER, ("get_time", '{"tz": "CET"}')])
+    r = oai.chat.completions.create(
+        model="m", messages=USER, tools=OAI_TOOLS, tool_choice="auto", parallel_tool_calls=True
+    )
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None and choice.message.refusal is None
+    calls = choice.message.tool_calls
+    assert calls is not None and len(calls) == 2
+    assert all(c.type == "function" and c.id.startswith("call_") for c in calls)
+    assert calls[0].id != calls[1].id
+    assert [(c.function.name, c.function.arguments) for c in calls] == [  # type: ignore[union-attr]
+        ("get_weather", WEATHER_ARGS),
+        ("get_time", '{"tz": "CET"}'),  # a string is sent as given
+    ]
+    assert r.usage is not None and r.usage.completion_tokens == (1 + 5) + (1 + 7)
+    body = oai_up.last_request.body
+    assert body["tools"] == OAI_TOOLS and body["tool_choice"] == "auto"
+    assert body["parallel_tool_calls"] is True
+
+    oai_up.reply = ToolCalls([WEATHER], text="Let me check.")
+    r = oai.chat.completions.create(model="m", messages=USER, tools=OAI_TOOLS)
+    assert r.choices[0].message.content == "Let me check."
+    assert r.choices[0].message.tool_calls is not None
+    assert r.choices[0].finish_reason == "tool_calls"
+
+
+def test_openai_tool_calls_raw_stream(oai_up: FakeOpenAI, oai: openai.OpenAI) -> None:
+    oai_up.reply = ToolCalls([WEATHER, ("get_time", "{}")])
+    chunks = list(
+        oai.chat.completions.create(
+            model="m",
+            messages=USER,
+            tools=OAI_TOOLS,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    first, *middle, finish, usage = chunks
+    assert first.choices[0].delta.role == "assistant"
+    assert first.choices[0].delta.content is None and first.choices[0].delta.tool_calls is None
+    deltas = [c.choices[0].delta.tool_calls for c in middle]
+    assert all(d is not None and len(d) == 1 for d in deltas)
+    calls = [d[0] for d in deltas if d is not None]
+    # per call: an announcing chunk (id, type, name, empty arguments), then arguments pieces only
+    announce = [c for c in calls if c.id is not None]
+    assert [(c.index, c.type, c.function and c.function.name) for c in announce] == [
+        (0, "function", "get_weather"),
+        (1, "function", "get_time"),
+    ]
+    assert all(c.function is not None and c.function.arguments == "" for c in announce)
+    pieces = [c for c in calls if c.id is None]
+    assert all(c.type is None and c.function and c.function.name is None for c in pieces)
+    assert [c.function.arguments for c in pieces if c.index == 0] == split_arguments(  # type: ignore[union-attr]
+        WEATHER_ARGS
+    )
+    assert [c.function.arguments for c in pieces if c.index == 1] == ["{}"]  # type: ignore[union-attr]
+    assert [c.index for c in calls] == [0] * 6 + [1] * 2  # calls in order, not interleaved
+    assert finish.choices[0].finish_reason == "tool_calls"
+    assert finish.choices[0].delta.tool_calls is None
+    assert usage.choices == [] and usage.usage is not None
+    assert usage.usage.completion_tokens == 1 + 5 + 1 + 1
+
+
+def test_openai_tool_calls_wire_format(oai_up: FakeOpenAI) -> None:
+    oai_up.reply = ToolCalls([WEATHER])
+    body = {"model": "m", "messages": USER, "stream": True}
+    r = httpx2.post(
+        oai_up.base_url + "/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {KEY}"},
+    )
+    lines = [line for line in r.text.splitlines() if line]
+    assert lines[-1] == "data: [DONE]"
+    assert '"delta":{"role":"assistant","content":null,"refusal":null}' in lines[0]
+    assert (
+        '"delta":{"tool_calls":[{"index":0,"id":"call_fake00000001","type":"function",'
+        '"function":{"name":"get_weather","arguments":""}}]}'
+    ) in lines[1]
+    assert '"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\\""}}]}' in lines[2]
+    assert '"finish_reason":"tool_calls"' in lines[-2]
+
+
+def test_openai_tool_calls_stream_helper(oai_up: FakeOpenAI, oai: openai.OpenAI) -> None:
+    oai_up.reply = ToolCalls([WEATHER, ("get_time", '{"tz": "CET"}')], text="Let me check.")
+    with oai.chat.completions.stream(model="m", messages=USER, tools=OAI_TOOLS) as stream:
+        events = list(stream)
+        final = stream.get_final_completion()
+    done = [e for e in events if e.type == "tool_calls.function.arguments.done"]
+    assert [(e.index, e.name, e.arguments) for e in done] == [  # type: ignore[union-attr]
+        (0, "get_weather", WEATHER_ARGS),
+        (1, "get_time", '{"tz": "CET"}'),
+    ]
+    arg_deltas = [e for e in events if e.type == "tool_calls.function.arguments.delta"]
+    assert "".join(e.arguments_delta for e in arg_deltas if e.index == 0) == WEATHER_ARGS  # type: ignore[union-attr]
+    message = final.choices[0].message
+    assert final.choices[0].finish_reason == "tool_calls"
+    assert message.content == "Let me check."
+    assert message.tool_calls is not None
+    assert [
+        (c.id[:5], c.type, c.function.name, c.function.arguments) for c in message.tool_calls
+    ] == [
+        ("call_", "function", "get_weather", WEATHER_ARGS),
+        ("call_", "function", "get_time", '{"tz": "CET"}'),
+    ]
+    # only strict tools are parsed
+    assert message.tool_calls[0].function.parsed_arguments is None
+
+    oai_up.reply = ToolCalls([WEATHER])
+    with oai.chat.completions.stream(model="m", messages=USER, tools=OAI_STRICT_TOOLS) as stream:
+        final = stream.get_final_completion()
+    message = final.choices[0].message
+    assert message.content is None
+    assert message.tool_calls is not None
+    assert message.tool_calls[0].function.parsed_arguments == {"city": "Paris"}
+
+
+def test_openai_broken_tool_arguments(oai_up: FakeOpenAI, oai: openai.OpenAI) -> None:
+    broken = '{"city": "Par'
+    oai_up.reply = ToolCalls([("get_weather", broken)])
+    r = oai.chat.completions.create(model="m", messages=USER, tools=OAI_TOOLS)
+    assert r.choices[0].message.tool_calls[0].function.arguments == broken  # type: ignore[index,union-attr]
+    with oai.chat.completions.stream(model="m", messages=USER, tools=OAI_TOOLS) as stream:
+        final = stream.get_final_completion()
+    assert final.choices[0].message.tool_calls[0].function.arguments == broken  # type: ignore[index]
+    # with a strict tool the stream helper json.loads the arguments when the call is done
+    with (
+        pytest.raises(json.JSONDecodeError),
+        oai.chat.completions.stream(model="m", messages=USER, tools=OAI_STRICT_TOOLS) as stream,
+    ):
+        stream.get_final_completion()
+
+
+async def test_openai_tool_loop_async(aoai_up: FakeOpenAI, aoai: openai.AsyncOpenAI) -> None:
+    """Two steps: the model calls the tool; the client returns the result; the model answers."""
+
+    def reply(body: dict[str, Any]) -> str | ToolCalls:
+        results = [m["content"] for m in body["messages"] if m["role"] == "tool"]
+        if not results:
+            return ToolCalls([WEATHER])
+        return f"The weather: {results[-1]}"
+
+    aoai_up.reply = reply
+    messages: list[Any] = [{"role": "user", "content": "what is the weather"}]
+    r = await aoai.chat.completions.create(model="m", messages=messages, tools=OAI_TOOLS)
+    message = r.choices[0].message
+    assert r.choices[0].finish_reason == "tool_calls" and message.tool_calls is not None
+    call = message.tool_calls[0]
+    assert call.function.arguments == WEATHER_ARGS  # type: ignore[union-attr]
+
+    messages += [
+        message.model_dump(exclude_none=True, exclude={"annotations"}),
+        {"role": "tool", "tool_call_id": call.id, "content": "sunny and warm"},
+    ]
+    async with aoai.chat.completions.stream(
+        model="m", messages=messages, tools=OAI_TOOLS, stream_options={"include_usage": True}
+    ) as stream:
+        final = await stream.get_final_completion()
+    assert final.choices[0].message.content == "The weather: sunny and warm"
+    assert final.choices[0].finish_reason == "stop"
+    assert final.choices[0].message.tool_calls is None
+
+    sent = aoai_up.last_request.body["messages"]
+    assert sent[1]["tool_calls"][0]["id"] == call.id and sent[1].get("content") is None
+    assert sent[2] == {"role": "tool", "tool_call_id": call.id, "content": "sunny and warm"}
+    # prompt: 4 words + (get_weather, its arguments) + 3 words
+    assert final.usage is not None and final.usage.prompt_tokens == 4 + 2 + 3
+
+    # the default echo answers the last *user* message, not the tool result
+    aoai_up.reply = None
+    messages[-1] = {
+        "role": "tool",
+        "tool_call_id": call.id,
+        "content": [{"type": "text", "text": "sunny"}],
+    }
+    r = await aoai.chat.completions.create(model="m", messages=messages)
+    assert r.choices[0].message.content == "echo: what is the weather"
+    assert r.usage is not None and r.usage.prompt_tokens == 4 + 2 + 1
+
+
+async def test_openai_tool_calls_async_raw_stream(
+    aoai_up: FakeOpenAI, aoai: openai.AsyncOpenAI
+) -> None:
+    aoai_up.reply = lambda body: ToolCalls([WEATHER], text="ok")
+    stream = await aoai.chat.completions.create(
+        model="m", messages=USER, tools=OAI_TOOLS, stream=True
+    )
+    chunks = [c async for c in stream]
+    assert chunks[0].choices[0].delta.content == ""  # there is text: like a text reply
+    assert chunks[1].choices[0].delta.content == "ok"
+    args = "".join(
+        tc.function.arguments or ""
+        for c in chunks
+        for tc in c.choices[0].delta.tool_calls or []
+        if tc.function is not None
+    )
+    assert args == WEATHER_ARGS
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+async def test_openai_tool_stream_faults(aoai_up: FakeOpenAI, aoai: openai.AsyncOpenAI) -> None:
+    aoai_up.reply = ToolCalls([WEATHER])
+    aoai_up.inject(Fault(break_after=3, token_delay=0.001))
+    stream = await aoai.chat.completions.create(model="m", messages=USER, stream=True)
+    received = []
+    with pytest.raises(openai.APIConnectionError):
+        async for chunk in stream:
+            received.append(chunk.choices[0].delta)
+    # role chunk, then 3 deltas: the call's announcement and two arguments pieces
+    assert received[1].tool_calls is not None and received[1].tool_calls[0].id is not None
+    assert [d.tool_calls[0].function.arguments for d in received[2:]] == ['{"', "city"]  # type: ignore[index,union-attr]
+    assert aoai_up.last_request.outcome == "broken"
+
+    aoai_up.token_delay(0.001)
+    stream = await aoai.chat.completions.create(model="m", messages=USER, stream=True)
+    chunks = [c async for c in stream]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert aoai_up.last_request.outcome == "ok"
+
+
+def test_anthropic_tool_use_message(ant_up: FakeAnthropic, ant: anthropic.Anthropic) -> None:
+    ant_up.reply = ToolCalls([WEATHER, ("get_time", '{"tz": "CET"}')], text="Let me check.")
+    m = ant.messages.create(
+        model="c",
+        max_tokens=100,
+        messages=USER,
+        tools=ANT_TOOLS,
+        tool_choice={"type": "auto"},
+    )
+    assert m.stop_reason == "tool_use"
+    text, use1, use2 = m.content
+    assert text.type == "text" and text.text == "Let me check."
+    assert use1.type == "tool_use" and use2.type == "tool_use"
+    assert use1.id.startswith("toolu_") and use1.id != use2.id
+    assert (use1.name, use1.input) == ("get_weather", {"city": "Paris"})
+    assert (use2.name, use2.input) == ("get_time", {"tz": "CET"})  # a string is parsed
+    assert m.usage.output_tokens == 3 + (1 + 5) + (1 + 7)
+    body = ant_up.last_request.body
+    assert body["tools"] == ANT_TOOLS and body["tool_choice"] == {"type": "auto"}
+
+    ant_up.reply = ToolCalls([WEATHER])  # no text: no text block
+    m = ant.messages.create(model="c", max_tokens=1, messages=USER, tools=ANT_TOOLS)
+    assert [b.type for b in m.content] == ["tool_use"]
+    assert m.stop_reason == "tool_use"  # max_tokens does not apply to tool calls
+
+
+def test_anthropic_tool_use_raw_stream(ant_up: FakeAnthropic, ant: anthropic.Anthropic) -> None:
+    ant_up.reply = ToolCalls([WEATHER, ("get_time", "{}")], text="Let me check.")
+    events = list(
+        ant.messages.create(model="c", max_tokens=100, messages=USER, tools=ANT_TOOLS, stream=True)
+    )
+    types = [(e.type, getattr(e, "index", None)) for e in events]
+    pieces = split_arguments(WEATHER_ARGS)
+    assert types == [
+        ("message_start", None),
+        ("content_block_start", 0),
+        *[("content_block_delta", 0)] * 3,
+        ("content_block_stop", 0),
+        ("content_block_start", 1),
+        *[("content_block_delta", 1)] * len(pieces),
+        ("content_block_stop", 1),
+        ("content_block_start", 2),
+        ("content_block_delta", 2),
+        ("content_block_stop", 2),
+        ("message_delta", None),
+        ("message_stop", None),
+    ]
+    starts = [e.content_block for e in events if e.type == "content_block_start"]
+    assert starts[0].type == "text"
+    assert starts[1].type == "tool_use" and starts[2].type == "tool_use"
+    assert (starts[1].name, starts[1].input) == ("get_weather", {})
+    assert starts[1].id.startswith("toolu_")
+    json_deltas = [
+        (e.index, e.delta.partial_json)
+        for e in events
+        if e.type == "content_block_delta" and e.delta.type == "input_json_delta"
+    ]
+    assert json_deltas == [(1, p) for p in pieces] + [(2, "{}")]
+    end = events[-2]
+    assert end.type == "message_delta" and end.delta.stop_reason == "tool_use"
+    assert end.usage.output_tokens == 3 + 1 + len(pieces) + 1 + 1
+
+
+def test_anthropic_tool_use_wire_format(ant_up: FakeAnthropic) -> None:
+    ant_up.reply = ToolCalls([WEATHER])
+    headers = {"x-api-key": KEY, "anthropic-version": "2023-06-01"}
+    body = {"model": "c", "max_tokens": 10, "messages": USER, "stream": True}
+    r = httpx2.post(ant_up.url + "/v1/messages", json=body, headers=headers)
+    names = [line[7:] for line in r.text.splitlines() if line.startswith("event: ")]
+    n = len(split_arguments(WEATHER_ARGS))
+    assert names == [
+        "message_start",
+        "content_block_start",
+        "ping",
+        *["content_block_delta"] * n,
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
+    assert (
+        '{"type":"content_block_start","index":0,"content_block":{"type":"tool_use",'
+        '"id":"toolu_fake00000001","name":"get_weather","input":{}}}'
+    ) in r.text
+    assert (
+        '{"type":"content_block_delta","index":0,'
+        '"delta":{"type":"input_json_delta","partial_json":"city"}}'
+    ) in r.text
+    assert '"stop_reason":"tool_use"' in r.text
+
+
+def test_anthropic_tool_use_stream_helper(ant_up: FakeAnthropic, ant: anthropic.Anthropic) -> None:
+    ant_up.reply = ToolCalls([WEATHER, ("get_time", '{"tz": "CET"}')], text="Let me check.")
+    with ant.messages.stream(model="c", max_tokens=100, messages=USER, tools=ANT_TOOLS) as stream:
+        events = list(stream)
+        final = stream.get_final_message()
+    snapshots = [e.snapshot for e in events if e.type == "input_json"]
+    assert snapshots[-1] == {"tz": "CET"}
+    assert {"city": "Paris"} in snapshots
+    assert final.stop_reason == "tool_use"
+    assert [b.type for b in final.content] == ["text", "tool_use", "tool_use"]
+    assert final.content[0].text == "Let me check."  # type: ignore[union-attr]
+    uses = [b for b in final.content if b.type == "tool_use"]
+    assert [(b.name, b.input) for b in uses] == [
+        ("get_weather", {"city": "Paris"}),
+        ("get_time", {"tz": "CET"}),
+    ]
+
+
+def test_anthropic_broken_tool_arguments(ant_up: FakeAnthropic, ant: anthropic.Anthropic) -> None:
+    truncated = '{"city": "Par'
+    ant_up.reply = ToolCalls([("get_weather", truncated)])
+    # not streamed: the raw text is sent as `input` (the real API always sends an object);
+    # the SDK does not validate, so the block's input is a str
+    m = ant.messages.create(model="c", max_tokens=10, messages=USER, tools=ANT_TOOLS)
+    assert m.content[0].input == truncated  # type: ignore[union-attr]
+    # streamed, the pieces are sent as is: the raw events carry them unchanged ...
+    events = list(ant.messages.create(model="c", max_tokens=10, messages=USER, stream=True))
+    assert (
+        "".join(
+            e.delta.partial_json
+            for e in events
+            if e.type == "content_block_delta" and e.delta.type == "input_json_delta"
+        )
+        == truncated
+    )
+    # ... but the stream helper parses the growing JSON in partial mode, which drops an
+    # unfinished string: truncated arguments silently become {} ...
+    with ant.messages.stream(model="c", max_tokens=10, messages=USER) as stream:
+        final = stream.get_final_message()
+    assert final.content[0].input == {}  # type: ignore[union-attr]
+    # ... and JSON that is not even a prefix of valid JSON raises ValueError mid-stream
+    ant_up.reply = ToolCalls([("get_weather", "{not json")])
+    with (
+        pytest.raises(ValueError, match="Unable to parse tool parameter JSON"),
+        ant.messages.stream(model="c", max_tokens=10, messages=USER) as stream,
+    ):
+        stream.get_final_message()
+
+
+async def test_anthropic_tool_loop_async(
+    aant_up: FakeAnthropic, aant: anthropic.AsyncAnthropic
+) -> None:
+    """Two steps: the model calls the tool; the client returns the result; the model answers."""
+
+    def reply(body: dict[str, Any]) -> str | ToolCalls:
+        last = body["messages"][-1]["content"]
+        results = [b for b in last if b["type"] == "tool_result"] if isinstance(last, list) else []
+        if not results:
+            return ToolCalls([WEATHER], text="Let me check.")
+        return f"The weather: {results[0]['content']}"
+
+    aant_up.reply = reply
+    messages: list[Any] = [{"role": "user", "content": "what is the weather"}]
+    async with aant.messages.stream(
+        model="c", max_tokens=100, messages=messages, tools=ANT_TOOLS
+    ) as stream:
+        first = await stream.get_final_message()
+    assert first.stop_reason == "tool_use"
+    use = first.content[1]
+    assert use.type == "tool_use" and use.input == {"city": "Paris"}
+
+    messages += [
+        {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in first.content]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": use.id, "content": "sunny and warm"}
+            ],
+        },
+    ]
+    m = await aant.messages.create(model="c", max_tokens=100, messages=messages, tools=ANT_TOOLS)
+    assert m.stop_reason == "end_turn"
+    assert m.content[0].text == "The weather: sunny and warm"  # type: ignore[union-attr]
+    sent = aant_up.last_request.body["messages"]
+    assert sent[1]["content"][1] == {
+        "type": "tool_use",
+        "id": use.id,
+        "name": "get_weather",
+        "input": {"city": "Paris"},
+    }
+    # prompt: 4 words + "Let me check." + (get_weather, its input) + 3 words
+    assert m.usage.input_tokens == 4 + 3 + 2 + 3
+
+    # the default echo answers the last user *text*, not a turn of tool results only
+    aant_up.reply = None
+    messages[-1]["content"][0]["content"] = [{"type": "text", "text": "sunny"}]
+    m = await aant.messages.create(model="c", max_tokens=100, messages=messages)
+    assert m.content[0].text == "echo: what is the weather"  # type: ignore[union-attr]
+    assert m.usage.input_tokens == 4 + 3 + 2 + 1
+    counted = await aant.messages.count_tokens(model="c", messages=messages)
+    assert counted.input_tokens == 4 + 3 + 2 + 1
+    # a user turn with text after its tool results is the last user message
+    messages[-1]["content"].append({"type": "text", "text": "and tomorrow?"})
+    m = await aant.messages.create(model="c", max_tokens=100, messages=messages)
+    assert m.content[0].text == "echo: and tomorrow?"  # type: ignore[union-attr]
+
+
+async def test_anthropic_tool_stream_faults(
+    aant_up: FakeAnthropic, aant: anthropic.AsyncAnthropic
+) -> None:
+    aant_up.reply = ToolCalls([WEATHER], text="a b")
+    aant_up.break_stream_after(3)
+    seen = []
+    with pytest.raises(BROKEN_STREAM_ERRORS):
+        stream = await aant.messages.create(model="c", max_tokens=10, messages=USER, stream=True)
+        async for event in stream:
+            seen.append((event.type, getattr(event, "index", None)))
+    # the 3 deltas: two text pieces, the first arguments piece (after its block's start)
+    assert seen == [
+        ("message_start", None),
+        ("content_block_start", 0),
+        ("content_block_delta", 0),
+        ("content_block_delta", 0),
+        ("content_block_stop", 0),
+        ("content_block_start", 1),
+        ("content_block_delta", 1),
+    ]
+    assert aant_up.last_request.outcome == "broken"
+
+    aant_up.token_delay(0.001)
+    async with aant.messages.stream(model="c", max_tokens=10, messages=USER) as s:
+        final = await s.get_final_message()
+    assert final.content[1].input == {"city": "Paris"}  # type: ignore[union-attr]
+    assert aant_up.last_request.outcome == "ok"

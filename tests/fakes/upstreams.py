@@ -4,6 +4,13 @@ They are real aiohttp HTTP servers on 127.0.0.1 speaking the providers' wire for
 against the official SDKs' types and SSE parsers), so the `openai` / `anthropic` SDKs and Veil's
 own upstream clients talk to them unchanged. Replies are deterministic ("echo: <last user text>"
 unless `reply` is set), every request is recorded, and failures can be injected at any time.
+A reply may also be a `ToolCalls` (the model asks for tool calls); a callable reply sees the
+request body, so a test can script a tool loop:
+
+    def reply(body):  # call the tool until its result is in the conversation, then answer
+        if any(m.get("role") == "tool" for m in body["messages"]):
+            return "it is sunny"
+        return ToolCalls([("get_weather", {"city": "Paris"})])
 
     async with FakeOpenAI() as up:          # on the running loop
         client = AsyncOpenAI(base_url=up.base_url, api_key="x")
@@ -26,7 +33,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, ClassVar, Self
@@ -34,7 +41,16 @@ from typing import Any, ClassVar, Self
 import msgspec
 from aiohttp import web
 
-__all__ = ["FakeAnthropic", "FakeOpenAI", "Fault", "RecordedRequest", "Reply", "split_tokens"]
+__all__ = [
+    "FakeAnthropic",
+    "FakeOpenAI",
+    "Fault",
+    "RecordedRequest",
+    "Reply",
+    "ToolCalls",
+    "split_arguments",
+    "split_tokens",
+]
 
 _encode = msgspec.json.encode  # compact JSON, like the real APIs send
 _decode = msgspec.json.decode
@@ -43,13 +59,48 @@ _decode = msgspec.json.decode
 # so the pieces always join back to the exact text.
 _TOKEN = re.compile(r"\s*\S+\s*$|\s*\S+|\s+$")
 
-Reply = str | Callable[[dict[str, Any]], str]
-"""A fixed reply text, or a function of the parsed request body returning it."""
+# Streamed tool-call arguments come in pieces like a model's tokens: runs of word characters,
+# of whitespace and of punctuation, e.g. '{"city":"Paris"}' -> '{"', 'city', '":"', 'Paris', '"}'.
+_ARG_PIECE = re.compile(r"\w+|\s+|[^\w\s]+")
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCalls:
+    """A reply in which the model calls tools (after an optional text), instead of only text.
+
+    Each call is (function name, arguments): a dict (sent as compact JSON) or the raw JSON text
+    the model wrote, sent unchanged, so it may be deliberately broken ('{"city": "Par').
+    OpenAI answers with `tool_calls` and finish_reason "tool_calls"; Anthropic with a `tool_use`
+    block per call and stop_reason "tool_use". max_tokens does not apply. An empty `calls` is a
+    plain text reply."""
+
+    calls: list[tuple[str, dict[str, Any] | str]]
+    text: str = ""
+
+
+Reply = str | ToolCalls | Callable[[dict[str, Any]], str | ToolCalls]
+"""A fixed reply (text or tool calls), or a function of the parsed request body returning one."""
 
 
 def split_tokens(text: str) -> list[str]:
     """Split text into the fake's "tokens" (streamed deltas), e.g. "a b" -> ["a", " b"]."""
     return _TOKEN.findall(text)
+
+
+def split_arguments(arguments: str) -> list[str]:
+    """Split tool-call arguments into their streamed pieces; they join back to the exact text."""
+    return _ARG_PIECE.findall(arguments)
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """One tool call of a ToolCalls reply, ready to send."""
+
+    id: str  # call_... / toolu_...
+    name: str
+    arguments: str  # the JSON text
+    raw: dict[str, Any] | str  # as given: Anthropic's non-streamed `input` wants the object
+    pieces: list[str]  # split_arguments(arguments)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +111,8 @@ class Fault:
     message: str | None = None  # error message; a provider-like default when None
     retry_after: float | None = None  # sent as the Retry-After header with the error
     delay: float = 0.0  # sleep before answering at all (provokes client timeouts)
+    # Streamed content deltas: the text's; with ToolCalls also each argument piece (and on
+    # OpenAI the chunk announcing each call).
     token_delay: float = 0.0  # sleep before each streamed content delta
     break_after: int | None = None  # drop the connection after this many content deltas
 
@@ -82,6 +135,7 @@ class _FakeUpstream:
 
     _url_suffix: ClassVar[str] = ""  # what base_url adds to url for this provider's SDK
     _id_prefix: ClassVar[str] = "id_"
+    _call_id_prefix: ClassVar[str] = "call_"
 
     def __init__(
         self,
@@ -100,6 +154,7 @@ class _FakeUpstream:
         self._sticky: Fault | None = None  # applies to every request once the queue is empty
         self._lock = threading.Lock()  # test code injects from other threads
         self._ids = itertools.count(1)
+        self._call_ids = itertools.count(1)
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -208,6 +263,28 @@ class _FakeUpstream:
         """SSE frames: (before the content deltas, one per content delta, after them)."""
         raise NotImplementedError
 
+    def _tool_completion(
+        self,
+        body: dict[str, Any],
+        rid: str,
+        tokens: list[str],
+        calls: list[_Call],
+        prompt_tokens: int,
+    ) -> bytes:
+        raise NotImplementedError
+
+    def _tool_stream_frames(
+        self,
+        body: dict[str, Any],
+        rid: str,
+        tokens: list[str],
+        calls: list[_Call],
+        prompt_tokens: int,
+    ) -> tuple[list[bytes], list[bytes], list[bytes]]:
+        """Like _stream_frames; the deltas are the text deltas, then each call's argument
+        pieces (OpenAI: and the chunk announcing each call)."""
+        raise NotImplementedError
+
     # -- request handling --------------------------------------------------------------------
 
     async def _record(self, request: web.Request) -> RecordedRequest:
@@ -221,11 +298,24 @@ class _FakeUpstream:
         self.requests.append(rec)
         return rec
 
-    def _reply_text(self, body: dict[str, Any], last_user: str) -> str:
+    def _answer(self, body: dict[str, Any], last_user: str) -> str | ToolCalls:
         reply = self.reply
         if reply is None:
             return f"echo: {last_user}"
-        return reply if isinstance(reply, str) else reply(body)
+        if isinstance(reply, str):
+            return reply
+        answer = reply if isinstance(reply, ToolCalls) else reply(body)
+        if isinstance(answer, ToolCalls) and not answer.calls:
+            return answer.text
+        return answer
+
+    def _calls(self, answer: ToolCalls) -> list[_Call]:
+        calls = []
+        for name, raw in answer.calls:
+            arguments = raw if isinstance(raw, str) else _encode(raw).decode()
+            call_id = f"{self._call_id_prefix}{next(self._call_ids):08d}"
+            calls.append(_Call(call_id, name, arguments, raw, split_arguments(arguments)))
+        return calls
 
     async def _handle_chat(self, request: web.Request) -> web.StreamResponse:
         rec = await self._record(request)
@@ -246,11 +336,16 @@ class _FakeUpstream:
                     rec.outcome = "error"
                     return self._error(fault.status, fault.message, fault.retry_after)
             prompt_tokens, last_user = self._prompt(body)
-            tokens = split_tokens(self._reply_text(body, last_user))
-            limit = self._max_tokens(body)
-            truncated = limit is not None and len(tokens) > limit
-            if truncated:
-                tokens = tokens[:limit]
+            answer = self._answer(body, last_user)
+            calls: list[_Call] | None = None
+            if isinstance(answer, str):
+                tokens = split_tokens(answer)
+                limit = self._max_tokens(body)
+                truncated = limit is not None and len(tokens) > limit
+                if truncated:
+                    tokens = tokens[:limit]
+            else:
+                tokens, truncated, calls = split_tokens(answer.text), False, self._calls(answer)
             rid = f"{self._id_prefix}{next(self._ids):08d}"
             headers = self._response_headers(rid)
 
@@ -259,12 +354,18 @@ class _FakeUpstream:
                     return self._drop(request, rec)
                 rec.outcome = "ok"
                 return web.Response(
-                    body=self._completion(body, rid, tokens, truncated, prompt_tokens),
+                    body=self._completion(body, rid, tokens, truncated, prompt_tokens)
+                    if calls is None
+                    else self._tool_completion(body, rid, tokens, calls, prompt_tokens),
                     headers=headers,
                     content_type="application/json",
                 )
 
-            head, deltas, tail = self._stream_frames(body, rid, tokens, truncated, prompt_tokens)
+            head, deltas, tail = (
+                self._stream_frames(body, rid, tokens, truncated, prompt_tokens)
+                if calls is None
+                else self._tool_stream_frames(body, rid, tokens, calls, prompt_tokens)
+            )
             resp = web.StreamResponse(headers=headers)
             resp.content_type = "text/event-stream"
             resp.charset = "utf-8"
@@ -410,15 +511,70 @@ def _text_of(content: Any) -> str:
     return ""
 
 
+def _counted_text_of(content: Any) -> str:
+    """What counts as prompt: the text, and Anthropic's tool_use (name, input as JSON) and
+    tool_result (its content) blocks."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        return ""
+    texts = []
+    for p in content:
+        if not isinstance(p, dict):
+            continue
+        if isinstance(text := p.get("text"), str):
+            texts.append(text)
+        elif p.get("type") == "tool_use":
+            texts.append(f"{p.get('name')} {_json_text(p.get('input'))}")
+        elif p.get("type") == "tool_result":
+            texts.append(_counted_text_of(p.get("content")))
+    return " ".join(texts)
+
+
+def _json_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return ""
+    try:
+        return _encode(value).decode()
+    except TypeError:  # not JSON-able: cannot come from a parsed body
+        return ""
+
+
+def _only_tool_results(content: Any) -> bool:
+    """An Anthropic user turn that only returns tool results: not what the user said."""
+    return (
+        isinstance(content, list)
+        and bool(content)
+        and all(isinstance(p, dict) and p.get("type") == "tool_result" for p in content)
+    )
+
+
 def _prompt_of(messages: list[Any], extra: str = "") -> tuple[int, str]:
+    """(prompt "tokens": whitespace-separated words, text of the last user message). Tool calls
+    and results count as prompt; OpenAI's role "tool" messages and Anthropic's user turns of
+    tool_result blocks only are not the last user message."""
     count = len(extra.split())
     last_user = ""
     for m in messages:
-        if isinstance(m, dict):
-            text = _text_of(m.get("content"))
-            count += len(text.split())
+        if not isinstance(m, dict):
+            continue
+        content = m.get("content")
+        if isinstance(content, str):  # the common case first
+            count += len(content.split())
             if m.get("role") == "user":
-                last_user = text
+                last_user = content
+        elif content is not None:
+            count += len(_counted_text_of(content).split())
+            if m.get("role") == "user" and not _only_tool_results(content):
+                last_user = _text_of(content)
+        if (tool_calls := m.get("tool_calls")) and isinstance(tool_calls, list):  # OpenAI
+            for call in tool_calls:
+                function = call.get("function") if isinstance(call, dict) else None
+                if isinstance(function, dict):
+                    text = f"{function.get('name')} {_json_text(function.get('arguments'))}"
+                    count += len(text.split())
     return count, last_user
 
 
@@ -447,6 +603,7 @@ class FakeOpenAI(_FakeUpstream):
 
     _url_suffix = "/v1"
     _id_prefix = "chatcmpl-fake"
+    _call_id_prefix = "call_fake"
 
     def __init__(
         self,
@@ -570,8 +727,101 @@ class FakeOpenAI(_FakeUpstream):
             }
         )
 
+    def _tool_completion(
+        self,
+        body: dict[str, Any],
+        rid: str,
+        tokens: list[str],
+        calls: list[_Call],
+        prompt_tokens: int,
+    ) -> bytes:
+        tool_calls = [
+            {
+                "id": c.id,
+                "type": "function",
+                "function": {"name": c.name, "arguments": c.arguments},
+            }
+            for c in calls
+        ]
+        return _encode(
+            {
+                "id": rid,
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": body["model"],
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {
+                            "role": "assistant",
+                            "content": "".join(tokens) if tokens else None,
+                            "tool_calls": tool_calls,
+                            "refusal": None,
+                            "annotations": [],
+                        },
+                        "logprobs": None,
+                        "finish_reason": "tool_calls",
+                    }
+                ],
+                "usage": _openai_usage(prompt_tokens, _output_tokens(tokens, calls)),
+                "service_tier": "default",
+                "system_fingerprint": "fp_fake",
+            }
+        )
+
     def _stream_frames(
         self, body: dict[str, Any], rid: str, tokens: list[str], truncated: bool, prompt_tokens: int
+    ) -> tuple[list[bytes], list[bytes], list[bytes]]:
+        return self._frames(
+            body,
+            rid,
+            {"role": "assistant", "content": "", "refusal": None},
+            ({"content": t} for t in tokens),
+            "length" if truncated else "stop",
+            prompt_tokens,
+            len(tokens),
+        )
+
+    def _tool_stream_frames(
+        self,
+        body: dict[str, Any],
+        rid: str,
+        tokens: list[str],
+        calls: list[_Call],
+        prompt_tokens: int,
+    ) -> tuple[list[bytes], list[bytes], list[bytes]]:
+        # Like the real API: the first chunk for a call has its id, type, name and empty
+        # arguments; the following ones only the index and an arguments piece. (The SDK's
+        # stream helper concatenates repeated strings, so id and name must come only once.)
+        deltas: list[dict[str, Any]] = [{"content": t} for t in tokens]
+        for i, c in enumerate(calls):
+            announce = {"index": i, "id": c.id, "type": "function"}
+            deltas.append(
+                {"tool_calls": [{**announce, "function": {"name": c.name, "arguments": ""}}]}
+            )
+            deltas.extend(
+                {"tool_calls": [{"index": i, "function": {"arguments": piece}}]}
+                for piece in c.pieces
+            )
+        return self._frames(
+            body,
+            rid,
+            {"role": "assistant", "content": "" if tokens else None, "refusal": None},
+            deltas,
+            "tool_calls",
+            prompt_tokens,
+            _output_tokens(tokens, calls),
+        )
+
+    def _frames(
+        self,
+        body: dict[str, Any],
+        rid: str,
+        first: dict[str, Any],
+        deltas: Iterable[dict[str, Any]],
+        finish_reason: str,
+        prompt_tokens: int,
+        completion_tokens: int,
     ) -> tuple[list[bytes], list[bytes], list[bytes]]:
         options = body.get("stream_options")
         include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
@@ -591,14 +841,18 @@ class FakeOpenAI(_FakeUpstream):
                 chunk["usage"] = None  # the real API sends null until the usage chunk
             return b"data: " + _encode(chunk) + b"\n\n"
 
-        head = [frame({"role": "assistant", "content": "", "refusal": None})]
-        deltas = [frame({"content": t}) for t in tokens]
-        tail = [frame({}, "length" if truncated else "stop")]
+        head = [frame(first)]
+        tail = [frame({}, finish_reason)]
         if include_usage:
-            usage = _openai_usage(prompt_tokens, len(tokens))
+            usage = _openai_usage(prompt_tokens, completion_tokens)
             tail.append(b"data: " + _encode({**base, "choices": [], "usage": usage}) + b"\n\n")
         tail.append(b"data: [DONE]\n\n")
-        return head, deltas, tail
+        return head, [frame(d) for d in deltas], tail
+
+
+def _output_tokens(tokens: list[str], calls: list[_Call]) -> int:
+    """Output "tokens" of a tool-calls reply: the text's, one per call name, its arguments'."""
+    return len(tokens) + sum(1 + len(c.pieces) for c in calls)
 
 
 def _openai_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
@@ -640,6 +894,7 @@ class FakeAnthropic(_FakeUpstream):
     GET /v1/models. Like the real API it requires the anthropic-version header."""
 
     _id_prefix = "msg_fake"
+    _call_id_prefix = "toolu_fake"
 
     def __init__(
         self,
@@ -753,14 +1008,22 @@ class FakeAnthropic(_FakeUpstream):
         return {"request-id": "req_" + request_id}
 
     def _message(
-        self, body: dict[str, Any], rid: str, text: str | None, stop_reason: str | None, usage: Any
+        self,
+        body: dict[str, Any],
+        rid: str,
+        text: str | None,
+        stop_reason: str | None,
+        usage: Any,
+        content: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
+        if content is None:
+            content = [] if text is None else [{"type": "text", "text": text}]
         return {
             "id": rid,
             "type": "message",
             "role": "assistant",
             "model": body["model"],
-            "content": [] if text is None else [{"type": "text", "text": text}],
+            "content": content,
             "stop_reason": stop_reason,
             "stop_sequence": None,
             "usage": usage,
@@ -773,51 +1036,133 @@ class FakeAnthropic(_FakeUpstream):
         stop_reason = "max_tokens" if truncated else "end_turn"
         return _encode(self._message(body, rid, "".join(tokens), stop_reason, usage))
 
+    def _tool_completion(
+        self,
+        body: dict[str, Any],
+        rid: str,
+        tokens: list[str],
+        calls: list[_Call],
+        prompt_tokens: int,
+    ) -> bytes:
+        content = [{"type": "text", "text": "".join(tokens)}] if tokens else []
+        content.extend(
+            {"type": "tool_use", "id": c.id, "name": c.name, "input": _tool_input(c.raw)}
+            for c in calls
+        )
+        usage = _anthropic_usage(prompt_tokens, _output_tokens(tokens, calls))
+        return _encode(self._message(body, rid, None, "tool_use", usage, content))
+
+    def _tool_stream_frames(
+        self,
+        body: dict[str, Any],
+        rid: str,
+        tokens: list[str],
+        calls: list[_Call],
+        prompt_tokens: int,
+    ) -> tuple[list[bytes], list[bytes], list[bytes]]:
+        # Blocks in order: the text (if any), then a tool_use per call, its input streamed as
+        # input_json_delta pieces of the raw JSON text (broken or not, as given). The first
+        # block's start and the ping are the head; the later blocks' stop/start events go
+        # with their first delta, so only text and argument pieces count as deltas.
+        start = self._message(body, rid, None, None, _anthropic_usage(prompt_tokens, 1))
+        head = [_sse("message_start", {"type": "message_start", "message": start})]
+        deltas: list[bytes] = []
+        blocks: list[tuple[dict[str, Any], list[bytes]]] = []
+        if tokens:
+            blocks.append(({"type": "text", "text": ""}, [_text_delta(0, t) for t in tokens]))
+        for c in calls:
+            i = len(blocks)
+            block = {"type": "tool_use", "id": c.id, "name": c.name, "input": {}}
+            blocks.append((block, [_json_delta(i, piece) for piece in c.pieces]))
+        pending: list[bytes] = []  # structural events waiting for the next delta
+        for i, (block, frames) in enumerate(blocks):
+            if i:
+                pending.append(_block_stop(i - 1))
+            pending.append(
+                _sse(
+                    "content_block_start",
+                    {"type": "content_block_start", "index": i, "content_block": block},
+                )
+            )
+            if not i:
+                head.extend(pending)
+                head.append(_sse("ping", {"type": "ping"}))
+                pending = []
+            for frame in frames:
+                deltas.append(b"".join([*pending, frame]) if pending else frame)
+                pending = []
+        tail = [
+            *pending,
+            _block_stop(len(blocks) - 1),
+            *_message_end("tool_use", _output_tokens(tokens, calls)),
+        ]
+        return head, deltas, tail
+
     def _stream_frames(
         self, body: dict[str, Any], rid: str, tokens: list[str], truncated: bool, prompt_tokens: int
     ) -> tuple[list[bytes], list[bytes], list[bytes]]:
-        def event(name: str, data: dict[str, Any]) -> bytes:
-            return b"event: " + name.encode() + b"\ndata: " + _encode(data) + b"\n\n"
-
         # Like the real API: a token or so of output at message_start; message_delta then
         # carries the cumulative total, which clients must take rather than add.
         start = self._message(body, rid, None, None, _anthropic_usage(prompt_tokens, 1))
         block = {"type": "text", "text": ""}
         head = [
-            event("message_start", {"type": "message_start", "message": start}),
-            event(
+            _sse("message_start", {"type": "message_start", "message": start}),
+            _sse(
                 "content_block_start",
                 {"type": "content_block_start", "index": 0, "content_block": block},
             ),
-            event("ping", {"type": "ping"}),
+            _sse("ping", {"type": "ping"}),
         ]
-        deltas = [
-            event(
-                "content_block_delta",
-                {
-                    "type": "content_block_delta",
-                    "index": 0,
-                    "delta": {"type": "text_delta", "text": t},
-                },
-            )
-            for t in tokens
-        ]
+        deltas = [_text_delta(0, t) for t in tokens]
         tail = [
-            event("content_block_stop", {"type": "content_block_stop", "index": 0}),
-            event(
-                "message_delta",
-                {
-                    "type": "message_delta",
-                    "delta": {
-                        "stop_reason": "max_tokens" if truncated else "end_turn",
-                        "stop_sequence": None,
-                    },
-                    "usage": {"output_tokens": len(tokens)},
-                },
-            ),
-            event("message_stop", {"type": "message_stop"}),
+            _block_stop(0),
+            *_message_end("max_tokens" if truncated else "end_turn", len(tokens)),
         ]
         return head, deltas, tail
+
+
+def _sse(name: str, data: dict[str, Any]) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + _encode(data) + b"\n\n"
+
+
+def _text_delta(index: int, text: str) -> bytes:
+    delta = {"type": "text_delta", "text": text}
+    return _sse(
+        "content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta}
+    )
+
+
+def _json_delta(index: int, piece: str) -> bytes:
+    delta = {"type": "input_json_delta", "partial_json": piece}
+    return _sse(
+        "content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta}
+    )
+
+
+def _block_stop(index: int) -> bytes:
+    return _sse("content_block_stop", {"type": "content_block_stop", "index": index})
+
+
+def _message_end(stop_reason: str, output_tokens: int) -> list[bytes]:
+    delta = {"stop_reason": stop_reason, "stop_sequence": None}
+    return [
+        _sse(
+            "message_delta",
+            {"type": "message_delta", "delta": delta, "usage": {"output_tokens": output_tokens}},
+        ),
+        _sse("message_stop", {"type": "message_stop"}),
+    ]
+
+
+def _tool_input(raw: dict[str, Any] | str) -> Any:
+    """A tool_use block's `input`: the arguments object; raw JSON text is parsed, and sent
+    unchanged as a string when it is not valid JSON (the real API always sends an object)."""
+    if not isinstance(raw, str):
+        return raw
+    try:
+        return _decode(raw)
+    except msgspec.DecodeError:
+        return raw
 
 
 def _anthropic_usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
