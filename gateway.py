@@ -25,6 +25,7 @@ from actors.protocol import (
     SessionDeleted,
     SessionView,
     StartTurn,
+    ToolDelta,
     TurnDone,
     TurnError,
 )
@@ -43,6 +44,8 @@ from veil.openai_wire import (
     generation_params,
     parse_chat_request,
     to_chat_messages,
+    tool_calls_wire,
+    tool_delta_wire,
 )
 from veil.relay import ClientGone, TurnRelay, ask_session
 
@@ -216,7 +219,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             return web.Response(status=499)
 
 
-async def _complete(start: StartTurn, events: AsyncIterator[Delta | TurnDone | TurnError]) -> web.Response:
+async def _complete(start: StartTurn, events: AsyncIterator[OutputUnion]) -> web.Response:
     async for item in events:
         if isinstance(item, TurnDone):
             body = completion(
@@ -227,6 +230,7 @@ async def _complete(start: StartTurn, events: AsyncIterator[Delta | TurnDone | T
                 finish_reason=item.finish_reason,
                 usage=item.usage,
                 session_id=start.session_id,
+                tool_calls=item.tool_calls,
             )
             return _json(body, headers={SESSION_HEADER: start.session_id})
         if isinstance(item, TurnError):
@@ -238,7 +242,7 @@ async def _complete(start: StartTurn, events: AsyncIterator[Delta | TurnDone | T
 async def _stream(
     request: web.Request,
     start: StartTurn,
-    events: AsyncIterator[Delta | TurnDone | TurnError],
+    events: AsyncIterator[OutputUnion],
     include_usage: bool,
 ) -> web.StreamResponse:
     """SSE in OpenAI's chunk format. Headers go out with the first event, so a
@@ -247,6 +251,7 @@ async def _stream(
     created = int(time.time())
     meta = ChunkMeta(id=f"chatcmpl-{start.turn_id}", created=created, model=start.model, session_id=start.session_id)
     streamed: list[str] = []
+    streamed_calls: set[int] = set()
 
     async def send(body: object) -> None:
         assert response is not None
@@ -277,11 +282,21 @@ async def _stream(
             streamed.append(item.text)
             await send(chunk(meta, delta={"content": item.text}, include_usage=include_usage))
             continue
+        if isinstance(item, ToolDelta):
+            streamed_calls.add(item.index)
+            await send(chunk(meta, delta={"tool_calls": [tool_delta_wire(item)]}, include_usage=include_usage))
+            continue
         # The final message carries the whole text: send whatever deltas did not arrive.
         sent = "".join(streamed)
         rest = item.content[len(sent):] if item.content.startswith(sent) else ""
         if rest:
             await send(chunk(meta, delta={"content": rest}, include_usage=include_usage))
+        if isinstance(item, TurnDone):
+            # Calls whose pieces never arrived (a replayed result) go out whole.
+            for index, call in enumerate(item.tool_calls):
+                if index not in streamed_calls:
+                    whole = {"index": index, **tool_calls_wire([call])[0]}
+                    await send(chunk(meta, delta={"tool_calls": [whole]}, include_usage=include_usage))
         if isinstance(item, TurnError):
             e = item.error
             await send(error_body(e.message, e.type, e.code, e.param))

@@ -19,12 +19,14 @@ from nats.micro.request import Request
 from nats.micro.service import Service
 
 from actors.engines import Engine, EngineError, EngineOutput, estimate_tokens
+from actors.engines.base import ToolCallPiece
 from actors.protocol import (
     GENERATE_CODEC,
     GENERATE_RESULT_CODEC,
     OUTPUT_CODEC,
     Delta,
     ErrorInfo,
+    ToolDelta,
     GenerateRequest,
     GenerateResult,
 )
@@ -80,11 +82,17 @@ class ModelActor:
         deltas = 0
         nc = self._nc
 
-        async def on_delta(text: str) -> None:
+        async def on_delta(piece: str | ToolCallPiece) -> None:
             nonlocal deltas
             deltas += 1
             assert job.out_subject is not None
-            await nc.publish(job.out_subject, OUTPUT_CODEC.encode(Delta(seq=deltas, text=text)))
+            if isinstance(piece, str):
+                message: Delta | ToolDelta = Delta(seq=deltas, text=piece)
+            else:
+                message = ToolDelta(
+                    seq=deltas, index=piece.index, id=piece.id, name=piece.name, arguments=piece.arguments
+                )
+            await nc.publish(job.out_subject, OUTPUT_CODEC.encode(message))
 
         gen = asyncio.create_task(
             engine.generate(
@@ -144,6 +152,7 @@ class ModelActor:
             deltas=deltas,
             error=error,
             cancelled=cancelled,
+            tool_calls=output.tool_calls,
         )
 
     async def stop(self, grace: float = 10.0) -> None:

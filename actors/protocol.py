@@ -11,7 +11,7 @@ from typing import Any
 import msgspec
 
 from bus.codec import Codec
-from eventstore.events import ChatMessage, Usage
+from eventstore.events import ChatMessage, ToolCall, Usage
 
 __all__ = [
     "CANCEL_CODEC",
@@ -36,6 +36,7 @@ __all__ = [
     "SessionView",
     "StartTurn",
     "TurnAccepted",
+    "ToolDelta",
     "TurnDone",
     "TurnError",
     "TurnRejected",
@@ -157,10 +158,21 @@ class Delta(msgspec.Struct, frozen=True, kw_only=True, tag="delta"):
     text: str
 
 
+class ToolDelta(msgspec.Struct, frozen=True, kw_only=True, tag="tool_delta", omit_defaults=True):
+    """A piece of a tool call, as OpenAI streams it: id and name first, then arguments."""
+
+    seq: int
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
 class TurnDone(msgspec.Struct, frozen=True, kw_only=True, tag="done"):
     content: str
     finish_reason: str
     usage: Usage
+    tool_calls: list[ToolCall] = []
     # How many deltas were published before this; the gateway waits for them.
     deltas: int = 0
 
@@ -172,7 +184,7 @@ class TurnError(msgspec.Struct, frozen=True, kw_only=True, tag="error"):
     deltas: int = 0
 
 
-OutputUnion = Delta | TurnDone | TurnError
+OutputUnion = Delta | ToolDelta | TurnDone | TurnError
 
 
 class CancelRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -202,6 +214,7 @@ class GenerateResult(msgspec.Struct, frozen=True, kw_only=True):
     deltas: int = 0
     error: ErrorInfo | None = None
     cancelled: bool = False
+    tool_calls: list[ToolCall] = []
 
 
 SESSION_COMMAND_CODEC: Codec[SessionCommandUnion] = Codec(SessionCommandUnion)

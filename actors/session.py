@@ -23,6 +23,7 @@ from actors.protocol import ErrorInfo, GenerateResult, StartTurn
 from actors.tokens import estimate_message_tokens
 from eventstore.events import (
     ChatMessage,
+    ToolCall,
     EventUnion,
     FactsExtracted,
     HistorySummarized,
@@ -77,6 +78,7 @@ class TurnOutcome(msgspec.Struct, frozen=True, kw_only=True):
     finish_reason: str = "stop"
     usage: Usage = Usage()
     error: ErrorInfo | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 class SessionState(msgspec.Struct, frozen=True, kw_only=True):
@@ -314,6 +316,7 @@ def decide(state: SessionState, command: Command) -> list[EventUnion]:
                     content=result.content,
                     finish_reason=result.finish_reason,
                     usage=result.usage,
+                    tool_calls=result.tool_calls,
                 ),
             ]
         case FailTurn(turn_id=turn_id, error=error, now=now, result=result):
@@ -427,14 +430,14 @@ def evolve(state: SessionState, event: EventUnion) -> SessionState:
                 content=event.content,
                 finish_reason=event.finish_reason,
                 usage=event.usage,
+                tool_calls=tuple(event.tool_calls),
             )
             if state.open_turn is None or state.open_turn.turn_id != event.turn_id:
                 return state
-            history = (
-                *state.history,
-                *state.open_turn.messages,
-                ChatMessage(role="assistant", content=event.content),
+            reply = ChatMessage(
+                role="assistant", content=event.content, tool_calls=tuple(event.tool_calls) or None
             )
+            history = (*state.history, *state.open_turn.messages, reply)
             return _close(
                 state, outcome, event.at, history=history, usage=_add_usage(state.usage, event.usage)
             )

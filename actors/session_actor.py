@@ -440,6 +440,7 @@ class SessionActor:
                     finish_reason=result.finish_reason,
                     usage=result.usage,
                     deltas=result.deltas,
+                    tool_calls=result.tool_calls,
                 )
             ),
         )
@@ -548,7 +549,12 @@ class SessionActor:
             error = _error(499, "turn_cancelled", "This request was cancelled by its client.")
             await self._ctx.nc.publish(out, OUTPUT_CODEC.encode(TurnError(error=error, content=outcome.content)))
             return
-        done = TurnDone(content=outcome.content, finish_reason=outcome.finish_reason, usage=outcome.usage)
+        done = TurnDone(
+            content=outcome.content,
+            finish_reason=outcome.finish_reason,
+            usage=outcome.usage,
+            tool_calls=list(outcome.tool_calls),
+        )
         await self._ctx.nc.publish(out, OUTPUT_CODEC.encode(done))
 
     async def _reject(self, request: Request, error: ErrorInfo) -> None:

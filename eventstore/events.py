@@ -16,6 +16,8 @@ import msgspec
 __all__ = [
     "ChatMessage",
     "Event",
+    "FunctionCall",
+    "ToolCall",
     "FactsExtracted",
     "EventUnion",
     "HistorySummarized",
@@ -32,12 +34,29 @@ __all__ = [
 ]
 
 
+class FunctionCall(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    # JSON text as the model wrote it (it may not even be valid JSON).
+    arguments: str
+
+
+class ToolCall(msgspec.Struct, frozen=True, kw_only=True):
+    """A model's request to call a tool, in OpenAI's shape."""
+
+    id: str
+    function: FunctionCall
+    type: str = "function"
+
+
 class ChatMessage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """One message of a conversation, as the model sees it."""
 
     role: str
     content: str
     name: str | None = None
+    # An assistant message that called tools, and a tool message that answers one.
+    tool_calls: tuple[ToolCall, ...] | None = None
+    tool_call_id: str | None = None
 
 
 class Usage(msgspec.Struct, frozen=True, kw_only=True):
@@ -159,6 +178,8 @@ class ReplyCompleted(Event, tag="reply.completed", frozen=True, kw_only=True):
     content: str
     finish_reason: str
     usage: Usage
+    # Calls to the client's tools; the client answers them in its next request.
+    tool_calls: list[ToolCall] = []
 
 
 class TurnFailed(Event, tag="turn.failed", frozen=True, kw_only=True):

@@ -43,8 +43,11 @@ DEFAULT_MODEL = "veil"
 # Parameters each kind of engine cannot honour (actors.engines refuses them per request too).
 UNSUPPORTED_BY_KIND: dict[str, frozenset[str]] = {
     "openai": frozenset(),
-    "anthropic": frozenset({"seed", "response_format", "presence_penalty", "frequency_penalty"}),
-    "local": frozenset(),
+    "anthropic": frozenset(
+        {"seed", "response_format", "presence_penalty", "frequency_penalty", "tools", "tool_choice", "parallel_tool_calls"}
+    ),
+    # SmolLM2 makes no tool calls of its own.
+    "local": frozenset({"tools", "tool_choice", "parallel_tool_calls"}),
 }
 # The share of the context window history may take by default; the rest is for
 # the system prompt, recalled memories and the answer.

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import msgspec
 
-from eventstore.events import ChatMessage, Usage
+from eventstore.events import ChatMessage, FunctionCall, ToolCall, Usage
 
 __all__ = [
     "ApiError",
@@ -19,6 +20,8 @@ __all__ = [
     "generation_params",
     "parse_chat_request",
     "to_chat_messages",
+    "tool_calls_wire",
+    "tool_delta_wire",
 ]
 
 
@@ -72,11 +75,34 @@ class RefusalPart(msgspec.Struct, tag="refusal", tag_field="type"):
 ContentPart = TextPart | ImageUrlPart | InputAudioPart | FilePart | RefusalPart
 
 
+class FunctionIn(msgspec.Struct, kw_only=True):
+    name: str
+    arguments: str
+
+
+class ToolCallIn(msgspec.Struct, kw_only=True):
+    id: str
+    function: FunctionIn
+    type: Literal["function"] = "function"
+
+
+class FunctionDef(msgspec.Struct, kw_only=True):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDef(msgspec.Struct, kw_only=True):
+    function: FunctionDef
+    type: Literal["function"] = "function"
+
+
 class MessageIn(msgspec.Struct, kw_only=True):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
 
 
@@ -101,8 +127,10 @@ class ChatRequest(msgspec.Struct, kw_only=True):
     response_format: dict[str, Any] | None = None
     user: str | None = None
     metadata: dict[str, str] | None = None
+    # Kept as sent, so the upstream gets them unchanged; checked against ToolDef.
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     functions: list[dict[str, Any]] | None = None
     # Veil's own field (DESIGN.md, session id contract).
     session_id: str | None = None
@@ -143,17 +171,35 @@ def _check(request: ChatRequest) -> None:
         raise ApiError(
             400, "'messages' must contain at least one message.", param="messages", code="empty_array"
         )
-    if request.tools or request.functions:
-        raise ApiError(400, "Client-side tools are not supported yet.", param="tools", code="unsupported_parameter")
+    if request.tools is not None:
+        try:
+            msgspec.convert(request.tools, list[ToolDef])
+        except msgspec.ValidationError as error:
+            text = str(error)
+            path = _param_of(text)
+            raise ApiError(
+                400, f"Invalid tools: {text}", param=f"tools{path}" if path else "tools", code="invalid_value"
+            ) from None
+    if request.functions:
+        raise ApiError(
+            400, "'functions' is deprecated and not supported; use 'tools'.", param="functions", code="unsupported_parameter"
+        )
     if request.n not in (None, 1):
         raise ApiError(400, "Only n=1 is supported.", param="n", code="unsupported_parameter")
     for i, message in enumerate(request.messages):
-        if message.role in ("tool", "function"):
+        if message.role == "function":
             raise ApiError(
                 400,
-                f"Messages with role '{message.role}' need client-side tools, which are not supported yet.",
+                "Messages with role 'function' are deprecated and not supported; use role 'tool'.",
                 param=f"messages[{i}].role",
                 code="unsupported_value",
+            )
+        if message.role == "tool" and not message.tool_call_id:
+            raise ApiError(
+                400,
+                f"messages[{i}]: a 'tool' message needs the 'tool_call_id' it answers.",
+                param=f"messages[{i}].tool_call_id",
+                code="missing_required_parameter",
             )
         if isinstance(message.content, list):
             for j, part in enumerate(message.content):
@@ -165,7 +211,7 @@ def _check(request: ChatRequest) -> None:
                         param=f"messages[{i}].content[{j}].type",
                         code="unsupported_value",
                     )
-        elif message.content is None and message.role != "assistant":
+        elif message.content is None and not (message.role == "assistant" and message.tool_calls):
             raise ApiError(
                 400,
                 f"messages[{i}].content must be a string or a list of content parts.",
@@ -194,7 +240,21 @@ def _text(content: str | list[ContentPart] | None) -> str:
 
 
 def to_chat_messages(request: ChatRequest) -> list[ChatMessage]:
-    return [ChatMessage(role=m.role, content=_text(m.content), name=m.name) for m in request.messages]
+    return [
+        ChatMessage(
+            role=m.role,
+            content=_text(m.content),
+            name=m.name,
+            tool_calls=tuple(
+                ToolCall(id=c.id, function=FunctionCall(name=c.function.name, arguments=c.function.arguments))
+                for c in m.tool_calls
+            )
+            if m.tool_calls
+            else None,
+            tool_call_id=m.tool_call_id,
+        )
+        for m in request.messages
+    ]
 
 
 PARAMS = (
@@ -208,6 +268,9 @@ PARAMS = (
     "frequency_penalty",
     "response_format",
     "user",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
 )
 
 
@@ -229,10 +292,42 @@ def _usage(usage: Usage) -> dict[str, int]:
     }
 
 
+def tool_calls_wire(calls: Sequence[ToolCall]) -> list[dict[str, Any]]:
+    return [
+        {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": c.function.arguments}}
+        for c in calls
+    ]
+
+
+def tool_delta_wire(piece: Any) -> dict[str, Any]:
+    """A ToolDelta as one element of OpenAI's `delta.tool_calls`."""
+    wire: dict[str, Any] = {"index": piece.index}
+    function: dict[str, Any] = {"arguments": piece.arguments}
+    if piece.id is not None:
+        wire["id"] = piece.id
+        wire["type"] = "function"
+    if piece.name is not None:
+        function["name"] = piece.name
+    wire["function"] = function
+    return wire
+
+
 def completion(
-    *, id: str, created: int, model: str, content: str, finish_reason: str, usage: Usage, session_id: str
+    *,
+    id: str,
+    created: int,
+    model: str,
+    content: str,
+    finish_reason: str,
+    usage: Usage,
+    session_id: str,
+    tool_calls: Sequence[ToolCall] = (),
 ) -> dict[str, Any]:
     """A `chat.completion` object as OpenAI returns it, plus `session_id`."""
+    message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+    if tool_calls:
+        message["content"] = content or None
+        message["tool_calls"] = tool_calls_wire(tool_calls)
     return {
         "id": id,
         "object": "chat.completion",
@@ -241,7 +336,7 @@ def completion(
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": content, "refusal": None},
+                "message": message,
                 "logprobs": None,
                 "finish_reason": finish_reason,
             }

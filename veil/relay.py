@@ -18,7 +18,9 @@ from actors.protocol import (
     TURN_REPLY_CODEC,
     CancelRequest,
     Delta,
+    OutputUnion,
     SessionCommandUnion,
+    ToolDelta,
     StartTurn,
     TurnAccepted,
     TurnDone,
@@ -99,7 +101,7 @@ class TurnRelay:
 
     async def events(
         self, timeout: float, client_gone: Callable[[], bool]
-    ) -> AsyncIterator[Delta | TurnDone | TurnError]:
+    ) -> AsyncIterator[OutputUnion]:
         """Deltas in order, then exactly one TurnDone or TurnError.
 
         Raises ClientGone when the client left, and ApiError(504) (after
@@ -120,7 +122,7 @@ class TurnRelay:
             except NatsTimeout:
                 continue
             item = OUTPUT_CODEC.decode(msg.data)
-            if isinstance(item, Delta):
+            if isinstance(item, Delta | ToolDelta):
                 if item.seq > received:
                     received = item.seq
                     yield item

@@ -9,11 +9,21 @@ import msgspec
 
 from actors.protocol import ErrorInfo
 from actors.tokens import estimate_tokens
-from eventstore.events import ChatMessage, Usage
+from eventstore.events import ChatMessage, ToolCall, Usage
 
-__all__ = ["DeltaSink", "Engine", "EngineError", "EngineOutput", "estimate_tokens"]
+__all__ = ["DeltaSink", "Engine", "EngineError", "EngineOutput", "ToolCallPiece", "estimate_tokens"]
 
-DeltaSink = Callable[[str], Awaitable[None]]
+class ToolCallPiece(msgspec.Struct, frozen=True, kw_only=True):
+    """A streamed piece of the index-th tool call (id and name come with its first piece)."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+# Text pieces, and tool call pieces, as they stream.
+DeltaSink = Callable[[str | ToolCallPiece], Awaitable[None]]
 
 
 class EngineOutput(msgspec.Struct, kw_only=True):
@@ -22,6 +32,7 @@ class EngineOutput(msgspec.Struct, kw_only=True):
     finish_reason: str = "stop"
     usage: Usage | None = None
     ttft_ms: float | None = None
+    tool_calls: list[ToolCall] = msgspec.field(default_factory=list)
 
     @property
     def content(self) -> str:

@@ -8,8 +8,8 @@ from typing import Any
 
 import openai
 
-from actors.engines.base import DeltaSink, EngineError, EngineOutput
-from eventstore.events import ChatMessage, Usage
+from actors.engines.base import DeltaSink, EngineError, EngineOutput, ToolCallPiece
+from eventstore.events import ChatMessage, FunctionCall, ToolCall, Usage
 
 __all__ = ["PASSTHROUGH", "OpenAIEngine"]
 
@@ -27,7 +27,26 @@ PASSTHROUGH = (
     "frequency_penalty",
     "response_format",
     "user",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
 )
+
+
+def to_wire(message: ChatMessage) -> dict[str, Any]:
+    """One message in OpenAI's request shape, tool calls and tool answers included."""
+    wire: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        wire["content"] = message.content or None
+        wire["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": c.function.arguments}}
+            for c in message.tool_calls
+        ]
+    if message.tool_call_id is not None:
+        wire["tool_call_id"] = message.tool_call_id
+    if message.name is not None and message.role != "tool":
+        wire["name"] = message.name
+    return wire
 
 
 def _retry_after(error: openai.APIStatusError) -> float | None:
@@ -82,7 +101,7 @@ class OpenAIEngine:
         on_delta: DeltaSink | None,
         output: EngineOutput,
     ) -> None:
-        wire = [{"role": m.role, "content": m.content} for m in messages]
+        wire = [to_wire(m) for m in messages]
         kwargs = {k: params[k] for k in PASSTHROUGH if k in params}
         try:
             if on_delta is None:
@@ -93,12 +112,18 @@ class OpenAIEngine:
             raise translate_error(error) from error
 
     async def _complete(
-        self, model: str, wire: list[dict[str, str]], kwargs: dict[str, Any], output: EngineOutput
+        self, model: str, wire: list[dict[str, Any]], kwargs: dict[str, Any], output: EngineOutput
     ) -> None:
         response = await self._client.chat.completions.create(model=model, messages=wire, **kwargs)  # type: ignore[arg-type]
         choice = response.choices[0]
         output.parts.append(choice.message.content or "")
         output.finish_reason = choice.finish_reason or "stop"
+        for call in choice.message.tool_calls or []:
+            function = getattr(call, "function", None)
+            if function is not None:
+                output.tool_calls.append(
+                    ToolCall(id=call.id, function=FunctionCall(name=function.name, arguments=function.arguments))
+                )
         if response.usage is not None:
             output.usage = Usage(
                 prompt_tokens=response.usage.prompt_tokens,
@@ -109,7 +134,7 @@ class OpenAIEngine:
     async def _stream(
         self,
         model: str,
-        wire: list[dict[str, str]],
+        wire: list[dict[str, Any]],
         kwargs: dict[str, Any],
         on_delta: DeltaSink,
         output: EngineOutput,
@@ -122,6 +147,7 @@ class OpenAIEngine:
             stream_options={"include_usage": True},
             **kwargs,
         )
+        calls: list[Any] = []
         try:
             async for chunk in stream:
                 if chunk.usage is not None:
@@ -139,7 +165,36 @@ class OpenAIEngine:
                         output.ttft_ms = (time.perf_counter() - started) * 1000
                     output.parts.append(text)
                     await on_delta(text)
+                for piece in (choice.delta.tool_calls or []) if choice.delta else []:
+                    calls.append(piece)
+                    await on_delta(
+                        ToolCallPiece(
+                            index=piece.index,
+                            id=piece.id,
+                            name=piece.function.name if piece.function else None,
+                            arguments=(piece.function.arguments or "") if piece.function else "",
+                        )
+                    )
                 if choice.finish_reason:
                     output.finish_reason = choice.finish_reason
         finally:
             await stream.close()
+        output.tool_calls.extend(assemble_tool_calls(calls))
+
+
+def assemble_tool_calls(pieces: list[Any]) -> list[ToolCall]:
+    """Whole tool calls from streamed pieces: id and name once, arguments concatenated."""
+    by_index: dict[int, dict[str, Any]] = {}
+    for piece in pieces:
+        call = by_index.setdefault(piece.index, {"id": "", "name": "", "arguments": []})
+        if piece.id:
+            call["id"] = piece.id
+        if piece.function is not None:
+            if piece.function.name:
+                call["name"] = piece.function.name
+            if piece.function.arguments:
+                call["arguments"].append(piece.function.arguments)
+    return [
+        ToolCall(id=c["id"], function=FunctionCall(name=c["name"], arguments="".join(c["arguments"])))
+        for _, c in sorted(by_index.items())
+    ]
