@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import uuid
 from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple, get_args
 
@@ -54,11 +53,6 @@ LOAD_BATCH = 512
 DUPLICATE_WINDOW = 120.0
 
 _WRONG_LAST_SEQUENCE = 10071
-# An atomic batch refuses Msg-Ids already stored (a retried batch), instead of deduplicating.
-_DUPLICATE_IN_BATCH = 10201
-_BATCH_ID = "Nats-Batch-Id"
-_BATCH_SEQUENCE = "Nats-Batch-Sequence"
-_BATCH_COMMIT = "Nats-Batch-Commit"
 _STREAM_NAME_IN_USE = 10058
 _CODEC: Codec[EventUnion] = Codec(EventUnion)
 _TAGS: dict[type, str] = {cls: str(cls.__struct_config__.tag) for cls in get_args(EventUnion)}
@@ -96,8 +90,6 @@ async def ensure_stream(
         "storage": StorageType(storage),
         "num_replicas": replicas,
         "allow_direct": True,
-        # Several events of one decision are stored all or none, in one round trip.
-        "allow_atomic": True,
         "duplicate_window": DUPLICATE_WINDOW,
         "discard": DiscardPolicy.OLD,
         # An audit trail: nothing ages out or is dropped for space.
@@ -171,80 +163,41 @@ class JetStreamEventStore:
         expected = expected_last_seq
         i = 0
         while i < len(events):
+            event = events[i]
+            headers = {
+                Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value: str(expected),
+                EVENT_TYPE_HEADER: _TAGS[type(event)],
+            }
+            if dedupe_id is not None:
+                headers[Header.MSG_ID.value] = _msg_id(session_id, dedupe_id, i)
             try:
-                expected = await self._publish(session_id, subject, events, i, expected, dedupe_id)
-                return expected
+                ack = await self._js.publish(
+                    subject,
+                    _CODEC.encode(event),
+                    timeout=self._timeout,
+                    stream=self._stream,
+                    headers=headers,
+                )
             except nats.js.errors.APIError as e:
-                if e.err_code not in (_WRONG_LAST_SEQUENCE, _DUPLICATE_IN_BATCH):
+                if e.err_code != _WRONG_LAST_SEQUENCE:
                     raise EventStoreError(f"append to {subject} refused: {e}") from e
                 if dedupe_id is None:
                     raise ConcurrencyConflict(session_id, expected_last_seq) from e
-                # The server checks the expected seq (and a batch's Msg-Ids) before it
-                # would deduplicate, so a retry of a stored batch lands here: look for
-                # our own messages instead.
+                # The server checks the expected seq before the Msg-Id, so a retry of a
+                # batch that got stored lands here: look for our own messages instead.
                 stored = await self._stored_prefix(
                     subject, expected_last_seq, session_id, dedupe_id, len(events)
                 )
                 if len(stored) <= i:
                     raise ConcurrencyConflict(session_id, expected_last_seq) from e
                 i, expected = len(stored), stored[-1]
+                continue
             except _UNAVAILABLE as e:
                 raise StoreUnavailable(f"append to {subject}: {e!r}") from e
-        return expected
-
-    def _headers(
-        self, session_id: str, event: EventUnion, index: int, dedupe_id: str | None
-    ) -> dict[str, str]:
-        headers = {EVENT_TYPE_HEADER: _TAGS[type(event)]}
-        if dedupe_id is not None:
-            headers[Header.MSG_ID.value] = _msg_id(session_id, dedupe_id, index)
-        return headers
-
-    async def _publish(
-        self,
-        session_id: str,
-        subject: str,
-        events: Sequence[EventUnion],
-        start: int,
-        expected: int,
-        dedupe_id: str | None,
-    ) -> int:
-        """Store events[start:] after `expected`, all or none; returns the last seq.
-
-        One event is a plain publish; several are an atomic batch (nats-server
-        2.12+): only the commit is acknowledged, so a decision costs one round
-        trip however many events it makes.
-        """
-        pending = list(enumerate(events))[start:]
-        if len(pending) == 1:
-            index, event = pending[0]
-            headers = self._headers(session_id, event, index, dedupe_id)
-            headers[Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value] = str(expected)
-            ack = await self._js.publish(
-                subject, _CODEC.encode(event), timeout=self._timeout, stream=self._stream, headers=headers
-            )
             # A duplicate's ack carries the seq it was first stored at.
-            return int(ack.seq)
-        batch = uuid.uuid4().hex
-        for n, (index, event) in enumerate(pending, start=1):
-            headers = self._headers(session_id, event, index, dedupe_id)
-            headers[_BATCH_ID] = batch
-            headers[_BATCH_SEQUENCE] = str(n)
-            if n == 1:
-                headers[Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value] = str(expected)
-            if n < len(pending):
-                await self._nc.publish(subject, _CODEC.encode(event), headers=headers)
-                continue
-            headers[_BATCH_COMMIT] = "1"
-            reply = await self._nc.request(subject, _CODEC.encode(event), headers=headers, timeout=self._timeout)
-            answer = json.loads(reply.data)
-            error = answer.get("error")
-            if error:
-                raise nats.js.errors.APIError(
-                    code=error.get("code"), err_code=error.get("err_code"), description=error.get("description")
-                )
-            return int(answer["seq"])
-        raise AssertionError("unreachable: a batch has a last event")
+            expected = ack.seq
+            i += 1
+        return expected
 
     async def last_seq(self, session_id: str) -> int:
         """The seq of the session's last event, 0 if it has none."""
