@@ -82,8 +82,15 @@ class ModelActor:
         deltas = 0
         nc = self._nc
 
+        hidden_indexes: set[int] = set()
+
         async def on_delta(piece: str | ToolCallPiece) -> None:
             nonlocal deltas
+            if not isinstance(piece, str):
+                if piece.name is not None and piece.name in job.hidden_tools:
+                    hidden_indexes.add(piece.index)
+                if piece.index in hidden_indexes:
+                    return  # a server tool's call: behind the curtain
             deltas += 1
             assert job.out_subject is not None
             if isinstance(piece, str):

@@ -201,6 +201,8 @@ class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True):
     # Publish deltas here when set; a non-streaming turn leaves it empty.
     out_subject: str | None = None
     cancel_subject: str | None = None
+    # Server-side tools: their calls never stream to the client.
+    hidden_tools: list[str] = []
 
 
 class GenerateResult(msgspec.Struct, frozen=True, kw_only=True):

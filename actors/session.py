@@ -30,6 +30,8 @@ from eventstore.events import (
     MemoryRecalled,
     ModelCalled,
     PipelineChosen,
+    ToolLoopStopped,
+    ToolsCalled,
     ReplyCompleted,
     SessionOpened,
     TurnCancelled,
@@ -49,6 +51,8 @@ __all__ = [
     "RecordRecall",
     "RecordFacts",
     "RecordRoute",
+    "RecordToolStep",
+    "RecordToolStop",
     "SessionState",
     "Summarize",
     "TurnOutcome",
@@ -69,6 +73,8 @@ class OpenTurnState(msgspec.Struct, frozen=True, kw_only=True):
     model: str
     messages: tuple[ChatMessage, ...]
     lease_until: datetime
+    # The hidden tool loop so far: the model's tool calls and the server tools' answers.
+    steps: tuple[ChatMessage, ...] = ()
 
 
 class TurnOutcome(msgspec.Struct, frozen=True, kw_only=True):
@@ -172,6 +178,17 @@ class RecordFacts(msgspec.Struct, frozen=True, kw_only=True):
     now: datetime
 
 
+class RecordToolStep(msgspec.Struct, frozen=True, kw_only=True):
+    """Record one step of the hidden tool loop with the model call that asked for it."""
+
+    step: ToolsCalled
+    result: GenerateResult
+
+
+class RecordToolStop(msgspec.Struct, frozen=True, kw_only=True):
+    stopped: ToolLoopStopped
+
+
 class RecordRoute(msgspec.Struct, frozen=True, kw_only=True):
     """Record the pipeline chosen for the open turn."""
 
@@ -188,6 +205,8 @@ Command = (
     | RecordRecall
     | RecordRoute
     | RecordFacts
+    | RecordToolStep
+    | RecordToolStop
 )
 
 
@@ -361,6 +380,12 @@ def decide(state: SessionState, command: Command) -> list[EventUnion]:
             return [recalled] if _require_open(state, recalled.turn_id) else []
         case RecordRoute(chosen=chosen):
             return [chosen] if _require_open(state, chosen.turn_id) else []
+        case RecordToolStep(step=step, result=result):
+            if not _require_open(state, step.turn_id):
+                return []
+            return [_model_called(step.turn_id, result, step.at), step]
+        case RecordToolStop(stopped=stopped):
+            return [stopped] if _require_open(state, stopped.turn_id) else []
         case RecordFacts(turn_id=turn_id, facts=facts, result=result, now=now):
             events = [_model_called(turn_id, result, now, "facts")]
             if facts:
@@ -387,6 +412,12 @@ def _close(state: SessionState, outcome: TurnOutcome, at: datetime, **changes: o
     return replace(
         state, open_turn=None, outcomes=outcomes, updated_at=at, turns=state.turns + 1, **changes
     )
+
+
+def _made_in_last_step(steps: tuple[ChatMessage, ...], calls: list[ToolCall]) -> bool:
+    made = next((m for m in reversed(steps) if m.role == "assistant"), None)
+    ids = {c.id for c in made.tool_calls or ()} if made else set()
+    return bool(ids) and all(c.id in ids for c in calls)
 
 
 def evolve(state: SessionState, event: EventUnion) -> SessionState:
@@ -417,8 +448,17 @@ def evolve(state: SessionState, event: EventUnion) -> SessionState:
                 last_model=event.model,
                 updated_at=event.at,
             )
-        case ModelCalled() | MemoryRecalled() | FactsExtracted():
+        case ModelCalled() | MemoryRecalled() | FactsExtracted() | ToolLoopStopped():
             return state
+        case ToolsCalled():
+            if state.open_turn is None or state.open_turn.turn_id != event.turn_id:
+                return state
+            answers = tuple(
+                ChatMessage(role="tool", content=r.content if r.error is None else f"Error: {r.error}", tool_call_id=r.call_id)
+                for r in event.results
+            )
+            steps = (*state.open_turn.steps, event.assistant, *answers)
+            return replace(state, open_turn=replace(state.open_turn, steps=steps))
         case PipelineChosen():
             return replace(state, pipeline=event.pipeline)
         case HistorySummarized():
@@ -437,7 +477,12 @@ def evolve(state: SessionState, event: EventUnion) -> SessionState:
             reply = ChatMessage(
                 role="assistant", content=event.content, tool_calls=tuple(event.tool_calls) or None
             )
-            history = (*state.history, *state.open_turn.messages, reply)
+            steps = state.open_turn.steps
+            if event.tool_calls and _made_in_last_step(steps, event.tool_calls):
+                # Client calls made alongside server calls: that message is already in the steps.
+                history = (*state.history, *state.open_turn.messages, *steps)
+            else:
+                history = (*state.history, *state.open_turn.messages, *steps, reply)
             return _close(
                 state, outcome, event.at, history=history, usage=_add_usage(state.usage, event.usage)
             )
@@ -514,4 +559,5 @@ def prompt(
     messages.extend(recent)
     if state.open_turn is not None:
         messages.extend(state.open_turn.messages)
+        messages.extend(state.open_turn.steps)
     return messages

@@ -52,10 +52,22 @@ from actors.protocol import (
 from actors.memory.actor import RECALL_CODEC, RECALL_REPLY_CODEC, RecallRequest
 from actors.memory.prompting import choose_memories, memory_block
 from actors.summary import facts_prompt, parse_facts, summary_prompt
+from actors.tools.actor import RUN_CODEC, RUN_REPLY_CODEC, RunTool, ToolRan
+from actors.tools.builtin import BUILTIN as BUILTIN_TOOLS
 from bus.codec import DecodeError, encode
-from bus.subjects import MEMORY_FORGET, MEMORY_RECALL, ROUTER_ROUTE, model_generate, session_cancel, session_events, session_out
+from bus.subjects import MEMORY_FORGET, MEMORY_RECALL, ROUTER_ROUTE, TOOLS_RUN, model_generate, session_cancel, session_events, session_out
 from eventstore.errors import ConcurrencyConflict
-from eventstore.events import ChatMessage, EventUnion, MemoryRecalled, PipelineChosen, RecalledMemory
+from eventstore.events import (
+    ChatMessage,
+    EventUnion,
+    MemoryRecalled,
+    PipelineChosen,
+    RecalledMemory,
+    ToolCall,
+    ToolLoopStopped,
+    ToolResult,
+    ToolsCalled,
+)
 from eventstore.store import EventStore
 from eventstore.tombstones import Tombstone, TombstoneLog
 from actors.router_actor import ROUTE_CODEC, ROUTE_REPLY_CODEC, RouteRequest
@@ -382,17 +394,11 @@ class SessionActor:
             if pipeline.summarize:
                 await self._fold_history(start.turn_id, pipeline)
             memories = await self._recall(start, pipeline)
-            messages = session.prompt(self._state, pipeline.system_prompt, pipeline.budget, memories)
-
-            def make_job(upstream_model: str) -> GenerateRequest:
-                return GenerateRequest(
-                    turn_id=start.turn_id,
-                    upstream_model=upstream_model,
-                    messages=messages,
-                    params=pipeline.params.under(start.params),
-                    out_subject=out if start.stream else None,
-                    cancel_subject=cancel_subject,
-                )
+            server_tools = [BUILTIN_TOOLS[name] for name in pipeline.tools]
+            hidden = [t.name for t in server_tools]
+            params = pipeline.params.under(start.params)
+            if server_tools:
+                params["tools"] = [*params.get("tools", []), *(t.schema() for t in server_tools)]
 
             async def record(failed: GenerateResult) -> None:
                 now = self._ctx.clock()
@@ -400,16 +406,56 @@ class SessionActor:
                     session.RecordModelCall(turn_id=start.turn_id, result=failed, purpose="reply", now=now)
                 )
 
-            # The engine's own timeout fires first, so a slow upstream reads as 504 from it.
-            result = await run_chain(
-                nc,
-                pipeline,
-                make_job,
-                timeout=self._ctx.config.server.turn_timeout,
-                record=record,
-                cancelled=cancelled,
-            )
-            error = result.error
+            steps = 0
+            while True:
+                messages = session.prompt(self._state, pipeline.system_prompt, pipeline.budget, memories)
+
+                def make_job(upstream_model: str) -> GenerateRequest:
+                    return GenerateRequest(
+                        turn_id=start.turn_id,
+                        upstream_model=upstream_model,
+                        messages=messages,
+                        params=params,
+                        out_subject=out if start.stream else None,
+                        cancel_subject=cancel_subject,
+                        hidden_tools=hidden,
+                    )
+
+                # The engine's own timeout fires first, so a slow upstream reads as 504 from it.
+                result = await run_chain(
+                    nc,
+                    pipeline,
+                    make_job,
+                    timeout=self._ctx.config.server.turn_timeout,
+                    record=record,
+                    cancelled=cancelled,
+                )
+                error = result.error
+                server_calls = [c for c in result.tool_calls if c.function.name in hidden]
+                if error is not None or cancelled.is_set() or result.cancelled or not server_calls:
+                    break
+                if steps >= pipeline.max_tool_steps:
+                    # Out of steps: record it, and ask once more for an answer without tools.
+                    stopped = ToolLoopStopped(at=self._ctx.clock(), turn_id=start.turn_id, steps=steps)
+                    await self._append(session.RecordToolStop(stopped=stopped))
+                    await record(result)
+                    params = {**params, "tool_choice": "none"}
+                    hidden = []
+                    continue
+                results = await self._run_tools(server_calls, pipeline.tool_timeout)
+                step = ToolsCalled(
+                    at=self._ctx.clock(),
+                    turn_id=start.turn_id,
+                    assistant=ChatMessage(role="assistant", content=result.content, tool_calls=tuple(result.tool_calls)),
+                    results=results,
+                )
+                await self._append(session.RecordToolStep(step=step, result=result))
+                steps += 1
+                client_calls = [c for c in result.tool_calls if c.function.name not in hidden]
+                if client_calls:
+                    # The client answers its own calls; the server's are already in the steps.
+                    result = msgspec.structs.replace(result, content="", tool_calls=client_calls, finish_reason="tool_calls")
+                    break
         finally:
             with contextlib.suppress(Exception):
                 await cancel_sub.unsubscribe()
@@ -458,6 +504,29 @@ class SessionActor:
         result = await call_model(self._ctx.nc, link, job, timeout=self._ctx.config.server.turn_timeout)
         facts = [] if result.error else parse_facts(result.content)
         await self._append(session.RecordFacts(turn_id=turn_id, facts=facts, result=result, now=self._ctx.clock()))
+
+    async def _run_tools(self, calls: list[ToolCall], timeout: float) -> list[ToolResult]:
+        """Run server tool calls concurrently through the tool actor; failures become results."""
+
+        async def one(call: ToolCall) -> ToolResult:
+            ask = RunTool(name=call.function.name, arguments=call.function.arguments, timeout=timeout)
+            try:
+                reply = await self._ctx.nc.request(TOOLS_RUN, RUN_CODEC.encode(ask), timeout=timeout + 5)
+                ran = RUN_REPLY_CODEC.decode(reply.data)
+            except NoRespondersError:
+                ran = ToolRan(error="no tool worker is running")
+            except NatsTimeout:
+                ran = ToolRan(error=f"the tool did not answer within {timeout:g} s")
+            return ToolResult(
+                call_id=call.id,
+                name=call.function.name,
+                arguments=call.function.arguments,
+                content=ran.content,
+                error=ran.error,
+                duration_ms=ran.duration_ms,
+            )
+
+        return list(await asyncio.gather(*(one(c) for c in calls)))
 
     async def _recall(self, start: StartTurn, pipeline: PipelineConfig) -> str | None:
         """Ask long-term memory about this turn; record what came back and what is used."""

@@ -14,6 +14,7 @@ __all__ = [
     "MEMORY_FORGET",
     "MEMORY_RECALL",
     "ROUTER_ROUTE",
+    "TOOLS_RUN",
     "SESSION_CMD_WILDCARD",
     "TOMBSTONES_STREAM",
     "TOMBSTONES_WILDCARD",
@@ -107,6 +108,9 @@ def model_generate(engine: str) -> str:
 def model_generate_wildcard() -> str:
     return "model.*.generate"
 
+
+# The tool actor: runs server-side tools.
+TOOLS_RUN = "tools.run"
 
 # The router actor: which pipeline answers a turn.
 ROUTER_ROUTE = "router.route"

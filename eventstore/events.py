@@ -18,6 +18,9 @@ __all__ = [
     "Event",
     "FunctionCall",
     "ToolCall",
+    "ToolLoopStopped",
+    "ToolResult",
+    "ToolsCalled",
     "FactsExtracted",
     "EventUnion",
     "HistorySummarized",
@@ -173,6 +176,32 @@ class FactsExtracted(Event, tag="facts.extracted", frozen=True, kw_only=True):
     facts: list[str]
 
 
+class ToolResult(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    call_id: str
+    name: str
+    arguments: str
+    content: str = ""
+    error: str | None = None
+    duration_ms: float = 0.0
+
+
+class ToolsCalled(Event, tag="tools.called", frozen=True, kw_only=True):
+    """One step of a hidden tool loop: the model's calls and what each server tool returned."""
+
+    turn_id: str
+    # The model's message that made the calls (its text, if any, and the calls).
+    assistant: ChatMessage
+    results: list[ToolResult]
+
+
+class ToolLoopStopped(Event, tag="tools.stopped", frozen=True, kw_only=True):
+    """The tool loop hit its step limit; the answer is the best so far."""
+
+    turn_id: str
+    steps: int
+    reason: str = "step_limit"
+
+
 class ReplyCompleted(Event, tag="reply.completed", frozen=True, kw_only=True):
     turn_id: str
     content: str
@@ -206,6 +235,8 @@ EventUnion = (
     | PipelineChosen
     | MemoryRecalled
     | FactsExtracted
+    | ToolsCalled
+    | ToolLoopStopped
     | ReplyCompleted
     | TurnFailed
     | TurnCancelled

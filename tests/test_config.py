@@ -100,3 +100,13 @@ def test_pipeline_defaults_an_engine_cannot_honour_are_refused(tmp_path: Path) -
     text = GOOD.replace('kind = "openai"', 'kind = "anthropic"').replace('model = "m"', 'model = "m"\nparams = { seed = 7 }')
     with pytest.raises(ConfigError, match=r"pipelines.general.params.seed: the anthropic engine 'up' cannot honour it"):
         load_config(write(tmp_path, text), env={})
+
+
+def test_tools_on_an_engine_that_cannot_call_them_stop_startup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("veil.config.local_model_available", lambda: True)
+    text = GOOD.replace('kind = "openai"', 'kind = "local"').replace('model = "m"', 'model = "m"\ntools = ["calculator"]')
+    with pytest.raises(ConfigError, match=r"pipelines.general.tools: the local engine 'up' cannot call tools"):
+        load_config(write(tmp_path, text), env={})
+    unknown = GOOD.replace('model = "m"', 'model = "m"\ntools = ["teleport"]')
+    with pytest.raises(ConfigError, match=r"pipelines.general.tools\[0\]: unknown tool 'teleport'"):
+        load_config(write(tmp_path, unknown), env={})

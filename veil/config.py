@@ -19,6 +19,7 @@ from typing import Any, Literal
 import msgspec
 
 from actors.routing import DEFAULT_THRESHOLD, RoutingRules
+from actors.tools.builtin import BUILTIN as BUILTIN_TOOLS
 from bus.subjects import is_valid_id
 from veil._toml_lines import line_of
 
@@ -194,6 +195,10 @@ class PipelineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Fold turns that outgrow the budget into a running summary (else drop them from prompts).
     summarize: bool = True
     memory: MemoryPolicy = msgspec.field(default_factory=MemoryPolicy)
+    # Server-side tools the model may call behind the curtain (built in: calculator, current_time).
+    tools: list[str] = []
+    max_tool_steps: int = 5
+    tool_timeout: float = 10.0
     routing: RoutingRules = msgspec.field(default_factory=RoutingRules)
 
     @property
@@ -330,6 +335,17 @@ def _check(config: Config, text: str | None) -> None:
         for i, fallback in enumerate(pipeline.fallbacks):
             if fallback.engine not in config.engines:
                 raise invalid(f"pipelines.{name}.fallbacks[{i}].engine", f"unknown engine {fallback.engine!r}")
+        for i, tool in enumerate(pipeline.tools):
+            if tool not in BUILTIN_TOOLS:
+                raise invalid(f"pipelines.{name}.tools[{i}]", f"unknown tool {tool!r} (built in: {', '.join(sorted(BUILTIN_TOOLS))})")
+        if pipeline.tools:
+            for link in pipeline.chain:
+                kind = config.engines[link.engine].kind
+                if "tools" in UNSUPPORTED_BY_KIND.get(kind, ()):
+                    raise invalid(
+                        f"pipelines.{name}.tools",
+                        f"the {kind} engine {link.engine!r} cannot call tools; give the pipeline an engine that can",
+                    )
         defaults = msgspec.structs.asdict(pipeline.params)
         for link in pipeline.chain:
             kind = config.engines[link.engine].kind

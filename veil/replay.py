@@ -12,6 +12,8 @@ from bus.codec import encode
 from eventstore.events import (
     EventUnion,
     FactsExtracted,
+    ToolLoopStopped,
+    ToolsCalled,
     HistorySummarized,
     MemoryRecalled,
     ModelCalled,
@@ -72,6 +74,16 @@ def describe(event: EventUnion, resolve: Resolver = _no_references) -> list[str]
             if event.error is not None:
                 head += f", FAILED ({event.status}): {event.error}"
             return [head]
+        case ToolsCalled():
+            lines = [f"tools called: {len(event.results)}"]
+            if event.assistant.content:
+                lines.append(f"  assistant: {_quote(event.assistant.content)}")
+            for r in event.results:
+                outcome = f"ERROR {_quote(r.error)}" if r.error is not None else _quote(r.content)
+                lines.append(f"  {r.name}({r.arguments}) -> {outcome} in {r.duration_ms:.1f} ms")
+            return lines
+        case ToolLoopStopped():
+            return [f"tool loop stopped after {event.steps} steps ({event.reason}); answering without tools"]
         case FactsExtracted():
             return [f"facts extracted from turn {event.turn_id}: {len(event.facts)}"] + [
                 f"  - {_quote(f)}" for f in event.facts

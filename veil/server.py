@@ -19,6 +19,7 @@ from actors.engines import Engine, build_engine
 from actors.memory.actor import MemoryActor
 from actors.memory.embedder import default_embedder
 from actors.router_actor import RouterActor, build_routers
+from actors.tools.actor import ToolActor, builtin_tools
 from veil.memory_role import MemoryHandle, start_memory
 from actors.model_actor import ModelActor
 from actors.session_actor import SessionActor, SessionContext
@@ -47,6 +48,7 @@ class Workers:
         self._models: ModelActor | None = None
         self._memory: MemoryHandle | None = None
         self._router: RouterActor | None = None
+        self._tools: ToolActor | None = None
 
     async def start(self) -> None:
         nc = self._nc = await connect(self._url, name="veil-worker")
@@ -75,6 +77,9 @@ class Workers:
         if routers:
             self._router = RouterActor(nc, routers, version=__version__)
             await self._router.start()
+        if any(p.tools for p in self._config.pipelines.values()):
+            self._tools = ToolActor(nc, builtin_tools(), version=__version__)
+            await self._tools.start()
         engines: dict[str, Engine] = {name: build_engine(self._config, name) for name in self._config.engines}
         self._models = ModelActor(nc, engines, version=__version__)
         await self._models.start()
@@ -97,6 +102,8 @@ class Workers:
             await self._memory.stop()
         if self._router is not None:
             await self._router.stop()
+        if self._tools is not None:
+            await self._tools.stop()
         if self._nc is not None:
             with contextlib.suppress(Exception):
                 await self._nc.drain()

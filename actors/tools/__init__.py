@@ -1,0 +1,1 @@
+"""Server-side tools: run behind the curtain while the client sees a chat."""
