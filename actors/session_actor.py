@@ -53,7 +53,7 @@ from actors.memory.actor import RECALL_CODEC, RECALL_REPLY_CODEC, RecallRequest
 from actors.memory.prompting import choose_memories, memory_block
 from actors.summary import facts_prompt, parse_facts, summary_prompt
 from actors.tools.actor import RUN_CODEC, RUN_REPLY_CODEC, RunTool, ToolRan
-from actors.tools.builtin import BUILTIN as BUILTIN_TOOLS
+from actors.tools.builtin import Tool
 from bus.codec import DecodeError, encode
 from bus.subjects import MEMORY_FORGET, MEMORY_RECALL, ROUTER_ROUTE, TOOLS_RUN, model_generate, session_cancel, session_events, session_out
 from eventstore.errors import ConcurrencyConflict
@@ -89,6 +89,8 @@ class SessionContext(msgspec.Struct, kw_only=True):
     store: EventStore
     config: Config
     tombstones: TombstoneLog | None = None
+    # Every tool a pipeline may name (their schemas go to the model; the tool actor runs them).
+    tools: dict[str, Tool] = {}
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
 
 
@@ -394,7 +396,7 @@ class SessionActor:
             if pipeline.summarize:
                 await self._fold_history(start.turn_id, pipeline)
             memories = await self._recall(start, pipeline)
-            server_tools = [BUILTIN_TOOLS[name] for name in pipeline.tools]
+            server_tools = [self._ctx.tools[name] for name in pipeline.tools]
             hidden = [t.name for t in server_tools]
             params = pipeline.params.under(start.params)
             if server_tools:
@@ -509,7 +511,9 @@ class SessionActor:
         """Run server tool calls concurrently through the tool actor; failures become results."""
 
         async def one(call: ToolCall) -> ToolResult:
-            ask = RunTool(name=call.function.name, arguments=call.function.arguments, timeout=timeout)
+            state = self._state
+            context = {"tenant": state.tenant, "session_id": self.session_id, "user_id": state.user_id}
+            ask = RunTool(name=call.function.name, arguments=call.function.arguments, timeout=timeout, context=context)
             try:
                 reply = await self._ctx.nc.request(TOOLS_RUN, RUN_CODEC.encode(ask), timeout=timeout + 5)
                 ran = RUN_REPLY_CODEC.decode(reply.data)

@@ -20,6 +20,7 @@ import msgspec
 
 from actors.routing import DEFAULT_THRESHOLD, RoutingRules
 from actors.tools.builtin import BUILTIN as BUILTIN_TOOLS
+from actors.tools.custom import python_tool
 from bus.subjects import is_valid_id
 from veil._toml_lines import line_of
 
@@ -36,6 +37,7 @@ __all__ = [
     "RouterConfig",
     "PipelineConfig",
     "ServerConfig",
+    "ToolConfig",
     "key_id",
     "load_config",
 ]
@@ -242,6 +244,23 @@ class MemoryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     path: str | None = None
 
 
+class ToolConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """An operator's tool: an HTTP call on a URL template, or a Python callable."""
+
+    kind: Literal["http", "python"]
+    description: str | None = None
+    # JSON Schema of the arguments; default: the URL template's fields, or the function's signature.
+    parameters: dict[str, Any] | None = None
+    # kind = "http": e.g. "https://api.example.com/weather?city={city}"
+    url: str | None = None
+    method: str = "GET"
+    headers: dict[str, str] = {}
+    timeout: float = 10.0
+    max_bytes: int = 65536
+    # kind = "python": "package.module:function", or a name in the 'veil.tools' entry points.
+    callable: str | None = None
+
+
 class ApiKey(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     key: str
     tenant: str | None = None
@@ -255,6 +274,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     models: list[ModelConfig] = []
     memory: MemoryConfig = msgspec.field(default_factory=MemoryConfig)
     router: RouterConfig = msgspec.field(default_factory=RouterConfig)
+    tools: dict[str, ToolConfig] = {}
     nats_url: str | None = None
     data_dir: str = ".veil"
     source: str = "<defaults>"
@@ -336,8 +356,9 @@ def _check(config: Config, text: str | None) -> None:
             if fallback.engine not in config.engines:
                 raise invalid(f"pipelines.{name}.fallbacks[{i}].engine", f"unknown engine {fallback.engine!r}")
         for i, tool in enumerate(pipeline.tools):
-            if tool not in BUILTIN_TOOLS:
-                raise invalid(f"pipelines.{name}.tools[{i}]", f"unknown tool {tool!r} (built in: {', '.join(sorted(BUILTIN_TOOLS))})")
+            if tool not in BUILTIN_TOOLS and tool not in config.tools:
+                known = ", ".join(sorted({*BUILTIN_TOOLS, *config.tools}))
+                raise invalid(f"pipelines.{name}.tools[{i}]", f"unknown tool {tool!r} (known: {known})")
         if pipeline.tools:
             for link in pipeline.chain:
                 kind = config.engines[link.engine].kind
@@ -369,6 +390,16 @@ def _check(config: Config, text: str | None) -> None:
                 )
     if config.router.classifier and config.router.classifier.engine not in config.engines:
         raise invalid("router.classifier.engine", f"unknown engine {config.router.classifier.engine!r}")
+    for name, tool in config.tools.items():
+        if tool.kind == "http" and not tool.url:
+            raise invalid(f"tools.{name}.url", "an http tool needs a url template")
+        if tool.kind == "python":
+            if not tool.callable:
+                raise invalid(f"tools.{name}.callable", "a python tool needs 'module:function'")
+            try:
+                python_tool(name, tool.callable, tool.description, tool.parameters)
+            except (ImportError, AttributeError, ValueError) as error:
+                raise invalid(f"tools.{name}.callable", f"cannot load {tool.callable!r}: {error}") from None
     seen: set[str] = set()
     for i, model in enumerate(config.models):
         if model.pipeline and model.pipelines:

@@ -19,7 +19,7 @@ from actors.engines import Engine, build_engine
 from actors.memory.actor import MemoryActor
 from actors.memory.embedder import default_embedder
 from actors.router_actor import RouterActor, build_routers
-from actors.tools.actor import ToolActor, builtin_tools
+from actors.tools.actor import ToolActor, configured_tools
 from veil.memory_role import MemoryHandle, start_memory
 from actors.model_actor import ModelActor
 from actors.session_actor import SessionActor, SessionContext
@@ -57,7 +57,11 @@ class Workers:
         tombstones = TombstoneLog(js, nc)
         await tombstones.ensure()
         ctx = SessionContext(
-            nc=nc, store=JetStreamEventStore(js, nc), config=self._config, tombstones=tombstones
+            nc=nc,
+            store=JetStreamEventStore(js, nc),
+            config=self._config,
+            tombstones=tombstones,
+            tools=configured_tools(self._config),
         )
         self._sessions = ActorHost(
             nc,
@@ -78,7 +82,7 @@ class Workers:
             self._router = RouterActor(nc, routers, version=__version__)
             await self._router.start()
         if any(p.tools for p in self._config.pipelines.values()):
-            self._tools = ToolActor(nc, builtin_tools(), version=__version__)
+            self._tools = ToolActor(nc, configured_tools(self._config), version=__version__)
             await self._tools.start()
         engines: dict[str, Engine] = {name: build_engine(self._config, name) for name in self._config.engines}
         self._models = ModelActor(nc, engines, version=__version__)

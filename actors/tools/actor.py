@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import time
 from typing import Any
@@ -15,10 +16,15 @@ from nats.micro.request import Request
 from nats.micro.service import Service
 
 from actors.tools.builtin import BUILTIN, Tool, ToolError
+from actors.tools.custom import http_tool, python_tool
 from bus.codec import Codec, DecodeError
-from bus.subjects import TOOLS_RUN
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
 
-__all__ = ["RUN_CODEC", "RUN_REPLY_CODEC", "RunTool", "ToolActor", "ToolRan"]
+from bus.subjects import MEMORY_RECALL, TOOLS_RUN
+from veil.config import Config
+
+__all__ = ["RUN_CODEC", "RUN_REPLY_CODEC", "RunTool", "ToolActor", "ToolRan", "configured_tools", "run_tool"]
 
 
 class RunTool(msgspec.Struct, frozen=True, kw_only=True):
@@ -26,6 +32,8 @@ class RunTool(msgspec.Struct, frozen=True, kw_only=True):
     # JSON text as the model wrote it.
     arguments: str
     timeout: float = 10.0
+    # The turn's scope, for contextual tools (memory search).
+    context: dict[str, str | None] = {}
 
 
 class ToolRan(msgspec.Struct, frozen=True, kw_only=True):
@@ -40,7 +48,9 @@ RUN_REPLY_CODEC: Codec[ToolRan] = Codec(ToolRan)
 MAX_RESULT_CHARS = 16_000
 
 
-async def run_tool(tool: Tool, arguments: str, timeout: float) -> ToolRan:
+async def run_tool(
+    tool: Tool, arguments: str, timeout: float, context: dict[str, str | None] | None = None
+) -> ToolRan:
     """Run one call; bad arguments, failures and timeouts become an error the model reads."""
     started = time.perf_counter()
 
@@ -51,8 +61,13 @@ async def run_tool(tool: Tool, arguments: str, timeout: float) -> ToolRan:
         args: Any = json.loads(arguments or "{}")
         if not isinstance(args, dict):
             raise ToolError("arguments must be a JSON object")
-        # Tools are plain functions; a thread keeps a slow one off the event loop.
-        result = await asyncio.wait_for(asyncio.to_thread(tool.run, **args), timeout)
+        if tool.contextual:
+            args["context"] = context or {}
+        if inspect.iscoroutinefunction(tool.run):
+            result = await asyncio.wait_for(tool.run(**args), timeout)
+        else:
+            # A plain function: a thread keeps a slow one off the event loop.
+            result = await asyncio.wait_for(asyncio.to_thread(tool.run, **args), timeout)
     except json.JSONDecodeError as error:
         return ToolRan(error=f"arguments are not valid JSON: {error.msg}", duration_ms=took())
     except TypeError as error:
@@ -70,7 +85,11 @@ async def run_tool(tool: Tool, arguments: str, timeout: float) -> ToolRan:
 class ToolActor:
     def __init__(self, nc: Client, tools: dict[str, Tool], *, version: str) -> None:
         self._nc = nc
-        self._tools = tools
+        self._tools = dict(tools)
+        if "memory_search" in self._tools:
+            self._tools["memory_search"] = msgspec.structs.replace(
+                self._tools["memory_search"], run=self._memory_search
+            )
         self._version = version
         self._service: Service | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -93,8 +112,28 @@ class ToolActor:
             await request.respond_error("400", str(error))
             return
         tool = self._tools.get(ask.name)
-        ran = ToolRan(error=f"no tool named {ask.name!r}") if tool is None else await run_tool(tool, ask.arguments, ask.timeout)
+        if tool is None:
+            ran = ToolRan(error=f"no tool named {ask.name!r}")
+        else:
+            ran = await run_tool(tool, ask.arguments, ask.timeout, ask.context)
         await request.respond(RUN_REPLY_CODEC.encode(ran))
+
+    async def _memory_search(self, query: str, k: int = 5, *, context: dict[str, str | None]) -> str:
+        """Recall through the memory actor, in the calling turn's scope only."""
+        from actors.memory.actor import RECALL_CODEC, RECALL_REPLY_CODEC, RecallRequest
+
+        tenant, session_id = context.get("tenant"), context.get("session_id")
+        if not tenant or not session_id:
+            raise ToolError("memory search needs the turn's session")
+        ask = RecallRequest(tenant=tenant, session_id=session_id, user_id=context.get("user_id"), query=query, k=max(1, min(k, 20)))
+        try:
+            reply = await self._nc.request(MEMORY_RECALL, RECALL_CODEC.encode(ask), timeout=5)
+        except (NoRespondersError, NatsTimeout):
+            raise ToolError("long-term memory is not available") from None
+        hits = RECALL_REPLY_CODEC.decode(reply.data).hits
+        return json.dumps(
+            [{"role": h.role, "text": h.text, "date": h.created_at.date().isoformat()} for h in hits]
+        )
 
     async def stop(self) -> None:
         if self._service is not None:
@@ -104,5 +143,23 @@ class ToolActor:
             await asyncio.wait(set(self._tasks), timeout=10)
 
 
-def builtin_tools() -> dict[str, Tool]:
-    return dict(BUILTIN)
+def configured_tools(config: Config) -> dict[str, Tool]:
+    """The built-in tools and the operator's, by name."""
+    tools = dict(BUILTIN)
+    for name, spec in config.tools.items():
+        if spec.kind == "http":
+            assert spec.url is not None
+            tools[name] = http_tool(
+                name,
+                url=spec.url,
+                method=spec.method,
+                headers=spec.headers,
+                description=spec.description,
+                parameters=spec.parameters,
+                timeout=spec.timeout,
+                max_bytes=spec.max_bytes,
+            )
+        else:
+            assert spec.callable is not None
+            tools[name] = python_tool(name, spec.callable, spec.description, spec.parameters)
+    return tools

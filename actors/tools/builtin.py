@@ -24,6 +24,9 @@ class Tool(msgspec.Struct, frozen=True, kw_only=True):
     description: str
     parameters: dict[str, Any]
     run: Callable[..., Any]
+    # Receives the turn's scope as `context` (tenant, session_id, user_id): for tools that
+    # search what belongs to the caller, never anyone else's.
+    contextual: bool = False
 
     def schema(self) -> dict[str, Any]:
         """The tool as OpenAI's `tools` entry."""
@@ -99,6 +102,10 @@ def current_time(timezone: str = "UTC") -> str:
     return datetime.now(UTC).astimezone(zone).isoformat(timespec="seconds")
 
 
+def _runs_in_the_tool_actor(**_: Any) -> str:
+    raise ToolError("this tool runs in the tool actor, which binds it to the memory actor")
+
+
 BUILTIN: dict[str, Tool] = {
     "calculator": Tool(
         name="calculator",
@@ -109,6 +116,20 @@ BUILTIN: dict[str, Tool] = {
             "required": ["expression"],
         },
         run=calculate,
+    ),
+    "memory_search": Tool(
+        name="memory_search",
+        description="Search what this user said earlier (this conversation and, if known, the user's others).",
+        parameters={
+            "type": "object",
+            "properties": {
+                "query": {"type": "string", "description": "What to look for."},
+                "k": {"type": "integer", "description": "How many memories (default 5)."},
+            },
+            "required": ["query"],
+        },
+        run=_runs_in_the_tool_actor,
+        contextual=True,
     ),
     "current_time": Tool(
         name="current_time",

@@ -1,0 +1,102 @@
+"""Operator tools from the config: HTTP calls on a URL template, and Python callables."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import typing
+from importlib.metadata import entry_points
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+
+from actors.tools.builtin import Tool, ToolError
+
+__all__ = ["ENTRY_POINT_GROUP", "http_tool", "python_tool", "schema_from_signature"]
+
+ENTRY_POINT_GROUP = "veil.tools"
+
+_JSON_TYPES: dict[Any, str] = {str: "string", int: "integer", float: "number", bool: "boolean", list: "array", dict: "object"}
+
+
+def schema_from_signature(function: Any) -> dict[str, Any]:
+    """A JSON Schema for a function's keyword arguments, from its type hints and defaults."""
+    hints = typing.get_type_hints(function)
+    properties: dict[str, Any] = {}
+    required: list[str] = []
+    for name, parameter in inspect.signature(function).parameters.items():
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        hint = hints.get(name, str)
+        origin = typing.get_origin(hint) or hint
+        properties[name] = {"type": _JSON_TYPES.get(origin, "string")}
+        if parameter.default is parameter.empty:
+            required.append(name)
+    return {"type": "object", "properties": properties, "required": required}
+
+
+def _load(target: str) -> Any:
+    """'package.module:function' or 'package.module.function', or an entry point's name."""
+    found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == target]
+    if found:
+        return found[0].load()
+    module, _, attribute = target.partition(":") if ":" in target else target.rpartition(".")
+    if not module or not attribute:
+        raise ValueError(f"{target!r} is not 'module:function' nor a '{ENTRY_POINT_GROUP}' entry point")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def python_tool(name: str, target: str, description: str | None, parameters: dict[str, Any] | None) -> Tool:
+    function = _load(target)
+    if not callable(function):
+        raise ValueError(f"{target!r} is not callable")
+    return Tool(
+        name=name,
+        description=description or (inspect.getdoc(function) or name).splitlines()[0],
+        parameters=parameters or schema_from_signature(function),
+        run=function,
+    )
+
+
+def http_tool(
+    name: str,
+    *,
+    url: str,
+    method: str,
+    headers: dict[str, str],
+    description: str | None,
+    parameters: dict[str, Any] | None,
+    timeout: float,
+    max_bytes: int,
+) -> Tool:
+    """A tool that fills the URL template with the (URL-encoded) arguments and returns the body."""
+    fields = [f for _, f, _, _ in __import__("string").Formatter().parse(url) if f]
+    schema = parameters or {
+        "type": "object",
+        "properties": {f: {"type": "string"} for f in fields},
+        "required": fields,
+    }
+
+    async def call(**arguments: Any) -> str:
+        try:
+            target = url.format(**{k: quote(str(v), safe="") for k, v in arguments.items()})
+        except KeyError as missing:
+            raise ToolError(f"missing argument {missing}") from None
+        client_timeout = aiohttp.ClientTimeout(total=timeout)
+        try:
+            async with aiohttp.ClientSession(timeout=client_timeout) as http:
+                async with http.request(method, target, headers=headers) as response:
+                    body = await response.content.read(max_bytes + 1)
+                    text = body[:max_bytes].decode(response.charset or "utf-8", errors="replace")
+                    if len(body) > max_bytes:
+                        text += f"\n[cut at {max_bytes} bytes]"
+                    if response.status >= 400:
+                        raise ToolError(f"HTTP {response.status}: {text[:500]}")
+                    return text
+        except TimeoutError:
+            raise ToolError(f"no answer within {timeout:g} s") from None
+        except aiohttp.ClientError as error:
+            raise ToolError(f"request failed: {error}") from None
+
+    return Tool(name=name, description=description or f"HTTP {method} {url}", parameters=schema, run=call)
