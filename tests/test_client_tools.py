@@ -9,9 +9,9 @@ from typing import Any
 import openai
 import pytest
 
-from tests.fakes.upstreams import FakeOpenAI, ToolCalls
+from tests.fakes.upstreams import FakeAnthropic, FakeOpenAI, ToolCalls
 from tests.harness import VeilThread
-from veil.config import Config, EngineConfig, MemoryConfig, ModelConfig, PipelineConfig
+from veil.config import Config, EngineConfig, MemoryConfig, ModelConfig, PipelineConfig, local_model_available
 
 TOOLS: list[dict[str, Any]] = [
     {
@@ -41,17 +41,44 @@ def upstream() -> Iterator[FakeOpenAI]:
 
 
 @pytest.fixture(scope="module")
-def veil(nats_url: str, upstream: FakeOpenAI) -> Iterator[VeilThread]:
+def claude() -> Iterator[FakeAnthropic]:
+    fake = FakeAnthropic(reply=weather_reply_anthropic)
+    fake.start_in_thread()
+    yield fake
+    fake.stop_thread()
+
+
+def weather_reply_anthropic(body: dict[str, Any]) -> str | ToolCalls:
+    results = [
+        b["content"]
+        for m in body["messages"]
+        if isinstance(m["content"], list)
+        for b in m["content"]
+        if b.get("type") == "tool_result"
+    ]
+    if results:
+        return f"The weather: {results[-1]}"
+    return ToolCalls([("get_weather", {"city": "Paris"})])
+
+
+@pytest.fixture(scope="module")
+def veil(nats_url: str, upstream: FakeOpenAI, claude: FakeAnthropic) -> Iterator[VeilThread]:
     config = Config(
         engines={
             "up": EngineConfig(kind="openai", base_url=upstream.base_url, api_key="x"),
-            "claude": EngineConfig(kind="anthropic", base_url="http://127.0.0.1:1", api_key="x"),
+            "claude": EngineConfig(kind="anthropic", base_url=claude.base_url, api_key="x"),
+            "tiny": EngineConfig(kind="local"),
         },
         pipelines={
             "default": PipelineConfig(engine="up", model="m", retries=0),
             "claude": PipelineConfig(engine="claude", model="c", retries=0),
+            "tiny": PipelineConfig(engine="tiny", model="t", retries=0),
         },
-        models=[ModelConfig(name="veil", pipeline="default"), ModelConfig(name="veil-claude", pipeline="claude")],
+        models=[
+            ModelConfig(name="veil", pipeline="default"),
+            ModelConfig(name="veil-claude", pipeline="claude"),
+            ModelConfig(name="veil-tiny", pipeline="tiny"),
+        ],
         memory=MemoryConfig(enabled=False),
         nats_url=nats_url,
     )
@@ -133,10 +160,39 @@ def test_raw_stream_deltas_match_openai(veil: VeilThread) -> None:
     assert deltas[-1]["finish_reason"] == "tool_calls"
 
 
+@pytest.mark.skipif(not local_model_available(), reason="the 'local' extra is not installed")
 def test_tools_on_an_engine_that_cannot_call_them_is_400(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model="veil-claude", messages=[{"role": "user", "content": "x"}], tools=TOOLS)
+        client.chat.completions.create(model="veil-tiny", messages=[{"role": "user", "content": "x"}], tools=TOOLS)
     assert info.value.body["param"] == "tools"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_anthropic_engine_translates_tools_both_ways(client: openai.OpenAI, claude: FakeAnthropic, stream: bool) -> None:
+    messages: list[Any] = [{"role": "user", "content": "Weather in Paris?"}]
+    if stream:
+        with client.chat.completions.stream(model="veil-claude", messages=messages, tools=TOOLS) as s:
+            for _ in s:
+                pass
+            first = s.get_final_completion()
+    else:
+        first = client.chat.completions.create(model="veil-claude", messages=messages, tools=TOOLS, tool_choice="required")
+        assert claude.last_request.body["tool_choice"] == {"type": "any"}
+    call = first.choices[0].message.tool_calls[0]
+    assert first.choices[0].finish_reason == "tool_calls"
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    sent_tools = claude.last_request.body["tools"]
+    assert sent_tools == [{"name": "get_weather", "input_schema": TOOLS[0]["function"]["parameters"], "description": "The weather in a city."}]
+    second = client.chat.completions.create(
+        model="veil-claude",
+        messages=[{"role": "tool", "tool_call_id": call.id, "content": "windy"}],
+        tools=TOOLS,
+        extra_body={"session_id": first.model_extra["session_id"]},
+    )
+    assert second.choices[0].message.content == "The weather: windy"
+    sent = claude.last_request.body["messages"]
+    assert sent[1] == {"role": "assistant", "content": [{"type": "tool_use", "id": call.id, "name": "get_weather", "input": {"city": "Paris"}}]}
+    assert sent[2] == {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "windy"}]}
 
 
 def test_tool_message_without_its_call_id_is_400(client: openai.OpenAI) -> None:

@@ -46,9 +46,7 @@ DEFAULT_MODEL = "veil"
 # Parameters each kind of engine cannot honour (actors.engines refuses them per request too).
 UNSUPPORTED_BY_KIND: dict[str, frozenset[str]] = {
     "openai": frozenset(),
-    "anthropic": frozenset(
-        {"seed", "response_format", "presence_penalty", "frequency_penalty", "tools", "tool_choice", "parallel_tool_calls"}
-    ),
+    "anthropic": frozenset({"seed", "response_format", "presence_penalty", "frequency_penalty"}),
     # SmolLM2 makes no tool calls of its own.
     "local": frozenset({"tools", "tool_choice", "parallel_tool_calls"}),
 }

@@ -7,14 +7,15 @@ alternate), stop reasons and usage come back in OpenAI's terms.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any
 
 import anthropic
 
-from actors.engines.base import DeltaSink, EngineError, EngineOutput
-from eventstore.events import ChatMessage, Usage
+from actors.engines.base import DeltaSink, EngineError, EngineOutput, ToolCallPiece
+from eventstore.events import ChatMessage, FunctionCall, ToolCall, Usage
 
 __all__ = ["AnthropicEngine", "to_anthropic"]
 
@@ -33,19 +34,72 @@ FINISH_REASONS = {
 UNSUPPORTED = ("seed", "response_format", "presence_penalty", "frequency_penalty")
 
 
-def to_anthropic(messages: list[ChatMessage]) -> tuple[str | None, list[dict[str, str]]]:
-    """System prompt and alternating user/assistant turns."""
+def _blocks(message: ChatMessage) -> list[dict[str, Any]]:
+    """A message as Anthropic content blocks: text, tool_use for calls, tool_result for answers."""
+    if message.role == "tool":
+        return [{"type": "tool_result", "tool_use_id": message.tool_call_id or "", "content": message.content}]
+    blocks: list[dict[str, Any]] = []
+    if message.content:
+        blocks.append({"type": "text", "text": message.content})
+    for call in message.tool_calls or ():
+        try:
+            arguments = json.loads(call.function.arguments or "{}")
+        except json.JSONDecodeError:
+            arguments = {"_unparsed": call.function.arguments}
+        blocks.append({"type": "tool_use", "id": call.id, "name": call.function.name, "input": arguments})
+    return blocks
+
+
+def to_anthropic(messages: list[ChatMessage]) -> tuple[str | None, list[dict[str, Any]]]:
+    """System prompt and alternating user/assistant turns of content blocks."""
     system = [m.content for m in messages if m.role in ("system", "developer")]
-    turns: list[dict[str, str]] = []
+    turns: list[dict[str, Any]] = []
     for m in messages:
         if m.role in ("system", "developer"):
             continue
         role = "assistant" if m.role == "assistant" else "user"
+        blocks = _blocks(m)
+        if not blocks:
+            continue
         if turns and turns[-1]["role"] == role:
-            turns[-1]["content"] += "\n\n" + m.content
+            turns[-1]["content"].extend(blocks)
         else:
-            turns.append({"role": role, "content": m.content})
+            turns.append({"role": role, "content": blocks})
+    # Plain text turns keep their simple form: what the API (and its logs) show most.
+    for turn in turns:
+        if all(b["type"] == "text" for b in turn["content"]):
+            turn["content"] = "\n\n".join(b["text"] for b in turn["content"])
     return ("\n\n".join(system) if system else None), turns
+
+
+def to_anthropic_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for tool in tools:
+        function = tool.get("function", {})
+        entry = {"name": function["name"], "input_schema": function.get("parameters") or {"type": "object"}}
+        if function.get("description"):
+            entry["description"] = function["description"]
+        out.append(entry)
+    return out
+
+
+def to_anthropic_tool_choice(choice: Any, parallel: bool | None) -> dict[str, Any] | None:
+    mapped: dict[str, Any] | None
+    if choice is None:
+        mapped = {"type": "auto"} if parallel is False else None
+    elif choice == "auto":
+        mapped = {"type": "auto"}
+    elif choice == "none":
+        mapped = {"type": "none"}
+    elif choice == "required":
+        mapped = {"type": "any"}
+    elif isinstance(choice, dict) and choice.get("type") == "function":
+        mapped = {"type": "tool", "name": choice["function"]["name"]}
+    else:
+        raise EngineError(400, "unsupported_parameter", f"Unsupported tool_choice: {choice!r}")
+    if mapped is not None and parallel is False and mapped["type"] != "none":
+        mapped["disable_parallel_tool_use"] = True
+    return mapped
 
 
 def _retry_after(error: anthropic.APIStatusError) -> float | None:
@@ -119,6 +173,11 @@ class AnthropicEngine:
             request["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
         if params.get("user"):
             request["metadata"] = {"user_id": params["user"]}
+        if params.get("tools"):
+            request["tools"] = to_anthropic_tools(params["tools"])
+        choice = to_anthropic_tool_choice(params.get("tool_choice"), params.get("parallel_tool_calls"))
+        if choice is not None and params.get("tools"):
+            request["tool_choice"] = choice
         return request
 
     async def generate(
@@ -134,6 +193,11 @@ class AnthropicEngine:
             if on_delta is None:
                 message = await self._client.messages.create(**request)
                 output.parts.extend(b.text for b in message.content if b.type == "text")
+                output.tool_calls.extend(
+                    ToolCall(id=b.id, function=FunctionCall(name=b.name, arguments=_arguments(b.input)))
+                    for b in message.content
+                    if b.type == "tool_use"
+                )
                 output.finish_reason = FINISH_REASONS.get(message.stop_reason or "", "stop")
                 output.usage = _usage(message.usage.input_tokens, message.usage.output_tokens)
             else:
@@ -145,10 +209,22 @@ class AnthropicEngine:
         started = time.perf_counter()
         input_tokens = output_tokens = 0
         stream = await self._client.messages.create(stream=True, **request)
+        # Content block index -> the tool call being streamed in it.
+        calls: dict[int, dict[str, Any]] = {}
         try:
             async for event in stream:
                 if event.type == "message_start":
                     input_tokens = event.message.usage.input_tokens
+                elif event.type == "content_block_start" and event.content_block.type == "tool_use":
+                    block = event.content_block
+                    calls[event.index] = {"id": block.id, "name": block.name, "arguments": []}
+                    await on_delta(ToolCallPiece(index=len(calls) - 1, id=block.id, name=block.name))
+                elif event.type == "content_block_delta" and event.delta.type == "input_json_delta":
+                    call = calls.get(event.index)
+                    if call is not None and event.delta.partial_json:
+                        call["arguments"].append(event.delta.partial_json)
+                        position = list(calls).index(event.index)
+                        await on_delta(ToolCallPiece(index=position, arguments=event.delta.partial_json))
                 elif event.type == "content_block_delta" and event.delta.type == "text_delta":
                     if output.ttft_ms is None:
                         output.ttft_ms = (time.perf_counter() - started) * 1000
@@ -162,6 +238,14 @@ class AnthropicEngine:
         finally:
             await stream.close()
         output.usage = _usage(input_tokens, output_tokens)
+        output.tool_calls.extend(
+            ToolCall(id=c["id"], function=FunctionCall(name=c["name"], arguments="".join(c["arguments"]) or "{}"))
+            for c in calls.values()
+        )
+
+
+def _arguments(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
 
 
 def _usage(input_tokens: int, output_tokens: int) -> Usage:

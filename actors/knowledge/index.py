@@ -1,0 +1,336 @@
+"""The knowledge index: a projection of KB_EVENTS, rebuilt from the log at will.
+
+Chunks live in a `MemoryIndex` (SQLite + sqlite-vec + FTS5, hybrid search) under
+the reserved tenant `TENANT`, one scope per collection (session_id = collection
+name), kind "chunk", role "document"; the indexed text is the heading path then
+the chunk. What MemoryIndex does not hold sits in three tables of our own in the
+same file: `knowledge_docs` (collection, path -> sha256 and sizes),
+`knowledge_chunks` (chunk id -> sha256, number, position, heading) and
+`knowledge_checkpoints` (collection -> last applied seq).
+
+Chunks are keyed by content (`chunk_id(collection, sha256, n)`): two paths with
+the same bytes share one set of chunks, which are deleted when the last of those
+paths leaves. Applying is idempotent: a replayed event changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import aiosqlite
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+from actors.knowledge.events import DocumentAdded, DocumentRemoved, KbEvent, Position, chunk_id
+from actors.knowledge.log import KnowledgeLog
+from actors.memory.index import MemoryIndex, MemoryRecord, _connect
+
+__all__ = ["TENANT", "CollectionInfo", "DocumentInfo", "KnowledgeHit", "KnowledgeIndex", "indexed_text"]
+
+#: The MemoryIndex tenant that holds knowledge chunks (not a valid API tenant id).
+TENANT = "__kb__"
+
+
+class Embedder(Protocol):
+    dim: int
+
+    async def aembed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]: ...
+
+
+class KnowledgeHit(msgspec.Struct, frozen=True, kw_only=True):
+    """A retrieved chunk. `score`: fused rank score (hybrid) or BM25 (keyword only);
+    `similarity`: cosine of chunk and query, what `threshold` applies to."""
+
+    collection: str
+    path: str
+    sha256: str
+    chunk: int
+    heading: tuple[str, ...]
+    position: Position
+    text: str
+    score: float
+    similarity: float
+    vector_rank: int | None = None
+    keyword_rank: int | None = None
+
+
+class DocumentInfo(msgspec.Struct, frozen=True, kw_only=True):
+    collection: str
+    path: str
+    sha256: str
+    chunks: int
+    pages: int
+    size: int
+    added_at: datetime
+
+
+class CollectionInfo(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    documents: int
+    chunks: int
+
+
+def indexed_text(heading: Sequence[str], text: str) -> str:
+    """What is embedded and indexed for a chunk: its heading path, then the chunk."""
+    return f"{' › '.join(heading)}\n\n{text}" if heading else text
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS knowledge_docs (
+    collection TEXT NOT NULL, path TEXT NOT NULL, sha256 TEXT NOT NULL, chunks INTEGER NOT NULL,
+    pages INTEGER NOT NULL, size INTEGER NOT NULL, added_at TEXT NOT NULL,
+    PRIMARY KEY (collection, path));
+CREATE INDEX IF NOT EXISTS knowledge_docs_by_sha ON knowledge_docs (collection, sha256);
+CREATE TABLE IF NOT EXISTS knowledge_chunks (
+    id TEXT PRIMARY KEY, collection TEXT NOT NULL, sha256 TEXT NOT NULL, number INTEGER NOT NULL,
+    offset INTEGER NOT NULL, page INTEGER, heading TEXT NOT NULL, indexed INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX IF NOT EXISTS knowledge_chunks_by_doc ON knowledge_chunks (collection, sha256);
+CREATE TABLE IF NOT EXISTS knowledge_checkpoints (collection TEXT PRIMARY KEY, seq INTEGER NOT NULL);
+"""
+_DROP = ("knowledge_docs", "knowledge_chunks", "knowledge_checkpoints")
+
+
+class KnowledgeIndex:
+    """Hybrid retrieval over collections of documents."""
+
+    def __init__(self, memory: MemoryIndex, db: aiosqlite.Connection, embedder: Embedder) -> None:
+        self.memory = memory
+        self.embedder = embedder
+        self._db = db
+
+    @classmethod
+    async def open(cls, path: str | Path, *, embedder: Embedder | None = None) -> KnowledgeIndex:
+        """Open (creating if needed) the index file, e.g. `$VEIL_DATA_DIR/knowledge.sqlite`."""
+        if embedder is None:
+            from actors.memory.embedder import default_embedder
+
+            embedder = default_embedder()
+        memory = await MemoryIndex.open(path, dim=embedder.dim)
+        try:
+            # Our own writer on the same file (WAL); MemoryIndex keeps its connections private.
+            db = await _connect(str(path), reader=False)
+            await db.executescript(_SCHEMA)
+        except BaseException:
+            await memory.close()
+            raise
+        return cls(memory, db, embedder)
+
+    async def close(self) -> None:
+        await self._db.close()
+        await self.memory.close()
+
+    # -- applying events --------------------------------------------------
+
+    async def checkpoint(self, collection: str) -> int:
+        """Seq of the collection's last applied event (0 when none)."""
+        rows = list(await self._db.execute_fetchall(
+            "SELECT seq FROM knowledge_checkpoints WHERE collection = ?", (collection,)))
+        return int(rows[0][0]) if rows else 0
+
+    async def apply(self, events: Sequence[tuple[int, KbEvent]]) -> None:
+        """Apply (seq, event) pairs in order; events already applied change nothing."""
+        for seq, event in events:
+            if isinstance(event, DocumentAdded):
+                await self._add(seq, event)
+            else:
+                await self._remove(event)
+            await self._db.execute(
+                "INSERT INTO knowledge_checkpoints (collection, seq) VALUES (?, ?)"
+                " ON CONFLICT (collection) DO UPDATE SET seq = max(seq, excluded.seq)",
+                (event.collection, seq),
+            )
+            await self._db.commit()
+
+    async def sync(self, log: KnowledgeLog, collection: str) -> int:
+        """Apply the collection's events the index has not seen yet; returns how many."""
+        events = await log.read(collection, after=await self.checkpoint(collection))
+        await self.apply(events)
+        return len(events)
+
+    async def rebuild(self, log: KnowledgeLog) -> int:
+        """Drop everything and apply the whole log again; returns the events applied."""
+        await self.memory.reset()
+        for table in _DROP:
+            await self._db.execute(f"DROP TABLE IF EXISTS {table}")
+        await self._db.executescript(_SCHEMA)
+        events = await log.read()
+        await self.apply(events)
+        return len(events)
+
+    async def _add(self, seq: int, event: DocumentAdded) -> None:
+        c = event.collection
+        rows = list(await self._db.execute_fetchall(
+            "SELECT sha256 FROM knowledge_docs WHERE collection = ? AND path = ?", (c, event.path)))
+        if rows and rows[0][0] != event.sha256:
+            # A new version without a removal of the old one: the old one goes now.
+            await self._remove(DocumentRemoved(
+                collection=c, path=event.path, sha256=str(rows[0][0]), at=event.at))
+        await self._db.execute("BEGIN IMMEDIATE")
+        await self._db.execute(
+            "INSERT INTO knowledge_docs (collection, path, sha256, chunks, pages, size, added_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (collection, path) DO UPDATE SET"
+            " chunks = excluded.chunks, pages = excluded.pages, size = excluded.size",
+            (c, event.path, event.sha256, event.total or len(event.chunks), event.pages,
+             event.size, event.at.isoformat()),
+        )
+        await self._db.executemany(
+            "INSERT INTO knowledge_chunks (id, collection, sha256, number, offset, page, heading)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+            [
+                (chunk_id(c, event.sha256, event.first + i), c, event.sha256, event.first + i,
+                 ch.position.offset, ch.position.page, json.dumps(ch.heading))
+                for i, ch in enumerate(event.chunks)
+            ],
+        )
+        await self._db.execute("COMMIT")
+        ids = [chunk_id(c, event.sha256, event.first + i) for i in range(len(event.chunks))]
+        pending = await self._not_indexed(ids)
+        if not pending:
+            return
+        todo = [(i, ch) for i, ch in enumerate(event.chunks) if ids[i] in pending]
+        texts = [indexed_text(ch.heading, ch.text) for _, ch in todo]
+        vectors = await self.embedder.aembed(texts)
+        records = [
+            MemoryRecord(
+                id=ids[i], tenant=TENANT, user_id=None, session_id=c, kind="chunk",
+                role="document", text=text, source_seq=seq, created_at=event.at,
+            )
+            for (i, _), text in zip(todo, texts, strict=True)
+        ]
+        await self.memory.add(records, vectors)
+        await self._db.execute("BEGIN IMMEDIATE")
+        await self._db.executemany(
+            "UPDATE knowledge_chunks SET indexed = 1 WHERE id = ?", [(ids[i],) for i, _ in todo])
+        await self._db.execute("COMMIT")
+
+    async def _not_indexed(self, ids: list[str]) -> set[str]:
+        out: set[str] = set()
+        for start in range(0, len(ids), 500):
+            part = ids[start : start + 500]
+            rows = await self._db.execute_fetchall(
+                f"SELECT id FROM knowledge_chunks WHERE indexed = 0 AND id IN ({','.join('?' * len(part))})",
+                part,
+            )
+            out.update(str(r[0]) for r in rows)
+        return out
+
+    async def _remove(self, event: DocumentRemoved) -> None:
+        c = event.collection
+        cur = await self._db.execute(
+            "DELETE FROM knowledge_docs WHERE collection = ? AND path = ? AND sha256 = ?",
+            (c, event.path, event.sha256),
+        )
+        if cur.rowcount == 0:
+            return
+        shared = list(await self._db.execute_fetchall(
+            "SELECT 1 FROM knowledge_docs WHERE collection = ? AND sha256 = ? LIMIT 1",
+            (c, event.sha256)))
+        await self._db.commit()
+        if shared:
+            return
+        ids = [str(r[0]) for r in await self._db.execute_fetchall(
+            "SELECT id FROM knowledge_chunks WHERE collection = ? AND sha256 = ?", (c, event.sha256))]
+        await self.memory.delete_ids(TENANT, ids, scrub=False)
+        await self._db.execute(
+            "DELETE FROM knowledge_chunks WHERE collection = ? AND sha256 = ?", (c, event.sha256))
+        await self._db.commit()
+
+    # -- reading ----------------------------------------------------------
+
+    async def search(
+        self,
+        collections: str | Sequence[str],
+        query: str,
+        *,
+        k: int = 5,
+        threshold: float | None = None,
+        keyword_only: bool = False,
+    ) -> list[KnowledgeHit]:
+        """Best chunks for `query` across collections; with `threshold`, only those whose
+        cosine similarity to the query reaches it."""
+        names = [collections] if isinstance(collections, str) else list(collections)
+        vector = (await self.embedder.aembed([query]))[0]
+        found: list[tuple[str, Any]] = []
+        for name in names:
+            if keyword_only:
+                hits = await self.memory.keyword_search(
+                    tenant=TENANT, session_id=name, user_id=None, query_text=query, k=k)
+            else:
+                hits = await self.memory.search(
+                    tenant=TENANT, session_id=name, user_id=None, query_vector=vector,
+                    query_text=query, k=k)
+            found.extend((name, h) for h in hits)
+        found.sort(key=lambda item: -item[1].score)
+        sims = await self._similarities(vector, [h for _, h in found])
+        out: list[KnowledgeHit] = []
+        for name, h in found:
+            sim = sims[h.id]
+            if threshold is not None and sim < threshold:
+                continue
+            hit = await self._hit(name, h, sim)
+            if hit is not None:
+                out.append(hit)
+            if len(out) == k:
+                break
+        return out
+
+    async def _similarities(self, vector: npt.NDArray[np.float32], hits: list[Any]) -> dict[str, float]:
+        sims = {h.id: h.vector_similarity for h in hits if h.vector_similarity is not None}
+        missing = [h.id for h in hits if h.vector_similarity is None]
+        if missing:
+            # Keyword-only finds have no cosine from the search: read their stored vectors.
+            rows = await self._db.execute_fetchall(
+                "SELECT m.id, v.vector FROM memories m JOIN memory_vectors v ON v.rid = m.rid"
+                f" WHERE m.tenant = ? AND m.id IN ({','.join('?' * len(missing))})",
+                (TENANT, *missing),
+            )
+            q = vector / max(float(np.linalg.norm(vector)), 1e-12)
+            for rid, blob in rows:
+                sims[str(rid)] = float(np.frombuffer(bytes(blob), dtype=np.float32) @ q)
+        return {h.id: float(sims.get(h.id, -1.0)) for h in hits}
+
+    async def _hit(self, collection: str, h: Any, similarity: float) -> KnowledgeHit | None:
+        rows = list(await self._db.execute_fetchall(
+            "SELECT c.sha256, c.number, c.offset, c.page, c.heading, min(d.path)"
+            " FROM knowledge_chunks c JOIN knowledge_docs d"
+            " ON d.collection = c.collection AND d.sha256 = c.sha256 WHERE c.id = ?",
+            (h.id,),
+        ))
+        if not rows or rows[0][0] is None:
+            return None  # removed since the search read it
+        sha, number, offset, page, heading_json, path = rows[0]
+        heading = tuple(json.loads(heading_json))
+        prefix = len(indexed_text(heading, "")) if heading else 0
+        return KnowledgeHit(
+            collection=collection, path=str(path), sha256=str(sha), chunk=int(number),
+            heading=heading, position=Position(offset=int(offset), page=page),
+            text=h.text[prefix:], score=float(h.score), similarity=similarity,
+            vector_rank=h.vector_rank, keyword_rank=h.keyword_rank,
+        )
+
+    async def documents(self, collection: str) -> list[DocumentInfo]:
+        """The collection's documents, by path."""
+        rows = await self._db.execute_fetchall(
+            "SELECT path, sha256, chunks, pages, size, added_at FROM knowledge_docs"
+            " WHERE collection = ? ORDER BY path",
+            (collection,),
+        )
+        return [
+            DocumentInfo(collection=collection, path=str(r[0]), sha256=str(r[1]), chunks=int(r[2]),
+                         pages=int(r[3]), size=int(r[4]), added_at=datetime.fromisoformat(r[5]))
+            for r in rows
+        ]
+
+    async def collections(self) -> list[CollectionInfo]:
+        """Collections with at least one document, by name."""
+        rows = await self._db.execute_fetchall(
+            "SELECT d.collection, count(*), (SELECT count(*) FROM knowledge_chunks c"
+            " WHERE c.collection = d.collection) FROM knowledge_docs d GROUP BY d.collection"
+            " ORDER BY d.collection"
+        )
+        return [CollectionInfo(name=str(r[0]), documents=int(r[1]), chunks=int(r[2])) for r in rows]
