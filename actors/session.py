@@ -120,8 +120,8 @@ class OpenTurn(msgspec.Struct, frozen=True, kw_only=True):
     start: StartTurn
     now: datetime
     lease_until: datetime
-    # A pipeline choice known up front (a model with one pipeline) goes in the same append.
-    route: PipelineChosen | None = None
+    # The pipeline, when the model has only one (recorded in TurnStarted itself).
+    pipeline: str | None = None
 
 
 class CompleteTurn(msgspec.Struct, frozen=True, kw_only=True):
@@ -308,10 +308,9 @@ def _decide_open(state: SessionState, cmd: OpenTurn) -> list[EventUnion]:
             metadata=start.metadata,
             lease_until=cmd.lease_until,
             streaming=start.stream,
+            pipeline=cmd.pipeline,
         )
     )
-    if cmd.route is not None:
-        events.append(cmd.route)
     return events
 
 
@@ -446,6 +445,7 @@ def evolve(state: SessionState, event: EventUnion) -> SessionState:
                 ),
                 system=event.system if event.system is not None else state.system,
                 last_model=event.model,
+                pipeline=event.pipeline or state.pipeline,
                 updated_at=event.at,
             )
         case ModelCalled() | MemoryRecalled() | FactsExtracted() | ToolLoopStopped():

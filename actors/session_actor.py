@@ -273,10 +273,10 @@ class SessionActor:
             await self._reject(request, bad_param)
             return
         out = session_out(self.session_id, start.turn_id)
-        # With one pipeline the choice needs no router: record it with TurnStarted.
-        only = self._chosen(start, RouteDecision(pipeline=model.candidates[0], means="only"))
+        # With one pipeline the choice needs no router: TurnStarted records it.
+        only = model.candidates[0] if len(model.candidates) == 1 else None
         try:
-            await self._open(start, only if len(model.candidates) == 1 else None)
+            await self._open(start, only)
         except AlreadyHandled as handled:
             await request.respond(TURN_REPLY_CODEC.encode(TurnAccepted(turn_id=handled.turn_id, replay=True)))
             if handled.outcome is not None:
@@ -304,7 +304,7 @@ class SessionActor:
                 )
         return None
 
-    async def _open(self, start: StartTurn, route: PipelineChosen | None) -> None:
+    async def _open(self, start: StartTurn, pipeline: str | None) -> None:
         """Append TurnStarted, waiting out another writer's turn if it holds the lease."""
         fresh = False
         while True:
@@ -312,7 +312,7 @@ class SessionActor:
             lease = now + timedelta(seconds=self._ctx.config.server.turn_timeout)
             try:
                 await self._append(
-                    session.OpenTurn(start=start, now=now, lease_until=lease, route=route),
+                    session.OpenTurn(start=start, now=now, lease_until=lease, pipeline=pipeline),
                     dedupe_id=start.command_id,
                 )
                 return
@@ -536,7 +536,7 @@ class SessionActor:
         """Ask long-term memory about this turn; record what came back and what is used."""
         policy = pipeline.memory
         state = self._state
-        if not policy.recall or state.open_turn is None or state.tenant is None:
+        if not self._ctx.config.memory.enabled or not policy.recall or state.open_turn is None or state.tenant is None:
             return None
         query = next((m.content for m in reversed(state.open_turn.messages) if m.role == "user"), "")
         if not query.strip():

@@ -100,6 +100,8 @@ class TurnStarted(Event, tag="turn.started", frozen=True, kw_only=True):
     # Another writer may take the session over once this has passed.
     lease_until: datetime
     streaming: bool = False
+    # Set when the model has one pipeline: the choice needs no router and no event of its own.
+    pipeline: str | None = None
 
 
 class ModelCalled(Event, tag="model.called", frozen=True, kw_only=True):

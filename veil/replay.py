@@ -53,7 +53,10 @@ def describe(event: EventUnion, resolve: Resolver = _no_references) -> list[str]
         case SessionOpened():
             return [f"session opened by tenant {event.tenant} (key {event.key_id})"]
         case TurnStarted():
-            lines = [f"turn {event.turn_id} started: model {event.model}, streaming {event.streaming}"]
+            head = f"turn {event.turn_id} started: model {event.model}, streaming {event.streaming}"
+            if event.pipeline is not None:
+                head += f", pipeline {event.pipeline} (the model's only one)"
+            lines = [head]
             if event.system is not None:
                 lines.append(f"  client system prompt: {_quote(event.system)}")
             lines += [f"  {m.role}: {_quote(m.content)}" for m in event.messages]

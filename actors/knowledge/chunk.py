@@ -2,7 +2,8 @@
 
 A chunk never spans two sections (so never crosses a heading). Inside a section,
 whole paragraphs are packed up to `target` characters; a paragraph longer than
-that is cut at a sentence end, else at a space, never inside a word. Each chunk
+that is cut (into pieces short enough to leave room for the overlap) at a sentence
+end, else at a space, never inside a word. Each chunk
 after the first of its section starts with the last `overlap` characters or
 fewer (from a word start) of the previous chunk's last piece, so a fact that
 straddles a cut is whole in one of the two.
@@ -49,8 +50,9 @@ def chunk_sections(
     return out
 
 
-def _pieces(text: str, target: int) -> list[tuple[int, str]]:
-    """(offset, text) of paragraphs, long ones cut at sentence ends or spaces."""
+def _pieces(text: str, target: int, cut_to: int) -> list[tuple[int, str]]:
+    """(offset, text) of paragraphs; one longer than `target` is cut into pieces of
+    at most `cut_to` (leaving room for the overlap) at sentence ends or spaces."""
     pieces: list[tuple[int, str]] = []
     start = 0
     for m in [*_PARAGRAPH_BREAK.finditer(text), None]:
@@ -63,7 +65,7 @@ def _pieces(text: str, target: int) -> list[tuple[int, str]]:
             if len(para) <= target:
                 pieces.append((at, para))
                 break
-            cut = _cut(para, target)
+            cut = _cut(para, cut_to)
             head, rest = para[:cut].rstrip(), para[cut:]
             pieces.append((at, head))
             skip = len(rest) - len(rest.lstrip())
@@ -104,32 +106,30 @@ def _tail(offset: int, text: str, overlap: int) -> tuple[int, str]:
 
 
 def _chunk_section(section: Section, target: int, overlap: int) -> list[Chunk]:
+    # A chunk is a verbatim span of the section: from its first piece to its last.
+    text = section.text
     chunks: list[Chunk] = []
     current: list[tuple[int, str]] = []
-    size = 0
+
+    def span(pieces: list[tuple[int, str]]) -> tuple[int, int]:
+        return pieces[0][0], pieces[-1][0] + len(pieces[-1][1])
 
     def flush() -> None:
         if current:
+            start, end = span(current)
             chunks.append(
-                Chunk(
-                    text="\n\n".join(t for _, t in current),
-                    heading=section.heading,
-                    offset=section.offset + current[0][0],
-                    page=section.page,
-                )
+                Chunk(text=text[start:end], heading=section.heading,
+                      offset=section.offset + start, page=section.page)
             )
 
-    for at, piece in _pieces(section.text, target):
-        joined = size + (2 if current else 0) + len(piece)
-        if current and joined > target:
+    for at, piece in _pieces(text, target, max(target - overlap - 2, target // 2)):
+        if current and at + len(piece) - current[0][0] > target:
             flush()
             tail_at, tail = _tail(*current[-1], overlap) if overlap else (0, "")
             current = [(tail_at, tail)] if tail else []
-            size = len(tail)
-            if current and size + 2 + len(piece) > target:
+            if current and at + len(piece) - tail_at > target:
                 # No room for the overlap: the piece alone is a chunk.
-                current, size = [], 0
+                current = []
         current.append((at, piece))
-        size += (2 if len(current) > 1 else 0) + len(piece)
     flush()
     return chunks
