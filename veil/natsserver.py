@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import typing
 from pathlib import Path
 
 __all__ = ["NatsServer", "default_config", "find_binary"]
@@ -65,6 +66,7 @@ class NatsServer:
         self.config = config if config is not None else default_config()
         self.url = ""
         self._proc: subprocess.Popen[bytes] | None = None
+        self._log: typing.BinaryIO | None = None
         self._ports_dir: str | None = None
 
     def _spawn(self) -> Path:
@@ -82,11 +84,14 @@ class NatsServer:
             "-sd", str(self.store_dir),
             "--ports_file_dir", self._ports_dir,
         ]
+        # Its log goes to a file: a pipe nobody reads would block the server once full.
+        self.log_path = self.store_dir / "nats-server.log"
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         # Spawned from the calling thread: the death signal follows that thread.
         self._proc = subprocess.Popen(
             args,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stderr=self._log,
             stdin=subprocess.DEVNULL,
             preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
@@ -96,8 +101,8 @@ class NatsServer:
         """The client URL once the server listens; raises if it died."""
         assert self._proc is not None
         if self._proc.poll() is not None:
-            err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
-            raise RuntimeError(f"nats-server exited with {self._proc.returncode}: {err[-2000:]}")
+            err = self.log_path.read_bytes()[-2000:].decode(errors="replace")
+            raise RuntimeError(f"nats-server exited with {self._proc.returncode}: {err}")
         if ports_file.exists():
             try:
                 info = json.loads(ports_file.read_text())
@@ -139,8 +144,9 @@ class NatsServer:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        if proc is not None and proc.stderr is not None:
-            proc.stderr.close()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
         if self._ports_dir is not None:
             shutil.rmtree(self._ports_dir, ignore_errors=True)
             self._ports_dir = None
