@@ -156,7 +156,7 @@ async def ingest(
                 continue
             sections = parse(file, data)
             chunks = chunk_sections(sections)
-        except Exception as e:  # a corrupt file must not stop the others
+        except Exception as e:  # noqa: BLE001 (a corrupt file must not stop the others)
             report.failed.append((path, f"{type(e).__name__}: {e}"))
             continue
         finally:

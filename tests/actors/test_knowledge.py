@@ -1,0 +1,302 @@
+"""The knowledge base end to end: real files, real NATS, real SQLite, the real embedder."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import uuid
+from pathlib import Path
+
+import pytest
+from nats.aio.client import Client
+
+from actors.knowledge import KnowledgeIndex, ingest, remove
+from actors.knowledge.chunk import chunk_sections
+from actors.knowledge.events import DocumentAdded, DocumentRemoved
+from actors.knowledge.ingest import collections
+from actors.knowledge.log import KnowledgeLog
+from actors.knowledge.parse import parse, parse_html, parse_markdown
+
+
+def write_pdf(path: Path, pages: list[list[str]]) -> None:
+    """A minimal PDF (Helvetica, one text line per string) written by hand, no library."""
+    objects: list[bytes] = []
+    kids = " ".join(f"{4 + 2 * i} 0 R" for i in range(len(pages)))
+    objects.append(b"<< /Type /Catalog /Pages 2 0 R >>")
+    objects.append(f"<< /Type /Pages /Kids [{kids}] /Count {len(pages)} >>".encode())
+    objects.append(b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>")
+    for i, lines in enumerate(pages):
+        ops = ["BT", "/F1 11 Tf", "14 TL", "50 780 Td"]
+        for line in lines:
+            escaped = line.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
+            ops.append(f"({escaped}) Tj T*")
+        ops.append("ET")
+        stream = "\n".join(ops).encode("latin-1")
+        objects.append(
+            f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 842] /Resources"
+            f" << /Font << /F1 3 0 R >> >> /Contents {5 + 2 * i} 0 R >>".encode()
+        )
+        objects.append(b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream")
+    buf = io.BytesIO()
+    buf.write(b"%PDF-1.4\n")
+    offsets = []
+    for n, body in enumerate(objects, 1):
+        offsets.append(buf.tell())
+        buf.write(b"%d 0 obj\n" % n + body + b"\nendobj\n")
+    xref = buf.tell()
+    buf.write(b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1))
+    for off in offsets:
+        buf.write(b"%010d 00000 n \n" % off)
+    buf.write(b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref))
+    path.write_bytes(buf.getvalue())
+
+
+BREAD = """# Sourdough at home
+
+A guide to the bakery's house loaf.
+
+## Starter
+
+Feed the starter twice a day with equal weights of rye flour and water. It is ready
+when it doubles within six hours and smells of yoghurt rather than acetone.
+
+## Baking
+
+Bake the loaf in a cast iron pot at 250 degrees Celsius for 20 minutes with the lid on,
+then 25 minutes with the lid off, until the crust is deep brown.
+
+## Storage
+
+Keep the bread cut side down on a wooden board; never store it in the fridge, where
+the crumb goes stale three times faster.
+"""
+
+BIKE = """# Bicycle maintenance
+
+## Chain
+
+Clean and oil the chain every 300 kilometres. A chain stretched beyond 0.75 percent
+must be replaced, or it will wear out the cassette.
+
+## Tyres
+
+Road tyres of 28 millimetres run best at 5.5 bar for a rider of 75 kilograms; go lower
+in the rain for more grip.
+
+## Brakes
+
+Replace disc brake pads when the friction material is thinner than 1 millimetre.
+"""
+
+HTML = """<!doctype html><html><head><title>Office handbook</title>
+<style>.banner { color: papayawhip; }</style>
+<script>var trackingSecret = "zanzibarquokka"; function f() { return 1; }</script></head>
+<body><nav>Home | About</nav>
+<h1>Office handbook</h1>
+<h2>Wi-Fi</h2><p>The guest Wi-Fi network is <b>Lighthouse-Guest</b> and its password is
+written on the whiteboard in room 4.12.</p>
+<h2>Parking</h2><p>Visitors park on level minus two; the barrier opens with the code 7731.</p>
+<script>console.log("zanzibarquokka")</script>
+<h2>Lunch</h2><p>The canteen serves lunch from 11:30 to 14:00, vegetarian on Thursdays.</p>
+</body></html>"""
+
+NOTES = """Meeting notes, 3 March.
+
+The quarterly review moved to the 14th of April, in the large boardroom.
+
+Budget: the marketing team gets 40,000 euros for the spring campaign.
+"""
+
+PDF_PAGES = [
+    ["Volcano field guide", "", "Mount Etna is the most active volcano in Europe.",
+     "Its summit is about 3,357 metres above sea level."],
+    ["Safety", "", "Hikers above 2,900 metres must be accompanied by an authorised guide.",
+     "Carry a helmet: lava bombs can land far from the craters."],
+]
+
+QUESTIONS = [
+    ("how long should the loaf bake with the lid off", "bread.md", "25 minutes"),
+    ("when is my sourdough starter ready to use", "bread.md", "doubles"),
+    ("what tyre pressure for road bike tyres", "bike.md", "5.5 bar"),
+    ("when do I need a new chain", "bike.md", "0.75 percent"),
+    ("what is the password of the guest wifi", "handbook.html", "Lighthouse-Guest"),
+    ("where can visitors park their car", "handbook.html", "minus two"),
+    ("when is the quarterly review", "notes.txt", "14th of April"),
+    ("how high is Etna", "etna.pdf", "3,357"),
+    ("do hikers need a guide near the summit", "etna.pdf", "authorised guide"),
+]
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    root = tmp_path / "docs"
+    (root / "sub").mkdir(parents=True)
+    (root / "bread.md").write_text(BREAD)
+    (root / "bike.md").write_text(BIKE)
+    (root / "sub" / "handbook.html").write_text(HTML)
+    (root / "sub" / "notes.txt").write_text(NOTES)
+    (root / "image.png").write_bytes(b"\x89PNG not a document")
+    write_pdf(root / "etna.pdf", PDF_PAGES)
+    return root
+
+
+@pytest.fixture
+async def index(tmp_path: Path):  # type: ignore[no-untyped-def]
+    kb = await KnowledgeIndex.open(tmp_path / "knowledge.sqlite")
+    yield kb
+    await kb.close()
+
+
+def name() -> str:
+    return f"kb-{uuid.uuid4().hex[:12]}"
+
+
+# -- parsing and chunking (no I/O beyond tmp files) ------------------------
+
+
+def test_pdf_pages_are_parsed(tmp_path: Path) -> None:
+    write_pdf(tmp_path / "a.pdf", PDF_PAGES)
+    sections = parse(tmp_path / "a.pdf")
+    assert [s.page for s in sections] == [1, 2]
+    assert "3,357" in sections[0].text and "authorised guide" in sections[1].text
+
+
+def test_html_drops_script_and_style_and_keeps_headings() -> None:
+    sections = parse_html(HTML)
+    text = " ".join(s.text for s in sections)
+    assert "zanzibarquokka" not in text and "papayawhip" not in text and "function" not in text
+    assert ("Office handbook", "Parking") in [s.heading for s in sections]
+
+
+def test_markdown_headings_skip_code_fences() -> None:
+    sections = parse_markdown("# A\n\ntext\n\n```\n# not a heading\n```\n\n## B\n\nmore\n")
+    assert [s.heading for s in sections] == [("A",), ("A", "B")]
+
+
+def test_chunks_overlap_follow_structure_and_never_cut_words() -> None:
+    words = " ".join(f"w{i}" + ("." if i % 7 == 0 else "") for i in range(600))
+    text = f"# Top\n\n{words}\n\n## Next\n\nshort paragraph\n"
+    chunks = chunk_sections(parse_markdown(text))
+    assert all(len(c.text) <= 800 for c in chunks)
+    assert chunks[-1].heading == ("Top", "Next") and chunks[-1].text == "short paragraph"
+    vocab = set(words.split())
+    for a, b in itertools.pairwise(chunks[:-1]):
+        assert set(b.text.split()) <= vocab  # whole words only
+        assert text[b.offset : b.offset + len(b.text)] == b.text  # offsets point into the file
+        overlap = text[b.offset : a.offset + len(a.text)]
+        assert 0 < len(overlap) <= 150
+
+
+# -- ingestion, retrieval, removal, rebuild (NATS + SQLite + embedder) --------
+
+
+async def test_questions_find_their_chunk(nc: Client, index: KnowledgeIndex, corpus: Path) -> None:
+    c = name()
+    report = await ingest(nc, index, c, [corpus], out=io.StringIO())
+    assert sorted(Path(p).name for p in report.added) == [
+        "bike.md", "bread.md", "etna.pdf", "handbook.html", "notes.txt"]
+    assert report.pages == 6 and not report.failed
+    for question, file, answer in QUESTIONS:
+        hits = await index.search(c, question, k=3)
+        assert any(Path(h.path).name == file and answer in h.text for h in hits), (question, hits)
+    pdf = [h for h in await index.search(c, "Etna summit height", k=3) if h.path.endswith(".pdf")]
+    assert pdf and pdf[0].position.page == 1
+    wifi = (await index.search(c, "guest wifi password", k=1))[0]
+    assert wifi.heading == ("Office handbook", "Wi-Fi")
+
+
+async def test_script_text_is_not_indexed(nc: Client, index: KnowledgeIndex, corpus: Path) -> None:
+    c = name()
+    await ingest(nc, index, c, [corpus])
+    assert await index.search(c, "zanzibarquokka", k=5, keyword_only=True) == []
+    assert await index.search(c, "papayawhip trackingSecret", k=5, keyword_only=True) == []
+
+
+async def test_unchanged_files_add_nothing(nc: Client, index: KnowledgeIndex, corpus: Path) -> None:
+    c = name()
+    log = KnowledgeLog.of(nc)
+    await ingest(nc, index, c, [corpus])
+    before = await log.last_seq(c)
+    again = await ingest(nc, index, c, [corpus])
+    assert again.added == again.updated == again.removed == [] and len(again.unchanged) == 5
+    assert await log.last_seq(c) == before
+
+
+async def test_changed_file_replaces_its_chunks(nc: Client, index: KnowledgeIndex, corpus: Path) -> None:
+    c = name()
+    await ingest(nc, index, c, [corpus])
+    bike = corpus / "bike.md"
+    bike.write_text(BIKE.replace("5.5 bar", "6.2 bar"))
+    report = await ingest(nc, index, c, [corpus])
+    assert report.updated == [str(bike)] and report.added == [] and len(report.unchanged) == 4
+    hits = await index.search(c, "what tyre pressure for road bike tyres", k=3)
+    assert any("6.2 bar" in h.text for h in hits)
+    assert not any("5.5 bar" in h.text for h in await index.search(c, "5.5 bar", k=10))
+    docs = {d.path: d for d in await index.documents(c)}
+    assert docs[str(bike)].sha256 == __import__("hashlib").sha256(bike.read_bytes()).hexdigest()
+    kinds = [type(e) for _, e in await KnowledgeLog.of(nc).read(c)][-2:]
+    assert kinds == [DocumentRemoved, DocumentAdded]
+
+
+async def test_removing_files(nc: Client, index: KnowledgeIndex, corpus: Path) -> None:
+    c = name()
+    await ingest(nc, index, c, [corpus])
+    # Gone from a folder ingested before: removed at the next ingestion of that folder.
+    (corpus / "sub" / "notes.txt").unlink()
+    report = await ingest(nc, index, c, [corpus])
+    assert report.removed == [str(corpus / "sub" / "notes.txt")]
+    assert not any("April" in h.text for h in await index.search(c, "quarterly review", k=10))
+    # Removed explicitly.
+    report = await remove(nc, index, c, [corpus / "bread.md"])
+    assert report.removed == [str(corpus / "bread.md")]
+    assert not any("bread.md" in h.path for h in await index.search(c, "sourdough loaf", k=10))
+    assert sorted(Path(d.path).name for d in await index.documents(c)) == [
+        "bike.md", "etna.pdf", "handbook.html"]
+    assert (await index.memory.count()) == sum(d.chunks for d in await index.documents(c))
+    listed = {x.name: x for x in await collections(nc)}
+    assert listed[c].documents == 3
+
+
+async def test_same_content_at_two_paths_is_shared(nc: Client, index: KnowledgeIndex, tmp_path: Path) -> None:
+    c = name()
+    (tmp_path / "a.txt").write_text(NOTES)
+    (tmp_path / "b.txt").write_text(NOTES)
+    await ingest(nc, index, c, [tmp_path / "a.txt", tmp_path / "b.txt"])
+    await remove(nc, index, c, [tmp_path / "a.txt"])
+    hits = await index.search(c, "marketing budget", k=1)
+    assert hits and hits[0].path == str(tmp_path / "b.txt")
+
+
+async def test_threshold_drops_unrelated_hits(nc: Client, index: KnowledgeIndex, corpus: Path) -> None:
+    c = name()
+    await ingest(nc, index, c, [corpus])
+    assert await index.search(c, "quantum chromodynamics of gluons", k=5, threshold=0.5) == []
+    hits = await index.search(c, "guest wifi password", k=5, threshold=0.3)
+    assert hits and all(h.similarity >= 0.3 for h in hits)
+
+
+async def test_rebuild_from_log_gives_the_same_index(
+    nc: Client, index: KnowledgeIndex, corpus: Path, tmp_path: Path
+) -> None:
+    c = name()
+    await ingest(nc, index, c, [corpus])
+    (corpus / "bike.md").write_text(BIKE + "\n## Lights\n\nUse a rear light from dusk.\n")
+    await ingest(nc, index, c, [corpus])
+    await remove(nc, index, c, [corpus / "sub" / "notes.txt"])
+    queries = [q for q, _, _ in QUESTIONS]
+    before_docs = await index.documents(c)
+    before = [[(h.path, h.chunk, h.text) for h in await index.search(c, q, k=3)] for q in queries]
+    fresh = await KnowledgeIndex.open(tmp_path / "rebuilt.sqlite")
+    try:
+        await fresh.rebuild(KnowledgeLog.of(nc))
+        assert [(d.path, d.sha256, d.chunks) for d in await fresh.documents(c)] == [
+            (d.path, d.sha256, d.chunks) for d in before_docs]
+        after = [[(h.path, h.chunk, h.text) for h in await fresh.search(c, q, k=3)] for q in queries]
+        assert after == before
+    finally:
+        await fresh.close()
+
+
+async def test_missing_unknown_path_is_an_error(nc: Client, index: KnowledgeIndex, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        await ingest(nc, index, name(), [tmp_path / "nope.md"])
