@@ -23,6 +23,7 @@ from actors.protocol import ErrorInfo, GenerateResult, StartTurn
 from actors.tokens import estimate_message_tokens
 from eventstore.events import (
     ChatMessage,
+    DocumentsRetrieved,
     ToolCall,
     EventUnion,
     FactsExtracted,
@@ -49,6 +50,7 @@ __all__ = [
     "OpenTurnState",
     "RecordModelCall",
     "RecordRecall",
+    "RecordDocuments",
     "RecordFacts",
     "RecordRoute",
     "RecordToolStep",
@@ -189,6 +191,10 @@ class RecordToolStop(msgspec.Struct, frozen=True, kw_only=True):
     stopped: ToolLoopStopped
 
 
+class RecordDocuments(msgspec.Struct, frozen=True, kw_only=True):
+    retrieved: DocumentsRetrieved
+
+
 class RecordRoute(msgspec.Struct, frozen=True, kw_only=True):
     """Record the pipeline chosen for the open turn."""
 
@@ -207,6 +213,7 @@ Command = (
     | RecordFacts
     | RecordToolStep
     | RecordToolStop
+    | RecordDocuments
 )
 
 
@@ -377,6 +384,8 @@ def decide(state: SessionState, command: Command) -> list[EventUnion]:
             return [_model_called(turn_id, result, now, purpose)]
         case RecordRecall(recalled=recalled):
             return [recalled] if _require_open(state, recalled.turn_id) else []
+        case RecordDocuments(retrieved=retrieved):
+            return [retrieved] if _require_open(state, retrieved.turn_id) else []
         case RecordRoute(chosen=chosen):
             return [chosen] if _require_open(state, chosen.turn_id) else []
         case RecordToolStep(step=step, result=result):
@@ -448,7 +457,7 @@ def evolve(state: SessionState, event: EventUnion) -> SessionState:
                 pipeline=event.pipeline or state.pipeline,
                 updated_at=event.at,
             )
-        case ModelCalled() | MemoryRecalled() | FactsExtracted() | ToolLoopStopped():
+        case ModelCalled() | MemoryRecalled() | DocumentsRetrieved() | FactsExtracted() | ToolLoopStopped():
             return state
         case ToolsCalled():
             if state.open_turn is None or state.open_turn.turn_id != event.turn_id:

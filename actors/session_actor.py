@@ -49,6 +49,9 @@ from actors.protocol import (
     TurnError,
     TurnRejected,
 )
+from actors.knowledge.actor import KNOWLEDGE_SEARCH, SEARCH_CODEC, SEARCH_REPLY_CODEC, KnowledgeSearch
+from actors.knowledge.events import chunk_id
+from actors.knowledge.prompting import documents_block
 from actors.memory.actor import RECALL_CODEC, RECALL_REPLY_CODEC, RecallRequest
 from actors.memory.prompting import choose_memories, memory_block
 from actors.summary import facts_prompt, parse_facts, summary_prompt
@@ -59,6 +62,8 @@ from bus.subjects import MEMORY_FORGET, MEMORY_RECALL, ROUTER_ROUTE, TOOLS_RUN, 
 from eventstore.errors import ConcurrencyConflict
 from eventstore.events import (
     ChatMessage,
+    DocumentsRetrieved,
+    RetrievedChunk,
     EventUnion,
     MemoryRecalled,
     PipelineChosen,
@@ -396,6 +401,8 @@ class SessionActor:
             if pipeline.summarize:
                 await self._fold_history(start.turn_id, pipeline)
             memories = await self._recall(start, pipeline)
+            documents = await self._retrieve(start, pipeline)
+            memories = "\n\n".join(part for part in (memories, documents) if part) or None
             server_tools = [self._ctx.tools[name] for name in pipeline.tools]
             hidden = [t.name for t in server_tools]
             params = pipeline.params.under(start.params)
@@ -512,7 +519,13 @@ class SessionActor:
 
         async def one(call: ToolCall) -> ToolResult:
             state = self._state
-            context = {"tenant": state.tenant, "session_id": self.session_id, "user_id": state.user_id}
+            pipeline = self._ctx.config.pipelines.get(state.pipeline or "")
+            context = {
+                "tenant": state.tenant,
+                "session_id": self.session_id,
+                "user_id": state.user_id,
+                "collections": ",".join(pipeline.knowledge) if pipeline else "",
+            }
             ask = RunTool(name=call.function.name, arguments=call.function.arguments, timeout=timeout, context=context)
             try:
                 reply = await self._ctx.nc.request(TOOLS_RUN, RUN_CODEC.encode(ask), timeout=timeout + 5)
@@ -531,6 +544,50 @@ class SessionActor:
             )
 
         return list(await asyncio.gather(*(one(c) for c in calls)))
+
+    async def _retrieve(self, start: StartTurn, pipeline: PipelineConfig) -> str | None:
+        """Search the pipeline's knowledge collections for this turn; record what goes in."""
+        state = self._state
+        if not pipeline.knowledge or state.open_turn is None:
+            return None
+        query = next((m.content for m in reversed(state.open_turn.messages) if m.role == "user"), "")
+        if not query.strip():
+            return None
+        ask = KnowledgeSearch(
+            collections=pipeline.knowledge, query=query, k=pipeline.knowledge_k, threshold=pipeline.knowledge_threshold
+        )
+        now = self._ctx.clock()
+        try:
+            reply = await self._ctx.nc.request(KNOWLEDGE_SEARCH, SEARCH_CODEC.encode(ask), timeout=10)
+            hits = SEARCH_REPLY_CODEC.decode(reply.data).hits
+        except (NoRespondersError, NatsTimeout, DecodeError) as failure:
+            retrieved = DocumentsRetrieved(
+                at=now, turn_id=start.turn_id, collections=pipeline.knowledge, query=query, error=repr(failure)
+            )
+            await self._append(session.RecordDocuments(retrieved=retrieved))
+            return None
+        retrieved = DocumentsRetrieved(
+            at=now,
+            turn_id=start.turn_id,
+            collections=pipeline.knowledge,
+            query=query,
+            chunks=[
+                RetrievedChunk(
+                    id=chunk_id(h.collection, h.sha256, h.chunk),
+                    collection=h.collection,
+                    path=h.path,
+                    sha256=h.sha256,
+                    chunk=h.chunk,
+                    offset=h.position.offset,
+                    page=h.position.page,
+                    score=round(h.score, 6),
+                    similarity=round(h.similarity, 6),
+                )
+                for h in hits
+            ],
+        )
+        await self._append(session.RecordDocuments(retrieved=retrieved))
+        return documents_block(hits, cite=pipeline.cite_sources) if hits else None
 
     async def _recall(self, start: StartTurn, pipeline: PipelineConfig) -> str | None:
         """Ask long-term memory about this turn; record what came back and what is used."""

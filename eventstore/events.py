@@ -15,6 +15,8 @@ import msgspec
 
 __all__ = [
     "ChatMessage",
+    "DocumentsRetrieved",
+    "RetrievedChunk",
     "Event",
     "FunctionCall",
     "ToolCall",
@@ -204,6 +206,29 @@ class ToolLoopStopped(Event, tag="tools.stopped", frozen=True, kw_only=True):
     reason: str = "step_limit"
 
 
+class RetrievedChunk(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A chunk that went into the prompt: its source and position, and how it scored."""
+
+    # Content-based: it resolves to the text through the KB_EVENTS log.
+    id: str
+    collection: str
+    path: str
+    sha256: str
+    chunk: int
+    offset: int
+    page: int | None = None
+    score: float
+    similarity: float
+
+
+class DocumentsRetrieved(Event, tag="documents.retrieved", frozen=True, kw_only=True):
+    turn_id: str
+    collections: list[str]
+    query: str
+    chunks: list[RetrievedChunk] = []
+    error: str | None = None
+
+
 class ReplyCompleted(Event, tag="reply.completed", frozen=True, kw_only=True):
     turn_id: str
     content: str
@@ -236,6 +261,7 @@ EventUnion = (
     | HistorySummarized
     | PipelineChosen
     | MemoryRecalled
+    | DocumentsRetrieved
     | FactsExtracted
     | ToolsCalled
     | ToolLoopStopped

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import os
 import sys
 from collections.abc import AsyncIterator, Coroutine
@@ -38,14 +39,27 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--config", default=argparse.SUPPRESS, help="TOML config file (or VEIL_CONFIG)")
     reindex = sub.add_parser("reindex", help="drop the memory index and rebuild it from the log")
     reindex.add_argument("--config", default=argparse.SUPPRESS, help="TOML config file (or VEIL_CONFIG)")
+    kb = sub.add_parser("kb", help="knowledge collections: add, ls, rm, reindex")
+    kb.add_argument("--config", default=argparse.SUPPRESS, help="TOML config file (or VEIL_CONFIG)")
+    kb_sub = kb.add_subparsers(dest="kb_action", required=True)
+    kb_add = kb_sub.add_parser("add", help="ingest files or folders (text, Markdown, HTML, PDF)")
+    kb_add.add_argument("collection")
+    kb_add.add_argument("paths", nargs="+")
+    kb_ls = kb_sub.add_parser("ls", help="list collections, or one collection's documents")
+    kb_ls.add_argument("collection", nargs="?")
+    kb_rm = kb_sub.add_parser("rm", help="remove files or folders from a collection")
+    kb_rm.add_argument("collection")
+    kb_rm.add_argument("paths", nargs="+")
+    kb_sub.add_parser("reindex", help="rebuild the knowledge index from the KB_EVENTS log")
     sessions = sub.add_parser("sessions", help="list sessions")
     sessions.add_argument("--json", action="store_true", help="one JSON object per line")
     sessions.add_argument("--config", default=argparse.SUPPRESS, help="TOML config file (or VEIL_CONFIG)")
     return parser
 
 
-def _configure_logging() -> None:
+def _configure_logging(level: int) -> None:
     structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(level),
         processors=[
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso"),
@@ -56,7 +70,7 @@ def _configure_logging() -> None:
 
 
 @contextlib.asynccontextmanager
-async def _log_connection(config: Config) -> AsyncIterator[str]:
+async def _log_connection(config: Config, *, create: bool = False) -> AsyncIterator[str]:
     """A NATS URL with the session log: the configured one, the running server's, or a temporary one."""
     if config.nats_url:
         yield config.nats_url
@@ -68,7 +82,7 @@ async def _log_connection(config: Config) -> AsyncIterator[str]:
     from veil.server import embedded_nats
 
     server = embedded_nats(config)
-    if not server.store_dir.exists():
+    if not server.store_dir.exists() and not create:
         raise SystemExit(f"no Veil data in {config.data_dir} (set VEIL_DATA_DIR or VEIL_NATS_URL)")
     url = await server.astart()
     try:
@@ -128,6 +142,13 @@ async def _sessions(config: Config, as_json: bool) -> int:
     return 0
 
 
+async def _kb(config: Config, action: str, collection: str | None, paths: list[str]) -> int:
+    from veil.kb import kb_main
+
+    async with _log_connection(config, create=action == "add") as url:
+        return await kb_main(config, url, action, collection, paths)
+
+
 async def _reindex(config: Config) -> int:
     from veil.reindex import reindex
 
@@ -152,7 +173,8 @@ def _run_fast(main: Coroutine[Any, Any, None]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _configure_logging()
+    # Servers say what they do; one-shot commands only what went wrong.
+    _configure_logging(logging.INFO if args.command in ("serve", "gateway", "worker") else logging.WARNING)
     try:
         config = load_config(args.config)
     except ConfigError as error:
@@ -176,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_sessions(config, args.json))
     if args.command == "reindex":
         return asyncio.run(_reindex(config))
+    if args.command == "kb":
+        return asyncio.run(_kb(config, args.kb_action, getattr(args, "collection", None), getattr(args, "paths", [])))
     return 2
 
 

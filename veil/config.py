@@ -195,6 +195,13 @@ class PipelineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Fold turns that outgrow the budget into a running summary (else drop them from prompts).
     summarize: bool = True
     memory: MemoryPolicy = msgspec.field(default_factory=MemoryPolicy)
+    # Knowledge collections searched on every turn (and by the knowledge_search tool).
+    knowledge: list[str] = []
+    knowledge_k: int = 4
+    # Cosine similarity a chunk needs to enter the prompt.
+    knowledge_threshold: float | None = 0.3
+    # Ask the model to cite the chunks it uses as [n].
+    cite_sources: bool = True
     # Server-side tools the model may call behind the curtain (built in: calculator, current_time).
     tools: list[str] = []
     max_tool_steps: int = 5

@@ -11,6 +11,8 @@ import structlog
 from nats.aio.client import Client
 from nats.js.client import JetStreamContext
 
+from actors.knowledge.actor import KnowledgeActor
+from actors.knowledge.index import KnowledgeIndex
 from actors.memory.actor import MemoryActor
 from actors.memory.embedder import Embedder, default_embedder
 from actors.memory.index import MemoryIndex
@@ -31,14 +33,20 @@ def index_path(config: Config) -> Path:
 class MemoryHandle:
     """A running memory actor with its index and the lock that makes it the only one."""
 
-    def __init__(self, actor: MemoryActor, index: MemoryIndex, lock_fd: int) -> None:
+    def __init__(
+        self, actor: MemoryActor, index: MemoryIndex, knowledge: KnowledgeActor, knowledge_index: KnowledgeIndex, lock_fd: int
+    ) -> None:
         self.actor = actor
         self._index = index
+        self._knowledge = knowledge
+        self._knowledge_index = knowledge_index
         self._lock_fd = lock_fd
 
     async def stop(self) -> None:
         await self.actor.stop()
+        await self._knowledge.stop()
         await self._index.close()
+        await self._knowledge_index.close()
         with contextlib.suppress(OSError):
             os.close(self._lock_fd)
 
@@ -68,4 +76,8 @@ async def start_memory(
         version=__version__,
     )
     await actor.start()
-    return MemoryHandle(actor, index, fd)
+    # The knowledge index lives beside the memory index, under the same lock.
+    knowledge_index = await KnowledgeIndex.open(path.parent / "knowledge.sqlite", embedder=default_embedder())
+    knowledge = KnowledgeActor(nc, knowledge_index, version=__version__)
+    await knowledge.start()
+    return MemoryHandle(actor, index, knowledge, knowledge_index, fd)

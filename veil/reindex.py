@@ -5,7 +5,6 @@ from __future__ import annotations
 import fcntl
 import os
 import sys
-import time
 from typing import TextIO
 
 import nats.errors
@@ -20,37 +19,11 @@ from eventstore.jetstream import JetStreamEventStore, ensure_stream
 from eventstore.tombstones import TombstoneLog
 from veil.config import Config
 from veil.memory_role import index_path
+from veil.progress import ProgressBar
 
-__all__ = ["ProgressBar", "reindex"]
+__all__ = ["reindex"]
 
 BATCH = 256
-
-
-class ProgressBar:
-    """A one-line bar on a terminal (or plain lines when not a terminal)."""
-
-    def __init__(self, total: int, out: TextIO = sys.stderr, width: int = 30) -> None:
-        self.total = max(total, 1)
-        self.out = out
-        self.width = width
-        self.started = time.monotonic()
-        self._last = 0.0
-
-    def update(self, done: int, records: int, final: bool = False) -> None:
-        now = time.monotonic()
-        if not final and now - self._last < 0.2:
-            return
-        self._last = now
-        share = min(done / self.total, 1.0)
-        filled = int(share * self.width)
-        rate = done / max(now - self.started, 1e-9)
-        line = (
-            f"[{'#' * filled}{'.' * (self.width - filled)}] {share:6.1%} "
-            f"{done}/{self.total} events, {records} memories, {rate:,.0f} events/s"
-        )
-        end = "\n" if final or not self.out.isatty() else ""
-        self.out.write(("\r" if self.out.isatty() else "") + line + end)
-        self.out.flush()
 
 
 async def reindex(config: Config, url: str, out: TextIO = sys.stderr) -> tuple[int, int]:

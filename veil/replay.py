@@ -10,6 +10,7 @@ import msgspec
 from actors import session
 from bus.codec import encode
 from eventstore.events import (
+    DocumentsRetrieved,
     EventUnion,
     FactsExtracted,
     ToolLoopStopped,
@@ -77,6 +78,14 @@ def describe(event: EventUnion, resolve: Resolver = _no_references) -> list[str]
             if event.error is not None:
                 head += f", FAILED ({event.status}): {event.error}"
             return [head]
+        case DocumentsRetrieved():
+            if event.error is not None:
+                return [f"knowledge search failed: {event.error}"]
+            lines = [f"documents retrieved from {', '.join(event.collections)} for {_quote(event.query)}: {len(event.chunks)}"]
+            for n, c in enumerate(event.chunks, start=1):
+                where = f"p. {c.page}" if c.page is not None else f"offset {c.offset}"
+                lines.append(f"  [{n}] {c.path} ({where}) chunk {c.chunk}, cos {c.similarity:.3f}, id {c.id}")
+            return lines
         case ToolsCalled():
             lines = [f"tools called: {len(event.results)}"]
             if event.assistant.content:

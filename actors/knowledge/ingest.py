@@ -37,7 +37,7 @@ from actors.knowledge.index import CollectionInfo, KnowledgeIndex
 from actors.knowledge.log import KnowledgeLog
 from actors.knowledge.parse import SUFFIXES, page_count, parse
 from bus.subjects import validate_id
-from veil.reindex import ProgressBar
+from veil.progress import ProgressBar
 
 __all__ = ["EVENT_TEXT_BUDGET", "Report", "collections", "document_events", "ingest", "remove"]
 
@@ -138,7 +138,7 @@ async def ingest(
     gone += [p for p in state if p not in seen and p not in gone and any(_under(p, d) for d in folders)]
 
     report = Report()
-    bar = ProgressBar(len(files) + len(gone), out) if out is not None else None
+    bar = ProgressBar(len(files) + len(gone), out, unit="files", made="chunks") if out is not None else None
 
     async def commit(events: list[KbEvent]) -> None:
         nonlocal last

@@ -86,6 +86,10 @@ class ToolActor:
     def __init__(self, nc: Client, tools: dict[str, Tool], *, version: str) -> None:
         self._nc = nc
         self._tools = dict(tools)
+        if "knowledge_search" in self._tools:
+            self._tools["knowledge_search"] = msgspec.structs.replace(
+                self._tools["knowledge_search"], run=self._knowledge_search
+            )
         if "memory_search" in self._tools:
             self._tools["memory_search"] = msgspec.structs.replace(
                 self._tools["memory_search"], run=self._memory_search
@@ -134,6 +138,22 @@ class ToolActor:
         return json.dumps(
             [{"role": h.role, "text": h.text, "date": h.created_at.date().isoformat()} for h in hits]
         )
+
+    async def _knowledge_search(self, query: str, k: int = 4, *, context: dict[str, str | None]) -> str:
+        """Search the collections of the calling turn's pipeline."""
+        from actors.knowledge.actor import KNOWLEDGE_SEARCH, SEARCH_CODEC, SEARCH_REPLY_CODEC, KnowledgeSearch
+        from actors.knowledge.prompting import source_label
+
+        collections = [c for c in (context.get("collections") or "").split(",") if c]
+        if not collections:
+            raise ToolError("this assistant has no knowledge collections")
+        ask = KnowledgeSearch(collections=collections, query=query, k=max(1, min(k, 10)))
+        try:
+            reply = await self._nc.request(KNOWLEDGE_SEARCH, SEARCH_CODEC.encode(ask), timeout=10)
+        except (NoRespondersError, NatsTimeout):
+            raise ToolError("the knowledge base is not available") from None
+        hits = SEARCH_REPLY_CODEC.decode(reply.data).hits
+        return "\n\n".join(f"[{n}] {source_label(h)}\n{h.text}" for n, h in enumerate(hits, start=1)) or "nothing found"
 
     async def stop(self) -> None:
         if self._service is not None:

@@ -131,6 +131,20 @@ BUILTIN: dict[str, Tool] = {
         run=_runs_in_the_tool_actor,
         contextual=True,
     ),
+    "knowledge_search": Tool(
+        name="knowledge_search",
+        description="Search the knowledge base of this assistant; returns numbered passages with their sources.",
+        parameters={
+            "type": "object",
+            "properties": {
+                "query": {"type": "string", "description": "What to look for."},
+                "k": {"type": "integer", "description": "How many passages (default 4)."},
+            },
+            "required": ["query"],
+        },
+        run=_runs_in_the_tool_actor,
+        contextual=True,
+    ),
     "current_time": Tool(
         name="current_time",
         description="The current date and time in an IANA time zone, e.g. 'Europe/Paris'.",

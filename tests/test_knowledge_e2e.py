@@ -1,0 +1,110 @@
+"""The knowledge base through the whole path: `veil kb`, retrieval into the prompt with sources, the tool."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from eventstore.events import DocumentsRetrieved
+from tests.fakes.upstreams import FakeOpenAI, ToolCalls
+from tests.harness import VeilThread
+from tests.procs import run_veil
+from tests.test_memory_short import load
+from veil.config import Config, EngineConfig, ModelConfig, PipelineConfig
+from veil.natsserver import NatsServer
+
+script: dict[str, Any] = {"reply": lambda body: "ok"}
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FakeOpenAI]:
+    fake = FakeOpenAI(reply=lambda body: script["reply"](body))
+    fake.start_in_thread()
+    yield fake
+    fake.stop_thread()
+
+
+@pytest.fixture(scope="module")
+def docs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("docs")
+    (folder / "returns.md").write_text(
+        "# Returns\n\nItems may be returned within 30 days of delivery, with the receipt.\n\n"
+        "# Shipping\n\nStandard shipping takes three to five working days.\n"
+    )
+    (folder / "warranty.html").write_text(
+        "<html><head><script>var tracking = 'zz-script-text';</script></head><body>"
+        "<h1>Warranty</h1><p>Every kettle carries a two-year warranty against defects.</p></body></html>"
+    )
+    return folder
+
+
+@pytest.fixture(scope="module")
+def veil(upstream: FakeOpenAI, docs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VeilThread]:
+    with NatsServer(tmp_path_factory.mktemp("kb-nats")) as nats_server:
+        added = run_veil("kb", "add", "shop", str(docs), env={"VEIL_NATS_URL": nats_server.url, "VEIL_DATA_DIR": str(tmp_path_factory.mktemp("cli"))}, timeout=120)
+        assert added.returncode == 0, added.stderr
+        assert "2 added" in added.stdout
+        config = Config(
+            engines={"up": EngineConfig(kind="openai", base_url=upstream.base_url, api_key="x")},
+            pipelines={
+                "default": PipelineConfig(engine="up", model="m", knowledge=["shop"]),
+                "agent": PipelineConfig(engine="up", model="m", tools=["knowledge_search"], knowledge=["shop"], knowledge_k=0),
+            },
+            models=[ModelConfig(name="veil", pipeline="default"), ModelConfig(name="veil-agent", pipeline="agent")],
+            nats_url=nats_server.url,
+        )
+        server = VeilThread(config, nats_server.url).start()
+        yield server
+        server.stop()
+
+
+def ask(veil: VeilThread, text: str, model: str = "veil") -> str:
+    with openai.OpenAI(base_url=veil.base_url, api_key="x", max_retries=0) as client:
+        reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": text}])
+    return str(reply.model_extra["session_id"])
+
+
+def test_the_chunk_with_the_answer_reaches_the_prompt_with_its_source(veil: VeilThread, upstream: FakeOpenAI, docs: Path) -> None:
+    script["reply"] = lambda body: "ok"
+    sid = ask(veil, "How long do I have to send an item back?")
+    system = upstream.last_request.body["messages"][0]["content"]
+    assert "<documents>" in system and "cite it by its number" in system
+    first = system.split("[1] ", 1)[1].split("\n", 1)[0]
+    assert str(docs / "returns.md") in first and "within 30 days" in first and "Returns" in first
+    retrieved = next(e for e in load(veil, sid) if isinstance(e, DocumentsRetrieved))
+    assert retrieved.chunks[0].path == str(docs / "returns.md") and retrieved.chunks[0].similarity >= 0.3
+    assert "zz-script-text" not in str(upstream.requests)
+
+
+def test_unrelated_questions_bring_no_documents(veil: VeilThread, upstream: FakeOpenAI) -> None:
+    script["reply"] = lambda body: "ok"
+    ask(veil, "Write me a limerick about a cat.")
+    assert "<documents>" not in str(upstream.last_request.body["messages"][0])
+
+
+def test_knowledge_search_tool(veil: VeilThread, upstream: FakeOpenAI, docs: Path) -> None:
+    def tool_then_answer(body: dict[str, Any]) -> str | ToolCalls:
+        answers = [m["content"] for m in body["messages"] if m["role"] == "tool"]
+        return f"Found: {answers[-1]}" if answers else ToolCalls([("knowledge_search", {"query": "kettle warranty length"})])
+
+    script["reply"] = tool_then_answer
+    ask(veil, "How long is the kettle warranty?", model="veil-agent")
+    tool_answer = upstream.last_request.body["messages"][-1]["content"]
+    assert tool_answer.startswith("[1] " + str(docs / "warranty.html")) and "two-year warranty" in tool_answer
+
+
+def test_removing_a_file_removes_it_from_retrieval(veil: VeilThread, upstream: FakeOpenAI, docs: Path, tmp_path: Path) -> None:
+    env = {"VEIL_NATS_URL": veil.nats_url, "VEIL_DATA_DIR": str(tmp_path)}
+    again = run_veil("kb", "add", "shop", str(docs), env=env, timeout=120)
+    assert "0 added, 0 updated, 2 unchanged" in again.stdout
+    removed = run_veil("kb", "rm", "shop", str(docs / "warranty.html"), env=env, timeout=120)
+    assert removed.returncode == 0 and "1 removed" in removed.stdout, removed.stdout + removed.stderr
+    script["reply"] = lambda body: "ok"
+    ask(veil, "How long is the kettle warranty?")
+    assert "two-year warranty" not in str(upstream.last_request.body["messages"][0])
+    listing = run_veil("kb", "ls", "shop", env=env).stdout
+    assert "returns.md" in listing and "warranty.html" not in listing
