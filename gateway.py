@@ -14,13 +14,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import structlog
 from aiohttp import web
-from nats.aio.client import Client
 
 from actors.protocol import (
     DeleteSession,
     Delta,
     GetSession,
     MemoriesFound,
+    OutputUnion,
     SearchMemories,
     SessionDeleted,
     SessionView,
@@ -32,6 +32,8 @@ from actors.protocol import (
 from bus.codec import encode
 from bus.connection import connect
 from bus.subjects import MAX_ID_LENGTH, is_valid_id
+from veil.admin import add_admin_routes
+from veil.webkeys import AUTH, CONFIG, NATS, PRINCIPAL, json_response
 from veil.auth import Authenticator, Principal
 from veil.config import Config
 from veil.openai_wire import (
@@ -53,18 +55,13 @@ __all__ = ["AUTH", "CONFIG", "NATS", "create_app"]
 
 log = structlog.get_logger("veil.gateway")
 
-CONFIG = web.AppKey("config", Config)
-NATS = web.AppKey("nats", Client)
-AUTH = web.AppKey("auth", Authenticator)
-PRINCIPAL = web.RequestKey("principal", Principal)
 SESSION_HEADER = "X-Session-Id"
 STARTED = int(time.time())
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _json(body: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(body=encode(body), status=status, content_type="application/json", headers=headers)
+_json = json_response
 
 
 @web.middleware
@@ -438,4 +435,5 @@ def create_app(config: Config, nats_url: str) -> web.Application:
     app.router.add_get("/v1/sessions/{session_id}/messages", list_messages)
     app.router.add_get("/v1/sessions/{session_id}/memories", search_memories)
     app.router.add_get("/healthz", health)
+    add_admin_routes(app)
     return app

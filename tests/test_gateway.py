@@ -564,3 +564,8 @@ def test_parameters_reach_the_upstream(client: openai.OpenAI, upstream: FakeOpen
     sent = upstream.last_request.body
     assert (sent["temperature"], sent["top_p"], sent["max_tokens"], sent["stop"], sent["seed"]) == (0.3, 0.9, 7, ["x"], 42)
     assert sent["response_format"] == {"type": "json_object"}
+
+
+def test_admin_endpoints_need_an_admin_key(veil: VeilThread) -> None:
+    r = http("GET", f"{veil.base_url}/knowledge", headers={"Authorization": f"Bearer {KEY_A}"})
+    assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"

@@ -108,3 +108,40 @@ def test_removing_a_file_removes_it_from_retrieval(veil: VeilThread, upstream: F
     assert "two-year warranty" not in str(upstream.last_request.body["messages"][0])
     listing = run_veil("kb", "ls", "shop", env=env).stdout
     assert "returns.md" in listing and "warranty.html" not in listing
+
+
+def test_admin_endpoints_upload_list_and_delete(veil: VeilThread, upstream: FakeOpenAI) -> None:
+    import json
+    import urllib.error
+    import urllib.request
+
+    boundary = "veilboundary"
+    body = (
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"care.txt\"\r\n"
+        "Content-Type: text/plain\r\n\r\nDescale the kettle with citric acid every month.\r\n"
+        f"--{boundary}--\r\n"
+    ).encode()
+    base = veil.base_url
+
+    def call(method: str, path: str, data: bytes | None = None, content_type: str | None = None) -> tuple[int, Any]:
+        headers = {"Content-Type": content_type} if content_type else {}
+        request = urllib.request.Request(base + path, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    status, added = call("POST", "/knowledge/care/documents", body, f"multipart/form-data; boundary={boundary}")
+    assert status == 200 and len(added["data"]["added"]) == 1, added
+    path = added["data"]["added"][0]
+    status, listed = call("GET", "/knowledge/care/documents")
+    assert [d["path"] for d in listed["data"]] == [path]
+    status, collections = call("GET", "/knowledge")
+    assert {c["name"] for c in collections["data"]} >= {"shop", "care"}
+    assert call("DELETE", "/knowledge/care/documents?path=nope")[0] == 404
+    assert call("DELETE", "/knowledge/bad.name/documents?path=x")[0] == 400
+    from urllib.parse import quote
+
+    assert call("DELETE", f"/knowledge/care/documents?path={quote(path)}")[0] == 200
+    assert call("GET", "/knowledge/care/documents")[1]["data"] == []

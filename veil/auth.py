@@ -15,10 +15,11 @@ __all__ = ["ANONYMOUS", "Authenticator", "Principal"]
 class Principal(msgspec.Struct, frozen=True, kw_only=True):
     tenant: str
     key_id: str
+    admin: bool = False
 
 
 # Who the caller is when no keys are configured (loopback-only mode).
-ANONYMOUS = Principal(tenant="local", key_id="anonymous")
+ANONYMOUS = Principal(tenant="local", key_id="anonymous", admin=True)
 
 
 class Authenticator:
@@ -26,7 +27,9 @@ class Authenticator:
         tenants = config.tenants_by_key_id()
         # Keyed by the key's digest: lookups never compare secrets byte by byte.
         self._by_digest = {
-            hashlib.sha256(k.key.encode()).digest(): Principal(tenant=tenants[key_id(k.key)], key_id=key_id(k.key))
+            hashlib.sha256(k.key.encode()).digest(): Principal(
+                tenant=tenants[key_id(k.key)], key_id=key_id(k.key), admin=k.admin
+            )
             for k in config.keys
         }
 

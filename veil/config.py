@@ -269,6 +269,8 @@ class ToolConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class ApiKey(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     key: str
     tenant: str | None = None
+    # May use the admin endpoints (knowledge collections).
+    admin: bool = False
 
 
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -78,6 +78,6 @@ async def start_memory(
     await actor.start()
     # The knowledge index lives beside the memory index, under the same lock.
     knowledge_index = await KnowledgeIndex.open(path.parent / "knowledge.sqlite", embedder=default_embedder())
-    knowledge = KnowledgeActor(nc, knowledge_index, version=__version__)
+    knowledge = KnowledgeActor(nc, knowledge_index, version=__version__, uploads=path.parent / "kb-uploads")
     await knowledge.start()
     return MemoryHandle(actor, index, knowledge, knowledge_index, fd)

@@ -23,8 +23,6 @@ from actors.protocol import (
     ToolDelta,
     StartTurn,
     TurnAccepted,
-    TurnDone,
-    TurnError,
     TurnRejected,
     TurnReplyUnion,
 )

@@ -8,6 +8,8 @@ documents added by `veil kb add` anywhere are found on the next turn.
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
+from typing import Any
 
 import msgspec
 from nats.aio.client import Client
@@ -16,12 +18,38 @@ from nats.micro.request import Request
 from nats.micro.service import Service
 
 from actors.knowledge.index import KnowledgeHit, KnowledgeIndex
+from actors.knowledge.ingest import collections, ingest, remove
 from actors.knowledge.log import KnowledgeLog
+from actors.knowledge.parse import UnsupportedFile
 from bus.codec import Codec, DecodeError
+from bus.subjects import validate_id
 
-__all__ = ["KNOWLEDGE_SEARCH", "SEARCH_CODEC", "SEARCH_REPLY_CODEC", "KnowledgeActor", "KnowledgeSearch", "KnowledgeFound"]
+__all__ = ["ADMIN_CODEC", "ADMIN_REPLY_CODEC", "KNOWLEDGE_ADMIN", "AdminReply", "AdminRequest", "KNOWLEDGE_SEARCH", "SEARCH_CODEC", "SEARCH_REPLY_CODEC", "KnowledgeActor", "KnowledgeSearch", "KnowledgeFound"]
 
 KNOWLEDGE_SEARCH = "knowledge.search"
+KNOWLEDGE_ADMIN = "knowledge.admin"
+
+
+class AdminRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """list | documents | add | remove, for the admin HTTP endpoints."""
+
+    action: str
+    collection: str | None = None
+    # add: an uploaded file (name and bytes); remove: the document path as listed.
+    filename: str | None = None
+    data: bytes | None = None
+    path: str | None = None
+
+
+class AdminReply(msgspec.Struct, frozen=True, kw_only=True):
+    ok: bool = True
+    error: str | None = None
+    status: int = 200
+    result: Any = None
+
+
+ADMIN_CODEC: Codec[AdminRequest] = Codec(AdminRequest)
+ADMIN_REPLY_CODEC: Codec[AdminReply] = Codec(AdminReply)
 
 
 class KnowledgeSearch(msgspec.Struct, frozen=True, kw_only=True):
@@ -40,9 +68,11 @@ SEARCH_REPLY_CODEC: Codec[KnowledgeFound] = Codec(KnowledgeFound)
 
 
 class KnowledgeActor:
-    def __init__(self, nc: Client, index: KnowledgeIndex, *, version: str) -> None:
+    def __init__(self, nc: Client, index: KnowledgeIndex, *, version: str, uploads: Path | None = None) -> None:
         self._nc = nc
         self._index = index
+        # Uploaded files are kept here: a document's path must keep naming it.
+        self._uploads = uploads
         self._log = KnowledgeLog.of(nc)
         self._version = version
         self._service: Service | None = None
@@ -53,6 +83,45 @@ class KnowledgeActor:
             self._nc, name="veil-knowledge", version=self._version, description="Searches knowledge collections"
         )
         await self._service.add_endpoint(name="search", subject=KNOWLEDGE_SEARCH, handler=self._search)
+        await self._service.add_endpoint(name="admin", subject=KNOWLEDGE_ADMIN, handler=self._admin)
+
+    async def _admin(self, request: Request) -> None:
+        try:
+            ask = ADMIN_CODEC.decode(request.data)
+            reply = await self._administer(ask)
+        except DecodeError as error:
+            reply = AdminReply(ok=False, status=400, error=str(error))
+        except (FileNotFoundError, UnsupportedFile, ValueError) as error:
+            reply = AdminReply(ok=False, status=400, error=str(error))
+        await request.respond(ADMIN_REPLY_CODEC.encode(reply))
+
+    async def _administer(self, ask: AdminRequest) -> AdminReply:
+        if ask.action == "list":
+            return AdminReply(result=msgspec.to_builtins(await collections(self._nc)))
+        collection = validate_id(ask.collection or "", "collection")
+        if ask.action == "documents":
+            await self._index.sync(self._log, collection)
+            return AdminReply(result=msgspec.to_builtins(await self._index.documents(collection)))
+        if ask.action == "add":
+            if self._uploads is None or not ask.filename or ask.data is None:
+                return AdminReply(ok=False, status=400, error="an upload needs a file name and content")
+            name = Path(ask.filename).name
+            if not name or name.startswith("."):
+                return AdminReply(ok=False, status=400, error=f"bad file name {ask.filename!r}")
+            folder = self._uploads / collection
+            folder.mkdir(parents=True, exist_ok=True)
+            target = folder / name
+            target.write_bytes(ask.data)
+            report = await ingest(self._nc, self._index, collection, [target])
+            return AdminReply(result=msgspec.to_builtins(report))
+        if ask.action == "remove":
+            if not ask.path:
+                return AdminReply(ok=False, status=400, error="give the document's path")
+            report = await remove(self._nc, self._index, collection, [ask.path])
+            if not report.removed:
+                return AdminReply(ok=False, status=404, error=f"no document {ask.path!r} in {collection!r}")
+            return AdminReply(result=msgspec.to_builtins(report))
+        return AdminReply(ok=False, status=400, error=f"unknown action {ask.action!r}")
 
     async def _search(self, request: Request) -> None:
         try:
