@@ -34,7 +34,12 @@ class MemoryHandle:
     """A running memory actor with its index and the lock that makes it the only one."""
 
     def __init__(
-        self, actor: MemoryActor, index: MemoryIndex, knowledge: KnowledgeActor, knowledge_index: KnowledgeIndex, lock_fd: int
+        self,
+        actor: MemoryActor | None,
+        index: MemoryIndex | None,
+        knowledge: KnowledgeActor,
+        knowledge_index: KnowledgeIndex,
+        lock_fd: int,
     ) -> None:
         self.actor = actor
         self._index = index
@@ -43,9 +48,11 @@ class MemoryHandle:
         self._lock_fd = lock_fd
 
     async def stop(self) -> None:
-        await self.actor.stop()
+        if self.actor is not None:
+            await self.actor.stop()
         await self._knowledge.stop()
-        await self._index.close()
+        if self._index is not None:
+            await self._index.close()
         await self._knowledge_index.close()
         with contextlib.suppress(OSError):
             os.close(self._lock_fd)
@@ -54,7 +61,8 @@ class MemoryHandle:
 async def start_memory(
     config: Config, nc: Client, js: JetStreamContext, store: EventStore, tombstones: TombstoneLog
 ) -> MemoryHandle | None:
-    """Open the index and start projecting, unless another process already owns the file."""
+    """Start the memory actor (when enabled) and the knowledge actor, unless another
+    process already owns the data directory's indexes."""
     path = index_path(config)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(str(path) + ".lock", os.O_CREAT | os.O_RDWR, 0o600)
@@ -64,18 +72,21 @@ async def start_memory(
         os.close(fd)
         log.info("memory.elsewhere", path=str(path))
         return None
-    index = await MemoryIndex.open(path)
-    actor = MemoryActor(
-        nc,
-        js,
-        index,
-        default_embedder(),
-        projection_embedder=Embedder(),
-        store=store,
-        tombstones=tombstones,
-        version=__version__,
-    )
-    await actor.start()
+    index: MemoryIndex | None = None
+    actor: MemoryActor | None = None
+    if config.memory.enabled:
+        index = await MemoryIndex.open(path)
+        actor = MemoryActor(
+            nc,
+            js,
+            index,
+            default_embedder(),
+            projection_embedder=Embedder(),
+            store=store,
+            tombstones=tombstones,
+            version=__version__,
+        )
+        await actor.start()
     # The knowledge index lives beside the memory index, under the same lock.
     knowledge_index = await KnowledgeIndex.open(path.parent / "knowledge.sqlite", embedder=default_embedder())
     knowledge = KnowledgeActor(nc, knowledge_index, version=__version__, uploads=path.parent / "kb-uploads")

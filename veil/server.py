@@ -75,8 +75,7 @@ class Workers:
             idle_seconds=self._config.server.actor_idle,
         )
         await self._sessions.start()
-        if self._config.memory.enabled:
-            self._memory = await start_memory(self._config, nc, js, ctx.store, tombstones)
+        self._memory = await start_memory(self._config, nc, js, ctx.store, tombstones)
         routers = build_routers(self._config, default_embedder(), nc)
         if routers:
             self._router = RouterActor(nc, routers, version=__version__)
