@@ -26,3 +26,13 @@ async def test_run_tool_turns_every_failure_into_a_result() -> None:
     assert "bad arguments" in str((await run_tool(calc, '{"expr": "1"}', 5)).error)
     assert "JSON object" in str((await run_tool(calc, "[1]", 5)).error)
     assert (await run_tool(BUILTIN["current_time"], '{"timezone": "Mars/Olympus"}', 5)).error == "unknown time zone 'Mars/Olympus'"
+
+
+async def test_a_slow_tool_times_out_as_a_tool_error() -> None:
+    import time
+
+    from actors.tools.builtin import Tool
+
+    slow = Tool(name="slow", description="sleeps", parameters={"type": "object"}, run=lambda: time.sleep(1))
+    ran = await run_tool(slow, "{}", 0.1)
+    assert ran.error == "the tool did not finish within 0.1 s" and ran.duration_ms < 900
