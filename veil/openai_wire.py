@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from actors.engines.base import GENERATION_PARAMS
 from eventstore.events import ChatMessage, FunctionCall, ToolCall, Usage
 
 __all__ = [
@@ -257,21 +258,7 @@ def to_chat_messages(request: ChatRequest) -> list[ChatMessage]:
     ]
 
 
-PARAMS = (
-    "temperature",
-    "top_p",
-    "max_tokens",
-    "max_completion_tokens",
-    "stop",
-    "seed",
-    "presence_penalty",
-    "frequency_penalty",
-    "response_format",
-    "user",
-    "tools",
-    "tool_choice",
-    "parallel_tool_calls",
-)
+PARAMS = GENERATION_PARAMS
 
 
 def generation_params(request: ChatRequest) -> dict[str, Any]:

@@ -11,7 +11,33 @@ from actors.protocol import ErrorInfo
 from actors.tokens import estimate_tokens
 from eventstore.events import ChatMessage, ToolCall, Usage
 
-__all__ = ["DeltaSink", "Engine", "EngineError", "EngineOutput", "ToolCallPiece", "estimate_tokens"]
+__all__ = [
+    "GENERATION_PARAMS",
+    "SAMPLING_PARAMS",
+    "TOOL_PARAMS",
+    "DeltaSink",
+    "Engine",
+    "EngineError",
+    "EngineOutput",
+    "ToolCallPiece",
+    "estimate_tokens",
+]
+
+# The OpenAI generation parameters Veil carries from a request to an engine.
+SAMPLING_PARAMS = (
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "max_completion_tokens",
+    "stop",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "response_format",
+)
+TOOL_PARAMS = ("tools", "tool_choice", "parallel_tool_calls")
+GENERATION_PARAMS = (*SAMPLING_PARAMS, "user", *TOOL_PARAMS)
+
 
 class ToolCallPiece(msgspec.Struct, frozen=True, kw_only=True):
     """A streamed piece of the index-th tool call (id and name come with its first piece)."""

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from actors.engines.base import DeltaSink, EngineError, EngineOutput
+from actors.engines.base import SAMPLING_PARAMS, DeltaSink, EngineError, EngineOutput
 from eventstore.events import ChatMessage, Usage
 
 try:
@@ -48,19 +48,7 @@ DEFAULT_TEMPERATURE = 0.2
 DEFAULT_TOP_P = 0.9
 
 # Client parameters this engine honours; "user" only labels the caller for a provider.
-SUPPORTED = frozenset(
-    {
-        "temperature",
-        "top_p",
-        "max_tokens",
-        "max_completion_tokens",
-        "stop",
-        "seed",
-        "presence_penalty",
-        "frequency_penalty",
-        "response_format",
-    }
-)
+SUPPORTED = frozenset(SAMPLING_PARAMS)
 IGNORED = frozenset({"user"})
 
 

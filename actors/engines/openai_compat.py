@@ -8,29 +8,15 @@ from typing import Any
 
 import openai
 
-from actors.engines.base import DeltaSink, EngineError, EngineOutput, ToolCallPiece
+from actors.engines.base import GENERATION_PARAMS, DeltaSink, EngineError, EngineOutput, ToolCallPiece
 from eventstore.events import ChatMessage, FunctionCall, ToolCall, Usage
 
 __all__ = ["PASSTHROUGH", "OpenAIEngine"]
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
-# Client parameters sent upstream as they are.
-PASSTHROUGH = (
-    "temperature",
-    "top_p",
-    "max_tokens",
-    "max_completion_tokens",
-    "stop",
-    "seed",
-    "presence_penalty",
-    "frequency_penalty",
-    "response_format",
-    "user",
-    "tools",
-    "tool_choice",
-    "parallel_tool_calls",
-)
+# Client parameters sent upstream as they are: all of them.
+PASSTHROUGH = GENERATION_PARAMS
 
 
 def _body(wire: list[dict[str, Any]], kwargs: dict[str, Any]) -> dict[str, Any]:
