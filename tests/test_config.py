@@ -110,3 +110,17 @@ def test_tools_on_an_engine_that_cannot_call_them_stop_startup(tmp_path: Path, m
     unknown = GOOD.replace('model = "m"', 'model = "m"\ntools = ["teleport"]')
     with pytest.raises(ConfigError, match=r"pipelines.general.tools\[0\]: unknown tool 'teleport'"):
         load_config(write(tmp_path, unknown), env={})
+
+
+def test_vllm_engine_needs_a_model_and_the_extra(tmp_path: Path) -> None:
+    from importlib.util import find_spec
+
+    text = GOOD.replace('kind = "openai"\nbase_url = "http://127.0.0.1:1/v1"', 'kind = "vllm"')
+    with pytest.raises(ConfigError, match="engines.up.model: a vllm engine needs a model"):
+        load_config(write(tmp_path, text), env={})
+    with_model = GOOD.replace('kind = "openai"\nbase_url = "http://127.0.0.1:1/v1"', 'kind = "vllm"\nmodel = "/models/smollm2"')
+    if find_spec("vllm") is None:
+        with pytest.raises(ConfigError, match="needs the 'vllm' extra"):
+            load_config(write(tmp_path, with_model), env={})
+    else:
+        assert load_config(write(tmp_path, with_model), env={}).engines["up"].model == "/models/smollm2"

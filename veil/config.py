@@ -49,6 +49,7 @@ UNSUPPORTED_BY_KIND: dict[str, frozenset[str]] = {
     "anthropic": frozenset({"seed", "response_format", "presence_penalty", "frequency_penalty"}),
     # SmolLM2 makes no tool calls of its own.
     "local": frozenset({"tools", "tool_choice", "parallel_tool_calls"}),
+    "vllm": frozenset({"tools", "tool_choice", "parallel_tool_calls"}),
 }
 # The share of the context window history may take by default; the rest is for
 # the system prompt, recalled memories and the answer.
@@ -119,7 +120,7 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    kind: Literal["openai", "anthropic", "local"]
+    kind: Literal["openai", "anthropic", "local", "vllm"]
     base_url: str | None = None
     api_key: str | None = None
     # Read the key from this variable instead of writing it in the file.
@@ -132,6 +133,11 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     model_path: str | None = None
     n_ctx: int = 4096
     threads: int = 1
+    # kind = "vllm": a Hugging Face model folder or id, run in this process by vLLM.
+    model: str | None = None
+    max_model_len: int = 4096
+    dtype: str = "auto"
+    vllm_args: dict[str, Any] | None = None
 
 
 class FallbackConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -383,6 +389,13 @@ def _check(config: Config, text: str | None) -> None:
     for name, engine in config.engines.items():
         if not is_valid_id(name):
             raise invalid(f"engines.{name}", "names may use only [A-Za-z0-9_-]")
+        if engine.kind == "vllm":
+            if not engine.model:
+                raise invalid(f"engines.{name}.model", "a vllm engine needs a model (a Hugging Face folder or id)")
+            if engine.max_model_len < 256:
+                raise invalid(f"engines.{name}.max_model_len", "must be at least 256")
+            if find_spec("vllm") is None:
+                raise invalid(f"engines.{name}.kind", "the vllm engine needs the 'vllm' extra: pip install 'veil[vllm]'")
         if engine.kind == "local":
             if engine.threads < 1:
                 raise invalid(f"engines.{name}.threads", "must be at least 1")

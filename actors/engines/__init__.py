@@ -56,4 +56,11 @@ def build_engine(config: Config, name: str) -> Engine:
             threads=spec.threads,
             max_tokens_default=spec.default_max_tokens or 512,
         )
+    if spec.kind == "vllm":
+        from actors.engines.vllm_engine import VllmEngine
+
+        assert spec.model is not None
+        return VllmEngine(
+            name, model=spec.model, max_model_len=spec.max_model_len, dtype=spec.dtype, extra_args=spec.vllm_args
+        )
     raise ValueError(f"unknown engine kind {spec.kind!r}")
