@@ -228,6 +228,7 @@ async def _complete(start: StartTurn, events: AsyncIterator[OutputUnion]) -> web
                 usage=item.usage,
                 session_id=start.session_id,
                 tool_calls=item.tool_calls,
+                alternatives=item.alternatives,
             )
             return _json(body, headers={SESSION_HEADER: start.session_id})
         if isinstance(item, TurnError):

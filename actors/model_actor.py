@@ -160,6 +160,7 @@ class ModelActor:
             error=error,
             cancelled=cancelled,
             tool_calls=output.tool_calls,
+            alternatives=output.alternatives,
         )
 
     async def stop(self, grace: float = 10.0) -> None:

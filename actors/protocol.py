@@ -173,6 +173,7 @@ class TurnDone(msgspec.Struct, frozen=True, kw_only=True, tag="done"):
     finish_reason: str
     usage: Usage
     tool_calls: list[ToolCall] = []
+    alternatives: list[str] = []
     # How many deltas were published before this; the gateway waits for them.
     deltas: int = 0
 
@@ -217,6 +218,7 @@ class GenerateResult(msgspec.Struct, frozen=True, kw_only=True):
     error: ErrorInfo | None = None
     cancelled: bool = False
     tool_calls: list[ToolCall] = []
+    alternatives: list[str] = []
 
 
 SESSION_COMMAND_CODEC: Codec[SessionCommandUnion] = Codec(SessionCommandUnion)

@@ -342,6 +342,7 @@ def decide(state: SessionState, command: Command) -> list[EventUnion]:
                     finish_reason=result.finish_reason,
                     usage=result.usage,
                     tool_calls=result.tool_calls,
+                    alternatives=result.alternatives,
                 ),
             ]
         case FailTurn(turn_id=turn_id, error=error, now=now, result=result):

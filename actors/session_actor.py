@@ -496,6 +496,7 @@ class SessionActor:
                     usage=result.usage,
                     deltas=result.deltas,
                     tool_calls=result.tool_calls,
+                    alternatives=result.alternatives,
                 )
             ),
         )

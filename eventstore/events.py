@@ -236,6 +236,8 @@ class ReplyCompleted(Event, tag="reply.completed", frozen=True, kw_only=True):
     usage: Usage
     # Calls to the client's tools; the client answers them in its next request.
     tool_calls: list[ToolCall] = []
+    # With n > 1, the other choices the client received; the session goes on from `content`.
+    alternatives: list[str] = []
 
 
 class TurnFailed(Event, tag="turn.failed", frozen=True, kw_only=True):

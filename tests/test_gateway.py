@@ -569,3 +569,19 @@ def test_parameters_reach_the_upstream(client: openai.OpenAI, upstream: FakeOpen
 def test_admin_endpoints_need_an_admin_key(veil: VeilThread) -> None:
     r = http("GET", f"{veil.base_url}/knowledge", headers={"Authorization": f"Bearer {KEY_A}"})
     assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
+
+
+def test_n_choices_on_an_openai_engine_and_the_session_goes_on_from_the_first(client: openai.OpenAI, upstream: FakeOpenAI) -> None:
+    reply = client.chat.completions.create(model="veil", messages=[{"role": "user", "content": "pick"}], n=3)
+    assert upstream.last_request.body["n"] == 3
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    assert [c.message.content for c in reply.choices] == ["echo: pick", "echo: pick (choice 1)", "echo: pick (choice 2)"]
+    sid = reply.model_extra["session_id"]
+    client.chat.completions.create(model="veil", messages=[{"role": "user", "content": "next"}], extra_body={"session_id": sid})
+    assert [m["content"] for m in upstream.last_request.body["messages"]][1:] == ["pick", "echo: pick", "next"]
+    with pytest.raises(openai.BadRequestError) as streamed:
+        client.chat.completions.create(model="veil", messages=[{"role": "user", "content": "x"}], n=2, stream=True)
+    assert streamed.value.body["param"] == "n"
+    with pytest.raises(openai.BadRequestError) as claude_n:
+        client.chat.completions.create(model="veil-claude", messages=[{"role": "user", "content": "x"}], n=2)
+    assert claude_n.value.body["param"] == "n"

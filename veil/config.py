@@ -46,10 +46,10 @@ DEFAULT_MODEL = "veil"
 # Parameters each kind of engine cannot honour (actors.engines refuses them per request too).
 UNSUPPORTED_BY_KIND: dict[str, frozenset[str]] = {
     "openai": frozenset(),
-    "anthropic": frozenset({"seed", "response_format", "presence_penalty", "frequency_penalty"}),
+    "anthropic": frozenset({"seed", "response_format", "presence_penalty", "frequency_penalty", "n"}),
     # SmolLM2 makes no tool calls of its own.
-    "local": frozenset({"tools", "tool_choice", "parallel_tool_calls"}),
-    "vllm": frozenset({"tools", "tool_choice", "parallel_tool_calls"}),
+    "local": frozenset({"tools", "tool_choice", "parallel_tool_calls", "n"}),
+    "vllm": frozenset({"tools", "tool_choice", "parallel_tool_calls", "n"}),
 }
 # The share of the context window history may take by default; the rest is for
 # the system prompt, recalled memories and the answer.

@@ -185,8 +185,12 @@ def _check(request: ChatRequest) -> None:
         raise ApiError(
             400, "'functions' is deprecated and not supported; use 'tools'.", param="functions", code="unsupported_parameter"
         )
-    if request.n not in (None, 1):
-        raise ApiError(400, "Only n=1 is supported.", param="n", code="unsupported_parameter")
+    if request.n is not None and not 1 <= request.n <= 8:
+        raise ApiError(400, "n must be between 1 and 8.", param="n", code="invalid_value")
+    if (request.n or 1) > 1 and request.stream:
+        raise ApiError(
+            400, "n > 1 is supported without streaming only.", param="n", code="unsupported_parameter"
+        )
     for i, message in enumerate(request.messages):
         if message.role == "function":
             raise ApiError(
@@ -309,13 +313,18 @@ def completion(
     usage: Usage,
     session_id: str,
     tool_calls: Sequence[ToolCall] = (),
+    alternatives: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """A `chat.completion` object as OpenAI returns it, plus `session_id`."""
+    """A `chat.completion` object as OpenAI returns it, plus `session_id`.
+
+    With n > 1, the session continues from the first choice; the others are
+    the alternatives.
+    """
     message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
     if tool_calls:
         message["content"] = content or None
         message["tool_calls"] = tool_calls_wire(tool_calls)
-    return {
+    body: dict[str, Any] = {
         "id": id,
         "object": "chat.completion",
         "created": created,
@@ -331,6 +340,17 @@ def completion(
         "usage": _usage(usage),
         "session_id": session_id,
     }
+    if alternatives:
+        body["choices"] += [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+            for i, text in enumerate(alternatives, start=1)
+        ]
+    return body
 
 
 class ChunkMeta(msgspec.Struct, frozen=True, kw_only=True):

@@ -36,7 +36,7 @@ SAMPLING_PARAMS = (
     "response_format",
 )
 TOOL_PARAMS = ("tools", "tool_choice", "parallel_tool_calls")
-GENERATION_PARAMS = (*SAMPLING_PARAMS, "user", *TOOL_PARAMS)
+GENERATION_PARAMS = (*SAMPLING_PARAMS, "user", *TOOL_PARAMS, "n")
 
 
 class ToolCallPiece(msgspec.Struct, frozen=True, kw_only=True):
@@ -59,6 +59,8 @@ class EngineOutput(msgspec.Struct, kw_only=True):
     usage: Usage | None = None
     ttft_ms: float | None = None
     tool_calls: list[ToolCall] = msgspec.field(default_factory=list)
+    # With n > 1: the other choices' texts (the first is `parts`).
+    alternatives: list[str] = msgspec.field(default_factory=list)
 
     @property
     def content(self) -> str:

@@ -121,6 +121,7 @@ class OpenAIEngine:
         choice = response.choices[0]
         output.parts.append(choice.message.content or "")
         output.finish_reason = choice.finish_reason or "stop"
+        output.alternatives.extend(c.message.content or "" for c in response.choices[1:])
         for call in choice.message.tool_calls or []:
             function = getattr(call, "function", None)
             if function is not None:

@@ -708,18 +708,20 @@ class FakeOpenAI(_FakeUpstream):
                 "object": "chat.completion",
                 "created": int(time.time()),
                 "model": body["model"],
+                # With n > 1, choice i says the same, marked "(choice i)".
                 "choices": [
                     {
-                        "index": 0,
+                        "index": i,
                         "message": {
                             "role": "assistant",
-                            "content": "".join(tokens),
+                            "content": "".join(tokens) + (f" (choice {i})" if i else ""),
                             "refusal": None,
                             "annotations": [],
                         },
                         "logprobs": None,
                         "finish_reason": "length" if truncated else "stop",
                     }
+                    for i in range(int(body.get("n") or 1))
                 ],
                 "usage": _openai_usage(prompt_tokens, len(tokens)),
                 "service_tier": "default",
