@@ -250,6 +250,7 @@ async def _stream(
     meta = ChunkMeta(id=f"chatcmpl-{start.turn_id}", created=created, model=start.model, session_id=start.session_id)
     streamed: list[str] = []
     streamed_calls: set[int] = set()
+    others: set[int] = set()  # indexes of choices after the first (n > 1)
 
     async def send(body: object) -> None:
         assert response is not None
@@ -277,6 +278,12 @@ async def _stream(
             response = await begin()
             await send(chunk(meta, delta={"role": "assistant", "content": ""}, include_usage=include_usage))
         if isinstance(item, Delta):
+            if item.choice:
+                if item.choice not in others:
+                    others.add(item.choice)
+                    await send(chunk(meta, delta={"role": "assistant", "content": ""}, include_usage=include_usage, index=item.choice))
+                await send(chunk(meta, delta={"content": item.text}, include_usage=include_usage, index=item.choice))
+                continue
             streamed.append(item.text)
             await send(chunk(meta, delta={"content": item.text}, include_usage=include_usage))
             continue
@@ -300,6 +307,8 @@ async def _stream(
             await send(error_body(e.message, e.type, e.code, e.param))
             break
         await send(chunk(meta, finish_reason=item.finish_reason, include_usage=include_usage))
+        for index in sorted(others):
+            await send(chunk(meta, finish_reason=item.finish_reason, include_usage=include_usage, index=index))
         if include_usage:
             await send(chunk(meta, usage=item.usage))
         try:

@@ -19,7 +19,7 @@ from nats.micro.request import Request
 from nats.micro.service import Service
 
 from actors.engines import Engine, EngineError, EngineOutput, estimate_tokens
-from actors.engines.base import ToolCallPiece
+from actors.engines.base import ChoicePiece, ToolCallPiece
 from actors.protocol import (
     GENERATE_CODEC,
     GENERATE_RESULT_CODEC,
@@ -84,9 +84,9 @@ class ModelActor:
 
         hidden_indexes: set[int] = set()
 
-        async def on_delta(piece: str | ToolCallPiece) -> None:
+        async def on_delta(piece: str | ToolCallPiece | ChoicePiece) -> None:
             nonlocal deltas
-            if not isinstance(piece, str):
+            if isinstance(piece, ToolCallPiece):
                 if piece.name is not None and piece.name in job.hidden_tools:
                     hidden_indexes.add(piece.index)
                 if piece.index in hidden_indexes:
@@ -95,6 +95,8 @@ class ModelActor:
             assert job.out_subject is not None
             if isinstance(piece, str):
                 message: Delta | ToolDelta = Delta(seq=deltas, text=piece)
+            elif isinstance(piece, ChoicePiece):
+                message = Delta(seq=deltas, text=piece.text, choice=piece.index)
             else:
                 message = ToolDelta(
                     seq=deltas, index=piece.index, id=piece.id, name=piece.name, arguments=piece.arguments

@@ -152,10 +152,12 @@ class TurnRejected(msgspec.Struct, frozen=True, kw_only=True, tag="rejected"):
 TurnReplyUnion = TurnAccepted | TurnRejected | SessionView | SessionDeleted | MemoriesFound
 
 
-class Delta(msgspec.Struct, frozen=True, kw_only=True, tag="delta"):
+class Delta(msgspec.Struct, frozen=True, kw_only=True, tag="delta", omit_defaults=True):
     # 1-based, so the gateway can tell whether it missed one.
     seq: int
     text: str
+    # Which of n choices (0 unless the client asked for several).
+    choice: int = 0
 
 
 class ToolDelta(msgspec.Struct, frozen=True, kw_only=True, tag="tool_delta", omit_defaults=True):

@@ -579,9 +579,15 @@ def test_n_choices_on_an_openai_engine_and_the_session_goes_on_from_the_first(cl
     sid = reply.model_extra["session_id"]
     client.chat.completions.create(model="veil", messages=[{"role": "user", "content": "next"}], extra_body={"session_id": sid})
     assert [m["content"] for m in upstream.last_request.body["messages"]][1:] == ["pick", "echo: pick", "next"]
-    with pytest.raises(openai.BadRequestError) as streamed:
-        client.chat.completions.create(model="veil", messages=[{"role": "user", "content": "x"}], n=2, stream=True)
-    assert streamed.value.body["param"] == "n"
+    chunks = list(client.chat.completions.create(model="veil", messages=[{"role": "user", "content": "two ways"}], n=2, stream=True))
+    texts: dict[int, str] = {}
+    finished: set[int] = set()
+    for c in chunks:
+        for choice in c.choices:
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+            if choice.finish_reason:
+                finished.add(choice.index)
+    assert texts == {0: "echo: two ways", 1: "echo: two ways (choice 1)"} and finished == {0, 1}
     with pytest.raises(openai.BadRequestError) as claude_n:
         client.chat.completions.create(model="veil-claude", messages=[{"role": "user", "content": "x"}], n=2)
     assert claude_n.value.body["param"] == "n"

@@ -187,10 +187,6 @@ def _check(request: ChatRequest) -> None:
         )
     if request.n is not None and not 1 <= request.n <= 8:
         raise ApiError(400, "n must be between 1 and 8.", param="n", code="invalid_value")
-    if (request.n or 1) > 1 and request.stream:
-        raise ApiError(
-            400, "n > 1 is supported without streaming only.", param="n", code="unsupported_parameter"
-        )
     for i, message in enumerate(request.messages):
         if message.role == "function":
             raise ApiError(
@@ -369,6 +365,7 @@ def chunk(
     finish_reason: str | None = None,
     usage: Usage | None = None,
     include_usage: bool = False,
+    index: int = 0,
 ) -> dict[str, Any]:
     """A `chat.completion.chunk`; with usage, the final usage-only chunk (empty choices)."""
     body: dict[str, Any] = {
@@ -383,7 +380,7 @@ def chunk(
         body["usage"] = _usage(usage)
         return body
     body["choices"] = [
-        {"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish_reason}
+        {"index": index, "delta": delta or {}, "logprobs": None, "finish_reason": finish_reason}
     ]
     if include_usage:
         body["usage"] = None

@@ -15,6 +15,7 @@ __all__ = [
     "GENERATION_PARAMS",
     "SAMPLING_PARAMS",
     "TOOL_PARAMS",
+    "ChoicePiece",
     "DeltaSink",
     "Engine",
     "EngineError",
@@ -48,8 +49,15 @@ class ToolCallPiece(msgspec.Struct, frozen=True, kw_only=True):
     arguments: str = ""
 
 
-# Text pieces, and tool call pieces, as they stream.
-DeltaSink = Callable[[str | ToolCallPiece], Awaitable[None]]
+class ChoicePiece(msgspec.Struct, frozen=True, kw_only=True):
+    """Text of another choice than the first (n > 1)."""
+
+    index: int
+    text: str
+
+
+# Text pieces of the first choice, tool call pieces, and other choices' text, as they stream.
+DeltaSink = Callable[[str | ToolCallPiece | ChoicePiece], Awaitable[None]]
 
 
 class EngineOutput(msgspec.Struct, kw_only=True):

@@ -8,7 +8,14 @@ from typing import Any
 
 import openai
 
-from actors.engines.base import GENERATION_PARAMS, DeltaSink, EngineError, EngineOutput, ToolCallPiece
+from actors.engines.base import (
+    GENERATION_PARAMS,
+    ChoicePiece,
+    DeltaSink,
+    EngineError,
+    EngineOutput,
+    ToolCallPiece,
+)
 from eventstore.events import ChatMessage, FunctionCall, ToolCall, Usage
 
 __all__ = ["PASSTHROUGH", "OpenAIEngine"]
@@ -151,6 +158,7 @@ class OpenAIEngine:
             **_body(wire, kwargs),
         )
         calls: list[Any] = []
+        alternatives: dict[int, list[str]] = {}
         try:
             async for chunk in stream:
                 if chunk.usage is not None:
@@ -162,6 +170,13 @@ class OpenAIEngine:
                 if not chunk.choices:
                     continue
                 choice = chunk.choices[0]
+                if choice.index:
+                    # Another of n choices: the client sees it; the session goes on from the first.
+                    more = choice.delta.content if choice.delta else None
+                    if more:
+                        alternatives.setdefault(choice.index, []).append(more)
+                        await on_delta(ChoicePiece(index=choice.index, text=more))
+                    continue
                 text = choice.delta.content if choice.delta else None
                 if text:
                     if output.ttft_ms is None:
@@ -183,6 +198,7 @@ class OpenAIEngine:
         finally:
             await stream.close()
         output.tool_calls.extend(assemble_tool_calls(calls))
+        output.alternatives.extend("".join(alternatives[i]) for i in sorted(alternatives))
 
 
 def assemble_tool_calls(pieces: list[Any]) -> list[ToolCall]:

@@ -836,12 +836,25 @@ class FakeOpenAI(_FakeUpstream):
             "system_fingerprint": "fp_fake",
         }
 
-        def frame(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        def frame(delta: dict[str, Any], finish_reason: str | None = None, index: int = 0) -> bytes:
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
             chunk = {**base, "choices": [choice]}
             if include_usage:
                 chunk["usage"] = None  # the real API sends null until the usage chunk
             return b"data: " + _encode(chunk) + b"\n\n"
+
+        n = int(body.get("n") or 1)
+        if n > 1:
+            # Choice i streams the same text, then " (choice i)", interleaved as OpenAI does.
+            deltas = list(deltas)
+            frames = [frame(d, index=i) for d in deltas for i in range(n)]
+            frames += [frame({"content": f" (choice {i})"}, index=i) for i in range(1, n)]
+            tail = [frame({}, finish_reason, index=i) for i in range(n)]
+            if include_usage:
+                usage = _openai_usage(prompt_tokens, completion_tokens * n)
+                tail.append(b"data: " + _encode({**base, "choices": [], "usage": usage}) + b"\n\n")
+            tail.append(b"data: [DONE]\n\n")
+            return [frame(first, index=i) for i in range(n)], frames, tail
 
         head = [frame(first)]
         tail = [frame({}, finish_reason)]
