@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from importlib.util import find_spec
+
 from veil.config import ConfigError, load_config, local_model_available
 
 GOOD = """
@@ -90,6 +92,8 @@ def test_readme_config_example_is_valid(tmp_path: Path, monkeypatch: pytest.Monk
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     example = readme.split("```toml\n", 1)[1].split("```", 1)[0]
     monkeypatch.setattr("veil.config.local_model_available", lambda: True)
+    real_find_spec = find_spec
+    monkeypatch.setattr("veil.config.find_spec", lambda name: object() if name == "vllm" else real_find_spec(name))
     config = load_config(write(tmp_path, example), env={})
     assert config.model("assistant") is not None
     assert config.model("assistant").candidates == ["general", "reviewer"]
