@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from aiohttp import web
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
@@ -21,7 +19,7 @@ def _admin_only(request: web.Request) -> None:
         raise ApiError(403, "This endpoint needs an admin key.", type="permission_error", code="forbidden")
 
 
-async def _ask(request: web.Request, ask: AdminRequest) -> Any:
+async def _ask(request: web.Request, ask: AdminRequest) -> web.Response:
     _admin_only(request)
     if ask.collection is not None and not is_valid_id(ask.collection):
         raise ApiError(400, "Collection names use 1-128 characters from A-Za-z0-9_-.", param="collection", code="invalid_value")

@@ -410,16 +410,16 @@ def _check(config: Config, text: str | None) -> None:
                 )
     if config.router.classifier and config.router.classifier.engine not in config.engines:
         raise invalid("router.classifier.engine", f"unknown engine {config.router.classifier.engine!r}")
-    for name, tool in config.tools.items():
-        if tool.kind == "http" and not tool.url:
+    for name, spec in config.tools.items():
+        if spec.kind == "http" and not spec.url:
             raise invalid(f"tools.{name}.url", "an http tool needs a url template")
-        if tool.kind == "python":
-            if not tool.callable:
+        if spec.kind == "python":
+            if not spec.callable:
                 raise invalid(f"tools.{name}.callable", "a python tool needs 'module:function'")
             try:
-                python_tool(name, tool.callable, tool.description, tool.parameters)
+                python_tool(name, spec.callable, spec.description, spec.parameters)
             except (ImportError, AttributeError, ValueError) as error:
-                raise invalid(f"tools.{name}.callable", f"cannot load {tool.callable!r}: {error}") from None
+                raise invalid(f"tools.{name}.callable", f"cannot load {spec.callable!r}: {error}") from None
     seen: set[str] = set()
     for i, model in enumerate(config.models):
         if model.pipeline and model.pipelines:

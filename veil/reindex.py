@@ -58,7 +58,7 @@ async def reindex(config: Config, url: str, out: TextIO = sys.stderr) -> tuple[i
             try:
                 seq = 0
                 while seq < last:
-                    batch = []
+                    batch: list[tuple[str, int, bytes]] = []
                     while len(batch) < BATCH and seq < last:
                         try:
                             msg = await sub.next_msg(timeout=5)

@@ -122,7 +122,7 @@ class OpenAIEngine:
     async def _complete(
         self, model: str, wire: list[dict[str, Any]], kwargs: dict[str, Any], output: EngineOutput
     ) -> None:
-        response = await self._client.chat.completions.create(  # type: ignore[call-overload]
+        response = await self._client.chat.completions.create(
             model=model, **_body(wire, kwargs)
         )
         choice = response.choices[0]
@@ -151,7 +151,7 @@ class OpenAIEngine:
         output: EngineOutput,
     ) -> None:
         started = time.perf_counter()
-        stream = await self._client.chat.completions.create(  # type: ignore[call-overload]
+        stream = await self._client.chat.completions.create(
             model=model,
             stream=True,
             stream_options={"include_usage": True},

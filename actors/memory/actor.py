@@ -168,13 +168,19 @@ class MemoryActor:
         await request.respond(RECALL_REPLY_CODEC.encode(reply))
 
     async def recall(self, ask: RecallRequest) -> list[Hit]:
-        scope = {"tenant": ask.tenant, "session_id": ask.session_id, "user_id": ask.user_id}
+        tenant, session_id, user_id = ask.tenant, ask.session_id, ask.user_id
         if ask.mode == "keyword":
-            return await self._index.keyword_search(**scope, query_text=ask.query, k=ask.k)
+            return await self._index.keyword_search(
+                tenant=tenant, session_id=session_id, user_id=user_id, query_text=ask.query, k=ask.k
+            )
         vector = (await self._embedder.aembed([ask.query]))[0]
         if ask.mode == "vector":
-            return await self._index.vector_search(**scope, query_vector=vector, k=ask.k)
-        return await self._index.search(**scope, query_vector=vector, query_text=ask.query, k=ask.k)
+            return await self._index.vector_search(
+                tenant=tenant, session_id=session_id, user_id=user_id, query_vector=vector, k=ask.k
+            )
+        return await self._index.search(
+            tenant=tenant, session_id=session_id, user_id=user_id, query_vector=vector, query_text=ask.query, k=ask.k
+        )
 
     # -- projection ---------------------------------------------------------
 
