@@ -49,7 +49,7 @@ from veil.openai_wire import (
     tool_calls_wire,
     tool_delta_wire,
 )
-from veil.relay import ClientGone, TurnRelay, ask_session
+from veil.relay import ClientGone, TurnRelay, ask_session, run_turn
 
 __all__ = ["AUTH", "CONFIG", "NATS", "create_app"]
 
@@ -201,14 +201,20 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         params=generation_params(chat),
         stream=bool(chat.stream),
     )
+    if not chat.stream:
+        timeout = config.server.accept_timeout + config.server.turn_timeout
+        try:
+            result = await run_turn(request.app[NATS], start, timeout, _client_gone(request))
+        except ClientGone:
+            log.info("gateway.client_gone", session=session_id, turn=start.turn_id)
+            return web.Response(status=499)
+        return _complete(start, result)
     async with TurnRelay(request.app[NATS], start) as relay:
         await relay.send(config.server.accept_timeout)
         events = relay.events(config.server.turn_timeout, _client_gone(request))
         try:
-            if chat.stream:
-                include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
-                return await _stream(request, start, events, include_usage)
-            return await _complete(start, events)
+            include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
+            return await _stream(request, start, events, include_usage)
         except ClientGone:
             await relay.cancel()
             log.info("gateway.client_gone", session=session_id, turn=start.turn_id)
@@ -216,25 +222,22 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             return web.Response(status=499)
 
 
-async def _complete(start: StartTurn, events: AsyncIterator[OutputUnion]) -> web.Response:
-    async for item in events:
-        if isinstance(item, TurnDone):
-            body = completion(
-                id=f"chatcmpl-{start.turn_id}",
-                created=int(time.time()),
-                model=start.model,
-                content=item.content,
-                finish_reason=item.finish_reason,
-                usage=item.usage,
-                session_id=start.session_id,
-                tool_calls=item.tool_calls,
-                alternatives=item.alternatives,
-            )
-            return _json(body, headers={SESSION_HEADER: start.session_id})
-        if isinstance(item, TurnError):
-            e = item.error
-            raise ApiError(e.status, e.message, type=e.type, code=e.code, param=e.param)
-    raise ApiError(502, "The turn ended without a result.", code="no_result")
+def _complete(start: StartTurn, item: TurnDone | TurnError) -> web.Response:
+    if isinstance(item, TurnError):
+        e = item.error
+        raise ApiError(e.status, e.message, type=e.type, code=e.code, param=e.param)
+    body = completion(
+        id=f"chatcmpl-{start.turn_id}",
+        created=int(time.time()),
+        model=start.model,
+        content=item.content,
+        finish_reason=item.finish_reason,
+        usage=item.usage,
+        session_id=start.session_id,
+        tool_calls=item.tool_calls,
+        alternatives=item.alternatives,
+    )
+    return _json(body, headers={SESSION_HEADER: start.session_id})
 
 
 async def _stream(

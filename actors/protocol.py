@@ -149,7 +149,6 @@ class TurnRejected(msgspec.Struct, frozen=True, kw_only=True, tag="rejected"):
     error: ErrorInfo
 
 
-TurnReplyUnion = TurnAccepted | TurnRejected | SessionView | SessionDeleted | MemoriesFound
 
 
 class Delta(msgspec.Struct, frozen=True, kw_only=True, tag="delta", omit_defaults=True):
@@ -188,6 +187,11 @@ class TurnError(msgspec.Struct, frozen=True, kw_only=True, tag="error"):
 
 
 OutputUnion = Delta | ToolDelta | TurnDone | TurnError
+
+# A non-streaming turn is answered on its request with the result itself (TurnDone or
+# TurnError): no output subject, one message instead of three.
+TurnReplyUnion = TurnAccepted | TurnRejected | SessionView | SessionDeleted | MemoriesFound | TurnDone | TurnError
+
 
 
 class CancelRequest(msgspec.Struct, frozen=True, kw_only=True):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import assert_never
 
@@ -102,6 +102,21 @@ class SessionContext(msgspec.Struct, kw_only=True):
 def _error(status: int, code: str, message: str) -> ErrorInfo:
     kind = "invalid_request_error" if status < 500 else "api_error"
     return ErrorInfo(status=status, type=kind, code=code, message=message)
+
+
+def _outcome_message(outcome: session.TurnOutcome) -> TurnDone | TurnError:
+    """A recorded outcome, as it was first answered."""
+    if outcome.error is not None:
+        return TurnError(error=outcome.error, content=outcome.content)
+    if outcome.status == "cancelled":
+        error = _error(499, "turn_cancelled", "This request was cancelled by its client.")
+        return TurnError(error=error, content=outcome.content)
+    return TurnDone(
+        content=outcome.content,
+        finish_reason=outcome.finish_reason,
+        usage=outcome.usage,
+        tool_calls=list(outcome.tool_calls),
+    )
 
 
 def _not_found(session_id: str) -> ErrorInfo:
@@ -278,20 +293,36 @@ class SessionActor:
             await self._reject(request, bad_param)
             return
         out = session_out(self.session_id, start.turn_id)
+        finish = self._finisher(request, start, out)
         # With one pipeline the choice needs no router: TurnStarted records it.
         only = model.candidates[0] if len(model.candidates) == 1 else None
         try:
             await self._open(start, only)
         except AlreadyHandled as handled:
-            await request.respond(TURN_REPLY_CODEC.encode(TurnAccepted(turn_id=handled.turn_id, replay=True)))
+            if start.stream:
+                await request.respond(TURN_REPLY_CODEC.encode(TurnAccepted(turn_id=handled.turn_id, replay=True)))
             if handled.outcome is not None:
-                await self._publish_outcome(out, handled.outcome)
+                await finish(_outcome_message(handled.outcome))
+            elif not start.stream:
+                await self._reject(request, _error(409, "in_progress", "The same request is still running."))
             return
         except ActorError as refusal:
             await self._reject(request, _error(refusal.status, refusal.code, str(refusal)))
             return
-        await request.respond(TURN_REPLY_CODEC.encode(TurnAccepted(turn_id=start.turn_id)))
-        await self._run_turn(start, model, out)
+        if start.stream:
+            await request.respond(TURN_REPLY_CODEC.encode(TurnAccepted(turn_id=start.turn_id)))
+        await self._run_turn(start, model, finish)
+
+    def _finisher(self, request: Request, start: StartTurn, out: str) -> Callable[[TurnDone | TurnError], Awaitable[None]]:
+        """Where a turn's result goes: the stream's output subject, or the request's reply."""
+
+        async def publish(message: TurnDone | TurnError) -> None:
+            await self._ctx.nc.publish(out, OUTPUT_CODEC.encode(message))
+
+        async def reply(message: TurnDone | TurnError) -> None:
+            await request.respond(TURN_REPLY_CODEC.encode(message))
+
+        return publish if start.stream else reply
 
     def _check_params(self, model: ModelConfig, start: StartTurn) -> ErrorInfo | None:
         """Refuse parameters an engine that may answer cannot honour, before the log is touched."""
@@ -385,7 +416,10 @@ class SessionActor:
         await self._append(session.RecordRoute(chosen=self._chosen(start, decision)))
         return decision.pipeline
 
-    async def _run_turn(self, start: StartTurn, model: ModelConfig, out: str) -> None:
+    async def _run_turn(
+        self, start: StartTurn, model: ModelConfig, finish: Callable[[TurnDone | TurnError], Awaitable[None]]
+    ) -> None:
+        out = session_out(self.session_id, start.turn_id)
         nc = self._ctx.nc
         pipeline = self._ctx.config.pipelines[await self._choose_pipeline(start, model)]
         cancel_subject = session_cancel(self.session_id, start.turn_id)
@@ -471,34 +505,28 @@ class SessionActor:
         now = self._ctx.clock()
         if cancelled.is_set() or (result is not None and result.cancelled):
             await self._append(session.CancelTurn(turn_id=start.turn_id, now=now, result=result))
-            return  # nobody is listening any more
+            if not start.stream:  # a request always gets its answer, even if nobody reads it
+                await finish(TurnError(error=_error(499, "turn_cancelled", "The client went away.")))
+            return
         if error is not None:
             await self._append(
                 session.FailTurn(turn_id=start.turn_id, error=error, now=now, result=result)
             )
             streamed = result.deltas if result else 0
-            await nc.publish(
-                out,
-                OUTPUT_CODEC.encode(
-                    TurnError(error=error, content=result.content if result else "", deltas=streamed)
-                ),
-            )
+            await finish(TurnError(error=error, content=result.content if result else "", deltas=streamed))
             return
         assert result is not None
         turn_messages = self._state.open_turn.messages if self._state.open_turn else ()
         await self._append(session.CompleteTurn(turn_id=start.turn_id, result=result, now=now))
-        await nc.publish(
-            out,
-            OUTPUT_CODEC.encode(
-                TurnDone(
-                    content=result.content,
-                    finish_reason=result.finish_reason,
-                    usage=result.usage,
-                    deltas=result.deltas,
-                    tool_calls=result.tool_calls,
-                    alternatives=result.alternatives,
-                )
-            ),
+        await finish(
+            TurnDone(
+                content=result.content,
+                finish_reason=result.finish_reason,
+                usage=result.usage,
+                deltas=result.deltas,
+                tool_calls=result.tool_calls,
+                alternatives=result.alternatives,
+            )
         )
         if pipeline.memory.extract_facts:
             # After the reply went out: the client does not wait for this.
@@ -670,23 +698,6 @@ class SessionActor:
         await self._append(
             session.Summarize(turn_id=turn_id, summary=result.content.strip(), covers=covers, result=result, now=now())
         )
-
-    async def _publish_outcome(self, out: str, outcome: session.TurnOutcome) -> None:
-        if outcome.error is not None:
-            message = TurnError(error=outcome.error, content=outcome.content)
-            await self._ctx.nc.publish(out, OUTPUT_CODEC.encode(message))
-            return
-        if outcome.status == "cancelled":
-            error = _error(499, "turn_cancelled", "This request was cancelled by its client.")
-            await self._ctx.nc.publish(out, OUTPUT_CODEC.encode(TurnError(error=error, content=outcome.content)))
-            return
-        done = TurnDone(
-            content=outcome.content,
-            finish_reason=outcome.finish_reason,
-            usage=outcome.usage,
-            tool_calls=list(outcome.tool_calls),
-        )
-        await self._ctx.nc.publish(out, OUTPUT_CODEC.encode(done))
 
     async def _reject(self, request: Request, error: ErrorInfo) -> None:
         await request.respond(TURN_REPLY_CODEC.encode(TurnRejected(error=error)))

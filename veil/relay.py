@@ -23,13 +23,15 @@ from actors.protocol import (
     ToolDelta,
     StartTurn,
     TurnAccepted,
+    TurnDone,
+    TurnError,
     TurnRejected,
     TurnReplyUnion,
 )
 from bus.subjects import session_cancel, session_cmd, session_out
 from veil.openai_wire import ApiError
 
-__all__ = ["ClientGone", "TurnRelay", "ask_session"]
+__all__ = ["ClientGone", "TurnRelay", "ask_session", "run_turn"]
 
 # How often a waiting relay checks that its HTTP client is still there.
 POLL_SECONDS = 0.25
@@ -60,6 +62,30 @@ async def ask_session(nc: Client, command: SessionCommandUnion, timeout: float) 
         e = reply.error
         raise ApiError(e.status, e.message, type=e.type, code=e.code, param=e.param)
     return reply
+
+
+async def run_turn(
+    nc: Client, start: StartTurn, timeout: float, client_gone: Callable[[], bool]
+) -> TurnDone | TurnError:
+    """A non-streaming turn: one request, answered by the session actor with the result.
+
+    Raises ClientGone (after cancelling the turn) when the client leaves first.
+    """
+    task = asyncio.ensure_future(ask_session(nc, start, timeout))
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=POLL_SECONDS)
+        if task in done:
+            reply = task.result()
+            if isinstance(reply, TurnDone | TurnError):
+                return reply
+            raise ApiError(500, f"Unexpected reply from the session actor: {reply!r}", code="actor_failed")
+        if client_gone():
+            task.cancel()
+            with contextlib.suppress(Exception):
+                await nc.publish(
+                    session_cancel(start.session_id, start.turn_id), CANCEL_CODEC.encode(CancelRequest())
+                )
+            raise ClientGone()
 
 
 class TurnRelay:
