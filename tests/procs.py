@@ -27,6 +27,8 @@ class VeilProcess:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             text=True,
+            # Its own process group, like a program started from a terminal.
+            start_new_session=True,
         )
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
@@ -70,6 +72,12 @@ class VeilProcess:
                 if line is None:
                     break
                 self.lines.append(line)
+
+    def ctrl_c(self, timeout: float = 30) -> int:
+        """What a terminal's Ctrl-C does: SIGINT to the whole foreground process group."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)
+        return self.interrupt(timeout)
 
     def kill(self) -> None:
         if self.proc.poll() is None:

@@ -257,3 +257,16 @@ def test_local_model_answers_end_to_end_when_no_upstream_is_set(tmp_path: Path) 
             assert len([p for p in pieces if p]) > 1 and "".join(pieces).strip()
     finally:
         assert serve.interrupt() == 0
+
+
+def test_ctrl_c_from_a_terminal_stops_cleanly(tmp_path: Path, upstream: FakeOpenAI) -> None:
+    env = {**CLEAN, "VEIL_DATA_DIR": str(tmp_path), "OPENAI_BASE_URL": upstream.base_url, "OPENAI_API_KEY": "x"}
+    serve = VeilProcess("serve", "--port", "0", env=env)
+    port = serve.wait_for(r"Veil listening on http://127\.0\.0\.1:(\d+)/v1").group(1)
+    _chat(f"http://127.0.0.1:{port}/v1", "hello")
+    started = time.monotonic()
+    assert serve.ctrl_c() == 0, serve.lines
+    assert time.monotonic() - started < 15
+    assert "Stopped." in serve.lines
+    assert not any("nats.error" in line for line in serve.lines), "NATS went away before Veil had drained"
+    assert not processes_mentioning(str(tmp_path / "nats"))

@@ -93,6 +93,9 @@ class NatsServer:
             stdout=subprocess.DEVNULL,
             stderr=self._log,
             stdin=subprocess.DEVNULL,
+            # Its own session: a terminal's Ctrl-C goes to Veil, which stops the server
+            # after draining; killed first, it would leave Veil draining into nothing.
+            start_new_session=True,
             preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
         return Path(self._ports_dir) / f"nats-server_{self._proc.pid}.ports"

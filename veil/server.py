@@ -7,7 +7,7 @@ import contextlib
 import ipaddress
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import structlog
@@ -138,15 +138,22 @@ def embedded_nats(config: Config) -> NatsServer:
 
 
 async def _wait_for_signal() -> None:
+    """Until SIGINT or SIGTERM; later ones are ignored while we stop (the handlers stay)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def _bounded(step: Awaitable[None], seconds: float, what: str) -> None:
+    """A shutdown step that may not hang the exit (a lost NATS, a stuck request)."""
     try:
-        await stop.wait()
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+        await asyncio.wait_for(step, seconds)
+    except TimeoutError:
+        log.warning("shutdown.step_timed_out", step=what, seconds=seconds)
+    except Exception as error:  # stopping anyway
+        log.warning("shutdown.step_failed", step=what, error=repr(error))
 
 
 def _say(text: str) -> None:
@@ -198,9 +205,9 @@ async def run_role(
         _say("Stopping: draining requests and actors...")
     finally:
         if runner is not None:
-            await runner.cleanup()
+            await _bounded(runner.cleanup(), 30, "gateway")
         if workers is not None:
-            await workers.stop()
+            await _bounded(workers.stop(), 30, "workers")
         if nats is not None:
             nats.stop()
             with contextlib.suppress(FileNotFoundError):
