@@ -22,6 +22,7 @@ __all__ = [
     "EngineOutput",
     "ToolCallPiece",
     "estimate_tokens",
+    "refuse_unsupported",
 ]
 
 # The OpenAI generation parameters Veil carries from a request to an engine.
@@ -38,6 +39,21 @@ SAMPLING_PARAMS = (
 )
 TOOL_PARAMS = ("tools", "tool_choice", "parallel_tool_calls")
 GENERATION_PARAMS = (*SAMPLING_PARAMS, "user", *TOOL_PARAMS, "n")
+
+
+def refuse_unsupported(params: dict[str, Any], engine: str) -> None:
+    """For engines that sample one choice locally: any parameter beyond the sampling
+    ones (and `user`, a label for providers) is a 400 naming it."""
+    for key, value in params.items():
+        if value is None or key in SAMPLING_PARAMS or key == "user":
+            continue
+        if key == "n":
+            if value == 1:
+                continue
+            raise EngineError(
+                400, "unsupported_parameter", f"The {engine} returns one choice per request: n must be 1."
+            )
+        raise EngineError(400, "unsupported_parameter", f"The parameter '{key}' is not supported by the {engine}.")
 
 
 class ToolCallPiece(msgspec.Struct, frozen=True, kw_only=True):

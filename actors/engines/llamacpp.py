@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from actors.engines.base import SAMPLING_PARAMS, DeltaSink, EngineError, EngineOutput
+from actors.engines.base import DeltaSink, EngineError, EngineOutput, refuse_unsupported
 from eventstore.events import ChatMessage, Usage
 
 try:
@@ -47,9 +47,6 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_TEMPERATURE = 0.2
 DEFAULT_TOP_P = 0.9
 
-# Client parameters this engine honours; "user" only labels the caller for a provider.
-SUPPORTED = frozenset(SAMPLING_PARAMS)
-IGNORED = frozenset({"user"})
 
 
 def smollm2_path() -> Path:
@@ -233,22 +230,7 @@ class LlamaCppEngine:
             ) from error
 
     def _request(self, messages: list[ChatMessage], params: dict[str, Any]) -> _Request:
-        for key, value in params.items():
-            if value is None or key in SUPPORTED or key in IGNORED:
-                continue
-            if key == "n":
-                if value == 1:
-                    continue
-                raise EngineError(
-                    400,
-                    "unsupported_parameter",
-                    "The local model returns one choice per request: n must be 1.",
-                )
-            raise EngineError(
-                400,
-                "unsupported_parameter",
-                f"The parameter '{key}' is not supported by the local model.",
-            )
+        refuse_unsupported(params, "local model")
         stop = params.get("stop")
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         return _Request(

@@ -23,28 +23,13 @@ import time
 import uuid
 from typing import Any
 
-from actors.engines.base import DeltaSink, EngineError, EngineOutput
+from actors.engines.base import DeltaSink, EngineError, EngineOutput, refuse_unsupported
 from eventstore.events import ChatMessage, Usage
 
 __all__ = ["VllmEngine"]
 
 log = logging.getLogger(__name__)
 
-# Client parameters this engine honours; "user" only labels the caller for a provider.
-SUPPORTED = frozenset(
-    {
-        "temperature",
-        "top_p",
-        "max_tokens",
-        "max_completion_tokens",
-        "stop",
-        "seed",
-        "presence_penalty",
-        "frequency_penalty",
-        "response_format",
-    }
-)
-IGNORED = frozenset({"user"})
 # Client parameter -> vLLM SamplingParams field, where they differ only in name.
 SAMPLING = {
     "temperature": "temperature",
@@ -313,22 +298,7 @@ def _vllm(module: str) -> Any:
 
 
 def _check(params: dict[str, Any]) -> None:
-    for key, value in params.items():
-        if value is None or key in SUPPORTED or key in IGNORED:
-            continue
-        if key == "n":
-            if value == 1:
-                continue
-            raise EngineError(
-                400,
-                "unsupported_parameter",
-                "The vLLM engine returns one choice per request: n must be 1.",
-            )
-        raise EngineError(
-            400,
-            "unsupported_parameter",
-            f"The parameter '{key}' is not supported by the vLLM engine.",
-        )
+    refuse_unsupported(params, "vLLM engine")
     response_format = params.get("response_format")
     if response_format is not None:
         kind = response_format.get("type") if isinstance(response_format, dict) else None
