@@ -10,7 +10,7 @@ from nats.micro.request import Request
 
 from actors import session
 from actors._session_common import SessionContext, _error, _not_found
-from actors.memory.actor import RECALL_CODEC, RECALL_REPLY_CODEC, RecallRequest
+from actors.memory.actor import RecallRequest, ask_recall
 from actors.protocol import (
     TURN_REPLY_CODEC,
     DeleteSession,
@@ -25,7 +25,6 @@ from actors.protocol import (
 from bus.codec import encode
 from bus.subjects import (
     MEMORY_FORGET,
-    MEMORY_RECALL,
 )
 from eventstore.events import (
     EventUnion,
@@ -90,7 +89,7 @@ class SessionQueries:
             k=command.k,
         )
         try:
-            reply = await self._ctx.nc.request(MEMORY_RECALL, RECALL_CODEC.encode(ask), timeout=10)
+            found = await ask_recall(self._ctx.nc, ask, timeout=10)
         except NoRespondersError:
             await self._reject(
                 request, _error(503, "memory_unavailable", "Long-term memory is not running.")
@@ -113,7 +112,7 @@ class SessionQueries:
                 vector_similarity=h.vector_similarity,
                 bm25=h.bm25,
             )
-            for h in RECALL_REPLY_CODEC.decode(reply.data).hits
+            for h in found
         ]
         await request.respond(TURN_REPLY_CODEC.encode(MemoriesFound(hits=hits)))
 

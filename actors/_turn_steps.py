@@ -12,14 +12,12 @@ from nats.micro.request import Request
 from actors import session
 from actors._session_common import SessionContext
 from actors.knowledge.actor import (
-    KNOWLEDGE_SEARCH,
-    SEARCH_CODEC,
-    SEARCH_REPLY_CODEC,
     KnowledgeSearch,
+    ask_knowledge,
 )
 from actors.knowledge.events import chunk_id
 from actors.knowledge.prompting import documents_block
-from actors.memory.actor import RECALL_CODEC, RECALL_REPLY_CODEC, RecallRequest
+from actors.memory.actor import RecallRequest, ask_recall
 from actors.memory.prompting import choose_memories, memory_block
 from actors.model_chain import call_model
 from actors.protocol import (
@@ -33,7 +31,6 @@ from actors.summary import facts_prompt, parse_facts, summary_prompt
 from actors.tools.actor import RUN_CODEC, RUN_REPLY_CODEC, RunTool, ToolRan
 from bus.codec import DecodeError
 from bus.subjects import (
-    MEMORY_RECALL,
     TOOLS_RUN,
     model_generate,
 )
@@ -147,10 +144,7 @@ class TurnSteps:
         )
         now = self._ctx.clock()
         try:
-            reply = await self._ctx.nc.request(
-                KNOWLEDGE_SEARCH, SEARCH_CODEC.encode(ask), timeout=10
-            )
-            hits = SEARCH_REPLY_CODEC.decode(reply.data).hits
+            hits = await ask_knowledge(self._ctx.nc, ask, timeout=10)
         except (NoRespondersError, NatsTimeout, DecodeError) as failure:
             retrieved = DocumentsRetrieved(
                 at=now,
@@ -209,10 +203,7 @@ class TurnSteps:
         )
         now = self._ctx.clock()
         try:
-            reply = await self._ctx.nc.request(
-                MEMORY_RECALL, RECALL_CODEC.encode(ask), timeout=policy.timeout
-            )
-            hits = RECALL_REPLY_CODEC.decode(reply.data).hits
+            hits = await ask_recall(self._ctx.nc, ask, timeout=policy.timeout)
         except NoRespondersError:
             return None  # no memory actor runs: memory is off
         except (NatsTimeout, DecodeError) as failure:

@@ -26,9 +26,9 @@ from actors.protocol import (
     OUTPUT_CODEC,
     Delta,
     ErrorInfo,
-    ToolDelta,
     GenerateRequest,
     GenerateResult,
+    ToolDelta,
 )
 from bus.codec import DecodeError
 from bus.subjects import model_generate

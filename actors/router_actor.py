@@ -17,7 +17,13 @@ from nats.micro.service import Service
 
 from actors.model_chain import call_model
 from actors.protocol import GenerateRequest
-from actors.routing import AsyncEmbedder, RouteDecision, Router, classifier_prompt, parse_classifier_answer
+from actors.routing import (
+    AsyncEmbedder,
+    RouteDecision,
+    Router,
+    classifier_prompt,
+    parse_classifier_answer,
+)
 from bus.codec import Codec, DecodeError
 from bus.subjects import ROUTER_ROUTE
 from eventstore.events import ChatMessage

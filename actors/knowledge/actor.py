@@ -24,7 +24,8 @@ from actors.knowledge.parse import UnsupportedFile
 from bus.codec import Codec, DecodeError
 from bus.subjects import validate_id
 
-__all__ = ["ADMIN_CODEC", "ADMIN_REPLY_CODEC", "KNOWLEDGE_ADMIN", "AdminReply", "AdminRequest", "KNOWLEDGE_SEARCH", "SEARCH_CODEC", "SEARCH_REPLY_CODEC", "KnowledgeActor", "KnowledgeSearch", "KnowledgeFound"]
+__all__ = [
+    "ask_knowledge","ADMIN_CODEC", "ADMIN_REPLY_CODEC", "KNOWLEDGE_ADMIN", "AdminReply", "AdminRequest", "KNOWLEDGE_SEARCH", "SEARCH_CODEC", "SEARCH_REPLY_CODEC", "KnowledgeActor", "KnowledgeSearch", "KnowledgeFound"]
 
 KNOWLEDGE_SEARCH = "knowledge.search"
 KNOWLEDGE_ADMIN = "knowledge.admin"
@@ -65,6 +66,12 @@ class KnowledgeFound(msgspec.Struct, frozen=True, kw_only=True):
 
 SEARCH_CODEC: Codec[KnowledgeSearch] = Codec(KnowledgeSearch)
 SEARCH_REPLY_CODEC: Codec[KnowledgeFound] = Codec(KnowledgeFound)
+
+
+async def ask_knowledge(nc: Client, ask: KnowledgeSearch, timeout: float) -> list[KnowledgeHit]:
+    """Search through the knowledge actor; NATS and decode errors are the caller's to read."""
+    reply = await nc.request(KNOWLEDGE_SEARCH, SEARCH_CODEC.encode(ask), timeout=timeout)
+    return SEARCH_REPLY_CODEC.decode(reply.data).hits
 
 
 class KnowledgeActor:

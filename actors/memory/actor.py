@@ -44,6 +44,7 @@ __all__ = [
     "MemoryActor",
     "RecallReply",
     "RecallRequest",
+    "ask_recall",
 ]
 
 log = structlog.get_logger("veil.memory")
@@ -78,6 +79,12 @@ RECALL_CODEC: Codec[RecallRequest] = Codec(RecallRequest)
 RECALL_REPLY_CODEC: Codec[RecallReply] = Codec(RecallReply)
 FORGET_CODEC: Codec[ForgetRequest] = Codec(ForgetRequest)
 _TOMBSTONE_CODEC: Codec[Tombstone] = Codec(Tombstone)
+
+
+async def ask_recall(nc: Client, ask: RecallRequest, timeout: float) -> list[Hit]:
+    """Recall through the memory actor; NATS and decode errors are the caller's to read."""
+    reply = await nc.request(MEMORY_RECALL, RECALL_CODEC.encode(ask), timeout=timeout)
+    return RECALL_REPLY_CODEC.decode(reply.data).hits
 
 
 class MemoryActor:

@@ -11,6 +11,8 @@ from typing import Any
 
 import msgspec
 from nats.aio.client import Client
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
 from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import Service
@@ -18,10 +20,7 @@ from nats.micro.service import Service
 from actors.tools.builtin import BUILTIN, Tool, ToolError
 from actors.tools.custom import http_tool, python_tool
 from bus.codec import Codec, DecodeError
-from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeout
-
-from bus.subjects import MEMORY_RECALL, TOOLS_RUN
+from bus.subjects import TOOLS_RUN
 from veil.config import Config
 
 __all__ = ["RUN_CODEC", "RUN_REPLY_CODEC", "RunTool", "ToolActor", "ToolRan", "configured_tools", "run_tool"]
@@ -124,24 +123,23 @@ class ToolActor:
 
     async def _memory_search(self, query: str, k: int = 5, *, context: dict[str, str | None]) -> str:
         """Recall through the memory actor, in the calling turn's scope only."""
-        from actors.memory.actor import RECALL_CODEC, RECALL_REPLY_CODEC, RecallRequest
+        from actors.memory.actor import RecallRequest, ask_recall
 
         tenant, session_id = context.get("tenant"), context.get("session_id")
         if not tenant or not session_id:
             raise ToolError("memory search needs the turn's session")
         ask = RecallRequest(tenant=tenant, session_id=session_id, user_id=context.get("user_id"), query=query, k=max(1, min(k, 20)))
         try:
-            reply = await self._nc.request(MEMORY_RECALL, RECALL_CODEC.encode(ask), timeout=5)
+            hits = await ask_recall(self._nc, ask, timeout=5)
         except (NoRespondersError, NatsTimeout):
             raise ToolError("long-term memory is not available") from None
-        hits = RECALL_REPLY_CODEC.decode(reply.data).hits
         return json.dumps(
             [{"role": h.role, "text": h.text, "date": h.created_at.date().isoformat()} for h in hits]
         )
 
     async def _knowledge_search(self, query: str, k: int = 4, *, context: dict[str, str | None]) -> str:
         """Search the collections of the calling turn's pipeline."""
-        from actors.knowledge.actor import KNOWLEDGE_SEARCH, SEARCH_CODEC, SEARCH_REPLY_CODEC, KnowledgeSearch
+        from actors.knowledge.actor import KnowledgeSearch, ask_knowledge
         from actors.knowledge.prompting import source_label
 
         collections = [c for c in (context.get("collections") or "").split(",") if c]
@@ -149,10 +147,9 @@ class ToolActor:
             raise ToolError("this assistant has no knowledge collections")
         ask = KnowledgeSearch(collections=collections, query=query, k=max(1, min(k, 10)))
         try:
-            reply = await self._nc.request(KNOWLEDGE_SEARCH, SEARCH_CODEC.encode(ask), timeout=10)
+            hits = await ask_knowledge(self._nc, ask, timeout=10)
         except (NoRespondersError, NatsTimeout):
             raise ToolError("the knowledge base is not available") from None
-        hits = SEARCH_REPLY_CODEC.decode(reply.data).hits
         return "\n\n".join(f"[{n}] {source_label(h)}\n{h.text}" for n, h in enumerate(hits, start=1)) or "nothing found"
 
     async def stop(self) -> None:
