@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 
 import msgspec
 from nats.aio.client import Client
+from nats.micro.request import Request
 
 from actors import session
 from actors.errors import SessionNotFound
@@ -16,11 +17,12 @@ from actors.protocol import (
     TurnError,
 )
 from actors.tools.builtin import Tool
+from eventstore.events import EventUnion
 from eventstore.store import EventStore
 from eventstore.tombstones import TombstoneLog
 from veil.config import Config
 
-__all__ = ["SessionContext"]
+__all__ = ["SessionContext", "SessionPart"]
 
 
 class SessionContext(msgspec.Struct, kw_only=True):
@@ -33,6 +35,25 @@ class SessionContext(msgspec.Struct, kw_only=True):
     # Every tool a pipeline may name (their schemas go to the model; the tool actor runs them).
     tools: dict[str, Tool] = {}
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+
+
+class SessionPart:
+    """What SessionActor provides to the parts mixed into it (for the type checker)."""
+
+    session_id: str
+    _ctx: SessionContext
+    _state: session.SessionState
+
+    async def _append(
+        self, command: session.Command, dedupe_id: str | None = None
+    ) -> list[EventUnion]:
+        raise NotImplementedError
+
+    async def _reload(self) -> None:
+        raise NotImplementedError
+
+    async def _reject(self, request: Request, error: ErrorInfo) -> None:
+        raise NotImplementedError
 
 
 def _error(status: int, code: str, message: str) -> ErrorInfo:

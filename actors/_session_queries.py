@@ -9,12 +9,11 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.micro.request import Request
 
 from actors import session
-from actors._session_common import SessionContext, _error, _not_found
+from actors._session_common import SessionPart, _error, _not_found
 from actors.memory.actor import RecallRequest, ask_recall
 from actors.protocol import (
     TURN_REPLY_CODEC,
     DeleteSession,
-    ErrorInfo,
     GetSession,
     MemoriesFound,
     MemoryFound,
@@ -26,9 +25,6 @@ from bus.codec import encode
 from bus.subjects import (
     MEMORY_FORGET,
 )
-from eventstore.events import (
-    EventUnion,
-)
 from eventstore.tombstones import Tombstone
 
 __all__ = ["SessionQueries"]
@@ -36,24 +32,8 @@ __all__ = ["SessionQueries"]
 log = structlog.get_logger("veil.session")
 
 
-class SessionQueries:
+class SessionQueries(SessionPart):
     """Mixed into SessionActor: requests about the session rather than a turn."""
-
-    # Provided by SessionActor.
-    session_id: str
-    _ctx: SessionContext
-    _state: session.SessionState
-
-    async def _append(
-        self, command: session.Command, dedupe_id: str | None = None
-    ) -> list[EventUnion]:
-        raise NotImplementedError
-
-    async def _reload(self) -> None:
-        raise NotImplementedError
-
-    async def _reject(self, request: Request, error: ErrorInfo) -> None:
-        raise NotImplementedError
 
     def _owned_by(self, tenant: str) -> bool:
         return self._state.session_id is not None and self._state.tenant == tenant

@@ -7,10 +7,9 @@ import asyncio
 import structlog
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
-from nats.micro.request import Request
 
 from actors import session
-from actors._session_common import SessionContext
+from actors._session_common import SessionPart
 from actors.knowledge.actor import (
     KnowledgeSearch,
     ask_knowledge,
@@ -23,7 +22,6 @@ from actors.model_chain import call_model
 from actors.protocol import (
     GENERATE_CODEC,
     GENERATE_RESULT_CODEC,
-    ErrorInfo,
     GenerateRequest,
     StartTurn,
 )
@@ -37,7 +35,6 @@ from bus.subjects import (
 from eventstore.events import (
     ChatMessage,
     DocumentsRetrieved,
-    EventUnion,
     MemoryRecalled,
     RecalledMemory,
     RetrievedChunk,
@@ -51,24 +48,8 @@ __all__ = ["TurnSteps"]
 log = structlog.get_logger("veil.session")
 
 
-class TurnSteps:
+class TurnSteps(SessionPart):
     """Mixed into SessionActor: each step records what it did as events."""
-
-    # Provided by SessionActor.
-    session_id: str
-    _ctx: SessionContext
-    _state: session.SessionState
-
-    async def _append(
-        self, command: session.Command, dedupe_id: str | None = None
-    ) -> list[EventUnion]:
-        raise NotImplementedError
-
-    async def _reload(self) -> None:
-        raise NotImplementedError
-
-    async def _reject(self, request: Request, error: ErrorInfo) -> None:
-        raise NotImplementedError
 
     async def _extract_facts(
         self, turn_id: str, pipeline: PipelineConfig, exchange: list[ChatMessage]
