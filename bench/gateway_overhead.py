@@ -527,7 +527,7 @@ async def run_cells(setup: Setup, requests: dict[int, int]) -> list[Cell]:
     return cells
 
 
-# -- breakdown: Veil's NATS round trips and the openai SDK on their own -----------------------
+# -- breakdown: Veil's NATS round trips and its engine call on their own -----------------------
 
 
 async def timed(n: int, call: Callable[[], Awaitable[object]]) -> list[float]:
@@ -596,37 +596,50 @@ async def probe_nats(url: str, n: int) -> dict[str, list[float]]:
     return out
 
 
-def sdk_key(messages: int) -> str:
-    return f"openai SDK call, {messages} message{'s' if messages > 1 else ''}"
+def engine_key(messages: int) -> str:
+    return f"engine call, {messages} message{'s' if messages > 1 else ''}"
 
 
-async def probe_sdk(base_url: str, message: str, n: int, history: int) -> dict[str, list[float]]:
-    """The openai SDK against the fake upstream, called as Veil's model actor calls it: with
-    one message (a new session) and with `history` messages (a continued session's mean)."""
+SDK_KEY = "openai SDK call, 1 message"
+
+
+async def probe_engine(base_url: str, message: str, n: int, history: int) -> dict[str, list[float]]:
+    """Veil's OpenAI-compatible engine against the fake upstream, called as the model actor
+    calls it, with one message (a new session) and with `history` messages (a continued
+    session's mean); and the openai SDK making the one-message call, for comparison."""
     import openai
 
-    client = openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0)
-    one: Any = [{"role": "user", "content": message}]
-    many: Any = [{"role": "assistant" if i % 2 else "user", "content": message}
-                 for i in range(history)]
+    from actors.engines.base import EngineOutput
+    from actors.engines.openai_compat import OpenAIEngine
+    from eventstore.events import ChatMessage
 
-    def complete(messages: Any) -> Callable[[], Awaitable[object]]:
-        return lambda: client.chat.completions.create(model=UPSTREAM_MODEL, messages=messages)
+    engine = OpenAIEngine("bench", base_url=base_url, api_key="x", timeout=30)
+    sdk = openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0)
+    one = [ChatMessage(role="user", content=message)]
+    many = [ChatMessage(role="assistant" if i % 2 else "user", content=message)
+            for i in range(history)]
 
-    async def stream() -> None:
-        chunks = await client.chat.completions.create(
-            model=UPSTREAM_MODEL, messages=one, stream=True,
-            stream_options={"include_usage": True})
-        async for _ in chunks:
-            pass
+    def complete(messages: list[ChatMessage]) -> Callable[[], Awaitable[object]]:
+        return lambda: engine.generate(UPSTREAM_MODEL, messages, {}, None, EngineOutput())
+
+    async def ignore(_: object) -> None:
+        return None
+
+    def sdk_call() -> Awaitable[object]:
+        return sdk.chat.completions.create(
+            model=UPSTREAM_MODEL, messages=[{"role": "user", "content": message}])
 
     try:
         await timed(50, complete(one))  # warm-up
-        return {sdk_key(1): await timed(n, complete(one)),
-                sdk_key(history): await timed(n, complete(many)),
-                "openai SDK stream, 1 message": await timed(n, stream)}
+        await timed(50, sdk_call)
+        return {engine_key(1): await timed(n, complete(one)),
+                engine_key(history): await timed(n, complete(many)),
+                "engine stream, 1 message": await timed(
+                    n, lambda: engine.generate(UPSTREAM_MODEL, one, {}, ignore, EngineOutput())),
+                SDK_KEY: await timed(n, sdk_call)}
     finally:
-        await client.close()
+        await engine.aclose()
+        await sdk.close()
 
 
 async def probe_recall(url: str, message: str, n: int) -> list[float] | None:
@@ -830,14 +843,17 @@ def print_breakdown(
               f"p99 {fmt(pct(samples, 99), 3):>7} ms")
     by = {(c.target, c.stream, c.clients): c for c in cells}
     direct = pct(by[("direct", False, 1)].latencies, 50) or 0.0
-    sdk_extra = p50[sdk_key(1)] - direct
-    print(f"  the openai SDK adds {sdk_extra:.3f} ms to a bare aiohttp call (1 message, 1 client)")
+    engine_extra = p50[engine_key(1)] - direct
+    sdk_extra = p50[SDK_KEY] - direct
+    print(f"  Veil's engine call adds {engine_extra:.3f} ms to the load generator's bare aiohttp "
+          f"call (1 message, 1 client); the openai SDK would add {sdk_extra:.3f} ms")
     rr, js = p50["nats request-reply"], p50["jetstream publish+ack"]
     # The critical path of a json turn (actors/session_actor.py): gateway -> session request,
     # session -> model request, and each event appended by its own publish waiting for its
     # ack, all before the reply goes out. A new session first loads its (empty) log; a
     # continued one sends its history upstream; a turn that recalled asked memory first.
-    result: dict[str, Any] = {"p50_ms": p50, "sdk_overhead_ms": round(sdk_extra, 3)}
+    result: dict[str, Any] = {"p50_ms": p50, "engine_overhead_ms": round(engine_extra, 3),
+                              "sdk_overhead_ms": round(sdk_extra, 3)}
     for kind, variant in (("new", "veil new"), ("continued", "veil cont.")):
         events = per_turn.get(kind)
         cell = by.get((variant, False, 1))
@@ -846,8 +862,8 @@ def print_breakdown(
             continue
         count = sum(events.values())
         recall = "MemoryRecalled" in events and "memory recall" in p50
-        sdk = sdk_key(1 if kind == "new" else history)
-        floor = 2 * rr + count * js + p50[sdk] + (p50["direct get (empty session load)"]
+        call = engine_key(1 if kind == "new" else history)
+        floor = 2 * rr + count * js + p50[call] + (p50["direct get (empty session load)"]
                                                   if kind == "new" else 0)
         floor += p50["memory recall"] if recall else 0
         listed = ", ".join(f"{k} x{v:g}" if v != 1 else k for k, v in sorted(events.items()))
@@ -855,7 +871,7 @@ def print_breakdown(
         print(f"    json, 1 client, at least: 2 request-replies"
               f"{' + 1 direct get' if kind == 'new' else ''}"
               f"{' + 1 memory recall' if recall else ''} + {count:g} plain publishes + "
-              f"{sdk.removeprefix('openai ')} = {floor:.2f} ms in sequence;\n"
+              f"{call} = {floor:.2f} ms in sequence;\n"
               f"    measured p50 {seen:.2f} ms, {seen - floor:.2f} ms above that floor: Veil's own "
               f"Python work (HTTP, JSON, actors), waiting for its busy event loop, and appends "
               f"slower than plain publishes (atomic batches)")
@@ -900,7 +916,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--veil-config", metavar="FILE",
                    help="Veil config file to run with, e.g. one with [memory] enabled = false "
                         "(default: none, Veil's defaults)")
-    p.add_argument("--no-breakdown", action="store_true", help="skip the NATS and SDK probes")
+    p.add_argument("--no-breakdown", action="store_true", help="skip the NATS and engine probes")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON ('-': stdout)")
     args = p.parse_args(argv)
     args.requests = args.requests or ([200, 400] if args.quick else [1000, 2000])
@@ -939,7 +955,7 @@ async def run(setup: Setup, requests: dict[int, int], upstream_base: str, nats_u
                          "per_turn": {k: dict(v) for k, v in per_turn.items()}}
     if breakdown:
         print("\nbreakdown (sequential calls from this process, Veil idle; n=1000 for NATS, "
-              "500 for the SDK, 200 for memory)")
+              "500 for the engine and the SDK, 200 for memory)")
         await settle(setup.busy_pids)
         probes = await probe_nats(nats_url, 1000)
         recall = await probe_recall(nats_url, setup.message, 200)
@@ -947,7 +963,7 @@ async def run(setup: Setup, requests: dict[int, int], upstream_base: str, nats_u
             probes["memory recall"] = recall
         # Continued turn k (1..turns) sends 2k+1 messages upstream: turns+2 on average.
         history = setup.turns + 2
-        probes.update(await probe_sdk(upstream_base, setup.message, 500, history))
+        probes.update(await probe_engine(upstream_base, setup.message, 500, history))
         results["breakdown"] = print_breakdown(probes, per_turn, cells, history)
     return results
 

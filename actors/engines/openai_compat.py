@@ -1,44 +1,24 @@
-"""Engine for OpenAI-compatible upstreams (OpenAI, vLLM, llama.cpp, Ollama) via the openai SDK."""
+"""Engine for OpenAI-compatible upstreams (OpenAI, vLLM, llama.cpp, Ollama), over their wire."""
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
-
-import openai
 
 from actors.engines.base import (
     GENERATION_PARAMS,
     ChoicePiece,
     DeltaSink,
-    EngineError,
     EngineOutput,
     ToolCallPiece,
 )
+from actors.engines.openai_http import OpenAIHTTP, ToolCallPart
 from eventstore.events import ChatMessage, FunctionCall, ToolCall, Usage
 
 __all__ = ["PASSTHROUGH", "OpenAIEngine"]
 
-DEFAULT_BASE_URL = "https://api.openai.com/v1"
-
 # Client parameters sent upstream as they are: all of them.
 PASSTHROUGH = GENERATION_PARAMS
-
-
-def _body(wire: list[dict[str, Any]], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """SDK arguments with the messages (and tools) in extra_body.
-
-    The SDK walks typed request parameters recursively before sending them,
-    which costs about 0.1 ms per message: a long conversation spent more CPU
-    there than in all of Veil. These are already in the wire format, so they
-    skip that walk; the JSON the upstream receives is the same.
-    """
-    extra = {"messages": wire}
-    rest = dict(kwargs)
-    if "tools" in rest:
-        extra["tools"] = rest.pop("tools")
-    return {"messages": [], "extra_body": extra, **rest}
 
 
 def to_wire(message: ChatMessage) -> dict[str, Any]:
@@ -57,49 +37,16 @@ def to_wire(message: ChatMessage) -> dict[str, Any]:
     return wire
 
 
-def _retry_after(error: openai.APIStatusError) -> float | None:
-    value = error.response.headers.get("retry-after")
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
-
-
-def translate_error(error: Exception) -> EngineError:
-    """An SDK exception as the error Veil's client sees (502 or 504, with the reason)."""
-    if isinstance(error, openai.APITimeoutError):
-        return EngineError(
-            504, "upstream_timeout", "The upstream model did not answer in time.", retryable=True
-        )
-    if isinstance(error, openai.APIStatusError):
-        return EngineError(
-            502,
-            "upstream_error",
-            f"The upstream model failed with HTTP {error.status_code}: {error.message}",
-            retryable=error.status_code == 429 or error.status_code >= 500,
-            retry_after=_retry_after(error),
-        )
-    if isinstance(error, openai.APIConnectionError):
-        return EngineError(
-            502, "upstream_unreachable", f"The upstream model could not be reached: {error}", retryable=True
-        )
-    return EngineError(502, "upstream_error", f"The upstream model failed: {error!r}")
-
-
 class OpenAIEngine:
     """One upstream base URL and key; any model name behind it."""
 
     def __init__(self, name: str, *, base_url: str | None, api_key: str | None, timeout: float) -> None:
         self.name = name
-        # Retries and fallbacks are Veil's decision, recorded as events: the SDK makes none.
-        # Resolved here, not by the SDK: an empty OPENAI_BASE_URL (compose passes
-        # one through) would otherwise become the base URL.
-        self._client = openai.AsyncOpenAI(
-            base_url=base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL, api_key=api_key or "not-needed", max_retries=0, timeout=timeout
-        )
+        # Retries and fallbacks are Veil's decision, recorded as events: the client makes none.
+        self._client = OpenAIHTTP(base_url=base_url, api_key=api_key, timeout=timeout)
 
     async def aclose(self) -> None:
-        await self._client.close()
+        await self._client.aclose()
 
     async def generate(
         self,
@@ -109,31 +56,30 @@ class OpenAIEngine:
         on_delta: DeltaSink | None,
         output: EngineOutput,
     ) -> None:
-        wire = [to_wire(m) for m in messages]
-        kwargs = {k: params[k] for k in PASSTHROUGH if k in params}
-        try:
-            if on_delta is None:
-                await self._complete(model, wire, kwargs, output)
-            else:
-                await self._stream(model, wire, kwargs, on_delta, output)
-        except openai.OpenAIError as error:
-            raise translate_error(error) from error
+        body: dict[str, Any] = {"model": model, "messages": [to_wire(m) for m in messages]}
+        body.update((k, params[k]) for k in PASSTHROUGH if k in params)
+        if on_delta is None:
+            await self._complete(body, output)
+        else:
+            await self._stream(body, on_delta, output)
 
-    async def _complete(
-        self, model: str, wire: list[dict[str, Any]], kwargs: dict[str, Any], output: EngineOutput
-    ) -> None:
-        response = await self._client.chat.completions.create(
-            model=model, **_body(wire, kwargs)
-        )
+    async def _complete(self, body: dict[str, Any], output: EngineOutput) -> None:
+        response = await self._client.complete(body)
+        if not response.choices:
+            return
         choice = response.choices[0]
         output.parts.append(choice.message.content or "")
         output.finish_reason = choice.finish_reason or "stop"
         output.alternatives.extend(c.message.content or "" for c in response.choices[1:])
         for call in choice.message.tool_calls or []:
-            function = getattr(call, "function", None)
-            if function is not None:
+            if call.function is not None:
                 output.tool_calls.append(
-                    ToolCall(id=call.id, function=FunctionCall(name=function.name, arguments=function.arguments))
+                    ToolCall(
+                        id=call.id or "",
+                        function=FunctionCall(
+                            name=call.function.name or "", arguments=call.function.arguments or ""
+                        ),
+                    )
                 )
         if response.usage is not None:
             output.usage = Usage(
@@ -142,22 +88,10 @@ class OpenAIEngine:
                 total_tokens=response.usage.total_tokens,
             )
 
-    async def _stream(
-        self,
-        model: str,
-        wire: list[dict[str, Any]],
-        kwargs: dict[str, Any],
-        on_delta: DeltaSink,
-        output: EngineOutput,
-    ) -> None:
+    async def _stream(self, body: dict[str, Any], on_delta: DeltaSink, output: EngineOutput) -> None:
         started = time.perf_counter()
-        stream = await self._client.chat.completions.create(
-            model=model,
-            stream=True,
-            stream_options={"include_usage": True},
-            **_body(wire, kwargs),
-        )
-        calls: list[Any] = []
+        stream = self._client.stream({**body, "stream": True, "stream_options": {"include_usage": True}})
+        calls: list[ToolCallPart] = []
         alternatives: dict[int, list[str]] = {}
         try:
             async for chunk in stream:
@@ -196,12 +130,12 @@ class OpenAIEngine:
                 if choice.finish_reason:
                     output.finish_reason = choice.finish_reason
         finally:
-            await stream.close()
+            await stream.aclose()
         output.tool_calls.extend(assemble_tool_calls(calls))
         output.alternatives.extend("".join(alternatives[i]) for i in sorted(alternatives))
 
 
-def assemble_tool_calls(pieces: list[Any]) -> list[ToolCall]:
+def assemble_tool_calls(pieces: list[ToolCallPart]) -> list[ToolCall]:
     """Whole tool calls from streamed pieces: id and name once, arguments concatenated."""
     by_index: dict[int, dict[str, Any]] = {}
     for piece in pieces:

@@ -1,0 +1,247 @@
+"""OpenAI's chat completions wire over aiohttp: one request, JSON or Server-Sent Events.
+
+Veil's hottest path is this call. The openai SDK spent about 0.9 ms of CPU on it
+(request models, httpx, anyio, response models): half of all the CPU Veil used
+for a turn (`python bench/gateway_overhead.py`). Veil needs none of that
+machinery: its messages are already in the wire shape, retries are its own, and
+msgspec decodes the reply straight into the few fields it reads. Configuration
+follows the SDK's: OPENAI_BASE_URL, OPENAI_API_KEY, OPENAI_ORG_ID and
+OPENAI_PROJECT_ID, sent the way the SDK sends them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import msgspec
+
+from actors.engines.base import EngineError
+
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "ChatCompletion",
+    "Chunk",
+    "OpenAIHTTP",
+    "parse_retry_after",
+]
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
+# Error text kept from an upstream's body: enough to say why, never a whole page.
+_MAX_REASON = 500
+
+
+class FunctionPart(msgspec.Struct):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallPart(msgspec.Struct):
+    index: int = 0
+    id: str | None = None
+    type: str | None = None
+    function: FunctionPart | None = None
+
+
+class Message(msgspec.Struct):
+    content: str | None = None
+    tool_calls: list[ToolCallPart] | None = None
+
+
+class Choice(msgspec.Struct):
+    index: int = 0
+    message: Message = msgspec.field(default_factory=Message)
+    finish_reason: str | None = None
+
+
+class Usage(msgspec.Struct):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class ChatCompletion(msgspec.Struct):
+    choices: list[Choice] = msgspec.field(default_factory=list)
+    usage: Usage | None = None
+
+
+class ChunkChoice(msgspec.Struct):
+    index: int = 0
+    delta: Message | None = None
+    finish_reason: str | None = None
+
+
+class Chunk(msgspec.Struct):
+    choices: list[ChunkChoice] = msgspec.field(default_factory=list)
+    usage: Usage | None = None
+    # An upstream that fails mid-stream says so in a data line (OpenAI and vLLM do).
+    error: Any = None
+
+
+_completion = msgspec.json.Decoder(ChatCompletion)
+_chunk = msgspec.json.Decoder(Chunk)
+_encode = msgspec.json.Encoder().encode
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _reason(body: bytes) -> str:
+    """The upstream's own words: `error.message` when it speaks OpenAI's error shape."""
+    try:
+        error = msgspec.json.decode(body).get("error")
+    except (msgspec.DecodeError, AttributeError):
+        error = None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return error["message"][:_MAX_REASON]
+    if isinstance(error, str):
+        return error[:_MAX_REASON]
+    return body.decode("utf-8", "replace").strip()[:_MAX_REASON] or "no reason given"
+
+
+def _status_error(status: int, body: bytes, retry_after: str | None) -> EngineError:
+    return EngineError(
+        502,
+        "upstream_error",
+        f"The upstream model failed with HTTP {status}: {_reason(body)}",
+        retryable=status == 429 or status >= 500,
+        retry_after=parse_retry_after(retry_after),
+    )
+
+
+def _timeout_error() -> EngineError:
+    return EngineError(504, "upstream_timeout", "The upstream model did not answer in time.", retryable=True)
+
+
+def _unreachable(error: Exception) -> EngineError:
+    return EngineError(
+        502, "upstream_unreachable", f"The upstream model could not be reached: {error}", retryable=True
+    )
+
+
+def _broken(error: Exception) -> EngineError:
+    # The connection dropped mid-answer; the chain decides whether a retry is still possible.
+    return EngineError(502, "upstream_error", f"The upstream model's stream broke off: {error}", retryable=True)
+
+
+def _stream_error(error: Any) -> EngineError:
+    message = error.get("message") if isinstance(error, dict) else error
+    return EngineError(502, "upstream_error", f"The upstream model failed mid-stream: {message}")
+
+
+class OpenAIHTTP:
+    """A keep-alive connection pool to one OpenAI-compatible base URL."""
+
+    def __init__(self, *, base_url: str | None, api_key: str | None, timeout: float) -> None:
+        # An empty OPENAI_BASE_URL (compose passes one through) means the default.
+        base = base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
+        self.url = base.rstrip("/") + "/chat/completions"
+        self._headers = {
+            "Authorization": f"Bearer {api_key or os.environ.get('OPENAI_API_KEY') or 'not-needed'}",
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+        }
+        if organization := os.environ.get("OPENAI_ORG_ID"):
+            self._headers["OpenAI-Organization"] = organization
+        if project := os.environ.get("OPENAI_PROJECT_ID"):
+            self._headers["OpenAI-Project"] = project
+        # Like the SDK's timeout: for connecting and between bytes, not for a whole
+        # stream, which may rightly run for minutes.
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=timeout, sock_read=timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    def _pool(self) -> aiohttp.ClientSession:
+        # Made on first use: a session belongs to the loop that runs the engine.
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=1000, keepalive_timeout=30),
+                timeout=self._timeout,
+                skip_auto_headers=("User-Agent",),
+                headers={"User-Agent": "Veil"},
+            )
+        return self._session
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def complete(self, body: dict[str, Any]) -> ChatCompletion:
+        """One non-streaming chat completion."""
+        try:
+            async with self._pool().post(self.url, data=_encode(body), headers=self._headers) as response:
+                payload = await response.read()
+                if response.status >= 400:
+                    raise _status_error(response.status, payload, response.headers.get("Retry-After"))
+        except TimeoutError as error:
+            raise _timeout_error() from error
+        except aiohttp.ClientError as error:
+            raise _unreachable(error) from error
+        try:
+            return _completion.decode(payload)
+        except msgspec.DecodeError as error:
+            raise EngineError(
+                502, "upstream_error", f"The upstream model answered with something else than a completion: {error}"
+            ) from error
+
+    async def stream(self, body: dict[str, Any]) -> AsyncIterator[Chunk]:
+        """The chunks of a streamed chat completion, until `data: [DONE]` or the end."""
+        answering = False
+        try:
+            async with self._pool().post(self.url, data=_encode(body), headers=self._headers) as response:
+                answering = True
+                if response.status >= 400:
+                    payload = await response.read()
+                    raise _status_error(response.status, payload, response.headers.get("Retry-After"))
+                async for data in _sse_data(response.content):
+                    if data == b"[DONE]":
+                        return
+                    try:
+                        chunk = _chunk.decode(data)
+                    except msgspec.DecodeError as error:
+                        raise EngineError(
+                            502, "upstream_error", f"The upstream model sent a broken stream chunk: {error}"
+                        ) from error
+                    if chunk.error is not None:
+                        raise _stream_error(chunk.error)
+                    yield chunk
+        except TimeoutError as error:
+            raise _timeout_error() from error
+        except aiohttp.ClientError as error:
+            raise (_broken(error) if answering else _unreachable(error)) from error
+
+
+async def _sse_data(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    """The data of each Server-Sent Event (multi-line data joined by newlines).
+
+    Comments (`:`) and the other fields are skipped: OpenAI-compatible servers
+    put everything in `data`. Lines are split here rather than by the reader's
+    readline, which refuses lines over 64 KiB (a tool call's arguments can be).
+    """
+    buffer = bytearray()
+    lines: list[bytes] = []
+    async for block in content.iter_any():
+        buffer += block
+        start = 0
+        while (end := buffer.find(b"\n", start)) != -1:
+            line = bytes(buffer[start:end]).rstrip(b"\r")
+            start = end + 1
+            if not line:
+                if lines:
+                    yield b"\n".join(lines)
+                    lines = []
+            elif line.startswith(b"data:"):
+                value = line[5:]
+                lines.append(value[1:] if value.startswith(b" ") else value)
+        del buffer[:start]
+    if buffer.startswith(b"data:"):
+        lines.append(bytes(buffer[5:]).lstrip(b" "))
+    if lines:
+        yield b"\n".join(lines)
