@@ -122,8 +122,12 @@ def _unknown_model(name: str) -> ApiError:
     )
 
 
-def _session_of(request: web.Request, chat: ChatRequest) -> tuple[str, bool]:
-    """The session the client names (body, header or metadata), or a new one."""
+def _session_of(request: web.Request, chat: ChatRequest, command_id: str) -> tuple[str, bool]:
+    """The session the client names (body, header or metadata), or a new one.
+
+    A new session's id comes from the command id, so a retry of a first turn under
+    the same Idempotency-Key lands on the same session and gets the same answer.
+    """
     given = {
         v
         for v in (
@@ -136,7 +140,7 @@ def _session_of(request: web.Request, chat: ChatRequest) -> tuple[str, bool]:
     if len(given) > 1:
         raise ApiError(400, "The request names more than one session id.", param="session_id", code="invalid_value")
     if not given:
-        return f"sess_{uuid.uuid4().hex}", True
+        return f"sess_{command_id.removeprefix('idem_')}", True
     session_id = given.pop()
     if not is_valid_id(session_id):
         raise ApiError(
@@ -185,8 +189,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 code="no_upstream",
             )
         raise _unknown_model(chat.model)
-    session_id, new_session = _session_of(request, chat)
     command_id = _command_id(request, principal)
+    session_id, new_session = _session_of(request, chat, command_id)
     start = StartTurn(
         command_id=command_id,
         turn_id=command_id,

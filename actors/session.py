@@ -265,14 +265,18 @@ def _model_called(
 
 def _decide_open(state: SessionState, cmd: OpenTurn) -> list[EventUnion]:
     start = cmd.start
+    if state.session_id is not None and state.tenant == start.tenant:
+        # A retry, of a new session's first turn too, answers from what was recorded.
+        outcome = state.outcomes.get(start.command_id)
+        if outcome is not None:
+            raise AlreadyHandled(outcome.turn_id, outcome)
+        if state.open_turn is not None and state.open_turn.command_id == start.command_id:
+            raise AlreadyHandled(state.open_turn.turn_id, None)
     if start.new_session:
         if state.session_id is not None:
             raise SessionExists(f"session {start.session_id} already exists")
     elif state.session_id is None or state.tenant != start.tenant:
         raise SessionNotFound(f"No session found with id '{start.session_id}'.")
-    outcome = state.outcomes.get(start.command_id)
-    if outcome is not None:
-        raise AlreadyHandled(outcome.turn_id, outcome)
     events: list[EventUnion] = []
     if start.new_session:
         events.append(
@@ -286,8 +290,6 @@ def _decide_open(state: SessionState, cmd: OpenTurn) -> list[EventUnion]:
         )
     open_turn = state.open_turn
     if open_turn is not None:
-        if open_turn.command_id == start.command_id:
-            raise AlreadyHandled(open_turn.turn_id, None)
         if cmd.now < open_turn.lease_until:
             raise TurnInProgress(open_turn.turn_id, open_turn.lease_until)
         # Its writer died or hung: close that turn so this one can start.

@@ -79,6 +79,8 @@ class SessionActor(SessionQueries, TurnSteps):
         self._state = session.initial()
         self._last_seq = 0
         self._loaded = False
+        # True while the state is assumed empty rather than read (a session just minted).
+        self._assumed_new = False
 
     async def stop(self) -> None:
         return None
@@ -107,11 +109,18 @@ class SessionActor(SessionQueries, TurnSteps):
                 return events
             try:
                 self._last_seq = await self._ctx.store.append(
-                    self.session_id, events, expected_last_seq=self._last_seq, dedupe_id=dedupe_id
+                    self.session_id,
+                    events,
+                    expected_last_seq=self._last_seq,
+                    # Unread state must not take stored duplicates for its own append: it
+                    # conflicts instead, reloads, and then sees the command as handled.
+                    dedupe_id=None if self._assumed_new else dedupe_id,
                 )
             except ConcurrencyConflict:
+                self._assumed_new = False
                 await self._reload()
                 continue
+            self._assumed_new = False
             for event in events:
                 self._state = session.evolve(self._state, event)
             return events
@@ -129,7 +138,13 @@ class SessionActor(SessionQueries, TurnSteps):
             )
             return
         if not self._loaded:
-            await self._reload()
+            if isinstance(command, StartTurn) and command.new_session:
+                # An id the gateway just minted has no log and no tombstone: start from the
+                # empty state. The first append expects an empty log, so a session that is
+                # not new after all (a retried command) conflicts and reloads.
+                self._loaded = self._assumed_new = True
+            else:
+                await self._reload()
         match command:
             case StartTurn():
                 await self._start_turn(request, command)

@@ -6,10 +6,13 @@ import asyncio
 import json
 import urllib.error
 import urllib.request
+import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import aiohttp
+import msgspec
 import nats
 import nats.aio.client
 import openai
@@ -19,6 +22,7 @@ from eventstore.events import ReplyCompleted, TurnCancelled, TurnFailed, TurnSta
 from eventstore.jetstream import JetStreamEventStore
 from tests.fakes.upstreams import FakeAnthropic, FakeOpenAI
 from tests.harness import VeilThread
+from veil.natsserver import NatsServer
 from veil.config import ApiKey, Config, EngineConfig, ModelConfig, PipelineConfig, ServerConfig, MemoryConfig
 
 KEY_A = "sk-test-tenant-a"
@@ -309,6 +313,50 @@ def test_idempotency_key_gives_one_reply(veil: VeilThread, client: openai.OpenAI
     assert again.choices[0].message.content == first.choices[0].message.content
     assert len(upstream.requests) == 1
     assert sum(isinstance(e, ReplyCompleted) for e in events_of(veil, store, sid)) == 1
+
+
+def test_idempotency_key_on_a_first_turn_gives_one_session_and_one_reply(
+    veil: VeilThread, client: openai.OpenAI, upstream: FakeOpenAI, store: JetStreamEventStore
+) -> None:
+    key = uuid.uuid4().hex
+    ask = {"model": "veil", "messages": [{"role": "user", "content": "first"}], "extra_headers": {"Idempotency-Key": key}}
+    first = client.chat.completions.create(**ask)
+    again = client.chat.completions.create(**ask)
+    sid = first.model_extra["session_id"]
+    assert again.model_extra["session_id"] == sid
+    assert again.choices[0].message.content == first.choices[0].message.content
+    assert len(upstream.requests) == 1
+    kinds = [type(e).__name__ for e in events_of(veil, store, sid)]
+    assert kinds.count("SessionOpened") == 1 and kinds.count("ReplyCompleted") == 1
+
+
+def test_a_retried_first_turn_reaching_a_fresh_actor_is_answered_from_the_log(
+    veil: VeilThread, upstream: FakeOpenAI, tmp_path: Path
+) -> None:
+    # Alone on its own NATS, with session actors that passivate at once: the retry meets an
+    # actor that assumes the minted session is new, conflicts on its first append, reloads
+    # and finds the answer.
+    nats_server = NatsServer(tmp_path / "nats")
+    nats_server.start()
+    config = msgspec.structs.replace(
+        veil.config,
+        server=msgspec.structs.replace(veil.config.server, actor_idle=0.05),
+        nats_url=nats_server.url,
+        data_dir=Config().data_dir,
+    )
+    forgetful = VeilThread(config, nats_server.url).start()
+    try:
+        with openai.OpenAI(base_url=forgetful.base_url, api_key=KEY_A, max_retries=0, timeout=20) as c:
+            ask = {"model": "veil", "messages": [{"role": "user", "content": "hello"}], "extra_headers": {"Idempotency-Key": uuid.uuid4().hex}}
+            first = c.chat.completions.create(**ask)
+            time.sleep(0.3)
+            again = c.chat.completions.create(**ask)
+    finally:
+        forgetful.stop()
+        nats_server.stop()
+    assert again.model_extra["session_id"] == first.model_extra["session_id"]
+    assert again.choices[0].message.content == first.choices[0].message.content
+    assert len(upstream.requests) == 1
 
 
 # --- keys -----------------------------------------------------------------------------------
