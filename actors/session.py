@@ -336,7 +336,6 @@ def decide(state: SessionState, command: Command) -> list[EventUnion]:
             if not _require_open(state, turn_id):
                 return []  # already closed (cancelled, or taken over): nothing to add
             return [
-                _model_called(turn_id, result, now),
                 ReplyCompleted(
                     at=now,
                     turn_id=turn_id,
@@ -345,6 +344,10 @@ def decide(state: SessionState, command: Command) -> list[EventUnion]:
                     usage=result.usage,
                     tool_calls=result.tool_calls,
                     alternatives=result.alternatives,
+                    engine=result.engine,
+                    upstream_model=result.upstream_model,
+                    latency_ms=result.latency_ms,
+                    ttft_ms=result.ttft_ms,
                 ),
             ]
         case FailTurn(turn_id=turn_id, error=error, now=now, result=result):

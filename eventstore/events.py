@@ -8,6 +8,7 @@ stored events are ignored on read, so newer writers do not break older readers.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
@@ -36,6 +37,7 @@ __all__ = [
     "TurnFailed",
     "TurnStarted",
     "Usage",
+    "model_calls",
 ]
 
 
@@ -230,6 +232,14 @@ class DocumentsRetrieved(Event, tag="documents.retrieved", frozen=True, kw_only=
 
 
 class ReplyCompleted(Event, tag="reply.completed", frozen=True, kw_only=True):
+    """The answer the client got, and the model call that produced it.
+
+    That call is recorded here, not in a ModelCalled of its own (one append fewer
+    per turn); ModelCalled records every other call: failed attempts, summaries,
+    tool steps. Logs written before carry the call as a ModelCalled and leave
+    `engine` unset here.
+    """
+
     turn_id: str
     content: str
     finish_reason: str
@@ -238,6 +248,10 @@ class ReplyCompleted(Event, tag="reply.completed", frozen=True, kw_only=True):
     tool_calls: list[ToolCall] = []
     # With n > 1, the other choices the client received; the session goes on from `content`.
     alternatives: list[str] = []
+    engine: str | None = None
+    upstream_model: str | None = None
+    latency_ms: float | None = None
+    ttft_ms: float | None = None
 
 
 class TurnFailed(Event, tag="turn.failed", frozen=True, kw_only=True):
@@ -271,3 +285,26 @@ EventUnion = (
     | TurnFailed
     | TurnCancelled
 )
+
+
+def model_calls(events: Iterable[object]) -> list[ModelCalled]:
+    """Every model call of a log, in order: ModelCalled events and the call each
+    ReplyCompleted records, the latter read as a ModelCalled (for audits and usage)."""
+    calls: list[ModelCalled] = []
+    for event in events:
+        if isinstance(event, ModelCalled):
+            calls.append(event)
+        elif isinstance(event, ReplyCompleted) and event.engine is not None:
+            calls.append(
+                ModelCalled(
+                    at=event.at,
+                    turn_id=event.turn_id,
+                    engine=event.engine,
+                    upstream_model=event.upstream_model or "",
+                    latency_ms=event.latency_ms or 0.0,
+                    ttft_ms=event.ttft_ms,
+                    usage=event.usage,
+                    finish_reason=event.finish_reason,
+                )
+            )
+    return calls

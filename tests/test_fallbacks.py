@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import openai
 import pytest
 
-from eventstore.events import ModelCalled, ReplyCompleted, TurnFailed
+from eventstore.events import ModelCalled, ReplyCompleted, TurnFailed, model_calls
 from tests.fakes.upstreams import FakeOpenAI
 from tests.harness import VeilThread
 from tests.test_memory_short import load
@@ -69,7 +69,7 @@ def client(veil: VeilThread) -> Iterator[openai.OpenAI]:
 
 
 def calls(veil: VeilThread, sid: str) -> list[ModelCalled]:
-    return [e for e in load(veil, sid) if isinstance(e, ModelCalled)]
+    return model_calls(load(veil, sid))
 
 
 def test_falls_back_after_retries_and_records_every_attempt(veil: VeilThread, client: openai.OpenAI, primary: FakeOpenAI, secondary: FakeOpenAI) -> None:

@@ -84,7 +84,7 @@ def test_serve_embedded_restart_replay(tmp_path: Path, upstream: FakeOpenAI) -> 
     replay = run_veil("replay", sid, env=env)
     assert replay.returncode == 0, replay.stderr
     out = replay.stdout
-    assert out.index("[session.opened]") < out.index("[turn.started]") < out.index("[model.called]") < out.index("[reply.completed]")
+    assert out.index("[session.opened]") < out.index("[turn.started]") < out.index("[reply.completed]")
     assert out.count("[turn.started]") == 3 and out.count("[reply.completed]") == 3
     assert "engine openai, model up-model" in out
     assert "Rebuilt state:" in out and "turns: 3" in out and "What is the code word?" in out

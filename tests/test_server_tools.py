@@ -9,7 +9,7 @@ from typing import Any
 import openai
 import pytest
 
-from eventstore.events import ModelCalled, ReplyCompleted, ToolLoopStopped, ToolsCalled
+from eventstore.events import ModelCalled, ReplyCompleted, ToolLoopStopped, ToolsCalled, model_calls
 from tests.fakes.upstreams import FakeOpenAI, ToolCalls
 from tests.harness import VeilThread
 from tests.test_client_tools import TOOLS as CLIENT_TOOLS
@@ -76,7 +76,9 @@ def test_calculator_runs_behind_the_curtain(veil: VeilThread, client: openai.Ope
     step = next(e for e in events if isinstance(e, ToolsCalled))
     assert step.results[0].name == "calculator" and step.results[0].content == "391" and step.results[0].error is None
     assert step.results[0].duration_ms >= 0
-    assert sum(isinstance(e, ModelCalled) for e in events) == 2
+    # The call that asked for the tool, and the one that answered (recorded in the reply).
+    assert sum(isinstance(e, ModelCalled) for e in events) == 1
+    assert [c.engine for c in model_calls(events)] == ["up", "up"]
 
 
 def test_streaming_client_never_sees_server_tool_calls(client: openai.OpenAI) -> None:

@@ -128,10 +128,13 @@ def describe(event: EventUnion, resolve: Resolver = _no_references) -> list[str]
                 lines.append(f"  {mark} {h.score:.4f}{sim}{bm25} {h.role}{where}: {shown}")
             return lines
         case ReplyCompleted():
-            return [
-                f"reply completed: finish {event.finish_reason}, {event.usage.total_tokens} tokens",
-                f"  assistant: {_quote(event.content)}",
-            ]
+            head = f"reply completed: finish {event.finish_reason}, {event.usage.total_tokens} tokens"
+            if event.engine is not None:
+                head += f"; model called: engine {event.engine}, model {event.upstream_model}, {event.latency_ms or 0:.1f} ms"
+                if event.ttft_ms is not None:
+                    head += f" (first token {event.ttft_ms:.1f} ms)"
+                head += f", tokens {event.usage.prompt_tokens} in / {event.usage.completion_tokens} out"
+            return [head, f"  assistant: {_quote(event.content)}"]
         case TurnFailed():
             return [f"turn {event.turn_id} failed: {event.status} {event.code}: {event.message}"]
         case TurnCancelled():
