@@ -20,7 +20,6 @@ from actors.protocol import (
     Delta,
     GetSession,
     MemoriesFound,
-    OutputUnion,
     SearchMemories,
     SessionDeleted,
     SessionView,
@@ -215,10 +214,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return _complete(start, result)
     async with TurnRelay(request.app[NATS], start) as relay:
         await relay.send(config.server.accept_timeout)
-        events = relay.events(config.server.turn_timeout, _client_gone(request))
+        batches = relay.batches(config.server.turn_timeout, _client_gone(request))
         try:
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
-            return await _stream(request, start, events, include_usage)
+            return await _stream(request, start, batches, include_usage)
         except ClientGone:
             await relay.cancel()
             log.info("gateway.client_gone", session=session_id, turn=start.turn_id)
@@ -247,22 +246,32 @@ def _complete(start: StartTurn, item: TurnDone | TurnError) -> web.Response:
 async def _stream(
     request: web.Request,
     start: StartTurn,
-    events: AsyncIterator[OutputUnion],
+    batches: AsyncIterator[list[Delta | ToolDelta | TurnDone | TurnError]],
     include_usage: bool,
 ) -> web.StreamResponse:
     """SSE in OpenAI's chunk format. Headers go out with the first event, so a
-    failure before any token is still a plain HTTP error."""
+    failure before any token is still a plain HTTP error. What arrived together
+    is written together: one write (and one syscall) per batch, not per chunk."""
     response: web.StreamResponse | None = None
     created = int(time.time())
     meta = ChunkMeta(id=f"chatcmpl-{start.turn_id}", created=created, model=start.model, session_id=start.session_id)
     streamed: list[str] = []
     streamed_calls: set[int] = set()
     others: set[int] = set()  # indexes of choices after the first (n > 1)
+    out: list[bytes] = []
 
-    async def send(body: object) -> None:
+    def send(body: object) -> None:
+        out.append(b"data: " + encode(body) + b"\n\n")
+
+    async def flush(last: bool = False) -> None:
         assert response is not None
+        data = b"".join(out)
+        out.clear()
         try:
-            await response.write(b"data: " + encode(body) + b"\n\n")
+            if last:
+                await response.write_eof(data)
+            else:
+                await response.write(data)
         except ConnectionResetError:
             raise ClientGone() from None
 
@@ -277,54 +286,67 @@ async def _stream(
         await resp.prepare(request)
         return resp
 
-    async for item in events:
-        if isinstance(item, TurnError) and response is None:
-            e = item.error
-            raise ApiError(e.status, e.message, type=e.type, code=e.code, param=e.param)
-        if response is None:
-            response = await begin()
-            await send(chunk(meta, delta={"role": "assistant", "content": ""}, include_usage=include_usage))
-        if isinstance(item, Delta):
-            if item.choice:
-                if item.choice not in others:
-                    others.add(item.choice)
-                    await send(chunk(meta, delta={"role": "assistant", "content": ""}, include_usage=include_usage, index=item.choice))
-                await send(chunk(meta, delta={"content": item.text}, include_usage=include_usage, index=item.choice))
+    async for batch in batches:
+        for item in batch:
+            if isinstance(item, TurnError) and response is None:
+                e = item.error
+                raise ApiError(e.status, e.message, type=e.type, code=e.code, param=e.param)
+            if response is None:
+                response = await begin()
+                send(chunk(meta, delta={"role": "assistant", "content": ""}, include_usage=include_usage))
+            if isinstance(item, Delta):
+                if item.choice:
+                    if item.choice not in others:
+                        others.add(item.choice)
+                        send(chunk(meta, delta={"role": "assistant", "content": ""}, include_usage=include_usage, index=item.choice))
+                    send(chunk(meta, delta={"content": item.text}, include_usage=include_usage, index=item.choice))
+                    continue
+                streamed.append(item.text)
+                send(chunk(meta, delta={"content": item.text}, include_usage=include_usage))
                 continue
-            streamed.append(item.text)
-            await send(chunk(meta, delta={"content": item.text}, include_usage=include_usage))
-            continue
-        if isinstance(item, ToolDelta):
-            streamed_calls.add(item.index)
-            await send(chunk(meta, delta={"tool_calls": [tool_delta_wire(item)]}, include_usage=include_usage))
-            continue
-        # The final message carries the whole text: send whatever deltas did not arrive.
-        sent = "".join(streamed)
-        rest = item.content[len(sent):] if item.content.startswith(sent) else ""
-        if rest:
-            await send(chunk(meta, delta={"content": rest}, include_usage=include_usage))
-        if isinstance(item, TurnDone):
-            # Calls whose pieces never arrived (a replayed result) go out whole.
-            for index, call in enumerate(item.tool_calls):
-                if index not in streamed_calls:
-                    whole = {"index": index, **tool_calls_wire([call])[0]}
-                    await send(chunk(meta, delta={"tool_calls": [whole]}, include_usage=include_usage))
-        if isinstance(item, TurnError):
-            e = item.error
-            await send(error_body(e.message, e.type, e.code, e.param))
-            break
-        await send(chunk(meta, finish_reason=item.finish_reason, include_usage=include_usage))
-        for index in sorted(others):
-            await send(chunk(meta, finish_reason=item.finish_reason, include_usage=include_usage, index=index))
-        if include_usage:
-            await send(chunk(meta, usage=item.usage))
-        try:
-            await response.write(b"data: [DONE]\n\n")
-        except ConnectionResetError:
-            raise ClientGone() from None
-    assert response is not None
-    await response.write_eof()
-    return response
+            if isinstance(item, ToolDelta):
+                streamed_calls.add(item.index)
+                send(chunk(meta, delta={"tool_calls": [tool_delta_wire(item)]}, include_usage=include_usage))
+                continue
+            _finish(item, meta, streamed, streamed_calls, others, include_usage, send)
+            if isinstance(item, TurnDone):
+                out.append(b"data: [DONE]\n\n")
+            await flush(last=True)
+            return response
+        await flush()
+    raise ApiError(502, "The turn's output ended without a final message.", code="actor_failed")
+
+
+def _finish(
+    item: TurnDone | TurnError,
+    meta: ChunkMeta,
+    streamed: list[str],
+    streamed_calls: set[int],
+    others: set[int],
+    include_usage: bool,
+    send: Callable[[object], None],
+) -> None:
+    """The chunks that close a stream: missing text, whole tool calls, finish and usage,
+    or the error that ended it."""
+    # The final message carries the whole text: send whatever deltas did not arrive.
+    sent = "".join(streamed)
+    rest = item.content[len(sent):] if item.content.startswith(sent) else ""
+    if rest:
+        send(chunk(meta, delta={"content": rest}, include_usage=include_usage))
+    if isinstance(item, TurnError):
+        e = item.error
+        send(error_body(e.message, e.type, e.code, e.param))
+        return
+    # Calls whose pieces never arrived (a replayed result) go out whole.
+    for index, call in enumerate(item.tool_calls):
+        if index not in streamed_calls:
+            whole = {"index": index, **tool_calls_wire([call])[0]}
+            send(chunk(meta, delta={"tool_calls": [whole]}, include_usage=include_usage))
+    send(chunk(meta, finish_reason=item.finish_reason, include_usage=include_usage))
+    for index in sorted(others):
+        send(chunk(meta, finish_reason=item.finish_reason, include_usage=include_usage, index=index))
+    if include_usage:
+        send(chunk(meta, usage=item.usage))
 
 
 def _session_id_param(request: web.Request) -> str:

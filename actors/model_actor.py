@@ -25,6 +25,7 @@ from actors.protocol import (
     GENERATE_RESULT_CODEC,
     OUTPUT_CODEC,
     Delta,
+    Deltas,
     ErrorInfo,
     GenerateRequest,
     GenerateResult,
@@ -83,6 +84,7 @@ class ModelActor:
         nc = self._nc
 
         hidden_indexes: set[int] = set()
+        batcher = _DeltaBatcher(nc, job.out_subject) if job.out_subject else None
 
         async def on_delta(piece: str | ToolCallPiece | ChoicePiece) -> None:
             nonlocal deltas
@@ -92,7 +94,7 @@ class ModelActor:
                 if piece.index in hidden_indexes:
                     return  # a server tool's call: behind the curtain
             deltas += 1
-            assert job.out_subject is not None
+            assert batcher is not None
             if isinstance(piece, str):
                 message: Delta | ToolDelta = Delta(seq=deltas, text=piece)
             elif isinstance(piece, ChoicePiece):
@@ -101,7 +103,7 @@ class ModelActor:
                 message = ToolDelta(
                     seq=deltas, index=piece.index, id=piece.id, name=piece.name, arguments=piece.arguments
                 )
-            await nc.publish(job.out_subject, OUTPUT_CODEC.encode(message))
+            batcher.add(message)
 
         gen = asyncio.create_task(
             engine.generate(
@@ -131,6 +133,8 @@ class ModelActor:
             gen.cancel()
             raise
         finally:
+            if batcher is not None:
+                await batcher.drain()
             if cancel_sub is not None:
                 with contextlib.suppress(Exception):
                     await cancel_sub.unsubscribe()
@@ -177,3 +181,39 @@ class ModelActor:
         for engine in self._engines.values():
             with contextlib.suppress(Exception):
                 await engine.aclose()
+
+
+class _DeltaBatcher:
+    """Publishes the deltas an engine produces in one go as one message.
+
+    An engine hands over every piece it read from one network read without
+    yielding to the event loop; the flush runs when it next waits, so a burst
+    becomes one publish (and one HTTP write at the gateway), while a lone token
+    goes out as soon as the engine waits for the next one.
+    """
+
+    def __init__(self, nc: Client, subject: str) -> None:
+        self._nc = nc
+        self._subject = subject
+        self._pending: list[Delta | ToolDelta] = []
+        self._last: asyncio.Task[None] | None = None
+
+    def add(self, message: Delta | ToolDelta) -> None:
+        self._pending.append(message)
+        if len(self._pending) == 1:
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        items, self._pending = self._pending, []
+        if not items:
+            return
+        message = items[0] if len(items) == 1 else Deltas(items=items)
+        # Tasks start in creation order, so batches are published in order.
+        self._last = asyncio.ensure_future(self._nc.publish(self._subject, OUTPUT_CODEC.encode(message)))
+
+    async def drain(self) -> None:
+        """Publish what is pending and wait until the last batch is handed to NATS."""
+        self._flush()
+        if self._last is not None:
+            with contextlib.suppress(Exception):
+                await self._last

@@ -23,6 +23,7 @@ __all__ = [
     "CancelRequest",
     "DeleteSession",
     "Delta",
+    "Deltas",
     "ErrorInfo",
     "GenerateRequest",
     "GenerateResult",
@@ -186,7 +187,14 @@ class TurnError(msgspec.Struct, frozen=True, kw_only=True, tag="error"):
     deltas: int = 0
 
 
-OutputUnion = Delta | ToolDelta | TurnDone | TurnError
+class Deltas(msgspec.Struct, frozen=True, kw_only=True, tag="deltas"):
+    """Deltas that the engine produced together (from one read of the upstream's
+    stream), sent as one message: one publish and one HTTP write instead of many."""
+
+    items: list[Delta | ToolDelta]
+
+
+OutputUnion = Delta | ToolDelta | Deltas | TurnDone | TurnError
 
 # A non-streaming turn is answered on its request with the result itself (TurnDone or
 # TurnError): no output subject, one message instead of three.

@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
@@ -18,6 +19,7 @@ from actors.protocol import (
     TURN_REPLY_CODEC,
     CancelRequest,
     Delta,
+    Deltas,
     OutputUnion,
     SessionCommandUnion,
     ToolDelta,
@@ -95,11 +97,24 @@ class TurnRelay:
         self._nc = nc
         self.start = start
         self._sub: Subscription | None = None
+        # Filled by the subscription's callback: reading it costs no task per message,
+        # which nats-py's next_msg spends.
+        self._inbox: asyncio.Queue[OutputUnion] = asyncio.Queue()
         self.replay = False
+
+    async def _on_message(self, msg: Msg) -> None:
+        item = OUTPUT_CODEC.decode(msg.data)
+        if isinstance(item, Deltas):
+            for piece in item.items:
+                self._inbox.put_nowait(piece)
+        else:
+            self._inbox.put_nowait(item)
 
     async def __aenter__(self) -> TurnRelay:
         self._sub = await self._nc.subscribe(
-            session_out(self.start.session_id, self.start.turn_id), pending_msgs_limit=0
+            session_out(self.start.session_id, self.start.turn_id),
+            cb=self._on_message,
+            pending_msgs_limit=0,
         )
         return self
 
@@ -123,15 +138,27 @@ class TurnRelay:
             )
             await self._nc.flush(timeout=1)
 
-    async def events(
+    async def _next(self, timeout: float) -> OutputUnion | None:
+        """The next item, or None after `timeout`."""
+        try:
+            return self._inbox.get_nowait()
+        except asyncio.QueueEmpty:
+            pass
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._inbox.get()
+        except TimeoutError:
+            return None
+
+    async def batches(
         self, timeout: float, client_gone: Callable[[], bool]
-    ) -> AsyncIterator[OutputUnion]:
-        """Deltas in order, then exactly one TurnDone or TurnError.
+    ) -> AsyncIterator[list[Delta | ToolDelta | TurnDone | TurnError]]:
+        """Deltas in order, then exactly one TurnDone or TurnError, in lists of what
+        had arrived together (the gateway writes each list at once).
 
         Raises ClientGone when the client left, and ApiError(504) (after
         cancelling the turn) when nothing final arrives within `timeout`.
         """
-        assert self._sub is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         received = 0
@@ -141,24 +168,37 @@ class TurnRelay:
             if loop.time() > deadline:
                 await self.cancel()
                 raise ApiError(504, "The turn did not finish in time.", code="timeout")
-            try:
-                msg = await self._sub.next_msg(timeout=POLL_SECONDS)
-            except NatsTimeout:
+            item = await self._next(POLL_SECONDS)
+            if item is None:
                 continue
-            item = OUTPUT_CODEC.decode(msg.data)
-            if isinstance(item, Delta | ToolDelta):
-                if item.seq > received:
-                    received = item.seq
-                    yield item
-                continue
-            if item.deltas > received:
-                await self._stragglers(item.deltas - received)
-            yield item
-            return
+            batch: list[Delta | ToolDelta | TurnDone | TurnError] = []
+            while item is not None:
+                if isinstance(item, Delta | ToolDelta):
+                    if item.seq > received:
+                        received = item.seq
+                        batch.append(item)
+                elif isinstance(item, TurnDone | TurnError):
+                    if item.deltas > received:
+                        batch += await self._stragglers(received, item.deltas)
+                    batch.append(item)
+                    yield batch
+                    return
+                item = self._inbox.get_nowait() if not self._inbox.empty() else None
+            if batch:
+                yield batch
 
-    async def _stragglers(self, missing: int) -> None:
-        """Give late deltas a moment; the final message carries the full text anyway."""
-        assert self._sub is not None
-        with contextlib.suppress(NatsTimeout):
-            for _ in range(missing):
-                await self._sub.next_msg(timeout=STRAGGLER_SECONDS)
+    async def _stragglers(self, received: int, sent: int) -> list[Delta | ToolDelta]:
+        """Deltas published before the final message but delivered after it (they come
+        from another connection): a moment for them; the final message carries the
+        full text anyway, so what stays missing is sent from it."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + STRAGGLER_SECONDS
+        late: list[Delta | ToolDelta] = []
+        while received < sent:
+            item = await self._next(max(0.0, deadline - loop.time()))
+            if item is None:
+                break
+            if isinstance(item, Delta | ToolDelta) and item.seq > received:
+                received = item.seq
+                late.append(item)
+        return late

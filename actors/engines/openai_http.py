@@ -12,7 +12,7 @@ OPENAI_PROJECT_ID, sent the way the SDK sends them.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -99,8 +99,9 @@ def _reason(body: bytes) -> str:
         error = msgspec.json.decode(body).get("error")
     except (msgspec.DecodeError, AttributeError):
         error = None
-    if isinstance(error, dict) and isinstance(error.get("message"), str):
-        return error["message"][:_MAX_REASON]
+    message = error.get("message") if isinstance(error, dict) else None
+    if isinstance(message, str):
+        return message[:_MAX_REASON]
     if isinstance(error, str):
         return error[:_MAX_REASON]
     return body.decode("utf-8", "replace").strip()[:_MAX_REASON] or "no reason given"
@@ -191,7 +192,7 @@ class OpenAIHTTP:
                 502, "upstream_error", f"The upstream model answered with something else than a completion: {error}"
             ) from error
 
-    async def stream(self, body: dict[str, Any]) -> AsyncIterator[Chunk]:
+    async def stream(self, body: dict[str, Any]) -> AsyncGenerator[Chunk, None]:
         """The chunks of a streamed chat completion, until `data: [DONE]` or the end."""
         answering = False
         try:

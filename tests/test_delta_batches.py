@@ -1,0 +1,101 @@
+"""Deltas produced together travel together: one NATS message, one HTTP write.
+
+The model actor batches what an engine hands over without waiting; the gateway's
+relay unpacks batches in order and waits for deltas that arrive after the final
+message. Both over a real nats-server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from nats.aio.client import Client
+
+from actors.engines.base import DeltaSink, EngineOutput
+from actors.model_actor import ModelActor
+from actors.protocol import (
+    OUTPUT_CODEC,
+    Delta,
+    Deltas,
+    GenerateRequest,
+    StartTurn,
+    TurnDone,
+)
+from bus.subjects import session_out
+from eventstore.events import ChatMessage, Usage
+from veil.relay import TurnRelay
+
+
+class BurstyEngine:
+    """Three pieces at once (as from one network read), then one more after a wait."""
+
+    name = "bursty"
+
+    async def generate(
+        self, model: str, messages: list[ChatMessage], params: dict[str, Any], on_delta: DeltaSink | None, output: EngineOutput
+    ) -> None:
+        assert on_delta is not None
+        for piece in ("a", "b", "c"):
+            output.parts.append(piece)
+            await on_delta(piece)
+        await asyncio.sleep(0.05)
+        output.parts.append("d")
+        await on_delta("d")
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_pieces_handed_over_together_are_one_message(nc: Client) -> None:
+    out = "chat.session.s_batch.out.t1"
+    seen: list[object] = []
+
+    async def collect(msg: Any) -> None:
+        seen.append(OUTPUT_CODEC.decode(msg.data))
+
+    sub = await nc.subscribe(out, cb=collect)
+    actor = ModelActor(nc, {"bursty": BurstyEngine()}, version="0")
+    job = GenerateRequest(turn_id="t1", upstream_model="m", messages=[], out_subject=out)
+    result = await actor.generate("bursty", job)
+    await nc.flush()
+    await asyncio.sleep(0.05)
+    await sub.unsubscribe()
+    assert result.content == "abcd" and result.deltas == 4
+    # Everything is published before generate returns (the final message comes after it).
+    assert seen == [
+        Deltas(items=[Delta(seq=1, text="a"), Delta(seq=2, text="b"), Delta(seq=3, text="c")]),
+        Delta(seq=4, text="d"),
+    ]
+
+
+def _start(session_id: str, turn_id: str) -> StartTurn:
+    return StartTurn(
+        command_id=turn_id, turn_id=turn_id, session_id=session_id, new_session=False,
+        tenant="t", key_id="k", model="veil", messages=[], stream=True,
+    )
+
+
+async def test_relay_unpacks_batches_in_order_and_waits_for_late_deltas(nc: Client) -> None:
+    start = _start("s_relay", "t2")
+    out = session_out(start.session_id, start.turn_id)
+    done = TurnDone(content="abcde", finish_reason="stop", usage=Usage(), deltas=5)
+    async with TurnRelay(nc, start) as relay:
+        await nc.publish(out, OUTPUT_CODEC.encode(Deltas(items=[Delta(seq=1, text="a"), Delta(seq=2, text="b")])))
+        await nc.publish(out, OUTPUT_CODEC.encode(Delta(seq=2, text="b")))  # a duplicate: dropped
+        await nc.publish(out, OUTPUT_CODEC.encode(Delta(seq=3, text="c")))
+        # The final message overtakes the last two deltas (another connection sends them).
+        await nc.publish(out, OUTPUT_CODEC.encode(done))
+        await nc.flush()
+
+        async def late() -> None:
+            await asyncio.sleep(0.1)
+            await nc.publish(out, OUTPUT_CODEC.encode(Deltas(items=[Delta(seq=4, text="d"), Delta(seq=5, text="e")])))
+
+        sender = asyncio.create_task(late())
+        batches = [batch async for batch in relay.batches(5, lambda: False)]
+        await sender
+    items = [item for batch in batches for item in batch]
+    assert [i.text for i in items if isinstance(i, Delta)] == ["a", "b", "c", "d", "e"]
+    assert items[-1] == done
+    assert len(batches) <= 3  # what arrived together was handed over together
