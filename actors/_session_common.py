@@ -17,6 +17,7 @@ from actors.protocol import (
     TurnError,
 )
 from actors.tools.builtin import Tool
+from bus.signals import Signals
 from eventstore.events import EventUnion
 from eventstore.store import EventStore
 from eventstore.tombstones import TombstoneLog
@@ -31,6 +32,8 @@ class SessionContext(msgspec.Struct, kw_only=True):
     nc: Client
     store: EventStore
     config: Config
+    # Where turns hear that their client went away (one subscription for all of them).
+    signals: Signals
     tombstones: TombstoneLog | None = None
     # Every tool a pipeline may name (their schemas go to the model; the tool actor runs them).
     tools: dict[str, Tool] = {}

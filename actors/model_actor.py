@@ -13,7 +13,6 @@ import time
 
 import structlog
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import Service
@@ -32,7 +31,8 @@ from actors.protocol import (
     ToolDelta,
 )
 from bus.codec import DecodeError
-from bus.subjects import model_generate
+from bus.signals import Signals
+from bus.subjects import SESSION_CANCEL_WILDCARD, model_generate
 from eventstore.events import Usage
 
 __all__ = ["ModelActor"]
@@ -41,8 +41,12 @@ log = structlog.get_logger("veil.model")
 
 
 class ModelActor:
-    def __init__(self, nc: Client, engines: dict[str, Engine], *, version: str) -> None:
+    def __init__(
+        self, nc: Client, engines: dict[str, Engine], *, version: str, signals: Signals | None = None
+    ) -> None:
         self._nc = nc
+        # Cancellations of every turn, on one subscription (shared with the session actors).
+        self._signals = signals or Signals(nc, SESSION_CANCEL_WILDCARD)
         self._engines = engines
         self._version = version
         self._service: Service | None = None
@@ -116,14 +120,12 @@ class ModelActor:
         )
         cancelled = False
 
-        async def on_cancel(_: Msg) -> None:
+        def on_cancel() -> None:
             nonlocal cancelled
             cancelled = True
             gen.cancel()
 
-        cancel_sub = (
-            await nc.subscribe(job.cancel_subject, cb=on_cancel) if job.cancel_subject else None
-        )
+        unwatch = await self._signals.watch(job.cancel_subject, on_cancel) if job.cancel_subject else None
         started = time.perf_counter()
         error: ErrorInfo | None = None
         try:
@@ -135,9 +137,8 @@ class ModelActor:
         finally:
             if batcher is not None:
                 await batcher.drain()
-            if cancel_sub is not None:
-                with contextlib.suppress(Exception):
-                    await cancel_sub.unsubscribe()
+            if unwatch is not None:
+                unwatch()
         if not gen.cancelled():
             failure = gen.exception()
             if isinstance(failure, EngineError):

@@ -310,11 +310,7 @@ class SessionActor(SessionQueries, TurnSteps):
         pipeline = self._ctx.config.pipelines[await self._choose_pipeline(start, model)]
         cancel_subject = session_cancel(self.session_id, start.turn_id)
         cancelled = asyncio.Event()
-
-        async def on_cancel(_: Msg) -> None:
-            cancelled.set()
-
-        cancel_sub = await nc.subscribe(cancel_subject, cb=on_cancel)
+        unwatch = await self._ctx.signals.watch(cancel_subject, cancelled.set)
         result: GenerateResult | None = None
         error: ErrorInfo | None = None
         try:
@@ -398,8 +394,7 @@ class SessionActor(SessionQueries, TurnSteps):
                     )
                     break
         finally:
-            with contextlib.suppress(Exception):
-                await cancel_sub.unsubscribe()
+            unwatch()
         now = self._ctx.clock()
         if cancelled.is_set() or (result is not None and result.cancelled):
             await self._append(session.CancelTurn(turn_id=start.turn_id, now=now, result=result))

@@ -15,6 +15,7 @@ __all__ = [
     "MEMORY_RECALL",
     "ROUTER_ROUTE",
     "TOOLS_RUN",
+    "SESSION_CANCEL_WILDCARD",
     "SESSION_CMD_WILDCARD",
     "TOMBSTONES_STREAM",
     "TOMBSTONES_WILDCARD",
@@ -37,6 +38,8 @@ EVENTS_WILDCARD = "chat.events.>"
 TOMBSTONES_STREAM = "CHAT_TOMBSTONES"
 TOMBSTONES_WILDCARD = "chat.tombstones.>"
 SESSION_CMD_WILDCARD = "chat.session.*.cmd"
+# Every turn's cancellation subject (see session_cancel).
+SESSION_CANCEL_WILDCARD = "chat.session.*.cancel.*"
 
 MAX_ID_LENGTH = 128
 _ID = re.compile(r"[A-Za-z0-9_-]{1,128}")

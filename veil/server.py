@@ -25,7 +25,8 @@ from actors.model_actor import ModelActor
 from actors.session_actor import SessionActor, SessionContext
 from bus.connection import connect
 from bus.runtime import ActorHost
-from bus.subjects import SESSION_CMD_WILDCARD, session_from_cmd_subject
+from bus.signals import Signals
+from bus.subjects import SESSION_CANCEL_WILDCARD, SESSION_CMD_WILDCARD, session_from_cmd_subject
 from eventstore.jetstream import JetStreamEventStore, ensure_stream
 from eventstore.tombstones import TombstoneLog
 from veil import __version__
@@ -56,8 +57,11 @@ class Workers:
         await ensure_stream(js)
         tombstones = TombstoneLog(js, nc)
         await tombstones.ensure()
+        signals = Signals(nc, SESSION_CANCEL_WILDCARD)
+        await signals.start()
         ctx = SessionContext(
             nc=nc,
+            signals=signals,
             store=JetStreamEventStore(js, nc),
             config=self._config,
             tombstones=tombstones,
@@ -84,7 +88,7 @@ class Workers:
             self._tools = ToolActor(nc, configured_tools(self._config), version=__version__)
             await self._tools.start()
         engines: dict[str, Engine] = {name: build_engine(self._config, name) for name in self._config.engines}
-        self._models = ModelActor(nc, engines, version=__version__)
+        self._models = ModelActor(nc, engines, version=__version__, signals=signals)
         await self._models.start()
 
     @property
