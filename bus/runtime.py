@@ -111,7 +111,10 @@ class ActorHost:
         try:
             while True:
                 try:
-                    request = await asyncio.wait_for(cell.mailbox.get(), self._idle)
+                    # asyncio.timeout, not wait_for: on Python 3.11 wait_for makes a
+                    # task for every message.
+                    async with asyncio.timeout(self._idle):
+                        request = await cell.mailbox.get()
                 except TimeoutError:
                     if cell.mailbox.empty():
                         return  # passivate; a new request activates a fresh actor
