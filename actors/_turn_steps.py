@@ -168,6 +168,7 @@ class TurnSteps(SessionPart):
             or not policy.recall
             or state.open_turn is None
             or state.tenant is None
+            or not session.recall_may_add(state, pipeline.budget)
         ):
             return None
         query = next(

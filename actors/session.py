@@ -64,6 +64,7 @@ __all__ = [
     "fold_plan",
     "initial",
     "prompt",
+    "recall_may_add",
 ]
 
 SYSTEM_ROLES = frozenset({"system", "developer"})
@@ -113,6 +114,9 @@ class SessionState(msgspec.Struct, frozen=True, kw_only=True):
     turns: int = 0
     events: int = 0
     usage: Usage = Usage()
+    # What long-term memory holds of this session that its history never carries:
+    # messages of failed and cancelled turns, extracted facts.
+    beyond_history: int = 0
 
 
 # Commands: the shell fills in `now` and everything else non-deterministic.
@@ -463,7 +467,9 @@ def evolve(state: SessionState, event: EventUnion) -> SessionState:
                 pipeline=event.pipeline or state.pipeline,
                 updated_at=event.at,
             )
-        case ModelCalled() | MemoryRecalled() | DocumentsRetrieved() | FactsExtracted() | ToolLoopStopped():
+        case FactsExtracted():
+            return replace(state, beyond_history=state.beyond_history + len(event.facts))
+        case ModelCalled() | MemoryRecalled() | DocumentsRetrieved() | ToolLoopStopped():
             return state
         case ToolsCalled():
             if state.open_turn is None or state.open_turn.turn_id != event.turn_id:
@@ -509,7 +515,10 @@ def evolve(state: SessionState, event: EventUnion) -> SessionState:
                 message=event.message,
             )
             return _close(
-                state, TurnOutcome(turn_id=event.turn_id, status="failed", error=error), event.at
+                state,
+                TurnOutcome(turn_id=event.turn_id, status="failed", error=error),
+                event.at,
+                beyond_history=state.beyond_history + 1,
             )
         case TurnCancelled():
             outcome = TurnOutcome(
@@ -519,7 +528,13 @@ def evolve(state: SessionState, event: EventUnion) -> SessionState:
                 finish_reason="cancelled",
                 usage=event.usage,
             )
-            return _close(state, outcome, event.at, usage=_add_usage(state.usage, event.usage))
+            return _close(
+                state,
+                outcome,
+                event.at,
+                usage=_add_usage(state.usage, event.usage),
+                beyond_history=state.beyond_history + 1,
+            )
         case _:
             assert_never(event)
 
@@ -546,6 +561,18 @@ def fold_plan(state: SessionState, budget: int) -> int | None:
         if estimate_message_tokens(state.history[start:]) <= budget // 2:
             return start
     return starts[-1] if starts else None
+
+
+def recall_may_add(state: SessionState, budget: int | None) -> bool:
+    """Whether long-term memory may hold something for this turn that its prompt lacks.
+
+    Not when memory is scoped to this session alone and the prompt carries all of
+    the session: every hit would be a message already in the prompt, which recall
+    leaves out anyway. Then the turn skips the recall (and its query embedding).
+    """
+    if state.user_id is not None or state.summarized or state.beyond_history:
+        return True
+    return budget is not None and estimate_message_tokens(state.history) > budget
 
 
 def prompt(

@@ -225,3 +225,12 @@ def test_extracted_facts_are_remembered(veil: VeilThread, upstream: FakeOpenAI) 
     assert ("fact", "The user's dog is named Biscuit.") in found
     out = run_veil("replay", sid, env={"VEIL_NATS_URL": veil.nats_url}).stdout
     assert "facts extracted" in out and "model called for the facts" in out
+
+
+def test_a_session_the_prompt_carries_whole_does_not_ask_memory(veil: VeilThread, upstream: FakeOpenAI) -> None:
+    # Scoped to itself, with every message in the prompt: recall could only find those.
+    sid = say(veil, "My badge number is 4411.")
+    veil.wait_for_memory()
+    say(veil, "What is my badge number?", sid)
+    assert "<memories>" not in system_of(upstream)
+    assert not [e for e in load(veil, sid) if isinstance(e, MemoryRecalled)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import msgspec
 import pytest
 
 from actors import session
@@ -12,6 +13,7 @@ from actors.protocol import ErrorInfo, GenerateResult, StartTurn
 from eventstore.events import (
     ChatMessage,
     EventUnion,
+    FactsExtracted,
     ModelCalled,
     ReplyCompleted,
     SessionOpened,
@@ -233,3 +235,34 @@ def test_parse_facts_drops_bullets_and_none() -> None:
     ]
     assert parse_facts("NONE") == []
     assert len(parse_facts("\n".join(f"- fact {i}" for i in range(20)))) == MAX_FACTS
+
+
+# --- when long-term recall can add anything ---------------------------------------------------
+
+
+def test_recall_is_skipped_only_while_the_prompt_carries_the_whole_session() -> None:
+    state = completed_session()
+    assert session.recall_may_add(state, budget=1000) is False
+    assert session.recall_may_add(state, budget=None) is False
+    # The history no longer fits: older messages are only in long-term memory.
+    assert session.recall_may_add(state, budget=1) is True
+    # A user's other sessions may hold something.
+    assert session.recall_may_add(msgspec.structs.replace(state, user_id="u1"), budget=1000) is True
+    # Folded into a summary: the exact messages are gone from the prompt.
+    assert session.recall_may_add(msgspec.structs.replace(state, summarized=2), budget=1000) is True
+
+
+def test_failed_and_cancelled_turns_and_facts_keep_recall_on() -> None:
+    base = completed_session()
+    cmd = start("t2", user("my locker is 31-07"))
+    for closing in (
+        TurnFailed(at=T0, turn_id="t2", status=502, code="upstream_error", message="boom"),
+        TurnCancelled(at=T0, turn_id="t2", content="", usage=Usage()),
+    ):
+        state, _ = run(base, open_turn(cmd))
+        state = session.evolve(state, closing)
+        # Its message is remembered (TurnStarted is indexed) but never enters the history.
+        assert user("my locker is 31-07") not in state.history
+        assert session.recall_may_add(state, budget=1000) is True
+    facts = session.evolve(base, FactsExtracted(at=T0, turn_id="t1", facts=["likes tea"]))
+    assert session.recall_may_add(facts, budget=1000) is True
