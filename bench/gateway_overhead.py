@@ -248,7 +248,7 @@ async def chat(
             latency, ttft = time.perf_counter() - t0, None
             reply = _decode(data)
             content, session = reply["choices"][0]["message"]["content"], reply.get("session_id")
-    if content != expect:
+    if not content.startswith(expect):  # the echo of the message, which may end in " #n"
         raise CallFailed(f"unexpected reply {content[:80]!r}")
     return Reply(latency * 1e3, None if ttft is None else ttft * 1e3, session)
 
@@ -413,6 +413,7 @@ class Setup:
     direct_url: str
     veil_url: str
     message: str
+    vary: bool  # a different message each call, as real traffic (no embedding cache hits)
     turns: int
     warmup: int
     max_seconds: float  # time cap of one cell
@@ -424,9 +425,18 @@ class Setup:
     def busy_pids(self) -> list[int]:
         return [pid for name, pid in self.cpu.pids.items() if name in ("veil", "nats")]
 
+    _sent: int = 0
+
     @property
     def expect(self) -> str:
         return f"echo: {self.message}"
+
+    def text(self) -> str:
+        """The next call's message."""
+        if not self.vary:
+            return self.message
+        self._sent += 1
+        return f"{self.message} #{self._sent}"
 
 
 def new_http(clients: int) -> aiohttp.ClientSession:
@@ -452,8 +462,7 @@ async def measure(
             body_for, on_reply = await _continue_sessions(setup, http, stream, clients, calls, cell)
         else:
             model = UPSTREAM_MODEL if target == "direct" else MODEL
-            fixed = chat_body(model, setup.message, stream)
-            body_for, on_reply = (lambda _w: fixed), None
+            body_for, on_reply = (lambda _w: chat_body(model, setup.text(), stream)), None
             if target == "veil new":
                 on_reply = _keep(setup, "new")
             warm = Cell("warm-up", stream, clients)
@@ -488,7 +497,6 @@ async def _continue_sessions(
     """Open enough sessions for `calls` turns (untimed; this is the warm-up too)."""
     opened: list[str] = []
     needed = math.ceil(calls / setup.turns) + clients + 1
-    opener = chat_body(MODEL, setup.message, False)
 
     def keep(_w: int, reply: Reply) -> None:
         setup.veil_turns["new"] += 1
@@ -497,14 +505,14 @@ async def _continue_sessions(
 
     opening = Cell("opening", False, clients)
     await drive(http, setup.veil_url, False, setup.expect, max(clients, 8), needed, math.inf,
-                lambda _w: opener, opening, keep)
+                lambda _w: chat_body(MODEL, setup.text(), False), opening, keep)
     # Failures to open are reported with the cell, labelled, outside its percentiles.
     cell.errors.update({f"opening a session: {k}": v for k, v in opening.errors.items()})
     convos = Conversations(opened, setup.turns)
 
     def body_for(w: int) -> bytes | None:
         session = convos.next_for(w)
-        return None if session is None else chat_body(MODEL, setup.message, stream, session)
+        return None if session is None else chat_body(MODEL, setup.text(), stream, session)
 
     return body_for, _keep(setup, "continued")
 
@@ -910,7 +918,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="untimed calls before each cell, 3 s at most (default 100)")
     p.add_argument("--turns", type=int, default=10,
                    help="turns per session when continuing sessions: bounds the history")
-    p.add_argument("--message", default="hello from the benchmark", help="every call's message")
+    p.add_argument("--message", default="hello from the benchmark",
+                   help="every call's message, followed by ' #n' (the call's number) unless "
+                        "--fixed-message")
+    p.add_argument("--fixed-message", action="store_true",
+                   help="send the message as it is every time: Veil's embedding cache then "
+                        "answers for long-term memory, which real traffic does not allow")
     p.add_argument("--quick", action="store_true",
                    help="200/400 calls per cell, 4 s cap, 50 warm-up calls")
     p.add_argument("--veil-config", metavar="FILE",
@@ -999,14 +1012,14 @@ def main(argv: list[str] | None = None) -> int:
                 pids["nats"] = pid
             setup = Setup(direct_url=f"{base}/chat/completions",
                           veil_url=f"http://127.0.0.1:{m.group(1)}/v1/chat/completions",
-                          message=args.message, turns=args.turns, warmup=args.warmup,
+                          message=args.message, vary=not args.fixed_message, turns=args.turns, warmup=args.warmup,
                           max_seconds=args.max_seconds,
                           cpu=CpuMeter(pids))
             print(f"upstream {base} (pid {upstream.proc.pid}); veil {setup.veil_url} "
                   f"(pid {veil.proc.pid}); nats {nats_url} (pid {pids.get('nats', '?')})")
             print(f"calls per cell: {args.requests[0]} at 1 client, {args.requests[1]} at 16, "
                   f"{args.max_seconds:g} s at most, after {args.warmup} warm-up calls; "
-                  f"message {args.message!r}; continued sessions: {args.turns} turns each "
+                  f"message {args.message!r}{' + #n' if not args.fixed_message else ''}; continued sessions: {args.turns} turns each "
                   f"(upstream gets 3..{2 * args.turns + 1} messages)")
             requests = {1: args.requests[0], 16: args.requests[1]}
             results = asyncio.run(run(setup, requests, base, nats_url, not args.no_breakdown))

@@ -81,7 +81,8 @@ async def start_memory(
             js,
             index,
             default_embedder(),
-            projection_embedder=Embedder(),
+            # Background work: niced, so it takes the CPU the turns leave.
+            projection_embedder=Embedder(nice=10),
             store=store,
             tombstones=tombstones,
             version=__version__,

@@ -15,7 +15,9 @@ length so padding stays small; a text's vector does not depend on its batch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.metadata
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -64,6 +66,7 @@ class Embedder:
         self,
         threads: int = 1,
         *,
+        nice: int = 0,
         model_path: Path | None = None,
         tokenizer_path: Path | None = None,
     ) -> None:
@@ -83,7 +86,9 @@ class Embedder:
         )
         self._inputs = {i.name for i in self._session.get_inputs()}
         # One worker: embeddings never overlap each other nor run on the event loop.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="veil-embed")
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="veil-embed", initializer=_lower_priority, initargs=(nice,)
+        )
 
     def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
         """Unit vectors for `texts`, shape (len(texts), 384)."""
@@ -162,6 +167,14 @@ _RECENT = _RecentVectors()
 
 _default: Embedder | None = None
 _default_lock = threading.Lock()
+
+
+def _lower_priority(nice: int) -> None:
+    """Give this thread a nice value (Linux schedules threads on their own): background
+    work such as the memory projection then yields the CPU to the threads serving turns."""
+    if nice and hasattr(os, "setpriority"):
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
 
 
 def default_embedder() -> Embedder:
