@@ -109,45 +109,40 @@ class ModelActor:
                 )
             batcher.add(message)
 
-        gen = asyncio.create_task(
-            engine.generate(
-                job.upstream_model,
-                job.messages,
-                job.params,
-                on_delta if job.out_subject else None,
-                output,
-            )
-        )
+        # A cancellation signal cancels this task while the engine runs: no task of its own.
+        this = asyncio.current_task()
+        assert this is not None
+        generating = True
         cancelled = False
 
         def on_cancel() -> None:
             nonlocal cancelled
-            cancelled = True
-            gen.cancel()
+            if generating and not cancelled:
+                cancelled = True
+                this.cancel()
 
         unwatch = await self._signals.watch(job.cancel_subject, on_cancel) if job.cancel_subject else None
         started = time.perf_counter()
         error: ErrorInfo | None = None
         try:
-            # wait() does not raise the generation's own errors; we read them below.
-            await asyncio.wait({gen})
+            await engine.generate(
+                job.upstream_model, job.messages, job.params, on_delta if job.out_subject else None, output
+            )
         except asyncio.CancelledError:
-            gen.cancel()
-            raise
+            if not cancelled:
+                raise  # shutting down
+            this.uncancel()
+        except EngineError as failure:
+            error = failure.info
+        except Exception as failure:  # an engine bug must not kill the worker
+            log.error("engine.failed", engine=engine_name, error=repr(failure))
+            error = ErrorInfo(status=502, type="api_error", code="engine_error", message=repr(failure))
         finally:
-            if batcher is not None:
-                await batcher.drain()
+            generating = False
             if unwatch is not None:
                 unwatch()
-        if not gen.cancelled():
-            failure = gen.exception()
-            if isinstance(failure, EngineError):
-                error = failure.info
-            elif failure is not None:  # an engine bug must not kill the worker
-                log.error("engine.failed", engine=engine_name, error=repr(failure))
-                error = ErrorInfo(
-                    status=502, type="api_error", code="engine_error", message=repr(failure)
-                )
+            if batcher is not None:
+                await batcher.drain()
         latency = (time.perf_counter() - started) * 1000
         content = output.content
         usage = output.usage
