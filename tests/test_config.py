@@ -128,3 +128,10 @@ def test_vllm_engine_needs_a_model_and_the_extra(tmp_path: Path) -> None:
             load_config(write(tmp_path, with_model), env={})
     else:
         assert load_config(write(tmp_path, with_model), env={}).engines["up"].model == "/models/smollm2"
+
+
+def test_an_upstream_url_that_is_not_http_stops_start_up() -> None:
+    with pytest.raises(ConfigError, match=r"engines\.openai\.base_url: '/v1' is not an http\(s\) URL .*OPENAI_BASE_URL"):
+        load_config(None, env={"OPENAI_BASE_URL": "/v1"})
+    # Empty (compose passes the variable through unset) means the default.
+    assert load_config(None, env={"OPENAI_BASE_URL": "", "OPENAI_API_KEY": "k"}).engines["openai"].base_url == ""

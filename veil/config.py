@@ -15,6 +15,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -358,6 +359,11 @@ def _fill_defaults(config: Config, env: Mapping[str, str]) -> Config:
     return config
 
 
+def _is_http_url(value: str) -> bool:
+    parts = urlsplit(value)
+    return parts.scheme in ("http", "https") and bool(parts.netloc)
+
+
 def _check(config: Config, text: str | None) -> None:
     def invalid(path: str, message: str) -> ConfigError:
         return _invalid(config.source, text, path, message)
@@ -389,6 +395,10 @@ def _check(config: Config, text: str | None) -> None:
     for name, engine in config.engines.items():
         if not is_valid_id(name):
             raise invalid(f"engines.{name}", "names may use only [A-Za-z0-9_-]")
+        if engine.base_url and not _is_http_url(engine.base_url):
+            variable = {"openai": "OPENAI_BASE_URL", "anthropic": "ANTHROPIC_BASE_URL"}.get(engine.kind)
+            also = f" (set in the file or by {variable})" if variable else ""
+            raise invalid(f"engines.{name}.base_url", f"{engine.base_url!r} is not an http(s) URL{also}")
         if engine.kind == "vllm":
             if not engine.model:
                 raise invalid(f"engines.{name}.model", "a vllm engine needs a model (a Hugging Face folder or id)")

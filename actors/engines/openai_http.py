@@ -121,9 +121,11 @@ def _timeout_error() -> EngineError:
     return EngineError(504, "upstream_timeout", "The upstream model did not answer in time.", retryable=True)
 
 
-def _unreachable(error: Exception) -> EngineError:
+def _unreachable(url: str, error: Exception) -> EngineError:
+    # aiohttp's messages can be bare (an invalid URL says only the URL): name the kind too.
+    reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
     return EngineError(
-        502, "upstream_unreachable", f"The upstream model could not be reached: {error}", retryable=True
+        502, "upstream_unreachable", f"The upstream model at {url} could not be reached ({reason})", retryable=True
     )
 
 
@@ -184,7 +186,7 @@ class OpenAIHTTP:
         except TimeoutError as error:
             raise _timeout_error() from error
         except aiohttp.ClientError as error:
-            raise _unreachable(error) from error
+            raise _unreachable(self.url, error) from error
         try:
             return _completion.decode(payload)
         except msgspec.DecodeError as error:
@@ -216,7 +218,7 @@ class OpenAIHTTP:
         except TimeoutError as error:
             raise _timeout_error() from error
         except aiohttp.ClientError as error:
-            raise (_broken(error) if answering else _unreachable(error)) from error
+            raise (_broken(error) if answering else _unreachable(self.url, error)) from error
 
 
 async def _sse_data(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
