@@ -146,16 +146,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
 
 
-def children_of(pid: int) -> list[int]:
-    """Direct children of pid: the nats-server Veil spawned."""
-    found = []
+def children_of(pid: int) -> dict[int, str]:
+    """Direct children of pid and their names: the nats-server Veil spawned, and its
+    helper processes (the memory projection's embedder)."""
+    found = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            text = stat.read_text()
+            name = text.split("(", 1)[1].rsplit(")", 1)[0]
+            ppid = int(text.rsplit(")", 1)[1].split()[1])
         except (OSError, IndexError, ValueError):
             continue
         if ppid == pid:
-            found.append(int(stat.parent.name))
+            found[int(stat.parent.name)] = name
     return found
 
 
@@ -184,6 +187,10 @@ class CpuMeter:
 
     def _sample(self) -> dict[str, float]:
         now = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        if "veil" in self.pids:
+            # Veil's helper processes (started when needed) count as Veil.
+            now["veil"] += sum(cpu_seconds(pid) for pid, name in children_of(self.pids["veil"]).items()
+                               if name != "nats-server")
         now["machine"] = machine_busy_seconds()
         return now
 
@@ -423,7 +430,9 @@ class Setup:
 
     @property
     def busy_pids(self) -> list[int]:
-        return [pid for name, pid in self.cpu.pids.items() if name in ("veil", "nats")]
+        """Veil and everything it started: nats-server, helper processes."""
+        veil = self.cpu.pids["veil"]
+        return [veil, *children_of(veil)]
 
     _sent: int = 0
 
@@ -1008,8 +1017,9 @@ def main(argv: list[str] | None = None) -> int:
                 re.compile(r"Veil listening on http://127\.0\.0\.1:(\d+)/v1"), logs)
             nats_url = (logs / "data" / "nats.url").read_text().strip()
             pids = {"load": os.getpid(), "upstream": upstream.proc.pid, "veil": veil.proc.pid}
-            for pid in children_of(veil.proc.pid):
-                pids["nats"] = pid
+            for pid, name in children_of(veil.proc.pid).items():
+                if name == "nats-server":
+                    pids["nats"] = pid
             setup = Setup(direct_url=f"{base}/chat/completions",
                           veil_url=f"http://127.0.0.1:{m.group(1)}/v1/chat/completions",
                           message=args.message, vary=not args.fixed_message, turns=args.turns, warmup=args.warmup,
