@@ -7,6 +7,9 @@ time to first token (TTFT), requests per second, the latency Veil adds, and the 
 process used. Every process shares this machine's cores, so the CPU columns also show what
 else was running.
 
+Every call sends its own message (the text ends in " #n"), as real traffic does: with one
+fixed text, long-term memory's embeddings would all come from its cache.
+
 Each cell makes a fixed number of calls unless it hits a time cap first (the table says so),
 which keeps the whole run under about 3 minutes on 2 cores however fast Veil is. Between
 cells the script waits until Veil and nats-server are idle: work Veil does after replying
