@@ -870,8 +870,8 @@ def print_breakdown(
     rr, js = p50["nats request-reply"], p50["jetstream publish+ack"]
     # The critical path of a json turn (actors/session_actor.py): gateway -> session request,
     # session -> model request, and each event appended by its own publish waiting for its
-    # ack, all before the reply goes out. A new session first loads its (empty) log; a
-    # continued one sends its history upstream; a turn that recalled asked memory first.
+    # ack, all before the reply goes out. A new session's log is known to be empty, so it is
+    # not read; a continued one sends its history upstream; a turn that recalled asked memory.
     result: dict[str, Any] = {"p50_ms": p50, "engine_overhead_ms": round(engine_extra, 3),
                               "sdk_overhead_ms": round(sdk_extra, 3)}
     for kind, variant in (("new", "veil new"), ("continued", "veil cont.")):
@@ -883,18 +883,15 @@ def print_breakdown(
         count = sum(events.values())
         recall = "MemoryRecalled" in events and "memory recall" in p50
         call = engine_key(1 if kind == "new" else history)
-        floor = 2 * rr + count * js + p50[call] + (p50["direct get (empty session load)"]
-                                                  if kind == "new" else 0)
+        floor = 2 * rr + count * js + p50[call]
         floor += p50["memory recall"] if recall else 0
         listed = ", ".join(f"{k} x{v:g}" if v != 1 else k for k, v in sorted(events.items()))
         print(f"  a {kind} turn appends {count:g} events: {listed}")
         print(f"    json, 1 client, at least: 2 request-replies"
-              f"{' + 1 direct get' if kind == 'new' else ''}"
               f"{' + 1 memory recall' if recall else ''} + {count:g} plain publishes + "
               f"{call} = {floor:.2f} ms in sequence;\n"
               f"    measured p50 {seen:.2f} ms, {seen - floor:.2f} ms above that floor: Veil's own "
-              f"Python work (HTTP, JSON, actors), waiting for its busy event loop, and appends "
-              f"slower than plain publishes (atomic batches)")
+              f"Python work (HTTP, JSON, actors) and waiting for its busy event loop")
         result[kind] = {"events": dict(events), "floor_ms": round(floor, 3),
                         "measured_p50_ms": seen}
     return result
