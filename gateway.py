@@ -55,6 +55,8 @@ __all__ = ["AUTH", "CONFIG", "NATS", "create_app"]
 log = structlog.get_logger("veil.gateway")
 
 SESSION_HEADER = "X-Session-Id"
+# Command ids made from a client's Idempotency-Key start with this.
+IDEMPOTENT_PREFIX = "idem_"
 STARTED = int(time.time())
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -139,7 +141,7 @@ def _session_of(request: web.Request, chat: ChatRequest, command_id: str) -> tup
     if len(given) > 1:
         raise ApiError(400, "The request names more than one session id.", param="session_id", code="invalid_value")
     if not given:
-        return f"sess_{command_id.removeprefix('idem_')}", True
+        return f"sess_{command_id.removeprefix(IDEMPOTENT_PREFIX)}", True
     session_id = given.pop()
     if not is_valid_id(session_id):
         raise ApiError(
@@ -156,7 +158,7 @@ def _command_id(request: web.Request, principal: Principal) -> str:
     key = request.headers.get("Idempotency-Key")
     if key:
         digest = hashlib.sha256(f"{principal.tenant}\0{key}".encode()).hexdigest()[:32]
-        return f"idem_{digest}"
+        return f"{IDEMPOTENT_PREFIX}{digest}"
     return uuid.uuid4().hex
 
 
@@ -190,11 +192,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         raise _unknown_model(chat.model)
     command_id = _command_id(request, principal)
     session_id, new_session = _session_of(request, chat, command_id)
+    random_id = new_session and not command_id.startswith(IDEMPOTENT_PREFIX)
     start = StartTurn(
         command_id=command_id,
         turn_id=command_id,
         session_id=session_id,
         new_session=new_session,
+        random_id=random_id,
         tenant=principal.tenant,
         key_id=principal.key_id,
         model=chat.model,

@@ -46,6 +46,7 @@ class SessionPart:
     session_id: str
     _ctx: SessionContext
     _state: session.SessionState
+    _erased: bool
 
     async def _append(
         self, command: session.Command, dedupe_id: str | None = None

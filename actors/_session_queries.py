@@ -115,6 +115,7 @@ class SessionQueries(SessionPart):
         memories = await self._forget_memories(command.tenant)
         self._state = session.initial()
         self._last_seq = 0
+        self._erased = True
         log.info("session.deleted", session=self.session_id, events=erased, memories=memories)
         reply = SessionDeleted(
             session_id=self.session_id, events_erased=erased, memories_erased=memories

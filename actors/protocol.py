@@ -65,6 +65,9 @@ class StartTurn(msgspec.Struct, frozen=True, kw_only=True, tag="start_turn"):
     turn_id: str
     session_id: str
     new_session: bool
+    # The gateway drew the new session's id at random: no log nor tombstone can exist.
+    # (A first turn under an Idempotency-Key gets an id derived from the key instead.)
+    random_id: bool = False
     tenant: str
     key_id: str
     model: str

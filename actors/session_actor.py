@@ -81,6 +81,8 @@ class SessionActor(SessionQueries, TurnSteps):
         self._loaded = False
         # True while the state is assumed empty rather than read (a session just minted).
         self._assumed_new = False
+        # The session was deleted: its id stays unused.
+        self._erased = False
 
     async def stop(self) -> None:
         return None
@@ -91,7 +93,7 @@ class SessionActor(SessionQueries, TurnSteps):
             # A deletion that was cut short after its tombstone: finish it first.
             if await self._ctx.tombstones.get(self.session_id) is not None:
                 await self._ctx.store.erase(self.session_id)
-                self._loaded = True
+                self._loaded = self._erased = True
                 return
         stored = await self._ctx.store.load(self.session_id, after=self._last_seq)
         for item in stored:
@@ -138,13 +140,19 @@ class SessionActor(SessionQueries, TurnSteps):
             )
             return
         if not self._loaded:
-            if isinstance(command, StartTurn) and command.new_session:
-                # An id the gateway just minted has no log and no tombstone: start from the
+            if isinstance(command, StartTurn) and command.new_session and command.random_id:
+                # An id the gateway just drew has no log and no tombstone: start from the
                 # empty state. The first append expects an empty log, so a session that is
-                # not new after all (a retried command) conflicts and reloads.
+                # not new after all conflicts and reloads.
                 self._loaded = self._assumed_new = True
             else:
                 await self._reload()
+        if isinstance(command, StartTurn) and command.new_session and self._erased:
+            # A first turn retried under its Idempotency-Key after its session was deleted:
+            # a deleted id never opens again.
+            message = "The session this request opened has been deleted; send it again with a new Idempotency-Key."
+            await self._reject(request, _error(409, "session_deleted", message))
+            return
         match command:
             case StartTurn():
                 await self._start_turn(request, command)

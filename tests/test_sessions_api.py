@@ -130,3 +130,17 @@ def test_delete_forgets_everywhere_and_leaves_a_tombstone(
     assert events == []
     assert found is not None and found.tenant == "a" and found.deleted_by.startswith("key_")
     assert marker not in json.dumps(str(found))
+
+
+def test_a_deleted_session_never_reopens_under_the_key_that_opened_it(veil: VeilThread, upstream: FakeOpenAI) -> None:
+    key = uuid.uuid4().hex
+    with openai.OpenAI(base_url=veil.base_url, api_key=KEY_A, max_retries=0) as client:
+        ask = {"model": "veil", "messages": [{"role": "user", "content": "open"}], "extra_headers": {"Idempotency-Key": key}}
+        sid = client.chat.completions.create(**ask).model_extra["session_id"]
+        assert api(veil, "DELETE", f"/sessions/{sid}")[0] == 200
+        calls = len(upstream.requests)
+        with pytest.raises(openai.ConflictError) as refused:
+            client.chat.completions.create(**ask)
+    assert refused.value.body["code"] == "session_deleted"
+    assert len(upstream.requests) == calls
+    assert api(veil, "GET", f"/sessions/{sid}")[0] == 404
