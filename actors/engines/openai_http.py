@@ -6,14 +6,17 @@ for a turn (`python bench/gateway_overhead.py`). Veil needs none of that
 machinery: its messages are already in the wire shape, retries are its own, and
 msgspec decodes the reply straight into the few fields it reads. Configuration
 follows the SDK's: OPENAI_BASE_URL, OPENAI_API_KEY, OPENAI_ORG_ID and
-OPENAI_PROJECT_ID, sent the way the SDK sends them.
+OPENAI_PROJECT_ID, sent the way the SDK sends them, and the proxy the environment
+names (HTTPS_PROXY, HTTP_PROXY, NO_PROXY).
 """
 
 from __future__ import annotations
 
 import os
+import urllib.request
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import msgspec
@@ -84,6 +87,14 @@ class Chunk(msgspec.Struct):
 _completion = msgspec.json.Decoder(ChatCompletion)
 _chunk = msgspec.json.Decoder(Chunk)
 _encode = msgspec.json.Encoder().encode
+
+
+def proxy_for(url: str) -> str | None:
+    """The proxy the environment names for `url`, unless NO_PROXY exempts its host."""
+    parts = urlsplit(url)
+    if parts.hostname and urllib.request.proxy_bypass(parts.hostname):
+        return None
+    return urllib.request.getproxies().get(parts.scheme)
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -158,6 +169,8 @@ class OpenAIHTTP:
         # Like the SDK's timeout: for connecting and between bytes, not for a whole
         # stream, which may rightly run for minutes.
         self._timeout = aiohttp.ClientTimeout(total=None, connect=timeout, sock_read=timeout)
+        # Looked up once: aiohttp's trust_env would read the environment on every request.
+        self._proxy = proxy_for(self.url)
         self._session: aiohttp.ClientSession | None = None
 
     def _pool(self) -> aiohttp.ClientSession:
@@ -171,6 +184,9 @@ class OpenAIHTTP:
             )
         return self._session
 
+    def _post(self, body: dict[str, Any]) -> Any:
+        return self._pool().post(self.url, data=_encode(body), headers=self._headers, proxy=self._proxy)
+
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
@@ -179,7 +195,7 @@ class OpenAIHTTP:
     async def complete(self, body: dict[str, Any]) -> ChatCompletion:
         """One non-streaming chat completion."""
         try:
-            async with self._pool().post(self.url, data=_encode(body), headers=self._headers) as response:
+            async with self._post(body) as response:
                 payload = await response.read()
                 if response.status >= 400:
                     raise _status_error(response.status, payload, response.headers.get("Retry-After"))
@@ -198,7 +214,7 @@ class OpenAIHTTP:
         """The chunks of a streamed chat completion, until `data: [DONE]` or the end."""
         answering = False
         try:
-            async with self._pool().post(self.url, data=_encode(body), headers=self._headers) as response:
+            async with self._post(body) as response:
                 answering = True
                 if response.status >= 400:
                     payload = await response.read()

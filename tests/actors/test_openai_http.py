@@ -187,3 +187,24 @@ async def test_headers_follow_the_sdks_environment_variables(serve, monkeypatch)
     assert seen["Authorization"] == "Bearer sk-from-env"
     assert (seen["OpenAI-Organization"], seen["OpenAI-Project"]) == ("org-1", "proj-1")
     assert seen["Content-Type"] == "application/json"
+
+
+async def test_the_environments_proxy_is_used_unless_no_proxy_exempts_the_host(serve, monkeypatch) -> None:
+    seen: list[str] = []
+
+    async def proxy(request: web.Request) -> web.Response:
+        # A forward proxy receives the absolute URL of the upstream.
+        seen.append(str(request.url))
+        return web.json_response({"choices": [{"index": 0, "message": {"content": "via proxy"}}]})
+
+    proxy_url = (await serve(proxy)).removesuffix("/v1")
+    monkeypatch.setenv("HTTP_PROXY", proxy_url)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    client = OpenAIHTTP(base_url="http://upstream.example/v1", api_key="k", timeout=5)
+    answer = await client.complete({"model": "m", "messages": []})
+    await client.aclose()
+    assert answer.choices[0].message.content == "via proxy"
+    assert seen == ["http://upstream.example/v1/chat/completions"]
+    monkeypatch.setenv("NO_PROXY", "upstream.example")
+    assert OpenAIHTTP(base_url="http://upstream.example/v1", api_key="k", timeout=5)._proxy is None
