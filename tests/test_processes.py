@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import nats
 import openai
 import pytest
@@ -38,6 +39,25 @@ def upstream() -> Iterator[FakeOpenAI]:
     fake.start_in_thread()
     yield fake
     fake.stop_thread()
+
+
+async def _hang_up_mid_stream(base_url: str) -> str:
+    """Start a streamed turn, read three text chunks, drop the connection; the session id."""
+    words = " ".join(f"w{i}" for i in range(40))
+    async with aiohttp.ClientSession() as http:
+        resp = await http.post(
+            f"{base_url}/chat/completions",
+            json={"model": "veil", "messages": [{"role": "user", "content": words}], "stream": True},
+            headers={"Authorization": f"Bearer {KEY}"},
+        )
+        seen = 0
+        async for line in resp.content:
+            if line.startswith(b"data: ") and b'"content":"' in line and b'"content":""' not in line:
+                seen += 1
+                if seen == 3:
+                    break
+        resp.close()
+        return resp.headers["X-Session-Id"]
 
 
 def _chat(base_url: str, text: str, session_id: str | None = None, key: str = KEY) -> openai.types.chat.ChatCompletion:
@@ -196,6 +216,28 @@ pipeline = "default"
             kinds = [json.loads(line)["event"]["type"] for line in replay.stdout.splitlines()[:-1]]
             opened_closed = [k for k in kinds if k in ("turn.started", "reply.completed", "turn.failed")]
             assert opened_closed == ["turn.started", "reply.completed"] * 9, kinds
+
+            # Streaming through another process: deltas and the final chunk arrive in order.
+            with openai.OpenAI(base_url=base, api_key=KEY, max_retries=0, timeout=30) as c:
+                chunks = list(c.chat.completions.create(
+                    model="veil", messages=[{"role": "user", "content": "stream me please"}], stream=True
+                ))
+            assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == "echo: stream me please"
+            assert chunks[-1].choices[0].finish_reason == "stop"
+
+            # A client that hangs up: the worker running the turn hears it and records it.
+            upstream.token_delay(0.2)
+            cancelled_sid = asyncio.run(_hang_up_mid_stream(base))
+            kinds: list[str] = []
+            for _ in range(100):
+                replay = run_veil("replay", cancelled_sid, "--json", env=env)
+                kinds = [json.loads(line)["event"]["type"] for line in replay.stdout.splitlines()[:-1]]
+                if "turn.cancelled" in kinds:
+                    break
+                time.sleep(0.1)
+            assert kinds[-1] == "turn.cancelled", kinds
+            assert upstream.last_request.outcome == "disconnected"  # the upstream call was aborted
+            upstream.reset()
 
             # One worker goes away; the other rebuilds any session from the log.
             assert workers[0].interrupt() == 0
