@@ -17,18 +17,15 @@ from aiohttp import web
 
 from actors.protocol import (
     DeleteSession,
-    Delta,
     GetSession,
     MemoriesFound,
     SearchMemories,
     SessionDeleted,
     SessionView,
     StartTurn,
-    ToolDelta,
     TurnDone,
     TurnError,
 )
-from bus.codec import encode
 from bus.connection import connect
 from bus.subjects import MAX_ID_LENGTH, is_valid_id
 from veil.admin import add_admin_routes
@@ -38,17 +35,14 @@ from veil.config import Config
 from veil.openai_wire import (
     ApiError,
     ChatRequest,
-    ChunkMeta,
-    chunk,
     completion,
     error_body,
     generation_params,
     parse_chat_request,
     to_chat_messages,
-    tool_calls_wire,
-    tool_delta_wire,
 )
 from veil.relay import ClientGone, TurnRelay, ask_session, run_turn
+from veil.sse import stream_turn
 
 __all__ = ["AUTH", "CONFIG", "NATS", "create_app"]
 
@@ -221,7 +215,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         batches = relay.batches(config.server.turn_timeout, _client_gone(request))
         try:
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
-            return await _stream(request, start, batches, include_usage)
+            return await stream_turn(request, start, batches, include_usage, {SESSION_HEADER: start.session_id})
         except ClientGone:
             await relay.cancel()
             log.info("gateway.client_gone", session=session_id, turn=start.turn_id)
@@ -245,112 +239,6 @@ def _complete(start: StartTurn, item: TurnDone | TurnError) -> web.Response:
         alternatives=item.alternatives,
     )
     return _json(body, headers={SESSION_HEADER: start.session_id})
-
-
-async def _stream(
-    request: web.Request,
-    start: StartTurn,
-    batches: AsyncIterator[list[Delta | ToolDelta | TurnDone | TurnError]],
-    include_usage: bool,
-) -> web.StreamResponse:
-    """SSE in OpenAI's chunk format. Headers go out with the first event, so a
-    failure before any token is still a plain HTTP error. What arrived together
-    is written together: one write (and one syscall) per batch, not per chunk."""
-    response: web.StreamResponse | None = None
-    created = int(time.time())
-    meta = ChunkMeta(id=f"chatcmpl-{start.turn_id}", created=created, model=start.model, session_id=start.session_id)
-    streamed: list[str] = []
-    streamed_calls: set[int] = set()
-    others: set[int] = set()  # indexes of choices after the first (n > 1)
-    out: list[bytes] = []
-
-    def send(body: object) -> None:
-        out.append(b"data: " + encode(body) + b"\n\n")
-
-    async def flush(last: bool = False) -> None:
-        assert response is not None
-        data = b"".join(out)
-        out.clear()
-        try:
-            if last:
-                await response.write_eof(data)
-            else:
-                await response.write(data)
-        except ConnectionResetError:
-            raise ClientGone() from None
-
-    async def begin() -> web.StreamResponse:
-        resp = web.StreamResponse(
-            headers={
-                "Content-Type": "text/event-stream; charset=utf-8",
-                "Cache-Control": "no-cache",
-                SESSION_HEADER: start.session_id,
-            }
-        )
-        await resp.prepare(request)
-        return resp
-
-    async for batch in batches:
-        for item in batch:
-            if isinstance(item, TurnError) and response is None:
-                e = item.error
-                raise ApiError(e.status, e.message, type=e.type, code=e.code, param=e.param)
-            if response is None:
-                response = await begin()
-                send(chunk(meta, delta={"role": "assistant", "content": ""}, include_usage=include_usage))
-            if isinstance(item, Delta):
-                if item.choice:
-                    if item.choice not in others:
-                        others.add(item.choice)
-                        send(chunk(meta, delta={"role": "assistant", "content": ""}, include_usage=include_usage, index=item.choice))
-                    send(chunk(meta, delta={"content": item.text}, include_usage=include_usage, index=item.choice))
-                    continue
-                streamed.append(item.text)
-                send(chunk(meta, delta={"content": item.text}, include_usage=include_usage))
-                continue
-            if isinstance(item, ToolDelta):
-                streamed_calls.add(item.index)
-                send(chunk(meta, delta={"tool_calls": [tool_delta_wire(item)]}, include_usage=include_usage))
-                continue
-            _finish(item, meta, streamed, streamed_calls, others, include_usage, send)
-            if isinstance(item, TurnDone):
-                out.append(b"data: [DONE]\n\n")
-            await flush(last=True)
-            return response
-        await flush()
-    raise ApiError(502, "The turn's output ended without a final message.", code="actor_failed")
-
-
-def _finish(
-    item: TurnDone | TurnError,
-    meta: ChunkMeta,
-    streamed: list[str],
-    streamed_calls: set[int],
-    others: set[int],
-    include_usage: bool,
-    send: Callable[[object], None],
-) -> None:
-    """The chunks that close a stream: missing text, whole tool calls, finish and usage,
-    or the error that ended it."""
-    # The final message carries the whole text: send whatever deltas did not arrive.
-    sent = "".join(streamed)
-    rest = item.content[len(sent):] if item.content.startswith(sent) else ""
-    if rest:
-        send(chunk(meta, delta={"content": rest}, include_usage=include_usage))
-    if isinstance(item, TurnError):
-        e = item.error
-        send(error_body(e.message, e.type, e.code, e.param))
-        return
-    # Calls whose pieces never arrived (a replayed result) go out whole.
-    for index, call in enumerate(item.tool_calls):
-        if index not in streamed_calls:
-            whole = {"index": index, **tool_calls_wire([call])[0]}
-            send(chunk(meta, delta={"tool_calls": [whole]}, include_usage=include_usage))
-    send(chunk(meta, finish_reason=item.finish_reason, include_usage=include_usage))
-    for index in sorted(others):
-        send(chunk(meta, finish_reason=item.finish_reason, include_usage=include_usage, index=index))
-    if include_usage:
-        send(chunk(meta, usage=item.usage))
 
 
 def _session_id_param(request: web.Request) -> str:
