@@ -9,6 +9,7 @@ from actors.engines.base import (
     GENERATION_PARAMS,
     ChoicePiece,
     DeltaSink,
+    EngineError,
     EngineOutput,
     ToolCallPiece,
 )
@@ -66,7 +67,7 @@ class OpenAIEngine:
     async def _complete(self, body: dict[str, Any], output: EngineOutput) -> None:
         response = await self._client.complete(body)
         if not response.choices:
-            return
+            raise EngineError(502, "upstream_error", "The upstream model answered with no choices.")
         choice = response.choices[0]
         output.parts.append(choice.message.content or "")
         output.finish_reason = choice.finish_reason or "stop"

@@ -67,8 +67,11 @@ class Usage(msgspec.Struct):
 
 
 class ChatCompletion(msgspec.Struct):
-    choices: list[Choice] = msgspec.field(default_factory=list)
+    # Some servers send null where OpenAI sends an empty list.
+    choices: list[Choice] | None = None
     usage: Usage | None = None
+    # A server that reports a failure with HTTP 200.
+    error: Any = None
 
 
 class ChunkChoice(msgspec.Struct):
@@ -78,7 +81,7 @@ class ChunkChoice(msgspec.Struct):
 
 
 class Chunk(msgspec.Struct):
-    choices: list[ChunkChoice] = msgspec.field(default_factory=list)
+    choices: list[ChunkChoice] | None = None
     usage: Usage | None = None
     # An upstream that fails mid-stream says so in a data line (OpenAI and vLLM do).
     error: Any = None
@@ -145,9 +148,9 @@ def _broken(error: Exception) -> EngineError:
     return EngineError(502, "upstream_error", f"The upstream model's stream broke off: {error}", retryable=True)
 
 
-def _stream_error(error: Any) -> EngineError:
+def _stream_error(error: Any, what: str) -> EngineError:
     message = error.get("message") if isinstance(error, dict) else error
-    return EngineError(502, "upstream_error", f"The upstream model failed mid-stream: {message}")
+    return EngineError(502, "upstream_error", f"{what}: {message}")
 
 
 class OpenAIHTTP:
@@ -204,11 +207,14 @@ class OpenAIHTTP:
         except aiohttp.ClientError as error:
             raise _unreachable(self.url, error) from error
         try:
-            return _completion.decode(payload)
+            completion = _completion.decode(payload)
         except msgspec.DecodeError as error:
             raise EngineError(
                 502, "upstream_error", f"The upstream model answered with something else than a completion: {error}"
             ) from error
+        if completion.error is not None and not completion.choices:
+            raise _stream_error(completion.error, "The upstream model failed")
+        return completion
 
     async def stream(self, body: dict[str, Any]) -> AsyncGenerator[Chunk, None]:
         """The chunks of a streamed chat completion, until `data: [DONE]` or the end."""
@@ -229,7 +235,7 @@ class OpenAIHTTP:
                             502, "upstream_error", f"The upstream model sent a broken stream chunk: {error}"
                         ) from error
                     if chunk.error is not None:
-                        raise _stream_error(chunk.error)
+                        raise _stream_error(chunk.error, "The upstream model failed mid-stream")
                     yield chunk
         except TimeoutError as error:
             raise _timeout_error() from error

@@ -57,7 +57,7 @@ async def chunks_of(client: OpenAIHTTP) -> list[str]:
     texts = []
     try:
         async for chunk in client.stream({"model": "m", "messages": [], "stream": True}):
-            for choice in chunk.choices:
+            for choice in chunk.choices or ():
                 if choice.delta is not None and choice.delta.content:
                     texts.append(choice.delta.content)
     finally:
@@ -208,3 +208,23 @@ async def test_the_environments_proxy_is_used_unless_no_proxy_exempts_the_host(s
     assert seen == ["http://upstream.example/v1/chat/completions"]
     monkeypatch.setenv("NO_PROXY", "upstream.example")
     assert OpenAIHTTP(base_url="http://upstream.example/v1", api_key="k", timeout=5)._proxy is None
+
+
+async def test_a_failure_reported_with_http_200_is_an_error_and_null_choices_are_tolerated(serve) -> None:
+    async def failing(request: web.Request) -> web.Response:
+        return web.json_response({"error": {"message": "model overloaded"}})
+
+    client = OpenAIHTTP(base_url=await serve(failing), api_key="k", timeout=5)
+    with pytest.raises(EngineError) as caught:
+        await client.complete({"model": "m", "messages": []})
+    await client.aclose()
+    assert caught.value.info.message == "The upstream model failed: model overloaded"
+
+    url = await serve(
+        raw_stream(
+            b'data: {"choices":[{"index":0,"delta":{"content":"ok"}}],"usage":null}\n\n',
+            b'data: {"choices":null,"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}\n\n',
+            b"data: [DONE]\n\n",
+        )
+    )
+    assert await chunks_of(OpenAIHTTP(base_url=url, api_key="k", timeout=5)) == ["ok"]
