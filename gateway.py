@@ -29,7 +29,6 @@ from actors.protocol import (
 from bus.connection import connect
 from bus.subjects import MAX_ID_LENGTH, is_valid_id
 from veil.admin import add_admin_routes
-from veil.webkeys import AUTH, CONFIG, NATS, PRINCIPAL, json_response
 from veil.auth import Authenticator, Principal
 from veil.config import Config
 from veil.openai_wire import (
@@ -43,6 +42,7 @@ from veil.openai_wire import (
 )
 from veil.relay import ClientGone, TurnRelay, ask_session, run_turn
 from veil.sse import stream_turn
+from veil.webkeys import AUTH, CONFIG, NATS, PRINCIPAL, json_response
 
 __all__ = ["AUTH", "CONFIG", "NATS", "create_app"]
 

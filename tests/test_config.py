@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
-
-from importlib.util import find_spec
 
 from veil.config import ConfigError, load_config, local_model_available
 

@@ -12,7 +12,14 @@ from eventstore.events import ModelCalled, ReplyCompleted, TurnFailed, model_cal
 from tests.fakes.upstreams import FakeOpenAI
 from tests.harness import VeilThread
 from tests.test_memory_short import load
-from veil.config import Config, EngineConfig, FallbackConfig, ModelConfig, PipelineConfig, MemoryConfig
+from veil.config import (
+    Config,
+    EngineConfig,
+    FallbackConfig,
+    MemoryConfig,
+    ModelConfig,
+    PipelineConfig,
+)
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import urllib.error
 import urllib.request
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,8 +22,16 @@ from eventstore.events import ReplyCompleted, TurnCancelled, TurnFailed, TurnSta
 from eventstore.jetstream import JetStreamEventStore
 from tests.fakes.upstreams import FakeAnthropic, FakeOpenAI
 from tests.harness import VeilThread
+from veil.config import (
+    ApiKey,
+    Config,
+    EngineConfig,
+    MemoryConfig,
+    ModelConfig,
+    PipelineConfig,
+    ServerConfig,
+)
 from veil.natsserver import NatsServer
-from veil.config import ApiKey, Config, EngineConfig, ModelConfig, PipelineConfig, ServerConfig, MemoryConfig
 
 KEY_A = "sk-test-tenant-a"
 KEY_A2 = "sk-test-tenant-a-second"

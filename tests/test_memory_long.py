@@ -16,14 +16,13 @@ import pytest
 
 from actors.memory.index import MemoryIndex
 from actors.memory.prompting import MEMORY_PREAMBLE
-from eventstore.events import MemoryRecalled
+from actors.summary import FACTS_INSTRUCTIONS
+from eventstore.events import FactsExtracted, MemoryRecalled
 from eventstore.jetstream import JetStreamEventStore
 from tests.fakes.upstreams import FakeOpenAI
 from tests.harness import VeilThread
 from tests.procs import run_veil
 from tests.test_gateway import http
-from actors.summary import FACTS_INSTRUCTIONS
-from eventstore.events import FactsExtracted
 from veil.config import ApiKey, Config, EngineConfig, MemoryPolicy, ModelConfig, PipelineConfig
 from veil.memory_role import index_path
 from veil.natsserver import NatsServer

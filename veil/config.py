@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-from importlib.util import find_spec
 import re
 import tomllib
 from collections.abc import Mapping
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -35,8 +35,8 @@ __all__ = [
     "MemoryConfig",
     "MemoryPolicy",
     "ModelConfig",
-    "RouterConfig",
     "PipelineConfig",
+    "RouterConfig",
     "ServerConfig",
     "ToolConfig",
     "key_id",

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import contextlib
+import gc
 import ipaddress
 import signal
 import sys
@@ -19,11 +19,10 @@ import gateway
 from actors.engines import Engine, build_engine
 from actors.memory.actor import MemoryActor
 from actors.memory.embedder import default_embedder
-from actors.router_actor import RouterActor, build_routers
-from actors.tools.actor import ToolActor, configured_tools
-from veil.memory_role import MemoryHandle, start_memory
 from actors.model_actor import ModelActor
+from actors.router_actor import RouterActor, build_routers
 from actors.session_actor import SessionActor, SessionContext
+from actors.tools.actor import ToolActor, configured_tools
 from bus.connection import connect
 from bus.runtime import ActorHost
 from bus.signals import Signals
@@ -32,6 +31,7 @@ from eventstore.jetstream import JetStreamEventStore, ensure_stream
 from eventstore.tombstones import TombstoneLog
 from veil import __version__
 from veil.config import Config
+from veil.memory_role import MemoryHandle, start_memory
 from veil.natsserver import NatsServer
 
 __all__ = ["Workers", "embedded_nats", "is_loopback", "run_role", "serve_gateway"]
