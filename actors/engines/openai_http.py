@@ -12,6 +12,7 @@ names (HTTPS_PROXY, HTTP_PROXY, NO_PROXY).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import urllib.request
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -145,10 +146,11 @@ def _unreachable(url: str, error: Exception) -> EngineError:
 
 def _broken(error: Exception) -> EngineError:
     # The connection dropped mid-answer; the chain decides whether a retry is still possible.
-    return EngineError(502, "upstream_error", f"The upstream model's stream broke off: {error}", retryable=True)
+    return EngineError(502, "upstream_error", f"The upstream model's answer broke off: {error}", retryable=True)
 
 
-def _stream_error(error: Any, what: str) -> EngineError:
+def _reported_error(error: Any, what: str) -> EngineError:
+    """An error the upstream put in its body (a 200 answer, or a stream's data line)."""
     message = error.get("message") if isinstance(error, dict) else error
     return EngineError(502, "upstream_error", f"{what}: {message}")
 
@@ -195,29 +197,10 @@ class OpenAIHTTP:
             await self._session.close()
             self._session = None
 
-    async def complete(self, body: dict[str, Any]) -> ChatCompletion:
-        """One non-streaming chat completion."""
-        try:
-            async with self._post(body) as response:
-                payload = await response.read()
-                if response.status >= 400:
-                    raise _status_error(response.status, payload, response.headers.get("Retry-After"))
-        except TimeoutError as error:
-            raise _timeout_error() from error
-        except aiohttp.ClientError as error:
-            raise _unreachable(self.url, error) from error
-        try:
-            completion = _completion.decode(payload)
-        except msgspec.DecodeError as error:
-            raise EngineError(
-                502, "upstream_error", f"The upstream model answered with something else than a completion: {error}"
-            ) from error
-        if completion.error is not None and not completion.choices:
-            raise _stream_error(completion.error, "The upstream model failed")
-        return completion
-
-    async def stream(self, body: dict[str, Any]) -> AsyncGenerator[Chunk, None]:
-        """The chunks of a streamed chat completion, until `data: [DONE]` or the end."""
+    @contextlib.asynccontextmanager
+    async def _exchange(self, body: dict[str, Any]) -> AsyncIterator[aiohttp.ClientResponse]:
+        """POST `body` and hand over a successful response; every failure, of the request or
+        of reading the answer in the caller's block, leaves as an EngineError."""
         answering = False
         try:
             async with self._post(body) as response:
@@ -225,22 +208,41 @@ class OpenAIHTTP:
                 if response.status >= 400:
                     payload = await response.read()
                     raise _status_error(response.status, payload, response.headers.get("Retry-After"))
-                async for data in _sse_data(response.content):
-                    if data == b"[DONE]":
-                        return
-                    try:
-                        chunk = _chunk.decode(data)
-                    except msgspec.DecodeError as error:
-                        raise EngineError(
-                            502, "upstream_error", f"The upstream model sent a broken stream chunk: {error}"
-                        ) from error
-                    if chunk.error is not None:
-                        raise _stream_error(chunk.error, "The upstream model failed mid-stream")
-                    yield chunk
+                yield response
         except TimeoutError as error:
             raise _timeout_error() from error
         except aiohttp.ClientError as error:
             raise (_broken(error) if answering else _unreachable(self.url, error)) from error
+
+    async def complete(self, body: dict[str, Any]) -> ChatCompletion:
+        """One non-streaming chat completion."""
+        async with self._exchange(body) as response:
+            payload = await response.read()
+        try:
+            completion = _completion.decode(payload)
+        except msgspec.DecodeError as error:
+            raise EngineError(
+                502, "upstream_error", f"The upstream model answered with something else than a completion: {error}"
+            ) from error
+        if completion.error is not None and not completion.choices:
+            raise _reported_error(completion.error, "The upstream model failed")
+        return completion
+
+    async def stream(self, body: dict[str, Any]) -> AsyncGenerator[Chunk, None]:
+        """The chunks of a streamed chat completion, until `data: [DONE]` or the end."""
+        async with self._exchange(body) as response:
+            async for data in _sse_data(response.content):
+                if data == b"[DONE]":
+                    return
+                try:
+                    chunk = _chunk.decode(data)
+                except msgspec.DecodeError as error:
+                    raise EngineError(
+                        502, "upstream_error", f"The upstream model sent a broken stream chunk: {error}"
+                    ) from error
+                if chunk.error is not None:
+                    raise _reported_error(chunk.error, "The upstream model failed mid-stream")
+                yield chunk
 
 
 async def _sse_data(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
