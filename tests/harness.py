@@ -12,6 +12,7 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+import aiohttp
 from aiohttp import web
 
 from veil.config import Config
@@ -80,3 +81,25 @@ class VeilThread:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop.close()
+
+
+# The message a hang-up test streams: long enough to be cut off after three chunks.
+HANG_UP_WORDS = " ".join(f"w{i}" for i in range(40))
+
+
+async def hang_up_mid_stream(base_url: str, key: str) -> str:
+    """Stream a turn of HANG_UP_WORDS, read three text chunks, drop the connection; the session id."""
+    async with aiohttp.ClientSession() as http:
+        resp = await http.post(
+            f"{base_url}/chat/completions",
+            json={"model": "veil", "messages": [{"role": "user", "content": HANG_UP_WORDS}], "stream": True},
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        seen = 0
+        async for line in resp.content:
+            if line.startswith(b"data: ") and b'"content":"' in line and b'"content":""' not in line:
+                seen += 1
+                if seen == 3:
+                    break
+        resp.close()  # drop the connection mid-stream
+        return resp.headers["X-Session-Id"]

@@ -11,7 +11,6 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import aiohttp
 import msgspec
 import nats
 import nats.aio.client
@@ -21,7 +20,7 @@ import pytest
 from eventstore.events import ReplyCompleted, TurnCancelled, TurnFailed, TurnStarted
 from eventstore.jetstream import JetStreamEventStore
 from tests.fakes.upstreams import FakeAnthropic, FakeOpenAI
-from tests.harness import VeilThread
+from tests.harness import HANG_UP_WORDS, VeilThread, hang_up_mid_stream
 from veil.config import (
     ApiKey,
     Config,
@@ -519,21 +518,7 @@ def test_stream_failing_before_first_token_is_plain_http_error(client: openai.Op
 
 async def test_client_disconnect_cancels_and_records_partial(veil: VeilThread, upstream: FakeOpenAI, store: JetStreamEventStore) -> None:
     upstream.token_delay(0.2)
-    words = " ".join(f"w{i}" for i in range(40))
-    async with aiohttp.ClientSession() as http:
-        resp = await http.post(
-            f"{veil.base_url}/chat/completions",
-            json={"model": "veil", "messages": [{"role": "user", "content": words}], "stream": True},
-            headers={"Authorization": f"Bearer {KEY_A}"},
-        )
-        sid = resp.headers["X-Session-Id"]
-        seen = 0
-        async for line in resp.content:
-            if line.startswith(b"data: ") and b'"content":"' in line and b'"content":""' not in line:
-                seen += 1
-                if seen == 3:
-                    break
-        resp.close()  # drop the connection mid-stream
+    sid = await hang_up_mid_stream(veil.base_url, KEY_A)
     for _ in range(100):
         events = [s.event for s in await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(store.load(sid), veil._loop))]
         if any(isinstance(e, TurnCancelled) for e in events):
@@ -542,7 +527,7 @@ async def test_client_disconnect_cancels_and_records_partial(veil: VeilThread, u
     cancelled = [e for e in events if isinstance(e, TurnCancelled)]
     assert len(cancelled) == 1
     assert cancelled[0].content.startswith("echo: w0")
-    assert len(cancelled[0].content) < len("echo: " + words)
+    assert len(cancelled[0].content) < len("echo: " + HANG_UP_WORDS)
     assert cancelled[0].usage.completion_tokens > 0
     assert upstream.last_request.outcome == "disconnected"
 

@@ -11,12 +11,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import aiohttp
 import nats
 import openai
 import pytest
 
 from tests.fakes.upstreams import FakeOpenAI
+from tests.harness import hang_up_mid_stream
 from tests.procs import REPO, VeilProcess, processes_mentioning, run_veil
 from veil.config import local_model_available
 from veil.natsserver import NatsServer
@@ -39,25 +39,6 @@ def upstream() -> Iterator[FakeOpenAI]:
     fake.start_in_thread()
     yield fake
     fake.stop_thread()
-
-
-async def _hang_up_mid_stream(base_url: str) -> str:
-    """Start a streamed turn, read three text chunks, drop the connection; the session id."""
-    words = " ".join(f"w{i}" for i in range(40))
-    async with aiohttp.ClientSession() as http:
-        resp = await http.post(
-            f"{base_url}/chat/completions",
-            json={"model": "veil", "messages": [{"role": "user", "content": words}], "stream": True},
-            headers={"Authorization": f"Bearer {KEY}"},
-        )
-        seen = 0
-        async for line in resp.content:
-            if line.startswith(b"data: ") and b'"content":"' in line and b'"content":""' not in line:
-                seen += 1
-                if seen == 3:
-                    break
-        resp.close()
-        return resp.headers["X-Session-Id"]
 
 
 def _chat(base_url: str, text: str, session_id: str | None = None, key: str = KEY) -> openai.types.chat.ChatCompletion:
@@ -227,7 +208,7 @@ pipeline = "default"
 
             # A client that hangs up: the worker running the turn hears it and records it.
             upstream.token_delay(0.2)
-            cancelled_sid = asyncio.run(_hang_up_mid_stream(base))
+            cancelled_sid = asyncio.run(hang_up_mid_stream(base, KEY))
             kinds: list[str] = []
             for _ in range(100):
                 replay = run_veil("replay", cancelled_sid, "--json", env=env)
