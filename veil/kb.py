@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import sys
 import tempfile
@@ -19,7 +18,7 @@ from actors.memory.embedder import default_embedder
 from bus.connection import connect
 from bus.subjects import is_valid_id
 from veil.config import Config
-from veil.memory_role import index_path
+from veil.memory_role import index_path, lock_indexes
 
 __all__ = ["kb_main"]
 
@@ -31,14 +30,11 @@ async def _index(config: Config) -> AsyncIterator[KnowledgeIndex]:
     A running Veil catches its own index up from KB_EVENTS before each search,
     so what is added here is found there either way.
     """
-    lock_path = str(index_path(config)) + ".lock"
-    Path(lock_path).parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    fd = lock_indexes(config)
+    scratch = None
+    if fd is not None:
         path = index_path(config).parent / "knowledge.sqlite"
-        scratch = None
-    except BlockingIOError:
+    else:
         scratch = tempfile.TemporaryDirectory(prefix="veil-kb-")
         path = Path(scratch.name) / "knowledge.sqlite"
     index = await KnowledgeIndex.open(path, embedder=default_embedder())
@@ -46,7 +42,8 @@ async def _index(config: Config) -> AsyncIterator[KnowledgeIndex]:
         yield index
     finally:
         await index.close()
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
         if scratch is not None:
             scratch.cleanup()
 

@@ -21,13 +21,27 @@ from eventstore.tombstones import TombstoneLog
 from veil import __version__
 from veil.config import Config
 
-__all__ = ["MemoryHandle", "index_path", "start_memory"]
+__all__ = ["MemoryHandle", "index_path", "lock_indexes", "start_memory"]
 
 log = structlog.get_logger("veil.memory")
 
 
 def index_path(config: Config) -> Path:
     return Path(config.memory.path) if config.memory.path else Path(config.data_dir) / "memory.sqlite"
+
+
+def lock_indexes(config: Config) -> int | None:
+    """Take the data directory's index lock (memory and knowledge indexes share it): the
+    open lock file to keep while writing them, or None when another process holds it."""
+    path = index_path(config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(str(path) + ".lock", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
 
 
 class MemoryHandle:
@@ -64,12 +78,8 @@ async def start_memory(
     """Start the memory actor (when enabled) and the knowledge actor, unless another
     process already owns the data directory's indexes."""
     path = index_path(config)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(str(path) + ".lock", os.O_CREAT | os.O_RDWR, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
+    fd = lock_indexes(config)
+    if fd is None:
         log.info("memory.elsewhere", path=str(path))
         return None
     index: MemoryIndex | None = None

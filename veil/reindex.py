@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 import sys
 from typing import TextIO
@@ -18,7 +17,7 @@ from bus.subjects import EVENTS_STREAM, EVENTS_WILDCARD
 from eventstore.jetstream import JetStreamEventStore, ensure_stream
 from eventstore.tombstones import TombstoneLog
 from veil.config import Config
-from veil.memory_role import index_path
+from veil.memory_role import index_path, lock_indexes
 from veil.progress import ProgressBar
 
 __all__ = ["reindex"]
@@ -29,13 +28,9 @@ BATCH = 256
 async def reindex(config: Config, url: str, out: TextIO = sys.stderr) -> tuple[int, int]:
     """Rebuild the memory index from CHAT_EVENTS; returns (events read, memories stored)."""
     path = index_path(config)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(str(path) + ".lock", os.O_CREAT | os.O_RDWR, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise SystemExit(f"{path} is in use by a running Veil: stop it first, then reindex") from None
+    fd = lock_indexes(config)
+    if fd is None:
+        raise SystemExit(f"{path} is in use by a running Veil: stop it first, then reindex")
     nc = await connect(url, name="veil-reindex")
     index = await MemoryIndex.open(path)
     try:
