@@ -112,9 +112,7 @@ class TurnSteps(SessionPart):
         state = self._state
         if not pipeline.knowledge or state.open_turn is None:
             return None
-        query = next(
-            (m.content for m in reversed(state.open_turn.messages) if m.role == "user"), ""
-        )
+        query = session.turn_query(state)
         if not query.strip():
             return None
         ask = KnowledgeSearch(
@@ -171,9 +169,7 @@ class TurnSteps(SessionPart):
             or not session.recall_may_add(state, pipeline.budget)
         ):
             return None
-        query = next(
-            (m.content for m in reversed(state.open_turn.messages) if m.role == "user"), ""
-        )
+        query = session.turn_query(state)
         if not query.strip():
             return None
         ask = RecallRequest(

@@ -65,6 +65,7 @@ __all__ = [
     "initial",
     "prompt",
     "recall_may_add",
+    "turn_query",
 ]
 
 SYSTEM_ROLES = frozenset({"system", "developer"})
@@ -561,6 +562,13 @@ def fold_plan(state: SessionState, budget: int) -> int | None:
         if estimate_message_tokens(state.history[start:]) <= budget // 2:
             return start
     return starts[-1] if starts else None
+
+
+def turn_query(state: SessionState) -> str:
+    """What the open turn asks: its last user message (memory and knowledge search with it)."""
+    if state.open_turn is None:
+        return ""
+    return next((m.content for m in reversed(state.open_turn.messages) if m.role == "user"), "")
 
 
 def recall_may_add(state: SessionState, budget: int | None) -> bool:
