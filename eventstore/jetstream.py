@@ -42,7 +42,10 @@ __all__ = [
     "DUPLICATE_WINDOW",
     "EVENT_TYPE_HEADER",
     "LOAD_BATCH",
+    "UNAVAILABLE",
+    "WRONG_LAST_SEQUENCE",
     "JetStreamEventStore",
+    "create_stream",
     "ensure_stream",
 ]
 
@@ -52,12 +55,12 @@ LOAD_BATCH = 512
 # How long the stream remembers a Nats-Msg-Id (seconds).
 DUPLICATE_WINDOW = 120.0
 
-_WRONG_LAST_SEQUENCE = 10071
+WRONG_LAST_SEQUENCE = 10071
 _STREAM_NAME_IN_USE = 10058
 _CODEC: Codec[EventUnion] = Codec(EventUnion)
 _TAGS: dict[type, str] = {cls: str(cls.__struct_config__.tag) for cls in get_args(EventUnion)}
 # What a connection in trouble raises; the caller may retry later.
-_UNAVAILABLE = (
+UNAVAILABLE = (
     nats.errors.TimeoutError,
     nats.errors.NoRespondersError,
     nats.errors.ConnectionClosedError,
@@ -74,6 +77,26 @@ class _Raw(NamedTuple):
     seq: int
     msg_id: str | None
     data: bytes
+
+
+async def create_stream(js: JetStreamContext, config: StreamConfig) -> StreamInfo:
+    """The stream named in `config`, created with it if it does not exist yet (another
+    process may create it at the same moment); an existing one is left as it is."""
+    name = config.name
+    assert name is not None
+    try:
+        try:
+            return await js.stream_info(name)
+        except nats.js.errors.NotFoundError:
+            try:
+                return await js.add_stream(config)
+            except nats.js.errors.BadRequestError as e:
+                # Another process created it between our two calls.
+                if e.err_code != _STREAM_NAME_IN_USE:
+                    raise
+                return await js.stream_info(name)
+    except UNAVAILABLE as e:
+        raise StoreUnavailable(f"cannot ensure stream {name}: {e!r}") from e
 
 
 async def ensure_stream(
@@ -98,23 +121,14 @@ async def ensure_stream(
         "max_age": 0.0,
         "max_msgs_per_subject": -1,
     }
+    info = await create_stream(js, StreamConfig(name=stream, **wanted))
     try:
-        try:
-            info = await js.stream_info(stream)
-        except nats.js.errors.NotFoundError:
-            try:
-                return await js.add_stream(StreamConfig(name=stream, **wanted))
-            except nats.js.errors.BadRequestError as e:
-                # Another process created it between our two calls.
-                if e.err_code != _STREAM_NAME_IN_USE:
-                    raise
-                info = await js.stream_info(stream)
         current = info.config
         if all(getattr(current, key) == value for key, value in wanted.items()):
             return info
         # Keep whatever else an operator set (description, metadata, ...).
         return await js.update_stream(current.evolve(**wanted))
-    except _UNAVAILABLE as e:
+    except UNAVAILABLE as e:
         raise StoreUnavailable(f"cannot ensure stream {stream}: {e!r}") from e
 
 
@@ -179,7 +193,7 @@ class JetStreamEventStore:
                     headers=headers,
                 )
             except nats.js.errors.APIError as e:
-                if e.err_code != _WRONG_LAST_SEQUENCE:
+                if e.err_code != WRONG_LAST_SEQUENCE:
                     raise EventStoreError(f"append to {subject} refused: {e}") from e
                 if dedupe_id is None:
                     raise ConcurrencyConflict(session_id, expected_last_seq) from e
@@ -192,7 +206,7 @@ class JetStreamEventStore:
                     raise ConcurrencyConflict(session_id, expected_last_seq) from e
                 i, expected = len(stored), stored[-1]
                 continue
-            except _UNAVAILABLE as e:
+            except UNAVAILABLE as e:
                 raise StoreUnavailable(f"append to {subject}: {e!r}") from e
             # A duplicate's ack carries the seq it was first stored at.
             expected = ack.seq
@@ -207,7 +221,7 @@ class JetStreamEventStore:
         """Every session with at least one event, sorted by id; one request per session."""
         try:
             info = await self._js.stream_info(self._stream, subjects_filter=EVENTS_WILDCARD)
-        except (*_UNAVAILABLE, nats.js.errors.NotFoundError) as e:
+        except (*UNAVAILABLE, nats.js.errors.NotFoundError) as e:
             raise StoreUnavailable(f"stream info {self._stream}: {e!r}") from e
         except nats.js.errors.APIError as e:
             raise EventStoreError(f"stream info {self._stream}: {e}") from e
@@ -237,7 +251,7 @@ class JetStreamEventStore:
             for raw in raws:
                 await self._js.delete_msg(self._stream, raw.seq)
             await self._js.purge_stream(self._stream, subject=subject)
-        except _UNAVAILABLE as e:
+        except UNAVAILABLE as e:
             raise StoreUnavailable(f"erase {subject}: {e!r}") from e
         except nats.js.errors.APIError as e:
             raise EventStoreError(f"erase {subject}: {e}") from e
@@ -247,7 +261,7 @@ class JetStreamEventStore:
         request = json.dumps({"last_by_subj": subject}).encode()
         try:
             reply = await self._nc.request(self._direct_get, request, timeout=self._timeout)
-        except _UNAVAILABLE as e:
+        except UNAVAILABLE as e:
             raise StoreUnavailable(f"direct get on {self._stream}: {e!r}") from e
         headers = reply.headers or {}
         status = _header(headers, Header.STATUS.value)
@@ -319,9 +333,9 @@ class JetStreamEventStore:
                         return out
             finally:
                 # A dead connection has already dropped the subscription.
-                with contextlib.suppress(*_UNAVAILABLE):
+                with contextlib.suppress(*UNAVAILABLE):
                     await sub.unsubscribe()
-        except _UNAVAILABLE as e:
+        except UNAVAILABLE as e:
             raise StoreUnavailable(f"direct get on {self._stream}: {e!r}") from e
 
 

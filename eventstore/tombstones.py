@@ -19,6 +19,7 @@ from nats.js.client import JetStreamContext
 from bus.codec import Codec
 from bus.subjects import TOMBSTONES_STREAM, TOMBSTONES_WILDCARD, session_tombstone
 from eventstore.errors import StoreUnavailable
+from eventstore.jetstream import create_stream
 
 __all__ = ["Tombstone", "TombstoneLog"]
 
@@ -49,13 +50,7 @@ class TombstoneLog:
             num_replicas=replicas,
             allow_direct=True,
         )
-        try:
-            await self._js.stream_info(TOMBSTONES_STREAM)
-        except nats.js.errors.NotFoundError:
-            try:
-                await self._js.add_stream(config)
-            except nats.js.errors.BadRequestError:
-                await self._js.stream_info(TOMBSTONES_STREAM)  # created meanwhile
+        await create_stream(self._js, config)
 
     async def record(self, tombstone: Tombstone) -> None:
         try:

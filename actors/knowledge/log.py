@@ -17,6 +17,7 @@ from nats.js.client import JetStreamContext
 from actors.knowledge.events import CODEC, KbEvent
 from bus.subjects import validate_id
 from eventstore.errors import ConcurrencyConflict, EventStoreError, StoreUnavailable
+from eventstore.jetstream import UNAVAILABLE, WRONG_LAST_SEQUENCE, create_stream
 
 __all__ = [
     "KB_STREAM",
@@ -29,17 +30,6 @@ __all__ = [
 KB_STREAM = "KB_EVENTS"
 KB_WILDCARD = "kb.events.>"
 _PREFIX = "kb.events."
-_WRONG_LAST_SEQUENCE = 10071
-_STREAM_NAME_IN_USE = 10058
-_UNAVAILABLE = (
-    nats.errors.TimeoutError,
-    nats.errors.NoRespondersError,
-    nats.errors.ConnectionClosedError,
-    nats.js.errors.NoStreamResponseError,
-    nats.js.errors.ServiceUnavailableError,
-    TimeoutError,
-)
-
 
 def collection_subject(collection: str) -> str:
     """The subject a collection's events are stored under."""
@@ -74,17 +64,7 @@ class KnowledgeLog:
             max_bytes=-1,
             max_age=0.0,
         )
-        try:
-            try:
-                await self._js.stream_info(KB_STREAM)
-            except nats.js.errors.NotFoundError:
-                try:
-                    await self._js.add_stream(config)
-                except nats.js.errors.BadRequestError as e:
-                    if e.err_code != _STREAM_NAME_IN_USE:
-                        raise
-        except _UNAVAILABLE as e:
-            raise StoreUnavailable(f"cannot ensure stream {KB_STREAM}: {e!r}") from e
+        await create_stream(self._js, config)
 
     async def append(
         self, collection: str, events: Sequence[KbEvent], *, expected_last_seq: int
@@ -103,10 +83,10 @@ class KnowledgeLog:
                     stream=KB_STREAM, headers=headers,
                 )
             except nats.js.errors.APIError as e:
-                if e.err_code == _WRONG_LAST_SEQUENCE:
+                if e.err_code == WRONG_LAST_SEQUENCE:
                     raise ConcurrencyConflict(collection, expected) from e
                 raise EventStoreError(f"append to {subject} refused: {e}") from e
-            except _UNAVAILABLE as e:
+            except UNAVAILABLE as e:
                 raise StoreUnavailable(f"append to {subject}: {e!r}") from e
             expected = ack.seq
             seqs.append(ack.seq)
@@ -118,7 +98,7 @@ class KnowledgeLog:
             msg = await self._js.get_last_msg(KB_STREAM, collection_subject(collection), direct=True)
         except nats.js.errors.NotFoundError:
             return 0
-        except _UNAVAILABLE as e:
+        except UNAVAILABLE as e:
             raise StoreUnavailable(f"last event of {collection}: {e!r}") from e
         assert msg.seq is not None
         return msg.seq
@@ -135,7 +115,7 @@ class KnowledgeLog:
                 msg = await self._js.get_msg(KB_STREAM, seq, next=True, subject=subject, direct=True)
             except nats.js.errors.NotFoundError:
                 return out
-            except _UNAVAILABLE as e:
+            except UNAVAILABLE as e:
                 raise StoreUnavailable(f"reading {subject}: {e!r}") from e
             assert msg.data is not None and msg.seq is not None
             out.append((msg.seq, CODEC.decode(msg.data)))
@@ -147,6 +127,6 @@ class KnowledgeLog:
             info = await self._js.stream_info(KB_STREAM, subjects_filter=KB_WILDCARD)
         except nats.js.errors.NotFoundError:
             return []
-        except _UNAVAILABLE as e:
+        except UNAVAILABLE as e:
             raise StoreUnavailable(f"stream info {KB_STREAM}: {e!r}") from e
         return sorted(collection_from_subject(s) for s in (info.state.subjects or {}))
