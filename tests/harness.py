@@ -82,6 +82,12 @@ class VeilThread:
         self._thread.join(10)
         self._loop.close()
 
+    def __enter__(self) -> VeilThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
 
 # The message a hang-up test streams: long enough to be cut off after three chunks.
 HANG_UP_WORDS = " ".join(f"w{i}" for i in range(40))

@@ -34,18 +34,14 @@ def weather_reply(body: dict[str, Any]) -> str | ToolCalls:
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[FakeOpenAI]:
-    fake = FakeOpenAI(reply=weather_reply)
-    fake.start_in_thread()
-    yield fake
-    fake.stop_thread()
+    with FakeOpenAI(reply=weather_reply) as fake:
+        yield fake
 
 
 @pytest.fixture(scope="module")
 def claude() -> Iterator[FakeAnthropic]:
-    fake = FakeAnthropic(reply=weather_reply_anthropic)
-    fake.start_in_thread()
-    yield fake
-    fake.stop_thread()
+    with FakeAnthropic(reply=weather_reply_anthropic) as fake:
+        yield fake
 
 
 def weather_reply_anthropic(body: dict[str, Any]) -> str | ToolCalls:
@@ -82,9 +78,8 @@ def veil(nats_url: str, upstream: FakeOpenAI, claude: FakeAnthropic) -> Iterator
         memory=MemoryConfig(enabled=False),
         nats_url=nats_url,
     )
-    server = VeilThread(config, nats_url).start()
-    yield server
-    server.stop()
+    with VeilThread(config, nats_url) as server:
+        yield server
 
 
 @pytest.fixture

@@ -24,18 +24,14 @@ from veil.config import (
 
 @pytest.fixture(scope="module")
 def primary() -> Iterator[FakeOpenAI]:
-    fake = FakeOpenAI(reply="from primary")
-    fake.start_in_thread()
-    yield fake
-    fake.stop_thread()
+    with FakeOpenAI(reply="from primary") as fake:
+        yield fake
 
 
 @pytest.fixture(scope="module")
 def secondary() -> Iterator[FakeOpenAI]:
-    fake = FakeOpenAI(reply="from secondary")
-    fake.start_in_thread()
-    yield fake
-    fake.stop_thread()
+    with FakeOpenAI(reply="from secondary") as fake:
+        yield fake
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +54,8 @@ def veil(nats_url: str, primary: FakeOpenAI, secondary: FakeOpenAI) -> Iterator[
         nats_url=nats_url,
         memory=MemoryConfig(enabled=False),  # long-term memory has its own tests
     )
-    server = VeilThread(config, nats_url).start()
-    yield server
-    server.stop()
+    with VeilThread(config, nats_url) as server:
+        yield server
 
 
 @pytest.fixture(autouse=True)

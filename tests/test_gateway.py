@@ -40,18 +40,14 @@ PERSONA = "You are Veil, a careful assistant."
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[FakeOpenAI]:
-    fake = FakeOpenAI(api_key="sk-upstream")
-    fake.start_in_thread()
-    yield fake
-    fake.stop_thread()
+    with FakeOpenAI(api_key="sk-upstream") as fake:
+        yield fake
 
 
 @pytest.fixture(scope="module")
 def claude() -> Iterator[FakeAnthropic]:
-    fake = FakeAnthropic(api_key="sk-ant-upstream")
-    fake.start_in_thread()
-    yield fake
-    fake.stop_thread()
+    with FakeAnthropic(api_key="sk-ant-upstream") as fake:
+        yield fake
 
 
 @pytest.fixture(scope="module")
@@ -74,9 +70,8 @@ def veil(nats_url: str, upstream: FakeOpenAI, claude: FakeAnthropic) -> Iterator
         nats_url=nats_url,
         memory=MemoryConfig(enabled=False),  # long-term memory has its own tests
     )
-    server = VeilThread(config, nats_url).start()
-    yield server
-    server.stop()
+    with VeilThread(config, nats_url) as server:
+        yield server
 
 
 @pytest.fixture(autouse=True)
@@ -343,24 +338,21 @@ def test_a_retried_first_turn_reaching_a_fresh_actor_is_answered_from_the_log(
     # Alone on its own NATS, with session actors that passivate at once: the retry meets an
     # actor that assumes the minted session is new, conflicts on its first append, reloads
     # and finds the answer.
-    nats_server = NatsServer(tmp_path / "nats")
-    nats_server.start()
-    config = msgspec.structs.replace(
-        veil.config,
-        server=msgspec.structs.replace(veil.config.server, actor_idle=0.05),
-        nats_url=nats_server.url,
-        data_dir=Config().data_dir,
-    )
-    forgetful = VeilThread(config, nats_server.url).start()
-    try:
-        with openai.OpenAI(base_url=forgetful.base_url, api_key=KEY_A, max_retries=0, timeout=20) as c:
+    with NatsServer(tmp_path / "nats") as nats_server:
+        config = msgspec.structs.replace(
+            veil.config,
+            server=msgspec.structs.replace(veil.config.server, actor_idle=0.05),
+            nats_url=nats_server.url,
+            data_dir=Config().data_dir,
+        )
+        with (
+            VeilThread(config, nats_server.url) as forgetful,
+            openai.OpenAI(base_url=forgetful.base_url, api_key=KEY_A, max_retries=0, timeout=20) as c,
+        ):
             ask = {"model": "veil", "messages": [{"role": "user", "content": "hello"}], "extra_headers": {"Idempotency-Key": uuid.uuid4().hex}}
             first = c.chat.completions.create(**ask)
             time.sleep(0.3)
             again = c.chat.completions.create(**ask)
-    finally:
-        forgetful.stop()
-        nats_server.stop()
     assert again.model_extra["session_id"] == first.model_extra["session_id"]
     assert again.choices[0].message.content == first.choices[0].message.content
     assert len(upstream.requests) == 1

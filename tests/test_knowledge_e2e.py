@@ -22,10 +22,8 @@ script: dict[str, Any] = {"reply": lambda body: "ok"}
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[FakeOpenAI]:
-    fake = FakeOpenAI(reply=lambda body: script["reply"](body))
-    fake.start_in_thread()
-    yield fake
-    fake.stop_thread()
+    with FakeOpenAI(reply=lambda body: script["reply"](body)) as fake:
+        yield fake
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +55,8 @@ def veil(upstream: FakeOpenAI, docs: Path, tmp_path_factory: pytest.TempPathFact
             models=[ModelConfig(name="veil", pipeline="default"), ModelConfig(name="veil-agent", pipeline="agent")],
             nats_url=nats_server.url,
         )
-        server = VeilThread(config, nats_server.url).start()
-        yield server
-        server.stop()
+        with VeilThread(config, nats_server.url) as server:
+            yield server
 
 
 def ask(veil: VeilThread, text: str, model: str = "veil") -> str:

@@ -51,10 +51,8 @@ def upstream() -> Iterator[FakeOpenAI]:
             return "- The user's dog is named Biscuit.\n- NONE"
         return "Noted."
 
-    fake = FakeOpenAI(reply=reply)
-    fake.start_in_thread()
-    yield fake
-    fake.stop_thread()
+    with FakeOpenAI(reply=reply) as fake:
+        yield fake
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +77,8 @@ def veil(own_nats: str, upstream: FakeOpenAI, tmp_path_factory: pytest.TempPathF
         nats_url=nats_url,
         data_dir=str(tmp_path_factory.mktemp("memory-data")),
     )
-    server = VeilThread(config, nats_url).start()
-    yield server
-    server.stop()
+    with VeilThread(config, nats_url) as server:
+        yield server
 
 
 def client(veil: VeilThread, key: str = KEY_A) -> openai.OpenAI:

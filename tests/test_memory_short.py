@@ -28,10 +28,8 @@ def reply(body: dict[str, Any]) -> str:
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[FakeOpenAI]:
-    fake = FakeOpenAI(reply=reply)
-    fake.start_in_thread()
-    yield fake
-    fake.stop_thread()
+    with FakeOpenAI(reply=reply) as fake:
+        yield fake
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +41,8 @@ def veil(nats_url: str, upstream: FakeOpenAI) -> Iterator[VeilThread]:
         nats_url=nats_url,
         memory=MemoryConfig(enabled=False),  # long-term memory has its own tests
     )
-    server = VeilThread(config, nats_url).start()
-    yield server
-    server.stop()
+    with VeilThread(config, nats_url) as server:
+        yield server
 
 
 def load(veil: VeilThread, sid: str) -> list[object]:

@@ -58,10 +58,8 @@ def catalogue() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[FakeOpenAI]:
-    fake = FakeOpenAI(reply=lambda body: script["reply"](body))
-    fake.start_in_thread()
-    yield fake
-    fake.stop_thread()
+    with FakeOpenAI(reply=lambda body: script["reply"](body)) as fake:
+        yield fake
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +75,8 @@ def veil(upstream: FakeOpenAI, catalogue: str, tmp_path_factory: pytest.TempPath
             models=[ModelConfig(name="veil", pipeline="default")],
             nats_url=nats_server.url,
         )
-        server = VeilThread(config, nats_server.url).start()
-        yield server
-        server.stop()
+        with VeilThread(config, nats_server.url) as server:
+            yield server
 
 
 def one_call(name: str, arguments: dict[str, Any] | str) -> Any:

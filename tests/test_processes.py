@@ -35,10 +35,8 @@ CLEAN = {
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[FakeOpenAI]:
-    fake = FakeOpenAI()
-    fake.start_in_thread()
-    yield fake
-    fake.stop_thread()
+    with FakeOpenAI() as fake:
+        yield fake
 
 
 def _chat(base_url: str, text: str, session_id: str | None = None, key: str = KEY) -> openai.types.chat.ChatCompletion:

@@ -71,10 +71,8 @@ pipeline = "general"
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[FakeOpenAI]:
-    fake = FakeOpenAI(reply="ok")
-    fake.start_in_thread()
-    yield fake
-    fake.stop_thread()
+    with FakeOpenAI(reply="ok") as fake:
+        yield fake
 
 
 @pytest.fixture(scope="module")
@@ -82,9 +80,8 @@ def veil(nats_url: str, upstream: FakeOpenAI, tmp_path_factory: pytest.TempPathF
     path = tmp_path_factory.mktemp("routing") / "veil.toml"
     path.write_text(CONFIG.format(base_url=upstream.base_url))
     config = load_config(path, env={"VEIL_NATS_URL": nats_url})
-    server = VeilThread(config, nats_url).start()
-    yield server
-    server.stop()
+    with VeilThread(config, nats_url) as server:
+        yield server
 
 
 def ask(veil: VeilThread, text: str, sid: str | None = None, **extra: Any) -> openai.types.chat.ChatCompletion:

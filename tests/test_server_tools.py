@@ -29,10 +29,8 @@ def tool_answers(body: dict[str, Any]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[FakeOpenAI]:
-    fake = FakeOpenAI(reply=scripted)
-    fake.start_in_thread()
-    yield fake
-    fake.stop_thread()
+    with FakeOpenAI(reply=scripted) as fake:
+        yield fake
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +42,8 @@ def veil(nats_url: str, upstream: FakeOpenAI) -> Iterator[VeilThread]:
         memory=MemoryConfig(enabled=False),
         nats_url=nats_url,
     )
-    server = VeilThread(config, nats_url).start()
-    yield server
-    server.stop()
+    with VeilThread(config, nats_url) as server:
+        yield server
 
 
 @pytest.fixture

@@ -24,10 +24,8 @@ KEY_B = "sk-sessions-b"
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[FakeOpenAI]:
-    fake = FakeOpenAI()
-    fake.start_in_thread()
-    yield fake
-    fake.stop_thread()
+    with FakeOpenAI() as fake:
+        yield fake
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +38,8 @@ def veil(nats_url: str, upstream: FakeOpenAI) -> Iterator[VeilThread]:
         nats_url=nats_url,
         memory=MemoryConfig(enabled=False),  # long-term memory: tests/test_memory_long.py
     )
-    server = VeilThread(config, nats_url).start()
-    yield server
-    server.stop()
+    with VeilThread(config, nats_url) as server:
+        yield server
 
 
 def api(veil: VeilThread, method: str, path: str, key: str = KEY_A) -> tuple[int, dict[str, object]]:
