@@ -18,77 +18,20 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Awaitable
+from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from actors.engines.base import EngineOutput
 from actors.engines.llamacpp import LlamaCppEngine
-from eventstore.events import ChatMessage
-
-QUESTIONS = [
-    "What is the capital of France?",
-    "Name three primary colours.",
-    "How many legs does a spider have?",
-    "What does a bee make?",
-    "Give me a synonym for happy.",
-    "What is 12 times 12?",
-    "Which planet is closest to the sun?",
-    "What language is spoken in Brazil?",
-    "Why is the sky blue? Answer in one sentence.",
-    "What is the boiling point of water in Celsius?",
-]
-STORY = "Write a long story about a dragon who learns to cook."
+from bench._engine_runs import QUESTIONS, STORY, Run, one, pct, rss_mb
 
 
-@dataclass
-class Run:
-    ttft_ms: float
-    seconds: float
-    completion_tokens: int
-    finish_reason: str
-
-
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-async def one(
+def ask(
     engine: LlamaCppEngine, prompt: str, max_tokens: int, started: float | None = None
-) -> Run:
-    """One streamed request; TTFT counts from `started` (queueing included) when given."""
-    output = EngineOutput()
-    began = time.perf_counter() if started is None else started
-    first: list[float] = []
-
-    async def on_delta(_: str) -> None:
-        if not first:
-            first.append(time.perf_counter())
-
-    await engine.generate(
-        "local",
-        [ChatMessage(role="user", content=prompt)],
-        {"max_tokens": max_tokens},
-        on_delta,
-        output,
-    )
-    done = time.perf_counter()
-    assert output.usage is not None
-    return Run(
-        ttft_ms=((first[0] if first else done) - began) * 1000,
-        seconds=done - began,
-        completion_tokens=output.usage.completion_tokens,
-        finish_reason=output.finish_reason,
-    )
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+) -> Awaitable[Run]:
+    return one(engine, "local", prompt, {"max_tokens": max_tokens}, started)
 
 
 async def main(args: argparse.Namespace) -> dict[str, object]:
@@ -99,17 +42,17 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
     load_s = await engine.load()
     rss_loaded = rss_mb()
     try:
-        await one(engine, "Hello!", 8)  # warm-up: first decode allocates compute buffers
+        await ask(engine, "Hello!", 8)  # warm-up: first decode allocates compute buffers
 
-        ttft = [await one(engine, q, 16) for q in QUESTIONS]
+        ttft = [await ask(engine, q, 16) for q in QUESTIONS]
 
-        long = await one(engine, STORY, args.long_tokens)
+        long = await ask(engine, STORY, args.long_tokens)
         decode_tps = long.completion_tokens / max(1e-9, long.seconds - long.ttft_ms / 1000)
 
         started = time.perf_counter()
         concurrent = await asyncio.gather(
             *(
-                one(engine, f"{STORY} Story number {i + 1}.", args.concurrent_tokens, started)
+                ask(engine, f"{STORY} Story number {i + 1}.", args.concurrent_tokens, started)
                 for i in range(4)
             )
         )

@@ -21,94 +21,26 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Awaitable
+from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from actors.engines.base import EngineOutput, ToolCallPiece
 from actors.engines.vllm_engine import VllmEngine
-from eventstore.events import ChatMessage
-
-QUESTIONS = [
-    "What is the capital of France?",
-    "Name three primary colours.",
-    "How many legs does a spider have?",
-    "What does a bee make?",
-    "Give me a synonym for happy.",
-    "What is 12 times 12?",
-    "Which planet is closest to the sun?",
-    "What language is spoken in Brazil?",
-    "Why is the sky blue? Answer in one sentence.",
-    "What is the boiling point of water in Celsius?",
-]
-STORY = "Write a long story about a dragon who learns to cook."
+from bench._engine_runs import QUESTIONS, STORY, Run, one, pct, rss_mb
 
 
-@dataclass
-class Run:
-    ttft_ms: float
-    seconds: float
-    completion_tokens: int
-    finish_reason: str
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        return max(0, self.completion_tokens - 1) / max(1e-9, self.seconds - self.ttft_ms / 1000)
-
-
-def rss_mb(pid: int | None = None) -> float:
-    """Resident memory of a process and all its descendants."""
-    pid = os.getpid() if pid is None else pid
-    total = 0.0
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1]) / 1024
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            for child in (task / "children").read_text().split():
-                total += rss_mb(int(child))
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return total
-
-
-async def one(
+def ask(
     engine: VllmEngine,
     prompt: str,
     max_tokens: int,
     started: float | None = None,
     temperature: float = 0.0,
-) -> Run:
-    """One streamed request; TTFT counts from `started` (queueing included) when given."""
-    output = EngineOutput()
-    began = time.perf_counter() if started is None else started
-    first: list[float] = []
-
-    async def on_delta(_: str | ToolCallPiece) -> None:
-        if not first:
-            first.append(time.perf_counter())
-
-    await engine.generate(
-        "vllm",
-        [ChatMessage(role="user", content=prompt)],
-        {"max_tokens": max_tokens, "temperature": temperature},
-        on_delta,
-        output,
+) -> Awaitable[Run]:
+    return one(
+        engine, "vllm", prompt, {"max_tokens": max_tokens, "temperature": temperature}, started
     )
-    done = time.perf_counter()
-    assert output.usage is not None
-    return Run(
-        ttft_ms=((first[0] if first else done) - began) * 1000,
-        seconds=done - began,
-        completion_tokens=output.usage.completion_tokens,
-        finish_reason=output.finish_reason,
-    )
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 async def main(args: argparse.Namespace) -> dict[str, object]:
@@ -123,17 +55,17 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
     startup_s = await engine.start()
     rss_loaded = rss_mb()
     try:
-        await one(engine, "Hello!", 8)  # warm-up
+        await ask(engine, "Hello!", 8)  # warm-up
 
-        ttft = [await one(engine, q, 16) for q in QUESTIONS]
+        ttft = [await ask(engine, q, 16) for q in QUESTIONS]
 
         # Greedy on the story: SmolLM2 runs to the limit, so every session decodes as much.
-        long = await one(engine, STORY, args.long_tokens)
+        long = await ask(engine, STORY, args.long_tokens)
 
         started = time.perf_counter()
         concurrent = await asyncio.gather(
             *(
-                one(engine, f"{STORY} Story number {i + 1}.", args.concurrent_tokens, started)
+                ask(engine, f"{STORY} Story number {i + 1}.", args.concurrent_tokens, started)
                 for i in range(args.sessions)
             )
         )
