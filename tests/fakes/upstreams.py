@@ -136,16 +136,19 @@ class _FakeUpstream:
     _url_suffix: ClassVar[str] = ""  # what base_url adds to url for this provider's SDK
     _id_prefix: ClassVar[str] = "id_"
     _call_id_prefix: ClassVar[str] = "call_"
+    _models: ClassVar[tuple[str, ...]] = ()  # what GET /v1/models lists by default
 
     def __init__(
         self,
         *,
         api_key: str | None = None,
         reply: Reply | None = None,
+        models: tuple[str, ...] | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
         self.api_key = api_key  # when set, requests must carry it
+        self.models = self._models if models is None else models
         self.reply = reply  # None: f"echo: {last user message text}"
         self.host = host
         self.port = port  # the real port once started
@@ -286,6 +289,14 @@ class _FakeUpstream:
         raise NotImplementedError
 
     # -- request handling --------------------------------------------------------------------
+
+    async def _authorized(self, request: web.Request) -> tuple[RecordedRequest, web.Response | None]:
+        """Record a request; the provider's error response when its credentials are wrong."""
+        rec = await self._record(request)
+        denied = self._auth_error(rec.headers)
+        if denied is not None:
+            rec.outcome = "error"
+        return rec, denied
 
     async def _record(self, request: web.Request) -> RecordedRequest:
         raw = await request.read()
@@ -604,27 +615,15 @@ class FakeOpenAI(_FakeUpstream):
     _url_suffix = "/v1"
     _id_prefix = "chatcmpl-fake"
     _call_id_prefix = "call_fake"
-
-    def __init__(
-        self,
-        *,
-        api_key: str | None = None,
-        reply: Reply | None = None,
-        models: tuple[str, ...] = ("gpt-4o-mini", "gpt-4o"),
-        host: str = "127.0.0.1",
-        port: int = 0,
-    ) -> None:
-        super().__init__(api_key=api_key, reply=reply, host=host, port=port)
-        self.models = models
+    _models = ("gpt-4o-mini", "gpt-4o")
 
     def _add_routes(self, router: web.UrlDispatcher) -> None:
         router.add_post("/v1/chat/completions", self._handle_chat)
         router.add_get("/v1/models", self._handle_models)
 
     async def _handle_models(self, request: web.Request) -> web.Response:
-        rec = await self._record(request)
-        if (denied := self._auth_error(rec.headers)) is not None:
-            rec.outcome = "error"
+        rec, denied = await self._authorized(request)
+        if denied is not None:
             return denied
         rec.outcome = "ok"
         data = [
@@ -910,18 +909,7 @@ class FakeAnthropic(_FakeUpstream):
 
     _id_prefix = "msg_fake"
     _call_id_prefix = "toolu_fake"
-
-    def __init__(
-        self,
-        *,
-        api_key: str | None = None,
-        reply: Reply | None = None,
-        models: tuple[str, ...] = ("claude-sonnet-4-5", "claude-haiku-4-5"),
-        host: str = "127.0.0.1",
-        port: int = 0,
-    ) -> None:
-        super().__init__(api_key=api_key, reply=reply, host=host, port=port)
-        self.models = models
+    _models = ("claude-sonnet-4-5", "claude-haiku-4-5")
 
     def _add_routes(self, router: web.UrlDispatcher) -> None:
         router.add_post("/v1/messages", self._handle_chat)
@@ -929,9 +917,8 @@ class FakeAnthropic(_FakeUpstream):
         router.add_get("/v1/models", self._handle_models)
 
     async def _handle_count_tokens(self, request: web.Request) -> web.Response:
-        rec = await self._record(request)
-        if (denied := self._auth_error(rec.headers)) is not None:
-            rec.outcome = "error"
+        rec, denied = await self._authorized(request)
+        if denied is not None:
             return denied
         body = rec.body
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
@@ -942,9 +929,8 @@ class FakeAnthropic(_FakeUpstream):
         return web.Response(body=_encode({"input_tokens": count}), content_type="application/json")
 
     async def _handle_models(self, request: web.Request) -> web.Response:
-        rec = await self._record(request)
-        if (denied := self._auth_error(rec.headers)) is not None:
-            rec.outcome = "error"
+        rec, denied = await self._authorized(request)
+        if denied is not None:
             return denied
         rec.outcome = "ok"
         data = [
