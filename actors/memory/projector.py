@@ -30,53 +30,31 @@ def records_of(session_id: str, seq: int, event: EventUnion, owner: Owner) -> li
     yields the same records: the projection is idempotent and rebuildable.
     """
     tenant, user_id = owner
+
+    def record(suffix: str, kind: str, role: str, text: str) -> MemoryRecord:
+        return MemoryRecord(
+            id=f"{session_id}:{seq}{suffix}",
+            tenant=tenant,
+            user_id=user_id,
+            session_id=session_id,
+            kind=kind,
+            role=role,
+            text=text,
+            source_seq=seq,
+            created_at=event.at,
+        )
+
     match event:
         case TurnStarted():
             return [
-                MemoryRecord(
-                    id=f"{session_id}:{seq}:{i}",
-                    tenant=tenant,
-                    user_id=user_id,
-                    session_id=session_id,
-                    kind="message",
-                    role=m.role,
-                    text=m.content,
-                    source_seq=seq,
-                    created_at=event.at,
-                )
+                record(f":{i}", "message", m.role, m.content)
                 for i, m in enumerate(event.messages)
                 if m.role in REMEMBERED_ROLES and m.content.strip()
             ]
         case ReplyCompleted() if event.content.strip():
-            return [
-                MemoryRecord(
-                    id=f"{session_id}:{seq}",
-                    tenant=tenant,
-                    user_id=user_id,
-                    session_id=session_id,
-                    kind="message",
-                    role="assistant",
-                    text=event.content,
-                    source_seq=seq,
-                    created_at=event.at,
-                )
-            ]
+            return [record("", "message", "assistant", event.content)]
         case FactsExtracted():
-            return [
-                MemoryRecord(
-                    id=f"{session_id}:{seq}:f{i}",
-                    tenant=tenant,
-                    user_id=user_id,
-                    session_id=session_id,
-                    kind="fact",
-                    role="user",
-                    text=fact,
-                    source_seq=seq,
-                    created_at=event.at,
-                )
-                for i, fact in enumerate(event.facts)
-                if fact.strip()
-            ]
+            return [record(f":f{i}", "fact", "user", fact) for i, fact in enumerate(event.facts) if fact.strip()]
         case SessionOpened():
             return []
         case _:
