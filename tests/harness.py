@@ -13,8 +13,10 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import aiohttp
+import nats
 from aiohttp import web
 
+from eventstore.jetstream import JetStreamEventStore
 from veil.config import Config
 from veil.server import Workers, serve_gateway
 
@@ -55,6 +57,18 @@ class VeilThread:
                 await asyncio.sleep(0.02)
 
         self.call(caught_up(), timeout)
+
+    def events(self, session_id: str) -> list[Any]:
+        """A session's events as its log holds them, read through a connection of its own."""
+
+        async def read() -> list[Any]:
+            nc = await nats.connect(self.nats_url)
+            try:
+                return [s.event for s in await JetStreamEventStore(nc.jetstream(), nc).load(session_id)]
+            finally:
+                await nc.close()
+
+        return self.call(read())
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
         """Run a coroutine on Veil's loop and wait for its result."""

@@ -11,7 +11,6 @@ import pytest
 from eventstore.events import ModelCalled, ReplyCompleted, TurnFailed, model_calls
 from tests.fakes.upstreams import FakeOpenAI
 from tests.harness import VeilThread
-from tests.test_memory_short import load
 from veil.config import (
     Config,
     EngineConfig,
@@ -71,7 +70,7 @@ def client(veil: VeilThread) -> Iterator[openai.OpenAI]:
 
 
 def calls(veil: VeilThread, sid: str) -> list[ModelCalled]:
-    return model_calls(load(veil, sid))
+    return model_calls(veil.events(sid))
 
 
 def test_falls_back_after_retries_and_records_every_attempt(veil: VeilThread, client: openai.OpenAI, primary: FakeOpenAI, secondary: FakeOpenAI) -> None:
@@ -138,5 +137,5 @@ def test_stream_failing_before_any_token_falls_back(veil: VeilThread, client: op
     chunks = list(client.chat.completions.create(model="veil", messages=[{"role": "user", "content": "hi"}], stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "from secondary"
     sid = chunks[0].model_extra["session_id"]
-    events = load(veil, sid)
+    events = veil.events(sid)
     assert isinstance(events[-1], ReplyCompleted) and not any(isinstance(e, TurnFailed) for e in events)

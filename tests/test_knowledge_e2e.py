@@ -13,7 +13,6 @@ from eventstore.events import DocumentsRetrieved
 from tests.fakes.upstreams import FakeOpenAI, ToolCalls
 from tests.harness import VeilThread
 from tests.procs import run_veil
-from tests.test_memory_short import load
 from veil.config import Config, EngineConfig, ModelConfig, PipelineConfig
 from veil.natsserver import NatsServer
 
@@ -72,7 +71,7 @@ def test_the_chunk_with_the_answer_reaches_the_prompt_with_its_source(veil: Veil
     assert "<documents>" in system and "cite it by its number" in system
     first = system.split("[1] ", 1)[1].split("\n", 1)[0]
     assert str(docs / "returns.md") in first and "within 30 days" in first and "Returns" in first
-    retrieved = next(e for e in load(veil, sid) if isinstance(e, DocumentsRetrieved))
+    retrieved = next(e for e in veil.events(sid) if isinstance(e, DocumentsRetrieved))
     assert retrieved.chunks[0].path == str(docs / "returns.md") and retrieved.chunks[0].similarity >= 0.3
     assert "zz-script-text" not in str(upstream.requests)
 

@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import nats
 import openai
 import pytest
 
@@ -18,7 +17,6 @@ from actors.memory.index import MemoryIndex
 from actors.memory.prompting import MEMORY_PREAMBLE
 from actors.summary import FACTS_INSTRUCTIONS
 from eventstore.events import FactsExtracted, MemoryRecalled
-from eventstore.jetstream import JetStreamEventStore
 from tests.fakes.upstreams import FakeOpenAI
 from tests.harness import VeilThread
 from tests.procs import run_veil
@@ -106,17 +104,6 @@ def system_of(upstream: FakeOpenAI) -> str:
     return first["content"] if first["role"] == "system" else ""
 
 
-def load(veil: VeilThread, sid: str) -> list[Any]:
-    async def read() -> list[Any]:
-        nc = await nats.connect(veil.nats_url)
-        try:
-            return [s.event for s in await JetStreamEventStore(nc.jetstream(), nc).load(sid)]
-        finally:
-            await nc.close()
-
-    return veil.call(read())
-
-
 def test_recall_finds_a_fact_from_fifty_turns_ago(veil: VeilThread, upstream: FakeOpenAI) -> None:
     sid = say(veil, "Please remember that my locker combination is 31-07-44.")
     for i in range(50):
@@ -128,7 +115,7 @@ def test_recall_finds_a_fact_from_fifty_turns_ago(veil: VeilThread, upstream: Fa
     system = system_of(upstream)
     assert MEMORY_PREAMBLE in system and "<memories>" in system
     assert '"Please remember that my locker combination is 31-07-44."' in system  # quoted, as data
-    recalled = [e for e in load(veil, sid) if isinstance(e, MemoryRecalled)][-1]
+    recalled = [e for e in veil.events(sid) if isinstance(e, MemoryRecalled)][-1]
     used = [h for h in recalled.hits if h.used]
     assert any(h.text and "31-07-44" in h.text for h in used)
     assert recalled.query == "Remind me, what is the combination of my locker?"
@@ -142,14 +129,14 @@ def test_memories_are_shared_by_a_user_and_never_across_users_or_tenants(veil: V
     # Alice's other session sees it; the text is referenced, not copied.
     alice_2 = say(veil, "What is my secret project codename?", user="alice")
     assert marker in system_of(upstream)
-    hits = [e for e in load(veil, alice_2) if isinstance(e, MemoryRecalled)][-1].hits
+    hits = [e for e in veil.events(alice_2) if isinstance(e, MemoryRecalled)][-1].hits
     from_first = [h for h in hits if h.session_id == alice_1]
     assert from_first and all(h.text is None for h in from_first)
     # Bob in the same tenant, a session without a user, and alice in another tenant see nothing.
     for kwargs in ({"user": "bob"}, {}, {"user": "alice", "key": KEY_B}):
         sid = say(veil, "What is my secret project codename?", **kwargs)  # type: ignore[arg-type]
         assert marker not in json.dumps(upstream.last_request.body)
-        recalled = [e for e in load(veil, sid) if isinstance(e, MemoryRecalled)]
+        recalled = [e for e in veil.events(sid) if isinstance(e, MemoryRecalled)]
         assert all(h.session_id == sid for r in recalled for h in r.hits)
 
     # The audit resolves the reference while the source exists...
@@ -212,7 +199,7 @@ def test_extracted_facts_are_remembered(veil: VeilThread, upstream: FakeOpenAI) 
     sid = say(veil, "We got a puppy last week and called him Biscuit!", model="veil-facts")
     # Extraction runs after the reply went out: give it a moment.
     deadline = time.monotonic() + 10
-    while not (facts := [e for e in load(veil, sid) if isinstance(e, FactsExtracted)]) and time.monotonic() < deadline:
+    while not (facts := [e for e in veil.events(sid) if isinstance(e, FactsExtracted)]) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert [f.facts for f in facts] == [["The user's dog is named Biscuit."]]
     veil.wait_for_memory()
@@ -229,4 +216,4 @@ def test_a_session_the_prompt_carries_whole_does_not_ask_memory(veil: VeilThread
     veil.wait_for_memory()
     say(veil, "What is my badge number?", sid)
     assert "<memories>" not in system_of(upstream)
-    assert not [e for e in load(veil, sid) if isinstance(e, MemoryRecalled)]
+    assert not [e for e in veil.events(sid) if isinstance(e, MemoryRecalled)]

@@ -12,7 +12,6 @@ from actors.session import SUMMARY_HEADER
 from actors.summary import INSTRUCTIONS
 from actors.tokens import estimate_message_tokens
 from eventstore.events import ChatMessage, HistorySummarized, ModelCalled
-from eventstore.jetstream import JetStreamEventStore
 from tests.fakes.upstreams import FakeOpenAI
 from tests.harness import VeilThread
 from veil.config import Config, EngineConfig, ModelConfig, PipelineConfig, MemoryConfig
@@ -45,19 +44,6 @@ def veil(nats_url: str, upstream: FakeOpenAI) -> Iterator[VeilThread]:
         yield server
 
 
-def load(veil: VeilThread, sid: str) -> list[object]:
-    async def read() -> list[object]:
-        import nats
-
-        nc = await nats.connect(veil.nats_url)
-        try:
-            return [s.event for s in await JetStreamEventStore(nc.jetstream(), nc).load(sid)]
-        finally:
-            await nc.close()
-
-    return veil.call(read())
-
-
 def chat_turns(veil: VeilThread, n: int) -> str:
     sid = None
     with openai.OpenAI(base_url=veil.base_url, api_key="x", max_retries=0) as client:
@@ -79,7 +65,7 @@ def reply_prompts(upstream: FakeOpenAI) -> list[list[dict[str, str]]]:
 def test_history_is_folded_into_a_summary_and_prompts_stay_in_budget(veil: VeilThread, upstream: FakeOpenAI) -> None:
     upstream.reset()
     sid = chat_turns(veil, 12)
-    events = load(veil, sid)
+    events = veil.events(sid)
     summaries = [e for e in events if isinstance(e, HistorySummarized)]
     assert summaries, "a summary was written"
     assert [e.purpose for e in events if isinstance(e, ModelCalled)].count("summary") == len(summaries)
@@ -101,7 +87,7 @@ def test_failed_summary_loses_no_turn(veil: VeilThread, upstream: FakeOpenAI) ->
     armed = False
     with openai.OpenAI(base_url=veil.base_url, api_key="x", max_retries=0) as client:
         for i in range(6):
-            if sid and not armed and session.fold_plan(session.fold(load(veil, sid)), BUDGET) is not None:
+            if sid and not armed and session.fold_plan(session.fold(veil.events(sid)), BUDGET) is not None:
                 upstream.fail_next(500, message="summary down")  # the next call is the summary
                 armed = True
             r = client.chat.completions.create(
@@ -111,7 +97,7 @@ def test_failed_summary_loses_no_turn(veil: VeilThread, upstream: FakeOpenAI) ->
             )
             sid = r.model_extra["session_id"]
     assert armed
-    events = load(veil, sid)
+    events = veil.events(sid)
     failed = [e for e in events if isinstance(e, ModelCalled) and e.purpose == "summary" and e.error]
     assert len(failed) == 1 and "summary down" in failed[0].error
     # Every turn's messages are still in the conversation the log rebuilds.

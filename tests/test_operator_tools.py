@@ -15,7 +15,6 @@ from actors.tools.custom import schema_from_signature
 from eventstore.events import ToolsCalled
 from tests.fakes.upstreams import FakeOpenAI, ToolCalls
 from tests.harness import VeilThread
-from tests.test_memory_short import load
 from veil.config import Config, EngineConfig, ModelConfig, PipelineConfig, ToolConfig
 from veil.natsserver import NatsServer
 
@@ -125,7 +124,7 @@ def test_python_tool(veil: VeilThread) -> None:
     script["reply"] = one_call("shout", {"text": "hi", "times": 2})
     content, sid = ask(veil, "shout")
     assert content == "-> HI HI"
-    step = next(e for e in load(veil, sid) if isinstance(e, ToolsCalled))
+    step = next(e for e in veil.events(sid) if isinstance(e, ToolsCalled))
     assert step.results[0].name == "shout" and step.results[0].content == "HI HI"
 
 

@@ -14,7 +14,6 @@ from eventstore.events import PipelineChosen, TurnStarted
 from tests.fakes.upstreams import FakeOpenAI
 from tests.harness import VeilThread
 from tests.procs import run_veil
-from tests.test_memory_short import load
 from veil.config import load_config
 
 CONFIG = """
@@ -97,7 +96,7 @@ def persona(upstream: FakeOpenAI) -> str:
 
 
 def choices(veil: VeilThread, sid: str) -> list[PipelineChosen]:
-    return [e for e in load(veil, sid) if isinstance(e, PipelineChosen)]
+    return [e for e in veil.events(sid) if isinstance(e, PipelineChosen)]
 
 
 def test_models_list_public_names_only(veil: VeilThread) -> None:
@@ -155,7 +154,7 @@ def test_session_stays_pinned_unless_a_rule_switches_it(veil: VeilThread, upstre
 
 def test_a_single_pipeline_model_records_its_only_choice(veil: VeilThread, upstream: FakeOpenAI) -> None:
     reply = ask(veil, "Could you do a code review?", model="plain")
-    events = load(veil, reply.model_extra["session_id"])
+    events = veil.events(reply.model_extra["session_id"])
     assert choices(veil, reply.model_extra["session_id"]) == []  # no router was asked
     assert [e.pipeline for e in events if isinstance(e, TurnStarted)] == ["general"]
 

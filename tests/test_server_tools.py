@@ -13,7 +13,6 @@ from eventstore.events import ModelCalled, ReplyCompleted, ToolLoopStopped, Tool
 from tests.fakes.upstreams import FakeOpenAI, ToolCalls
 from tests.harness import VeilThread
 from tests.test_client_tools import TOOLS as CLIENT_TOOLS
-from tests.test_memory_short import load
 from veil.config import Config, EngineConfig, MemoryConfig, ModelConfig, PipelineConfig
 
 script: dict[str, Any] = {}
@@ -69,7 +68,7 @@ def test_calculator_runs_behind_the_curtain(veil: VeilThread, client: openai.Ope
     assert [t["function"]["name"] for t in first["tools"]] == ["calculator", "current_time"]
     assert second["messages"][-2]["tool_calls"][0]["function"]["name"] == "calculator"
     assert second["messages"][-1] == {"role": "tool", "content": "391", "tool_call_id": second["messages"][-2]["tool_calls"][0]["id"]}
-    events = load(veil, reply.model_extra["session_id"])
+    events = veil.events(reply.model_extra["session_id"])
     step = next(e for e in events if isinstance(e, ToolsCalled))
     assert step.results[0].name == "calculator" and step.results[0].content == "391" and step.results[0].error is None
     assert step.results[0].duration_ms >= 0
@@ -98,7 +97,7 @@ def test_a_failing_tool_is_fed_back_to_the_model(veil: VeilThread, client: opena
     script["reply"] = broken_then_answer
     reply = client.chat.completions.create(model="veil", messages=[{"role": "user", "content": "compute"}])
     assert reply.choices[0].message.content == "Sorry: Error: division by zero"
-    step = next(e for e in load(veil, reply.model_extra["session_id"]) if isinstance(e, ToolsCalled))
+    step = next(e for e in veil.events(reply.model_extra["session_id"]) if isinstance(e, ToolsCalled))
     assert [r.error for r in step.results] == ["arguments are not valid JSON: Expecting property name enclosed in double quotes", "division by zero"]
 
 
@@ -111,7 +110,7 @@ def test_the_step_limit_ends_with_the_best_answer_and_an_event(veil: VeilThread,
     script["reply"] = always_calculate
     reply = client.chat.completions.create(model="veil", messages=[{"role": "user", "content": "count"}])
     assert reply.choices[0].message.content == "Best so far: 2"
-    events = load(veil, reply.model_extra["session_id"])
+    events = veil.events(reply.model_extra["session_id"])
     assert sum(isinstance(e, ToolsCalled) for e in events) == 2
     stopped = [e for e in events if isinstance(e, ToolLoopStopped)]
     assert len(stopped) == 1 and stopped[0].steps == 2
@@ -139,7 +138,7 @@ def test_client_and_server_tools_mixed(veil: VeilThread, client: openai.OpenAI, 
     assert second.choices[0].message.content == "Done: 4 / snow"
     roles = [m["role"] for m in upstream.last_request.body["messages"]]
     assert roles == ["user", "assistant", "tool", "tool"]
-    replies = [e for e in load(veil, sid) if isinstance(e, ReplyCompleted)]
+    replies = [e for e in veil.events(sid) if isinstance(e, ReplyCompleted)]
     assert [c.function.name for c in replies[0].tool_calls] == ["get_weather"]
     assert json.loads(upstream.last_request.body["messages"][1]["tool_calls"][0]["function"]["arguments"]) == {"expression": "2 + 2"}
 
