@@ -16,7 +16,7 @@ import contextlib
 import os
 import urllib.request
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -33,6 +33,8 @@ __all__ = [
 ]
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
+T = TypeVar("T")
 
 # Error text kept from an upstream's body: enough to say why, never a whole page.
 _MAX_REASON = 500
@@ -132,6 +134,14 @@ def _status_error(status: int, body: bytes, retry_after: str | None) -> EngineEr
     )
 
 
+def _decoded(decoder: msgspec.json.Decoder[T], data: bytes, failure: str) -> T:
+    """`data` decoded, or a 502 saying the upstream model `failure`."""
+    try:
+        return decoder.decode(data)
+    except msgspec.DecodeError as error:
+        raise EngineError(502, "upstream_error", f"The upstream model {failure}: {error}") from error
+
+
 def _timeout_error() -> EngineError:
     return EngineError(504, "upstream_timeout", "The upstream model did not answer in time.", retryable=True)
 
@@ -218,12 +228,7 @@ class OpenAIHTTP:
         """One non-streaming chat completion."""
         async with self._exchange(body) as response:
             payload = await response.read()
-        try:
-            completion = _completion.decode(payload)
-        except msgspec.DecodeError as error:
-            raise EngineError(
-                502, "upstream_error", f"The upstream model answered with something else than a completion: {error}"
-            ) from error
+        completion = _decoded(_completion, payload, "answered with something else than a completion")
         if completion.error is not None and not completion.choices:
             raise _reported_error(completion.error, "The upstream model failed")
         return completion
@@ -234,12 +239,7 @@ class OpenAIHTTP:
             async for data in _sse_data(response.content):
                 if data == b"[DONE]":
                     return
-                try:
-                    chunk = _chunk.decode(data)
-                except msgspec.DecodeError as error:
-                    raise EngineError(
-                        502, "upstream_error", f"The upstream model sent a broken stream chunk: {error}"
-                    ) from error
+                chunk = _decoded(_chunk, data, "sent a broken stream chunk")
                 if chunk.error is not None:
                     raise _reported_error(chunk.error, "The upstream model failed mid-stream")
                 yield chunk
