@@ -6,6 +6,8 @@ COPY actors actors
 COPY bus bus
 COPY eventstore eventstore
 COPY veil veil
-RUN pip install --no-cache-dir .
+# The embedding model is built once, into the image, not at every container start.
+RUN pip install --no-cache-dir . \
+    && python -c "from actors.memory.embedder import default_embedder; default_embedder()"
 EXPOSE 8000
 CMD ["veil", "serve", "--host", "0.0.0.0"]

@@ -146,6 +146,7 @@ class RandomEmbedder:
     """Random unit vectors, for filler only (see the module docstring)."""
 
     dim = 384
+    model_id = "random"
 
     def __init__(self, seed: int) -> None:
         self._rng = np.random.default_rng(seed)

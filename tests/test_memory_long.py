@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import openai
 import pytest
 
@@ -193,6 +194,35 @@ def test_reindex_reproduces_the_live_projection(veil: VeilThread, tmp_path: Path
     # A running Veil's index is not rebuilt under its feet.
     busy = run_veil("reindex", env={"VEIL_NATS_URL": veil.nats_url, "VEIL_DATA_DIR": veil.config.data_dir})
     assert busy.returncode != 0 and "in use" in (busy.stderr + busy.stdout)
+
+
+def test_an_index_another_model_made_is_rebuilt_from_the_log_at_start(
+    veil: VeilThread, own_nats: str, tmp_path: Path
+) -> None:
+    say(veil, "Rebuild me: the ferry to the island leaves at 7:40.")
+    veil.wait_for_memory()
+    live = veil.workers.memory
+    assert live is not None
+    live_rows = veil.call(live.index.dump())
+    data = tmp_path / "older"
+    data.mkdir()
+
+    async def older_index() -> None:
+        # Complete up to the end of the log, as far as it knows, but made by another model.
+        index = await MemoryIndex.open(data / "memory.sqlite", model="an-older-model")
+        try:
+            await index.add([], np.zeros((0, 384), np.float32), checkpoint=await live.index.checkpoint())
+        finally:
+            await index.close()
+
+    asyncio.run(older_index())
+    config = Config(nats_url=own_nats, data_dir=str(data), engines=veil.config.engines,
+                    pipelines=veil.config.pipelines, models=veil.config.models, keys=veil.config.keys)
+    with VeilThread(config, own_nats) as second:
+        second.wait_for_memory()
+        memory = second.workers.memory
+        assert memory is not None and memory.index.model_changed
+        assert second.call(memory.index.dump()) == live_rows
 
 
 def test_extracted_facts_are_remembered(veil: VeilThread, upstream: FakeOpenAI) -> None:

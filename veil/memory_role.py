@@ -85,12 +85,15 @@ async def start_memory(
     index: MemoryIndex | None = None
     actor: MemoryActor | None = None
     if config.memory.enabled:
-        index = await MemoryIndex.open(path)
+        embedder = default_embedder()
+        # Opened with another model's vectors, the index empties itself and the actor
+        # follows the log from its start: the rebuild runs in the background.
+        index = await MemoryIndex.open(path, model=embedder.model_id)
         actor = MemoryActor(
             nc,
             js,
             index,
-            default_embedder(),
+            embedder,
             # Background work: niced, so it takes the CPU the turns leave.
             projection_embedder=Embedder(nice=10),
             store=store,

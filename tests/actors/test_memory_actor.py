@@ -8,12 +8,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import nats
+import numpy as np
 import pytest
 from nats.aio.client import Client
 
 from actors.memory.actor import MemoryActor, RecallRequest
 from actors.memory.embedder import default_embedder
-from actors.memory.index import MemoryIndex
+from actors.memory.index import MemoryIndex, MemoryRecord
 from eventstore.events import ChatMessage, ReplyCompleted, SessionOpened, TurnStarted, Usage
 from eventstore.jetstream import JetStreamEventStore, ensure_stream
 from eventstore.tombstones import Tombstone, TombstoneLog
@@ -48,7 +49,7 @@ async def write_turn(store: JetStreamEventStore, sid: str, text: str, reply: str
 
 async def start_actor(nc: Client, path: Path) -> tuple[MemoryActor, MemoryIndex]:
     js = nc.jetstream()
-    index = await MemoryIndex.open(path)
+    index = await MemoryIndex.open(path, model=default_embedder().model_id)
     actor = MemoryActor(
         nc, js, index, default_embedder(), store=JetStreamEventStore(js, nc), tombstones=TombstoneLog(js, nc), version="0.0.0"
     )
@@ -89,6 +90,34 @@ async def test_catches_up_after_a_restart_and_drops_tombstoned_sessions(nc: Clie
         assert hits[0].text == "I moved to Lisbon in March."
         assert all(h.session_id != "s2" for h in hits)
         assert await index.checkpoint() == (await js.stream_info("CHAT_EVENTS")).state.last_seq
+    finally:
+        await actor.stop()
+        await index.close()
+
+
+async def test_an_index_made_by_another_model_is_rebuilt_from_the_log(nc: Client, tmp_path: Path) -> None:
+    js = nc.jetstream()
+    store = JetStreamEventStore(js, nc)
+    path = tmp_path / "memory.sqlite"
+    await write_turn(store, "s4", "My bike is a green Brompton.", "Lovely bike.", new=True)
+    last = (await js.stream_info("CHAT_EVENTS")).state.last_seq
+    # An index that an older model built up to the end of the log.
+    older = await MemoryIndex.open(path, model="an-older-model")
+    stale = MemoryRecord(
+        id="s4:stale", tenant="t", user_id="u", session_id="s4", kind="message", role="user",
+        text="a vector from the older model", source_seq=1, created_at=T0,
+    )
+    await older.add([stale], np.eye(1, 384, dtype=np.float32), checkpoint=last)
+    await older.close()
+
+    actor, index = await start_actor(nc, path)
+    try:
+        assert index.model_changed
+        await caught_up(nc, index)
+        assert await index.count() == 2
+        hits = await actor.recall(RecallRequest(tenant="t", session_id="s4", user_id="u", query="what bike do I have"))
+        assert hits[0].text == "My bike is a green Brompton."
+        assert all(h.id != "s4:stale" for h in hits)
     finally:
         await actor.stop()
         await index.close()

@@ -449,6 +449,45 @@ async def test_checkpoint_round_trip(tmp_path: Path, embedder: Embedder) -> None
         await idx.close()
 
 
+async def test_an_index_made_by_another_model_empties_itself_for_a_rebuild(
+    tmp_path: Path, embedder: Embedder
+) -> None:
+    path = tmp_path / "memory.sqlite"
+    idx = await MemoryIndex.open(path, model="model-a")
+    await add_texts(idx, embedder, [rec(1, "hello there")], checkpoint=7)
+    await idx.close()
+    idx = await MemoryIndex.open(path, model="model-a")
+    assert not idx.model_changed and await idx.count() == 1 and await idx.checkpoint() == 7
+    await idx.close()
+    idx = await MemoryIndex.open(path, model="model-b")
+    try:
+        assert idx.model_changed and await idx.count() == 0 and await idx.checkpoint() == 0
+        await add_texts(idx, embedder, [rec(2, "rebuilt")], checkpoint=2)
+        await idx.reset()  # `veil reindex`: the model stays recorded
+    finally:
+        await idx.close()
+    idx = await MemoryIndex.open(path, model="model-b")
+    try:
+        assert not idx.model_changed
+    finally:
+        await idx.close()
+    assert b"hello there" not in file_bytes(path)
+
+
+async def test_an_index_from_before_model_ids_is_rebuilt_unless_empty(tmp_path: Path, embedder: Embedder) -> None:
+    old, empty = tmp_path / "old.sqlite", tmp_path / "empty.sqlite"
+    idx = await MemoryIndex.open(old)
+    await add_texts(idx, embedder, [rec(1, "hello there")], checkpoint=1)
+    await idx.close()
+    await (await MemoryIndex.open(empty)).close()
+    for path, changed in ((old, True), (empty, False)):
+        idx = await MemoryIndex.open(path, model=embedder.model_id)
+        try:
+            assert idx.model_changed is changed and await idx.count() == 0
+        finally:
+            await idx.close()
+
+
 async def test_a_failed_add_stores_neither_rows_nor_position(
     index: MemoryIndex, embedder: Embedder
 ) -> None:
