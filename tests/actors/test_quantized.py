@@ -18,7 +18,7 @@ def test_the_model_is_built_once_into_the_cache_with_the_same_bytes_every_time(
     built = quantized.load(model_file())
     # Another build (the default embedder's, from the user's cache) gave the same bytes.
     assert quantized.model_id(built) == default_embedder().model_id
-    assert b"DynamicQuantizeLinear" in built and b"MatMulInteger" in built
+    assert b"MatMulInteger" in built and b"DynamicQuantizeLinear" not in built
     [kept] = [p for p in cache.iterdir() if p.suffix == ".onnx"]
     assert kept.read_bytes() == built
     assert not [p for p in cache.iterdir() if p.is_dir()]  # no build leftovers
@@ -43,3 +43,13 @@ def test_the_cache_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     assert quantized.cache_dir() == tmp_path / "veil"
     monkeypatch.setenv("VEIL_CACHE_DIR", str(tmp_path / "mine"))
     assert quantized.cache_dir() == tmp_path / "mine"
+
+
+def test_a_build_that_disagrees_with_the_shipped_model_is_not_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VEIL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(quantized, "_MIN_AGREEMENT", 1.01)  # no build can pass this
+    assert quantized.load(model_file()) == model_file().read_bytes()
+    assert not list(tmp_path.glob("*.onnx"))
+
