@@ -170,12 +170,17 @@ def test_memory_search_endpoint(veil: VeilThread) -> None:
     assert missing_q.status_code == 400 and missing_q.json()["error"]["param"] == "q"
 
 
-def test_reindex_reproduces_the_live_projection(veil: VeilThread, tmp_path: Path) -> None:
-    say(veil, "Index me: the lighthouse keeper's name is Morwenna.")
+def indexed_rows(veil: VeilThread) -> list[Any]:
+    """Every row of the live memory index, once the projection has caught up."""
     veil.wait_for_memory()
     live = veil.workers.memory
     assert live is not None
-    live_rows = veil.call(live.index.dump())
+    return veil.call(live.index.dump())
+
+
+def test_reindex_reproduces_the_live_projection(veil: VeilThread, tmp_path: Path) -> None:
+    say(veil, "Index me: the lighthouse keeper's name is Morwenna.")
+    live_rows = indexed_rows(veil)
     # Rebuild into another file from the same log and compare.
     other = tmp_path / "rebuilt"
     env = {"VEIL_NATS_URL": veil.nats_url, "VEIL_DATA_DIR": str(other)}
@@ -200,10 +205,8 @@ def test_an_index_another_model_made_is_rebuilt_from_the_log_at_start(
     veil: VeilThread, own_nats: str, tmp_path: Path
 ) -> None:
     say(veil, "Rebuild me: the ferry to the island leaves at 7:40.")
-    veil.wait_for_memory()
-    live = veil.workers.memory
-    assert live is not None
-    live_rows = veil.call(live.index.dump())
+    live_rows = indexed_rows(veil)
+    checkpoint = veil.call(veil.workers.memory.index.checkpoint())  # type: ignore[union-attr]
     data = tmp_path / "older"
     data.mkdir()
 
@@ -211,7 +214,7 @@ def test_an_index_another_model_made_is_rebuilt_from_the_log_at_start(
         # Complete up to the end of the log, as far as it knows, but made by another model.
         index = await MemoryIndex.open(data / "memory.sqlite", model="an-older-model")
         try:
-            await index.add([], np.zeros((0, 384), np.float32), checkpoint=await live.index.checkpoint())
+            await index.add([], np.zeros((0, 384), np.float32), checkpoint=checkpoint)
         finally:
             await index.close()
 
