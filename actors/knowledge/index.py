@@ -28,7 +28,8 @@ import numpy.typing as npt
 
 from actors.knowledge.events import DocumentAdded, DocumentRemoved, KbEvent, Position, chunk_id
 from actors.knowledge.log import KnowledgeLog
-from actors.memory.index import MemoryIndex, MemoryRecord, _connect
+from actors.memory._sql import connect
+from actors.memory.index import MemoryIndex, MemoryRecord
 
 __all__ = ["TENANT", "CollectionInfo", "DocumentInfo", "KnowledgeHit", "KnowledgeIndex", "indexed_text"]
 
@@ -114,7 +115,7 @@ class KnowledgeIndex:
         memory = await MemoryIndex.open(path, dim=embedder.dim, model=embedder.model_id)
         try:
             # Our own writer on the same file (WAL); MemoryIndex keeps its connections private.
-            db = await _connect(str(path), reader=False)
+            db = await connect(str(path), reader=False)
             if memory.model_changed:
                 # Chunks were embedded by another model: each collection is indexed
                 # again from the log on its next sync (search, listing, ingestion).

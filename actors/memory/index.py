@@ -59,20 +59,21 @@ import asyncio
 import hashlib
 import math
 import re
-import sqlite3
 import unicodedata
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 
 import aiosqlite
 import msgspec
 import numpy as np
 import numpy.typing as npt
 import pysqlite3.dbapi2 as _sqlite  # type: ignore[import-untyped]
-import sqlite_vec  # type: ignore[import-untyped]
 import structlog
+
+from actors.memory import _sql as sql
+from actors.memory._sql import MemoryIndexError
 
 __all__ = [
     "KEYWORD_TERM_CAP",
@@ -102,14 +103,6 @@ KEYWORD_WEIGHT = 0.5
 #: A scope moves to the large-chunk vec0 table once it has received this many memories.
 PROMOTE_AT = 2048
 
-_SCOPE_SHIFT = 32
-_MAX_SEQ = (1 << _SCOPE_SHIFT) - 1
-_MAX_SCOPE = (1 << 31) - 1
-_CHUNK = 500  # rows per IN (...) list
-
-# vec0 table and chunk size by tier (0 small, 1 large).
-_VEC_TABLES = (("memory_vec_small", 32), ("memory_vec_large", 1024))
-
 _STOP_WORDS = frozenset(
     """
     a about after again all am an and any are as at be because been before being between
@@ -128,12 +121,8 @@ _MAX_TERMS = 16
 
 class _Scope(NamedTuple):
     id: int
-    tier: int  # index into _VEC_TABLES
+    tier: int  # index into sql.VEC_TABLES
     size: int  # memories it has received (for IDF)
-
-
-class MemoryIndexError(Exception):
-    """The index is inconsistent or could not finish a maintenance step."""
 
 
 class MemoryRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -204,65 +193,6 @@ def _scope_key(r: MemoryRecord) -> tuple[str, str, str]:
     return ("u", r.tenant, r.user_id) if r.user_id is not None else ("s", r.tenant, r.session_id)
 
 
-def _bounds(scope: int) -> tuple[int, int]:
-    return scope << _SCOPE_SHIFT, (scope << _SCOPE_SHIFT) | _MAX_SEQ
-
-
-def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
-
-
-def _marks(n: int) -> str:
-    return ",".join("?" * n)
-
-
-async def _connect(path: str, *, reader: bool) -> aiosqlite.Connection:
-    def connector() -> sqlite3.Connection:
-        conn = _sqlite.connect(path, isolation_level=None)
-        # Extension loading is open only while sqlite-vec loads.
-        conn.enable_load_extension(True)
-        try:
-            sqlite_vec.load(conn)
-        finally:
-            conn.enable_load_extension(False)
-        return cast(sqlite3.Connection, conn)
-
-    db = await aiosqlite.Connection(connector, 64)
-    for pragma in (
-        "busy_timeout = 10000",
-        "secure_delete = ON",
-        "temp_store = MEMORY",
-        "cache_size = -32768",  # 32 MB: a 100k scope's bits and hot FTS pages
-        "synchronous = NORMAL",
-    ):
-        await db.execute(f"PRAGMA {pragma}")
-    if reader:
-        await db.execute("PRAGMA query_only = ON")
-    return db
-
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS memory_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS memory_scopes (
-    scope INTEGER PRIMARY KEY, kind TEXT NOT NULL, tenant TEXT NOT NULL, owner TEXT NOT NULL,
-    next_seq INTEGER NOT NULL DEFAULT 0, tier INTEGER NOT NULL DEFAULT 0,
-    UNIQUE (kind, tenant, owner));
-CREATE TABLE IF NOT EXISTS memories (
-    rid INTEGER PRIMARY KEY, tenant TEXT NOT NULL, id TEXT NOT NULL, user_id TEXT,
-    session_id TEXT NOT NULL, kind TEXT NOT NULL, role TEXT NOT NULL, text TEXT NOT NULL,
-    source_seq INTEGER NOT NULL, created_at TEXT NOT NULL, UNIQUE (tenant, id));
-CREATE INDEX IF NOT EXISTS memories_by_session ON memories (tenant, session_id);
-CREATE TABLE IF NOT EXISTS memory_vectors (rid INTEGER PRIMARY KEY, vector BLOB NOT NULL);
-CREATE VIRTUAL TABLE IF NOT EXISTS memory_fts USING fts5(
-    text, content='memories', content_rowid='rid', tokenize='unicode61 remove_diacritics 2');
-"""
-_DROP = """
-DROP TABLE IF EXISTS memory_fts; DROP TABLE IF EXISTS memory_vec_small;
-DROP TABLE IF EXISTS memory_vec_large;
-DROP TABLE IF EXISTS memory_vectors; DROP TABLE IF EXISTS memories;
-DROP TABLE IF EXISTS memory_scopes; DROP TABLE IF EXISTS memory_meta;
-"""
 _ROW_COLUMNS = "rid, id, session_id, user_id, kind, role, text, source_seq, created_at"
 
 
@@ -303,15 +233,15 @@ class MemoryIndex:
     @classmethod
     async def _open(cls, path: str | Path, dim: int) -> MemoryIndex:
         name = str(path)
-        writer = await _connect(name, reader=False)
+        writer = await sql.connect(name, reader=False)
         try:
             await writer.execute("PRAGMA journal_mode = WAL")
-            await _create(writer, dim)
+            await sql.create(writer, dim)
             if name == ":memory:":
                 return cls(writer, writer, writer, dim)
-            reader = await _connect(name, reader=True)
+            reader = await sql.connect(name, reader=True)
             try:
-                keyword_reader = await _connect(name, reader=True)
+                keyword_reader = await sql.connect(name, reader=True)
             except BaseException:
                 await reader.close()
                 raise
@@ -364,7 +294,7 @@ class MemoryIndex:
                         (tenant, session_id),
                     )
                 ]
-                await _delete_rows(db, rows)
+                await sql.delete_rows(db, rows)
             await (self._scrub_file() if scrub else self._truncate_wal())
         return len(rows)
 
@@ -373,14 +303,14 @@ class MemoryIndex:
         found: list[tuple[int, str]] = []
         async with self._write_lock:
             async with self._transaction() as db:
-                for part in _chunks(sorted(ids)):
+                for part in sql.chunks(sorted(ids)):
                     rows = await db.execute_fetchall(
                         "SELECT rid, text FROM memories"
-                        f" WHERE tenant = ? AND id IN ({_marks(len(part))})",
+                        f" WHERE tenant = ? AND id IN ({sql.marks(len(part))})",
                         (tenant, *part),
                     )
                     found.extend((int(r[0]), str(r[1])) for r in rows)
-                await _delete_rows(db, found)
+                await sql.delete_rows(db, found)
             await (self._scrub_file() if scrub else self._truncate_wal())
         return len(found)
 
@@ -393,18 +323,18 @@ class MemoryIndex:
         """Drop every memory and the checkpoint (for a rebuild from the log); keeps the model."""
         async with self._write_lock:
             async with self._transaction() as db:
-                model = await _meta(db, "model")
-                for sql in _DROP.split(";"):
-                    if sql.strip():
-                        await db.execute(sql)
-                await _create(db, self.dim, in_transaction=True)
+                model = await sql.get_meta(db, "model")
+                for statement in sql.DROP.split(";"):
+                    if statement.strip():
+                        await db.execute(statement)
+                await sql.create(db, self.dim, in_transaction=True)
                 if model is not None:
-                    await _set_meta(db, "model", model)
+                    await sql.set_meta(db, "model", model)
             await self._writer.execute("VACUUM")
             await self._truncate_wal()
 
     async def _adopt(self, model: str) -> None:
-        stored = await _meta(self._writer, "model")
+        stored = await sql.get_meta(self._writer, "model")
         if stored == model:
             return
         if stored is not None or await self.count() or await self.checkpoint():
@@ -412,7 +342,7 @@ class MemoryIndex:
             await self.reset()
             self.model_changed = True
         async with self._write_lock, self._transaction() as db:
-            await _set_meta(db, "model", model)
+            await sql.set_meta(db, "model", model)
 
     # -- reading ----------------------------------------------------------
 
@@ -504,7 +434,7 @@ class MemoryIndex:
         """Every memory as a canonical tuple (no rowids or insertion order), sorted."""
         bits = {
             int(r[0]): bytes(r[1])
-            for table, _ in _VEC_TABLES
+            for table, _ in sql.VEC_TABLES
             for r in await self._reader.execute_fetchall(f"SELECT rowid, bits FROM {table}")
         }
         rows = await self._reader.execute_fetchall(
@@ -522,8 +452,8 @@ class MemoryIndex:
     async def verify(self) -> None:
         """Raise MemoryIndexError unless records, vectors, vec0 and FTS5 agree."""
         counts = [
-            int(next(iter(await self._reader.execute_fetchall(sql)))[0])
-            for sql in (
+            int(next(iter(await self._reader.execute_fetchall(query)))[0])
+            for query in (
                 "SELECT count(*) FROM memories",
                 "SELECT count(*) FROM memory_vectors",
                 (
@@ -545,8 +475,8 @@ class MemoryIndex:
 
     # -- internals --------------------------------------------------------
 
-    def _transaction(self) -> _Transaction:
-        return _Transaction(self._writer)
+    def _transaction(self) -> sql.Transaction:
+        return sql.Transaction(self._writer)
 
     async def _scrub_file(self) -> None:
         # 'rebuild', not 'optimize': optimize leaves a one-segment index (and its %_idx) as is.
@@ -570,9 +500,9 @@ class MemoryIndex:
         for r in records:
             by_tenant.setdefault(r.tenant, []).append(r.id)
         for tenant, ids in by_tenant.items():
-            for part in _chunks(ids):
+            for part in sql.chunks(ids):
                 rows = await db.execute_fetchall(
-                    f"SELECT id FROM memories WHERE tenant = ? AND id IN ({_marks(len(part))})",
+                    f"SELECT id FROM memories WHERE tenant = ? AND id IN ({sql.marks(len(part))})",
                     (tenant, *part),
                 )
                 stored.update((tenant, str(row[0])) for row in rows)
@@ -594,7 +524,7 @@ class MemoryIndex:
         )
         # key -> [scope, next_seq, tier]
         scope_of: dict[tuple[str, str, str], list[int]] = {}
-        for part in _chunks(keys):
+        for part in sql.chunks(keys):
             rows = await db.execute_fetchall(
                 "SELECT kind, tenant, owner, scope, next_seq, tier FROM memory_scopes"
                 f" WHERE (kind, tenant, owner) IN (VALUES {','.join(['(?,?,?)'] * len(part))})",
@@ -605,13 +535,13 @@ class MemoryIndex:
         rids: list[int] = []
         for r in records:
             slot = scope_of[_scope_key(r)]
-            if slot[0] > _MAX_SCOPE or slot[1] > _MAX_SEQ:
+            if slot[0] > sql.MAX_SCOPE or slot[1] > sql.MAX_SEQ:
                 raise MemoryIndexError(f"scope {slot[0]} is full")
-            rids.append((slot[0] << _SCOPE_SHIFT) | slot[1])
+            rids.append((slot[0] << sql.SCOPE_SHIFT) | slot[1])
             slot[1] += 1
         for scope, seq, tier in scope_of.values():
             if tier == 0 and seq >= PROMOTE_AT:
-                await _promote(db, scope)
+                await sql.promote(db, scope)
         for slot in scope_of.values():
             slot[2] = 1 if slot[1] >= PROMOTE_AT else slot[2]
         await db.executemany(
@@ -646,13 +576,13 @@ class MemoryIndex:
             [(rid, vecs[i].tobytes()) for i, rid in enumerate(rids)],
         )
         bits = quantize(vecs)
-        for tier, (table, _) in enumerate(_VEC_TABLES):
+        for tier, (table, _) in enumerate(sql.VEC_TABLES):
             await db.executemany(
                 f"INSERT INTO {table} (rowid, scope, bits) VALUES (?, ?, vec_bit(?))",
                 [
-                    (rid, rid >> _SCOPE_SHIFT, bits[i].tobytes())
+                    (rid, rid >> sql.SCOPE_SHIFT, bits[i].tobytes())
                     for i, rid in enumerate(rids)
-                    if tier_of[rid >> _SCOPE_SHIFT] == tier
+                    if tier_of[rid >> sql.SCOPE_SHIFT] == tier
                 ],
             )
 
@@ -677,17 +607,17 @@ class MemoryIndex:
         # A kind filter applies after the KNN, so read deeper to still fill the pool.
         per_scope = max(VECTOR_CANDIDATES, pool) * (4 if kinds else 1)
         knn = " UNION ALL ".join(
-            f"SELECT rowid FROM {_VEC_TABLES[scope.tier][0]}"
+            f"SELECT rowid FROM {sql.VEC_TABLES[scope.tier][0]}"
             f" WHERE bits MATCH vec_bit(?1) AND k = ?2 AND scope = ?{3 + i}"
             for i, scope in enumerate(scopes)
         )
-        sql = f"SELECT v.rid, v.vector FROM ({knn}) c JOIN memory_vectors v ON v.rid = c.rowid"
+        query = f"SELECT v.rid, v.vector FROM ({knn}) c JOIN memory_vectors v ON v.rid = c.rowid"
         args: list[Any] = [quantize(q).tobytes(), per_scope, *(scope.id for scope in scopes)]
         if kinds:
             marks = ",".join(f"?{3 + len(scopes) + j}" for j in range(len(kinds)))
-            sql += f" JOIN memories m ON m.rid = c.rowid WHERE m.kind IN ({marks})"
+            query += f" JOIN memories m ON m.rid = c.rowid WHERE m.kind IN ({marks})"
             args.extend(sorted(kinds))
-        rows = list(await self._reader.execute_fetchall(sql, args))
+        rows = list(await self._reader.execute_fetchall(query, args))
         if not rows:
             return []
         rids = np.array([int(r[0]) for r in rows], dtype=np.int64)
@@ -708,7 +638,7 @@ class MemoryIndex:
         if not terms:
             return []
         db = self._keyword_reader
-        ranges = [_bounds(s.id) for s in scopes]
+        ranges = [sql.bounds(s.id) for s in scopes]
         in_scopes = "+".join(
             "(SELECT count(*) FROM memory_fts WHERE memory_fts MATCH ? AND rowid BETWEEN ? AND ?)"
             for _ in scopes
@@ -735,7 +665,7 @@ class MemoryIndex:
                     f"SELECT * FROM (SELECT {i} AS t, f.rowid AS rid FROM memory_fts f"
                     + (" JOIN memories m ON m.rid = f.rowid" if kinds else "")
                     + " WHERE memory_fts MATCH ? AND f.rowid BETWEEN ? AND ?"
-                    + (f" AND m.kind IN ({_marks(len(kinds))})" if kinds else "")
+                    + (f" AND m.kind IN ({sql.marks(len(kinds))})" if kinds else "")
                     + f" ORDER BY f.rowid DESC LIMIT {KEYWORD_TERM_CAP})"
                 )
                 args += [f'"{t}"', lo, hi, *sorted(kinds or ())]
@@ -767,7 +697,7 @@ class MemoryIndex:
         # The scope is checked again on the rows themselves, not only by partition.
         rows = await self._reader.execute_fetchall(
             # The unary + keeps the planner on rowid lookups, off the (tenant, session) index.
-            f"SELECT {_ROW_COLUMNS} FROM memories WHERE rid IN ({_marks(len(order))})"
+            f"SELECT {_ROW_COLUMNS} FROM memories WHERE rid IN ({sql.marks(len(order))})"
             " AND +tenant = ? AND ((+user_id IS NULL AND +session_id = ?)"
             " OR (? IS NOT NULL AND +user_id = ?))",
             (*order, tenant, session_id, user_id, user_id),
@@ -797,122 +727,3 @@ class MemoryIndex:
                 )
             )
         return hits
-
-
-class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT on the writer, ROLLBACK on any exception."""
-
-    def __init__(self, db: aiosqlite.Connection) -> None:
-        self._db = db
-
-    async def __aenter__(self) -> aiosqlite.Connection:
-        await self._db.execute("BEGIN IMMEDIATE")
-        return self._db
-
-    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is None:
-            await self._db.execute("COMMIT")
-            return
-        try:
-            await self._db.execute("ROLLBACK")
-        except _sqlite.Error:
-            pass  # the failure already ended the transaction
-
-
-async def _create(db: aiosqlite.Connection, dim: int, *, in_transaction: bool = False) -> None:
-    statements = [s for s in _SCHEMA.split(";") if s.strip()]
-    for table, chunk in _VEC_TABLES:
-        statements.append(
-            f"CREATE VIRTUAL TABLE IF NOT EXISTS {table} USING vec0("
-            f"scope INTEGER PARTITION KEY, bits BIT[{dim}], chunk_size={chunk})"
-        )
-        # vec0 (0.1.9) finds a partition's chunks, on every KNN and insert, with
-        # `WHERE partition00 = ?` on its chunks table, which it leaves unindexed: without
-        # this index each query scans every chunk of every scope (0.6 ms at 1M memories).
-        statements.append(
-            f"CREATE INDEX IF NOT EXISTS {table}_chunks_by_scope"
-            f" ON {table}_chunks (partition00, chunk_id)"
-        )
-    if not in_transaction:
-        await db.execute("BEGIN IMMEDIATE")
-    try:
-        for sql in statements:
-            await db.execute(sql)
-        # Persistent FTS5 option: deleted entries are removed from the index, not shadowed.
-        await db.execute("INSERT INTO memory_fts (memory_fts, rank) VALUES ('secure-delete', 1)")
-        await db.execute(
-            "INSERT INTO memory_meta (key, value) VALUES ('dim', ?) ON CONFLICT (key) DO NOTHING",
-            (dim,),
-        )
-        rows = await db.execute_fetchall("SELECT value FROM memory_meta WHERE key = 'dim'")
-        stored = int(next(iter(rows))[0])
-        if stored != dim:
-            raise MemoryIndexError(f"index holds {stored}-dim vectors, not {dim}")
-        if not in_transaction:
-            await db.execute("COMMIT")
-    except BaseException:
-        if not in_transaction:
-            await db.execute("ROLLBACK")
-        raise
-
-
-async def _meta(db: aiosqlite.Connection, key: str) -> str | None:
-    rows = list(await db.execute_fetchall("SELECT value FROM memory_meta WHERE key = ?", (key,)))
-    return str(rows[0][0]) if rows else None
-
-
-async def _set_meta(db: aiosqlite.Connection, key: str, value: str) -> None:
-    # The column was declared INTEGER for the checkpoint; SQLite keeps text as text there.
-    await db.execute(
-        "INSERT INTO memory_meta (key, value) VALUES (?, ?)"
-        " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        (key, value),
-    )
-
-
-async def _delete_rows(db: aiosqlite.Connection, rows: list[tuple[int, str]]) -> None:
-    """Delete rows (rowid, text) everywhere; drop scopes they leave empty."""
-    if not rows:
-        return
-    # External-content FTS5 must be told the exact text it indexed.
-    await db.executemany(
-        "INSERT INTO memory_fts (memory_fts, rowid, text) VALUES ('delete', ?, ?)", rows
-    )
-    rids = [(rid,) for rid, _ in rows]
-    scopes = sorted({rid >> _SCOPE_SHIFT for rid, _ in rows})
-    tier_of: dict[int, int] = {}
-    for part in _chunks(scopes):
-        found = await db.execute_fetchall(
-            f"SELECT scope, tier FROM memory_scopes WHERE scope IN ({_marks(len(part))})", part
-        )
-        tier_of.update((int(r[0]), int(r[1])) for r in found)
-    for tier, (table, _) in enumerate(_VEC_TABLES):
-        await db.executemany(
-            f"DELETE FROM {table} WHERE rowid = ?",
-            [r for r in rids if tier_of[r[0] >> _SCOPE_SHIFT] == tier],
-        )
-    await db.executemany("DELETE FROM memory_vectors WHERE rid = ?", rids)
-    await db.executemany("DELETE FROM memories WHERE rid = ?", rids)
-    await db.executemany(
-        "DELETE FROM memory_scopes WHERE scope = ?1 AND NOT EXISTS"
-        " (SELECT 1 FROM memories WHERE rid BETWEEN ?2 AND ?3)",
-        [(s, *_bounds(s)) for s in scopes],
-    )
-
-
-async def _promote(db: aiosqlite.Connection, scope: int) -> None:
-    """Move a scope's vectors from the small-chunk vec0 table to the large-chunk one."""
-    lo, hi = _bounds(scope)
-    rids = [
-        (int(r[0]),)
-        for r in await db.execute_fetchall(
-            "SELECT rid FROM memory_vectors WHERE rid BETWEEN ? AND ?", (lo, hi)
-        )
-    ]
-    # The same sign bits as quantize(): vec_quantize_binary reads the stored float32 blob.
-    await db.execute(
-        "INSERT INTO memory_vec_large (rowid, scope, bits)"
-        " SELECT rid, ?, vec_quantize_binary(vector) FROM memory_vectors WHERE rid BETWEEN ? AND ?",
-        (scope, lo, hi),
-    )
-    await db.executemany("DELETE FROM memory_vec_small WHERE rowid = ?", rids)
