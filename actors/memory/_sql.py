@@ -70,7 +70,12 @@ async def connect(path: str, *, reader: bool) -> aiosqlite.Connection:
             conn.enable_load_extension(False)
         return cast(sqlite3.Connection, conn)
 
-    db = await aiosqlite.Connection(connector, 64)
+    db = aiosqlite.Connection(connector, 64)
+    # aiosqlite's worker thread is not a daemon: a connection left open (a crash on the
+    # way out, a failed test) would keep the process from ever exiting. WAL makes an
+    # abrupt end safe for the file.
+    db._thread.daemon = True
+    await db
     for pragma in (
         "busy_timeout = 10000",
         "secure_delete = ON",

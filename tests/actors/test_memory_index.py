@@ -523,6 +523,28 @@ asyncio.run(main())
 """
 
 
+async def test_a_process_that_leaves_an_index_open_still_exits(tmp_path: Path) -> None:
+    script = textwrap.dedent(
+        """
+        import asyncio, sys
+        from actors.memory.index import MemoryIndex
+
+        kept = []  # as a traceback or a crashed task keeps it: never collected, never closed
+
+        async def main():
+            kept.append(await MemoryIndex.open(sys.argv[1]))
+
+        asyncio.run(main())
+        """
+    )
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", script, str(tmp_path / "open.sqlite"))
+    try:
+        assert await asyncio.wait_for(proc.wait(), timeout=30) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+
+
 async def test_a_killed_writer_leaves_rows_and_position_in_step(tmp_path: Path) -> None:
     path = tmp_path / "memory.sqlite"
     repo = Path(__file__).resolve().parents[2]
