@@ -14,12 +14,14 @@ def test_the_model_is_built_once_into_the_cache_with_the_same_bytes_every_time(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / f"{quantized.MODEL_NAME}-int8-older-recipe.onnx").write_bytes(b"an earlier build")
     monkeypatch.setenv("VEIL_CACHE_DIR", str(cache))
     built = quantized.load(model_file())
     # Another build (the default embedder's, from the user's cache) gave the same bytes.
     assert quantized.model_id(built) == default_embedder().model_id
     assert b"MatMulInteger" in built and b"DynamicQuantizeLinear" not in built
-    [kept] = [p for p in cache.iterdir() if p.suffix == ".onnx"]
+    [kept] = [p for p in cache.iterdir() if p.suffix == ".onnx"]  # the older build is gone
     assert kept.read_bytes() == built
     assert not [p for p in cache.iterdir() if p.is_dir()]  # no build leftovers
 
