@@ -70,8 +70,12 @@ def cache_dir() -> Path:
     """Where the built model is kept."""
     if explicit := os.environ.get("VEIL_CACHE_DIR"):
         return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "veil"
+    if base := os.environ.get("XDG_CACHE_HOME"):
+        return Path(base) / "veil"
+    try:
+        return Path.home() / ".cache" / "veil"
+    except RuntimeError:  # no HOME and no passwd entry (some containers)
+        return Path(tempfile.gettempdir()) / "veil-cache"
 
 
 def model_id(model: bytes) -> str:

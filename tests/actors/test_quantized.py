@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,12 +41,39 @@ def test_an_unwritable_cache_still_gives_the_model(tmp_path: Path, monkeypatch: 
     assert quantized.model_id(quantized.load(model_file())) == default_embedder().model_id
 
 
+def test_processes_starting_together_build_once_and_load_the_same_model(tmp_path: Path) -> None:
+    script = (
+        "from actors.memory import quantized\n"
+        "from actors.memory.embedder import model_file\n"
+        "print(quantized.model_id(quantized.load(model_file())))\n"
+    )
+    env = {"VEIL_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    ids = {out.strip().splitlines()[-1] for out, _ in outs}
+    assert ids == {default_embedder().model_id}
+    assert sum("memory.building_embedding_model" in out + err for out, err in outs) == 1
+    assert len(list(tmp_path.glob("*.onnx"))) == 1
+
+
 def test_the_cache_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("VEIL_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert quantized.cache_dir() == tmp_path / "veil"
     monkeypatch.setenv("VEIL_CACHE_DIR", str(tmp_path / "mine"))
     assert quantized.cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv("VEIL_CACHE_DIR")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+
+    def no_home() -> Path:
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "home", no_home)
+    assert quantized.cache_dir().name == "veil-cache"
 
 
 @pytest.mark.parametrize("writable", [True, False])
