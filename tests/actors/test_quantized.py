@@ -88,3 +88,25 @@ def test_a_build_that_disagrees_with_the_shipped_model_is_not_used(
     assert quantized.load(model_file()) == model_file().read_bytes()
     assert not list(tmp_path.glob("*.onnx"))
 
+
+
+def test_equalizing_the_down_projections_is_exact_before_quantization(tmp_path: Path) -> None:
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    folded = tmp_path / "folded.onnx"
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(folded)
+    ort.InferenceSession(str(model_file()), sess_options=options, providers=["CPUExecutionProvider"])
+    model = onnx.load(str(folded))
+    quantized._equalize_down_projections(model)
+    assert sum(node.output[0].endswith("_equalized") for node in model.graph.node) == 6  # one per layer
+    ids = np.asarray([[101, 2026, 2905, 3268, 1999, 11929, 1012, 102]], np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    before, after = (
+        ort.InferenceSession(m, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+        for m in (folded.read_bytes(), model.SerializeToString())
+    )
+    assert np.allclose(before, after, rtol=1e-3, atol=1e-4)
