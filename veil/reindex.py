@@ -49,7 +49,7 @@ async def reindex(config: Config, url: str, out: TextIO = sys.stderr) -> tuple[i
                     batch = await reader.next_batch(timeout=5)
                     if not batch:
                         break
-                    records += await projector.apply([(m.subject, m.metadata.sequence.stream, m.data) for m in batch])
+                    records += await projector.apply_messages(batch)
                     done = batch[-1].metadata.sequence.stream
                     bar.update(done, records)
         bar.update(last, records, final=True)

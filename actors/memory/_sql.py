@@ -155,8 +155,7 @@ async def create(db: aiosqlite.Connection, dim: int, *, in_transaction: bool = F
             "INSERT INTO memory_meta (key, value) VALUES ('dim', ?) ON CONFLICT (key) DO NOTHING",
             (dim,),
         )
-        rows = await db.execute_fetchall("SELECT value FROM memory_meta WHERE key = 'dim'")
-        stored = int(next(iter(rows))[0])
+        stored = int(await get_meta(db, "dim") or 0)
         if stored != dim:
             raise MemoryIndexError(f"index holds {stored}-dim vectors, not {dim}")
         if not in_transaction:

@@ -219,4 +219,4 @@ class MemoryActor:
                     self.caught_up.set()
 
     async def _apply(self, batch: list[Msg]) -> None:
-        await self._projector.apply([(m.subject, m.metadata.sequence.stream, m.data) for m in batch])
+        await self._projector.apply_messages(batch)

@@ -337,8 +337,9 @@ class MemoryIndex:
         stored = await sql.get_meta(self._writer, "model")
         if stored == model:
             return
-        if stored is not None or await self.count() or await self.checkpoint():
-            log.warning("memory.index_model_changed", was=stored, now=model, memories=await self.count())
+        memories = await self.count()
+        if stored is not None or memories or await self.checkpoint():
+            log.warning("memory.index_model_changed", was=stored, now=model, memories=memories)
             await self.reset()
             self.model_changed = True
         async with self._write_lock, self._transaction() as db:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import structlog
+from nats.aio.msg import Msg
 
 from actors.memory.embedder import Embedder
 from actors.memory.index import MemoryIndex, MemoryRecord
@@ -90,6 +93,10 @@ class Projector:
                 opened = first[0].event
                 owner = self._owners[session_id] = (opened.tenant, opened.user_id)
         return owner
+
+    async def apply_messages(self, batch: Sequence[Msg]) -> int:
+        """`apply` for messages read from CHAT_EVENTS."""
+        return await self.apply([(m.subject, m.metadata.sequence.stream, m.data) for m in batch])
 
     async def apply(self, batch: list[tuple[str, int, bytes]]) -> int:
         """Index (subject, seq, data) items; returns how many records were added."""

@@ -45,7 +45,7 @@ import structlog
 if TYPE_CHECKING:
     import onnx
 
-__all__ = ["MODEL_NAME", "BuildError", "build", "cache_dir", "load", "model_id"]
+__all__ = ["MODEL_NAME", "BuildError", "build", "cache_dir", "fold", "load", "model_id"]
 
 log = structlog.get_logger("veil.memory")
 
@@ -125,13 +125,7 @@ def build(source: Path, target: Path) -> None:
 
     folded = target.with_suffix(".folded.onnx")
     dynamic = target.with_suffix(".dynamic.onnx")
-    options = ort.SessionOptions()
-    # Basic level only folds constants: the int8 weights become float32 initializers that
-    # quantize_dynamic can read; higher levels write fused operators of this build of ORT.
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    options.optimized_model_filepath = str(folded)
-    options.log_severity_level = 3
-    ort.InferenceSession(str(source), sess_options=options, providers=["CPUExecutionProvider"])
+    fold(source, folded)
     model = onnx.load(str(folded))
     _equalize_down_projections(model)
     onnx.save(model, str(folded))
@@ -143,6 +137,19 @@ def build(source: Path, target: Path) -> None:
     _quantize_per_token(model)
     onnx.save(model, str(target))
     _check(source, target)
+
+
+def fold(source: Path, target: Path) -> None:
+    """Write `source` with its constants folded: the int8 weights become float32 initializers.
+
+    Basic level only: quantize_dynamic reads plain operators; higher levels write fused
+    operators of this build of ORT.
+    """
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(target)
+    options.log_severity_level = 3
+    ort.InferenceSession(str(source), sess_options=options, providers=["CPUExecutionProvider"])
 
 
 def _equalize_down_projections(model: onnx.ModelProto) -> None:
