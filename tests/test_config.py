@@ -134,3 +134,10 @@ def test_an_upstream_url_that_is_not_http_stops_start_up() -> None:
         load_config(None, env={"OPENAI_BASE_URL": "/v1"})
     # Empty (compose passes the variable through unset) means the default.
     assert load_config(None, env={"OPENAI_BASE_URL": "", "OPENAI_API_KEY": "k"}).engines["openai"].base_url == ""
+
+
+def test_memory_max_lag_defaults_to_five_seconds_and_cannot_be_negative(tmp_path: Path) -> None:
+    assert load_config(None, env={}).memory.max_lag == 5.0
+    assert load_config(write(tmp_path, GOOD + "\n[memory]\nmax_lag = 0\n"), env={}).memory.max_lag == 0.0
+    with pytest.raises(ConfigError, match=r"memory.max_lag: must be 0 or more seconds"):
+        load_config(write(tmp_path, GOOD + "\n[memory]\nmax_lag = -1\n"), env={})

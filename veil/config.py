@@ -254,6 +254,9 @@ class MemoryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     enabled: bool = True
     # Default: memory.sqlite in the data directory.
     path: str | None = None
+    # Seconds indexing may trail the log while turns keep the server busy: a burst
+    # runs first and is indexed after. 0: index every message at once.
+    max_lag: float = 5.0
 
 
 class ToolConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -418,6 +421,8 @@ def _check(config: Config, text: str | None) -> None:
                     f"engines.{name}.kind",
                     "the local engine needs the 'local' extra: pip install 'veil[local]'",
                 )
+    if config.memory.max_lag < 0:
+        raise invalid("memory.max_lag", "must be 0 or more seconds")
     if config.router.classifier and config.router.classifier.engine not in config.engines:
         raise invalid("router.classifier.engine", f"unknown engine {config.router.classifier.engine!r}")
     for name, spec in config.tools.items():

@@ -99,6 +99,7 @@ async def start_memory(
             store=store,
             tombstones=tombstones,
             version=__version__,
+            max_lag=config.memory.max_lag,
         )
         await actor.start()
     # The knowledge index lives beside the memory index, under the same lock.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 import msgspec
 import structlog
@@ -24,6 +25,7 @@ from actors.memory.embedder import Embedder
 from actors.memory.index import Hit, MemoryIndex
 from actors.memory.projector import Projector
 from bus.codec import Codec, DecodeError
+from bus.loop_share import LoopShare, give_way
 from bus.stream_reader import StreamReader
 from bus.subjects import (
     EVENTS_STREAM,
@@ -98,6 +100,7 @@ class MemoryActor:
         store: EventStore,
         tombstones: TombstoneLog,
         version: str,
+        max_lag: float = 0.0,
     ) -> None:
         self._nc = nc
         self._js = js
@@ -109,6 +112,10 @@ class MemoryActor:
         # Recall embeds on its own thread: queued behind the projection's batches,
         # a turn's query would wait for the previous turns' messages to be embedded.
         self._projector = Projector(index, projection_embedder or embedder, store)
+        # While turns keep the event loop busy, indexing waits, up to this many
+        # seconds behind the log (0: index at once).
+        self._max_lag = max_lag
+        self._loop_share = LoopShare()
         self._service: Service | None = None
         self._task: asyncio.Task[None] | None = None
         self._tombstone_sub: object | None = None
@@ -214,9 +221,26 @@ class MemoryActor:
         async with StreamReader(self._js, EVENTS_WILDCARD, start_seq=start, batch=BATCH, wait=BATCH_WAIT) as reader:
             while True:
                 batch = await reader.next_batch()
+                if await self._should_wait(batch[0]):
+                    break
                 await self._apply(batch)
+                self._loop_share.reset()
                 if batch[-1].metadata.num_pending == 0 and not reader.buffered:
                     self.caught_up.set()
+        # Closed, the reader costs the busy loop nothing while it waits; the next
+        # one starts again from the checkpoint.
+        waited = await give_way(self._loop_share, self._max_lag - _age(batch[0]))
+        log.debug("memory.gave_way", seconds=round(waited, 3), seq=batch[0].metadata.sequence.stream)
+
+    async def _should_wait(self, first: Msg) -> bool:
+        """Whether to let the turns that keep the event loop busy run before indexing
+        `first` and what follows it: not once it is `max_lag` old."""
+        return 0 < self._max_lag and _age(first) < self._max_lag and await self._loop_share.busy()
 
     async def _apply(self, batch: list[Msg]) -> None:
         await self._projector.apply_messages(batch)
+
+
+def _age(msg: Msg) -> float:
+    """Seconds since the stream stored `msg` (0 if its time is ahead of ours)."""
+    return max(0.0, time.time() - msg.metadata.timestamp.timestamp())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,6 +19,7 @@ from actors.memory.index import MemoryIndex, MemoryRecord
 from eventstore.events import ChatMessage, ReplyCompleted, SessionOpened, TurnStarted, Usage
 from eventstore.jetstream import JetStreamEventStore, ensure_stream
 from eventstore.tombstones import Tombstone, TombstoneLog
+from tests.busy import busy_loop
 from veil.natsserver import NatsServer
 
 T0 = datetime(2026, 5, 1, tzinfo=UTC)
@@ -47,11 +49,18 @@ async def write_turn(store: JetStreamEventStore, sid: str, text: str, reply: str
     await store.append(sid, events, expected_last_seq=await store.last_seq(sid))
 
 
-async def start_actor(nc: Client, path: Path) -> tuple[MemoryActor, MemoryIndex]:
+async def start_actor(nc: Client, path: Path, *, max_lag: float = 0.0) -> tuple[MemoryActor, MemoryIndex]:
     js = nc.jetstream()
     index = await MemoryIndex.open(path, model=default_embedder().model_id)
     actor = MemoryActor(
-        nc, js, index, default_embedder(), store=JetStreamEventStore(js, nc), tombstones=TombstoneLog(js, nc), version="0.0.0"
+        nc,
+        js,
+        index,
+        default_embedder(),
+        store=JetStreamEventStore(js, nc),
+        tombstones=TombstoneLog(js, nc),
+        version="0.0.0",
+        max_lag=max_lag,
     )
     await actor.start()
     return actor, index
@@ -136,6 +145,41 @@ async def test_a_live_tombstone_removes_rows(nc: Client, tmp_path: Path) -> None
                 break
             await asyncio.sleep(0.02)
         assert await index.count() == 0
+    finally:
+        await actor.stop()
+        await index.close()
+
+
+async def test_indexing_gives_way_to_a_busy_loop_and_catches_up_after(nc: Client, tmp_path: Path) -> None:
+    store = JetStreamEventStore(nc.jetstream(), nc)
+    actor, index = await start_actor(nc, tmp_path / "memory.sqlite", max_lag=30.0)
+    try:
+        async with busy_loop():
+            await asyncio.sleep(0.1)
+            await write_turn(store, "s5", "My locker is number 312.", "Noted.", new=True)
+            await asyncio.sleep(1.0)
+            assert await index.count() == 0  # the turns go first
+        started = time.monotonic()
+        await caught_up(nc, index)
+        assert time.monotonic() - started < 3.0
+        assert await index.count() == 2
+    finally:
+        await actor.stop()
+        await index.close()
+
+
+async def test_indexing_goes_ahead_when_the_log_is_max_lag_behind(nc: Client, tmp_path: Path) -> None:
+    store = JetStreamEventStore(nc.jetstream(), nc)
+    actor, index = await start_actor(nc, tmp_path / "memory.sqlite", max_lag=1.0)
+    try:
+        async with busy_loop():
+            await asyncio.sleep(0.1)
+            started = time.monotonic()
+            await write_turn(store, "s6", "The spare key is under the blue pot.", "Good to know.", new=True)
+            await caught_up(nc, index)  # while the loop stays busy
+            waited = time.monotonic() - started
+        assert 0.8 < waited < 8.0
+        assert await index.count() == 2
     finally:
         await actor.stop()
         await index.close()
