@@ -16,7 +16,7 @@ import time
 __all__ = ["BUSY_SHARE", "LoopShare", "give_way"]
 
 # The loop's thread is busy when it spent this share of wall time on the CPU.
-BUSY_SHARE = 0.6
+BUSY_SHARE = 0.4
 # A share is measured over at least WINDOW and at most LOOKBACK seconds; a
 # waiting task looks again every POLL seconds.
 WINDOW = 0.02
