@@ -22,6 +22,7 @@ from actors.protocol import (
     SessionView,
 )
 from bus.codec import encode
+from bus.requests import nats_request
 from bus.subjects import (
     MEMORY_FORGET,
 )
@@ -126,7 +127,7 @@ class SessionQueries(SessionPart):
         """Ask the memory actor to drop the session's rows now; its tombstone check covers outages."""
         body = encode({"tenant": tenant, "session_id": self.session_id})
         try:
-            reply = await self._ctx.nc.request(MEMORY_FORGET, body, timeout=10)
+            reply = await nats_request(self._ctx.nc, MEMORY_FORGET, body, timeout=10)
         except (NoRespondersError, NatsTimeout):
             return 0
         count = msgspec.json.decode(reply.data).get("deleted", 0)

@@ -28,6 +28,7 @@ from actors.protocol import (
 from actors.summary import facts_prompt, parse_facts, summary_prompt
 from actors.tools.actor import RUN_CODEC, RUN_REPLY_CODEC, RunTool, ToolRan
 from bus.codec import DecodeError
+from bus.requests import nats_request
 from bus.subjects import (
     TOOLS_RUN,
     model_generate,
@@ -88,8 +89,8 @@ class TurnSteps(SessionPart):
                 context=context,
             )
             try:
-                reply = await self._ctx.nc.request(
-                    TOOLS_RUN, RUN_CODEC.encode(ask), timeout=timeout + 5
+                reply = await nats_request(
+                    self._ctx.nc, TOOLS_RUN, RUN_CODEC.encode(ask), timeout=timeout + 5
                 )
                 ran = RUN_REPLY_CODEC.decode(reply.data)
             except NoRespondersError:
@@ -240,7 +241,8 @@ class TurnSteps(SessionPart):
         )
         now = self._ctx.clock
         try:
-            reply = await self._ctx.nc.request(
+            reply = await nats_request(
+                self._ctx.nc,
                 model_generate(pipeline.engine),
                 GENERATE_CODEC.encode(job),
                 timeout=self._ctx.config.server.turn_timeout,

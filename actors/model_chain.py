@@ -23,6 +23,7 @@ from actors.protocol import (
     GenerateResult,
 )
 from bus.codec import DecodeError
+from bus.requests import nats_request
 from bus.subjects import model_generate
 from veil.config import FallbackConfig, PipelineConfig
 
@@ -38,7 +39,7 @@ def _failed(link: FallbackConfig, error: ErrorInfo) -> GenerateResult:
 async def call_model(nc: Client, link: FallbackConfig, job: GenerateRequest, timeout: float) -> GenerateResult:
     """One generation on one engine; bus failures come back as a result with an error."""
     try:
-        reply = await nc.request(model_generate(link.engine), GENERATE_CODEC.encode(job), timeout=timeout)
+        reply = await nats_request(nc, model_generate(link.engine), GENERATE_CODEC.encode(job), timeout=timeout)
     except NoRespondersError:
         message = f"No worker serves the engine '{link.engine}'."
         return _failed(link, ErrorInfo(status=503, type="api_error", code="no_model_worker", message=message, retryable=True))

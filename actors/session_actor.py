@@ -44,6 +44,7 @@ from actors.protocol import (
 from actors.router_actor import ROUTE_CODEC, ROUTE_REPLY_CODEC, RouteRequest
 from actors.routing import RouteDecision
 from bus.codec import DecodeError
+from bus.requests import nats_request
 from bus.subjects import (
     ROUTER_ROUTE,
     session_cancel,
@@ -295,7 +296,7 @@ class SessionActor(SessionQueries, TurnSteps):
         pinned = state.pipeline if model.pin and state.last_model == start.model else None
         ask = RouteRequest(model=start.model, text=text, metadata=start.metadata, pinned=pinned)
         try:
-            reply = await self._ctx.nc.request(ROUTER_ROUTE, ROUTE_CODEC.encode(ask), timeout=10)
+            reply = await nats_request(self._ctx.nc, ROUTER_ROUTE, ROUTE_CODEC.encode(ask), timeout=10)
             decision = ROUTE_REPLY_CODEC.decode(reply.data)
         except (NoRespondersError, NatsTimeout, DecodeError) as failure:
             log.warning("session.router_unavailable", session=self.session_id, error=repr(failure))

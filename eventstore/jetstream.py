@@ -13,6 +13,7 @@ import json
 from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple, get_args
 
+import msgspec
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
@@ -28,6 +29,7 @@ from nats.js.api import (
 from nats.js.client import JetStreamContext
 
 from bus.codec import Codec
+from bus.requests import nats_request
 from bus.subjects import (
     EVENTS_STREAM,
     EVENTS_WILDCARD,
@@ -71,6 +73,17 @@ UNAVAILABLE = (
     nats.js.errors.ServiceUnavailableError,
     asyncio.TimeoutError,
 )
+
+
+class _PubAck(msgspec.Struct):
+    """The stream's answer to a publish: where it stored the message, or why not."""
+
+    seq: int = 0
+    duplicate: bool = False
+    error: dict[str, Any] | None = None
+
+
+_ACK_CODEC: Codec[_PubAck] = Codec(_PubAck)
 
 
 class _Raw(NamedTuple):
@@ -185,13 +198,7 @@ class JetStreamEventStore:
             if dedupe_id is not None:
                 headers[Header.MSG_ID.value] = _msg_id(session_id, dedupe_id, i)
             try:
-                ack = await self._js.publish(
-                    subject,
-                    _CODEC.encode(event),
-                    timeout=self._timeout,
-                    stream=self._stream,
-                    headers=headers,
-                )
+                ack = await self._publish(subject, _CODEC.encode(event), headers)
             except nats.js.errors.APIError as e:
                 if e.err_code != WRONG_LAST_SEQUENCE:
                     raise EventStoreError(f"append to {subject} refused: {e}") from e
@@ -212,6 +219,15 @@ class JetStreamEventStore:
             expected = ack.seq
             i += 1
         return expected
+
+    async def _publish(self, subject: str, payload: bytes, headers: dict[str, str]) -> _PubAck:
+        """JetStream's publish, on the lean request (bus.requests); errors as nats-py raises them."""
+        headers[Header.EXPECTED_STREAM.value] = self._stream
+        reply = await nats_request(self._nc, subject, payload, timeout=self._timeout, headers=headers)
+        ack = _ACK_CODEC.decode(reply.data)
+        if ack.error is not None:
+            nats.js.errors.APIError.from_error(ack.error)  # raises
+        return ack
 
     async def last_seq(self, session_id: str) -> int:
         """The seq of the session's last event, 0 if it has none."""
@@ -258,9 +274,9 @@ class JetStreamEventStore:
         return len(raws)
 
     async def _last_seq(self, subject: str) -> int:
-        request = json.dumps({"last_by_subj": subject}).encode()
+        body = json.dumps({"last_by_subj": subject}).encode()
         try:
-            reply = await self._nc.request(self._direct_get, request, timeout=self._timeout)
+            reply = await nats_request(self._nc, self._direct_get, body, timeout=self._timeout)
         except UNAVAILABLE as e:
             raise StoreUnavailable(f"direct get on {self._stream}: {e!r}") from e
         headers = reply.headers or {}

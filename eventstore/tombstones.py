@@ -17,6 +17,7 @@ from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from nats.js.client import JetStreamContext
 
 from bus.codec import Codec
+from bus.requests import nats_request
 from bus.subjects import TOMBSTONES_STREAM, TOMBSTONES_WILDCARD, session_tombstone
 from eventstore.errors import StoreUnavailable
 from eventstore.jetstream import create_stream
@@ -63,7 +64,7 @@ class TombstoneLog:
     async def get(self, session_id: str) -> Tombstone | None:
         request = json.dumps({"last_by_subj": session_tombstone(session_id)}).encode()
         try:
-            reply = await self._nc.request(f"$JS.API.DIRECT.GET.{TOMBSTONES_STREAM}", request, timeout=self._timeout)
+            reply = await nats_request(self._nc, f"$JS.API.DIRECT.GET.{TOMBSTONES_STREAM}", request, timeout=self._timeout)
         except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as e:
             raise StoreUnavailable(f"reading tombstone: {e!r}") from e
         if reply.headers and reply.headers.get("Status"):

@@ -7,6 +7,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from actors.knowledge.actor import ADMIN_CODEC, ADMIN_REPLY_CODEC, KNOWLEDGE_ADMIN, AdminRequest
+from bus.requests import nats_request
 from bus.subjects import is_valid_id
 from veil.openai_wire import ApiError
 from veil.webkeys import NATS, PRINCIPAL, json_response
@@ -24,7 +25,7 @@ async def _ask(request: web.Request, ask: AdminRequest) -> web.Response:
     if ask.collection is not None and not is_valid_id(ask.collection):
         raise ApiError(400, "Collection names use 1-128 characters from A-Za-z0-9_-.", param="collection", code="invalid_value")
     try:
-        msg = await request.app[NATS].request(KNOWLEDGE_ADMIN, ADMIN_CODEC.encode(ask), timeout=600)
+        msg = await nats_request(request.app[NATS], KNOWLEDGE_ADMIN, ADMIN_CODEC.encode(ask), timeout=600)
     except NoRespondersError:
         raise ApiError(503, "The knowledge base is not running.", code="service_unavailable") from None
     except NatsTimeout:

@@ -9,8 +9,8 @@ import logging
 import os
 import sys
 from collections.abc import AsyncIterator, Coroutine
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import structlog
 

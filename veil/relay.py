@@ -30,6 +30,7 @@ from actors.protocol import (
     TurnRejected,
     TurnReplyUnion,
 )
+from bus.requests import nats_request
 from bus.subjects import session_cancel, session_cmd, session_out
 from veil.openai_wire import ApiError
 
@@ -48,8 +49,8 @@ class ClientGone(Exception):
 async def ask_session(nc: Client, command: SessionCommandUnion, timeout: float) -> TurnReplyUnion:
     """One request to a session actor; refusals and bus failures become ApiErrors."""
     try:
-        msg = await nc.request(
-            session_cmd(command.session_id), SESSION_COMMAND_CODEC.encode(command), timeout=timeout
+        msg = await nats_request(
+            nc, session_cmd(command.session_id), SESSION_COMMAND_CODEC.encode(command), timeout=timeout
         )
     except NoRespondersError:
         raise ApiError(503, "No session worker is running; try again shortly.", code="service_unavailable") from None

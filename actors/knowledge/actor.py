@@ -22,10 +22,23 @@ from actors.knowledge.ingest import collections, ingest, remove
 from actors.knowledge.log import KnowledgeLog
 from actors.knowledge.parse import UnsupportedFile
 from bus.codec import Codec, DecodeError
+from bus.requests import nats_request
 from bus.subjects import validate_id
 
 __all__ = [
-    "ask_knowledge","ADMIN_CODEC", "ADMIN_REPLY_CODEC", "KNOWLEDGE_ADMIN", "AdminReply", "AdminRequest", "KNOWLEDGE_SEARCH", "SEARCH_CODEC", "SEARCH_REPLY_CODEC", "KnowledgeActor", "KnowledgeSearch", "KnowledgeFound"]
+    "ADMIN_CODEC",
+    "ADMIN_REPLY_CODEC",
+    "KNOWLEDGE_ADMIN",
+    "KNOWLEDGE_SEARCH",
+    "SEARCH_CODEC",
+    "SEARCH_REPLY_CODEC",
+    "AdminReply",
+    "AdminRequest",
+    "KnowledgeActor",
+    "KnowledgeFound",
+    "KnowledgeSearch",
+    "ask_knowledge",
+]
 
 KNOWLEDGE_SEARCH = "knowledge.search"
 KNOWLEDGE_ADMIN = "knowledge.admin"
@@ -70,7 +83,7 @@ SEARCH_REPLY_CODEC: Codec[KnowledgeFound] = Codec(KnowledgeFound)
 
 async def ask_knowledge(nc: Client, ask: KnowledgeSearch, timeout: float) -> list[KnowledgeHit]:
     """Search through the knowledge actor; NATS and decode errors are the caller's to read."""
-    reply = await nc.request(KNOWLEDGE_SEARCH, SEARCH_CODEC.encode(ask), timeout=timeout)
+    reply = await nats_request(nc, KNOWLEDGE_SEARCH, SEARCH_CODEC.encode(ask), timeout=timeout)
     return SEARCH_REPLY_CODEC.decode(reply.data).hits
 
 

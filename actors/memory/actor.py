@@ -26,6 +26,7 @@ from actors.memory.index import Hit, MemoryIndex
 from actors.memory.projector import Projector
 from bus.codec import Codec, DecodeError
 from bus.loop_share import LoopShare, give_way
+from bus.requests import nats_request
 from bus.stream_reader import StreamReader
 from bus.subjects import (
     EVENTS_STREAM,
@@ -84,7 +85,7 @@ _TOMBSTONE_CODEC: Codec[Tombstone] = Codec(Tombstone)
 
 async def ask_recall(nc: Client, ask: RecallRequest, timeout: float) -> list[Hit]:
     """Recall through the memory actor; NATS and decode errors are the caller's to read."""
-    reply = await nc.request(MEMORY_RECALL, RECALL_CODEC.encode(ask), timeout=timeout)
+    reply = await nats_request(nc, MEMORY_RECALL, RECALL_CODEC.encode(ask), timeout=timeout)
     return RECALL_REPLY_CODEC.decode(reply.data).hits
 
 

