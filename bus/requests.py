@@ -52,7 +52,7 @@ class _Requester:
             raise nats.errors.TimeoutError from None
         finally:
             self._waiting.pop(token, None)
-        if msg.headers and msg.headers.get("Status") == _NO_RESPONDERS and not msg.data:
+        if msg.headers and msg.headers.get("Status") == _NO_RESPONDERS:
             raise nats.errors.NoRespondersError
         return msg
 
@@ -69,7 +69,9 @@ async def nats_request(
         requester = _requesters[nc] = _Requester(nc)
     if not requester.ready.done():
         await asyncio.shield(requester.ready)
-    if requester.ready.exception() is not None:
+    try:
+        requester.ready.result()
+    except Exception:
         _requesters.pop(nc, None)  # the next call subscribes again
-        raise requester.ready.exception()  # type: ignore[misc]
+        raise
     return await requester.ask(subject, payload, timeout, headers)

@@ -3,6 +3,8 @@
 One memory actor owns one index file. It follows CHAT_EVENTS from the position
 stored in the index (committed with the rows it produced), so after a restart
 it catches up; tombstones make it drop, and never re-add, a deleted session.
+While turns keep the event loop busy, it waits, up to `memory.max_lag` seconds
+behind the log (bus/loop_share.py).
 Recall and forget are NATS micro service endpoints (`veil-memory`).
 """
 
