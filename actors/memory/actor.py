@@ -119,6 +119,7 @@ class MemoryActor:
         # seconds behind the log (0: index at once).
         self._max_lag = max_lag
         self._loop_share = LoopShare()
+        self._progress = Progress(max_lag=max_lag)
         self._service: Service | None = None
         self._task: asyncio.Task[None] | None = None
         self._tombstone_sub: object | None = None
@@ -138,6 +139,8 @@ class MemoryActor:
             name="veil-memory",
             version=self._version,
             description="Long-term memory: hybrid recall over every session's messages",
+            # `nats micro stats veil-memory --json`: how far indexing trails the log.
+            stats_handler=lambda _endpoint: self._progress.stats(),
         )
         await self._service.add_endpoint(name="recall", subject=MEMORY_RECALL, handler=self._recall)
         await self._service.add_endpoint(name="forget", subject=MEMORY_FORGET, handler=self._forget_request)
@@ -228,10 +231,12 @@ class MemoryActor:
                     break
                 await self._apply(batch)
                 self._loop_share.reset()
+                self._progress.applied(batch[-1])
                 if batch[-1].metadata.num_pending == 0 and not reader.buffered:
                     self.caught_up.set()
         # Closed, the reader costs the busy loop nothing while it waits; the next
         # one starts again from the checkpoint.
+        self._progress.holding(batch[0])
         waited = await give_way(self._loop_share, self._max_lag - _age(batch[0]))
         log.debug("memory.gave_way", seconds=round(waited, 3), seq=batch[0].metadata.sequence.stream)
 
@@ -242,6 +247,33 @@ class MemoryActor:
 
     async def _apply(self, batch: list[Msg]) -> None:
         await self._projector.apply_messages(batch)
+
+
+class Progress:
+    """How far the projection trails the log, for the service's stats: compare `applied_seq`
+    with the last sequence of CHAT_EVENTS (`nats stream info CHAT_EVENTS`)."""
+
+    def __init__(self, max_lag: float) -> None:
+        self.max_lag = max_lag
+        self.applied_seq = 0
+        self.gave_way = 0  # times indexing waited for a busy event loop
+        self._held: float | None = None  # when the first event held back was stored
+
+    def applied(self, last: Msg) -> None:
+        self.applied_seq = last.metadata.sequence.stream
+        self._held = None
+
+    def holding(self, first: Msg) -> None:
+        self.gave_way += 1
+        self._held = first.metadata.timestamp.timestamp()
+
+    def stats(self) -> dict[str, object]:
+        return {
+            "applied_seq": self.applied_seq,
+            "held_back_seconds": 0.0 if self._held is None else round(max(0.0, time.time() - self._held), 3),
+            "gave_way": self.gave_way,
+            "max_lag": self.max_lag,
+        }
 
 
 def _age(msg: Msg) -> float:

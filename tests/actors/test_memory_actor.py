@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import nats
 import numpy as np
@@ -150,6 +152,13 @@ async def test_a_live_tombstone_removes_rows(nc: Client, tmp_path: Path) -> None
         await index.close()
 
 
+async def memory_stats(nc: Client) -> dict[str, Any]:
+    """The recall endpoint's data in the service's $SRV.STATS answer (`nats micro stats veil-memory`)."""
+    reply = await nc.request("$SRV.STATS.veil-memory", b"", timeout=5)
+    stats = json.loads(reply.data)
+    return next(e["data"] for e in stats["endpoints"] if e["name"] == "recall")
+
+
 async def test_indexing_gives_way_to_a_busy_loop_and_catches_up_after(nc: Client, tmp_path: Path) -> None:
     store = JetStreamEventStore(nc.jetstream(), nc)
     actor, index = await start_actor(nc, tmp_path / "memory.sqlite", max_lag=30.0)
@@ -159,10 +168,16 @@ async def test_indexing_gives_way_to_a_busy_loop_and_catches_up_after(nc: Client
             await write_turn(store, "s5", "My locker is number 312.", "Noted.", new=True)
             await asyncio.sleep(1.0)
             assert await index.count() == 0  # the turns go first
+            held = await memory_stats(nc)
+        assert held["gave_way"] >= 1 and held["held_back_seconds"] > 0.5
+        assert held["applied_seq"] == 0 and held["max_lag"] == 30.0
         started = time.monotonic()
         await caught_up(nc, index)
         assert time.monotonic() - started < 3.0
         assert await index.count() == 2
+        done = await memory_stats(nc)
+        last = (await nc.jetstream().stream_info("CHAT_EVENTS")).state.last_seq
+        assert done["applied_seq"] == last and done["held_back_seconds"] == 0.0
     finally:
         await actor.stop()
         await index.close()
