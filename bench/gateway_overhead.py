@@ -14,6 +14,11 @@ Each cell makes a fixed number of calls unless it hits a time cap first (the tab
 which keeps the whole run under about 3 minutes on 2 cores however fast Veil is. Between
 cells the script waits until Veil and nats-server are idle: work Veil does after replying
 (indexing turns into memory, for one) is shown as "busy after", not charged to the next cell.
+A cell of 2,000 calls is a burst of about two seconds, during which memory indexing gives
+way to the turns (up to `memory.max_lag`, 5 s). For sustained load, where indexing has to
+run alongside, make the 16-client cells last 30 s (about 6 minutes in all):
+
+    python bench/gateway_overhead.py --requests 1000 40000 --max-seconds 30 --no-breakdown
 
 Run from the repository root (under ~3 minutes on 2 cores; --quick takes under a minute):
 
