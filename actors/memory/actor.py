@@ -231,8 +231,9 @@ class MemoryActor:
                     break
                 await self._apply(batch)
                 self._loop_share.reset()
-                self._progress.applied(batch[-1])
-                if batch[-1].metadata.num_pending == 0 and not reader.buffered:
+                more = batch[-1].metadata.num_pending > 0 or reader.buffered > 0
+                self._progress.applied(batch[-1], more)
+                if not more:
                     self.caught_up.set()
         # Closed, the reader costs the busy loop nothing while it waits; the next
         # one starts again from the checkpoint.
@@ -250,27 +251,37 @@ class MemoryActor:
 
 
 class Progress:
-    """How far the projection trails the log, for the service's stats: compare `applied_seq`
-    with the last sequence of CHAT_EVENTS (`nats stream info CHAT_EVENTS`)."""
+    """How far the projection trails the log, for the service's stats.
+
+    `lag_seconds`: the age of the oldest event not yet indexed (0 when caught up),
+    held back for a busy loop or simply not reached yet; `applied_seq` compares with
+    the last sequence of CHAT_EVENTS (`nats stream info CHAT_EVENTS`).
+    """
 
     def __init__(self, max_lag: float) -> None:
         self.max_lag = max_lag
         self.applied_seq = 0
         self.gave_way = 0  # times indexing waited for a busy event loop
-        self._held: float | None = None  # when the first event held back was stored
+        self._behind_since: float | None = None  # when the oldest event not indexed was stored
 
-    def applied(self, last: Msg) -> None:
+    def applied(self, last: Msg, more: bool) -> None:
+        """`last` is indexed; `more`: events after it were already in the log."""
         self.applied_seq = last.metadata.sequence.stream
-        self._held = None
+        # The next event was stored after `last`: its age is at most last's.
+        self._behind_since = last.metadata.timestamp.timestamp() if more else None
 
     def holding(self, first: Msg) -> None:
         self.gave_way += 1
-        self._held = first.metadata.timestamp.timestamp()
+        self._behind_since = first.metadata.timestamp.timestamp()
+
+    def lag_seconds(self) -> float:
+        since = self._behind_since
+        return 0.0 if since is None else round(max(0.0, time.time() - since), 3)
 
     def stats(self) -> dict[str, object]:
         return {
             "applied_seq": self.applied_seq,
-            "held_back_seconds": 0.0 if self._held is None else round(max(0.0, time.time() - self._held), 3),
+            "lag_seconds": self.lag_seconds(),
             "gave_way": self.gave_way,
             "max_lag": self.max_lag,
         }

@@ -14,8 +14,9 @@ import nats
 import numpy as np
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 
-from actors.memory.actor import MemoryActor, RecallRequest
+from actors.memory.actor import MemoryActor, Progress, RecallRequest
 from actors.memory.embedder import default_embedder
 from actors.memory.index import MemoryIndex, MemoryRecord
 from eventstore.events import ChatMessage, ReplyCompleted, SessionOpened, TurnStarted, Usage
@@ -169,7 +170,7 @@ async def test_indexing_gives_way_to_a_busy_loop_and_catches_up_after(nc: Client
             await asyncio.sleep(1.0)
             assert await index.count() == 0  # the turns go first
             held = await memory_stats(nc)
-        assert held["gave_way"] >= 1 and held["held_back_seconds"] > 0.5
+        assert held["gave_way"] >= 1 and held["lag_seconds"] > 0.5
         assert held["applied_seq"] == 0 and held["max_lag"] == 30.0
         started = time.monotonic()
         await caught_up(nc, index)
@@ -177,7 +178,7 @@ async def test_indexing_gives_way_to_a_busy_loop_and_catches_up_after(nc: Client
         assert await index.count() == 2
         done = await memory_stats(nc)
         last = (await nc.jetstream().stream_info("CHAT_EVENTS")).state.last_seq
-        assert done["applied_seq"] == last and done["held_back_seconds"] == 0.0
+        assert done["applied_seq"] == last and done["lag_seconds"] == 0.0
     finally:
         await actor.stop()
         await index.close()
@@ -198,3 +199,22 @@ async def test_indexing_goes_ahead_when_the_log_is_max_lag_behind(nc: Client, tm
     finally:
         await actor.stop()
         await index.close()
+
+
+def stored_message(seq: int, seconds_ago: float) -> Msg:
+    """A CHAT_EVENTS message as a consumer receives it: seq and stored time in its ack subject."""
+    stored_ns = int((time.time() - seconds_ago) * 1e9)
+    return Msg(_client=None, subject="chat.events.s", reply=f"$JS.ACK.CHAT_EVENTS.c.1.{seq}.{seq}.{stored_ns}.0")  # type: ignore[arg-type]
+
+
+def test_progress_lag_is_the_age_of_the_oldest_event_not_indexed() -> None:
+    progress = Progress(max_lag=5.0)
+    assert progress.lag_seconds() == 0.0
+    progress.applied(stored_message(7, seconds_ago=12.0), more=True)  # behind: more was waiting
+    assert progress.applied_seq == 7
+    assert 11.5 < progress.lag_seconds() < 13.0
+    progress.applied(stored_message(9, seconds_ago=0.5), more=False)  # caught up
+    assert progress.lag_seconds() == 0.0
+    progress.holding(stored_message(10, seconds_ago=2.0))  # held back for a busy loop
+    assert 1.5 < progress.lag_seconds() < 3.0
+    assert progress.stats()["gave_way"] == 1 and 1.5 < float(progress.stats()["lag_seconds"]) < 3.0  # type: ignore[arg-type]
