@@ -119,7 +119,7 @@ class MemoryActor:
         # seconds behind the log (0: index at once).
         self._max_lag = max_lag
         self._loop_share = LoopShare()
-        self._progress = Progress(max_lag=max_lag)
+        self._progress = Progress()
         self._service: Service | None = None
         self._task: asyncio.Task[None] | None = None
         self._tombstone_sub: object | None = None
@@ -140,7 +140,7 @@ class MemoryActor:
             version=self._version,
             description="Long-term memory: hybrid recall over every session's messages",
             # `nats micro stats veil-memory --json`: how far indexing trails the log.
-            stats_handler=lambda _endpoint: self._progress.stats(),
+            stats_handler=lambda _endpoint: {**self._progress.stats(), "max_lag": self._max_lag},
         )
         await self._service.add_endpoint(name="recall", subject=MEMORY_RECALL, handler=self._recall)
         await self._service.add_endpoint(name="forget", subject=MEMORY_FORGET, handler=self._forget_request)
@@ -258,8 +258,7 @@ class Progress:
     the last sequence of CHAT_EVENTS (`nats stream info CHAT_EVENTS`).
     """
 
-    def __init__(self, max_lag: float) -> None:
-        self.max_lag = max_lag
+    def __init__(self) -> None:
         self.applied_seq = 0
         self.gave_way = 0  # times indexing waited for a busy event loop
         self._behind_since: float | None = None  # when the oldest event not indexed was stored
@@ -283,7 +282,6 @@ class Progress:
             "applied_seq": self.applied_seq,
             "lag_seconds": self.lag_seconds(),
             "gave_way": self.gave_way,
-            "max_lag": self.max_lag,
         }
 
 

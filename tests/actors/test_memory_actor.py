@@ -220,7 +220,7 @@ def stored_message(seq: int, seconds_ago: float) -> Msg:
 
 
 def test_progress_lag_is_the_age_of_the_oldest_event_not_indexed() -> None:
-    progress = Progress(max_lag=5.0)
+    progress = Progress()
     assert progress.lag_seconds() == 0.0
     progress.applied(stored_message(7, seconds_ago=12.0), more=True)  # behind: more was waiting
     assert progress.applied_seq == 7
