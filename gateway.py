@@ -68,7 +68,11 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return _json(error.body(), error.status)
     except web.HTTPRequestEntityTooLarge as error:
         return _json(
-            error_body(f"Request body too large: {error.text}", "invalid_request_error", "request_too_large"),
+            error_body(
+                f"Request body too large: {error.text}",
+                "invalid_request_error",
+                "request_too_large",
+            ),
             413,
         )
     except web.HTTPException as error:
@@ -82,7 +86,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return _json(error_body(message, "invalid_request_error", None), error.status, headers)
     except Exception:
         log.exception("gateway.unhandled", path=request.path)
-        return _json(error_body("The server had an error processing your request.", "server_error", None), 500)
+        return _json(
+            error_body("The server had an error processing your request.", "server_error", None),
+            500,
+        )
 
 
 @web.middleware
@@ -133,7 +140,12 @@ def _session_of(request: web.Request, chat: ChatRequest, command_id: str) -> tup
         if v
     }
     if len(given) > 1:
-        raise ApiError(400, "The request names more than one session id.", param="session_id", code="invalid_value")
+        raise ApiError(
+            400,
+            "The request names more than one session id.",
+            param="session_id",
+            code="invalid_value",
+        )
     if not given:
         return f"sess_{command_id.removeprefix(IDEMPOTENT_PREFIX)}", True
     session_id = given.pop()
@@ -215,7 +227,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         batches = relay.batches(config.server.turn_timeout, _client_gone(request))
         try:
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
-            return await stream_turn(request, start, batches, include_usage, {SESSION_HEADER: start.session_id})
+            return await stream_turn(
+                request, start, batches, include_usage, {SESSION_HEADER: start.session_id}
+            )
         except ClientGone:
             await relay.cancel()
             log.info("gateway.client_gone", session=session_id, turn=start.turn_id)
@@ -245,7 +259,11 @@ def _session_id_param(request: web.Request) -> str:
     session_id = request.match_info["session_id"]
     if not is_valid_id(session_id):
         # Never a subject token; and indistinguishable from a session that does not exist.
-        raise ApiError(404, f"No session found with id '{session_id[:MAX_ID_LENGTH]}'.", code="session_not_found")
+        raise ApiError(
+            404,
+            f"No session found with id '{session_id[:MAX_ID_LENGTH]}'.",
+            code="session_not_found",
+        )
     return session_id
 
 
@@ -266,7 +284,9 @@ def _session_object(view: SessionView) -> dict[str, object]:
 
 
 async def _view(request: web.Request, messages: bool) -> SessionView:
-    command = GetSession(session_id=_session_id_param(request), tenant=request[PRINCIPAL].tenant, messages=messages)
+    command = GetSession(
+        session_id=_session_id_param(request), tenant=request[PRINCIPAL].tenant, messages=messages
+    )
     reply = await ask_session(request.app[NATS], command, request.app[CONFIG].server.accept_timeout)
     if not isinstance(reply, SessionView):
         raise ApiError(500, "Unexpected reply from the session actor.", code="actor_failed")
@@ -297,15 +317,25 @@ async def list_messages(request: web.Request) -> web.Response:
 async def search_memories(request: web.Request) -> web.Response:
     query = request.query.get("q", "").strip()
     if not query:
-        raise ApiError(400, "Give the search text as the query parameter 'q'.", param="q", code="missing_required_parameter")
+        raise ApiError(
+            400,
+            "Give the search text as the query parameter 'q'.",
+            param="q",
+            code="missing_required_parameter",
+        )
     try:
         limit = int(request.query.get("limit", "10"))
     except ValueError:
-        raise ApiError(400, "limit must be an integer.", param="limit", code="invalid_value") from None
+        raise ApiError(
+            400, "limit must be an integer.", param="limit", code="invalid_value"
+        ) from None
     if not 1 <= limit <= 100:
         raise ApiError(400, "limit must be between 1 and 100.", param="limit", code="invalid_value")
     command = SearchMemories(
-        session_id=_session_id_param(request), tenant=request[PRINCIPAL].tenant, query=query, k=limit
+        session_id=_session_id_param(request),
+        tenant=request[PRINCIPAL].tenant,
+        query=query,
+        k=limit,
     )
     reply = await ask_session(request.app[NATS], command, request.app[CONFIG].server.accept_timeout)
     if not isinstance(reply, MemoriesFound):
@@ -330,7 +360,9 @@ async def search_memories(request: web.Request) -> web.Response:
 
 async def delete_session(request: web.Request) -> web.Response:
     principal = request[PRINCIPAL]
-    command = DeleteSession(session_id=_session_id_param(request), tenant=principal.tenant, key_id=principal.key_id)
+    command = DeleteSession(
+        session_id=_session_id_param(request), tenant=principal.tenant, key_id=principal.key_id
+    )
     reply = await ask_session(request.app[NATS], command, request.app[CONFIG].server.accept_timeout)
     if not isinstance(reply, SessionDeleted):
         raise ApiError(500, "Unexpected reply from the session actor.", code="actor_failed")

@@ -1,11 +1,11 @@
 """Errors the actors raise to refuse a command.
 
-    ActorError
-    ├── SessionNotFound    no such session for this tenant (the same for both cases)
-    ├── SessionExists      a new session's id is already taken
-    ├── NothingNew         the request adds no message to the conversation
-    ├── TurnInProgress     another writer holds the session's turn lease
-    └── AlreadyHandled     the command id was seen before; carries its outcome
+ActorError
+├── SessionNotFound    no such session for this tenant (the same for both cases)
+├── SessionExists      a new session's id is already taken
+├── NothingNew         the request adds no message to the conversation
+├── TurnInProgress     another writer holds the session's turn lease
+└── AlreadyHandled     the command id was seen before; carries its outcome
 """
 
 from __future__ import annotations

@@ -42,7 +42,12 @@ log = structlog.get_logger("veil.model")
 
 class ModelActor:
     def __init__(
-        self, nc: Client, engines: dict[str, Engine], *, version: str, signals: Signals | None = None
+        self,
+        nc: Client,
+        engines: dict[str, Engine],
+        *,
+        version: str,
+        signals: Signals | None = None,
     ) -> None:
         self._nc = nc
         # Cancellations of every turn, on one subscription (shared with the session actors).
@@ -105,7 +110,11 @@ class ModelActor:
                 message = Delta(seq=deltas, text=piece.text, choice=piece.index)
             else:
                 message = ToolDelta(
-                    seq=deltas, index=piece.index, id=piece.id, name=piece.name, arguments=piece.arguments
+                    seq=deltas,
+                    index=piece.index,
+                    id=piece.id,
+                    name=piece.name,
+                    arguments=piece.arguments,
                 )
             batcher.add(message)
 
@@ -121,12 +130,18 @@ class ModelActor:
                 cancelled = True
                 this.cancel()
 
-        unwatch = await self._signals.watch(job.cancel_subject, on_cancel) if job.cancel_subject else None
+        unwatch = (
+            await self._signals.watch(job.cancel_subject, on_cancel) if job.cancel_subject else None
+        )
         started = time.perf_counter()
         error: ErrorInfo | None = None
         try:
             await engine.generate(
-                job.upstream_model, job.messages, job.params, on_delta if job.out_subject else None, output
+                job.upstream_model,
+                job.messages,
+                job.params,
+                on_delta if job.out_subject else None,
+                output,
             )
         except asyncio.CancelledError:
             if not cancelled:
@@ -134,9 +149,11 @@ class ModelActor:
             this.uncancel()
         except EngineError as failure:
             error = failure.info
-        except Exception as failure:  # an engine bug must not kill the worker
+        except Exception as failure:  # noqa: BLE001 - an engine bug must not kill the worker
             log.error("engine.failed", engine=engine_name, error=repr(failure))
-            error = ErrorInfo(status=502, type="api_error", code="engine_error", message=repr(failure))
+            error = ErrorInfo(
+                status=502, type="api_error", code="engine_error", message=repr(failure)
+            )
         finally:
             generating = False
             if unwatch is not None:
@@ -149,7 +166,9 @@ class ModelActor:
         if usage is None:
             prompt = sum(estimate_tokens(m.content) for m in job.messages)
             completion = estimate_tokens(content)
-            usage = Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+            usage = Usage(
+                prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+            )
         return GenerateResult(
             engine=engine_name,
             upstream_model=job.upstream_model,
@@ -205,7 +224,9 @@ class _DeltaBatcher:
             return
         message = items[0] if len(items) == 1 else Deltas(items=items)
         # Tasks start in creation order, so batches are published in order.
-        self._last = asyncio.ensure_future(self._nc.publish(self._subject, OUTPUT_CODEC.encode(message)))
+        self._last = asyncio.ensure_future(
+            self._nc.publish(self._subject, OUTPUT_CODEC.encode(message))
+        )
 
     async def drain(self) -> None:
         """Publish what is pending and wait until the last batch is handed to NATS."""

@@ -36,21 +36,41 @@ def _failed(link: FallbackConfig, error: ErrorInfo) -> GenerateResult:
     return GenerateResult(engine=link.engine, upstream_model=link.model, error=error)
 
 
-async def call_model(nc: Client, link: FallbackConfig, job: GenerateRequest, timeout: float) -> GenerateResult:
+async def call_model(
+    nc: Client, link: FallbackConfig, job: GenerateRequest, timeout: float
+) -> GenerateResult:
     """One generation on one engine; bus failures come back as a result with an error."""
     try:
-        reply = await nats_request(nc, model_generate(link.engine), GENERATE_CODEC.encode(job), timeout=timeout)
+        reply = await nats_request(
+            nc, model_generate(link.engine), GENERATE_CODEC.encode(job), timeout=timeout
+        )
     except NoRespondersError:
         message = f"No worker serves the engine '{link.engine}'."
-        return _failed(link, ErrorInfo(status=503, type="api_error", code="no_model_worker", message=message, retryable=True))
+        return _failed(
+            link,
+            ErrorInfo(
+                status=503,
+                type="api_error",
+                code="no_model_worker",
+                message=message,
+                retryable=True,
+            ),
+        )
     except NatsTimeout:
         message = "The model actor did not answer in time."
-        return _failed(link, ErrorInfo(status=504, type="api_error", code="model_timeout", message=message, retryable=True))
+        return _failed(
+            link,
+            ErrorInfo(
+                status=504, type="api_error", code="model_timeout", message=message, retryable=True
+            ),
+        )
     try:
         return GENERATE_RESULT_CODEC.decode(reply.data)
     except DecodeError as failure:
         message = f"The model actor answered badly: {failure}"
-        return _failed(link, ErrorInfo(status=502, type="api_error", code="bad_model_reply", message=message))
+        return _failed(
+            link, ErrorInfo(status=502, type="api_error", code="bad_model_reply", message=message)
+        )
 
 
 async def _pause(seconds: float, cancelled: asyncio.Event) -> None:
@@ -84,7 +104,11 @@ async def run_chain(
                 return result
             await record(result)
             if attempt < pipeline.retries:
-                wait = error.retry_after if error.retry_after is not None else pipeline.retry_backoff * 2**attempt
+                wait = (
+                    error.retry_after
+                    if error.retry_after is not None
+                    else pipeline.retry_backoff * 2**attempt
+                )
                 await _pause(min(wait, pipeline.max_retry_wait), cancelled)
                 if cancelled.is_set():
                     return result

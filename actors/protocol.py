@@ -153,8 +153,6 @@ class TurnRejected(msgspec.Struct, frozen=True, kw_only=True, tag="rejected"):
     error: ErrorInfo
 
 
-
-
 class Delta(msgspec.Struct, frozen=True, kw_only=True, tag="delta", omit_defaults=True):
     # 1-based, so the gateway can tell whether it missed one.
     seq: int
@@ -201,8 +199,15 @@ OutputUnion = Delta | ToolDelta | Deltas | TurnDone | TurnError
 
 # A non-streaming turn is answered on its request with the result itself (TurnDone or
 # TurnError): no output subject, one message instead of three.
-TurnReplyUnion = TurnAccepted | TurnRejected | SessionView | SessionDeleted | MemoriesFound | TurnDone | TurnError
-
+TurnReplyUnion = (
+    TurnAccepted
+    | TurnRejected
+    | SessionView
+    | SessionDeleted
+    | MemoriesFound
+    | TurnDone
+    | TurnError
+)
 
 
 class CancelRequest(msgspec.Struct, frozen=True, kw_only=True):

@@ -45,9 +45,14 @@ ROUTE_REPLY_CODEC: Codec[RouteDecision] = Codec(RouteDecision)
 
 def _classifier(nc: Client, link: FallbackConfig):  # type: ignore[no-untyped-def]
     async def classify(text: str, descriptions: dict[str, str | None]) -> str | None:
-        messages = [ChatMessage(role=m["role"], content=m["content"]) for m in classifier_prompt(text, descriptions)]
+        messages = [
+            ChatMessage(role=m["role"], content=m["content"])
+            for m in classifier_prompt(text, descriptions)
+        ]
         job = GenerateRequest(
-            turn_id="route", upstream_model=link.model, messages=messages,
+            turn_id="route",
+            upstream_model=link.model,
+            messages=messages,
             params={"temperature": 0.0, "max_tokens": 16},
         )
         result = await call_model(nc, link, job, timeout=15)
@@ -56,7 +61,9 @@ def _classifier(nc: Client, link: FallbackConfig):  # type: ignore[no-untyped-de
     return classify
 
 
-def build_routers(config: Config, embedder: AsyncEmbedder | None, nc: Client | None = None) -> dict[str, Router]:
+def build_routers(
+    config: Config, embedder: AsyncEmbedder | None, nc: Client | None = None
+) -> dict[str, Router]:
     """One router per public model with more than one pipeline."""
     classifier = config.router.classifier
     routers: dict[str, Router] = {}

@@ -363,7 +363,10 @@ def decide(state: SessionState, command: Command) -> list[EventUnion]:
                 events.append(_model_called(turn_id, result, now))
             events.append(
                 TurnFailed(
-                    at=now, turn_id=turn_id, status=error.status, code=error.code,
+                    at=now,
+                    turn_id=turn_id,
+                    status=error.status,
+                    code=error.code,
                     message=error.message,
                 )
             )
@@ -385,7 +388,9 @@ def decide(state: SessionState, command: Command) -> list[EventUnion]:
             )
             return events
         case Summarize(turn_id=turn_id, summary=summary, covers=covers, result=result, now=now):
-            if not _require_open(state, turn_id) or not state.summarized < covers <= len(state.history):
+            if not _require_open(state, turn_id) or not state.summarized < covers <= len(
+                state.history
+            ):
                 return []
             return [
                 _model_called(turn_id, result, now, "summary"),
@@ -422,7 +427,9 @@ def _add_usage(a: Usage, b: Usage) -> Usage:
     )
 
 
-def _close(state: SessionState, outcome: TurnOutcome, at: datetime, **changes: object) -> SessionState:
+def _close(
+    state: SessionState, outcome: TurnOutcome, at: datetime, **changes: object
+) -> SessionState:
     open_turn = state.open_turn
     if open_turn is None or open_turn.turn_id != outcome.turn_id:
         return replace(state, updated_at=at, **changes)
@@ -476,7 +483,11 @@ def evolve(state: SessionState, event: EventUnion) -> SessionState:
             if state.open_turn is None or state.open_turn.turn_id != event.turn_id:
                 return state
             answers = tuple(
-                ChatMessage(role="tool", content=r.content if r.error is None else f"Error: {r.error}", tool_call_id=r.call_id)
+                ChatMessage(
+                    role="tool",
+                    content=r.content if r.error is None else f"Error: {r.error}",
+                    tool_call_id=r.call_id,
+                )
                 for r in event.results
             )
             steps = (*state.open_turn.steps, event.assistant, *answers)
@@ -484,7 +495,9 @@ def evolve(state: SessionState, event: EventUnion) -> SessionState:
         case PipelineChosen():
             return replace(state, pipeline=event.pipeline)
         case HistorySummarized():
-            return replace(state, summary=event.summary, summarized=event.covers, updated_at=event.at)
+            return replace(
+                state, summary=event.summary, summarized=event.covers, updated_at=event.at
+            )
         case ReplyCompleted():
             outcome = TurnOutcome(
                 turn_id=event.turn_id,
@@ -506,7 +519,11 @@ def evolve(state: SessionState, event: EventUnion) -> SessionState:
             else:
                 history = (*state.history, *state.open_turn.messages, *steps, reply)
             return _close(
-                state, outcome, event.at, history=history, usage=_add_usage(state.usage, event.usage)
+                state,
+                outcome,
+                event.at,
+                history=history,
+                usage=_add_usage(state.usage, event.usage),
             )
         case TurnFailed():
             error = ErrorInfo(
@@ -546,7 +563,8 @@ SUMMARY_HEADER = "Summary of the earlier conversation (written by you for yourse
 def _turn_starts(history: tuple[ChatMessage, ...]) -> list[int]:
     """Indexes where a turn's messages begin: a non-assistant message after an assistant one."""
     return [
-        i for i, m in enumerate(history)
+        i
+        for i, m in enumerate(history)
         if m.role != "assistant" and (i == 0 or history[i - 1].role == "assistant")
     ]
 
@@ -554,7 +572,7 @@ def _turn_starts(history: tuple[ChatMessage, ...]) -> list[int]:
 def fold_plan(state: SessionState, budget: int) -> int | None:
     """How far to fold history into the summary so the rest fits half the budget, if it
     does not fit the budget now. Folds whole turns, and always keeps the latest turn."""
-    unsummarized = state.history[state.summarized:]
+    unsummarized = state.history[state.summarized :]
     if estimate_message_tokens(unsummarized) <= budget:
         return None
     starts = [i for i in _turn_starts(state.history) if i > state.summarized]
@@ -602,7 +620,7 @@ def prompt(
     messages: list[ChatMessage] = []
     if parts:
         messages.append(ChatMessage(role="system", content="\n\n".join(parts)))
-    recent = state.history[state.summarized:]
+    recent = state.history[state.summarized :]
     if budget is not None:
         while recent and estimate_message_tokens(recent) > budget:
             recent = recent[1:]

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
-from typing import assert_never
+from typing import Any, assert_never
 
 import msgspec
 import structlog
@@ -90,12 +90,15 @@ class SessionActor(SessionQueries, TurnSteps):
 
     async def _reload(self) -> None:
         """Catch up with the log: everything after what this actor has seen."""
-        if not self._loaded and self._ctx.tombstones is not None:
-            # A deletion that was cut short after its tombstone: finish it first.
-            if await self._ctx.tombstones.get(self.session_id) is not None:
-                await self._ctx.store.erase(self.session_id)
-                self._loaded = self._erased = True
-                return
+        # A deletion that was cut short after its tombstone: finish it first.
+        if (
+            not self._loaded
+            and self._ctx.tombstones is not None
+            and await self._ctx.tombstones.get(self.session_id) is not None
+        ):
+            await self._ctx.store.erase(self.session_id)
+            self._loaded = self._erased = True
+            return
         stored = await self._ctx.store.load(self.session_id, after=self._last_seq)
         for item in stored:
             self._state = session.evolve(self._state, item.event)
@@ -296,7 +299,9 @@ class SessionActor(SessionQueries, TurnSteps):
         pinned = state.pipeline if model.pin and state.last_model == start.model else None
         ask = RouteRequest(model=start.model, text=text, metadata=start.metadata, pinned=pinned)
         try:
-            reply = await nats_request(self._ctx.nc, ROUTER_ROUTE, ROUTE_CODEC.encode(ask), timeout=10)
+            reply = await nats_request(
+                self._ctx.nc, ROUTER_ROUTE, ROUTE_CODEC.encode(ask), timeout=10
+            )
             decision = ROUTE_REPLY_CODEC.decode(reply.data)
         except (NoRespondersError, NatsTimeout, DecodeError) as failure:
             log.warning("session.router_unavailable", session=self.session_id, error=repr(failure))
@@ -348,7 +353,12 @@ class SessionActor(SessionQueries, TurnSteps):
                     self._state, pipeline.system_prompt, pipeline.budget, memories
                 )
 
-                def make_job(upstream_model: str) -> GenerateRequest:
+                def make_job(
+                    upstream_model: str,
+                    messages: list[ChatMessage] = messages,
+                    params: dict[str, Any] = params,
+                    hidden: list[str] = hidden,
+                ) -> GenerateRequest:
                     return GenerateRequest(
                         turn_id=start.turn_id,
                         upstream_model=upstream_model,

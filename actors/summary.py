@@ -29,7 +29,7 @@ def summary_prompt(previous: str | None, messages: Sequence[ChatMessage]) -> lis
 FACTS_INSTRUCTIONS = (
     "Extract lasting facts about the user from the exchange below: names, dates, "
     "numbers, preferences, plans, people, places. One fact per line, each a short "
-    "self-contained sentence in the third person (\"The user's ...\"). Write NONE if "
+    'self-contained sentence in the third person ("The user\'s ..."). Write NONE if '
     "there is nothing worth remembering. Write nothing else."
 )
 MAX_FACTS = 8

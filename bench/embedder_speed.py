@@ -38,7 +38,9 @@ def shipped() -> Embedder:
     options = ort.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    e._session = ort.InferenceSession(str(model_file()), sess_options=options, providers=["CPUExecutionProvider"])
+    e._session = ort.InferenceSession(
+        str(model_file()), sess_options=options, providers=["CPUExecutionProvider"]
+    )
     return e
 
 
@@ -59,7 +61,9 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=128, help="texts per round")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    print(f"onnxruntime {ort.__version__}, one thread; ms of CPU per text (median of {args.repeats} rounds)")
+    print(
+        f"onnxruntime {ort.__version__}, one thread; ms of CPU per text (median of {args.repeats} rounds)"
+    )
     models = {"shipped int8 (before)": shipped(), "per-token int8 (Veil)": Embedder()}
     print(f"{'model':24} {'texts':6} {'one per run':>12} {'batched':>10}")
     vectors: dict[str, dict[str, npt.NDArray[np.float32]]] = {}
@@ -74,7 +78,9 @@ def main() -> None:
     for label, by_model in vectors.items():
         a, b = by_model.values()
         cos = np.sum(a * b, axis=1)
-        print(f"same {label} text, cosine between the two models: min {cos.min():.3f}, mean {cos.mean():.3f}")
+        print(
+            f"same {label} text, cosine between the two models: min {cos.min():.3f}, mean {cos.mean():.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -87,8 +87,13 @@ def spawn(
     stderr_path = logs / f"{name}.stderr"
     with stderr_path.open("wb") as stderr:
         proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=stderr, text=True,
+            cmd,
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
         )
     child = Child(name, proc, stderr_path)
     lines: queue.Queue[str | None] = queue.Queue()
@@ -132,8 +137,9 @@ def stop(child: Child, timeout: float = 30.0) -> int:
 def veil_env(upstream_base: str, data_dir: str, config: str | None) -> dict[str, str]:
     """Our fake as the only upstream, no external NATS (so Veil spawns one), no API keys,
     and the config file given, if any."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("VEIL_", "OPENAI_", "ANTHROPIC_"))}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("VEIL_", "OPENAI_", "ANTHROPIC_"))
+    }
     env.update(OPENAI_BASE_URL=upstream_base, OPENAI_API_KEY="x", VEIL_DATA_DIR=data_dir)
     if config is not None:
         env["VEIL_CONFIG"] = str(Path(config).resolve())
@@ -197,8 +203,11 @@ class CpuMeter:
         now = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
         if "veil" in self.pids:
             # Veil's helper processes (started when needed) count as Veil.
-            now["veil"] += sum(cpu_seconds(pid) for pid, name in children_of(self.pids["veil"]).items()
-                               if name != "nats-server")
+            now["veil"] += sum(
+                cpu_seconds(pid)
+                for pid, name in children_of(self.pids["veil"]).items()
+                if name != "nats-server"
+            )
         now["machine"] = machine_busy_seconds()
         return now
 
@@ -348,12 +357,19 @@ class Cell:
 
     def summary(self) -> dict[str, Any]:
         return {
-            "target": self.target, "stream": self.stream, "clients": self.clients,
-            "requested": self.requested, "ok": self.ok, "errors": dict(self.errors),
-            "wall_s": round(self.wall, 3), "busy_after_s": round(self.busy_after, 2),
+            "target": self.target,
+            "stream": self.stream,
+            "clients": self.clients,
+            "requested": self.requested,
+            "ok": self.ok,
+            "errors": dict(self.errors),
+            "wall_s": round(self.wall, 3),
+            "busy_after_s": round(self.busy_after, 2),
             "rps": round(self.rps, 1),
-            "p50_ms": pct(self.latencies, 50), "p99_ms": pct(self.latencies, 99),
-            "ttft_p50_ms": pct(self.ttfts, 50), "ttft_p99_ms": pct(self.ttfts, 99),
+            "p50_ms": pct(self.latencies, 50),
+            "p99_ms": pct(self.latencies, 99),
+            "ttft_p50_ms": pct(self.ttfts, 50),
+            "ttft_p99_ms": pct(self.ttfts, 99),
             "cpu_percent": {k: round(v, 1) for k, v in self.cpu.items()},
             "veil_cpu_ms_per_call": self.cpu_ms_per_call("veil"),
             "nats_cpu_ms_per_call": self.cpu_ms_per_call("nats"),
@@ -365,8 +381,15 @@ OnReply = Callable[[int, Reply], None]
 
 
 async def drive(
-    http: aiohttp.ClientSession, url: str, stream: bool, expect: str, clients: int,
-    requests: int, seconds: float, body_for: BodyFor, cell: Cell,
+    http: aiohttp.ClientSession,
+    url: str,
+    stream: bool,
+    expect: str,
+    clients: int,
+    requests: int,
+    seconds: float,
+    body_for: BodyFor,
+    cell: Cell,
     on_reply: OnReply | None = None,
 ) -> None:
     """`clients` workers share `requests` calls, starting none after `seconds`;
@@ -383,8 +406,15 @@ async def drive(
             remaining -= 1
             try:
                 reply = await chat(http, url, body, stream, expect)
-            except (CallFailed, aiohttp.ClientError, TimeoutError, msgspec.DecodeError,
-                    KeyError, IndexError, TypeError) as error:
+            except (
+                CallFailed,
+                aiohttp.ClientError,
+                TimeoutError,
+                msgspec.DecodeError,
+                KeyError,
+                IndexError,
+                TypeError,
+            ) as error:
                 cell.errors[_reason(error)] += 1
                 continue
             if on_reply is not None:
@@ -483,14 +513,34 @@ async def measure(
             if target == "veil new":
                 on_reply = _keep(setup, "new")
             warm = Cell("warm-up", stream, clients)
-            await drive(http, url, stream, setup.expect, clients, setup.warmup, 3.0, body_for,
-                        warm, on_reply)
+            await drive(
+                http,
+                url,
+                stream,
+                setup.expect,
+                clients,
+                setup.warmup,
+                3.0,
+                body_for,
+                warm,
+                on_reply,
+            )
             cell.errors.update({f"warm-up: {k}": v for k, v in warm.errors.items()})
         await settle(setup.busy_pids)
         setup.cpu.start()
         t0 = time.perf_counter()
-        await drive(http, url, stream, setup.expect, clients, requests, setup.max_seconds,
-                    body_for, cell, on_reply)
+        await drive(
+            http,
+            url,
+            stream,
+            setup.expect,
+            clients,
+            requests,
+            setup.max_seconds,
+            body_for,
+            cell,
+            on_reply,
+        )
         cell.wall = time.perf_counter() - t0
         cell.cpu = setup.cpu.read()
     cell.busy_after = await settle(setup.busy_pids)
@@ -499,6 +549,7 @@ async def measure(
 
 def _keep(setup: Setup, kind: str) -> OnReply:
     """Count a successful Veil turn of this kind and keep its session as a sample."""
+
     def keep(_w: int, reply: Reply) -> None:
         setup.veil_turns[kind] += 1
         if reply.session_id:
@@ -508,7 +559,11 @@ def _keep(setup: Setup, kind: str) -> OnReply:
 
 
 async def _continue_sessions(
-    setup: Setup, http: aiohttp.ClientSession, stream: bool, clients: int, calls: int,
+    setup: Setup,
+    http: aiohttp.ClientSession,
+    stream: bool,
+    clients: int,
+    calls: int,
     cell: Cell,
 ) -> tuple[BodyFor, OnReply]:
     """Open enough sessions for `calls` turns (untimed; this is the warm-up too)."""
@@ -521,8 +576,18 @@ async def _continue_sessions(
             opened.append(reply.session_id)
 
     opening = Cell("opening", False, clients)
-    await drive(http, setup.veil_url, False, setup.expect, max(clients, 8), needed, math.inf,
-                lambda _w: chat_body(MODEL, setup.text(), False), opening, keep)
+    await drive(
+        http,
+        setup.veil_url,
+        False,
+        setup.expect,
+        max(clients, 8),
+        needed,
+        math.inf,
+        lambda _w: chat_body(MODEL, setup.text(), False),
+        opening,
+        keep,
+    )
     # Failures to open are reported with the cell, labelled, outside its percentiles.
     cell.errors.update({f"opening a session: {k}": v for k, v in opening.errors.items()})
     convos = Conversations(opened, setup.turns)
@@ -543,11 +608,17 @@ async def run_cells(setup: Setup, requests: dict[int, int]) -> list[Cell]:
             for target in TARGETS:
                 rate = cells[-1].rps if target == "veil cont." else None  # of "veil new"
                 cell = await measure(setup, target, stream, clients, n, rate)
-                print(f"  {target:<11} {cell.mode:<6} c={clients:<3} {cell.ok:>5} ok "
-                      f"{sum(cell.errors.values())} errors in {cell.wall:5.1f} s"
-                      + (" (stopped early)" if cell.capped else "")
-                      + (f"; Veil busy {cell.busy_after:.1f} s after" if cell.busy_after > 0.5
-                         else ""), flush=True)
+                print(
+                    f"  {target:<11} {cell.mode:<6} c={clients:<3} {cell.ok:>5} ok "
+                    f"{sum(cell.errors.values())} errors in {cell.wall:5.1f} s"
+                    + (" (stopped early)" if cell.capped else "")
+                    + (
+                        f"; Veil busy {cell.busy_after:.1f} s after"
+                        if cell.busy_after > 0.5
+                        else ""
+                    ),
+                    flush=True,
+                )
                 cells.append(cell)
     return cells
 
@@ -576,25 +647,37 @@ async def probe_nats(url: str, n: int) -> dict[str, list[float]]:
     js = nc.jetstream()
     out: dict[str, list[float]] = {}
     try:
+
         async def echo(msg: Any) -> None:
             await msg.respond(msg.data)
 
         await nc.subscribe("bench.echo", cb=echo)
         payload = b"x" * 300  # about a StartTurn's size
         out["nats request-reply"] = await timed(
-            n, lambda: nc.request("bench.echo", payload, timeout=5))
+            n, lambda: nc.request("bench.echo", payload, timeout=5)
+        )
 
         # A file stream like CHAT_EVENTS; each publish waits for its ack and carries the
         # expected-last-subject-sequence check that Veil's appends carry.
-        await js.add_stream(StreamConfig(name="BENCH_PROBE", subjects=["bench.probe.>"],
-                                         storage=StorageType.FILE, allow_direct=True,
-                                         allow_atomic=True))
+        await js.add_stream(
+            StreamConfig(
+                name="BENCH_PROBE",
+                subjects=["bench.probe.>"],
+                storage=StorageType.FILE,
+                allow_direct=True,
+                allow_atomic=True,
+            )
+        )
         last = 0
 
         async def publish() -> None:
             nonlocal last
-            ack = await js.publish("bench.probe.s", payload, stream="BENCH_PROBE",
-                                   headers={"Nats-Expected-Last-Subject-Sequence": str(last)})
+            ack = await js.publish(
+                "bench.probe.s",
+                payload,
+                stream="BENCH_PROBE",
+                headers={"Nats-Expected-Last-Subject-Sequence": str(last)},
+            )
             last = ack.seq
 
         out["jetstream publish+ack"] = await timed(n, publish)
@@ -603,18 +686,29 @@ async def probe_nats(url: str, n: int) -> dict[str, list[float]]:
             # Two messages stored all or none (nats-server 2.12+): only the commit is acked.
             nonlocal last
             batch = {"Nats-Batch-Id": uuid.uuid4().hex}
-            await nc.publish("bench.probe.s", payload, headers={
-                **batch, "Nats-Batch-Sequence": "1",
-                "Nats-Expected-Last-Subject-Sequence": str(last)})
-            reply = await nc.request("bench.probe.s", payload, timeout=5, headers={
-                **batch, "Nats-Batch-Sequence": "2", "Nats-Batch-Commit": "1"})
+            await nc.publish(
+                "bench.probe.s",
+                payload,
+                headers={
+                    **batch,
+                    "Nats-Batch-Sequence": "1",
+                    "Nats-Expected-Last-Subject-Sequence": str(last),
+                },
+            )
+            reply = await nc.request(
+                "bench.probe.s",
+                payload,
+                timeout=5,
+                headers={**batch, "Nats-Batch-Sequence": "2", "Nats-Batch-Commit": "1"},
+            )
             last = int(msgspec.json.decode(reply.data)["seq"])  # KeyError: refused
 
         with contextlib.suppress(KeyError):  # a server without atomic batches
             out["jetstream atomic batch of 2"] = await timed(n, atomic_pair)
         store = JetStreamEventStore(js, nc)
         out["direct get (empty session load)"] = await timed(
-            n, lambda: store.load("bench_no_such_session"))
+            n, lambda: store.load("bench_no_such_session")
+        )
         await js.delete_stream("BENCH_PROBE")
     finally:
         await nc.drain()
@@ -641,8 +735,9 @@ async def probe_engine(base_url: str, message: str, n: int, history: int) -> dic
     engine = OpenAIEngine("bench", base_url=base_url, api_key="x", timeout=30)
     sdk = openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0)
     one = [ChatMessage(role="user", content=message)]
-    many = [ChatMessage(role="assistant" if i % 2 else "user", content=message)
-            for i in range(history)]
+    many = [
+        ChatMessage(role="assistant" if i % 2 else "user", content=message) for i in range(history)
+    ]
 
     def complete(messages: list[ChatMessage]) -> Callable[[], Awaitable[object]]:
         return lambda: engine.generate(UPSTREAM_MODEL, messages, {}, None, EngineOutput())
@@ -652,16 +747,20 @@ async def probe_engine(base_url: str, message: str, n: int, history: int) -> dic
 
     def sdk_call() -> Awaitable[object]:
         return sdk.chat.completions.create(
-            model=UPSTREAM_MODEL, messages=[{"role": "user", "content": message}])
+            model=UPSTREAM_MODEL, messages=[{"role": "user", "content": message}]
+        )
 
     try:
         await timed(50, complete(one))  # warm-up
         await timed(50, sdk_call)
-        return {engine_key(1): await timed(n, complete(one)),
-                engine_key(history): await timed(n, complete(many)),
-                "engine stream, 1 message": await timed(
-                    n, lambda: engine.generate(UPSTREAM_MODEL, one, {}, ignore, EngineOutput())),
-                SDK_KEY: await timed(n, sdk_call)}
+        return {
+            engine_key(1): await timed(n, complete(one)),
+            engine_key(history): await timed(n, complete(many)),
+            "engine stream, 1 message": await timed(
+                n, lambda: engine.generate(UPSTREAM_MODEL, one, {}, ignore, EngineOutput())
+            ),
+            SDK_KEY: await timed(n, sdk_call),
+        }
     finally:
         await engine.aclose()
         await sdk.close()
@@ -679,7 +778,8 @@ async def probe_recall(url: str, message: str, n: int) -> list[float] | None:
     except ImportError:
         return None
     ask = RECALL_CODEC.encode(
-        RecallRequest(tenant="local", session_id="bench_probe", query=message, k=8))
+        RecallRequest(tenant="local", session_id="bench_probe", query=message, k=8)
+    )
     nc = await nats.connect(url, name="bench-recall")
     try:
         return await timed(n, lambda: nc.request(MEMORY_RECALL, ask, timeout=10))
@@ -714,7 +814,8 @@ async def log_facts(url: str, samples: dict[str, str]) -> tuple[int, dict[str, C
             turns = kinds["TurnStarted"]
             later = kinds - per_turn["new"]  # its first turn was a new-session turn
             per_turn["continued"] = Counter(
-                {k: round(v / max(1, turns - 1), 2) for k, v in later.items()})
+                {k: round(v / max(1, turns - 1), 2) for k, v in later.items()}
+            )
     finally:
         await nc.drain()
     return stored, per_turn
@@ -743,18 +844,24 @@ def machine() -> dict[str, Any]:
     cpu = next((ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("model name")), "?")
     return {
         "commit": _git_commit(),
-        "nproc": len(os.sched_getaffinity(0)), "cpu": cpu, "python": platform.python_version(),
-        "platform": platform.platform(), "aiohttp": ver("aiohttp"), "nats-py": ver("nats-py"),
-        "openai": ver("openai"), "msgspec": ver("msgspec"), "nats-server": nats_server,
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "aiohttp": ver("aiohttp"),
+        "nats-py": ver("nats-py"),
+        "openai": ver("openai"),
+        "msgspec": ver("msgspec"),
+        "nats-server": nats_server,
         "veil": ver("veil"),
     }
 
 
 def _git_commit() -> str:
     """The commit measured, "+changes" when tracked files differ from it."""
+
     def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
-                              check=False)
+        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False)
         return done.stdout.strip()
 
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
@@ -762,19 +869,24 @@ def _git_commit() -> str:
 
 
 def print_cells(cells: list[Cell]) -> None:
-    print(f"{'target':<11} {'mode':<6} {'clients':>7} {'ok':>6} {'errors':>6} {'p50 ms':>7} "
-          f"{'p99 ms':>7} {'TTFT p50':>8} {'TTFT p99':>8} {'req/s':>6}  "
-          f"CPU % of a core: load/upstream/veil/nats/other (sum)  CPU ms/call: veil nats"
-          f"  busy after s")
+    print(
+        f"{'target':<11} {'mode':<6} {'clients':>7} {'ok':>6} {'errors':>6} {'p50 ms':>7} "
+        f"{'p99 ms':>7} {'TTFT p50':>8} {'TTFT p99':>8} {'req/s':>6}  "
+        f"CPU % of a core: load/upstream/veil/nats/other (sum)  CPU ms/call: veil nats"
+        f"  busy after s"
+    )
     for c in cells:
-        cpu = "/".join(f"{c.cpu.get(k, 0):.0f}"
-                       for k in ("load", "upstream", "veil", "nats", "other"))
-        print(f"{c.target:<11} {c.mode:<6} {c.clients:>7} {c.ok:>6} {sum(c.errors.values()):>6} "
-              f"{fmt(pct(c.latencies, 50)):>7} {fmt(pct(c.latencies, 99)):>7} "
-              f"{fmt(pct(c.ttfts, 50)):>8} {fmt(pct(c.ttfts, 99)):>8} {c.rps:>6.0f}  "
-              f"{cpu:>27} ({sum(c.cpu.values()):>3.0f})  "
-              f"{fmt(c.cpu_ms_per_call('veil')):>16} {fmt(c.cpu_ms_per_call('nats')):>4}"
-              f"  {c.busy_after:>12.1f}{'  (stopped early)' if c.capped else ''}")
+        cpu = "/".join(
+            f"{c.cpu.get(k, 0):.0f}" for k in ("load", "upstream", "veil", "nats", "other")
+        )
+        print(
+            f"{c.target:<11} {c.mode:<6} {c.clients:>7} {c.ok:>6} {sum(c.errors.values()):>6} "
+            f"{fmt(pct(c.latencies, 50)):>7} {fmt(pct(c.latencies, 99)):>7} "
+            f"{fmt(pct(c.ttfts, 50)):>8} {fmt(pct(c.ttfts, 99)):>8} {c.rps:>6.0f}  "
+            f"{cpu:>27} ({sum(c.cpu.values()):>3.0f})  "
+            f"{fmt(c.cpu_ms_per_call('veil')):>16} {fmt(c.cpu_ms_per_call('nats')):>4}"
+            f"  {c.busy_after:>12.1f}{'  (stopped early)' if c.capped else ''}"
+        )
 
 
 def print_errors(cells: list[Cell]) -> dict[str, dict[str, int]]:
@@ -799,25 +911,34 @@ def added(cells: list[Cell]) -> list[dict[str, Any]]:
         d = direct.get((c.stream, c.clients))
         if c.target == "direct" or d is None or not c.ok or not d.ok:
             continue
-        rows.append({
-            "variant": c.target, "stream": c.stream, "clients": c.clients,
-            "added_p50_ms": _diff(c.latencies, d.latencies, 50),
-            "added_p99_ms": _diff(c.latencies, d.latencies, 99),
-            "added_ttft_p50_ms": _diff(c.ttfts, d.ttfts, 50) if c.stream else None,
-            "added_ttft_p99_ms": _diff(c.ttfts, d.ttfts, 99) if c.stream else None,
-            "veil_rps": round(c.rps, 1), "direct_rps": round(d.rps, 1),
-        })
+        rows.append(
+            {
+                "variant": c.target,
+                "stream": c.stream,
+                "clients": c.clients,
+                "added_p50_ms": _diff(c.latencies, d.latencies, 50),
+                "added_p99_ms": _diff(c.latencies, d.latencies, 99),
+                "added_ttft_p50_ms": _diff(c.ttfts, d.ttfts, 50) if c.stream else None,
+                "added_ttft_p99_ms": _diff(c.ttfts, d.ttfts, 99) if c.stream else None,
+                "veil_rps": round(c.rps, 1),
+                "direct_rps": round(d.rps, 1),
+            }
+        )
     return rows
 
 
 def print_added(rows: list[dict[str, Any]]) -> None:
-    print(f"{'variant':<11} {'mode':<6} {'clients':>7} {'added p50':>9} {'added p99':>9} "
-          f"{'+TTFT p50':>9} {'+TTFT p99':>9} {'veil req/s':>10} {'direct req/s':>12}")
+    print(
+        f"{'variant':<11} {'mode':<6} {'clients':>7} {'added p50':>9} {'added p99':>9} "
+        f"{'+TTFT p50':>9} {'+TTFT p99':>9} {'veil req/s':>10} {'direct req/s':>12}"
+    )
     for r in rows:
-        print(f"{r['variant']:<11} {'stream' if r['stream'] else 'json':<6} {r['clients']:>7} "
-              f"{fmt(r['added_p50_ms']):>9} {fmt(r['added_p99_ms']):>9} "
-              f"{fmt(r['added_ttft_p50_ms']):>9} {fmt(r['added_ttft_p99_ms']):>9} "
-              f"{r['veil_rps']:>10.0f} {r['direct_rps']:>12.0f}")
+        print(
+            f"{r['variant']:<11} {'stream' if r['stream'] else 'json':<6} {r['clients']:>7} "
+            f"{fmt(r['added_p50_ms']):>9} {fmt(r['added_p99_ms']):>9} "
+            f"{fmt(r['added_ttft_p50_ms']):>9} {fmt(r['added_ttft_p99_ms']):>9} "
+            f"{r['veil_rps']:>10.0f} {r['direct_rps']:>12.0f}"
+        )
 
 
 def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -828,13 +949,24 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             # Streaming: the latency a user feels is the first token's.
             value = r["added_ttft_p50_ms"] if r["stream"] else r["added_p50_ms"]
             what = "added TTFT p50" if r["stream"] else "added p50"
-            out.append({"target": f"{what} < {TARGET_ADDED_P50_MS:g} ms at 1 client {where}",
-                        "value": value, "unit": "ms",
-                        "met": value is not None and value < TARGET_ADDED_P50_MS})
+            out.append(
+                {
+                    "target": f"{what} < {TARGET_ADDED_P50_MS:g} ms at 1 client {where}",
+                    "value": value,
+                    "unit": "ms",
+                    "met": value is not None and value < TARGET_ADDED_P50_MS,
+                }
+            )
         else:
-            out.append({"target": f"> {TARGET_RPS:,.0f} req/s through Veil at {r['clients']} "
-                                  f"clients {where}",
-                        "value": r["veil_rps"], "unit": "req/s", "met": r["veil_rps"] > TARGET_RPS})
+            out.append(
+                {
+                    "target": f"> {TARGET_RPS:,.0f} req/s through Veil at {r['clients']} "
+                    f"clients {where}",
+                    "value": r["veil_rps"],
+                    "unit": "req/s",
+                    "met": r["veil_rps"] > TARGET_RPS,
+                }
+            )
     return out
 
 
@@ -846,39 +978,52 @@ def print_targets(checks: list[dict[str, Any]], cells: list[Cell]) -> None:
     for c in cells:
         ms = c.cpu_ms_per_call("veil")
         if c.target == "veil new" and not c.stream and c.clients > 1 and ms:
-            print(f"  Veil's process spent {ms:.2f} ms of CPU per call ({c.mode}, {c.clients} "
-                  f"clients): one Veil process tops out near {1000 / ms:,.0f} req/s")
+            print(
+                f"  Veil's process spent {ms:.2f} ms of CPU per call ({c.mode}, {c.clients} "
+                f"clients): one Veil process tops out near {1000 / ms:,.0f} req/s"
+            )
     cores = 100 * len(os.sched_getaffinity(0))
     saturated = [c for c in cells if sum(c.cpu.values()) > 0.9 * cores]
     if saturated:
         print(f"  note: all cores >90% busy in {len(saturated)} of {len(cells)} cells")
     busy = [c for c in cells if c.cpu.get("other", 0) > 10]
     if busy:
-        print(f"  note: other programs used >10% of a core in {len(busy)} of {len(cells)} cells "
-              f"(up to {max(c.cpu['other'] for c in busy):.0f}%): those figures are pessimistic")
+        print(
+            f"  note: other programs used >10% of a core in {len(busy)} of {len(cells)} cells "
+            f"(up to {max(c.cpu['other'] for c in busy):.0f}%): those figures are pessimistic"
+        )
 
 
 def print_breakdown(
-    probes: dict[str, list[float]], per_turn: dict[str, Counter[str]], cells: list[Cell],
+    probes: dict[str, list[float]],
+    per_turn: dict[str, Counter[str]],
+    cells: list[Cell],
     history: int,
 ) -> dict[str, Any]:
     p50 = {name: pct(samples, 50) or 0.0 for name, samples in probes.items()}
     for name, samples in probes.items():
-        print(f"  {name:<36} p50 {fmt(pct(samples, 50), 3):>7} ms   "
-              f"p99 {fmt(pct(samples, 99), 3):>7} ms")
+        print(
+            f"  {name:<36} p50 {fmt(pct(samples, 50), 3):>7} ms   "
+            f"p99 {fmt(pct(samples, 99), 3):>7} ms"
+        )
     by = {(c.target, c.stream, c.clients): c for c in cells}
     direct = pct(by[("direct", False, 1)].latencies, 50) or 0.0
     engine_extra = p50[engine_key(1)] - direct
     sdk_extra = p50[SDK_KEY] - direct
-    print(f"  Veil's engine call adds {engine_extra:.3f} ms to the load generator's bare aiohttp "
-          f"call (1 message, 1 client); the openai SDK would add {sdk_extra:.3f} ms")
+    print(
+        f"  Veil's engine call adds {engine_extra:.3f} ms to the load generator's bare aiohttp "
+        f"call (1 message, 1 client); the openai SDK would add {sdk_extra:.3f} ms"
+    )
     rr, js = p50["nats request-reply"], p50["jetstream publish+ack"]
     # The critical path of a json turn (actors/session_actor.py): gateway -> session request,
     # session -> model request, and each event appended by its own publish waiting for its
     # ack, all before the reply goes out. A new session's log is known to be empty, so it is
     # not read; a continued one sends its history upstream; a turn that recalled asked memory.
-    result: dict[str, Any] = {"p50_ms": p50, "engine_overhead_ms": round(engine_extra, 3),
-                              "sdk_overhead_ms": round(sdk_extra, 3)}
+    result: dict[str, Any] = {
+        "p50_ms": p50,
+        "engine_overhead_ms": round(engine_extra, 3),
+        "sdk_overhead_ms": round(sdk_extra, 3),
+    }
     for kind, variant in (("new", "veil new"), ("continued", "veil cont.")):
         events = per_turn.get(kind)
         cell = by.get((variant, False, 1))
@@ -892,13 +1037,18 @@ def print_breakdown(
         floor += p50["memory recall"] if recall else 0
         listed = ", ".join(f"{k} x{v:g}" if v != 1 else k for k, v in sorted(events.items()))
         print(f"  a {kind} turn appends {count:g} events: {listed}")
-        print(f"    json, 1 client, at least: 2 request-replies"
-              f"{' + 1 memory recall' if recall else ''} + {count:g} plain publishes + "
-              f"{call} = {floor:.2f} ms in sequence;\n"
-              f"    measured p50 {seen:.2f} ms, {seen - floor:.2f} ms above that floor: Veil's own "
-              f"Python work (HTTP, JSON, actors) and waiting for its busy event loop")
-        result[kind] = {"events": dict(events), "floor_ms": round(floor, 3),
-                        "measured_p50_ms": seen}
+        print(
+            f"    json, 1 client, at least: 2 request-replies"
+            f"{' + 1 memory recall' if recall else ''} + {count:g} plain publishes + "
+            f"{call} = {floor:.2f} ms in sequence;\n"
+            f"    measured p50 {seen:.2f} ms, {seen - floor:.2f} ms above that floor: Veil's own "
+            f"Python work (HTTP, JSON, actors) and waiting for its busy event loop"
+        )
+        result[kind] = {
+            "events": dict(events),
+            "floor_ms": round(floor, 3),
+            "measured_p50_ms": seen,
+        }
     return result
 
 
@@ -907,8 +1057,9 @@ def print_stderr(children: list[Child]) -> dict[str, list[str]]:
     found: dict[str, list[str]] = {}
     for child in children:
         lines = child.stderr_lines()
-        bad = [ln for ln in lines
-               if re.search(r"\[(warning|error|critical)\s*\]|Traceback|Error", ln)]
+        bad = [
+            ln for ln in lines if re.search(r"\[(warning|error|critical)\s*\]|Traceback|Error", ln)
+        ]
         found[child.name] = bad
         print(f"  {child.name}: {len(lines)} stderr lines, {len(bad)} warning/error lines")
         shown = lines if len(lines) <= 10 else bad[:10]  # a short log is shown whole
@@ -924,25 +1075,47 @@ def print_stderr(children: list[Child]) -> dict[str, list[str]]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    p.add_argument("--requests", type=int, nargs=2, metavar=("C1", "C16"),
-                   help="measured calls per cell at 1 and at 16 clients (default 1000 2000)")
-    p.add_argument("--max-seconds", type=float,
-                   help="time cap of one cell: no call starts after it (default 12)")
-    p.add_argument("--warmup", type=int,
-                   help="untimed calls before each cell, 3 s at most (default 100)")
-    p.add_argument("--turns", type=int, default=10,
-                   help="turns per session when continuing sessions: bounds the history")
-    p.add_argument("--message", default="hello from the benchmark",
-                   help="every call's message, followed by ' #n' (the call's number) unless "
-                        "--fixed-message")
-    p.add_argument("--fixed-message", action="store_true",
-                   help="send the message as it is every time: Veil's embedding cache then "
-                        "answers for long-term memory, which real traffic does not allow")
-    p.add_argument("--quick", action="store_true",
-                   help="200/400 calls per cell, 4 s cap, 50 warm-up calls")
-    p.add_argument("--veil-config", metavar="FILE",
-                   help="Veil config file to run with, e.g. one with [memory] enabled = false "
-                        "(default: none, Veil's defaults)")
+    p.add_argument(
+        "--requests",
+        type=int,
+        nargs=2,
+        metavar=("C1", "C16"),
+        help="measured calls per cell at 1 and at 16 clients (default 1000 2000)",
+    )
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        help="time cap of one cell: no call starts after it (default 12)",
+    )
+    p.add_argument(
+        "--warmup", type=int, help="untimed calls before each cell, 3 s at most (default 100)"
+    )
+    p.add_argument(
+        "--turns",
+        type=int,
+        default=10,
+        help="turns per session when continuing sessions: bounds the history",
+    )
+    p.add_argument(
+        "--message",
+        default="hello from the benchmark",
+        help="every call's message, followed by ' #n' (the call's number) unless --fixed-message",
+    )
+    p.add_argument(
+        "--fixed-message",
+        action="store_true",
+        help="send the message as it is every time: Veil's embedding cache then "
+        "answers for long-term memory, which real traffic does not allow",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="200/400 calls per cell, 4 s cap, 50 warm-up calls"
+    )
+    p.add_argument(
+        "--veil-config",
+        metavar="FILE",
+        help="Veil config file to run with, e.g. one with [memory] enabled = false "
+        "(default: none, Veil's defaults)",
+    )
     p.add_argument("--no-breakdown", action="store_true", help="skip the NATS and engine probes")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON ('-': stdout)")
     args = p.parse_args(argv)
@@ -954,14 +1127,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-async def run(setup: Setup, requests: dict[int, int], upstream_base: str, nats_url: str,
-              breakdown: bool) -> dict[str, Any]:
-    print("\nrunning (direct: aiohttp straight to the fake upstream; veil new: a new session "
-          "per call; veil cont.: continuing sessions)")
+async def run(
+    setup: Setup, requests: dict[int, int], upstream_base: str, nats_url: str, breakdown: bool
+) -> dict[str, Any]:
+    print(
+        "\nrunning (direct: aiohttp straight to the fake upstream; veil new: a new session "
+        "per call; veil cont.: continuing sessions)"
+    )
     cells = await run_cells(setup, requests)
-    print("\nresults (latency: to the full response or [DONE]; TTFT: to the first non-empty "
-          "content delta; failed calls are not in the percentiles; stopped early: the cell hit "
-          "its time cap, or ran out of opened sessions)")
+    print(
+        "\nresults (latency: to the full response or [DONE]; TTFT: to the first non-empty "
+        "content delta; failed calls are not in the percentiles; stopped early: the cell hit "
+        "its time cap, or ran out of opened sessions)"
+    )
     print_cells(cells)
     errors = print_errors(cells)
     rows = added(cells)
@@ -969,20 +1147,31 @@ async def run(setup: Setup, requests: dict[int, int], upstream_base: str, nats_u
     print_added(rows)
     checks = targets(rows)
     print_targets(checks, cells)
-    results: dict[str, Any] = {"cells": [c.summary() for c in cells], "errors": errors,
-                               "added": rows, "targets": checks}
+    results: dict[str, Any] = {
+        "cells": [c.summary() for c in cells],
+        "errors": errors,
+        "added": rows,
+        "targets": checks,
+    }
 
     stored, per_turn = await log_facts(nats_url, setup.samples)
     turns = setup.veil_turns
     total = turns["new"] + turns["continued"]
-    print(f"\nevents in CHAT_EVENTS: {stored:,} for {total:,} successful Veil turns "
-          f"({turns['new']:,} new-session, {turns['continued']:,} continued): "
-          f"{stored / max(1, total):.2f} per turn")
-    results["events"] = {"stored": stored, "turns": dict(turns),
-                         "per_turn": {k: dict(v) for k, v in per_turn.items()}}
+    print(
+        f"\nevents in CHAT_EVENTS: {stored:,} for {total:,} successful Veil turns "
+        f"({turns['new']:,} new-session, {turns['continued']:,} continued): "
+        f"{stored / max(1, total):.2f} per turn"
+    )
+    results["events"] = {
+        "stored": stored,
+        "turns": dict(turns),
+        "per_turn": {k: dict(v) for k, v in per_turn.items()},
+    }
     if breakdown:
-        print("\nbreakdown (sequential calls from this process, Veil idle; n=1000 for NATS, "
-              "500 for the engine and the SDK, 200 for memory)")
+        print(
+            "\nbreakdown (sequential calls from this process, Veil idle; n=1000 for NATS, "
+            "500 for the engine and the SDK, 200 for memory)"
+        )
         await settle(setup.busy_pids)
         probes = await probe_nats(nats_url, 1000)
         recall = await probe_recall(nats_url, setup.message, 200)
@@ -998,44 +1187,66 @@ async def run(setup: Setup, requests: dict[int, int], upstream_base: str, nats_u
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     info = machine()
-    print(f"machine: {info['nproc']} CPUs ({info['cpu']}), Python {info['python']}, "
-          f"{info['platform']}")
+    print(
+        f"machine: {info['nproc']} CPUs ({info['cpu']}), Python {info['python']}, "
+        f"{info['platform']}"
+    )
     print(f"veil code: commit {info['commit']}; config: {args.veil_config or 'defaults'}")
-    print(f"versions: aiohttp {info['aiohttp']}, nats-py {info['nats-py']}, openai "
-          f"{info['openai']}, msgspec {info['msgspec']}, {info['nats-server']}, "
-          f"veil {info['veil']}")
+    print(
+        f"versions: aiohttp {info['aiohttp']}, nats-py {info['nats-py']}, openai "
+        f"{info['openai']}, msgspec {info['msgspec']}, {info['nats-server']}, "
+        f"veil {info['veil']}"
+    )
     idle = background_load()
-    print(f"before starting, other programs used {idle:.0f}% of a core"
-          + (" (the machine is busy: expect slower figures)" if idle > 10 else ""))
+    print(
+        f"before starting, other programs used {idle:.0f}% of a core"
+        + (" (the machine is busy: expect slower figures)" if idle > 10 else "")
+    )
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="veil-bench-") as tmp:
         logs = Path(tmp)
         upstream, m = spawn(
-            "upstream", [sys.executable, "-m", "tests.fakes.upstreams", "openai", "--port", "0"],
-            dict(os.environ), re.compile(r"listening on (http://\S+)"), logs)
+            "upstream",
+            [sys.executable, "-m", "tests.fakes.upstreams", "openai", "--port", "0"],
+            dict(os.environ),
+            re.compile(r"listening on (http://\S+)"),
+            logs,
+        )
         base = m.group(1) + "/v1"
         veil: Child | None = None
         try:
             veil, m = spawn(
-                "veil", [sys.executable, "-m", "veil.cli", "serve", "--port", "0"],
+                "veil",
+                [sys.executable, "-m", "veil.cli", "serve", "--port", "0"],
                 veil_env(base, str(logs / "data"), args.veil_config),
-                re.compile(r"Veil listening on http://127\.0\.0\.1:(\d+)/v1"), logs)
+                re.compile(r"Veil listening on http://127\.0\.0\.1:(\d+)/v1"),
+                logs,
+            )
             nats_url = (logs / "data" / "nats.url").read_text().strip()
             pids = {"load": os.getpid(), "upstream": upstream.proc.pid, "veil": veil.proc.pid}
             for pid, name in children_of(veil.proc.pid).items():
                 if name == "nats-server":
                     pids["nats"] = pid
-            setup = Setup(direct_url=f"{base}/chat/completions",
-                          veil_url=f"http://127.0.0.1:{m.group(1)}/v1/chat/completions",
-                          message=args.message, vary=not args.fixed_message, turns=args.turns, warmup=args.warmup,
-                          max_seconds=args.max_seconds,
-                          cpu=CpuMeter(pids))
-            print(f"upstream {base} (pid {upstream.proc.pid}); veil {setup.veil_url} "
-                  f"(pid {veil.proc.pid}); nats {nats_url} (pid {pids.get('nats', '?')})")
-            print(f"calls per cell: {args.requests[0]} at 1 client, {args.requests[1]} at 16, "
-                  f"{args.max_seconds:g} s at most, after {args.warmup} warm-up calls; "
-                  f"message {args.message!r}{' + #n' if not args.fixed_message else ''}; continued sessions: {args.turns} turns each "
-                  f"(upstream gets 3..{2 * args.turns + 1} messages)")
+            setup = Setup(
+                direct_url=f"{base}/chat/completions",
+                veil_url=f"http://127.0.0.1:{m.group(1)}/v1/chat/completions",
+                message=args.message,
+                vary=not args.fixed_message,
+                turns=args.turns,
+                warmup=args.warmup,
+                max_seconds=args.max_seconds,
+                cpu=CpuMeter(pids),
+            )
+            print(
+                f"upstream {base} (pid {upstream.proc.pid}); veil {setup.veil_url} "
+                f"(pid {veil.proc.pid}); nats {nats_url} (pid {pids.get('nats', '?')})"
+            )
+            print(
+                f"calls per cell: {args.requests[0]} at 1 client, {args.requests[1]} at 16, "
+                f"{args.max_seconds:g} s at most, after {args.warmup} warm-up calls; "
+                f"message {args.message!r}{' + #n' if not args.fixed_message else ''}; continued sessions: {args.turns} turns each "
+                f"(upstream gets 3..{2 * args.turns + 1} messages)"
+            )
             requests = {1: args.requests[0], 16: args.requests[1]}
             results = asyncio.run(run(setup, requests, base, nats_url, not args.no_breakdown))
         finally:

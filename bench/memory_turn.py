@@ -44,7 +44,12 @@ SENTENCES = [
 
 def start(args: list[str], env: dict[str, str], pattern: str) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
-        args, env={**os.environ, **env}, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        args,
+        env={**os.environ, **env},
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -66,7 +71,12 @@ async def drive(base: str, sessions: int, turns: int) -> list[float]:
             for t in range(turns):
                 body: dict[str, object] = {
                     "model": "veil",
-                    "messages": [{"role": "user", "content": f"{SENTENCES[(s + t) % len(SENTENCES)]} ({s}.{t})"}],
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": f"{SENTENCES[(s + t) % len(SENTENCES)]} ({s}.{t})",
+                        }
+                    ],
                 }
                 if sid:
                     body["session_id"] = sid
@@ -92,8 +102,18 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=10)
     args = parser.parse_args()
     upstream, root = start(
-        [sys.executable, "-m", "tests.fakes.upstreams", "openai", "--port", "0", "--reply", "Noted, thanks."],
-        {}, r"listening on (http://\S+)",
+        [
+            sys.executable,
+            "-m",
+            "tests.fakes.upstreams",
+            "openai",
+            "--port",
+            "0",
+            "--reply",
+            "Noted, thanks.",
+        ],
+        {},
+        r"listening on (http://\S+)",
     )
     results: dict[str, list[float]] = {}
     try:
@@ -102,11 +122,16 @@ def main() -> None:
                 config = Path(data) / "veil.toml"
                 config.write_text(f"[memory]\nenabled = {enabled}\n")
                 env = {
-                    "OPENAI_BASE_URL": f"{root}/v1", "OPENAI_API_KEY": "x", "VEIL_DATA_DIR": data,
-                    "VEIL_CONFIG": str(config), "VEIL_NATS_URL": "",
+                    "OPENAI_BASE_URL": f"{root}/v1",
+                    "OPENAI_API_KEY": "x",
+                    "VEIL_DATA_DIR": data,
+                    "VEIL_CONFIG": str(config),
+                    "VEIL_NATS_URL": "",
                 }
                 veil, base = start(
-                    [sys.executable, "-m", "veil.cli", "serve", "--port", "0"], env, r"Veil listening on (http://\S+/v1)"
+                    [sys.executable, "-m", "veil.cli", "serve", "--port", "0"],
+                    env,
+                    r"Veil listening on (http://\S+/v1)",
                 )
                 try:
                     asyncio.run(drive(base, 2, 3))  # warm-up: model load, connections
@@ -117,7 +142,9 @@ def main() -> None:
         stop(upstream)
     print(f"{args.sessions} sessions x {args.turns} turns, one client, zero-delay upstream")
     for label, values in results.items():
-        print(f"  {label:10}  p50 {pct(values, 0.5):6.2f} ms  p99 {pct(values, 0.99):6.2f} ms  n={len(values)}")
+        print(
+            f"  {label:10}  p50 {pct(values, 0.5):6.2f} ms  p99 {pct(values, 0.99):6.2f} ms  n={len(values)}"
+        )
     added50 = pct(results["memory on"], 0.5) - pct(results["memory off"], 0.5)
     added99 = pct(results["memory on"], 0.99) - pct(results["memory off"], 0.99)
     print(f"  memory adds p50 {added50:.2f} ms, p99 {added99:.2f} ms (target: p50 under 8 ms)")

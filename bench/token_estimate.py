@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from actors.tokens import estimate_tokens  # noqa: E402
+from actors.tokens import estimate_tokens
 
 
 def texts() -> dict[str, list[str]]:

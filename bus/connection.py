@@ -20,7 +20,11 @@ async def connect(url: str, *, name: str) -> Client:
         (log.info if planned else log.warning)("nats.disconnected", name=name)
 
     async def on_reconnected() -> None:
-        log.info("nats.reconnected", name=name, url=str(nc.connected_url.netloc if nc.connected_url else ""))
+        log.info(
+            "nats.reconnected",
+            name=name,
+            url=str(nc.connected_url.netloc if nc.connected_url else ""),
+        )
 
     async def on_error(error: Exception) -> None:
         log.error("nats.error", name=name, error=repr(error))

@@ -36,11 +36,13 @@ class _Requester:
         self.ready = asyncio.ensure_future(nc.subscribe(self._prefix + "*", cb=self._on_reply))
 
     async def _on_reply(self, msg: Msg) -> None:
-        future = self._waiting.pop(msg.subject[len(self._prefix):], None)
+        future = self._waiting.pop(msg.subject[len(self._prefix) :], None)
         if future is not None and not future.done():
             future.set_result(msg)
 
-    async def ask(self, subject: str, payload: bytes, timeout: float, headers: dict[str, str] | None) -> Msg:
+    async def ask(
+        self, subject: str, payload: bytes, timeout: float, headers: dict[str, str] | None
+    ) -> Msg:
         token = str(next(self._tokens))
         future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
         self._waiting[token] = future
@@ -61,7 +63,12 @@ _requesters: weakref.WeakKeyDictionary[Client, _Requester] = weakref.WeakKeyDict
 
 
 async def nats_request(
-    nc: Client, subject: str, payload: bytes, *, timeout: float, headers: dict[str, str] | None = None
+    nc: Client,
+    subject: str,
+    payload: bytes,
+    *,
+    timeout: float,
+    headers: dict[str, str] | None = None,
 ) -> Msg:
     """Send `payload` to `subject` and wait up to `timeout` seconds for the reply."""
     requester = _requesters.get(nc)

@@ -155,7 +155,7 @@ class ActorHost:
         for cell in self._cells.values():
             cell.mailbox.put_nowait(None)
         if tasks:
-            done, pending = await asyncio.wait(tasks, timeout=grace)
+            _done, pending = await asyncio.wait(tasks, timeout=grace)
             for task in pending:
                 task.cancel()
             if pending:

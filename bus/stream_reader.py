@@ -56,8 +56,12 @@ class StreamReader:
     async def __aenter__(self) -> Self:
         config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
         if self._start_seq > 1:
-            config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self._start_seq)
-        self._sub = await self._js.subscribe(self._subject, ordered_consumer=True, config=config, cb=self._deliver)
+            config = ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self._start_seq
+            )
+        self._sub = await self._js.subscribe(
+            self._subject, ordered_consumer=True, config=config, cb=self._deliver
+        )
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -55,9 +55,7 @@ def is_valid_id(value: str) -> bool:
 
 def validate_id(value: str, what: str = "id") -> str:
     if not is_valid_id(value):
-        raise InvalidToken(
-            f"{what} must be 1-{MAX_ID_LENGTH} characters from [A-Za-z0-9_-]"
-        )
+        raise InvalidToken(f"{what} must be 1-{MAX_ID_LENGTH} characters from [A-Za-z0-9_-]")
     return value
 
 

@@ -1,8 +1,8 @@
 """Event store errors.
 
-    EventStoreError
-    ├── ConcurrencyConflict   the session moved on since it was read
-    └── StoreUnavailable      the backing store cannot be reached
+EventStoreError
+├── ConcurrencyConflict   the session moved on since it was read
+└── StoreUnavailable      the backing store cannot be reached
 """
 
 from __future__ import annotations

@@ -223,7 +223,9 @@ class JetStreamEventStore:
     async def _publish(self, subject: str, payload: bytes, headers: dict[str, str]) -> _PubAck:
         """JetStream's publish, on the lean request (bus.requests); errors as nats-py raises them."""
         headers[Header.EXPECTED_STREAM.value] = self._stream
-        reply = await nats_request(self._nc, subject, payload, timeout=self._timeout, headers=headers)
+        reply = await nats_request(
+            self._nc, subject, payload, timeout=self._timeout, headers=headers
+        )
         ack = _ACK_CODEC.decode(reply.data)
         if ack.error is not None:
             nats.js.errors.APIError.from_error(ack.error)  # raises

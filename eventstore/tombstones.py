@@ -56,7 +56,9 @@ class TombstoneLog:
     async def record(self, tombstone: Tombstone) -> None:
         try:
             await self._js.publish(
-                session_tombstone(tombstone.session_id), _CODEC.encode(tombstone), timeout=self._timeout
+                session_tombstone(tombstone.session_id),
+                _CODEC.encode(tombstone),
+                timeout=self._timeout,
             )
         except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as e:
             raise StoreUnavailable(f"recording tombstone: {e!r}") from e
@@ -64,7 +66,9 @@ class TombstoneLog:
     async def get(self, session_id: str) -> Tombstone | None:
         request = json.dumps({"last_by_subj": session_tombstone(session_id)}).encode()
         try:
-            reply = await nats_request(self._nc, f"$JS.API.DIRECT.GET.{TOMBSTONES_STREAM}", request, timeout=self._timeout)
+            reply = await nats_request(
+                self._nc, f"$JS.API.DIRECT.GET.{TOMBSTONES_STREAM}", request, timeout=self._timeout
+            )
         except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as e:
             raise StoreUnavailable(f"reading tombstone: {e!r}") from e
         if reply.headers and reply.headers.get("Status"):
@@ -81,7 +85,9 @@ class TombstoneLog:
         seq = info.state.first_seq
         while seq and seq <= info.state.last_seq:
             try:
-                msg = await self._js.get_msg(TOMBSTONES_STREAM, seq, next=True, subject=TOMBSTONES_WILDCARD, direct=True)
+                msg = await self._js.get_msg(
+                    TOMBSTONES_STREAM, seq, next=True, subject=TOMBSTONES_WILDCARD, direct=True
+                )
             except nats.js.errors.NotFoundError:
                 break
             assert msg.data is not None and msg.seq is not None

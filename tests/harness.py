@@ -10,7 +10,7 @@ import asyncio
 import tempfile
 import threading
 from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import aiohttp
 import nats
@@ -64,7 +64,9 @@ class VeilThread:
         async def read() -> list[Any]:
             nc = await nats.connect(self.nats_url)
             try:
-                return [s.event for s in await JetStreamEventStore(nc.jetstream(), nc).load(session_id)]
+                return [
+                    s.event for s in await JetStreamEventStore(nc.jetstream(), nc).load(session_id)
+                ]
             finally:
                 await nc.close()
 
@@ -96,7 +98,7 @@ class VeilThread:
         self._thread.join(10)
         self._loop.close()
 
-    def __enter__(self) -> VeilThread:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -112,12 +114,20 @@ async def hang_up_mid_stream(base_url: str, key: str) -> str:
     async with aiohttp.ClientSession() as http:
         resp = await http.post(
             f"{base_url}/chat/completions",
-            json={"model": "veil", "messages": [{"role": "user", "content": HANG_UP_WORDS}], "stream": True},
+            json={
+                "model": "veil",
+                "messages": [{"role": "user", "content": HANG_UP_WORDS}],
+                "stream": True,
+            },
             headers={"Authorization": f"Bearer {key}"},
         )
         seen = 0
         async for line in resp.content:
-            if line.startswith(b"data: ") and b'"content":"' in line and b'"content":""' not in line:
+            if (
+                line.startswith(b"data: ")
+                and b'"content":"' in line
+                and b'"content":""' not in line
+            ):
                 seen += 1
                 if seen == 3:
                     break

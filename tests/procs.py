@@ -50,9 +50,15 @@ class VeilProcess:
             try:
                 line = self._queue.get(timeout=timeout)
             except queue.Empty:
-                raise AssertionError(f"{self.args}: no line matching {pattern!r} in {timeout}s:\n" + "\n".join(self.lines)) from None
+                raise AssertionError(
+                    f"{self.args}: no line matching {pattern!r} in {timeout}s:\n"
+                    + "\n".join(self.lines)
+                ) from None
             if line is None:
-                raise AssertionError(f"{self.args} exited ({self.proc.poll()}) before {pattern!r}:\n" + "\n".join(self.lines))
+                raise AssertionError(
+                    f"{self.args} exited ({self.proc.poll()}) before {pattern!r}:\n"
+                    + "\n".join(self.lines)
+                )
             self.lines.append(line)
             if m := rx.search(line):
                 return m
@@ -85,9 +91,12 @@ class VeilProcess:
             self.proc.wait()
 
 
-def run_veil(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run_veil(
+    *args: str, env: dict[str, str], timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "veil.cli", *args],
+        check=False,
         env={**os.environ, **env},
         cwd=REPO,
         capture_output=True,

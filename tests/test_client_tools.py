@@ -11,7 +11,14 @@ import pytest
 
 from tests.fakes.upstreams import FakeAnthropic, FakeOpenAI, ToolCalls
 from tests.harness import VeilThread
-from veil.config import Config, EngineConfig, MemoryConfig, ModelConfig, PipelineConfig, local_model_available
+from veil.config import (
+    Config,
+    EngineConfig,
+    MemoryConfig,
+    ModelConfig,
+    PipelineConfig,
+    local_model_available,
+)
 
 TOOLS: list[dict[str, Any]] = [
     {
@@ -19,7 +26,11 @@ TOOLS: list[dict[str, Any]] = [
         "function": {
             "name": "get_weather",
             "description": "The weather in a city.",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
         },
     }
 ]
@@ -88,7 +99,9 @@ def client(veil: VeilThread) -> Iterator[openai.OpenAI]:
         yield c
 
 
-def test_tool_call_round_trip_sending_only_the_tool_answer(client: openai.OpenAI, upstream: FakeOpenAI) -> None:
+def test_tool_call_round_trip_sending_only_the_tool_answer(
+    client: openai.OpenAI, upstream: FakeOpenAI
+) -> None:
     first = client.chat.completions.create(
         model="veil", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=TOOLS
     )
@@ -96,7 +109,9 @@ def test_tool_call_round_trip_sending_only_the_tool_answer(client: openai.OpenAI
     assert choice.finish_reason == "tool_calls"
     assert choice.message.content is None
     call = choice.message.tool_calls[0]
-    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {
+        "city": "Paris"
+    }
     assert upstream.last_request.body["tools"] == TOOLS
     sid = first.model_extra["session_id"]
     second = client.chat.completions.create(
@@ -112,7 +127,9 @@ def test_tool_call_round_trip_sending_only_the_tool_answer(client: openai.OpenAI
     assert sent[2] == {"role": "tool", "content": "sunny, 21 C", "tool_call_id": call.id}
 
 
-def test_streamed_tool_calls_and_a_client_resending_everything(client: openai.OpenAI, upstream: FakeOpenAI) -> None:
+def test_streamed_tool_calls_and_a_client_resending_everything(
+    client: openai.OpenAI, upstream: FakeOpenAI
+) -> None:
     history: list[Any] = [{"role": "user", "content": "Weather in Paris?"}]
     with client.chat.completions.stream(model="veil", messages=history, tools=TOOLS) as stream:
         for _ in stream:
@@ -125,7 +142,11 @@ def test_streamed_tool_calls_and_a_client_resending_everything(client: openai.Op
     sid = final.model_extra["session_id"]
     # A stateless client sends the whole conversation back, as with OpenAI.
     history += [
-        {"role": "assistant", "content": None, "tool_calls": [call.model_dump(include={"id", "type", "function"})]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [call.model_dump(include={"id", "type", "function"})],
+        },
         {"role": "tool", "tool_call_id": call.id, "content": "rain"},
     ]
     chunks = list(
@@ -133,7 +154,10 @@ def test_streamed_tool_calls_and_a_client_resending_everything(client: openai.Op
             model="veil", messages=history, tools=TOOLS, stream=True, extra_body={"session_id": sid}
         )
     )
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "The weather: rain"
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        == "The weather: rain"
+    )
     sent = upstream.last_request.body["messages"]
     assert [m["role"] for m in sent] == ["user", "assistant", "tool"]  # nothing stored twice
 
@@ -141,15 +165,26 @@ def test_streamed_tool_calls_and_a_client_resending_everything(client: openai.Op
 def test_raw_stream_deltas_match_openai(veil: VeilThread) -> None:
     import urllib.request
 
-    body = json.dumps({"model": "veil", "messages": [{"role": "user", "content": "Weather?"}], "tools": TOOLS, "stream": True})
+    body = json.dumps(
+        {
+            "model": "veil",
+            "messages": [{"role": "user", "content": "Weather?"}],
+            "tools": TOOLS,
+            "stream": True,
+        }
+    )
     request = urllib.request.Request(
-        f"{veil.base_url}/chat/completions", data=body.encode(), headers={"Content-Type": "application/json"}
+        f"{veil.base_url}/chat/completions",
+        data=body.encode(),
+        headers={"Content-Type": "application/json"},
     )
     with urllib.request.urlopen(request, timeout=20) as r:
         lines = [line for line in r.read().decode().splitlines() if line.startswith("data: {")]
     deltas = [json.loads(line[6:])["choices"][0] for line in lines]
     calls = [d["delta"]["tool_calls"][0] for d in deltas if "tool_calls" in d["delta"]]
-    assert calls[0]["index"] == 0 and calls[0]["id"] and calls[0]["function"]["name"] == "get_weather"
+    assert (
+        calls[0]["index"] == 0 and calls[0]["id"] and calls[0]["function"]["name"] == "get_weather"
+    )
     assert all("id" not in c for c in calls[1:])  # the SDK joins repeated ids
     assert json.loads("".join(c["function"]["arguments"] for c in calls)) == {"city": "Paris"}
     assert deltas[-1]["finish_reason"] == "tool_calls"
@@ -158,26 +193,42 @@ def test_raw_stream_deltas_match_openai(veil: VeilThread) -> None:
 @pytest.mark.skipif(not local_model_available(), reason="the 'local' extra is not installed")
 def test_tools_on_an_engine_that_cannot_call_them_is_400(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model="veil-tiny", messages=[{"role": "user", "content": "x"}], tools=TOOLS)
+        client.chat.completions.create(
+            model="veil-tiny", messages=[{"role": "user", "content": "x"}], tools=TOOLS
+        )
     assert info.value.body["param"] == "tools"
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_anthropic_engine_translates_tools_both_ways(client: openai.OpenAI, claude: FakeAnthropic, stream: bool) -> None:
+def test_anthropic_engine_translates_tools_both_ways(
+    client: openai.OpenAI, claude: FakeAnthropic, stream: bool
+) -> None:
     messages: list[Any] = [{"role": "user", "content": "Weather in Paris?"}]
     if stream:
-        with client.chat.completions.stream(model="veil-claude", messages=messages, tools=TOOLS) as s:
+        with client.chat.completions.stream(
+            model="veil-claude", messages=messages, tools=TOOLS
+        ) as s:
             for _ in s:
                 pass
             first = s.get_final_completion()
     else:
-        first = client.chat.completions.create(model="veil-claude", messages=messages, tools=TOOLS, tool_choice="required")
+        first = client.chat.completions.create(
+            model="veil-claude", messages=messages, tools=TOOLS, tool_choice="required"
+        )
         assert claude.last_request.body["tool_choice"] == {"type": "any"}
     call = first.choices[0].message.tool_calls[0]
     assert first.choices[0].finish_reason == "tool_calls"
-    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {
+        "city": "Paris"
+    }
     sent_tools = claude.last_request.body["tools"]
-    assert sent_tools == [{"name": "get_weather", "input_schema": TOOLS[0]["function"]["parameters"], "description": "The weather in a city."}]
+    assert sent_tools == [
+        {
+            "name": "get_weather",
+            "input_schema": TOOLS[0]["function"]["parameters"],
+            "description": "The weather in a city.",
+        }
+    ]
     second = client.chat.completions.create(
         model="veil-claude",
         messages=[{"role": "tool", "tool_call_id": call.id, "content": "windy"}],
@@ -186,8 +237,16 @@ def test_anthropic_engine_translates_tools_both_ways(client: openai.OpenAI, clau
     )
     assert second.choices[0].message.content == "The weather: windy"
     sent = claude.last_request.body["messages"]
-    assert sent[1] == {"role": "assistant", "content": [{"type": "tool_use", "id": call.id, "name": "get_weather", "input": {"city": "Paris"}}]}
-    assert sent[2] == {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "windy"}]}
+    assert sent[1] == {
+        "role": "assistant",
+        "content": [
+            {"type": "tool_use", "id": call.id, "name": "get_weather", "input": {"city": "Paris"}}
+        ],
+    }
+    assert sent[2] == {
+        "role": "user",
+        "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "windy"}],
+    }
 
 
 def test_tool_message_without_its_call_id_is_400(client: openai.OpenAI) -> None:

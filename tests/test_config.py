@@ -45,7 +45,11 @@ def test_file_loads(tmp_path: Path) -> None:
         (GOOD.replace('engine = "up"', 'engine = "nope"'), 10, "pipelines.general.engine"),
         (GOOD.replace('pipeline = "general"', 'pipeline = "nope"'), 15, "models[0].pipeline"),
         (GOOD.replace("port = 9000", 'port = "x"'), 3, "server.port"),
-        (GOOD.replace('model = "m"', 'model = "m"\ntemprature = 1'), 12, "pipelines.general.temprature"),
+        (
+            GOOD.replace('model = "m"', 'model = "m"\ntemprature = 1'),
+            12,
+            "pipelines.general.temprature",
+        ),
         (GOOD.replace('kind = "openai"', 'kind = "gpt"'), 6, "engines.up.kind"),
         (GOOD + '\n[[models]]\nname = "assistant"\npipeline = "general"\n', 18, "models[1].name"),
     ],
@@ -70,14 +74,20 @@ def test_missing_file(tmp_path: Path) -> None:
 
 
 def test_environment_defaults() -> None:
-    config = load_config(None, env={"OPENAI_BASE_URL": "http://x/v1", "VEIL_UPSTREAM_MODEL": "q", "VEIL_API_KEYS": "a, b"})
+    config = load_config(
+        None,
+        env={"OPENAI_BASE_URL": "http://x/v1", "VEIL_UPSTREAM_MODEL": "q", "VEIL_API_KEYS": "a, b"},
+    )
     assert config.pipelines["default"].model == "q" and config.models[0].name == "veil"
     assert [k.key for k in config.keys] == ["a", "b"]
     anthropic = load_config(None, env={"ANTHROPIC_API_KEY": "k"})
     assert anthropic.engines["anthropic"].kind == "anthropic"
     bare = load_config(None, env={})
     if local_model_available():
-        assert bare.engines["local"].kind == "local" and bare.pipelines["default"].model == "SmolLM2-135M-Instruct"
+        assert (
+            bare.engines["local"].kind == "local"
+            and bare.pipelines["default"].model == "SmolLM2-135M-Instruct"
+        )
     else:
         assert bare.models == []
 
@@ -92,7 +102,9 @@ def test_readme_config_example_is_valid(tmp_path: Path, monkeypatch: pytest.Monk
     example = readme.split("```toml\n", 1)[1].split("```", 1)[0]
     monkeypatch.setattr("veil.config.local_model_available", lambda: True)
     real_find_spec = find_spec
-    monkeypatch.setattr("veil.config.find_spec", lambda name: object() if name == "vllm" else real_find_spec(name))
+    monkeypatch.setattr(
+        "veil.config.find_spec", lambda name: object() if name == "vllm" else real_find_spec(name)
+    )
     config = load_config(write(tmp_path, example), env={})
     assert config.model("assistant") is not None
     assert config.model("assistant").candidates == ["general", "reviewer"]
@@ -100,15 +112,26 @@ def test_readme_config_example_is_valid(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def test_pipeline_defaults_an_engine_cannot_honour_are_refused(tmp_path: Path) -> None:
-    text = GOOD.replace('kind = "openai"', 'kind = "anthropic"').replace('model = "m"', 'model = "m"\nparams = { seed = 7 }')
-    with pytest.raises(ConfigError, match=r"pipelines.general.params.seed: the anthropic engine 'up' cannot honour it"):
+    text = GOOD.replace('kind = "openai"', 'kind = "anthropic"').replace(
+        'model = "m"', 'model = "m"\nparams = { seed = 7 }'
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"pipelines.general.params.seed: the anthropic engine 'up' cannot honour it",
+    ):
         load_config(write(tmp_path, text), env={})
 
 
-def test_tools_on_an_engine_that_cannot_call_them_stop_startup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tools_on_an_engine_that_cannot_call_them_stop_startup(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr("veil.config.local_model_available", lambda: True)
-    text = GOOD.replace('kind = "openai"', 'kind = "local"').replace('model = "m"', 'model = "m"\ntools = ["calculator"]')
-    with pytest.raises(ConfigError, match=r"pipelines.general.tools: the local engine 'up' cannot call tools"):
+    text = GOOD.replace('kind = "openai"', 'kind = "local"').replace(
+        'model = "m"', 'model = "m"\ntools = ["calculator"]'
+    )
+    with pytest.raises(
+        ConfigError, match=r"pipelines.general.tools: the local engine 'up' cannot call tools"
+    ):
         load_config(write(tmp_path, text), env={})
     unknown = GOOD.replace('model = "m"', 'model = "m"\ntools = ["teleport"]')
     with pytest.raises(ConfigError, match=r"pipelines.general.tools\[0\]: unknown tool 'teleport'"):
@@ -121,23 +144,40 @@ def test_vllm_engine_needs_a_model_and_the_extra(tmp_path: Path) -> None:
     text = GOOD.replace('kind = "openai"\nbase_url = "http://127.0.0.1:1/v1"', 'kind = "vllm"')
     with pytest.raises(ConfigError, match="engines.up.model: a vllm engine needs a model"):
         load_config(write(tmp_path, text), env={})
-    with_model = GOOD.replace('kind = "openai"\nbase_url = "http://127.0.0.1:1/v1"', 'kind = "vllm"\nmodel = "/models/smollm2"')
+    with_model = GOOD.replace(
+        'kind = "openai"\nbase_url = "http://127.0.0.1:1/v1"',
+        'kind = "vllm"\nmodel = "/models/smollm2"',
+    )
     if find_spec("vllm") is None:
         with pytest.raises(ConfigError, match="needs the 'vllm' extra"):
             load_config(write(tmp_path, with_model), env={})
     else:
-        assert load_config(write(tmp_path, with_model), env={}).engines["up"].model == "/models/smollm2"
+        assert (
+            load_config(write(tmp_path, with_model), env={}).engines["up"].model
+            == "/models/smollm2"
+        )
 
 
 def test_an_upstream_url_that_is_not_http_stops_start_up() -> None:
-    with pytest.raises(ConfigError, match=r"engines\.openai\.base_url: '/v1' is not an http\(s\) URL .*OPENAI_BASE_URL"):
+    with pytest.raises(
+        ConfigError,
+        match=r"engines\.openai\.base_url: '/v1' is not an http\(s\) URL .*OPENAI_BASE_URL",
+    ):
         load_config(None, env={"OPENAI_BASE_URL": "/v1"})
     # Empty (compose passes the variable through unset) means the default.
-    assert load_config(None, env={"OPENAI_BASE_URL": "", "OPENAI_API_KEY": "k"}).engines["openai"].base_url == ""
+    assert (
+        load_config(None, env={"OPENAI_BASE_URL": "", "OPENAI_API_KEY": "k"})
+        .engines["openai"]
+        .base_url
+        == ""
+    )
 
 
 def test_memory_max_lag_defaults_to_five_seconds_and_cannot_be_negative(tmp_path: Path) -> None:
     assert load_config(None, env={}).memory.max_lag == 5.0
-    assert load_config(write(tmp_path, GOOD + "\n[memory]\nmax_lag = 0\n"), env={}).memory.max_lag == 0.0
+    assert (
+        load_config(write(tmp_path, GOOD + "\n[memory]\nmax_lag = 0\n"), env={}).memory.max_lag
+        == 0.0
+    )
     with pytest.raises(ConfigError, match=r"memory.max_lag: must be 0 or more seconds"):
         load_config(write(tmp_path, GOOD + "\n[memory]\nmax_lag = -1\n"), env={})

@@ -33,7 +33,12 @@ class BurstyEngine:
     name = "bursty"
 
     async def generate(
-        self, model: str, messages: list[ChatMessage], params: dict[str, Any], on_delta: DeltaSink | None, output: EngineOutput
+        self,
+        model: str,
+        messages: list[ChatMessage],
+        params: dict[str, Any],
+        on_delta: DeltaSink | None,
+        output: EngineOutput,
     ) -> None:
         assert on_delta is not None
         for piece in ("a", "b", "c"):
@@ -71,8 +76,15 @@ async def test_pieces_handed_over_together_are_one_message(nc: Client) -> None:
 
 def _start(session_id: str, turn_id: str) -> StartTurn:
     return StartTurn(
-        command_id=turn_id, turn_id=turn_id, session_id=session_id, new_session=False,
-        tenant="t", key_id="k", model="veil", messages=[], stream=True,
+        command_id=turn_id,
+        turn_id=turn_id,
+        session_id=session_id,
+        new_session=False,
+        tenant="t",
+        key_id="k",
+        model="veil",
+        messages=[],
+        stream=True,
     )
 
 
@@ -81,7 +93,9 @@ async def test_relay_unpacks_batches_in_order_and_waits_for_late_deltas(nc: Clie
     out = session_out(start.session_id, start.turn_id)
     done = TurnDone(content="abcde", finish_reason="stop", usage=Usage(), deltas=5)
     async with TurnRelay(nc, start) as relay:
-        await nc.publish(out, OUTPUT_CODEC.encode(Deltas(items=[Delta(seq=1, text="a"), Delta(seq=2, text="b")])))
+        await nc.publish(
+            out, OUTPUT_CODEC.encode(Deltas(items=[Delta(seq=1, text="a"), Delta(seq=2, text="b")]))
+        )
         await nc.publish(out, OUTPUT_CODEC.encode(Delta(seq=2, text="b")))  # a duplicate: dropped
         await nc.publish(out, OUTPUT_CODEC.encode(Delta(seq=3, text="c")))
         # The final message overtakes the last two deltas (another connection sends them).
@@ -90,7 +104,10 @@ async def test_relay_unpacks_batches_in_order_and_waits_for_late_deltas(nc: Clie
 
         async def late() -> None:
             await asyncio.sleep(0.1)
-            await nc.publish(out, OUTPUT_CODEC.encode(Deltas(items=[Delta(seq=4, text="d"), Delta(seq=5, text="e")])))
+            await nc.publish(
+                out,
+                OUTPUT_CODEC.encode(Deltas(items=[Delta(seq=4, text="d"), Delta(seq=5, text="e")])),
+            )
 
         sender = asyncio.create_task(late())
         batches = [batch async for batch in relay.batches(5, lambda: False)]

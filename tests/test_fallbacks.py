@@ -37,8 +37,12 @@ def secondary() -> Iterator[FakeOpenAI]:
 def veil(nats_url: str, primary: FakeOpenAI, secondary: FakeOpenAI) -> Iterator[VeilThread]:
     config = Config(
         engines={
-            "primary": EngineConfig(kind="openai", base_url=primary.base_url, api_key="x", timeout=2),
-            "secondary": EngineConfig(kind="openai", base_url=secondary.base_url, api_key="x", timeout=2),
+            "primary": EngineConfig(
+                kind="openai", base_url=primary.base_url, api_key="x", timeout=2
+            ),
+            "secondary": EngineConfig(
+                kind="openai", base_url=secondary.base_url, api_key="x", timeout=2
+            ),
         },
         pipelines={
             "default": PipelineConfig(
@@ -73,9 +77,13 @@ def calls(veil: VeilThread, sid: str) -> list[ModelCalled]:
     return model_calls(veil.events(sid))
 
 
-def test_falls_back_after_retries_and_records_every_attempt(veil: VeilThread, client: openai.OpenAI, primary: FakeOpenAI, secondary: FakeOpenAI) -> None:
+def test_falls_back_after_retries_and_records_every_attempt(
+    veil: VeilThread, client: openai.OpenAI, primary: FakeOpenAI, secondary: FakeOpenAI
+) -> None:
     primary.fail_next(429, message="rate limited", times=2)
-    reply = client.chat.completions.create(model="veil", messages=[{"role": "user", "content": "hi"}])
+    reply = client.chat.completions.create(
+        model="veil", messages=[{"role": "user", "content": "hi"}]
+    )
     assert reply.choices[0].message.content == "from secondary"
     assert reply.model == "veil"
     assert len(primary.requests) == 2 and len(secondary.requests) == 1
@@ -89,17 +97,23 @@ def test_falls_back_after_retries_and_records_every_attempt(veil: VeilThread, cl
     assert all("rate limited" in (c.error or "") for c in attempts[:2])
 
 
-def test_retry_after_is_honoured(veil: VeilThread, client: openai.OpenAI, primary: FakeOpenAI, secondary: FakeOpenAI) -> None:
+def test_retry_after_is_honoured(
+    veil: VeilThread, client: openai.OpenAI, primary: FakeOpenAI, secondary: FakeOpenAI
+) -> None:
     primary.fail_next(503, message="busy", retry_after=0.4)
     started = time.monotonic()
-    reply = client.chat.completions.create(model="veil", messages=[{"role": "user", "content": "hi"}])
+    reply = client.chat.completions.create(
+        model="veil", messages=[{"role": "user", "content": "hi"}]
+    )
     assert time.monotonic() - started >= 0.4
     assert reply.choices[0].message.content == "from primary"
     assert len(secondary.requests) == 0
     assert [c.status for c in calls(veil, reply.model_extra["session_id"])] == [502, None]
 
 
-def test_client_errors_upstream_are_not_retried(veil: VeilThread, client: openai.OpenAI, primary: FakeOpenAI, secondary: FakeOpenAI) -> None:
+def test_client_errors_upstream_are_not_retried(
+    veil: VeilThread, client: openai.OpenAI, primary: FakeOpenAI, secondary: FakeOpenAI
+) -> None:
     primary.fail_next(400, message="bad prompt")
     with pytest.raises(openai.APIStatusError) as info:
         client.chat.completions.create(model="veil", messages=[{"role": "user", "content": "hi"}])
@@ -107,7 +121,9 @@ def test_client_errors_upstream_are_not_retried(veil: VeilThread, client: openai
     assert len(primary.requests) == 1 and len(secondary.requests) == 0
 
 
-def test_every_link_failing_gives_the_last_error(veil: VeilThread, client: openai.OpenAI, primary: FakeOpenAI, secondary: FakeOpenAI) -> None:
+def test_every_link_failing_gives_the_last_error(
+    veil: VeilThread, client: openai.OpenAI, primary: FakeOpenAI, secondary: FakeOpenAI
+) -> None:
     primary.fail_next(500, message="primary down", times=2)
     secondary.fail_next(500, message="secondary down", times=2)
     with pytest.raises(openai.APIStatusError) as info:
@@ -116,11 +132,15 @@ def test_every_link_failing_gives_the_last_error(veil: VeilThread, client: opena
     assert len(primary.requests) == 2 and len(secondary.requests) == 2
 
 
-def test_a_stream_that_reached_the_client_is_not_restarted(veil: VeilThread, client: openai.OpenAI, primary: FakeOpenAI, secondary: FakeOpenAI) -> None:
+def test_a_stream_that_reached_the_client_is_not_restarted(
+    veil: VeilThread, client: openai.OpenAI, primary: FakeOpenAI, secondary: FakeOpenAI
+) -> None:
     primary.reply = "one two three four five six"
     try:
         primary.break_stream_after(2)
-        stream = client.chat.completions.create(model="veil", messages=[{"role": "user", "content": "hi"}], stream=True)
+        stream = client.chat.completions.create(
+            model="veil", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
         got: list[str] = []
         with pytest.raises(openai.APIError):
             for chunk in stream:
@@ -132,10 +152,20 @@ def test_a_stream_that_reached_the_client_is_not_restarted(veil: VeilThread, cli
         primary.reply = "from primary"
 
 
-def test_stream_failing_before_any_token_falls_back(veil: VeilThread, client: openai.OpenAI, primary: FakeOpenAI, secondary: FakeOpenAI) -> None:
+def test_stream_failing_before_any_token_falls_back(
+    veil: VeilThread, client: openai.OpenAI, primary: FakeOpenAI, secondary: FakeOpenAI
+) -> None:
     primary.fail_next(502, message="gateway", times=2)
-    chunks = list(client.chat.completions.create(model="veil", messages=[{"role": "user", "content": "hi"}], stream=True))
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "from secondary"
+    chunks = list(
+        client.chat.completions.create(
+            model="veil", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+    )
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "from secondary"
+    )
     sid = chunks[0].model_extra["session_id"]
     events = veil.events(sid)
-    assert isinstance(events[-1], ReplyCompleted) and not any(isinstance(e, TurnFailed) for e in events)
+    assert isinstance(events[-1], ReplyCompleted) and not any(
+        isinstance(e, TurnFailed) for e in events
+    )

@@ -54,19 +54,32 @@ def claude() -> Iterator[FakeAnthropic]:
 def veil(nats_url: str, upstream: FakeOpenAI, claude: FakeAnthropic) -> Iterator[VeilThread]:
     config = Config(
         server=ServerConfig(max_body_bytes=64 * 1024, turn_timeout=30, accept_timeout=30),
-        keys=[ApiKey(key=KEY_A, tenant="tenant-a"), ApiKey(key=KEY_A2, tenant="tenant-a"), ApiKey(key=KEY_B, tenant="tenant-b")],
+        keys=[
+            ApiKey(key=KEY_A, tenant="tenant-a"),
+            ApiKey(key=KEY_A2, tenant="tenant-a"),
+            ApiKey(key=KEY_B, tenant="tenant-b"),
+        ],
         engines={
-            "up": EngineConfig(kind="openai", base_url=upstream.base_url, api_key="sk-upstream", timeout=2.0),
+            "up": EngineConfig(
+                kind="openai", base_url=upstream.base_url, api_key="sk-upstream", timeout=2.0
+            ),
             "claude": EngineConfig(
                 kind="anthropic", base_url=claude.base_url, api_key="sk-ant-upstream", timeout=2.0
             ),
         },
         pipelines={
             # No retries here: these tests are about how one failure reads (fallbacks: tests/test_fallbacks.py).
-            "default": PipelineConfig(engine="up", model="upstream-secret-model", system_prompt=PERSONA, retries=0),
-            "claude": PipelineConfig(engine="claude", model="claude-secret-model", system_prompt=PERSONA, retries=0),
+            "default": PipelineConfig(
+                engine="up", model="upstream-secret-model", system_prompt=PERSONA, retries=0
+            ),
+            "claude": PipelineConfig(
+                engine="claude", model="claude-secret-model", system_prompt=PERSONA, retries=0
+            ),
         },
-        models=[ModelConfig(name="veil", pipeline="default"), ModelConfig(name="veil-claude", pipeline="claude")],
+        models=[
+            ModelConfig(name="veil", pipeline="default"),
+            ModelConfig(name="veil-claude", pipeline="claude"),
+        ],
         nats_url=nats_url,
         memory=MemoryConfig(enabled=False),  # long-term memory has its own tests
     )
@@ -121,7 +134,9 @@ def test_models_lists_public_names_only(client: openai.OpenAI) -> None:
 # --- non-streaming --------------------------------------------------------------------------
 
 
-def test_completion_has_openai_shape_and_session(client: openai.OpenAI, upstream: FakeOpenAI) -> None:
+def test_completion_has_openai_shape_and_session(
+    client: openai.OpenAI, upstream: FakeOpenAI
+) -> None:
     raw = client.chat.completions.with_raw_response.create(
         model="veil", messages=[{"role": "user", "content": "hello there"}]
     )
@@ -138,7 +153,11 @@ def test_completion_has_openai_shape_and_session(client: openai.OpenAI, upstream
             "finish_reason": "stop",
         }
     ]
-    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"] > 0
+    assert (
+        body["usage"]["total_tokens"]
+        == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+        > 0
+    )
     assert raw.headers["x-session-id"] == body["session_id"]
     parsed = raw.parse()
     assert parsed.choices[0].message.content == "echo: hello there"
@@ -153,18 +172,27 @@ def test_completion_has_openai_shape_and_session(client: openai.OpenAI, upstream
 def test_multi_turn_memory_by_session(client: openai.OpenAI, upstream: FakeOpenAI) -> None:
     first = client.chat.completions.create(
         model="veil",
-        messages=[{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "My name is Ann."}],
+        messages=[
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "My name is Ann."},
+        ],
     )
     sid = first.model_extra["session_id"]
     # Each of the three ways of naming the session.
     client.chat.completions.create(
-        model="veil", messages=[{"role": "user", "content": "I like tea."}], extra_body={"session_id": sid}
+        model="veil",
+        messages=[{"role": "user", "content": "I like tea."}],
+        extra_body={"session_id": sid},
     )
     client.chat.completions.create(
-        model="veil", messages=[{"role": "user", "content": "And cake."}], extra_headers={"X-Session-Id": sid}
+        model="veil",
+        messages=[{"role": "user", "content": "And cake."}],
+        extra_headers={"X-Session-Id": sid},
     )
     last = client.chat.completions.create(
-        model="veil", messages=[{"role": "user", "content": "What is my name?"}], metadata={"session_id": sid}
+        model="veil",
+        messages=[{"role": "user", "content": "What is my name?"}],
+        metadata={"session_id": sid},
     )
     assert last.model_extra["session_id"] == sid
     assert upstream.last_request.body["messages"] == [
@@ -179,18 +207,30 @@ def test_multi_turn_memory_by_session(client: openai.OpenAI, upstream: FakeOpenA
     ]
 
 
-def test_client_resending_whole_history_is_not_duplicated(client: openai.OpenAI, upstream: FakeOpenAI) -> None:
+def test_client_resending_whole_history_is_not_duplicated(
+    client: openai.OpenAI, upstream: FakeOpenAI
+) -> None:
     history = [{"role": "user", "content": "one"}]
     first = client.chat.completions.create(model="veil", messages=history)
     sid = first.model_extra["session_id"]
-    history += [{"role": "assistant", "content": first.choices[0].message.content}, {"role": "user", "content": "two"}]
+    history += [
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "two"},
+    ]
     client.chat.completions.create(model="veil", messages=history, extra_body={"session_id": sid})
-    assert [m["content"] for m in upstream.last_request.body["messages"]] == [PERSONA, "one", "echo: one", "two"]
+    assert [m["content"] for m in upstream.last_request.body["messages"]] == [
+        PERSONA,
+        "one",
+        "echo: one",
+        "two",
+    ]
 
 
 async def test_async_client_non_streaming(aclient: openai.AsyncOpenAI) -> None:
     async with aclient:
-        reply = await aclient.chat.completions.create(model="veil", messages=[{"role": "user", "content": "hi"}])
+        reply = await aclient.chat.completions.create(
+            model="veil", messages=[{"role": "user", "content": "hi"}]
+        )
     assert reply.choices[0].message.content == "echo: hi"
     assert reply.choices[0].finish_reason == "stop"
 
@@ -211,23 +251,33 @@ def test_streaming_chunks_like_openai(client: openai.OpenAI) -> None:
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == "echo: stream these words please"
-    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1  # really streamed
+    assert (
+        len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1
+    )  # really streamed
     finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
     assert len(finals) == 1 and finals[0].choices[0].finish_reason == "stop"
-    assert chunks[-1].choices == [] and chunks[-1].usage is not None and chunks[-1].usage.total_tokens > 0
+    assert (
+        chunks[-1].choices == []
+        and chunks[-1].usage is not None
+        and chunks[-1].usage.total_tokens > 0
+    )
     assert all(c.usage is None for c in chunks[:-1])
 
 
 def test_streaming_without_usage_option_has_no_usage_chunk(client: openai.OpenAI) -> None:
     chunks = list(
-        client.chat.completions.create(model="veil", messages=[{"role": "user", "content": "x y"}], stream=True)
+        client.chat.completions.create(
+            model="veil", messages=[{"role": "user", "content": "x y"}], stream=True
+        )
     )
     assert chunks[-1].choices[0].finish_reason == "stop"
     assert all("usage" not in (c.model_extra or {}) and c.usage is None for c in chunks)
 
 
 def test_sdk_stream_helper_consumes_the_stream(client: openai.OpenAI) -> None:
-    with client.chat.completions.stream(model="veil", messages=[{"role": "user", "content": "helper test"}]) as s:
+    with client.chat.completions.stream(
+        model="veil", messages=[{"role": "user", "content": "helper test"}]
+    ) as s:
         for _ in s:
             pass
         final = s.get_final_completion()
@@ -235,57 +285,90 @@ def test_sdk_stream_helper_consumes_the_stream(client: openai.OpenAI) -> None:
     assert final.choices[0].finish_reason == "stop"
 
 
-async def test_async_streaming_continues_session(aclient: openai.AsyncOpenAI, upstream: FakeOpenAI) -> None:
+async def test_async_streaming_continues_session(
+    aclient: openai.AsyncOpenAI, upstream: FakeOpenAI
+) -> None:
     async with aclient:
-        first = await aclient.chat.completions.create(model="veil", messages=[{"role": "user", "content": "a b"}])
+        first = await aclient.chat.completions.create(
+            model="veil", messages=[{"role": "user", "content": "a b"}]
+        )
         sid = first.model_extra["session_id"]
         stream = await aclient.chat.completions.create(
-            model="veil", messages=[{"role": "user", "content": "c d"}], stream=True, extra_body={"session_id": sid}
+            model="veil",
+            messages=[{"role": "user", "content": "c d"}],
+            stream=True,
+            extra_body={"session_id": sid},
         )
         text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
     assert text == "echo: c d"
-    assert [m["content"] for m in upstream.last_request.body["messages"]][1:] == ["a b", "echo: a b", "c d"]
+    assert [m["content"] for m in upstream.last_request.body["messages"]][1:] == [
+        "a b",
+        "echo: a b",
+        "c d",
+    ]
 
 
 # --- sessions: contract and ownership -------------------------------------------------------
 
 
-def test_unknown_and_foreign_sessions_get_the_same_404(veil: VeilThread, client: openai.OpenAI) -> None:
-    sid = client.chat.completions.create(model="veil", messages=[{"role": "user", "content": "mine"}]).model_extra[
-        "session_id"
-    ]
+def test_unknown_and_foreign_sessions_get_the_same_404(
+    veil: VeilThread, client: openai.OpenAI
+) -> None:
+    sid = client.chat.completions.create(
+        model="veil", messages=[{"role": "user", "content": "mine"}]
+    ).model_extra["session_id"]
     other = openai.OpenAI(base_url=veil.base_url, api_key=KEY_B, max_retries=0)
     with pytest.raises(openai.NotFoundError) as foreign:
-        other.chat.completions.create(model="veil", messages=[{"role": "user", "content": "x"}], extra_body={"session_id": sid})
+        other.chat.completions.create(
+            model="veil",
+            messages=[{"role": "user", "content": "x"}],
+            extra_body={"session_id": sid},
+        )
     with pytest.raises(openai.NotFoundError) as missing:
         other.chat.completions.create(
-            model="veil", messages=[{"role": "user", "content": "x"}], extra_body={"session_id": "sess_nope"}
+            model="veil",
+            messages=[{"role": "user", "content": "x"}],
+            extra_body={"session_id": "sess_nope"},
         )
     assert foreign.value.body["code"] == missing.value.body["code"] == "session_not_found"
-    assert foreign.value.body["message"].replace(sid, "X") == missing.value.body["message"].replace("sess_nope", "X")
+    assert foreign.value.body["message"].replace(sid, "X") == missing.value.body["message"].replace(
+        "sess_nope", "X"
+    )
     # Another key of the same tenant may continue it.
     same_tenant = openai.OpenAI(base_url=veil.base_url, api_key=KEY_A2, max_retries=0)
-    same_tenant.chat.completions.create(model="veil", messages=[{"role": "user", "content": "ok"}], extra_body={"session_id": sid})
+    same_tenant.chat.completions.create(
+        model="veil", messages=[{"role": "user", "content": "ok"}], extra_body={"session_id": sid}
+    )
 
 
 @pytest.mark.parametrize("bad", ["has.dot", "star*", "gt>", "white space", "x" * 129, "ümlaut"])
 def test_bad_session_ids_are_refused(client: openai.OpenAI, bad: str) -> None:
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model="veil", messages=[{"role": "user", "content": "x"}], extra_body={"session_id": bad})
+        client.chat.completions.create(
+            model="veil",
+            messages=[{"role": "user", "content": "x"}],
+            extra_body={"session_id": bad},
+        )
     assert info.value.body["param"] == "session_id"
 
 
-def test_concurrent_requests_on_one_session_are_serialised(veil: VeilThread, client: openai.OpenAI, store: JetStreamEventStore) -> None:
-    sid = client.chat.completions.create(model="veil", messages=[{"role": "user", "content": "start"}]).model_extra[
-        "session_id"
-    ]
+def test_concurrent_requests_on_one_session_are_serialised(
+    veil: VeilThread, client: openai.OpenAI, store: JetStreamEventStore
+) -> None:
+    sid = client.chat.completions.create(
+        model="veil", messages=[{"role": "user", "content": "start"}]
+    ).model_extra["session_id"]
 
     async def burst() -> list[str]:
-        async with openai.AsyncOpenAI(base_url=veil.base_url, api_key=KEY_A, max_retries=0, timeout=20) as c:
+        async with openai.AsyncOpenAI(
+            base_url=veil.base_url, api_key=KEY_A, max_retries=0, timeout=20
+        ) as c:
             replies = await asyncio.gather(
                 *(
                     c.chat.completions.create(
-                        model="veil", messages=[{"role": "user", "content": f"msg {i}"}], extra_body={"session_id": sid}
+                        model="veil",
+                        messages=[{"role": "user", "content": f"msg {i}"}],
+                        extra_body={"session_id": sid},
                     )
                     for i in range(8)
                 )
@@ -300,10 +383,14 @@ def test_concurrent_requests_on_one_session_are_serialised(veil: VeilThread, cli
     assert kinds == ["TurnStarted", "ReplyCompleted"] * 9
 
 
-def test_idempotency_key_gives_one_reply(veil: VeilThread, client: openai.OpenAI, upstream: FakeOpenAI, store: JetStreamEventStore) -> None:
+def test_idempotency_key_gives_one_reply(
+    veil: VeilThread, client: openai.OpenAI, upstream: FakeOpenAI, store: JetStreamEventStore
+) -> None:
     key = uuid.uuid4().hex
     first = client.chat.completions.create(
-        model="veil", messages=[{"role": "user", "content": "once"}], extra_headers={"Idempotency-Key": key}
+        model="veil",
+        messages=[{"role": "user", "content": "once"}],
+        extra_headers={"Idempotency-Key": key},
     )
     sid = first.model_extra["session_id"]
     again = client.chat.completions.create(
@@ -321,7 +408,11 @@ def test_idempotency_key_on_a_first_turn_gives_one_session_and_one_reply(
     veil: VeilThread, client: openai.OpenAI, upstream: FakeOpenAI, store: JetStreamEventStore
 ) -> None:
     key = uuid.uuid4().hex
-    ask = {"model": "veil", "messages": [{"role": "user", "content": "first"}], "extra_headers": {"Idempotency-Key": key}}
+    ask = {
+        "model": "veil",
+        "messages": [{"role": "user", "content": "first"}],
+        "extra_headers": {"Idempotency-Key": key},
+    }
     first = client.chat.completions.create(**ask)
     again = client.chat.completions.create(**ask)
     sid = first.model_extra["session_id"]
@@ -347,9 +438,15 @@ def test_a_retried_first_turn_reaching_a_fresh_actor_is_answered_from_the_log(
         )
         with (
             VeilThread(config, nats_server.url) as forgetful,
-            openai.OpenAI(base_url=forgetful.base_url, api_key=KEY_A, max_retries=0, timeout=20) as c,
+            openai.OpenAI(
+                base_url=forgetful.base_url, api_key=KEY_A, max_retries=0, timeout=20
+            ) as c,
         ):
-            ask = {"model": "veil", "messages": [{"role": "user", "content": "hello"}], "extra_headers": {"Idempotency-Key": uuid.uuid4().hex}}
+            ask = {
+                "model": "veil",
+                "messages": [{"role": "user", "content": "hello"}],
+                "extra_headers": {"Idempotency-Key": uuid.uuid4().hex},
+            }
             first = c.chat.completions.create(**ask)
             time.sleep(0.3)
             again = c.chat.completions.create(**ask)
@@ -381,7 +478,9 @@ class Reply:
         return json.loads(self.body)
 
 
-def http(method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> Reply:
+def http(
+    method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None
+) -> Reply:
     """A plain HTTP call, to send what the SDK would never send."""
     request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     try:
@@ -408,14 +507,28 @@ def _post(veil: VeilThread, body: bytes, headers: dict[str, str] | None = None) 
         (b"[]", 400, None),
         (b'{"model": "veil"}', 400, None),
         (b'{"model": "veil", "messages": []}', 400, "messages"),
-        (b'{"model": "veil", "messages": [{"role": "robot", "content": "x"}]}', 400, "messages[0].role"),
-        (b'{"model": "veil", "messages": [{"role": "user", "content": 42}]}', 400, "messages[0].content"),
+        (
+            b'{"model": "veil", "messages": [{"role": "robot", "content": "x"}]}',
+            400,
+            "messages[0].role",
+        ),
+        (
+            b'{"model": "veil", "messages": [{"role": "user", "content": 42}]}',
+            400,
+            "messages[0].content",
+        ),
         (b'{"model": "veil", "messages": [{"role": "user"}]}', 400, "messages[0].content"),
-        (b'{"model": "veil", "messages": [{"role": "user", "content": "x"}], "temperature": 9}', 400, "temperature"),
+        (
+            b'{"model": "veil", "messages": [{"role": "user", "content": "x"}], "temperature": 9}',
+            400,
+            "temperature",
+        ),
         (b'{"model": "nope", "messages": [{"role": "user", "content": "x"}]}', 404, "model"),
     ],
 )
-def test_bad_requests_get_openai_errors(veil: VeilThread, body: bytes, status: int, param: str | None) -> None:
+def test_bad_requests_get_openai_errors(
+    veil: VeilThread, body: bytes, status: int, param: str | None
+) -> None:
     r = _post(veil, body)
     assert r.status_code == status
     error = r.json()["error"]
@@ -424,16 +537,20 @@ def test_bad_requests_get_openai_errors(veil: VeilThread, body: bytes, status: i
 
 
 def test_body_over_limit_is_413(veil: VeilThread) -> None:
-    big = json.dumps({"model": "veil", "messages": [{"role": "user", "content": "x" * 70_000}]}).encode()
+    big = json.dumps(
+        {"model": "veil", "messages": [{"role": "user", "content": "x" * 70_000}]}
+    ).encode()
     r = _post(veil, big)
     assert r.status_code == 413
     assert r.json()["error"]["type"] == "invalid_request_error"
 
 
-def test_refused_request_writes_nothing(veil: VeilThread, client: openai.OpenAI, store: JetStreamEventStore) -> None:
-    sid = client.chat.completions.create(model="veil", messages=[{"role": "user", "content": "x"}]).model_extra[
-        "session_id"
-    ]
+def test_refused_request_writes_nothing(
+    veil: VeilThread, client: openai.OpenAI, store: JetStreamEventStore
+) -> None:
+    sid = client.chat.completions.create(
+        model="veil", messages=[{"role": "user", "content": "x"}]
+    ).model_extra["session_id"]
     before = len(events_of(veil, store, sid))
     for body in (
         {"model": "nope", "messages": [{"role": "user", "content": "x"}], "session_id": sid},
@@ -441,8 +558,13 @@ def test_refused_request_writes_nothing(veil: VeilThread, client: openai.OpenAI,
         {"model": "veil", "messages": [], "session_id": sid},
     ):
         assert _post(veil, json.dumps(body).encode()).status_code in (400, 404)
-    r = _post(veil, json.dumps({"model": "veil", "messages": [{"role": "user", "content": "x"}], "session_id": sid}).encode(),
-              headers={"Authorization": f"Bearer {KEY_B}"})
+    r = _post(
+        veil,
+        json.dumps(
+            {"model": "veil", "messages": [{"role": "user", "content": "x"}], "session_id": sid}
+        ).encode(),
+        headers={"Authorization": f"Bearer {KEY_B}"},
+    )
     assert r.status_code == 404
     assert len(events_of(veil, store, sid)) == before
 
@@ -456,12 +578,20 @@ def test_unknown_route_is_openai_404(veil: VeilThread) -> None:
 
 
 @pytest.mark.parametrize("status", [429, 500, 503])
-def test_upstream_failure_is_502_with_reason(veil: VeilThread, client: openai.OpenAI, upstream: FakeOpenAI, store: JetStreamEventStore, status: int) -> None:
+def test_upstream_failure_is_502_with_reason(
+    veil: VeilThread,
+    client: openai.OpenAI,
+    upstream: FakeOpenAI,
+    store: JetStreamEventStore,
+    status: int,
+) -> None:
     upstream.fail_next(status, message=f"boom {status}")
     with pytest.raises(openai.APIStatusError) as info:
         client.chat.completions.create(model="veil", messages=[{"role": "user", "content": "x"}])
     assert info.value.status_code == 502
-    assert f"boom {status}" in info.value.body["message"] and str(status) in info.value.body["message"]
+    assert (
+        f"boom {status}" in info.value.body["message"] and str(status) in info.value.body["message"]
+    )
     sid = info.value.response.headers.get("x-session-id")
     del sid  # an error response on a new session carries no id; the log records the failure instead
 
@@ -473,21 +603,37 @@ def test_upstream_timeout_is_504(client: openai.OpenAI, upstream: FakeOpenAI) ->
     assert info.value.status_code == 504
 
 
-def test_failed_turn_is_recorded_and_session_usable(veil: VeilThread, client: openai.OpenAI, upstream: FakeOpenAI, store: JetStreamEventStore) -> None:
-    sid = client.chat.completions.create(model="veil", messages=[{"role": "user", "content": "first"}]).model_extra[
-        "session_id"
-    ]
+def test_failed_turn_is_recorded_and_session_usable(
+    veil: VeilThread, client: openai.OpenAI, upstream: FakeOpenAI, store: JetStreamEventStore
+) -> None:
+    sid = client.chat.completions.create(
+        model="veil", messages=[{"role": "user", "content": "first"}]
+    ).model_extra["session_id"]
     upstream.fail_next(500, message="down")
     with pytest.raises(openai.APIStatusError):
-        client.chat.completions.create(model="veil", messages=[{"role": "user", "content": "lost"}], extra_body={"session_id": sid})
-    client.chat.completions.create(model="veil", messages=[{"role": "user", "content": "again"}], extra_body={"session_id": sid})
+        client.chat.completions.create(
+            model="veil",
+            messages=[{"role": "user", "content": "lost"}],
+            extra_body={"session_id": sid},
+        )
+    client.chat.completions.create(
+        model="veil",
+        messages=[{"role": "user", "content": "again"}],
+        extra_body={"session_id": sid},
+    )
     failed = [e for e in events_of(veil, store, sid) if isinstance(e, TurnFailed)]
     assert len(failed) == 1 and failed[0].status == 502 and "down" in failed[0].message
     # The failed turn's message is not part of the conversation the model sees.
-    assert [m["content"] for m in upstream.last_request.body["messages"]][1:] == ["first", "echo: first", "again"]
+    assert [m["content"] for m in upstream.last_request.body["messages"]][1:] == [
+        "first",
+        "echo: first",
+        "again",
+    ]
 
 
-def test_stream_breaking_midway_ends_with_error_chunk(client: openai.OpenAI, upstream: FakeOpenAI) -> None:
+def test_stream_breaking_midway_ends_with_error_chunk(
+    client: openai.OpenAI, upstream: FakeOpenAI
+) -> None:
     upstream.break_stream_after(2)
     stream = client.chat.completions.create(
         model="veil", messages=[{"role": "user", "content": "one two three four five"}], stream=True
@@ -501,18 +647,31 @@ def test_stream_breaking_midway_ends_with_error_chunk(client: openai.OpenAI, ups
     assert "upstream" in str(info.value.message).lower()
 
 
-def test_stream_failing_before_first_token_is_plain_http_error(client: openai.OpenAI, upstream: FakeOpenAI) -> None:
+def test_stream_failing_before_first_token_is_plain_http_error(
+    client: openai.OpenAI, upstream: FakeOpenAI
+) -> None:
     upstream.fail_next(500, message="early")
     with pytest.raises(openai.APIStatusError) as info:
-        list(client.chat.completions.create(model="veil", messages=[{"role": "user", "content": "x"}], stream=True))
+        list(
+            client.chat.completions.create(
+                model="veil", messages=[{"role": "user", "content": "x"}], stream=True
+            )
+        )
     assert info.value.status_code == 502
 
 
-async def test_client_disconnect_cancels_and_records_partial(veil: VeilThread, upstream: FakeOpenAI, store: JetStreamEventStore) -> None:
+async def test_client_disconnect_cancels_and_records_partial(
+    veil: VeilThread, upstream: FakeOpenAI, store: JetStreamEventStore
+) -> None:
     upstream.token_delay(0.2)
     sid = await hang_up_mid_stream(veil.base_url, KEY_A)
     for _ in range(100):
-        events = [s.event for s in await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(store.load(sid), veil._loop))]
+        events = [
+            s.event
+            for s in await asyncio.wrap_future(
+                asyncio.run_coroutine_threadsafe(store.load(sid), veil._loop)
+            )
+        ]
         if any(isinstance(e, TurnCancelled) for e in events):
             break
         await asyncio.sleep(0.1)
@@ -527,10 +686,15 @@ async def test_client_disconnect_cancels_and_records_partial(veil: VeilThread, u
 # --- Anthropic engine -----------------------------------------------------------------------
 
 
-def test_anthropic_engine_translates_both_ways(client: openai.OpenAI, claude: FakeAnthropic) -> None:
+def test_anthropic_engine_translates_both_ways(
+    client: openai.OpenAI, claude: FakeAnthropic
+) -> None:
     first = client.chat.completions.create(
         model="veil-claude",
-        messages=[{"role": "system", "content": "Be terse."}, {"role": "user", "content": "hello claude"}],
+        messages=[
+            {"role": "system", "content": "Be terse."},
+            {"role": "user", "content": "hello claude"},
+        ],
         max_tokens=50,
         temperature=0.5,
         stop=["END"],
@@ -542,7 +706,11 @@ def test_anthropic_engine_translates_both_ways(client: openai.OpenAI, claude: Fa
     assert sent["model"] == "claude-secret-model"
     assert sent["system"] == PERSONA + "\n\nBe terse."
     assert sent["messages"] == [{"role": "user", "content": "hello claude"}]
-    assert sent["max_tokens"] == 50 and sent["temperature"] == 0.5 and sent["stop_sequences"] == ["END"]
+    assert (
+        sent["max_tokens"] == 50
+        and sent["temperature"] == 0.5
+        and sent["stop_sequences"] == ["END"]
+    )
     sid = first.model_extra["session_id"]
     stream = client.chat.completions.create(
         model="veil-claude",
@@ -552,7 +720,9 @@ def test_anthropic_engine_translates_both_ways(client: openai.OpenAI, claude: Fa
         extra_body={"session_id": sid},
     )
     chunks = list(stream)
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "echo: and more"
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "echo: and more"
+    )
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
     assert claude.last_request.body["messages"] == [
         {"role": "user", "content": "hello claude"},
@@ -564,12 +734,17 @@ def test_anthropic_engine_translates_both_ways(client: openai.OpenAI, claude: Fa
 def test_parameter_an_engine_cannot_honour_is_400_and_writes_nothing(
     veil: VeilThread, client: openai.OpenAI, claude: FakeAnthropic, store: JetStreamEventStore
 ) -> None:
-    first = client.chat.completions.create(model="veil-claude", messages=[{"role": "user", "content": "x"}])
+    first = client.chat.completions.create(
+        model="veil-claude", messages=[{"role": "user", "content": "x"}]
+    )
     sid = first.model_extra["session_id"]
     before = len(events_of(veil, store, sid))
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(
-            model="veil-claude", messages=[{"role": "user", "content": "y"}], seed=7, extra_body={"session_id": sid}
+            model="veil-claude",
+            messages=[{"role": "user", "content": "y"}],
+            seed=7,
+            extra_body={"session_id": sid},
         )
     assert info.value.body["param"] == "seed" and info.value.body["code"] == "unsupported_parameter"
     assert len(events_of(veil, store, sid)) == before
@@ -579,7 +754,9 @@ def test_parameter_an_engine_cannot_honour_is_400_and_writes_nothing(
 def test_anthropic_rate_limit_is_502(client: openai.OpenAI, claude: FakeAnthropic) -> None:
     claude.fail_next(429, message="slow down")
     with pytest.raises(openai.APIStatusError) as info:
-        client.chat.completions.create(model="veil-claude", messages=[{"role": "user", "content": "x"}])
+        client.chat.completions.create(
+            model="veil-claude", messages=[{"role": "user", "content": "x"}]
+        )
     assert info.value.status_code == 502 and "slow down" in info.value.body["message"]
 
 
@@ -595,7 +772,13 @@ def test_parameters_reach_the_upstream(client: openai.OpenAI, upstream: FakeOpen
         response_format={"type": "json_object"},
     )
     sent = upstream.last_request.body
-    assert (sent["temperature"], sent["top_p"], sent["max_tokens"], sent["stop"], sent["seed"]) == (0.3, 0.9, 7, ["x"], 42)
+    assert (sent["temperature"], sent["top_p"], sent["max_tokens"], sent["stop"], sent["seed"]) == (
+        0.3,
+        0.9,
+        7,
+        ["x"],
+        42,
+    )
     assert sent["response_format"] == {"type": "json_object"}
 
 
@@ -604,15 +787,33 @@ def test_admin_endpoints_need_an_admin_key(veil: VeilThread) -> None:
     assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
 
 
-def test_n_choices_on_an_openai_engine_and_the_session_goes_on_from_the_first(client: openai.OpenAI, upstream: FakeOpenAI) -> None:
-    reply = client.chat.completions.create(model="veil", messages=[{"role": "user", "content": "pick"}], n=3)
+def test_n_choices_on_an_openai_engine_and_the_session_goes_on_from_the_first(
+    client: openai.OpenAI, upstream: FakeOpenAI
+) -> None:
+    reply = client.chat.completions.create(
+        model="veil", messages=[{"role": "user", "content": "pick"}], n=3
+    )
     assert upstream.last_request.body["n"] == 3
     assert [c.index for c in reply.choices] == [0, 1, 2]
-    assert [c.message.content for c in reply.choices] == ["echo: pick", "echo: pick (choice 1)", "echo: pick (choice 2)"]
+    assert [c.message.content for c in reply.choices] == [
+        "echo: pick",
+        "echo: pick (choice 1)",
+        "echo: pick (choice 2)",
+    ]
     sid = reply.model_extra["session_id"]
-    client.chat.completions.create(model="veil", messages=[{"role": "user", "content": "next"}], extra_body={"session_id": sid})
-    assert [m["content"] for m in upstream.last_request.body["messages"]][1:] == ["pick", "echo: pick", "next"]
-    chunks = list(client.chat.completions.create(model="veil", messages=[{"role": "user", "content": "two ways"}], n=2, stream=True))
+    client.chat.completions.create(
+        model="veil", messages=[{"role": "user", "content": "next"}], extra_body={"session_id": sid}
+    )
+    assert [m["content"] for m in upstream.last_request.body["messages"]][1:] == [
+        "pick",
+        "echo: pick",
+        "next",
+    ]
+    chunks = list(
+        client.chat.completions.create(
+            model="veil", messages=[{"role": "user", "content": "two ways"}], n=2, stream=True
+        )
+    )
     texts: dict[int, str] = {}
     finished: set[int] = set()
     for c in chunks:
@@ -622,5 +823,7 @@ def test_n_choices_on_an_openai_engine_and_the_session_goes_on_from_the_first(cl
                 finished.add(choice.index)
     assert texts == {0: "echo: two ways", 1: "echo: two ways (choice 1)"} and finished == {0, 1}
     with pytest.raises(openai.BadRequestError) as claude_n:
-        client.chat.completions.create(model="veil-claude", messages=[{"role": "user", "content": "x"}], n=2)
+        client.chat.completions.create(
+            model="veil-claude", messages=[{"role": "user", "content": "x"}], n=2
+        )
     assert claude_n.value.body["param"] == "n"

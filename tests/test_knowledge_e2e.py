@@ -40,18 +40,39 @@ def docs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def veil(upstream: FakeOpenAI, docs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VeilThread]:
+def veil(
+    upstream: FakeOpenAI, docs: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[VeilThread]:
     with NatsServer(tmp_path_factory.mktemp("kb-nats")) as nats_server:
-        added = run_veil("kb", "add", "shop", str(docs), env={"VEIL_NATS_URL": nats_server.url, "VEIL_DATA_DIR": str(tmp_path_factory.mktemp("cli"))}, timeout=120)
+        added = run_veil(
+            "kb",
+            "add",
+            "shop",
+            str(docs),
+            env={
+                "VEIL_NATS_URL": nats_server.url,
+                "VEIL_DATA_DIR": str(tmp_path_factory.mktemp("cli")),
+            },
+            timeout=120,
+        )
         assert added.returncode == 0, added.stderr
         assert "2 added" in added.stdout
         config = Config(
             engines={"up": EngineConfig(kind="openai", base_url=upstream.base_url, api_key="x")},
             pipelines={
                 "default": PipelineConfig(engine="up", model="m", knowledge=["shop"]),
-                "agent": PipelineConfig(engine="up", model="m", tools=["knowledge_search"], knowledge=["shop"], knowledge_k=0),
+                "agent": PipelineConfig(
+                    engine="up",
+                    model="m",
+                    tools=["knowledge_search"],
+                    knowledge=["shop"],
+                    knowledge_k=0,
+                ),
             },
-            models=[ModelConfig(name="veil", pipeline="default"), ModelConfig(name="veil-agent", pipeline="agent")],
+            models=[
+                ModelConfig(name="veil", pipeline="default"),
+                ModelConfig(name="veil-agent", pipeline="agent"),
+            ],
             nats_url=nats_server.url,
         )
         with VeilThread(config, nats_server.url) as server:
@@ -60,11 +81,15 @@ def veil(upstream: FakeOpenAI, docs: Path, tmp_path_factory: pytest.TempPathFact
 
 def ask(veil: VeilThread, text: str, model: str = "veil") -> str:
     with openai.OpenAI(base_url=veil.base_url, api_key="x", max_retries=0) as client:
-        reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": text}])
+        reply = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": text}]
+        )
     return str(reply.model_extra["session_id"])
 
 
-def test_the_chunk_with_the_answer_reaches_the_prompt_with_its_source(veil: VeilThread, upstream: FakeOpenAI, docs: Path) -> None:
+def test_the_chunk_with_the_answer_reaches_the_prompt_with_its_source(
+    veil: VeilThread, upstream: FakeOpenAI, docs: Path
+) -> None:
     script["reply"] = lambda body: "ok"
     sid = ask(veil, "How long do I have to send an item back?")
     system = upstream.last_request.body["messages"][0]["content"]
@@ -72,7 +97,10 @@ def test_the_chunk_with_the_answer_reaches_the_prompt_with_its_source(veil: Veil
     first = system.split("[1] ", 1)[1].split("\n", 1)[0]
     assert str(docs / "returns.md") in first and "within 30 days" in first and "Returns" in first
     retrieved = next(e for e in veil.events(sid) if isinstance(e, DocumentsRetrieved))
-    assert retrieved.chunks[0].path == str(docs / "returns.md") and retrieved.chunks[0].similarity >= 0.3
+    assert (
+        retrieved.chunks[0].path == str(docs / "returns.md")
+        and retrieved.chunks[0].similarity >= 0.3
+    )
     assert "zz-script-text" not in str(upstream.requests)
 
 
@@ -85,20 +113,31 @@ def test_unrelated_questions_bring_no_documents(veil: VeilThread, upstream: Fake
 def test_knowledge_search_tool(veil: VeilThread, upstream: FakeOpenAI, docs: Path) -> None:
     def tool_then_answer(body: dict[str, Any]) -> str | ToolCalls:
         answers = [m["content"] for m in body["messages"] if m["role"] == "tool"]
-        return f"Found: {answers[-1]}" if answers else ToolCalls([("knowledge_search", {"query": "kettle warranty length"})])
+        return (
+            f"Found: {answers[-1]}"
+            if answers
+            else ToolCalls([("knowledge_search", {"query": "kettle warranty length"})])
+        )
 
     script["reply"] = tool_then_answer
     ask(veil, "How long is the kettle warranty?", model="veil-agent")
     tool_answer = upstream.last_request.body["messages"][-1]["content"]
-    assert tool_answer.startswith("[1] " + str(docs / "warranty.html")) and "two-year warranty" in tool_answer
+    assert (
+        tool_answer.startswith("[1] " + str(docs / "warranty.html"))
+        and "two-year warranty" in tool_answer
+    )
 
 
-def test_removing_a_file_removes_it_from_retrieval(veil: VeilThread, upstream: FakeOpenAI, docs: Path, tmp_path: Path) -> None:
+def test_removing_a_file_removes_it_from_retrieval(
+    veil: VeilThread, upstream: FakeOpenAI, docs: Path, tmp_path: Path
+) -> None:
     env = {"VEIL_NATS_URL": veil.nats_url, "VEIL_DATA_DIR": str(tmp_path)}
     again = run_veil("kb", "add", "shop", str(docs), env=env, timeout=120)
     assert "0 added, 0 updated, 2 unchanged" in again.stdout
     removed = run_veil("kb", "rm", "shop", str(docs / "warranty.html"), env=env, timeout=120)
-    assert removed.returncode == 0 and "1 removed" in removed.stdout, removed.stdout + removed.stderr
+    assert removed.returncode == 0 and "1 removed" in removed.stdout, (
+        removed.stdout + removed.stderr
+    )
     script["reply"] = lambda body: "ok"
     ask(veil, "How long is the kettle warranty?")
     assert "two-year warranty" not in str(upstream.last_request.body["messages"][0])
@@ -113,13 +152,15 @@ def test_admin_endpoints_upload_list_and_delete(veil: VeilThread, upstream: Fake
 
     boundary = "veilboundary"
     body = (
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"care.txt\"\r\n"
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="care.txt"\r\n'
         "Content-Type: text/plain\r\n\r\nDescale the kettle with citric acid every month.\r\n"
         f"--{boundary}--\r\n"
     ).encode()
     base = veil.base_url
 
-    def call(method: str, path: str, data: bytes | None = None, content_type: str | None = None) -> tuple[int, Any]:
+    def call(
+        method: str, path: str, data: bytes | None = None, content_type: str | None = None
+    ) -> tuple[int, Any]:
         headers = {"Content-Type": content_type} if content_type else {}
         request = urllib.request.Request(base + path, data=data, method=method, headers=headers)
         try:
@@ -128,7 +169,9 @@ def test_admin_endpoints_upload_list_and_delete(veil: VeilThread, upstream: Fake
         except urllib.error.HTTPError as error:
             return error.code, json.loads(error.read())
 
-    status, added = call("POST", "/knowledge/care/documents", body, f"multipart/form-data; boundary={boundary}")
+    status, added = call(
+        "POST", "/knowledge/care/documents", body, f"multipart/form-data; boundary={boundary}"
+    )
     assert status == 200 and len(added["data"]["added"]) == 1, added
     path = added["data"]["added"][0]
     status, listed = call("GET", "/knowledge/care/documents")

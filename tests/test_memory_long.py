@@ -62,7 +62,9 @@ def own_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def veil(own_nats: str, upstream: FakeOpenAI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VeilThread]:
+def veil(
+    own_nats: str, upstream: FakeOpenAI, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[VeilThread]:
     nats_url = own_nats
     config = Config(
         keys=[ApiKey(key=KEY_A, tenant="a"), ApiKey(key=KEY_B, tenant="b")],
@@ -70,9 +72,14 @@ def veil(own_nats: str, upstream: FakeOpenAI, tmp_path_factory: pytest.TempPathF
         # A small history budget and no summary: a fact from 50 turns ago can only come back by recall.
         pipelines={
             "default": PipelineConfig(engine="up", model="m", history_budget=200, summarize=False),
-            "facts": PipelineConfig(engine="up", model="m", memory=MemoryPolicy(extract_facts=True)),
+            "facts": PipelineConfig(
+                engine="up", model="m", memory=MemoryPolicy(extract_facts=True)
+            ),
         },
-        models=[ModelConfig(name="veil", pipeline="default"), ModelConfig(name="veil-facts", pipeline="facts")],
+        models=[
+            ModelConfig(name="veil", pipeline="default"),
+            ModelConfig(name="veil-facts", pipeline="facts"),
+        ],
         nats_url=nats_url,
         data_dir=str(tmp_path_factory.mktemp("memory-data")),
     )
@@ -85,7 +92,13 @@ def client(veil: VeilThread, key: str = KEY_A) -> openai.OpenAI:
 
 
 def say(
-    veil: VeilThread, text: str, sid: str | None = None, *, user: str | None = None, key: str = KEY_A, model: str = "veil"
+    veil: VeilThread,
+    text: str,
+    sid: str | None = None,
+    *,
+    user: str | None = None,
+    key: str = KEY_A,
+    model: str = "veil",
 ) -> str:
     extra: dict[str, Any] = {}
     if sid:
@@ -123,7 +136,9 @@ def test_recall_finds_a_fact_from_fifty_turns_ago(veil: VeilThread, upstream: Fa
     assert all(h.session_id == sid for h in recalled.hits)
 
 
-def test_memories_are_shared_by_a_user_and_never_across_users_or_tenants(veil: VeilThread, upstream: FakeOpenAI) -> None:
+def test_memories_are_shared_by_a_user_and_never_across_users_or_tenants(
+    veil: VeilThread, upstream: FakeOpenAI
+) -> None:
     marker = f"heron-{uuid.uuid4().hex[:8]}"
     alice_1 = say(veil, f"My secret project codename is {marker}.", user="alice")
     veil.wait_for_memory()
@@ -145,7 +160,11 @@ def test_memories_are_shared_by_a_user_and_never_across_users_or_tenants(veil: V
     out = run_veil("replay", alice_2, env=env).stdout
     assert marker in out and f"from {alice_1}#" in out
     # ...and after the source session is deleted, nothing of it is left anywhere.
-    status = http("DELETE", f"{veil.base_url}/sessions/{alice_1}", headers={"Authorization": f"Bearer {KEY_A}"}).status_code
+    status = http(
+        "DELETE",
+        f"{veil.base_url}/sessions/{alice_1}",
+        headers={"Authorization": f"Bearer {KEY_A}"},
+    ).status_code
     assert status == 200
     out = run_veil("replay", alice_2, env=env).stdout
     assert marker not in out and "[deleted: its session no longer exists]" in out
@@ -160,13 +179,25 @@ def test_memory_search_endpoint(veil: VeilThread) -> None:
     sid = say(veil, "I keep my bicycle in the blue shed behind the house.")
     say(veil, "Also, my favourite tea is genmaicha.", sid)
     veil.wait_for_memory()
-    r = http("GET", f"{veil.base_url}/sessions/{sid}/memories?q=where%20is%20the%20bike", headers={"Authorization": f"Bearer {KEY_A}"})
+    r = http(
+        "GET",
+        f"{veil.base_url}/sessions/{sid}/memories?q=where%20is%20the%20bike",
+        headers={"Authorization": f"Bearer {KEY_A}"},
+    )
     assert r.status_code == 200
     data = r.json()["data"]
     assert data and "bicycle" in data[0]["content"] and data[0]["session_id"] == sid
-    foreign = http("GET", f"{veil.base_url}/sessions/{sid}/memories?q=bike", headers={"Authorization": f"Bearer {KEY_B}"})
+    foreign = http(
+        "GET",
+        f"{veil.base_url}/sessions/{sid}/memories?q=bike",
+        headers={"Authorization": f"Bearer {KEY_B}"},
+    )
     assert foreign.status_code == 404
-    missing_q = http("GET", f"{veil.base_url}/sessions/{sid}/memories", headers={"Authorization": f"Bearer {KEY_A}"})
+    missing_q = http(
+        "GET",
+        f"{veil.base_url}/sessions/{sid}/memories",
+        headers={"Authorization": f"Bearer {KEY_A}"},
+    )
     assert missing_q.status_code == 400 and missing_q.json()["error"]["param"] == "q"
 
 
@@ -197,7 +228,9 @@ def test_reindex_reproduces_the_live_projection(veil: VeilThread, tmp_path: Path
 
     assert asyncio.run(rebuilt_rows()) == live_rows
     # A running Veil's index is not rebuilt under its feet.
-    busy = run_veil("reindex", env={"VEIL_NATS_URL": veil.nats_url, "VEIL_DATA_DIR": veil.config.data_dir})
+    busy = run_veil(
+        "reindex", env={"VEIL_NATS_URL": veil.nats_url, "VEIL_DATA_DIR": veil.config.data_dir}
+    )
     assert busy.returncode != 0 and "in use" in (busy.stderr + busy.stdout)
 
 
@@ -219,8 +252,14 @@ def test_an_index_another_model_made_is_rebuilt_from_the_log_at_start(
             await index.close()
 
     asyncio.run(older_index())
-    config = Config(nats_url=own_nats, data_dir=str(data), engines=veil.config.engines,
-                    pipelines=veil.config.pipelines, models=veil.config.models, keys=veil.config.keys)
+    config = Config(
+        nats_url=own_nats,
+        data_dir=str(data),
+        engines=veil.config.engines,
+        pipelines=veil.config.pipelines,
+        models=veil.config.models,
+        keys=veil.config.keys,
+    )
     with VeilThread(config, own_nats) as second:
         second.wait_for_memory()
         memory = second.workers.memory
@@ -232,18 +271,27 @@ def test_extracted_facts_are_remembered(veil: VeilThread, upstream: FakeOpenAI) 
     sid = say(veil, "We got a puppy last week and called him Biscuit!", model="veil-facts")
     # Extraction runs after the reply went out: give it a moment.
     deadline = time.monotonic() + 10
-    while not (facts := [e for e in veil.events(sid) if isinstance(e, FactsExtracted)]) and time.monotonic() < deadline:
+    while (
+        not (facts := [e for e in veil.events(sid) if isinstance(e, FactsExtracted)])
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.05)
     assert [f.facts for f in facts] == [["The user's dog is named Biscuit."]]
     veil.wait_for_memory()
-    r = http("GET", f"{veil.base_url}/sessions/{sid}/memories?q=what%20is%20my%20pet%20called", headers={"Authorization": f"Bearer {KEY_A}"})
+    r = http(
+        "GET",
+        f"{veil.base_url}/sessions/{sid}/memories?q=what%20is%20my%20pet%20called",
+        headers={"Authorization": f"Bearer {KEY_A}"},
+    )
     found = [(h["kind"], h["content"]) for h in r.json()["data"]]
     assert ("fact", "The user's dog is named Biscuit.") in found
     out = run_veil("replay", sid, env={"VEIL_NATS_URL": veil.nats_url}).stdout
     assert "facts extracted" in out and "model called for the facts" in out
 
 
-def test_a_session_the_prompt_carries_whole_does_not_ask_memory(veil: VeilThread, upstream: FakeOpenAI) -> None:
+def test_a_session_the_prompt_carries_whole_does_not_ask_memory(
+    veil: VeilThread, upstream: FakeOpenAI
+) -> None:
     # Scoped to itself, with every message in the prompt: recall could only find those.
     sid = say(veil, "My badge number is 4411.")
     veil.wait_for_memory()

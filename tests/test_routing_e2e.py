@@ -75,7 +75,9 @@ def upstream() -> Iterator[FakeOpenAI]:
 
 
 @pytest.fixture(scope="module")
-def veil(nats_url: str, upstream: FakeOpenAI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VeilThread]:
+def veil(
+    nats_url: str, upstream: FakeOpenAI, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[VeilThread]:
     path = tmp_path_factory.mktemp("routing") / "veil.toml"
     path.write_text(CONFIG.format(base_url=upstream.base_url))
     config = load_config(path, env={"VEIL_NATS_URL": nats_url})
@@ -83,11 +85,16 @@ def veil(nats_url: str, upstream: FakeOpenAI, tmp_path_factory: pytest.TempPathF
         yield server
 
 
-def ask(veil: VeilThread, text: str, sid: str | None = None, **extra: Any) -> openai.types.chat.ChatCompletion:
+def ask(
+    veil: VeilThread, text: str, sid: str | None = None, **extra: Any
+) -> openai.types.chat.ChatCompletion:
     body: dict[str, Any] = {"session_id": sid} if sid else {}
     with openai.OpenAI(base_url=veil.base_url, api_key="x", max_retries=0) as client:
         return client.chat.completions.create(
-            model=extra.pop("model", "assistant"), messages=[{"role": "user", "content": text}], extra_body=body or None, **extra
+            model=extra.pop("model", "assistant"),
+            messages=[{"role": "user", "content": text}],
+            extra_body=body or None,
+            **extra,
         )
 
 
@@ -104,9 +111,14 @@ def test_models_list_public_names_only(veil: VeilThread) -> None:
         assert [m.id for m in client.models.list()] == ["assistant", "plain"]
 
 
-def test_rule_by_keyword_and_the_client_sees_only_the_public_model(veil: VeilThread, upstream: FakeOpenAI) -> None:
+def test_rule_by_keyword_and_the_client_sees_only_the_public_model(
+    veil: VeilThread, upstream: FakeOpenAI
+) -> None:
     reply = ask(veil, "Could you do a code review of my change?")
-    assert reply.model == "assistant" and "code" not in reply.model_dump_json().replace("code review", "")[:0]
+    assert (
+        reply.model == "assistant"
+        and "code" not in reply.model_dump_json().replace("code review", "")[:0]
+    )
     assert persona(upstream) == "PERSONA code reviewer"
     assert upstream.last_request.body["model"] == "code-model"
     chosen = choices(veil, reply.model_extra["session_id"])[-1]
@@ -137,7 +149,9 @@ def test_default_when_nothing_matches(veil: VeilThread, upstream: FakeOpenAI) ->
     assert persona(upstream) == "PERSONA general"
 
 
-def test_session_stays_pinned_unless_a_rule_switches_it(veil: VeilThread, upstream: FakeOpenAI) -> None:
+def test_session_stays_pinned_unless_a_rule_switches_it(
+    veil: VeilThread, upstream: FakeOpenAI
+) -> None:
     sid = ask(veil, "Help me plan strength training three times a week.").model_extra["session_id"]
     ask(veil, "What's the capital of Portugal?", sid)
     assert persona(upstream) == "PERSONA coach"
@@ -149,10 +163,14 @@ def test_session_stays_pinned_unless_a_rule_switches_it(veil: VeilThread, upstre
         ("code", "rule:keyword"),
     ]
     out = run_veil("replay", sid, env={"VEIL_NATS_URL": veil.nats_url}).stdout
-    assert "pipeline coach chosen by semantic" in out and "pipeline code chosen by rule:keyword" in out
+    assert (
+        "pipeline coach chosen by semantic" in out and "pipeline code chosen by rule:keyword" in out
+    )
 
 
-def test_a_single_pipeline_model_records_its_only_choice(veil: VeilThread, upstream: FakeOpenAI) -> None:
+def test_a_single_pipeline_model_records_its_only_choice(
+    veil: VeilThread, upstream: FakeOpenAI
+) -> None:
     reply = ask(veil, "Could you do a code review?", model="plain")
     events = veil.events(reply.model_extra["session_id"])
     assert choices(veil, reply.model_extra["session_id"]) == []  # no router was asked
@@ -161,17 +179,38 @@ def test_a_single_pipeline_model_records_its_only_choice(veil: VeilThread, upstr
 
 def test_bad_routing_rule_stops_startup_with_file_line_field(tmp_path: Path) -> None:
     path = tmp_path / "veil.toml"
-    text = re.sub(r"^patterns = .*$", "patterns = ['(unclosed']", CONFIG.format(base_url="http://127.0.0.1:1/v1"), flags=re.M)
+    text = re.sub(
+        r"^patterns = .*$",
+        "patterns = ['(unclosed']",
+        CONFIG.format(base_url="http://127.0.0.1:1/v1"),
+        flags=re.MULTILINE,
+    )
     path.write_text(text)
     result = run_veil("--config", str(path), "serve", env={}, timeout=30)
     assert result.returncode == 2
-    assert f"{path}:" in result.stderr and "pipelines.code.routing" in result.stderr and "(unclosed" in result.stderr
+    assert (
+        f"{path}:" in result.stderr
+        and "pipelines.code.routing" in result.stderr
+        and "(unclosed" in result.stderr
+    )
 
 
-def test_pipeline_generation_defaults_yield_to_the_client(veil: VeilThread, upstream: FakeOpenAI) -> None:
+def test_pipeline_generation_defaults_yield_to_the_client(
+    veil: VeilThread, upstream: FakeOpenAI
+) -> None:
     ask(veil, "Help me plan a week of running.", metadata={"topic": "fitness"})
     sent = upstream.last_request.body
     assert (sent["temperature"], sent["max_tokens"]) == (0.2, 300)
-    ask(veil, "Help me plan a week of running.", metadata={"topic": "fitness"}, temperature=0.9, max_completion_tokens=50)
+    ask(
+        veil,
+        "Help me plan a week of running.",
+        metadata={"topic": "fitness"},
+        temperature=0.9,
+        max_completion_tokens=50,
+    )
     sent = upstream.last_request.body
-    assert sent["temperature"] == 0.9 and sent["max_completion_tokens"] == 50 and "max_tokens" not in sent
+    assert (
+        sent["temperature"] == 0.9
+        and sent["max_completion_tokens"] == 50
+        and "max_tokens" not in sent
+    )

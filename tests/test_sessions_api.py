@@ -42,7 +42,9 @@ def veil(nats_url: str, upstream: FakeOpenAI) -> Iterator[VeilThread]:
         yield server
 
 
-def api(veil: VeilThread, method: str, path: str, key: str = KEY_A) -> tuple[int, dict[str, object]]:
+def api(
+    veil: VeilThread, method: str, path: str, key: str = KEY_A
+) -> tuple[int, dict[str, object]]:
     reply = http(method, f"{veil.base_url}{path}", headers={"Authorization": f"Bearer {key}"})
     return reply.status_code, reply.json()
 
@@ -62,7 +64,12 @@ def test_session_metadata_and_messages(veil: VeilThread) -> None:
     chat(veil, "second", sid)
     status, body = api(veil, "GET", f"/sessions/{sid}")
     assert status == 200
-    assert body["id"] == sid and body["object"] == "session" and body["turns"] == 2 and body["model"] == "veil"
+    assert (
+        body["id"] == sid
+        and body["object"] == "session"
+        and body["turns"] == 2
+        and body["model"] == "veil"
+    )
     assert body["created_at"] <= body["updated_at"]
     status, messages = api(veil, "GET", f"/sessions/{sid}/messages")
     assert status == 200 and messages["object"] == "list"
@@ -96,7 +103,9 @@ def test_delete_forgets_everywhere_and_leaves_a_tombstone(
     marker = f"zebra-{uuid.uuid4().hex}"
     sid = chat(veil, f"my secret is {marker}")
     chat(veil, "and more", sid)
-    assert _files_containing(nats_server.store_dir, marker.encode()), "the text is in the log before"
+    assert _files_containing(nats_server.store_dir, marker.encode()), (
+        "the text is in the log before"
+    )
     status, body = api(veil, "DELETE", f"/sessions/{sid}")
     assert status == 200 and body == {"id": sid, "object": "session.deleted", "deleted": True}
     assert api(veil, "GET", f"/sessions/{sid}")[0] == 404
@@ -129,10 +138,16 @@ def test_delete_forgets_everywhere_and_leaves_a_tombstone(
     assert marker not in json.dumps(str(found))
 
 
-def test_a_deleted_session_never_reopens_under_the_key_that_opened_it(veil: VeilThread, upstream: FakeOpenAI) -> None:
+def test_a_deleted_session_never_reopens_under_the_key_that_opened_it(
+    veil: VeilThread, upstream: FakeOpenAI
+) -> None:
     key = uuid.uuid4().hex
     with openai.OpenAI(base_url=veil.base_url, api_key=KEY_A, max_retries=0) as client:
-        ask = {"model": "veil", "messages": [{"role": "user", "content": "open"}], "extra_headers": {"Idempotency-Key": key}}
+        ask = {
+            "model": "veil",
+            "messages": [{"role": "user", "content": "open"}],
+            "extra_headers": {"Idempotency-Key": key},
+        }
         sid = client.chat.completions.create(**ask).model_extra["session_id"]
         assert api(veil, "DELETE", f"/sessions/{sid}")[0] == 200
         calls = len(upstream.requests)

@@ -44,6 +44,9 @@ def line_of(text: str, path: str) -> int | None:
                 best = number  # the field may be missing: point at its table
             continue
         key = _KEY.match(line)
-        if key and [*table, *_clean(key.group(1))] == want[: len(table) + len(_clean(key.group(1)))]:
+        if (
+            key
+            and [*table, *_clean(key.group(1))] == want[: len(table) + len(_clean(key.group(1)))]
+        ):
             return number
     return best

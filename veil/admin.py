@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
@@ -17,17 +17,28 @@ __all__ = ["add_admin_routes"]
 
 def _admin_only(request: web.Request) -> None:
     if not request[PRINCIPAL].admin:
-        raise ApiError(403, "This endpoint needs an admin key.", type="permission_error", code="forbidden")
+        raise ApiError(
+            403, "This endpoint needs an admin key.", type="permission_error", code="forbidden"
+        )
 
 
 async def _ask(request: web.Request, ask: AdminRequest) -> web.Response:
     _admin_only(request)
     if ask.collection is not None and not is_valid_id(ask.collection):
-        raise ApiError(400, "Collection names use 1-128 characters from A-Za-z0-9_-.", param="collection", code="invalid_value")
+        raise ApiError(
+            400,
+            "Collection names use 1-128 characters from A-Za-z0-9_-.",
+            param="collection",
+            code="invalid_value",
+        )
     try:
-        msg = await nats_request(request.app[NATS], KNOWLEDGE_ADMIN, ADMIN_CODEC.encode(ask), timeout=600)
+        msg = await nats_request(
+            request.app[NATS], KNOWLEDGE_ADMIN, ADMIN_CODEC.encode(ask), timeout=600
+        )
     except NoRespondersError:
-        raise ApiError(503, "The knowledge base is not running.", code="service_unavailable") from None
+        raise ApiError(
+            503, "The knowledge base is not running.", code="service_unavailable"
+        ) from None
     except NatsTimeout:
         raise ApiError(504, "The knowledge base did not answer in time.", code="timeout") from None
     reply = ADMIN_REPLY_CODEC.decode(msg.data)
@@ -41,28 +52,50 @@ async def list_collections(request: web.Request) -> web.StreamResponse:
 
 
 async def list_documents(request: web.Request) -> web.StreamResponse:
-    return await _ask(request, AdminRequest(action="documents", collection=request.match_info["collection"]))
+    return await _ask(
+        request, AdminRequest(action="documents", collection=request.match_info["collection"])
+    )
 
 
 async def upload_document(request: web.Request) -> web.StreamResponse:
     """multipart/form-data with a `file` field, as OpenAI's file uploads are sent."""
     _admin_only(request)
     if not request.content_type.startswith("multipart/"):
-        raise ApiError(400, "Send the document as multipart/form-data with a 'file' field.", param="file", code="invalid_value")
+        raise ApiError(
+            400,
+            "Send the document as multipart/form-data with a 'file' field.",
+            param="file",
+            code="invalid_value",
+        )
     reader = await request.multipart()
     async for part in reader:
-        if getattr(part, "name", None) == "file" and getattr(part, "filename", None):
-            data = await part.read()  # type: ignore[union-attr]
-            ask = AdminRequest(action="add", collection=request.match_info["collection"], filename=part.filename, data=bytes(data))  # type: ignore[union-attr]
+        if isinstance(part, BodyPartReader) and part.name == "file" and part.filename:
+            data = await part.read()
+            ask = AdminRequest(
+                action="add",
+                collection=request.match_info["collection"],
+                filename=part.filename,
+                data=bytes(data),
+            )
             return await _ask(request, ask)
-    raise ApiError(400, "No 'file' field in the upload.", param="file", code="missing_required_parameter")
+    raise ApiError(
+        400, "No 'file' field in the upload.", param="file", code="missing_required_parameter"
+    )
 
 
 async def delete_document(request: web.Request) -> web.StreamResponse:
     path = request.query.get("path")
     if not path:
-        raise ApiError(400, "Give the document's path as the query parameter 'path'.", param="path", code="missing_required_parameter")
-    return await _ask(request, AdminRequest(action="remove", collection=request.match_info["collection"], path=path))
+        raise ApiError(
+            400,
+            "Give the document's path as the query parameter 'path'.",
+            param="path",
+            code="missing_required_parameter",
+        )
+    return await _ask(
+        request,
+        AdminRequest(action="remove", collection=request.match_info["collection"], path=path),
+    )
 
 
 def add_admin_routes(app: web.Application) -> None:

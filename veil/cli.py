@@ -20,7 +20,9 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="veil", description="OpenAI-compatible chat server with memory and agents.")
+    parser = argparse.ArgumentParser(
+        prog="veil", description="OpenAI-compatible chat server with memory and agents."
+    )
     parser.add_argument("--config", help="TOML config file (or VEIL_CONFIG)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (
@@ -29,16 +31,26 @@ def _parser() -> argparse.ArgumentParser:
         ("worker", "run the actors only, against VEIL_NATS_URL"),
     ):
         p = sub.add_parser(name, help=text)
-        p.add_argument("--config", default=argparse.SUPPRESS, help="TOML config file (or VEIL_CONFIG)")
+        p.add_argument(
+            "--config", default=argparse.SUPPRESS, help="TOML config file (or VEIL_CONFIG)"
+        )
         if name != "worker":
             p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-            p.add_argument("--port", type=int, help="port to listen on (default 8000; 0 picks a free one)")
-    replay = sub.add_parser("replay", help="print a session's events in order and the state rebuilt from them")
+            p.add_argument(
+                "--port", type=int, help="port to listen on (default 8000; 0 picks a free one)"
+            )
+    replay = sub.add_parser(
+        "replay", help="print a session's events in order and the state rebuilt from them"
+    )
     replay.add_argument("session_id")
     replay.add_argument("--json", action="store_true", help="one JSON object per line")
-    replay.add_argument("--config", default=argparse.SUPPRESS, help="TOML config file (or VEIL_CONFIG)")
+    replay.add_argument(
+        "--config", default=argparse.SUPPRESS, help="TOML config file (or VEIL_CONFIG)"
+    )
     reindex = sub.add_parser("reindex", help="drop the memory index and rebuild it from the log")
-    reindex.add_argument("--config", default=argparse.SUPPRESS, help="TOML config file (or VEIL_CONFIG)")
+    reindex.add_argument(
+        "--config", default=argparse.SUPPRESS, help="TOML config file (or VEIL_CONFIG)"
+    )
     kb = sub.add_parser("kb", help="knowledge collections: add, ls, rm, reindex")
     kb.add_argument("--config", default=argparse.SUPPRESS, help="TOML config file (or VEIL_CONFIG)")
     kb_sub = kb.add_subparsers(dest="kb_action", required=True)
@@ -53,7 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     kb_sub.add_parser("reindex", help="rebuild the knowledge index from the KB_EVENTS log")
     sessions = sub.add_parser("sessions", help="list sessions")
     sessions.add_argument("--json", action="store_true", help="one JSON object per line")
-    sessions.add_argument("--config", default=argparse.SUPPRESS, help="TOML config file (or VEIL_CONFIG)")
+    sessions.add_argument(
+        "--config", default=argparse.SUPPRESS, help="TOML config file (or VEIL_CONFIG)"
+    )
     return parser
 
 
@@ -106,7 +120,10 @@ async def _replay(config: Config, session_id: str, as_json: bool) -> int:
             store = JetStreamEventStore(nc.jetstream(), nc)
             events = await store.load(session_id)
             # Memories recalled from other sessions are references: resolve them while they exist.
-            others = {sid: {s.seq: s.event for s in await store.load(sid)} for sid in referenced_sessions(events)}
+            others = {
+                sid: {s.seq: s.event for s in await store.load(sid)}
+                for sid in referenced_sessions(events)
+            }
         finally:
             await nc.drain()
     if not events:
@@ -174,7 +191,9 @@ def _run_fast(main: Coroutine[Any, Any, None]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # Servers say what they do; one-shot commands only what went wrong.
-    _configure_logging(logging.INFO if args.command in ("serve", "gateway", "worker") else logging.WARNING)
+    _configure_logging(
+        logging.INFO if args.command in ("serve", "gateway", "worker") else logging.WARNING
+    )
     try:
         config = load_config(args.config)
     except ConfigError as error:
@@ -199,7 +218,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "reindex":
         return asyncio.run(_reindex(config))
     if args.command == "kb":
-        return asyncio.run(_kb(config, args.kb_action, getattr(args, "collection", None), getattr(args, "paths", [])))
+        return asyncio.run(
+            _kb(
+                config,
+                args.kb_action,
+                getattr(args, "collection", None),
+                getattr(args, "paths", []),
+            )
+        )
     return 2
 
 

@@ -47,7 +47,9 @@ DEFAULT_MODEL = "veil"
 # Parameters each kind of engine cannot honour (actors.engines refuses them per request too).
 UNSUPPORTED_BY_KIND: dict[str, frozenset[str]] = {
     "openai": frozenset(),
-    "anthropic": frozenset({"seed", "response_format", "presence_penalty", "frequency_penalty", "n"}),
+    "anthropic": frozenset(
+        {"seed", "response_format", "presence_penalty", "frequency_penalty", "n"}
+    ),
     # SmolLM2 makes no tool calls of its own.
     "local": frozenset({"tools", "tool_choice", "parallel_tool_calls", "n"}),
     "vllm": frozenset({"tools", "tool_choice", "parallel_tool_calls", "n"}),
@@ -163,7 +165,9 @@ class MemoryPolicy(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     timeout: float = 2.0
 
 
-class GenerationDefaults(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+class GenerationDefaults(
+    msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True
+):
     """A pipeline's generation parameters; whatever the client sets wins."""
 
     temperature: float | None = None
@@ -376,11 +380,15 @@ def _check(config: Config, text: str | None) -> None:
             raise invalid(f"pipelines.{name}.engine", f"unknown engine {pipeline.engine!r}")
         for i, fallback in enumerate(pipeline.fallbacks):
             if fallback.engine not in config.engines:
-                raise invalid(f"pipelines.{name}.fallbacks[{i}].engine", f"unknown engine {fallback.engine!r}")
+                raise invalid(
+                    f"pipelines.{name}.fallbacks[{i}].engine", f"unknown engine {fallback.engine!r}"
+                )
         for i, tool in enumerate(pipeline.tools):
             if tool not in BUILTIN_TOOLS and tool not in config.tools:
                 known = ", ".join(sorted({*BUILTIN_TOOLS, *config.tools}))
-                raise invalid(f"pipelines.{name}.tools[{i}]", f"unknown tool {tool!r} (known: {known})")
+                raise invalid(
+                    f"pipelines.{name}.tools[{i}]", f"unknown tool {tool!r} (known: {known})"
+                )
         if pipeline.tools:
             for link in pipeline.chain:
                 kind = config.engines[link.engine].kind
@@ -392,23 +400,43 @@ def _check(config: Config, text: str | None) -> None:
         defaults = msgspec.structs.asdict(pipeline.params)
         for link in pipeline.chain:
             kind = config.engines[link.engine].kind
-            refused = next((k for k, v in defaults.items() if v is not None and k in UNSUPPORTED_BY_KIND.get(kind, ())), None)
+            refused = next(
+                (
+                    k
+                    for k, v in defaults.items()
+                    if v is not None and k in UNSUPPORTED_BY_KIND.get(kind, ())
+                ),
+                None,
+            )
             if refused:
-                raise invalid(f"pipelines.{name}.params.{refused}", f"the {kind} engine {link.engine!r} cannot honour it")
+                raise invalid(
+                    f"pipelines.{name}.params.{refused}",
+                    f"the {kind} engine {link.engine!r} cannot honour it",
+                )
     for name, engine in config.engines.items():
         if not is_valid_id(name):
             raise invalid(f"engines.{name}", "names may use only [A-Za-z0-9_-]")
         if engine.base_url and not _is_http_url(engine.base_url):
-            variable = {"openai": "OPENAI_BASE_URL", "anthropic": "ANTHROPIC_BASE_URL"}.get(engine.kind)
+            variable = {"openai": "OPENAI_BASE_URL", "anthropic": "ANTHROPIC_BASE_URL"}.get(
+                engine.kind
+            )
             also = f" (set in the file or by {variable})" if variable else ""
-            raise invalid(f"engines.{name}.base_url", f"{engine.base_url!r} is not an http(s) URL{also}")
+            raise invalid(
+                f"engines.{name}.base_url", f"{engine.base_url!r} is not an http(s) URL{also}"
+            )
         if engine.kind == "vllm":
             if not engine.model:
-                raise invalid(f"engines.{name}.model", "a vllm engine needs a model (a Hugging Face folder or id)")
+                raise invalid(
+                    f"engines.{name}.model",
+                    "a vllm engine needs a model (a Hugging Face folder or id)",
+                )
             if engine.max_model_len < 256:
                 raise invalid(f"engines.{name}.max_model_len", "must be at least 256")
             if find_spec("vllm") is None:
-                raise invalid(f"engines.{name}.kind", "the vllm engine needs the 'vllm' extra: pip install 'veil[vllm]'")
+                raise invalid(
+                    f"engines.{name}.kind",
+                    "the vllm engine needs the 'vllm' extra: pip install 'veil[vllm]'",
+                )
         if engine.kind == "local":
             if engine.threads < 1:
                 raise invalid(f"engines.{name}.threads", "must be at least 1")
@@ -424,7 +452,9 @@ def _check(config: Config, text: str | None) -> None:
     if config.memory.max_lag < 0:
         raise invalid("memory.max_lag", "must be 0 or more seconds")
     if config.router.classifier and config.router.classifier.engine not in config.engines:
-        raise invalid("router.classifier.engine", f"unknown engine {config.router.classifier.engine!r}")
+        raise invalid(
+            "router.classifier.engine", f"unknown engine {config.router.classifier.engine!r}"
+        )
     for name, spec in config.tools.items():
         if spec.kind == "http" and not spec.url:
             raise invalid(f"tools.{name}.url", "an http tool needs a url template")
@@ -433,8 +463,10 @@ def _check(config: Config, text: str | None) -> None:
                 raise invalid(f"tools.{name}.callable", "a python tool needs 'module:function'")
             try:
                 python_tool(name, spec.callable, spec.description, spec.parameters)
-            except (ImportError, AttributeError, ValueError) as error:
-                raise invalid(f"tools.{name}.callable", f"cannot load {spec.callable!r}: {error}") from None
+            except (ImportError, AttributeError, TypeError, ValueError) as error:
+                raise invalid(
+                    f"tools.{name}.callable", f"cannot load {spec.callable!r}: {error}"
+                ) from None
     seen: set[str] = set()
     for i, model in enumerate(config.models):
         if model.pipeline and model.pipelines:
@@ -443,14 +475,18 @@ def _check(config: Config, text: str | None) -> None:
             raise invalid(f"models[{i}]", "needs a pipeline (or a list of pipelines)")
         for j, name in enumerate(model.candidates):
             if name not in config.pipelines:
-                field = f"models[{i}].pipelines[{j}]" if model.pipelines else f"models[{i}].pipeline"
+                field = (
+                    f"models[{i}].pipelines[{j}]" if model.pipelines else f"models[{i}].pipeline"
+                )
                 raise invalid(field, f"unknown pipeline {name!r}")
         if model.name in seen:
             raise invalid(f"models[{i}].name", f"{model.name!r} is listed twice")
         seen.add(model.name)
 
 
-def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
+) -> Config:
     """Read the file (if any), apply the environment, and check references."""
     env = os.environ if env is None else env
     path = path or env.get("VEIL_CONFIG")

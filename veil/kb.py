@@ -49,7 +49,11 @@ async def _index(config: Config) -> AsyncIterator[KnowledgeIndex]:
 
 
 def _print_report(report: Report) -> None:
-    for label, paths in (("added", report.added), ("updated", report.updated), ("removed", report.removed)):
+    for label, paths in (
+        ("added", report.added),
+        ("updated", report.updated),
+        ("removed", report.removed),
+    ):
         for path in paths:
             print(f"{label:9} {path}")
     for path, why in report.failed:
@@ -60,7 +64,9 @@ def _print_report(report: Report) -> None:
     )
 
 
-async def _run(nc: Client, config: Config, action: str, collection: str | None, paths: list[str]) -> int:
+async def _run(
+    nc: Client, config: Config, action: str, collection: str | None, paths: list[str]
+) -> int:
     log = KnowledgeLog.of(nc)
     await log.ensure()
     if action == "ls" and collection is None:
@@ -84,9 +90,14 @@ async def _run(nc: Client, config: Config, action: str, collection: str | None, 
     return 0
 
 
-async def kb_main(config: Config, url: str, action: str, collection: str | None, paths: list[str]) -> int:
+async def kb_main(
+    config: Config, url: str, action: str, collection: str | None, paths: list[str]
+) -> int:
     if collection is not None and not is_valid_id(collection):
-        print(f"invalid collection name {collection!r}: use 1-128 characters from A-Za-z0-9_-", file=sys.stderr)
+        print(
+            f"invalid collection name {collection!r}: use 1-128 characters from A-Za-z0-9_-",
+            file=sys.stderr,
+        )
         return 2
     nc = await connect(url, name="veil-kb")
     try:

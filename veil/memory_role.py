@@ -27,7 +27,9 @@ log = structlog.get_logger("veil.memory")
 
 
 def index_path(config: Config) -> Path:
-    return Path(config.memory.path) if config.memory.path else Path(config.data_dir) / "memory.sqlite"
+    return (
+        Path(config.memory.path) if config.memory.path else Path(config.data_dir) / "memory.sqlite"
+    )
 
 
 def lock_indexes(config: Config) -> int | None:
@@ -103,7 +105,11 @@ async def start_memory(
         )
         await actor.start()
     # The knowledge index lives beside the memory index, under the same lock.
-    knowledge_index = await KnowledgeIndex.open(path.parent / "knowledge.sqlite", embedder=default_embedder())
-    knowledge = KnowledgeActor(nc, knowledge_index, version=__version__, uploads=path.parent / "kb-uploads")
+    knowledge_index = await KnowledgeIndex.open(
+        path.parent / "knowledge.sqlite", embedder=default_embedder()
+    )
+    knowledge = KnowledgeActor(
+        nc, knowledge_index, version=__version__, uploads=path.parent / "kb-uploads"
+    )
     await knowledge.start()
     return MemoryHandle(actor, index, knowledge, knowledge_index, fd)

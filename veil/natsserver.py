@@ -78,11 +78,15 @@ class NatsServer:
             args += ["-c", str(self.config)]
         # Flags override the file: where to listen and store is per instance.
         args += [
-            "-a", self.host,
-            "-p", str(self.port),
+            "-a",
+            self.host,
+            "-p",
+            str(self.port),
             "-js",
-            "-sd", str(self.store_dir),
-            "--ports_file_dir", self._ports_dir,
+            "-sd",
+            str(self.store_dir),
+            "--ports_file_dir",
+            self._ports_dir,
         ]
         # Its log goes to a file: a pipe nobody reads would block the server once full.
         self.log_path = self.store_dir / "nats-server.log"
@@ -96,7 +100,7 @@ class NatsServer:
             # Its own session: a terminal's Ctrl-C goes to Veil, which stops the server
             # after draining; killed first, it would leave Veil draining into nothing.
             start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509 - prctl only
         )
         return Path(self._ports_dir) / f"nats-server_{self._proc.pid}.ports"
 
@@ -158,7 +162,7 @@ class NatsServer:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def __enter__(self) -> NatsServer:
+    def __enter__(self) -> typing.Self:
         self.start()
         return self
 

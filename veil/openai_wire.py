@@ -49,7 +49,9 @@ class ApiError(Exception):
         return error_body(self.message, self.type, self.code, self.param)
 
 
-def error_body(message: str, type: str, code: str | None, param: str | None = None) -> dict[str, Any]:
+def error_body(
+    message: str, type: str, code: str | None, param: str | None = None
+) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
@@ -153,7 +155,9 @@ def parse_chat_request(body: bytes) -> ChatRequest:
         request = _decoder.decode(body)
     except msgspec.ValidationError as error:
         text = str(error)
-        raise ApiError(400, f"Invalid request: {text}", param=_param_of(text), code="invalid_value") from None
+        raise ApiError(
+            400, f"Invalid request: {text}", param=_param_of(text), code="invalid_value"
+        ) from None
     except msgspec.DecodeError:
         raise ApiError(
             400,
@@ -167,10 +171,18 @@ def parse_chat_request(body: bytes) -> ChatRequest:
 
 def _check(request: ChatRequest) -> None:
     if not request.model:
-        raise ApiError(400, "You must provide a model parameter.", param="model", code="missing_required_parameter")
+        raise ApiError(
+            400,
+            "You must provide a model parameter.",
+            param="model",
+            code="missing_required_parameter",
+        )
     if not request.messages:
         raise ApiError(
-            400, "'messages' must contain at least one message.", param="messages", code="empty_array"
+            400,
+            "'messages' must contain at least one message.",
+            param="messages",
+            code="empty_array",
         )
     if request.tools is not None:
         try:
@@ -179,11 +191,17 @@ def _check(request: ChatRequest) -> None:
             text = str(error)
             path = _param_of(text)
             raise ApiError(
-                400, f"Invalid tools: {text}", param=f"tools{path}" if path else "tools", code="invalid_value"
+                400,
+                f"Invalid tools: {text}",
+                param=f"tools{path}" if path else "tools",
+                code="invalid_value",
             ) from None
     if request.functions:
         raise ApiError(
-            400, "'functions' is deprecated and not supported; use 'tools'.", param="functions", code="unsupported_parameter"
+            400,
+            "'functions' is deprecated and not supported; use 'tools'.",
+            param="functions",
+            code="unsupported_parameter",
         )
     if request.n is not None and not 1 <= request.n <= 8:
         raise ApiError(400, "n must be between 1 and 8.", param="n", code="invalid_value")
@@ -221,11 +239,18 @@ def _check(request: ChatRequest) -> None:
             )
     user = request.user or (request.metadata or {}).get("user_id")
     if user is not None and not 0 < len(user) <= MAX_USER_LENGTH:
-        raise ApiError(400, f"The user id must be 1-{MAX_USER_LENGTH} characters.", param="user", code="invalid_value")
+        raise ApiError(
+            400,
+            f"The user id must be 1-{MAX_USER_LENGTH} characters.",
+            param="user",
+            code="invalid_value",
+        )
     for field in ("temperature", "top_p"):
         value = getattr(request, field)
         if value is not None and not 0 <= value <= 2:
-            raise ApiError(400, f"{field} must be between 0 and 2.", param=field, code="invalid_value")
+            raise ApiError(
+                400, f"{field} must be between 0 and 2.", param=field, code="invalid_value"
+            )
     for field in ("max_tokens", "max_completion_tokens"):
         value = getattr(request, field)
         if value is not None and value < 1:
@@ -237,7 +262,11 @@ def _text(content: str | list[ContentPart] | None) -> str:
         return ""
     if isinstance(content, str):
         return content
-    return "".join(p.text if isinstance(p, TextPart) else p.refusal for p in content if isinstance(p, TextPart | RefusalPart))
+    return "".join(
+        p.text if isinstance(p, TextPart) else p.refusal
+        for p in content
+        if isinstance(p, TextPart | RefusalPart)
+    )
 
 
 def to_chat_messages(request: ChatRequest) -> list[ChatMessage]:
@@ -247,7 +276,10 @@ def to_chat_messages(request: ChatRequest) -> list[ChatMessage]:
             content=_text(m.content),
             name=m.name,
             tool_calls=tuple(
-                ToolCall(id=c.id, function=FunctionCall(name=c.function.name, arguments=c.function.arguments))
+                ToolCall(
+                    id=c.id,
+                    function=FunctionCall(name=c.function.name, arguments=c.function.arguments),
+                )
                 for c in m.tool_calls
             )
             if m.tool_calls
@@ -281,7 +313,11 @@ def _usage(usage: Usage) -> dict[str, int]:
 
 def tool_calls_wire(calls: Sequence[ToolCall]) -> list[dict[str, Any]]:
     return [
-        {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": c.function.arguments}}
+        {
+            "id": c.id,
+            "type": "function",
+            "function": {"name": c.function.name, "arguments": c.function.arguments},
+        }
         for c in calls
     ]
 

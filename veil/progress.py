@@ -13,7 +13,13 @@ class ProgressBar:
     """A one-line bar on a terminal (or plain lines when not a terminal)."""
 
     def __init__(
-        self, total: int, out: TextIO = sys.stderr, width: int = 30, *, unit: str = "events", made: str = "memories"
+        self,
+        total: int,
+        out: TextIO = sys.stderr,
+        width: int = 30,
+        *,
+        unit: str = "events",
+        made: str = "memories",
     ) -> None:
         self.unit = unit
         self.made = made

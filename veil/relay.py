@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
+from typing import Self
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -50,15 +51,22 @@ async def ask_session(nc: Client, command: SessionCommandUnion, timeout: float) 
     """One request to a session actor; refusals and bus failures become ApiErrors."""
     try:
         msg = await nats_request(
-            nc, session_cmd(command.session_id), SESSION_COMMAND_CODEC.encode(command), timeout=timeout
+            nc,
+            session_cmd(command.session_id),
+            SESSION_COMMAND_CODEC.encode(command),
+            timeout=timeout,
         )
     except NoRespondersError:
-        raise ApiError(503, "No session worker is running; try again shortly.", code="service_unavailable") from None
+        raise ApiError(
+            503, "No session worker is running; try again shortly.", code="service_unavailable"
+        ) from None
     except NatsTimeout:
         raise ApiError(504, "The session did not answer in time.", code="timeout") from None
     if msg.headers and msg.headers.get("Nats-Service-Error-Code"):
         raise ApiError(
-            500, f"The session actor failed: {msg.headers.get('Nats-Service-Error')}", code="actor_failed"
+            500,
+            f"The session actor failed: {msg.headers.get('Nats-Service-Error')}",
+            code="actor_failed",
         )
     reply = TURN_REPLY_CODEC.decode(msg.data)
     if isinstance(reply, TurnRejected):
@@ -81,12 +89,15 @@ async def run_turn(
             reply = task.result()
             if isinstance(reply, TurnDone | TurnError):
                 return reply
-            raise ApiError(500, f"Unexpected reply from the session actor: {reply!r}", code="actor_failed")
+            raise ApiError(
+                500, f"Unexpected reply from the session actor: {reply!r}", code="actor_failed"
+            )
         if client_gone():
             task.cancel()
             with contextlib.suppress(Exception):
                 await nc.publish(
-                    session_cancel(start.session_id, start.turn_id), CANCEL_CODEC.encode(CancelRequest())
+                    session_cancel(start.session_id, start.turn_id),
+                    CANCEL_CODEC.encode(CancelRequest()),
                 )
             raise ClientGone()
 
@@ -111,7 +122,7 @@ class TurnRelay:
         else:
             self._inbox.put_nowait(item)
 
-    async def __aenter__(self) -> TurnRelay:
+    async def __aenter__(self) -> Self:
         self._sub = await self._nc.subscribe(
             session_out(self.start.session_id, self.start.turn_id),
             cb=self._on_message,
@@ -128,7 +139,9 @@ class TurnRelay:
         """Hand the turn to its session actor; raises ApiError if it is refused."""
         reply = await ask_session(self._nc, self.start, timeout)
         if not isinstance(reply, TurnAccepted):
-            raise ApiError(500, f"Unexpected reply from the session actor: {reply!r}", code="actor_failed")
+            raise ApiError(
+                500, f"Unexpected reply from the session actor: {reply!r}", code="actor_failed"
+            )
         self.replay = reply.replay
 
     async def cancel(self) -> None:

@@ -27,7 +27,14 @@ from eventstore.events import (
 )
 from eventstore.store import SessionInfo, StoredEvent
 
-__all__ = ["Resolver", "describe", "referenced_sessions", "render_replay", "render_sessions", "text_at"]
+__all__ = [
+    "Resolver",
+    "describe",
+    "referenced_sessions",
+    "render_replay",
+    "render_sessions",
+    "text_at",
+]
 
 QUOTE_WIDTH = 400
 
@@ -74,17 +81,23 @@ def describe(event: EventUnion, resolve: Resolver = _no_references) -> list[str]
             if event.ttft_ms is not None:
                 head += f" (first token {event.ttft_ms:.1f} ms)"
             if event.usage is not None:
-                head += f", tokens {event.usage.prompt_tokens} in / {event.usage.completion_tokens} out"
+                head += (
+                    f", tokens {event.usage.prompt_tokens} in / {event.usage.completion_tokens} out"
+                )
             if event.error is not None:
                 head += f", FAILED ({event.status}): {event.error}"
             return [head]
         case DocumentsRetrieved():
             if event.error is not None:
                 return [f"knowledge search failed: {event.error}"]
-            lines = [f"documents retrieved from {', '.join(event.collections)} for {_quote(event.query)}: {len(event.chunks)}"]
+            lines = [
+                f"documents retrieved from {', '.join(event.collections)} for {_quote(event.query)}: {len(event.chunks)}"
+            ]
             for n, c in enumerate(event.chunks, start=1):
                 where = f"p. {c.page}" if c.page is not None else f"offset {c.offset}"
-                lines.append(f"  [{n}] {c.path} ({where}) chunk {c.chunk}, cos {c.similarity:.3f}, id {c.id}")
+                lines.append(
+                    f"  [{n}] {c.path} ({where}) chunk {c.chunk}, cos {c.similarity:.3f}, id {c.id}"
+                )
             return lines
         case ToolsCalled():
             lines = [f"tools called: {len(event.results)}"]
@@ -95,7 +108,9 @@ def describe(event: EventUnion, resolve: Resolver = _no_references) -> list[str]
                 lines.append(f"  {r.name}({r.arguments}) -> {outcome} in {r.duration_ms:.1f} ms")
             return lines
         case ToolLoopStopped():
-            return [f"tool loop stopped after {event.steps} steps ({event.reason}); answering without tools"]
+            return [
+                f"tool loop stopped after {event.steps} steps ({event.reason}); answering without tools"
+            ]
         case FactsExtracted():
             return [f"facts extracted from turn {event.turn_id}: {len(event.facts)}"] + [
                 f"  - {_quote(f)}" for f in event.facts
@@ -109,7 +124,9 @@ def describe(event: EventUnion, resolve: Resolver = _no_references) -> list[str]
             if event.detail:
                 lines.append(f"  why: {event.detail}")
             if event.scores:
-                scores = ", ".join(f"{k} {v:.3f}" for k, v in sorted(event.scores.items(), key=lambda kv: -kv[1]))
+                scores = ", ".join(
+                    f"{k} {v:.3f}" for k, v in sorted(event.scores.items(), key=lambda kv: -kv[1])
+                )
                 lines.append(f"  scores: {scores}")
             return lines
         case MemoryRecalled():
@@ -117,10 +134,14 @@ def describe(event: EventUnion, resolve: Resolver = _no_references) -> list[str]
                 return [f"memory recall failed: {event.error}"]
             used = sum(h.used for h in event.hits)
             scope = f" and user {event.user_id}'s other sessions" if event.user_id else ""
-            lines = [f"memory recalled {len(event.hits)} for {_quote(event.query)} (this session{scope}); {used} went into the prompt"]
+            lines = [
+                f"memory recalled {len(event.hits)} for {_quote(event.query)} (this session{scope}); {used} went into the prompt"
+            ]
             for h in event.hits:
                 text = h.text if h.text is not None else resolve(h.session_id, h.source_seq)
-                shown = _quote(text) if text is not None else "[deleted: its session no longer exists]"
+                shown = (
+                    _quote(text) if text is not None else "[deleted: its session no longer exists]"
+                )
                 where = "" if h.text is not None else f" from {h.session_id}#{h.source_seq}"
                 sim = f" cos {h.vector_similarity:.3f}" if h.vector_similarity is not None else ""
                 bm25 = f" bm25 {h.bm25:.2f}" if h.bm25 is not None else ""
@@ -128,19 +149,25 @@ def describe(event: EventUnion, resolve: Resolver = _no_references) -> list[str]
                 lines.append(f"  {mark} {h.score:.4f}{sim}{bm25} {h.role}{where}: {shown}")
             return lines
         case ReplyCompleted():
-            head = f"reply completed: finish {event.finish_reason}, {event.usage.total_tokens} tokens"
+            head = (
+                f"reply completed: finish {event.finish_reason}, {event.usage.total_tokens} tokens"
+            )
             if event.engine is not None:
                 head += f"; model called: engine {event.engine}, model {event.upstream_model}, {event.latency_ms or 0:.1f} ms"
                 if event.ttft_ms is not None:
                     head += f" (first token {event.ttft_ms:.1f} ms)"
-                head += f", tokens {event.usage.prompt_tokens} in / {event.usage.completion_tokens} out"
+                head += (
+                    f", tokens {event.usage.prompt_tokens} in / {event.usage.completion_tokens} out"
+                )
             return [head, f"  assistant: {_quote(event.content)}"]
         case TurnFailed():
             return [f"turn {event.turn_id} failed: {event.status} {event.code}: {event.message}"]
         case TurnCancelled():
             lines = [
-                f"turn {event.turn_id} cancelled ({event.reason}) after "
-                f"{event.usage.completion_tokens} completion tokens"
+                (
+                    f"turn {event.turn_id} cancelled ({event.reason}) after "
+                    f"{event.usage.completion_tokens} completion tokens"
+                )
             ]
             if event.content:
                 lines.append(f"  partial assistant: {_quote(event.content)}")
@@ -150,7 +177,11 @@ def describe(event: EventUnion, resolve: Resolver = _no_references) -> list[str]
 
 
 def render_replay(
-    session_id: str, stored: Sequence[StoredEvent], *, as_json: bool, resolve: Resolver = _no_references
+    session_id: str,
+    stored: Sequence[StoredEvent],
+    *,
+    as_json: bool,
+    resolve: Resolver = _no_references,
 ) -> Iterator[str]:
     state = session.fold([s.event for s in stored])
     if as_json:

@@ -91,7 +91,9 @@ class Workers:
         if any(p.tools for p in self._config.pipelines.values()):
             self._tools = ToolActor(nc, configured_tools(self._config), version=__version__)
             await self._tools.start()
-        engines: dict[str, Engine] = {name: build_engine(self._config, name) for name in self._config.engines}
+        engines: dict[str, Engine] = {
+            name: build_engine(self._config, name) for name in self._config.engines
+        }
         self._models = ModelActor(nc, engines, version=__version__, signals=signals)
         await self._models.start()
 
@@ -129,7 +131,9 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-async def serve_gateway(config: Config, nats_url: str, host: str, port: int) -> tuple[web.AppRunner, int]:
+async def serve_gateway(
+    config: Config, nats_url: str, host: str, port: int
+) -> tuple[web.AppRunner, int]:
     runner = web.AppRunner(gateway.create_app(config, nats_url), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
@@ -160,7 +164,7 @@ async def _bounded(step: Awaitable[None], seconds: float, what: str) -> None:
         await asyncio.wait_for(step, seconds)
     except TimeoutError:
         log.warning("shutdown.step_timed_out", step=what, seconds=seconds)
-    except Exception as error:  # stopping anyway
+    except Exception as error:  # noqa: BLE001 - stopping anyway
         log.warning("shutdown.step_failed", step=what, error=repr(error))
 
 
@@ -190,12 +194,11 @@ async def run_role(
     until: Callable[[], asyncio.Future[None] | asyncio.Task[None]] | None = None,
 ) -> None:
     """Run `serve` (everything), `gateway` or `worker` until SIGINT/SIGTERM."""
-    if role in ("serve", "gateway"):
-        if not config.keys and not is_loopback(host):
-            raise SystemExit(
-                f"refusing to serve on {host} with authentication off: set VEIL_API_KEYS or "
-                "keys in the config file, or bind to 127.0.0.1"
-            )
+    if role in ("serve", "gateway") and not config.keys and not is_loopback(host):
+        raise SystemExit(
+            f"refusing to serve on {host} with authentication off: set VEIL_API_KEYS or "
+            "keys in the config file, or bind to 127.0.0.1"
+        )
     nats: NatsServer | None = None
     url = config.nats_url
     if url is None:
@@ -221,7 +224,9 @@ async def run_role(
                     "No upstream configured: set OPENAI_BASE_URL/OPENAI_API_KEY or ANTHROPIC_API_KEY "
                     "(or --config FILE); chat requests get 503 until then."
                 )
-            _say(f"Veil listening on http://{host}:{actual}/v1 (models: {', '.join(m.name for m in config.models) or '(none)'})")
+            _say(
+                f"Veil listening on http://{host}:{actual}/v1 (models: {', '.join(m.name for m in config.models) or '(none)'})"
+            )
         _settle_garbage_collector()
         await (until() if until is not None else _wait_for_signal())
         _say("Stopping: draining requests and actors...")

@@ -34,7 +34,12 @@ async def stream_turn(
     is written together: one write (and one syscall) per batch, not per chunk."""
     response: web.StreamResponse | None = None
     created = int(time.time())
-    meta = ChunkMeta(id=f"chatcmpl-{start.turn_id}", created=created, model=start.model, session_id=start.session_id)
+    meta = ChunkMeta(
+        id=f"chatcmpl-{start.turn_id}",
+        created=created,
+        model=start.model,
+        session_id=start.session_id,
+    )
     streamed: list[str] = []
     streamed_calls: set[int] = set()
     others: set[int] = set()  # indexes of choices after the first (n > 1)
@@ -73,20 +78,46 @@ async def stream_turn(
                 raise ApiError(e.status, e.message, type=e.type, code=e.code, param=e.param)
             if response is None:
                 response = await begin()
-                send(chunk(meta, delta={"role": "assistant", "content": ""}, include_usage=include_usage))
+                send(
+                    chunk(
+                        meta,
+                        delta={"role": "assistant", "content": ""},
+                        include_usage=include_usage,
+                    )
+                )
             if isinstance(item, Delta):
                 if item.choice:
                     if item.choice not in others:
                         others.add(item.choice)
-                        send(chunk(meta, delta={"role": "assistant", "content": ""}, include_usage=include_usage, index=item.choice))
-                    send(chunk(meta, delta={"content": item.text}, include_usage=include_usage, index=item.choice))
+                        send(
+                            chunk(
+                                meta,
+                                delta={"role": "assistant", "content": ""},
+                                include_usage=include_usage,
+                                index=item.choice,
+                            )
+                        )
+                    send(
+                        chunk(
+                            meta,
+                            delta={"content": item.text},
+                            include_usage=include_usage,
+                            index=item.choice,
+                        )
+                    )
                     continue
                 streamed.append(item.text)
                 send(chunk(meta, delta={"content": item.text}, include_usage=include_usage))
                 continue
             if isinstance(item, ToolDelta):
                 streamed_calls.add(item.index)
-                send(chunk(meta, delta={"tool_calls": [tool_delta_wire(item)]}, include_usage=include_usage))
+                send(
+                    chunk(
+                        meta,
+                        delta={"tool_calls": [tool_delta_wire(item)]},
+                        include_usage=include_usage,
+                    )
+                )
                 continue
             _finish(item, meta, streamed, streamed_calls, others, include_usage, send)
             if isinstance(item, TurnDone):
@@ -110,7 +141,7 @@ def _finish(
     or the error that ended it."""
     # The final message carries the whole text: send whatever deltas did not arrive.
     sent = "".join(streamed)
-    rest = item.content[len(sent):] if item.content.startswith(sent) else ""
+    rest = item.content[len(sent) :] if item.content.startswith(sent) else ""
     if rest:
         send(chunk(meta, delta={"content": rest}, include_usage=include_usage))
     if isinstance(item, TurnError):
@@ -124,6 +155,8 @@ def _finish(
             send(chunk(meta, delta={"tool_calls": [whole]}, include_usage=include_usage))
     send(chunk(meta, finish_reason=item.finish_reason, include_usage=include_usage))
     for index in sorted(others):
-        send(chunk(meta, finish_reason=item.finish_reason, include_usage=include_usage, index=index))
+        send(
+            chunk(meta, finish_reason=item.finish_reason, include_usage=include_usage, index=index)
+        )
     if include_usage:
         send(chunk(meta, usage=item.usage))

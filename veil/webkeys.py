@@ -17,5 +17,9 @@ AUTH = web.AppKey("auth", Authenticator)
 PRINCIPAL = web.RequestKey("principal", Principal)
 
 
-def json_response(body: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(body=encode(body), status=status, content_type="application/json", headers=headers)
+def json_response(
+    body: object, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        body=encode(body), status=status, content_type="application/json", headers=headers
+    )

@@ -61,6 +61,10 @@ def build_engine(config: Config, name: str) -> Engine:
 
         assert spec.model is not None
         return VllmEngine(
-            name, model=spec.model, max_model_len=spec.max_model_len, dtype=spec.dtype, extra_args=spec.vllm_args
+            name,
+            model=spec.model,
+            max_model_len=spec.max_model_len,
+            dtype=spec.dtype,
+            extra_args=spec.vllm_args,
         )
     raise ValueError(f"unknown engine kind {spec.kind!r}")

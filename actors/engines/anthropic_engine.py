@@ -37,7 +37,13 @@ UNSUPPORTED = ("seed", "response_format", "presence_penalty", "frequency_penalty
 def _blocks(message: ChatMessage) -> list[dict[str, Any]]:
     """A message as Anthropic content blocks: text, tool_use for calls, tool_result for answers."""
     if message.role == "tool":
-        return [{"type": "tool_result", "tool_use_id": message.tool_call_id or "", "content": message.content}]
+        return [
+            {
+                "type": "tool_result",
+                "tool_use_id": message.tool_call_id or "",
+                "content": message.content,
+            }
+        ]
     blocks: list[dict[str, Any]] = []
     if message.content:
         blocks.append({"type": "text", "text": message.content})
@@ -46,7 +52,9 @@ def _blocks(message: ChatMessage) -> list[dict[str, Any]]:
             arguments = json.loads(call.function.arguments or "{}")
         except json.JSONDecodeError:
             arguments = {"_unparsed": call.function.arguments}
-        blocks.append({"type": "tool_use", "id": call.id, "name": call.function.name, "input": arguments})
+        blocks.append(
+            {"type": "tool_use", "id": call.id, "name": call.function.name, "input": arguments}
+        )
     return blocks
 
 
@@ -76,7 +84,10 @@ def to_anthropic_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for tool in tools:
         function = tool.get("function", {})
-        entry = {"name": function["name"], "input_schema": function.get("parameters") or {"type": "object"}}
+        entry = {
+            "name": function["name"],
+            "input_schema": function.get("parameters") or {"type": "object"},
+        }
         if function.get("description"):
             entry["description"] = function["description"]
         out.append(entry)
@@ -125,7 +136,10 @@ def translate_error(error: Exception) -> EngineError:
         )
     if isinstance(error, anthropic.APIConnectionError):
         return EngineError(
-            502, "upstream_unreachable", f"The upstream model could not be reached: {error}", retryable=True
+            502,
+            "upstream_unreachable",
+            f"The upstream model could not be reached: {error}",
+            retryable=True,
         )
     return EngineError(502, "upstream_error", f"The upstream model failed: {error!r}")
 
@@ -143,17 +157,24 @@ class AnthropicEngine:
         self.name = name
         self._default_max_tokens = default_max_tokens
         self._client = anthropic.AsyncAnthropic(
-            base_url=base_url or os.environ.get("ANTHROPIC_BASE_URL") or DEFAULT_BASE_URL, api_key=api_key or "not-needed", max_retries=0, timeout=timeout
+            base_url=base_url or os.environ.get("ANTHROPIC_BASE_URL") or DEFAULT_BASE_URL,
+            api_key=api_key or "not-needed",
+            max_retries=0,
+            timeout=timeout,
         )
 
     async def aclose(self) -> None:
         await self._client.close()
 
-    def _request(self, model: str, messages: list[ChatMessage], params: dict[str, Any]) -> dict[str, Any]:
+    def _request(
+        self, model: str, messages: list[ChatMessage], params: dict[str, Any]
+    ) -> dict[str, Any]:
         for name in UNSUPPORTED:
             if params.get(name) is not None:
                 raise EngineError(
-                    400, "unsupported_parameter", f"The parameter '{name}' is not supported by this model."
+                    400,
+                    "unsupported_parameter",
+                    f"The parameter '{name}' is not supported by this model.",
                 )
         system, turns = to_anthropic(messages)
         max_tokens = params.get("max_completion_tokens") or params.get("max_tokens")
@@ -175,7 +196,9 @@ class AnthropicEngine:
             request["metadata"] = {"user_id": params["user"]}
         if params.get("tools"):
             request["tools"] = to_anthropic_tools(params["tools"])
-        choice = to_anthropic_tool_choice(params.get("tool_choice"), params.get("parallel_tool_calls"))
+        choice = to_anthropic_tool_choice(
+            params.get("tool_choice"), params.get("parallel_tool_calls")
+        )
         if choice is not None and params.get("tools"):
             request["tool_choice"] = choice
         return request
@@ -194,7 +217,9 @@ class AnthropicEngine:
                 message = await self._client.messages.create(**request)
                 output.parts.extend(b.text for b in message.content if b.type == "text")
                 output.tool_calls.extend(
-                    ToolCall(id=b.id, function=FunctionCall(name=b.name, arguments=_arguments(b.input)))
+                    ToolCall(
+                        id=b.id, function=FunctionCall(name=b.name, arguments=_arguments(b.input))
+                    )
                     for b in message.content
                     if b.type == "tool_use"
                 )
@@ -205,7 +230,9 @@ class AnthropicEngine:
         except anthropic.AnthropicError as error:
             raise translate_error(error) from error
 
-    async def _stream(self, request: dict[str, Any], on_delta: DeltaSink, output: EngineOutput) -> None:
+    async def _stream(
+        self, request: dict[str, Any], on_delta: DeltaSink, output: EngineOutput
+    ) -> None:
         started = time.perf_counter()
         input_tokens = output_tokens = 0
         stream = await self._client.messages.create(stream=True, **request)
@@ -218,13 +245,17 @@ class AnthropicEngine:
                 elif event.type == "content_block_start" and event.content_block.type == "tool_use":
                     block = event.content_block
                     calls[event.index] = {"id": block.id, "name": block.name, "arguments": []}
-                    await on_delta(ToolCallPiece(index=len(calls) - 1, id=block.id, name=block.name))
+                    await on_delta(
+                        ToolCallPiece(index=len(calls) - 1, id=block.id, name=block.name)
+                    )
                 elif event.type == "content_block_delta" and event.delta.type == "input_json_delta":
                     call = calls.get(event.index)
                     if call is not None and event.delta.partial_json:
                         call["arguments"].append(event.delta.partial_json)
                         position = list(calls).index(event.index)
-                        await on_delta(ToolCallPiece(index=position, arguments=event.delta.partial_json))
+                        await on_delta(
+                            ToolCallPiece(index=position, arguments=event.delta.partial_json)
+                        )
                 elif event.type == "content_block_delta" and event.delta.type == "text_delta":
                     if output.ttft_ms is None:
                         output.ttft_ms = (time.perf_counter() - started) * 1000
@@ -239,7 +270,10 @@ class AnthropicEngine:
             await stream.close()
         output.usage = _usage(input_tokens, output_tokens)
         output.tool_calls.extend(
-            ToolCall(id=c["id"], function=FunctionCall(name=c["name"], arguments="".join(c["arguments"]) or "{}"))
+            ToolCall(
+                id=c["id"],
+                function=FunctionCall(name=c["name"], arguments="".join(c["arguments"]) or "{}"),
+            )
             for c in calls.values()
         )
 

@@ -51,9 +51,13 @@ def refuse_unsupported(params: dict[str, Any], engine: str) -> None:
             if value == 1:
                 continue
             raise EngineError(
-                400, "unsupported_parameter", f"The {engine} returns one choice per request: n must be 1."
+                400,
+                "unsupported_parameter",
+                f"The {engine} returns one choice per request: n must be 1.",
             )
-        raise EngineError(400, "unsupported_parameter", f"The parameter '{key}' is not supported by the {engine}.")
+        raise EngineError(
+            400, "unsupported_parameter", f"The parameter '{key}' is not supported by the {engine}."
+        )
 
 
 class ToolCallPiece(msgspec.Struct, frozen=True, kw_only=True):

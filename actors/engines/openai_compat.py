@@ -28,7 +28,11 @@ def to_wire(message: ChatMessage) -> dict[str, Any]:
     if message.tool_calls:
         wire["content"] = message.content or None
         wire["tool_calls"] = [
-            {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": c.function.arguments}}
+            {
+                "id": c.id,
+                "type": "function",
+                "function": {"name": c.function.name, "arguments": c.function.arguments},
+            }
             for c in message.tool_calls
         ]
     if message.tool_call_id is not None:
@@ -41,7 +45,9 @@ def to_wire(message: ChatMessage) -> dict[str, Any]:
 class OpenAIEngine:
     """One upstream base URL and key; any model name behind it."""
 
-    def __init__(self, name: str, *, base_url: str | None, api_key: str | None, timeout: float) -> None:
+    def __init__(
+        self, name: str, *, base_url: str | None, api_key: str | None, timeout: float
+    ) -> None:
         self.name = name
         # Retries and fallbacks are Veil's decision, recorded as events: the client makes none.
         self._client = OpenAIHTTP(base_url=base_url, api_key=api_key, timeout=timeout)
@@ -89,9 +95,13 @@ class OpenAIEngine:
                 total_tokens=response.usage.total_tokens,
             )
 
-    async def _stream(self, body: dict[str, Any], on_delta: DeltaSink, output: EngineOutput) -> None:
+    async def _stream(
+        self, body: dict[str, Any], on_delta: DeltaSink, output: EngineOutput
+    ) -> None:
         started = time.perf_counter()
-        stream = self._client.stream({**body, "stream": True, "stream_options": {"include_usage": True}})
+        stream = self._client.stream(
+            {**body, "stream": True, "stream_options": {"include_usage": True}}
+        )
         calls: list[ToolCallPart] = []
         alternatives: dict[int, list[str]] = {}
         try:
@@ -149,6 +159,8 @@ def assemble_tool_calls(pieces: list[ToolCallPart]) -> list[ToolCall]:
             if piece.function.arguments:
                 call["arguments"].append(piece.function.arguments)
     return [
-        ToolCall(id=c["id"], function=FunctionCall(name=c["name"], arguments="".join(c["arguments"])))
+        ToolCall(
+            id=c["id"], function=FunctionCall(name=c["name"], arguments="".join(c["arguments"]))
+        )
         for _, c in sorted(by_index.items())
     ]

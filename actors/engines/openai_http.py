@@ -139,24 +139,33 @@ def _decoded(decoder: msgspec.json.Decoder[T], data: bytes, failure: str) -> T:
     try:
         return decoder.decode(data)
     except msgspec.DecodeError as error:
-        raise EngineError(502, "upstream_error", f"The upstream model {failure}: {error}") from error
+        raise EngineError(
+            502, "upstream_error", f"The upstream model {failure}: {error}"
+        ) from error
 
 
 def _timeout_error() -> EngineError:
-    return EngineError(504, "upstream_timeout", "The upstream model did not answer in time.", retryable=True)
+    return EngineError(
+        504, "upstream_timeout", "The upstream model did not answer in time.", retryable=True
+    )
 
 
 def _unreachable(url: str, error: Exception) -> EngineError:
     # aiohttp's messages can be bare (an invalid URL says only the URL): name the kind too.
     reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
     return EngineError(
-        502, "upstream_unreachable", f"The upstream model at {url} could not be reached ({reason})", retryable=True
+        502,
+        "upstream_unreachable",
+        f"The upstream model at {url} could not be reached ({reason})",
+        retryable=True,
     )
 
 
 def _broken(error: Exception) -> EngineError:
     # The connection dropped mid-answer; the chain decides whether a retry is still possible.
-    return EngineError(502, "upstream_error", f"The upstream model's answer broke off: {error}", retryable=True)
+    return EngineError(
+        502, "upstream_error", f"The upstream model's answer broke off: {error}", retryable=True
+    )
 
 
 def _reported_error(error: Any, what: str) -> EngineError:
@@ -200,7 +209,9 @@ class OpenAIHTTP:
         return self._session
 
     def _post(self, body: dict[str, Any]) -> Any:
-        return self._pool().post(self.url, data=_encode(body), headers=self._headers, proxy=self._proxy)
+        return self._pool().post(
+            self.url, data=_encode(body), headers=self._headers, proxy=self._proxy
+        )
 
     async def aclose(self) -> None:
         if self._session is not None:
@@ -217,7 +228,9 @@ class OpenAIHTTP:
                 answering = True
                 if response.status >= 400:
                     payload = await response.read()
-                    raise _status_error(response.status, payload, response.headers.get("Retry-After"))
+                    raise _status_error(
+                        response.status, payload, response.headers.get("Retry-After")
+                    )
                 yield response
         except TimeoutError as error:
             raise _timeout_error() from error
@@ -228,7 +241,9 @@ class OpenAIHTTP:
         """One non-streaming chat completion."""
         async with self._exchange(body) as response:
             payload = await response.read()
-        completion = _decoded(_completion, payload, "answered with something else than a completion")
+        completion = _decoded(
+            _completion, payload, "answered with something else than a completion"
+        )
         if completion.error is not None and not completion.choices:
             raise _reported_error(completion.error, "The upstream model failed")
         return completion

@@ -88,7 +88,9 @@ async def ask_knowledge(nc: Client, ask: KnowledgeSearch, timeout: float) -> lis
 
 
 class KnowledgeActor:
-    def __init__(self, nc: Client, index: KnowledgeIndex, *, version: str, uploads: Path | None = None) -> None:
+    def __init__(
+        self, nc: Client, index: KnowledgeIndex, *, version: str, uploads: Path | None = None
+    ) -> None:
         self._nc = nc
         self._index = index
         # Uploaded files are kept here: a document's path must keep naming it.
@@ -100,9 +102,14 @@ class KnowledgeActor:
     async def start(self) -> None:
         await self._log.ensure()
         self._service = await add_service(
-            self._nc, name="veil-knowledge", version=self._version, description="Searches knowledge collections"
+            self._nc,
+            name="veil-knowledge",
+            version=self._version,
+            description="Searches knowledge collections",
         )
-        await self._service.add_endpoint(name="search", subject=KNOWLEDGE_SEARCH, handler=self._search)
+        await self._service.add_endpoint(
+            name="search", subject=KNOWLEDGE_SEARCH, handler=self._search
+        )
         await self._service.add_endpoint(name="admin", subject=KNOWLEDGE_ADMIN, handler=self._admin)
 
     async def _admin(self, request: Request) -> None:
@@ -124,7 +131,9 @@ class KnowledgeActor:
             return AdminReply(result=msgspec.to_builtins(await self._index.documents(collection)))
         if ask.action == "add":
             if self._uploads is None or not ask.filename or ask.data is None:
-                return AdminReply(ok=False, status=400, error="an upload needs a file name and content")
+                return AdminReply(
+                    ok=False, status=400, error="an upload needs a file name and content"
+                )
             name = Path(ask.filename).name
             if not name or name.startswith("."):
                 return AdminReply(ok=False, status=400, error=f"bad file name {ask.filename!r}")
@@ -139,7 +148,9 @@ class KnowledgeActor:
                 return AdminReply(ok=False, status=400, error="give the document's path")
             report = await remove(self._nc, self._index, collection, [ask.path])
             if not report.removed:
-                return AdminReply(ok=False, status=404, error=f"no document {ask.path!r} in {collection!r}")
+                return AdminReply(
+                    ok=False, status=404, error=f"no document {ask.path!r} in {collection!r}"
+                )
             return AdminReply(result=msgspec.to_builtins(report))
         return AdminReply(ok=False, status=400, error=f"unknown action {ask.action!r}")
 
@@ -151,7 +162,9 @@ class KnowledgeActor:
             return
         for collection in ask.collections:
             await self._index.sync(self._log, collection)
-        hits = await self._index.search(ask.collections, ask.query, k=ask.k, threshold=ask.threshold)
+        hits = await self._index.search(
+            ask.collections, ask.query, k=ask.k, threshold=ask.threshold
+        )
         await request.respond(SEARCH_REPLY_CODEC.encode(KnowledgeFound(hits=hits)))
 
     async def stop(self) -> None:

@@ -118,8 +118,12 @@ def _chunk_section(section: Section, target: int, overlap: int) -> list[Chunk]:
         if current:
             start, end = span(current)
             chunks.append(
-                Chunk(text=text[start:end], heading=section.heading,
-                      offset=section.offset + start, page=section.page)
+                Chunk(
+                    text=text[start:end],
+                    heading=section.heading,
+                    offset=section.offset + start,
+                    page=section.page,
+                )
             )
 
     for at, piece in _pieces(text, target, max(target - overlap - 2, target // 2)):

@@ -31,7 +31,14 @@ from actors.knowledge.log import KnowledgeLog
 from actors.memory._sql import connect
 from actors.memory.index import MemoryIndex, MemoryRecord
 
-__all__ = ["TENANT", "CollectionInfo", "DocumentInfo", "KnowledgeHit", "KnowledgeIndex", "indexed_text"]
+__all__ = [
+    "TENANT",
+    "CollectionInfo",
+    "DocumentInfo",
+    "KnowledgeHit",
+    "KnowledgeIndex",
+    "indexed_text",
+]
 
 #: The MemoryIndex tenant that holds knowledge chunks (not a valid API tenant id).
 TENANT = "__kb__"
@@ -134,8 +141,11 @@ class KnowledgeIndex:
 
     async def checkpoint(self, collection: str) -> int:
         """Seq of the collection's last applied event (0 when none)."""
-        rows = list(await self._db.execute_fetchall(
-            "SELECT seq FROM knowledge_checkpoints WHERE collection = ?", (collection,)))
+        rows = list(
+            await self._db.execute_fetchall(
+                "SELECT seq FROM knowledge_checkpoints WHERE collection = ?", (collection,)
+            )
+        )
         return int(rows[0][0]) if rows else 0
 
     async def apply(self, events: Sequence[tuple[int, KbEvent]]) -> None:
@@ -169,26 +179,45 @@ class KnowledgeIndex:
 
     async def _add(self, seq: int, event: DocumentAdded) -> None:
         c = event.collection
-        rows = list(await self._db.execute_fetchall(
-            "SELECT sha256 FROM knowledge_docs WHERE collection = ? AND path = ?", (c, event.path)))
+        rows = list(
+            await self._db.execute_fetchall(
+                "SELECT sha256 FROM knowledge_docs WHERE collection = ? AND path = ?",
+                (c, event.path),
+            )
+        )
         if rows and rows[0][0] != event.sha256:
             # A new version without a removal of the old one: the old one goes now.
-            await self._remove(DocumentRemoved(
-                collection=c, path=event.path, sha256=str(rows[0][0]), at=event.at))
+            await self._remove(
+                DocumentRemoved(collection=c, path=event.path, sha256=str(rows[0][0]), at=event.at)
+            )
         await self._db.execute("BEGIN IMMEDIATE")
         await self._db.execute(
             "INSERT INTO knowledge_docs (collection, path, sha256, chunks, pages, size, added_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (collection, path) DO UPDATE SET"
             " chunks = excluded.chunks, pages = excluded.pages, size = excluded.size",
-            (c, event.path, event.sha256, event.total or len(event.chunks), event.pages,
-             event.size, event.at.isoformat()),
+            (
+                c,
+                event.path,
+                event.sha256,
+                event.total or len(event.chunks),
+                event.pages,
+                event.size,
+                event.at.isoformat(),
+            ),
         )
         await self._db.executemany(
             "INSERT INTO knowledge_chunks (id, collection, sha256, number, offset, page, heading)"
             " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
             [
-                (chunk_id(c, event.sha256, event.first + i), c, event.sha256, event.first + i,
-                 ch.position.offset, ch.position.page, json.dumps(ch.heading))
+                (
+                    chunk_id(c, event.sha256, event.first + i),
+                    c,
+                    event.sha256,
+                    event.first + i,
+                    ch.position.offset,
+                    ch.position.page,
+                    json.dumps(ch.heading),
+                )
                 for i, ch in enumerate(event.chunks)
             ],
         )
@@ -202,15 +231,23 @@ class KnowledgeIndex:
         vectors = await self.embedder.aembed(texts)
         records = [
             MemoryRecord(
-                id=ids[i], tenant=TENANT, user_id=None, session_id=c, kind="chunk",
-                role="document", text=text, source_seq=seq, created_at=event.at,
+                id=ids[i],
+                tenant=TENANT,
+                user_id=None,
+                session_id=c,
+                kind="chunk",
+                role="document",
+                text=text,
+                source_seq=seq,
+                created_at=event.at,
             )
             for (i, _), text in zip(todo, texts, strict=True)
         ]
         await self.memory.add(records, vectors)
         await self._db.execute("BEGIN IMMEDIATE")
         await self._db.executemany(
-            "UPDATE knowledge_chunks SET indexed = 1 WHERE id = ?", [(ids[i],) for i, _ in todo])
+            "UPDATE knowledge_chunks SET indexed = 1 WHERE id = ?", [(ids[i],) for i, _ in todo]
+        )
         await self._db.execute("COMMIT")
 
     async def _not_indexed(self, ids: list[str]) -> set[str]:
@@ -232,17 +269,26 @@ class KnowledgeIndex:
         )
         if cur.rowcount == 0:
             return
-        shared = list(await self._db.execute_fetchall(
-            "SELECT 1 FROM knowledge_docs WHERE collection = ? AND sha256 = ? LIMIT 1",
-            (c, event.sha256)))
+        shared = list(
+            await self._db.execute_fetchall(
+                "SELECT 1 FROM knowledge_docs WHERE collection = ? AND sha256 = ? LIMIT 1",
+                (c, event.sha256),
+            )
+        )
         await self._db.commit()
         if shared:
             return
-        ids = [str(r[0]) for r in await self._db.execute_fetchall(
-            "SELECT id FROM knowledge_chunks WHERE collection = ? AND sha256 = ?", (c, event.sha256))]
+        ids = [
+            str(r[0])
+            for r in await self._db.execute_fetchall(
+                "SELECT id FROM knowledge_chunks WHERE collection = ? AND sha256 = ?",
+                (c, event.sha256),
+            )
+        ]
         await self.memory.delete_ids(TENANT, ids, scrub=False)
         await self._db.execute(
-            "DELETE FROM knowledge_chunks WHERE collection = ? AND sha256 = ?", (c, event.sha256))
+            "DELETE FROM knowledge_chunks WHERE collection = ? AND sha256 = ?", (c, event.sha256)
+        )
         await self._db.commit()
 
     # -- reading ----------------------------------------------------------
@@ -264,11 +310,17 @@ class KnowledgeIndex:
         for name in names:
             if keyword_only:
                 hits = await self.memory.keyword_search(
-                    tenant=TENANT, session_id=name, user_id=None, query_text=query, k=k)
+                    tenant=TENANT, session_id=name, user_id=None, query_text=query, k=k
+                )
             else:
                 hits = await self.memory.search(
-                    tenant=TENANT, session_id=name, user_id=None, query_vector=vector,
-                    query_text=query, k=k)
+                    tenant=TENANT,
+                    session_id=name,
+                    user_id=None,
+                    query_vector=vector,
+                    query_text=query,
+                    k=k,
+                )
             found.extend((name, h) for h in hits)
         found.sort(key=lambda item: -item[1].score)
         sims = await self._similarities(vector, [h for _, h in found])
@@ -284,7 +336,9 @@ class KnowledgeIndex:
                 break
         return out
 
-    async def _similarities(self, vector: npt.NDArray[np.float32], hits: list[Any]) -> dict[str, float]:
+    async def _similarities(
+        self, vector: npt.NDArray[np.float32], hits: list[Any]
+    ) -> dict[str, float]:
         sims = {h.id: h.vector_similarity for h in hits if h.vector_similarity is not None}
         missing = [h.id for h in hits if h.vector_similarity is None]
         if missing:
@@ -300,22 +354,31 @@ class KnowledgeIndex:
         return {h.id: float(sims.get(h.id, -1.0)) for h in hits}
 
     async def _hit(self, collection: str, h: Any, similarity: float) -> KnowledgeHit | None:
-        rows = list(await self._db.execute_fetchall(
-            "SELECT c.sha256, c.number, c.offset, c.page, c.heading, min(d.path)"
-            " FROM knowledge_chunks c JOIN knowledge_docs d"
-            " ON d.collection = c.collection AND d.sha256 = c.sha256 WHERE c.id = ?",
-            (h.id,),
-        ))
+        rows = list(
+            await self._db.execute_fetchall(
+                "SELECT c.sha256, c.number, c.offset, c.page, c.heading, min(d.path)"
+                " FROM knowledge_chunks c JOIN knowledge_docs d"
+                " ON d.collection = c.collection AND d.sha256 = c.sha256 WHERE c.id = ?",
+                (h.id,),
+            )
+        )
         if not rows or rows[0][0] is None:
             return None  # removed since the search read it
         sha, number, offset, page, heading_json, path = rows[0]
         heading = tuple(json.loads(heading_json))
         prefix = len(indexed_text(heading, "")) if heading else 0
         return KnowledgeHit(
-            collection=collection, path=str(path), sha256=str(sha), chunk=int(number),
-            heading=heading, position=Position(offset=int(offset), page=page),
-            text=h.text[prefix:], score=float(h.score), similarity=similarity,
-            vector_rank=h.vector_rank, keyword_rank=h.keyword_rank,
+            collection=collection,
+            path=str(path),
+            sha256=str(sha),
+            chunk=int(number),
+            heading=heading,
+            position=Position(offset=int(offset), page=page),
+            text=h.text[prefix:],
+            score=float(h.score),
+            similarity=similarity,
+            vector_rank=h.vector_rank,
+            keyword_rank=h.keyword_rank,
         )
 
     async def documents(self, collection: str) -> list[DocumentInfo]:
@@ -326,8 +389,15 @@ class KnowledgeIndex:
             (collection,),
         )
         return [
-            DocumentInfo(collection=collection, path=str(r[0]), sha256=str(r[1]), chunks=int(r[2]),
-                         pages=int(r[3]), size=int(r[4]), added_at=datetime.fromisoformat(r[5]))
+            DocumentInfo(
+                collection=collection,
+                path=str(r[0]),
+                sha256=str(r[1]),
+                chunks=int(r[2]),
+                pages=int(r[3]),
+                size=int(r[4]),
+                added_at=datetime.fromisoformat(r[5]),
+            )
             for r in rows
         ]
 

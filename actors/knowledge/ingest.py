@@ -77,9 +77,19 @@ def document_events(
     out: list[DocumentAdded] = []
     first = 0
     for part in parts:
-        out.append(DocumentAdded(
-            collection=collection, path=path, sha256=sha, chunks=tuple(part), at=at,
-            first=first, total=len(items), pages=pages, size=len(data)))
+        out.append(
+            DocumentAdded(
+                collection=collection,
+                path=path,
+                sha256=sha,
+                chunks=tuple(part),
+                at=at,
+                first=first,
+                total=len(items),
+                pages=pages,
+                size=len(data),
+            )
+        )
         first += len(part)
     return out
 
@@ -135,10 +145,16 @@ async def ingest(
             raise FileNotFoundError(f"no such file or folder: {given}")
     files = list(dict.fromkeys(files))
     seen = {str(f) for f in files}
-    gone += [p for p in state if p not in seen and p not in gone and any(_under(p, d) for d in folders)]
+    gone += [
+        p for p in state if p not in seen and p not in gone and any(_under(p, d) for d in folders)
+    ]
 
     report = Report()
-    bar = ProgressBar(len(files) + len(gone), out, unit="files", made="chunks") if out is not None else None
+    bar = (
+        ProgressBar(len(files) + len(gone), out, unit="files", made="chunks")
+        if out is not None
+        else None
+    )
 
     async def commit(events: list[KbEvent]) -> None:
         nonlocal last
@@ -166,7 +182,9 @@ async def ingest(
         pages = page_count(sections)
         events: list[KbEvent] = []
         if path in state:
-            events.append(DocumentRemoved(collection=collection, path=path, sha256=state[path], at=now))
+            events.append(
+                DocumentRemoved(collection=collection, path=path, sha256=state[path], at=now)
+            )
             report.updated.append(path)
         else:
             report.added.append(path)
@@ -177,7 +195,9 @@ async def ingest(
         report.pages += pages
     for path in gone:
         now = datetime.now(UTC)
-        await commit([DocumentRemoved(collection=collection, path=path, sha256=state.pop(path), at=now)])
+        await commit(
+            [DocumentRemoved(collection=collection, path=path, sha256=state.pop(path), at=now)]
+        )
         report.removed.append(path)
     if bar is not None:
         bar.update(len(files) + len(gone), report.chunks, final=True)
@@ -185,7 +205,12 @@ async def ingest(
 
 
 async def remove(
-    nc: Client, index: KnowledgeIndex, collection: str, paths: Sequence[str | Path], *, scrub: bool = True
+    nc: Client,
+    index: KnowledgeIndex,
+    collection: str,
+    paths: Sequence[str | Path],
+    *,
+    scrub: bool = True,
 ) -> Report:
     """Remove the documents at `paths` (a file, or every document under a folder).
 
@@ -220,7 +245,8 @@ async def collections(nc: Client) -> list[CollectionInfo]:
             chunks[(e.collection, e.sha256)] = e.total or len(e.chunks)
     return [
         CollectionInfo(
-            name=name, documents=len(docs[name]),
+            name=name,
+            documents=len(docs[name]),
             chunks=sum(chunks[(name, sha)] for sha in set(docs[name].values())),
         )
         for name in sorted(docs)

@@ -31,6 +31,7 @@ KB_STREAM = "KB_EVENTS"
 KB_WILDCARD = "kb.events.>"
 _PREFIX = "kb.events."
 
+
 def collection_subject(collection: str) -> str:
     """The subject a collection's events are stored under."""
     return _PREFIX + validate_id(collection, "collection name")
@@ -79,8 +80,11 @@ class KnowledgeLog:
             headers = {Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value: str(expected)}
             try:
                 ack = await self._js.publish(
-                    subject, CODEC.encode(event), timeout=self._timeout,
-                    stream=KB_STREAM, headers=headers,
+                    subject,
+                    CODEC.encode(event),
+                    timeout=self._timeout,
+                    stream=KB_STREAM,
+                    headers=headers,
                 )
             except nats.js.errors.APIError as e:
                 if e.err_code == WRONG_LAST_SEQUENCE:
@@ -95,7 +99,9 @@ class KnowledgeLog:
     async def last_seq(self, collection: str) -> int:
         """Seq of the collection's last event, 0 when it has none."""
         try:
-            msg = await self._js.get_last_msg(KB_STREAM, collection_subject(collection), direct=True)
+            msg = await self._js.get_last_msg(
+                KB_STREAM, collection_subject(collection), direct=True
+            )
         except nats.js.errors.NotFoundError:
             return 0
         except UNAVAILABLE as e:
@@ -112,7 +118,9 @@ class KnowledgeLog:
         seq = after + 1
         while True:
             try:
-                msg = await self._js.get_msg(KB_STREAM, seq, next=True, subject=subject, direct=True)
+                msg = await self._js.get_msg(
+                    KB_STREAM, seq, next=True, subject=subject, direct=True
+                )
             except nats.js.errors.NotFoundError:
                 return out
             except UNAVAILABLE as e:

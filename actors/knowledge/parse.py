@@ -14,7 +14,15 @@ from pathlib import Path
 
 import msgspec
 
-__all__ = ["SUFFIXES", "Section", "UnsupportedFile", "parse", "parse_html", "parse_markdown", "parse_pdf"]
+__all__ = [
+    "SUFFIXES",
+    "Section",
+    "UnsupportedFile",
+    "parse",
+    "parse_html",
+    "parse_markdown",
+    "parse_pdf",
+]
 
 #: File suffixes `parse` reads (lower case).
 SUFFIXES = frozenset({".txt", ".text", ".md", ".markdown", ".html", ".htm", ".pdf"})
@@ -83,13 +91,58 @@ def _emit(sections: list[Section], path: list[tuple[int, str]], body: str, offse
 
 
 _SKIP = frozenset({"script", "style", "noscript", "template", "head", "svg", "iframe", "object"})
-_VOID = frozenset({"br", "hr", "img", "input", "meta", "link", "area", "base", "col", "embed",
-                   "source", "track", "wbr"})
-_BLOCK = frozenset({
-    "p", "div", "section", "article", "main", "aside", "header", "footer", "nav", "li", "ul",
-    "ol", "dl", "dt", "dd", "table", "tr", "pre", "blockquote", "figure", "figcaption", "form",
-    "fieldset", "details", "summary", "address", "br", "hr", "body", "td", "th",
-})
+_VOID = frozenset(
+    {
+        "br",
+        "hr",
+        "img",
+        "input",
+        "meta",
+        "link",
+        "area",
+        "base",
+        "col",
+        "embed",
+        "source",
+        "track",
+        "wbr",
+    }
+)
+_BLOCK = frozenset(
+    {
+        "p",
+        "div",
+        "section",
+        "article",
+        "main",
+        "aside",
+        "header",
+        "footer",
+        "nav",
+        "li",
+        "ul",
+        "ol",
+        "dl",
+        "dt",
+        "dd",
+        "table",
+        "tr",
+        "pre",
+        "blockquote",
+        "figure",
+        "figcaption",
+        "form",
+        "fieldset",
+        "details",
+        "summary",
+        "address",
+        "br",
+        "hr",
+        "body",
+        "td",
+        "th",
+    }
+)
 _HEADINGS = {f"h{i}": i for i in range(1, 7)}
 
 
@@ -156,8 +209,10 @@ class _HtmlText(HTMLParser):
     def _flush(self) -> None:
         raw = "".join(self._buf)
         self._buf = []
-        paragraphs = [" ".join(p.split()) if "\n" not in p.strip() else p.strip()
-                      for p in re.split(r"\n\s*\n", raw)]
+        paragraphs = [
+            " ".join(p.split()) if "\n" not in p.strip() else p.strip()
+            for p in re.split(r"\n\s*\n", raw)
+        ]
         text = "\n\n".join(p for p in paragraphs if p.strip())
         if text:
             offset = sum(len(s.text) + 2 for s in self.sections)

@@ -17,7 +17,11 @@ CITE = " When you use one, cite it by its number in square brackets, like [1]."
 
 
 def source_label(hit: KnowledgeHit) -> str:
-    where = f"p. {hit.position.page}" if hit.position.page is not None else f"offset {hit.position.offset}"
+    where = (
+        f"p. {hit.position.page}"
+        if hit.position.page is not None
+        else f"offset {hit.position.offset}"
+    )
     heading = f", {' › '.join(hit.heading)}" if hit.heading else ""
     return f"{hit.path} ({where}{heading})"
 

@@ -46,6 +46,7 @@ CHUNK = 500  # rows per IN (...) list
 # vec0 table and chunk size by tier (0 small, 1 large).
 VEC_TABLES = (("memory_vec_small", 32), ("memory_vec_large", 1024))
 
+
 def bounds(scope: int) -> tuple[int, int]:
     return scope << SCOPE_SHIFT, (scope << SCOPE_SHIFT) | MAX_SEQ
 
@@ -110,6 +111,8 @@ DROP TABLE IF EXISTS memory_vec_large;
 DROP TABLE IF EXISTS memory_vectors; DROP TABLE IF EXISTS memories;
 DROP TABLE IF EXISTS memory_scopes; DROP TABLE IF EXISTS memory_meta;
 """
+
+
 class Transaction:
     """BEGIN IMMEDIATE ... COMMIT on the writer, ROLLBACK on any exception."""
 

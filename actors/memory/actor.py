@@ -143,7 +143,9 @@ class MemoryActor:
             stats_handler=lambda _endpoint: {**self._progress.stats(), "max_lag": self._max_lag},
         )
         await self._service.add_endpoint(name="recall", subject=MEMORY_RECALL, handler=self._recall)
-        await self._service.add_endpoint(name="forget", subject=MEMORY_FORGET, handler=self._forget_request)
+        await self._service.add_endpoint(
+            name="forget", subject=MEMORY_FORGET, handler=self._forget_request
+        )
 
     async def stop(self) -> None:
         if self._service is not None:
@@ -198,7 +200,12 @@ class MemoryActor:
                 tenant=tenant, session_id=session_id, user_id=user_id, query_vector=vector, k=ask.k
             )
         return await self._index.search(
-            tenant=tenant, session_id=session_id, user_id=user_id, query_vector=vector, query_text=ask.query, k=ask.k
+            tenant=tenant,
+            session_id=session_id,
+            user_id=user_id,
+            query_vector=vector,
+            query_text=ask.query,
+            k=ask.k,
         )
 
     # -- projection ---------------------------------------------------------
@@ -219,12 +226,16 @@ class MemoryActor:
         info = await self._js.stream_info(EVENTS_STREAM)
         if start > info.state.last_seq + 1:
             # The index is ahead of the log: the stream was recreated. Rebuild.
-            log.warning("memory.index_ahead_of_log", checkpoint=start - 1, last_seq=info.state.last_seq)
+            log.warning(
+                "memory.index_ahead_of_log", checkpoint=start - 1, last_seq=info.state.last_seq
+            )
             await self._index.reset()
             start = 1
         if info.state.last_seq < start:
             self.caught_up.set()
-        async with StreamReader(self._js, EVENTS_WILDCARD, start_seq=start, batch=BATCH, wait=BATCH_WAIT) as reader:
+        async with StreamReader(
+            self._js, EVENTS_WILDCARD, start_seq=start, batch=BATCH, wait=BATCH_WAIT
+        ) as reader:
             while True:
                 batch = await reader.next_batch()
                 if await self._should_wait(batch[0]):
@@ -239,7 +250,9 @@ class MemoryActor:
         # one starts again from the checkpoint.
         self._progress.holding(batch[0])
         waited = await give_way(self._loop_share, self._max_lag - _age(batch[0]))
-        log.debug("memory.gave_way", seconds=round(waited, 3), seq=batch[0].metadata.sequence.stream)
+        log.debug(
+            "memory.gave_way", seconds=round(waited, 3), seq=batch[0].metadata.sequence.stream
+        )
 
     async def _should_wait(self, first: Msg) -> bool:
         """Whether to let the turns that keep the event loop busy run before indexing

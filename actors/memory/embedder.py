@@ -92,11 +92,16 @@ class Embedder:
         # assumes one scale per tensor, where this graph has one per token.
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         options.log_severity_level = 3
-        self._session = ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
+        self._session = ort.InferenceSession(
+            model, sess_options=options, providers=["CPUExecutionProvider"]
+        )
         self._inputs = {i.name for i in self._session.get_inputs()}
         # One worker: embeddings never overlap each other nor run on the event loop.
         self._executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="veil-embed", initializer=_lower_priority, initargs=(nice,)
+            max_workers=1,
+            thread_name_prefix="veil-embed",
+            initializer=_lower_priority,
+            initargs=(nice,),
         )
 
     def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
@@ -108,7 +113,9 @@ class Embedder:
         if not missing:
             return out
         encodings = self._tokenizer.encode_batch([texts[i] for i in missing])
-        for batch in _batches(sorted(range(len(missing)), key=lambda j: len(encodings[j].ids)), encodings):
+        for batch in _batches(
+            sorted(range(len(missing)), key=lambda j: len(encodings[j].ids)), encodings
+        ):
             rows = [missing[j] for j in batch]
             out[rows] = self._run([encodings[j].ids for j in batch])
         for i in missing:
@@ -149,7 +156,9 @@ def _batches(order: list[int], encodings: Sequence[Any]) -> list[list[int]]:
     return batches
 
 
-def _pooled(hidden: npt.NDArray[np.float32], mask: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
+def _pooled(
+    hidden: npt.NDArray[np.float32], mask: npt.NDArray[np.int64]
+) -> npt.NDArray[np.float32]:
     """Mean over the real tokens, L2-normalised."""
     weights = mask[..., None].astype(np.float32)
     pooled = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)

@@ -215,7 +215,9 @@ class MemoryIndex:
         self.model_changed = False
 
     @classmethod
-    async def open(cls, path: str | Path, *, dim: int = 384, model: str | None = None) -> MemoryIndex:
+    async def open(
+        cls, path: str | Path, *, dim: int = 384, model: str | None = None
+    ) -> MemoryIndex:
         """Open (creating if needed) the index file at `path`.
 
         With `model` (an embedder's `model_id`), an index built by another model, or

@@ -57,7 +57,11 @@ def records_of(session_id: str, seq: int, event: EventUnion, owner: Owner) -> li
         case ReplyCompleted() if event.content.strip():
             return [record("", "message", "assistant", event.content)]
         case FactsExtracted():
-            return [record(f":f{i}", "fact", "user", fact) for i, fact in enumerate(event.facts) if fact.strip()]
+            return [
+                record(f":f{i}", "fact", "user", fact)
+                for i, fact in enumerate(event.facts)
+                if fact.strip()
+            ]
         case SessionOpened():
             return []
         case _:

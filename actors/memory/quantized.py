@@ -57,7 +57,19 @@ _CHECK_TEXTS = (
     [101, 2026, 2905, 3268, 1999, 11929, 1012, 102],  # My sister lives in Lisbon.
     # What time does the ferry to the island leave?
     [101, 2054, 2051, 2515, 1996, 7115, 2000, 1996, 2479, 2681, 1029, 102],
-    [101, 1045, 2228, 2009, 2003, 2183, 2000, 4542, 4826, 1012, 102],  # I think it is going to rain tomorrow.
+    [
+        101,
+        1045,
+        2228,
+        2009,
+        2003,
+        2183,
+        2000,
+        4542,
+        4826,
+        1012,
+        102,
+    ],  # I think it is going to rain tomorrow.
 )
 _MIN_AGREEMENT = 0.98  # cosine; the build gives 0.99+, a broken graph below 0.5
 
@@ -169,14 +181,20 @@ def _equalize_down_projections(model: onnx.ModelProto) -> None:
     weights = {init.name: init for init in graph.initializer}
     nodes = []
     for node in graph.node:
-        weight = weights.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        weight = (
+            weights.get(node.input[1])
+            if node.op_type == "MatMul" and len(node.input) == 2
+            else None
+        )
         if weight is not None and len(weight.dims) == 2 and weight.dims[0] > weight.dims[1]:
             w = numpy_helper.to_array(weight).astype(np.float32)
             rows = np.maximum(np.abs(w).max(axis=1), 1e-12).astype(np.float32)
             weight.CopyFrom(numpy_helper.from_array(w / rows[:, None], weight.name))
             graph.initializer.append(numpy_helper.from_array(rows, node.name + "_row_ranges"))
             equalized = node.name + "_equalized"
-            nodes.append(helper.make_node("Mul", [node.input[0], node.name + "_row_ranges"], [equalized]))
+            nodes.append(
+                helper.make_node("Mul", [node.input[0], node.name + "_row_ranges"], [equalized])
+            )
             node.input[0] = equalized
         nodes.append(node)
     del graph.node[:]
@@ -194,12 +212,14 @@ def _quantize_per_token(model: onnx.ModelProto) -> None:
 
     graph = model.graph
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    graph.initializer.extend([
-        numpy_helper.from_array(np.array(127.0, np.float32), "veil_pt_127"),
-        numpy_helper.from_array(np.array(128.5, np.float32), "veil_pt_128_5"),
-        numpy_helper.from_array(np.array(1e-12, np.float32), "veil_pt_tiny"),
-        numpy_helper.from_array(np.array([-1], np.int64), "veil_pt_last_axis"),
-    ])
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array(127.0, np.float32), "veil_pt_127"),
+            numpy_helper.from_array(np.array(128.5, np.float32), "veil_pt_128_5"),
+            numpy_helper.from_array(np.array(1e-12, np.float32), "veil_pt_tiny"),
+            numpy_helper.from_array(np.array([-1], np.int64), "veil_pt_last_axis"),
+        ]
+    )
     nodes = []
     for node in graph.node:
         if node.op_type != "DynamicQuantizeLinear":
@@ -209,7 +229,9 @@ def _quantize_per_token(model: onnx.ModelProto) -> None:
         p = node.name or q
         # ReduceMax takes its axes as an input from opset 18, as an attribute before.
         reduce_max = (
-            helper.make_node("ReduceMax", [p + "_abs", "veil_pt_last_axis"], [p + "_max"], keepdims=1)
+            helper.make_node(
+                "ReduceMax", [p + "_abs", "veil_pt_last_axis"], [p + "_max"], keepdims=1
+            )
             if opset >= 18
             else helper.make_node("ReduceMax", [p + "_abs"], [p + "_max"], axes=[-1], keepdims=1)
         )
@@ -223,7 +245,9 @@ def _quantize_per_token(model: onnx.ModelProto) -> None:
             # x/scale lies in [-127, 127]; + 128.5 then a truncating cast rounds it to 1..255.
             helper.make_node("Add", [p + "_scaled", "veil_pt_128_5"], [p + "_shifted"]),
             helper.make_node("Cast", [p + "_shifted"], [q], to=TensorProto.UINT8),
-            helper.make_node("Constant", [], [zero], value=numpy_helper.from_array(np.array(128, np.uint8))),
+            helper.make_node(
+                "Constant", [], [zero], value=numpy_helper.from_array(np.array(128, np.uint8))
+            ),
         ]
     del graph.node[:]
     graph.node.extend(nodes)
@@ -240,8 +264,11 @@ def _check(source: Path, built: Path) -> None:
     ]
     for ids in _CHECK_TEXTS:
         input_ids = np.asarray([ids], np.int64)
-        feeds = {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids),
-                 "token_type_ids": np.zeros_like(input_ids)}
+        feeds = {
+            "input_ids": input_ids,
+            "attention_mask": np.ones_like(input_ids),
+            "token_type_ids": np.zeros_like(input_ids),
+        }
         shipped, ours = (s.run(None, feeds)[0][0].mean(axis=0) for s in sessions)
         agreement = float(shipped @ ours / (np.linalg.norm(shipped) * np.linalg.norm(ours)))
         if agreement < _MIN_AGREEMENT:

@@ -23,7 +23,15 @@ from bus.codec import Codec, DecodeError
 from bus.subjects import TOOLS_RUN
 from veil.config import Config
 
-__all__ = ["RUN_CODEC", "RUN_REPLY_CODEC", "RunTool", "ToolActor", "ToolRan", "configured_tools", "run_tool"]
+__all__ = [
+    "RUN_CODEC",
+    "RUN_REPLY_CODEC",
+    "RunTool",
+    "ToolActor",
+    "ToolRan",
+    "configured_tools",
+    "run_tool",
+]
 
 
 class RunTool(msgspec.Struct, frozen=True, kw_only=True):
@@ -75,7 +83,7 @@ async def run_tool(
         return ToolRan(error=f"the tool did not finish within {timeout:g} s", duration_ms=took())
     except ToolError as error:
         return ToolRan(error=str(error), duration_ms=took())
-    except Exception as error:  # a tool's own bug is the model's problem to route around
+    except Exception as error:  # noqa: BLE001 - a tool's own bug is the model's problem to route around
         return ToolRan(error=f"the tool failed: {error!r}", duration_ms=took())
     text = result if isinstance(result, str) else json.dumps(result, default=str)
     return ToolRan(content=text[:MAX_RESULT_CHARS], duration_ms=took())
@@ -121,23 +129,36 @@ class ToolActor:
             ran = await run_tool(tool, ask.arguments, ask.timeout, ask.context)
         await request.respond(RUN_REPLY_CODEC.encode(ran))
 
-    async def _memory_search(self, query: str, k: int = 5, *, context: dict[str, str | None]) -> str:
+    async def _memory_search(
+        self, query: str, k: int = 5, *, context: dict[str, str | None]
+    ) -> str:
         """Recall through the memory actor, in the calling turn's scope only."""
         from actors.memory.actor import RecallRequest, ask_recall
 
         tenant, session_id = context.get("tenant"), context.get("session_id")
         if not tenant or not session_id:
             raise ToolError("memory search needs the turn's session")
-        ask = RecallRequest(tenant=tenant, session_id=session_id, user_id=context.get("user_id"), query=query, k=max(1, min(k, 20)))
+        ask = RecallRequest(
+            tenant=tenant,
+            session_id=session_id,
+            user_id=context.get("user_id"),
+            query=query,
+            k=max(1, min(k, 20)),
+        )
         try:
             hits = await ask_recall(self._nc, ask, timeout=5)
         except (NoRespondersError, NatsTimeout):
             raise ToolError("long-term memory is not available") from None
         return json.dumps(
-            [{"role": h.role, "text": h.text, "date": h.created_at.date().isoformat()} for h in hits]
+            [
+                {"role": h.role, "text": h.text, "date": h.created_at.date().isoformat()}
+                for h in hits
+            ]
         )
 
-    async def _knowledge_search(self, query: str, k: int = 4, *, context: dict[str, str | None]) -> str:
+    async def _knowledge_search(
+        self, query: str, k: int = 4, *, context: dict[str, str | None]
+    ) -> str:
         """Search the collections of the calling turn's pipeline."""
         from actors.knowledge.actor import KnowledgeSearch, ask_knowledge
         from actors.knowledge.prompting import source_label
@@ -150,7 +171,10 @@ class ToolActor:
             hits = await ask_knowledge(self._nc, ask, timeout=10)
         except (NoRespondersError, NatsTimeout):
             raise ToolError("the knowledge base is not available") from None
-        return "\n\n".join(f"[{n}] {source_label(h)}\n{h.text}" for n, h in enumerate(hits, start=1)) or "nothing found"
+        return (
+            "\n\n".join(f"[{n}] {source_label(h)}\n{h.text}" for n, h in enumerate(hits, start=1))
+            or "nothing found"
+        )
 
     async def stop(self) -> None:
         if self._service is not None:

@@ -32,7 +32,11 @@ class Tool(msgspec.Struct, frozen=True, kw_only=True):
         """The tool as OpenAI's `tools` entry."""
         return {
             "type": "function",
-            "function": {"name": self.name, "description": self.description, "parameters": self.parameters},
+            "function": {
+                "name": self.name,
+                "description": self.description,
+                "parameters": self.parameters,
+            },
         }
 
 
@@ -47,8 +51,17 @@ _BINARY: dict[type, Callable[[Any, Any], Any]] = {
 }
 _UNARY: dict[type, Callable[[Any], Any]] = {ast.UAdd: operator.pos, ast.USub: operator.neg}
 _FUNCTIONS: dict[str, Callable[..., float]] = {
-    "sqrt": math.sqrt, "abs": abs, "round": round, "floor": math.floor, "ceil": math.ceil,
-    "log": math.log, "log10": math.log10, "exp": math.exp, "sin": math.sin, "cos": math.cos, "tan": math.tan,
+    "sqrt": math.sqrt,
+    "abs": abs,
+    "round": round,
+    "floor": math.floor,
+    "ceil": math.ceil,
+    "log": math.log,
+    "log10": math.log10,
+    "exp": math.exp,
+    "sin": math.sin,
+    "cos": math.cos,
+    "tan": math.tan,
 }
 _CONSTANTS = {"pi": math.pi, "e": math.e}
 # Keeps 9**9**9 and friends from eating the worker.
@@ -60,7 +73,9 @@ def _eval(node: ast.AST) -> Any:
     match node:
         case ast.Expression(body=body):
             return _eval(body)
-        case ast.Constant(value=value) if isinstance(value, int | float) and not isinstance(value, bool):
+        case ast.Constant(value=value) if isinstance(value, int | float) and not isinstance(
+            value, bool
+        ):
             return value
         case ast.BinOp(left=left, op=op, right=right) if type(op) in _BINARY:
             a, b = _eval(left), _eval(right)
@@ -112,7 +127,9 @@ BUILTIN: dict[str, Tool] = {
         description="Evaluate an arithmetic expression exactly, e.g. '(17.5 * 4) / 3' or 'sqrt(2) ** 10'.",
         parameters={
             "type": "object",
-            "properties": {"expression": {"type": "string", "description": "The expression to evaluate."}},
+            "properties": {
+                "expression": {"type": "string", "description": "The expression to evaluate."}
+            },
             "required": ["expression"],
         },
         run=calculate,
@@ -150,7 +167,9 @@ BUILTIN: dict[str, Tool] = {
         description="The current date and time in an IANA time zone, e.g. 'Europe/Paris'.",
         parameters={
             "type": "object",
-            "properties": {"timezone": {"type": "string", "description": "IANA zone name; default UTC."}},
+            "properties": {
+                "timezone": {"type": "string", "description": "IANA zone name; default UTC."}
+            },
         },
         run=current_time,
     ),

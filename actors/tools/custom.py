@@ -17,7 +17,14 @@ __all__ = ["ENTRY_POINT_GROUP", "http_tool", "python_tool", "schema_from_signatu
 
 ENTRY_POINT_GROUP = "veil.tools"
 
-_JSON_TYPES: dict[Any, str] = {str: "string", int: "integer", float: "number", bool: "boolean", list: "array", dict: "object"}
+_JSON_TYPES: dict[Any, str] = {
+    str: "string",
+    int: "integer",
+    float: "number",
+    bool: "boolean",
+    list: "array",
+    dict: "object",
+}
 
 
 def schema_from_signature(function: Any) -> dict[str, Any]:
@@ -43,14 +50,18 @@ def _load(target: str) -> Any:
         return found[0].load()
     module, _, attribute = target.partition(":") if ":" in target else target.rpartition(".")
     if not module or not attribute:
-        raise ValueError(f"{target!r} is not 'module:function' nor a '{ENTRY_POINT_GROUP}' entry point")
+        raise ValueError(
+            f"{target!r} is not 'module:function' nor a '{ENTRY_POINT_GROUP}' entry point"
+        )
     return getattr(importlib.import_module(module), attribute)
 
 
-def python_tool(name: str, target: str, description: str | None, parameters: dict[str, Any] | None) -> Tool:
+def python_tool(
+    name: str, target: str, description: str | None, parameters: dict[str, Any] | None
+) -> Tool:
     function = _load(target)
     if not callable(function):
-        raise ValueError(f"{target!r} is not callable")
+        raise TypeError(f"{target!r} is not callable")
     return Tool(
         name=name,
         description=description or (inspect.getdoc(function) or name).splitlines()[0],
@@ -85,18 +96,22 @@ def http_tool(
             raise ToolError(f"missing argument {missing}") from None
         client_timeout = aiohttp.ClientTimeout(total=timeout)
         try:
-            async with aiohttp.ClientSession(timeout=client_timeout) as http:
-                async with http.request(method, target, headers=headers) as response:
-                    body = await response.content.read(max_bytes + 1)
-                    text = body[:max_bytes].decode(response.charset or "utf-8", errors="replace")
-                    if len(body) > max_bytes:
-                        text += f"\n[cut at {max_bytes} bytes]"
-                    if response.status >= 400:
-                        raise ToolError(f"HTTP {response.status}: {text[:500]}")
-                    return text
+            async with (
+                aiohttp.ClientSession(timeout=client_timeout) as http,
+                http.request(method, target, headers=headers) as response,
+            ):
+                body = await response.content.read(max_bytes + 1)
+                text = body[:max_bytes].decode(response.charset or "utf-8", errors="replace")
+                if len(body) > max_bytes:
+                    text += f"\n[cut at {max_bytes} bytes]"
+                if response.status >= 400:
+                    raise ToolError(f"HTTP {response.status}: {text[:500]}")
+                return text
         except TimeoutError:
             raise ToolError(f"no answer within {timeout:g} s") from None
         except aiohttp.ClientError as error:
             raise ToolError(f"request failed: {error}") from None
 
-    return Tool(name=name, description=description or f"HTTP {method} {url}", parameters=schema, run=call)
+    return Tool(
+        name=name, description=description or f"HTTP {method} {url}", parameters=schema, run=call
+    )

@@ -25,7 +25,9 @@ def write_pdf(path: Path, pages: list[list[str]]) -> None:
     kids = " ".join(f"{4 + 2 * i} 0 R" for i in range(len(pages)))
     objects.append(b"<< /Type /Catalog /Pages 2 0 R >>")
     objects.append(f"<< /Type /Pages /Kids [{kids}] /Count {len(pages)} >>".encode())
-    objects.append(b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>")
+    objects.append(
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>"
+    )
     for i, lines in enumerate(pages):
         ops = ["BT", "/F1 11 Tf", "14 TL", "50 780 Td"]
         for line in lines:
@@ -48,7 +50,9 @@ def write_pdf(path: Path, pages: list[list[str]]) -> None:
     buf.write(b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1))
     for off in offsets:
         buf.write(b"%010d 00000 n \n" % off)
-    buf.write(b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref))
+    buf.write(
+        b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    )
     path.write_bytes(buf.getvalue())
 
 
@@ -109,10 +113,18 @@ Budget: the marketing team gets 40,000 euros for the spring campaign.
 """
 
 PDF_PAGES = [
-    ["Volcano field guide", "", "Mount Etna is the most active volcano in Europe.",
-     "Its summit is about 3,357 metres above sea level."],
-    ["Safety", "", "Hikers above 2,900 metres must be accompanied by an authorised guide.",
-     "Carry a helmet: lava bombs can land far from the craters."],
+    [
+        "Volcano field guide",
+        "",
+        "Mount Etna is the most active volcano in Europe.",
+        "Its summit is about 3,357 metres above sea level.",
+    ],
+    [
+        "Safety",
+        "",
+        "Hikers above 2,900 metres must be accompanied by an authorised guide.",
+        "Carry a helmet: lava bombs can land far from the craters.",
+    ],
 ]
 
 QUESTIONS = [
@@ -195,7 +207,12 @@ async def test_questions_find_their_chunk(nc: Client, index: KnowledgeIndex, cor
     c = name()
     report = await ingest(nc, index, c, [corpus], out=io.StringIO())
     assert sorted(Path(p).name for p in report.added) == [
-        "bike.md", "bread.md", "etna.pdf", "handbook.html", "notes.txt"]
+        "bike.md",
+        "bread.md",
+        "etna.pdf",
+        "handbook.html",
+        "notes.txt",
+    ]
     assert report.pages == 6 and not report.failed
     for question, file, answer in QUESTIONS:
         hits = await index.search(c, question, k=3)
@@ -223,7 +240,9 @@ async def test_unchanged_files_add_nothing(nc: Client, index: KnowledgeIndex, co
     assert await log.last_seq(c) == before
 
 
-async def test_changed_file_replaces_its_chunks(nc: Client, index: KnowledgeIndex, corpus: Path) -> None:
+async def test_changed_file_replaces_its_chunks(
+    nc: Client, index: KnowledgeIndex, corpus: Path
+) -> None:
     c = name()
     await ingest(nc, index, c, [corpus])
     bike = corpus / "bike.md"
@@ -252,13 +271,18 @@ async def test_removing_files(nc: Client, index: KnowledgeIndex, corpus: Path) -
     assert report.removed == [str(corpus / "bread.md")]
     assert not any("bread.md" in h.path for h in await index.search(c, "sourdough loaf", k=10))
     assert sorted(Path(d.path).name for d in await index.documents(c)) == [
-        "bike.md", "etna.pdf", "handbook.html"]
+        "bike.md",
+        "etna.pdf",
+        "handbook.html",
+    ]
     assert (await index.memory.count()) == sum(d.chunks for d in await index.documents(c))
     listed = {x.name: x for x in await collections(nc)}
     assert listed[c].documents == 3
 
 
-async def test_same_content_at_two_paths_is_shared(nc: Client, index: KnowledgeIndex, tmp_path: Path) -> None:
+async def test_same_content_at_two_paths_is_shared(
+    nc: Client, index: KnowledgeIndex, tmp_path: Path
+) -> None:
     c = name()
     (tmp_path / "a.txt").write_text(NOTES)
     (tmp_path / "b.txt").write_text(NOTES)
@@ -268,7 +292,9 @@ async def test_same_content_at_two_paths_is_shared(nc: Client, index: KnowledgeI
     assert hits and hits[0].path == str(tmp_path / "b.txt")
 
 
-async def test_threshold_drops_unrelated_hits(nc: Client, index: KnowledgeIndex, corpus: Path) -> None:
+async def test_threshold_drops_unrelated_hits(
+    nc: Client, index: KnowledgeIndex, corpus: Path
+) -> None:
     c = name()
     await ingest(nc, index, c, [corpus])
     assert await index.search(c, "quantum chromodynamics of gluons", k=5, threshold=0.5) == []
@@ -291,8 +317,11 @@ async def test_rebuild_from_log_gives_the_same_index(
     try:
         await fresh.rebuild(KnowledgeLog.of(nc))
         assert [(d.path, d.sha256, d.chunks) for d in await fresh.documents(c)] == [
-            (d.path, d.sha256, d.chunks) for d in before_docs]
-        after = [[(h.path, h.chunk, h.text) for h in await fresh.search(c, q, k=3)] for q in queries]
+            (d.path, d.sha256, d.chunks) for d in before_docs
+        ]
+        after = [
+            [(h.path, h.chunk, h.text) for h in await fresh.search(c, q, k=3)] for q in queries
+        ]
         assert after == before
     finally:
         await fresh.close()
@@ -306,7 +335,9 @@ async def test_an_index_made_by_another_model_is_indexed_again_on_its_next_sync(
     kb = await KnowledgeIndex.open(path)
     await ingest(nc, kb, c, [corpus])
     docs = [(d.path, d.sha256, d.chunks) for d in await kb.documents(c)]
-    before = [[(h.path, h.chunk, h.text) for h in await kb.search(c, q, k=3)] for q, _, _ in QUESTIONS]
+    before = [
+        [(h.path, h.chunk, h.text) for h in await kb.search(c, q, k=3)] for q, _, _ in QUESTIONS
+    ]
     await kb.close()
     db = sqlite.connect(path)
     db.execute("UPDATE memory_meta SET value = 'an-older-model' WHERE key = 'model'")
@@ -317,13 +348,17 @@ async def test_an_index_made_by_another_model_is_indexed_again_on_its_next_sync(
     try:
         assert kb.memory.model_changed and await kb.documents(c) == []
         await kb.sync(KnowledgeLog.of(nc), c)  # what the actor does before a search
-        after = [[(h.path, h.chunk, h.text) for h in await kb.search(c, q, k=3)] for q, _, _ in QUESTIONS]
+        after = [
+            [(h.path, h.chunk, h.text) for h in await kb.search(c, q, k=3)] for q, _, _ in QUESTIONS
+        ]
         assert after == before
         assert [(d.path, d.sha256, d.chunks) for d in await kb.documents(c)] == docs
     finally:
         await kb.close()
 
 
-async def test_missing_unknown_path_is_an_error(nc: Client, index: KnowledgeIndex, tmp_path: Path) -> None:
+async def test_missing_unknown_path_is_an_error(
+    nc: Client, index: KnowledgeIndex, tmp_path: Path
+) -> None:
     with pytest.raises(FileNotFoundError):
         await ingest(nc, index, name(), [tmp_path / "nope.md"])

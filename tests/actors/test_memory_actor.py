@@ -41,19 +41,32 @@ async def nc(tmp_path: Path) -> AsyncIterator[Client]:
     server.stop()
 
 
-async def write_turn(store: JetStreamEventStore, sid: str, text: str, reply: str, *, new: bool) -> None:
+async def write_turn(
+    store: JetStreamEventStore, sid: str, text: str, reply: str, *, new: bool
+) -> None:
     events: list = []
     if new:
         events.append(SessionOpened(at=T0, session_id=sid, tenant="t", key_id="k", user_id="u"))
     turn = f"turn-{text[:8].replace(' ', '-')}"
     events.append(
-        TurnStarted(at=T0, turn_id=turn, command_id=turn, model="veil", messages=[ChatMessage(role="user", content=text)], lease_until=T0 + timedelta(minutes=5))
+        TurnStarted(
+            at=T0,
+            turn_id=turn,
+            command_id=turn,
+            model="veil",
+            messages=[ChatMessage(role="user", content=text)],
+            lease_until=T0 + timedelta(minutes=5),
+        )
     )
-    events.append(ReplyCompleted(at=T0, turn_id=turn, content=reply, finish_reason="stop", usage=Usage()))
+    events.append(
+        ReplyCompleted(at=T0, turn_id=turn, content=reply, finish_reason="stop", usage=Usage())
+    )
     await store.append(sid, events, expected_last_seq=await store.last_seq(sid))
 
 
-async def start_actor(nc: Client, path: Path, *, max_lag: float = 0.0) -> tuple[MemoryActor, MemoryIndex]:
+async def start_actor(
+    nc: Client, path: Path, *, max_lag: float = 0.0
+) -> tuple[MemoryActor, MemoryIndex]:
     js = nc.jetstream()
     index = await MemoryIndex.open(path, model=default_embedder().model_id)
     actor = MemoryActor(
@@ -79,7 +92,9 @@ async def caught_up(nc: Client, index: MemoryIndex) -> None:
     raise AssertionError("the projection did not catch up")
 
 
-async def test_catches_up_after_a_restart_and_drops_tombstoned_sessions(nc: Client, tmp_path: Path) -> None:
+async def test_catches_up_after_a_restart_and_drops_tombstoned_sessions(
+    nc: Client, tmp_path: Path
+) -> None:
     js = nc.jetstream()
     store = JetStreamEventStore(js, nc)
     path = tmp_path / "memory.sqlite"
@@ -99,7 +114,11 @@ async def test_catches_up_after_a_restart_and_drops_tombstoned_sessions(nc: Clie
     await caught_up(nc, index)
     try:
         assert await index.count() == 4  # s1's four messages; s2 never comes back
-        hits = await actor.recall(RecallRequest(tenant="t", session_id="s1", user_id="u", query="which city did I move to"))
+        hits = await actor.recall(
+            RecallRequest(
+                tenant="t", session_id="s1", user_id="u", query="which city did I move to"
+            )
+        )
         assert hits[0].text == "I moved to Lisbon in March."
         assert all(h.session_id != "s2" for h in hits)
         assert await index.checkpoint() == (await js.stream_info("CHAT_EVENTS")).state.last_seq
@@ -108,7 +127,9 @@ async def test_catches_up_after_a_restart_and_drops_tombstoned_sessions(nc: Clie
         await index.close()
 
 
-async def test_an_index_made_by_another_model_is_rebuilt_from_the_log(nc: Client, tmp_path: Path) -> None:
+async def test_an_index_made_by_another_model_is_rebuilt_from_the_log(
+    nc: Client, tmp_path: Path
+) -> None:
     js = nc.jetstream()
     store = JetStreamEventStore(js, nc)
     path = tmp_path / "memory.sqlite"
@@ -117,8 +138,15 @@ async def test_an_index_made_by_another_model_is_rebuilt_from_the_log(nc: Client
     # An index that an older model built up to the end of the log.
     older = await MemoryIndex.open(path, model="an-older-model")
     stale = MemoryRecord(
-        id="s4:stale", tenant="t", user_id="u", session_id="s4", kind="message", role="user",
-        text="a vector from the older model", source_seq=1, created_at=T0,
+        id="s4:stale",
+        tenant="t",
+        user_id="u",
+        session_id="s4",
+        kind="message",
+        role="user",
+        text="a vector from the older model",
+        source_seq=1,
+        created_at=T0,
     )
     await older.add([stale], np.eye(1, 384, dtype=np.float32), checkpoint=last)
     await older.close()
@@ -128,7 +156,9 @@ async def test_an_index_made_by_another_model_is_rebuilt_from_the_log(nc: Client
         assert index.model_changed
         await caught_up(nc, index)
         assert await index.count() == 2
-        hits = await actor.recall(RecallRequest(tenant="t", session_id="s4", user_id="u", query="what bike do I have"))
+        hits = await actor.recall(
+            RecallRequest(tenant="t", session_id="s4", user_id="u", query="what bike do I have")
+        )
         assert sorted(h.text for h in hits) == ["Lovely bike.", "My bike is a green Brompton."]
     finally:
         await actor.stop()
@@ -143,7 +173,9 @@ async def test_a_live_tombstone_removes_rows(nc: Client, tmp_path: Path) -> None
     try:
         await caught_up(nc, index)
         assert await index.count() == 2
-        await TombstoneLog(js, nc).record(Tombstone(session_id="s3", tenant="t", deleted_by="k", at=T0))
+        await TombstoneLog(js, nc).record(
+            Tombstone(session_id="s3", tenant="t", deleted_by="k", at=T0)
+        )
         for _ in range(200):
             if await index.count() == 0:
                 break
@@ -162,21 +194,27 @@ async def memory_stats(nc: Client) -> dict[str, Any]:
 
 
 @contextlib.asynccontextmanager
-async def written_under_load(nc: Client, tmp_path: Path, max_lag: float, text: str) -> AsyncIterator[MemoryIndex]:
+async def written_under_load(
+    nc: Client, tmp_path: Path, max_lag: float, text: str
+) -> AsyncIterator[MemoryIndex]:
     """A memory actor, and a turn written to the log while the event loop is busy; the body
     runs with the loop still busy."""
     actor, index = await start_actor(nc, tmp_path / "memory.sqlite", max_lag=max_lag)
     try:
         async with busy_loop():
             await asyncio.sleep(0.1)
-            await write_turn(JetStreamEventStore(nc.jetstream(), nc), "s5", text, "Noted.", new=True)
+            await write_turn(
+                JetStreamEventStore(nc.jetstream(), nc), "s5", text, "Noted.", new=True
+            )
             yield index
     finally:
         await actor.stop()
         await index.close()
 
 
-async def test_indexing_gives_way_to_a_busy_loop_and_catches_up_after(nc: Client, tmp_path: Path) -> None:
+async def test_indexing_gives_way_to_a_busy_loop_and_catches_up_after(
+    nc: Client, tmp_path: Path
+) -> None:
     async with written_under_load(nc, tmp_path, 30.0, "My locker is number 312.") as index:
         await asyncio.sleep(1.0)
         assert await index.count() == 0  # the turns go first
@@ -190,7 +228,13 @@ async def test_indexing_catches_up_once_the_loop_quiets_down(nc: Client, tmp_pat
     try:
         async with busy_loop():
             await asyncio.sleep(0.1)
-            await write_turn(JetStreamEventStore(nc.jetstream(), nc), "s7", "My locker is number 312.", "Noted.", new=True)
+            await write_turn(
+                JetStreamEventStore(nc.jetstream(), nc),
+                "s7",
+                "My locker is number 312.",
+                "Noted.",
+                new=True,
+            )
             await asyncio.sleep(0.5)
         started = time.monotonic()
         await caught_up(nc, index)
@@ -204,9 +248,13 @@ async def test_indexing_catches_up_once_the_loop_quiets_down(nc: Client, tmp_pat
         await index.close()
 
 
-async def test_indexing_goes_ahead_when_the_log_is_max_lag_behind(nc: Client, tmp_path: Path) -> None:
+async def test_indexing_goes_ahead_when_the_log_is_max_lag_behind(
+    nc: Client, tmp_path: Path
+) -> None:
     started = time.monotonic()
-    async with written_under_load(nc, tmp_path, 1.0, "The spare key is under the blue pot.") as index:
+    async with written_under_load(
+        nc, tmp_path, 1.0, "The spare key is under the blue pot."
+    ) as index:
         await caught_up(nc, index)  # while the loop stays busy
         waited = time.monotonic() - started
         assert await index.count() == 2
@@ -216,7 +264,11 @@ async def test_indexing_goes_ahead_when_the_log_is_max_lag_behind(nc: Client, tm
 def stored_message(seq: int, seconds_ago: float) -> Msg:
     """A CHAT_EVENTS message as a consumer receives it: seq and stored time in its ack subject."""
     stored_ns = int((time.time() - seconds_ago) * 1e9)
-    return Msg(_client=None, subject="chat.events.s", reply=f"$JS.ACK.CHAT_EVENTS.c.1.{seq}.{seq}.{stored_ns}.0")  # type: ignore[arg-type]
+    return Msg(
+        _client=None,
+        subject="chat.events.s",
+        reply=f"$JS.ACK.CHAT_EVENTS.c.1.{seq}.{seq}.{stored_ns}.0",
+    )  # type: ignore[arg-type]
 
 
 def test_progress_lag_is_the_age_of_the_oldest_event_not_indexed() -> None:

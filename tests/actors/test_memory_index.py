@@ -474,7 +474,9 @@ async def test_an_index_made_by_another_model_empties_itself_for_a_rebuild(
     assert b"hello there" not in file_bytes(path)
 
 
-async def test_an_index_from_before_model_ids_is_rebuilt_unless_empty(tmp_path: Path, embedder: Embedder) -> None:
+async def test_an_index_from_before_model_ids_is_rebuilt_unless_empty(
+    tmp_path: Path, embedder: Embedder
+) -> None:
     old, empty = tmp_path / "old.sqlite", tmp_path / "empty.sqlite"
     idx = await MemoryIndex.open(old)
     await add_texts(idx, embedder, [rec(1, "hello there")], checkpoint=1)
@@ -537,7 +539,9 @@ async def test_a_process_that_leaves_an_index_open_still_exits(tmp_path: Path) -
         asyncio.run(main())
         """
     )
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", script, str(tmp_path / "open.sqlite"))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, str(tmp_path / "open.sqlite")
+    )
     try:
         assert await asyncio.wait_for(proc.wait(), timeout=30) == 0
     finally:

@@ -115,7 +115,13 @@ async def test_garbage_in_the_stream_is_a_502_not_a_crash(serve) -> None:
 async def test_status_errors_keep_the_upstreams_reason_and_retry_after(serve) -> None:
     async def limited(request: web.Request) -> web.Response:
         return web.json_response(
-            {"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}},
+            {
+                "error": {
+                    "message": "Rate limit reached",
+                    "type": "requests",
+                    "code": "rate_limit_exceeded",
+                }
+            },
             status=429,
             headers={"Retry-After": "1.5"},
         )
@@ -189,7 +195,9 @@ async def test_headers_follow_the_sdks_environment_variables(serve, monkeypatch)
     assert seen["Content-Type"] == "application/json"
 
 
-async def test_the_environments_proxy_is_used_unless_no_proxy_exempts_the_host(serve, monkeypatch) -> None:
+async def test_the_environments_proxy_is_used_unless_no_proxy_exempts_the_host(
+    serve, monkeypatch
+) -> None:
     seen: list[str] = []
 
     async def proxy(request: web.Request) -> web.Response:
@@ -210,7 +218,9 @@ async def test_the_environments_proxy_is_used_unless_no_proxy_exempts_the_host(s
     assert OpenAIHTTP(base_url="http://upstream.example/v1", api_key="k", timeout=5)._proxy is None
 
 
-async def test_a_failure_reported_with_http_200_is_an_error_and_null_choices_are_tolerated(serve) -> None:
+async def test_a_failure_reported_with_http_200_is_an_error_and_null_choices_are_tolerated(
+    serve,
+) -> None:
     async def failing(request: web.Request) -> web.Response:
         return web.json_response({"error": {"message": "model overloaded"}})
 

@@ -34,7 +34,9 @@ def test_the_model_is_built_once_into_the_cache_with_the_same_bytes_every_time(
     assert quantized.load(model_file()) == built
 
 
-def test_an_unwritable_cache_still_gives_the_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_unwritable_cache_still_gives_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     monkeypatch.setenv("VEIL_CACHE_DIR", str(blocker / "cache"))
@@ -49,7 +51,13 @@ def test_processes_starting_together_build_once_and_load_the_same_model(tmp_path
     )
     env = {"VEIL_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     procs = [
-        subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", script],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for _ in range(2)
     ]
     outs = [p.communicate(timeout=120) for p in procs]
@@ -89,7 +97,6 @@ def test_a_build_that_disagrees_with_the_shipped_model_is_not_used(
     assert not list(tmp_path.glob("*.onnx"))
 
 
-
 def test_equalizing_the_down_projections_is_exact_before_quantization(tmp_path: Path) -> None:
     import numpy as np
     import onnx
@@ -99,9 +106,15 @@ def test_equalizing_the_down_projections_is_exact_before_quantization(tmp_path: 
     quantized.fold(model_file(), folded)
     model = onnx.load(str(folded))
     quantized._equalize_down_projections(model)
-    assert sum(node.output[0].endswith("_equalized") for node in model.graph.node) == 6  # one per layer
+    assert (
+        sum(node.output[0].endswith("_equalized") for node in model.graph.node) == 6
+    )  # one per layer
     ids = np.asarray([[101, 2026, 2905, 3268, 1999, 11929, 1012, 102]], np.int64)
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    feeds = {
+        "input_ids": ids,
+        "attention_mask": np.ones_like(ids),
+        "token_type_ids": np.zeros_like(ids),
+    }
     before, after = (
         ort.InferenceSession(m, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
         for m in (folded.read_bytes(), model.SerializeToString())

@@ -49,14 +49,21 @@ def open_turn(cmd: StartTurn, now: datetime = T0) -> session.OpenTurn:
 
 
 def result(text: str) -> GenerateResult:
-    return GenerateResult(engine="up", upstream_model="m", content=text, usage=Usage(prompt_tokens=3, completion_tokens=2, total_tokens=5))
+    return GenerateResult(
+        engine="up",
+        upstream_model="m",
+        content=text,
+        usage=Usage(prompt_tokens=3, completion_tokens=2, total_tokens=5),
+    )
 
 
 def given(*events: EventUnion) -> session.SessionState:
     return session.fold(list(events))
 
 
-def run(state: session.SessionState, command: session.Command) -> tuple[session.SessionState, list[EventUnion]]:
+def run(
+    state: session.SessionState, command: session.Command
+) -> tuple[session.SessionState, list[EventUnion]]:
     events = session.decide(state, command)
     return session.fold(events, state), events
 
@@ -92,7 +99,9 @@ def test_completion_appends_to_history_and_prompt() -> None:
     state = completed_session()
     assert state.history == (user("hi"), ChatMessage(role="assistant", content="hello"))
     assert state.turns == 1 and state.usage.total_tokens == 5
-    state, _ = run(state, open_turn(start("t2", ChatMessage(role="system", content="terse"), user("again"))))
+    state, _ = run(
+        state, open_turn(start("t2", ChatMessage(role="system", content="terse"), user("again")))
+    )
     assert session.prompt(state, "persona") == [
         ChatMessage(role="system", content="persona\n\nterse"),
         user("hi"),
@@ -103,13 +112,21 @@ def test_completion_appends_to_history_and_prompt() -> None:
 
 def test_resent_history_prefix_is_stripped() -> None:
     state = completed_session()
-    _, events = run(state, open_turn(start("t2", user("hi"), ChatMessage(role="assistant", content="hello"), user("new"))))
+    _, events = run(
+        state,
+        open_turn(
+            start("t2", user("hi"), ChatMessage(role="assistant", content="hello"), user("new"))
+        ),
+    )
     assert events[0].messages == [user("new")]
 
 
 def test_nothing_new_is_refused() -> None:
     with pytest.raises(NothingNew):
-        session.decide(session.initial(), open_turn(start("t1", ChatMessage(role="system", content="x"), new=True)))
+        session.decide(
+            session.initial(),
+            open_turn(start("t1", ChatMessage(role="system", content="x"), new=True)),
+        )
 
 
 def test_retried_command_is_already_handled_with_its_outcome() -> None:
@@ -134,7 +151,9 @@ def test_second_turn_waits_while_the_lease_holds() -> None:
 
 def test_expired_lease_fails_the_old_turn_first() -> None:
     state, _ = run(session.initial(), open_turn(start("t1", user("hi"), new=True)))
-    state, events = run(state, open_turn(start("t2", user("x")), now=T0 + LEASE + timedelta(seconds=1)))
+    state, events = run(
+        state, open_turn(start("t2", user("x")), now=T0 + LEASE + timedelta(seconds=1))
+    )
     assert [type(e) for e in events] == [TurnFailed, TurnStarted]
     assert events[0].turn_id == "t1" and events[0].code == "lease_expired"
     assert state.open_turn is not None and state.open_turn.turn_id == "t2"
@@ -154,7 +173,13 @@ def test_failed_turn_is_recorded_but_not_remembered() -> None:
 
 def test_cancel_keeps_what_was_produced() -> None:
     state, _ = run(session.initial(), open_turn(start("t1", user("hi"), new=True)))
-    partial = GenerateResult(engine="up", upstream_model="m", content="hal", usage=Usage(completion_tokens=1, total_tokens=1), cancelled=True)
+    partial = GenerateResult(
+        engine="up",
+        upstream_model="m",
+        content="hal",
+        usage=Usage(completion_tokens=1, total_tokens=1),
+        cancelled=True,
+    )
     state, events = run(state, session.CancelTurn(turn_id="t1", now=T0, result=partial))
     assert [type(e) for e in events] == [ModelCalled, TurnCancelled]
     assert events[1].content == "hal" and events[1].usage.completion_tokens == 1
@@ -163,7 +188,10 @@ def test_cancel_keeps_what_was_produced() -> None:
 
 def test_closing_a_turn_that_is_not_open_adds_nothing() -> None:
     state = completed_session()
-    assert session.decide(state, session.CompleteTurn(turn_id="t1", result=result("again"), now=T0)) == []
+    assert (
+        session.decide(state, session.CompleteTurn(turn_id="t1", result=result("again"), now=T0))
+        == []
+    )
     assert session.decide(state, session.CancelTurn(turn_id="zz", now=T0)) == []
 
 
@@ -171,9 +199,22 @@ def test_evolve_is_a_pure_replay() -> None:
     state = completed_session()
     events: list[EventUnion] = [
         SessionOpened(at=T0, session_id="s1", tenant="t1", key_id="k1"),
-        TurnStarted(at=T0, turn_id="t1", command_id="cmd-t1", model="veil", messages=[user("hi")], lease_until=T0 + LEASE),
+        TurnStarted(
+            at=T0,
+            turn_id="t1",
+            command_id="cmd-t1",
+            model="veil",
+            messages=[user("hi")],
+            lease_until=T0 + LEASE,
+        ),
         ModelCalled(at=T0, turn_id="t1", engine="up", upstream_model="m", latency_ms=1.0),
-        ReplyCompleted(at=T0, turn_id="t1", content="hello", finish_reason="stop", usage=Usage(prompt_tokens=3, completion_tokens=2, total_tokens=5)),
+        ReplyCompleted(
+            at=T0,
+            turn_id="t1",
+            content="hello",
+            finish_reason="stop",
+            usage=Usage(prompt_tokens=3, completion_tokens=2, total_tokens=5),
+        ),
     ]
     assert given(*events) == given(*events)
     assert given(*events).history == state.history
@@ -184,7 +225,9 @@ def long_session(turns: int, words: int = 20) -> session.SessionState:
     state, _ = run(state, session.CompleteTurn(turn_id="t0", result=result("r " * words), now=T0))
     for i in range(1, turns):
         state, _ = run(state, open_turn(start(f"t{i}", user("w " * words))))
-        state, _ = run(state, session.CompleteTurn(turn_id=f"t{i}", result=result("r " * words), now=T0))
+        state, _ = run(
+            state, session.CompleteTurn(turn_id=f"t{i}", result=result("r " * words), now=T0)
+        )
     return state
 
 
@@ -206,7 +249,16 @@ def test_summary_replaces_folded_turns_in_the_prompt() -> None:
     state, _ = run(state, open_turn(start("t10", user("latest"))))
     covers = session.fold_plan(state, budget=100)
     assert covers is not None
-    state, events = run(state, session.Summarize(turn_id="t10", summary="Ann likes tea.", covers=covers, result=result("Ann likes tea."), now=T0))
+    state, events = run(
+        state,
+        session.Summarize(
+            turn_id="t10",
+            summary="Ann likes tea.",
+            covers=covers,
+            result=result("Ann likes tea."),
+            now=T0,
+        ),
+    )
     assert [type(e).__name__ for e in events] == ["ModelCalled", "HistorySummarized"]
     assert events[0].purpose == "summary"
     messages = session.prompt(state, "persona", budget=100)

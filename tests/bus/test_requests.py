@@ -41,7 +41,9 @@ async def test_headers_go_with_the_request(nc: Client) -> None:
         await msg.respond((msg.headers or {}).get("Veil-Test", "").encode())
 
     await nc.subscribe("t.requests.headers", cb=echo_header)
-    reply = await nats_request(nc, "t.requests.headers", b"", timeout=5, headers={"Veil-Test": "yes"})
+    reply = await nats_request(
+        nc, "t.requests.headers", b"", timeout=5, headers={"Veil-Test": "yes"}
+    )
     assert reply.data == b"yes"
 
 
@@ -66,7 +68,9 @@ async def test_a_silent_responder_times_out_and_a_late_reply_is_dropped(nc: Clie
         await msg.respond(msg.data)
 
     await nc.subscribe("t.requests.after", cb=echo)
-    assert (await nats_request(nc, "t.requests.after", b"still fine", timeout=5)).data == b"still fine"
+    assert (
+        await nats_request(nc, "t.requests.after", b"still fine", timeout=5)
+    ).data == b"still fine"
 
 
 async def test_a_closed_connection_raises(nats_url: str) -> None:

@@ -293,9 +293,7 @@ async def test_openai_client_disconnect_mid_stream(
 
 
 async def test_openai_auth_and_models(aoai_up: FakeOpenAI) -> None:
-    async with openai.AsyncOpenAI(
-        base_url=aoai_up.base_url, api_key="wrong", max_retries=0
-    ) as bad:
+    async with openai.AsyncOpenAI(base_url=aoai_up.base_url, api_key="wrong", max_retries=0) as bad:
         with pytest.raises(openai.AuthenticationError) as info:
             await bad.chat.completions.create(model="m", messages=USER)
     assert info.value.code == "invalid_api_key"
@@ -306,11 +304,14 @@ async def test_openai_auth_and_models(aoai_up: FakeOpenAI) -> None:
 
 
 async def test_openai_rejects_bad_body(aoai_up: FakeOpenAI) -> None:
-    async with aiohttp.ClientSession() as http, http.post(
-        aoai_up.base_url + "/chat/completions",
-        data=b"not json",
-        headers={"Authorization": f"Bearer {KEY}"},
-    ) as resp:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            aoai_up.base_url + "/chat/completions",
+            data=b"not json",
+            headers={"Authorization": f"Bearer {KEY}"},
+        ) as resp,
+    ):
         assert resp.status == 400
         body = await resp.json()
     assert body["error"]["type"] == "invalid_request_error"
@@ -502,11 +503,14 @@ async def test_anthropic_auth_and_version(aant_up: FakeAnthropic) -> None:
             await bad.messages.create(model="c", max_tokens=10, messages=USER)
     assert info.value.type == "authentication_error"
 
-    async with aiohttp.ClientSession() as http, http.post(
-        aant_up.url + "/v1/messages",
-        json={"model": "c", "max_tokens": 5, "messages": USER},
-        headers={"x-api-key": KEY},
-    ) as resp:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            aant_up.url + "/v1/messages",
+            json={"model": "c", "max_tokens": 5, "messages": USER},
+            headers={"x-api-key": KEY},
+        ) as resp,
+    ):
         assert resp.status == 400
         body = await resp.json()
     assert body["type"] == "error"
@@ -527,12 +531,15 @@ async def test_anthropic_count_tokens_and_models(
 
 async def test_both_on_one_loop_in_parallel() -> None:
     """Several fakes and concurrent requests on the test loop."""
-    async with FakeOpenAI() as up1, FakeOpenAI(reply="two") as up2:
-        async with openai.AsyncOpenAI(base_url=up1.base_url, api_key="x", max_retries=0) as c1:
-            async with openai.AsyncOpenAI(base_url=up2.base_url, api_key="x", max_retries=0) as c2:
-                results = await asyncio.gather(
-                    *(c.chat.completions.create(model="m", messages=USER) for c in [c1, c2] * 5)
-                )
+    async with (
+        FakeOpenAI() as up1,
+        FakeOpenAI(reply="two") as up2,
+        openai.AsyncOpenAI(base_url=up1.base_url, api_key="x", max_retries=0) as c1,
+        openai.AsyncOpenAI(base_url=up2.base_url, api_key="x", max_retries=0) as c2,
+    ):
+        results = await asyncio.gather(
+            *(c.chat.completions.create(model="m", messages=USER) for c in [c1, c2] * 5)
+        )
     assert [r.choices[0].message.content for r in results] == [ECHO, "two"] * 5
     assert len(up1.requests) == len(up2.requests) == 5
 

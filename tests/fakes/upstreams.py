@@ -290,7 +290,9 @@ class _FakeUpstream:
 
     # -- request handling --------------------------------------------------------------------
 
-    async def _authorized(self, request: web.Request) -> tuple[RecordedRequest, web.Response | None]:
+    async def _authorized(
+        self, request: web.Request
+    ) -> tuple[RecordedRequest, web.Response | None]:
         """Record a request; the provider's error response when its credentials are wrong."""
         rec = await self._record(request)
         denied = self._auth_error(rec.headers)
@@ -468,7 +470,7 @@ class _FakeUpstream:
             asyncio.set_event_loop(loop)
             try:
                 loop.run_until_complete(self.start())
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 - handed to the starting thread
                 started.set_exception(exc)
                 loop.close()
                 return
@@ -836,7 +838,12 @@ class FakeOpenAI(_FakeUpstream):
         }
 
         def frame(delta: dict[str, Any], finish_reason: str | None = None, index: int = 0) -> bytes:
-            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice = {
+                "index": index,
+                "delta": delta,
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
             chunk = {**base, "choices": [choice]}
             if include_usage:
                 chunk["usage"] = None  # the real API sends null until the usage chunk
