@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import msgspec
 import structlog
 from aiohttp import web
 
@@ -26,11 +27,14 @@ from actors.protocol import (
     TurnDone,
     TurnError,
 )
+from bus.codec import encode
 from bus.connection import connect
 from bus.subjects import MAX_ID_LENGTH, is_valid_id
 from veil.admin import add_admin_routes
 from veil.auth import Authenticator, Principal
 from veil.config import Config
+from veil.cross_site import refuse_cross_site
+from veil.http_guard import ConnectionGuard, guard_middleware
 from veil.openai_wire import (
     ApiError,
     ChatRequest,
@@ -42,7 +46,7 @@ from veil.openai_wire import (
 )
 from veil.relay import ClientGone, TurnRelay, ask_session, run_turn
 from veil.sse import stream_turn
-from veil.webkeys import AUTH, CONFIG, NATS, PRINCIPAL, json_response
+from veil.webkeys import AUTH, CONFIG, GUARD, NATS, PRINCIPAL, body_deadline, json_response
 
 __all__ = ["AUTH", "CONFIG", "NATS", "create_app"]
 
@@ -66,6 +70,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return await handler(request)
     except ApiError as error:
         return _json(error.body(), error.status)
+    except ConnectionResetError:
+        # The client hung up (mid-body, say): nothing to answer and nothing went wrong here.
+        log.info("gateway.client_gone", path=request.path)
+        return web.Response(status=499)
     except web.HTTPRequestEntityTooLarge as error:
         return _json(
             error_body(
@@ -95,7 +103,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path.startswith("/v1/"):
-        request[PRINCIPAL] = request.app[AUTH].authenticate(request.headers.get("Authorization"))
+        auth = request.app[AUTH]
+        if not auth.enabled:
+            refuse_cross_site(request)
+        request[PRINCIPAL] = auth.authenticate(request.headers.get("Authorization"))
     return await handler(request)
 
 
@@ -159,6 +170,14 @@ def _session_of(request: web.Request, chat: ChatRequest, command_id: str) -> tup
     return session_id, False
 
 
+def _fingerprint(start: StartTurn) -> str:
+    """What a retry under the same Idempotency-Key must repeat (else 422): the turn's
+    content, not how it names its session (a retry may add the id it learned)."""
+    metadata = {k: v for k, v in start.metadata.items() if k != "session_id"}
+    what = [start.model, start.messages, start.params, start.user_id, metadata, start.stream]
+    return hashlib.sha256(encode(what)).hexdigest()
+
+
 def _command_id(request: web.Request, principal: Principal) -> str:
     """One id per client request; a client's Idempotency-Key makes its retries the same command."""
     key = request.headers.get("Idempotency-Key")
@@ -169,7 +188,16 @@ def _command_id(request: web.Request, principal: Principal) -> str:
 
 
 async def _read_body(request: web.Request) -> bytes:
-    body = await request.read()
+    """The JSON body, sent as such (a web page cannot, across sites) and in time."""
+    if request.content_type != "application/json":
+        raise ApiError(
+            415,
+            f"Send the body as JSON with 'Content-Type: application/json' "
+            f"(got '{request.content_type[:100]}').",
+            code="unsupported_media_type",
+        )
+    async with body_deadline(request):
+        body = await request.read()
     if not body:
         raise ApiError(400, "The request body is empty; send a JSON object.", code="invalid_json")
     return body
@@ -186,7 +214,8 @@ def _client_gone(request: web.Request) -> Callable[[], bool]:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     config = request.app[CONFIG]
     principal: Principal = request[PRINCIPAL]
-    chat = parse_chat_request(await _read_body(request))
+    body = await _read_body(request)
+    chat = parse_chat_request(body)
     if config.model(chat.model) is None:
         if not config.models:
             raise ApiError(
@@ -214,6 +243,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         params=generation_params(chat),
         stream=bool(chat.stream),
     )
+    if command_id.startswith(IDEMPOTENT_PREFIX):
+        start = msgspec.structs.replace(start, fingerprint=_fingerprint(start))
     if not chat.stream:
         timeout = config.server.accept_timeout + config.server.turn_timeout
         try:
@@ -223,7 +254,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             return web.Response(status=499)
         return _complete(start, result)
     async with TurnRelay(request.app[NATS], start) as relay:
-        await relay.send(config.server.accept_timeout)
+        try:
+            await relay.send(config.server.accept_timeout, _client_gone(request))
+        except ClientGone:
+            log.info("gateway.client_gone", session=session_id, turn=start.turn_id)
+            return web.Response(status=499)
         batches = relay.batches(config.server.turn_timeout, _client_gone(request))
         try:
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
@@ -377,12 +412,20 @@ async def health(request: web.Request) -> web.Response:
 
 def create_app(config: Config, nats_url: str) -> web.Application:
     """The gateway application; its NATS connection lives and drains with it."""
+    server = config.server
+    guard = ConnectionGuard(
+        max_connections=server.max_connections,
+        max_per_client=server.max_connections_per_client,
+        header_timeout=server.header_timeout,
+        keepalive_timeout=server.keepalive_timeout,
+    )
     app = web.Application(
-        client_max_size=config.server.max_body_bytes,
-        middlewares=[errors_middleware, auth_middleware],
+        client_max_size=server.max_body_bytes,
+        middlewares=[guard_middleware(guard), errors_middleware, auth_middleware],
     )
     app[CONFIG] = config
     app[AUTH] = Authenticator(config)
+    app[GUARD] = guard
 
     async def nats_connection(app: web.Application) -> AsyncIterator[None]:
         app[NATS] = await connect(nats_url, name="veil-gateway")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 import msgspec
@@ -11,6 +12,7 @@ from nats.micro.request import Request
 
 from actors import session
 from actors.errors import SessionNotFound
+from actors.leases import Leases
 from actors.protocol import (
     ErrorInfo,
     TurnDone,
@@ -19,11 +21,17 @@ from actors.protocol import (
 from actors.tools.builtin import Tool
 from bus.signals import Signals
 from eventstore.events import EventUnion
-from eventstore.store import EventStore
+from eventstore.store import EventStore, StoredEvent
 from eventstore.tombstones import TombstoneLog
 from veil.config import Config
 
-__all__ = ["SessionContext", "SessionPart"]
+__all__ = ["FOLD_IN_THREAD_AT", "SessionContext", "SessionPart", "fold_stored"]
+
+# Events folded on the event loop at most; more (a long session's activation) fold
+# in a thread, so that other sessions' requests keep being served meanwhile: each
+# completed turn copies the history, so a session of 100 turns of 2,048 messages
+# took 160 ms to fold (decoding its log another 80 ms, in pages between reads).
+FOLD_IN_THREAD_AT = 64
 
 
 class SessionContext(msgspec.Struct, kw_only=True):
@@ -34,6 +42,8 @@ class SessionContext(msgspec.Struct, kw_only=True):
     config: Config
     # Where turns hear that their client went away (one subscription for all of them).
     signals: Signals
+    # The turns this worker runs, and the question asked of another lease's holder.
+    leases: Leases
     tombstones: TombstoneLog | None = None
     # Every tool a pipeline may name (their schemas go to the model; the tool actor runs them).
     tools: dict[str, Tool] = {}
@@ -60,9 +70,19 @@ class SessionPart:
         raise NotImplementedError
 
 
-def _error(status: int, code: str, message: str) -> ErrorInfo:
+async def fold_stored(
+    state: session.SessionState, stored: Sequence[StoredEvent]
+) -> session.SessionState:
+    """`state` after the stored events, folded off the event loop when they are many."""
+    events = [s.event for s in stored]
+    if len(events) >= FOLD_IN_THREAD_AT:
+        return await asyncio.to_thread(session.fold, events, state)
+    return session.fold(events, state)
+
+
+def _error(status: int, code: str, message: str, param: str | None = None) -> ErrorInfo:
     kind = "invalid_request_error" if status < 500 else "api_error"
-    return ErrorInfo(status=status, type=kind, code=code, message=message)
+    return ErrorInfo(status=status, type=kind, code=code, message=message, param=param)
 
 
 def _outcome_message(outcome: session.TurnOutcome) -> TurnDone | TurnError:

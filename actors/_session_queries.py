@@ -1,4 +1,8 @@
-"""A session's answers to its owner: metadata, memory search, deletion."""
+"""Deleting a session: its events, its memories, and a tombstone that outlives them.
+
+Reads (metadata, messages, memory search) never enter the mailbox: see
+actors/session_front.py.
+"""
 
 from __future__ import annotations
 
@@ -9,17 +13,11 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.micro.request import Request
 
 from actors import session
-from actors._session_common import SessionPart, _error, _not_found
-from actors.memory.actor import RecallRequest, ask_recall
+from actors._session_common import SessionPart, _not_found
 from actors.protocol import (
     TURN_REPLY_CODEC,
     DeleteSession,
-    GetSession,
-    MemoriesFound,
-    MemoryFound,
-    SearchMemories,
     SessionDeleted,
-    SessionView,
 )
 from bus.codec import encode
 from bus.requests import nats_request
@@ -34,68 +32,10 @@ log = structlog.get_logger("veil.session")
 
 
 class SessionQueries(SessionPart):
-    """Mixed into SessionActor: requests about the session rather than a turn."""
+    """Mixed into SessionActor: deleting the session."""
 
     def _owned_by(self, tenant: str) -> bool:
         return self._state.session_id is not None and self._state.tenant == tenant
-
-    async def _get(self, request: Request, command: GetSession) -> None:
-        await self._reload()  # another worker may have moved it on
-        state = self._state
-        if not self._owned_by(command.tenant):
-            await self._reject(request, _not_found(self.session_id))
-            return
-        assert state.created_at is not None and state.updated_at is not None
-        view = SessionView(
-            session_id=self.session_id,
-            created_at=state.created_at,
-            updated_at=state.updated_at,
-            turns=state.turns,
-            usage=state.usage,
-            model=state.open_turn.model if state.open_turn else state.last_model,
-            messages=list(state.history) if command.messages else None,
-        )
-        await request.respond(TURN_REPLY_CODEC.encode(view))
-
-    async def _search(self, request: Request, command: SearchMemories) -> None:
-        await self._reload()
-        if not self._owned_by(command.tenant):
-            await self._reject(request, _not_found(self.session_id))
-            return
-        ask = RecallRequest(
-            tenant=command.tenant,
-            session_id=self.session_id,
-            user_id=self._state.user_id,
-            query=command.query,
-            k=command.k,
-        )
-        try:
-            found = await ask_recall(self._ctx.nc, ask, timeout=10)
-        except NoRespondersError:
-            await self._reject(
-                request, _error(503, "memory_unavailable", "Long-term memory is not running.")
-            )
-            return
-        except NatsTimeout:
-            await self._reject(
-                request, _error(504, "timeout", "Long-term memory did not answer in time.")
-            )
-            return
-        hits = [
-            MemoryFound(
-                id=h.id,
-                session_id=h.session_id,
-                role=h.role,
-                kind=h.kind,
-                text=h.text,
-                score=h.score,
-                created_at=h.created_at,
-                vector_similarity=h.vector_similarity,
-                bm25=h.bm25,
-            )
-            for h in found
-        ]
-        await request.respond(TURN_REPLY_CODEC.encode(MemoriesFound(hits=hits)))
 
     async def _delete(self, request: Request, command: DeleteSession) -> None:
         await self._reload()

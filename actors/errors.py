@@ -1,11 +1,14 @@
 """Errors the actors raise to refuse a command.
 
 ActorError
-├── SessionNotFound    no such session for this tenant (the same for both cases)
-├── SessionExists      a new session's id is already taken
-├── NothingNew         the request adds no message to the conversation
-├── TurnInProgress     another writer holds the session's turn lease
-└── AlreadyHandled     the command id was seen before; carries its outcome
+├── SessionNotFound     no such session for this tenant (the same for both cases)
+├── SessionExists       a new session's id is already taken
+├── NothingNew          the request adds no message to the conversation
+├── UnknownToolCall     a tool message answers no tool call made just before it
+├── IdempotencyMismatch an Idempotency-Key reused with a different request
+├── RequestAbandoned    the client gave up before its turn could start
+├── TurnInProgress      another writer holds the session's turn lease
+└── AlreadyHandled      the command id was seen before; carries its outcome
 """
 
 from __future__ import annotations
@@ -19,10 +22,13 @@ if TYPE_CHECKING:
 __all__ = [
     "ActorError",
     "AlreadyHandled",
+    "IdempotencyMismatch",
     "NothingNew",
+    "RequestAbandoned",
     "SessionExists",
     "SessionNotFound",
     "TurnInProgress",
+    "UnknownToolCall",
 ]
 
 
@@ -31,6 +37,7 @@ class ActorError(Exception):
 
     status = 400
     code = "invalid_request"
+    param: str | None = None
 
 
 class SessionNotFound(ActorError):
@@ -48,14 +55,36 @@ class NothingNew(ActorError):
     code = "no_new_messages"
 
 
+class UnknownToolCall(ActorError):
+    status = 400
+    code = "invalid_value"
+    param = "messages"
+
+
+class IdempotencyMismatch(ActorError):
+    """The IETF Idempotency-Key draft answers a key reused with another payload with 422."""
+
+    status = 422
+    code = "idempotency_key_reused"
+
+
+class RequestAbandoned(ActorError):
+    """nginx's 499: the client closed the request before it was answered."""
+
+    status = 499
+    code = "client_gone"
+
+
 class TurnInProgress(ActorError):
     status = 409
     code = "turn_in_progress"
 
-    def __init__(self, turn_id: str, lease_until: datetime) -> None:
+    def __init__(self, turn_id: str, lease_until: datetime, holder: str | None = None) -> None:
         super().__init__(f"turn {turn_id} is in progress until {lease_until.isoformat()}")
         self.turn_id = turn_id
         self.lease_until = lease_until
+        # The worker running it, to ask whether it still does (None: unknown, wait the lease out).
+        self.holder = holder
 
 
 class AlreadyHandled(ActorError):

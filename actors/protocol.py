@@ -76,6 +76,8 @@ class StartTurn(msgspec.Struct, frozen=True, kw_only=True, tag="start_turn"):
     metadata: dict[str, str] = {}
     params: dict[str, Any] = {}
     stream: bool = False
+    # A digest of the HTTP request: an Idempotency-Key reused with another body is refused.
+    fingerprint: str | None = None
 
 
 class GetSession(msgspec.Struct, frozen=True, kw_only=True, tag="get"):

@@ -6,6 +6,7 @@ timestamps and ids into commands, and `evolve` is replayed by auditors.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import assert_never
 
@@ -14,13 +15,15 @@ from msgspec.structs import replace
 
 from actors.errors import (
     AlreadyHandled,
+    IdempotencyMismatch,
     NothingNew,
     SessionExists,
     SessionNotFound,
     TurnInProgress,
+    UnknownToolCall,
 )
 from actors.protocol import ErrorInfo, GenerateResult, StartTurn
-from actors.tokens import estimate_message_tokens
+from actors.tokens import message_tokens
 from eventstore.events import (
     ChatMessage,
     DocumentsRetrieved,
@@ -60,6 +63,7 @@ __all__ = [
     "TurnOutcome",
     "decide",
     "evolve",
+    "fitting_tail",
     "fold",
     "fold_plan",
     "initial",
@@ -79,6 +83,8 @@ class OpenTurnState(msgspec.Struct, frozen=True, kw_only=True):
     lease_until: datetime
     # The hidden tool loop so far: the model's tool calls and the server tools' answers.
     steps: tuple[ChatMessage, ...] = ()
+    holder: str | None = None
+    fingerprint: str | None = None
 
 
 class TurnOutcome(msgspec.Struct, frozen=True, kw_only=True):
@@ -89,6 +95,8 @@ class TurnOutcome(msgspec.Struct, frozen=True, kw_only=True):
     usage: Usage = Usage()
     error: ErrorInfo | None = None
     tool_calls: tuple[ToolCall, ...] = ()
+    # The digest of the request that ran the turn (retries must match it).
+    fingerprint: str | None = None
 
 
 class SessionState(msgspec.Struct, frozen=True, kw_only=True):
@@ -129,6 +137,11 @@ class OpenTurn(msgspec.Struct, frozen=True, kw_only=True):
     lease_until: datetime
     # The pipeline, when the model has only one (recorded in TurnStarted itself).
     pipeline: str | None = None
+    # The worker that will run the turn: it holds the lease.
+    holder: str | None = None
+    # An open turn whose holder said it no longer runs it (the worker died or dropped it):
+    # it is failed at once instead of waiting out its lease.
+    holder_gone: str | None = None
 
 
 class CompleteTurn(msgspec.Struct, frozen=True, kw_only=True):
@@ -268,14 +281,44 @@ def _model_called(
     )
 
 
+def _same_request(recorded: str | None, start: StartTurn) -> None:
+    """A retry must be the same request: an Idempotency-Key reused with another body is refused."""
+    if recorded is not None and start.fingerprint is not None and recorded != start.fingerprint:
+        raise IdempotencyMismatch(
+            "This Idempotency-Key was already used with a different request; "
+            "use a new key for a new request."
+        )
+
+
+def _unanswered_tool_call(history: tuple[ChatMessage, ...], new: list[ChatMessage]) -> str | None:
+    """The id of a tool message in `new` that answers no call of the assistant message
+    just before it (past other tool answers), or None when every one does. One pass."""
+    i = len(history) - 1
+    while i >= 0 and history[i].role == "tool":
+        i -= 1
+    last = history[i] if i >= 0 else None
+    calls = {c.id for c in last.tool_calls or ()} if last and last.role == "assistant" else set()
+    for message in new:
+        if message.role == "tool":
+            if message.tool_call_id not in calls:
+                return message.tool_call_id or ""
+        elif message.role == "assistant":
+            calls = {c.id for c in message.tool_calls or ()}
+        else:
+            calls = set()
+    return None
+
+
 def _decide_open(state: SessionState, cmd: OpenTurn) -> list[EventUnion]:
     start = cmd.start
     if state.session_id is not None and state.tenant == start.tenant:
         # A retry, of a new session's first turn too, answers from what was recorded.
         outcome = state.outcomes.get(start.command_id)
         if outcome is not None:
+            _same_request(outcome.fingerprint, start)
             raise AlreadyHandled(outcome.turn_id, outcome)
         if state.open_turn is not None and state.open_turn.command_id == start.command_id:
+            _same_request(state.open_turn.fingerprint, start)
             raise AlreadyHandled(state.open_turn.turn_id, None)
     if start.new_session:
         if state.session_id is not None:
@@ -295,21 +338,39 @@ def _decide_open(state: SessionState, cmd: OpenTurn) -> list[EventUnion]:
         )
     open_turn = state.open_turn
     if open_turn is not None:
-        if cmd.now < open_turn.lease_until:
-            raise TurnInProgress(open_turn.turn_id, open_turn.lease_until)
-        # Its writer died or hung: close that turn so this one can start.
-        events.append(
-            TurnFailed(
-                at=cmd.now,
-                turn_id=open_turn.turn_id,
-                status=504,
-                code="lease_expired",
-                message="the turn did not finish before its lease expired",
+        if cmd.holder_gone == open_turn.turn_id:
+            # Its worker is gone (or no longer runs it): close it now, not at lease expiry.
+            events.append(
+                TurnFailed(
+                    at=cmd.now,
+                    turn_id=open_turn.turn_id,
+                    status=503,
+                    code="worker_lost",
+                    message="the worker running the turn stopped before it finished",
+                )
             )
-        )
+        elif cmd.now < open_turn.lease_until:
+            raise TurnInProgress(open_turn.turn_id, open_turn.lease_until, open_turn.holder)
+        else:
+            # Its writer hung (or left no holder to ask): close that turn so this one can start.
+            events.append(
+                TurnFailed(
+                    at=cmd.now,
+                    turn_id=open_turn.turn_id,
+                    status=504,
+                    code="lease_expired",
+                    message="the turn did not finish before its lease expired",
+                )
+            )
     system, new = _split_messages(state.history, start.messages)
     if not new:
         raise NothingNew("The request adds no new message to the session.")
+    unanswered = _unanswered_tool_call(state.history, new)
+    if unanswered is not None:
+        raise UnknownToolCall(
+            f"Invalid parameter: a message with role 'tool' must answer a tool call of the "
+            f"assistant message before it; no such call has the id '{unanswered[:128]}'."
+        )
     events.append(
         TurnStarted(
             at=cmd.now,
@@ -323,6 +384,8 @@ def _decide_open(state: SessionState, cmd: OpenTurn) -> list[EventUnion]:
             lease_until=cmd.lease_until,
             streaming=start.stream,
             pipeline=cmd.pipeline,
+            holder=cmd.holder,
+            fingerprint=start.fingerprint,
         )
     )
     return events
@@ -434,7 +497,7 @@ def _close(
     if open_turn is None or open_turn.turn_id != outcome.turn_id:
         return replace(state, updated_at=at, **changes)
     outcomes = dict(state.outcomes)
-    outcomes[open_turn.command_id] = outcome
+    outcomes[open_turn.command_id] = replace(outcome, fingerprint=open_turn.fingerprint)
     return replace(
         state, open_turn=None, outcomes=outcomes, updated_at=at, turns=state.turns + 1, **changes
     )
@@ -469,6 +532,8 @@ def evolve(state: SessionState, event: EventUnion) -> SessionState:
                     model=event.model,
                     messages=tuple(event.messages),
                     lease_until=event.lease_until,
+                    holder=event.holder,
+                    fingerprint=event.fingerprint,
                 ),
                 system=event.system if event.system is not None else state.system,
                 last_model=event.model,
@@ -560,26 +625,40 @@ def evolve(state: SessionState, event: EventUnion) -> SessionState:
 SUMMARY_HEADER = "Summary of the earlier conversation (written by you for yourself):"
 
 
-def _turn_starts(history: tuple[ChatMessage, ...]) -> list[int]:
-    """Indexes where a turn's messages begin: a non-assistant message after an assistant one."""
-    return [
-        i
-        for i, m in enumerate(history)
-        if m.role != "assistant" and (i == 0 or history[i - 1].role == "assistant")
-    ]
+def _is_turn_start(history: tuple[ChatMessage, ...], i: int) -> bool:
+    """A turn's messages begin at a non-assistant message after an assistant one."""
+    return history[i].role != "assistant" and (i == 0 or history[i - 1].role == "assistant")
+
+
+def fitting_tail(messages: Sequence[ChatMessage], budget: int, start: int = 0) -> int:
+    """The first index (not before `start`) from which the messages fit `budget` tokens.
+
+    One pass from the end that stops at the first message that does not fit, so it
+    costs the kept messages, not the whole history (a session may hold many thousands).
+    """
+    spent = 0
+    i = len(messages)
+    while i > start:
+        spent += message_tokens(messages[i - 1])
+        if spent > budget:
+            break
+        i -= 1
+    return i
 
 
 def fold_plan(state: SessionState, budget: int) -> int | None:
     """How far to fold history into the summary so the rest fits half the budget, if it
     does not fit the budget now. Folds whole turns, and always keeps the latest turn."""
-    unsummarized = state.history[state.summarized :]
-    if estimate_message_tokens(unsummarized) <= budget:
+    history = state.history
+    first = state.summarized
+    if fitting_tail(history, budget, first) == first:
         return None
-    starts = [i for i in _turn_starts(state.history) if i > state.summarized]
-    for start in starts:
-        if estimate_message_tokens(state.history[start:]) <= budget // 2:
-            return start
-    return starts[-1] if starts else None
+    # Whether the rest fits grows with the start: the first turn start past this index fits.
+    fits_from = fitting_tail(history, budget // 2, first + 1)
+    for i in range(fits_from, len(history)):
+        if _is_turn_start(history, i):
+            return i
+    return next((i for i in range(len(history) - 1, first, -1) if _is_turn_start(history, i)), None)
 
 
 def turn_query(state: SessionState) -> str:
@@ -598,7 +677,7 @@ def recall_may_add(state: SessionState, budget: int | None) -> bool:
     """
     if state.user_id is not None or state.summarized or state.beyond_history:
         return True
-    return budget is not None and estimate_message_tokens(state.history) > budget
+    return budget is not None and fitting_tail(state.history, budget) > 0
 
 
 def prompt(
@@ -620,11 +699,10 @@ def prompt(
     messages: list[ChatMessage] = []
     if parts:
         messages.append(ChatMessage(role="system", content="\n\n".join(parts)))
-    recent = state.history[state.summarized :]
+    first = state.summarized
     if budget is not None:
-        while recent and estimate_message_tokens(recent) > budget:
-            recent = recent[1:]
-    messages.extend(recent)
+        first = fitting_tail(state.history, budget, first)
+    messages.extend(state.history[first:])
     if state.open_turn is not None:
         messages.extend(state.open_turn.messages)
         messages.extend(state.open_turn.steps)

@@ -23,18 +23,15 @@ from nats.micro.request import Request
 
 from actors import session
 from actors.engines import unsupported_parameter
-from actors.errors import ActorError, AlreadyHandled, TurnInProgress
+from actors.errors import ActorError, AlreadyHandled, RequestAbandoned, TurnInProgress
 from actors.model_chain import run_chain
 from actors.protocol import (
     OUTPUT_CODEC,
-    SESSION_COMMAND_CODEC,
     TURN_REPLY_CODEC,
     DeleteSession,
     ErrorInfo,
     GenerateRequest,
     GenerateResult,
-    GetSession,
-    SearchMemories,
     StartTurn,
     TurnAccepted,
     TurnDone,
@@ -45,6 +42,7 @@ from actors.router_actor import ROUTE_CODEC, ROUTE_REPLY_CODEC, RouteRequest
 from actors.routing import RouteDecision
 from bus.codec import DecodeError
 from bus.requests import nats_request
+from bus.runtime import Envelope
 from bus.subjects import (
     ROUTER_ROUTE,
     session_cancel,
@@ -58,12 +56,13 @@ from eventstore.events import (
     PipelineChosen,
     ToolLoopStopped,
     ToolsCalled,
+    TurnFailed,
 )
 from veil.config import ModelConfig
 
 __all__ = ["SessionActor", "SessionContext"]
 
-from actors._session_common import SessionContext, _error, _outcome_message
+from actors._session_common import SessionContext, _error, _outcome_message, fold_stored
 from actors._session_queries import SessionQueries
 from actors._turn_steps import TurnSteps
 
@@ -71,6 +70,9 @@ log = structlog.get_logger("veil.session")
 
 # Appends that keep conflicting mean a writer is fighting us; give up after this many.
 MAX_CONFLICTS = 20
+# While another worker's turn holds the session, ask it this often whether it still runs.
+PROBE_EVERY = 2.0
+GONE_BEFORE_START = "The client went away before the turn could start."
 
 
 class SessionActor(SessionQueries, TurnSteps):
@@ -100,10 +102,19 @@ class SessionActor(SessionQueries, TurnSteps):
             self._loaded = self._erased = True
             return
         stored = await self._ctx.store.load(self.session_id, after=self._last_seq)
-        for item in stored:
-            self._state = session.evolve(self._state, item.event)
-            self._last_seq = item.seq
+        if stored:
+            self._state = await fold_stored(self._state, stored)
+            self._last_seq = stored[-1].seq
         self._loaded = True
+
+    def owned_by(self, tenant: str) -> bool:
+        """Whether this actor's state (once read) shows `tenant`'s session."""
+        state = self._state
+        return self._loaded and state.session_id is not None and state.tenant == tenant
+
+    def snapshot(self) -> tuple[session.SessionState, int]:
+        """The state as of a log position, for reads that must not wait for the mailbox."""
+        return self._state, self._last_seq
 
     async def _append(
         self, command: session.Command, dedupe_id: str | None = None
@@ -132,16 +143,11 @@ class SessionActor(SessionQueries, TurnSteps):
             return events
         raise ConcurrencyConflict(self.session_id, self._last_seq)
 
-    async def receive(self, request: Request) -> None:
-        try:
-            command = SESSION_COMMAND_CODEC.decode(request.data)
-        except DecodeError as error:
-            await self._reject(request, _error(400, "bad_command", f"bad command: {error}"))
-            return
-        if command.session_id != self.session_id:
-            await self._reject(
-                request, _error(400, "bad_command", "session id does not match subject")
-            )
+    async def receive(self, envelope: Envelope) -> None:
+        """A command the front admitted (actors/session_front.py): a turn or a deletion."""
+        request, command = envelope.request, envelope.message
+        if not isinstance(command, StartTurn | DeleteSession):
+            await self._reject(request, _error(400, "bad_command", "not a mailbox command"))
             return
         if not self._loaded:
             if isinstance(command, StartTurn) and command.new_session and command.random_id:
@@ -160,12 +166,8 @@ class SessionActor(SessionQueries, TurnSteps):
         match command:
             case StartTurn():
                 await self._start_turn(request, command)
-            case GetSession():
-                await self._get(request, command)
             case DeleteSession():
                 await self._delete(request, command)
-            case SearchMemories():
-                await self._search(request, command)
             case _:
                 assert_never(command)
 
@@ -181,6 +183,15 @@ class SessionActor(SessionQueries, TurnSteps):
         if bad_param is not None:
             await self._reject(request, bad_param)
             return
+        if self._ctx.signals.fired(session_cancel(self.session_id, start.turn_id)):
+            # Its client gave up while it waited for the session: it never starts.
+            await self._reject(request, _error(499, "client_gone", GONE_BEFORE_START))
+            return
+        with self._ctx.leases.holding(start.turn_id):
+            await self._hold_turn(request, start, model)
+
+    async def _hold_turn(self, request: Request, start: StartTurn, model: ModelConfig) -> None:
+        """Open and run the turn while this worker answers that it holds its lease."""
         out = session_out(self.session_id, start.turn_id)
         finish = self._finisher(request, start, out)
         # With one pipeline the choice needs no router: TurnStarted records it.
@@ -200,7 +211,8 @@ class SessionActor(SessionQueries, TurnSteps):
                 )
             return
         except ActorError as refusal:
-            await self._reject(request, _error(refusal.status, refusal.code, str(refusal)))
+            error = _error(refusal.status, refusal.code, str(refusal), refusal.param)
+            await self._reject(request, error)
             return
         if start.stream:
             await request.respond(TURN_REPLY_CODEC.encode(TurnAccepted(turn_id=start.turn_id)))
@@ -236,20 +248,49 @@ class SessionActor(SessionQueries, TurnSteps):
         return None
 
     async def _open(self, start: StartTurn, pipeline: str | None) -> None:
-        """Append TurnStarted, waiting out another writer's turn if it holds the lease."""
+        """Append TurnStarted, waiting while another writer's turn holds the lease.
+
+        While it waits it asks the lease's holder every PROBE_EVERY seconds whether it
+        still runs that turn: a dead holder frees the session at once. A request whose
+        client gives up meanwhile stops waiting and never starts.
+        """
+        cancel = session_cancel(self.session_id, start.turn_id)
+        holder = self._ctx.leases.worker_id
         fresh = False
+        gone: str | None = None
         while True:
             now = self._ctx.clock()
             lease = now + timedelta(seconds=self._ctx.config.server.turn_timeout)
+            command = session.OpenTurn(
+                start=start,
+                now=now,
+                lease_until=lease,
+                pipeline=pipeline,
+                holder=holder,
+                holder_gone=gone,
+            )
             try:
-                await self._append(
-                    session.OpenTurn(start=start, now=now, lease_until=lease, pipeline=pipeline),
-                    dedupe_id=start.command_id,
-                )
-                return
+                events = await self._append(command, dedupe_id=start.command_id)
             except TurnInProgress as busy:
+                if self._ctx.signals.fired(cancel):
+                    raise RequestAbandoned(GONE_BEFORE_START) from None
+                runs = (
+                    await self._ctx.leases.holder_runs(busy.holder, busy.turn_id)
+                    if busy.holder is not None
+                    else None
+                )
+                if runs is False:
+                    log.warning(
+                        "session.holder_gone",
+                        session=self.session_id,
+                        turn=busy.turn_id,
+                        holder=busy.holder,
+                    )
+                    gone = busy.turn_id
+                    continue
                 log.info("session.waiting", session=self.session_id, busy_turn=busy.turn_id)
-                await self._wait_for_change(busy.lease_until)
+                probe_at = self._ctx.clock() + timedelta(seconds=PROBE_EVERY)
+                await self._wait_for_change(min(busy.lease_until, probe_at), cancel)
                 await self._reload()
             except (AlreadyHandled, ActorError) as refusal:
                 # Another worker may have moved the session on since this actor
@@ -257,15 +298,30 @@ class SessionActor(SessionQueries, TurnSteps):
                 if isinstance(refusal, AlreadyHandled) or fresh:
                     raise
                 await self._reload()
+            else:
+                lost = [e for e in events if isinstance(e, TurnFailed) and e.code == "worker_lost"]
+                for failed in lost:
+                    await self._tell_lost(failed)
+                return
             fresh = True
 
-    async def _wait_for_change(self, until: datetime) -> None:
-        """Sleep until the session's log grows or the other writer's lease runs out."""
+    async def _tell_lost(self, failed: TurnFailed) -> None:
+        """A gateway still streaming the lost turn hears that it ended, instead of timing out."""
+        error = _error(failed.status, failed.code, failed.message)
+        with contextlib.suppress(Exception):
+            await self._ctx.nc.publish(
+                session_out(self.session_id, failed.turn_id),
+                OUTPUT_CODEC.encode(TurnError(error=error)),
+            )
+
+    async def _wait_for_change(self, until: datetime, cancel: str) -> None:
+        """Sleep until the session's log grows, `until` comes, or the request is cancelled."""
         changed = asyncio.Event()
 
         async def on_event(_: Msg) -> None:
             changed.set()
 
+        unwatch = await self._ctx.signals.watch(cancel, changed.set)
         sub = await self._ctx.nc.subscribe(session_events(self.session_id), cb=on_event)
         try:
             # Check once after subscribing: the turn may have ended in between.
@@ -273,8 +329,10 @@ class SessionActor(SessionQueries, TurnSteps):
                 return
             timeout = max(0.0, (until - self._ctx.clock()).total_seconds()) + 0.05
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await changed.wait()
         finally:
+            unwatch()
             await sub.unsubscribe()
 
     def _chosen(self, start: StartTurn, decision: RouteDecision) -> PipelineChosen:

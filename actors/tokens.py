@@ -15,7 +15,7 @@ from collections.abc import Iterable
 
 from eventstore.events import ChatMessage
 
-__all__ = ["MESSAGE_OVERHEAD", "estimate_message_tokens", "estimate_tokens"]
+__all__ = ["MESSAGE_OVERHEAD", "estimate_message_tokens", "estimate_tokens", "message_tokens"]
 
 # Chat templates wrap each message in a few tokens (role markers, separators).
 MESSAGE_OVERHEAD = 4
@@ -28,5 +28,10 @@ def estimate_tokens(text: str) -> int:
     return (len(text) + 3) // 4
 
 
+def message_tokens(message: ChatMessage) -> int:
+    """One message's share of a prompt: its text and the template's wrapping."""
+    return estimate_tokens(message.content) + MESSAGE_OVERHEAD
+
+
 def estimate_message_tokens(messages: Iterable[ChatMessage]) -> int:
-    return sum(estimate_tokens(m.content) + MESSAGE_OVERHEAD for m in messages)
+    return sum(map(message_tokens, messages))

@@ -6,6 +6,8 @@ import nats
 import structlog
 from nats.aio.client import Client
 
+from bus.requests import connection_lost
+
 __all__ = ["connect"]
 
 log = structlog.get_logger("veil.bus")
@@ -18,6 +20,8 @@ async def connect(url: str, *, name: str) -> Client:
         # Closing and draining disconnect too; only an unplanned loss is a warning.
         planned = nc.is_closed or nc.is_draining
         (log.info if planned else log.warning)("nats.disconnected", name=name)
+        if not planned:
+            connection_lost(nc)
 
     async def on_reconnected() -> None:
         log.info(

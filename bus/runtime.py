@@ -5,14 +5,21 @@ Requests arrive through a NATS micro service endpoint (so `$SRV.PING`,
 The endpoint callback only routes: it puts the request into the mailbox of the
 actor that owns the key and returns, so one slow actor never blocks the others
 served by the same subscription.
+
+A screen, when given, sees each request first, with the key's live actor if there
+is one. It either admits the request to the mailbox at once (an Envelope carrying
+what it made of the request), or takes it over as a task of its own: to answer
+without queuing behind the actor's current work (reads), to refuse it without
+activating an actor for a key that has no state, or to check something before
+delivering it itself (`deliver`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Coroutine
+from typing import Any, NamedTuple, Protocol
 
 import structlog
 from nats.aio.client import Client
@@ -20,14 +27,21 @@ from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import Service
 
-__all__ = ["Actor", "ActorHost"]
+__all__ = ["Actor", "ActorHost", "Envelope", "Screen"]
 
 log = structlog.get_logger("veil.runtime")
 
 
+class Envelope(NamedTuple):
+    """A request in a mailbox, with what the screen made of it (None without a screen)."""
+
+    request: Request
+    message: Any = None
+
+
 class Actor(Protocol):
-    async def receive(self, request: Request) -> None:
-        """Handle one request; replies go through request.respond()."""
+    async def receive(self, envelope: Envelope) -> None:
+        """Handle one request; replies go through envelope.request.respond()."""
         ...
 
     async def stop(self) -> None:
@@ -43,8 +57,12 @@ class _Cell:
     def __init__(self, actor: Actor) -> None:
         self.actor = actor
         # None is the stop signal, queued behind the requests already in.
-        self.mailbox: asyncio.Queue[Request | None] = asyncio.Queue()
+        self.mailbox: asyncio.Queue[Envelope | None] = asyncio.Queue()
         self.task: asyncio.Task[None] | None = None
+
+
+# Admit now (an Envelope), or handle the request in a task of the screen's own.
+Screen = Callable[[str, Request, Actor | None], Envelope | Coroutine[Any, Any, None]]
 
 
 class ActorHost:
@@ -63,6 +81,7 @@ class ActorHost:
         factory: Callable[[str], Actor],
         idle_seconds: float = 300.0,
         queue_group: str = "q",
+        screen: Screen | None = None,
     ) -> None:
         self._nc = nc
         self._service_name = service
@@ -74,7 +93,9 @@ class ActorHost:
         self._factory = factory
         self._idle = idle_seconds
         self._queue_group = queue_group
+        self._screen = screen
         self._cells: dict[str, _Cell] = {}
+        self._screening: set[asyncio.Task[None]] = set()
         self._service: Service | None = None
         self._stopping = False
 
@@ -94,18 +115,46 @@ class ActorHost:
             name=self._endpoint, subject=self._subject, handler=self._route
         )
 
+    def actor(self, key: str) -> Actor | None:
+        """The key's live actor, if one is active."""
+        cell = self._cells.get(key)
+        return cell.actor if cell is not None else None
+
+    def deliver(self, key: str, envelope: Envelope) -> None:
+        """Into the key's mailbox, activating its actor if needed."""
+        cell = self._cells.get(key)
+        if cell is None:
+            cell = _Cell(self._factory(key))
+            self._cells[key] = cell
+            cell.task = asyncio.create_task(self._run(key, cell), name=f"actor:{key}")
+        cell.mailbox.put_nowait(envelope)
+
     async def _route(self, request: Request) -> None:
         try:
             key = self._key_of(request.subject)
         except ValueError as error:
             await request.respond_error("400", str(error))
             return
-        cell = self._cells.get(key)
-        if cell is None:
-            cell = _Cell(self._factory(key))
-            self._cells[key] = cell
-            cell.task = asyncio.create_task(self._run(key, cell), name=f"actor:{key}")
-        cell.mailbox.put_nowait(request)
+        if self._screen is None:
+            self.deliver(key, Envelope(request))
+            return
+        admitted = self._screen(key, request, self.actor(key))
+        if isinstance(admitted, Envelope):
+            self.deliver(key, admitted)
+            return
+        task = asyncio.create_task(self._screened(request, admitted), name=f"screen:{key}")
+        self._screening.add(task)
+        task.add_done_callback(self._screening.discard)
+
+    async def _screened(self, request: Request, work: Coroutine[Any, Any, None]) -> None:
+        try:
+            await work
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            log.exception("actor.screen_failed", subject=request.subject, error=repr(error))
+            with contextlib.suppress(Exception):
+                await request.respond_error("500", f"request failed: {error!r}")
 
     async def _run(self, key: str, cell: _Cell) -> None:
         try:
@@ -114,15 +163,15 @@ class ActorHost:
                     # asyncio.timeout, not wait_for: on Python 3.11 wait_for makes a
                     # task for every message.
                     async with asyncio.timeout(self._idle):
-                        request = await cell.mailbox.get()
+                        envelope = await cell.mailbox.get()
                 except TimeoutError:
                     if cell.mailbox.empty():
                         return  # passivate; a new request activates a fresh actor
                     continue
-                if request is None:
+                if envelope is None:
                     return
                 try:
-                    await cell.actor.receive(request)
+                    await cell.actor.receive(envelope)
                 except asyncio.CancelledError:
                     raise
                 except Exception as error:
@@ -130,7 +179,7 @@ class ActorHost:
                     # broke it gets an error reply; the next one finds a new actor.
                     log.exception("actor.crashed", actor=key, error=repr(error))
                     with contextlib.suppress(Exception):
-                        await request.respond_error("500", f"actor failed: {error!r}")
+                        await envelope.request.respond_error("500", f"actor failed: {error!r}")
                     with contextlib.suppress(Exception):
                         await cell.actor.stop()
                     cell.actor = self._factory(key)
@@ -143,7 +192,7 @@ class ActorHost:
             while not cell.mailbox.empty() and not self._stopping:
                 leftover = cell.mailbox.get_nowait()
                 if leftover is not None:
-                    await self._route(leftover)
+                    self.deliver(key, leftover)
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop taking requests, let running actors finish, then cancel stragglers."""
@@ -151,6 +200,8 @@ class ActorHost:
         if self._service is not None:
             with contextlib.suppress(Exception):
                 await self._service.stop()
+        for task in list(self._screening):
+            task.cancel()
         tasks = [c.task for c in self._cells.values() if c.task is not None]
         for cell in self._cells.values():
             cell.mailbox.put_nowait(None)

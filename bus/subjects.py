@@ -31,6 +31,7 @@ __all__ = [
     "session_out",
     "session_tombstone",
     "validate_id",
+    "worker_leases",
 ]
 
 EVENTS_STREAM = "CHAT_EVENTS"
@@ -119,3 +120,8 @@ ROUTER_ROUTE = "router.route"
 # The memory actor's requests: recall for a turn, and forgetting a deleted session.
 MEMORY_RECALL = "memory.recall"
 MEMORY_FORGET = "memory.forget"
+
+
+def worker_leases(worker_id: str) -> str:
+    """Where a worker answers whether it still runs a turn whose lease it holds."""
+    return f"chat.worker.{validate_id(worker_id, 'worker id')}.leases"

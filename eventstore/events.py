@@ -106,6 +106,12 @@ class TurnStarted(Event, tag="turn.started", frozen=True, kw_only=True):
     streaming: bool = False
     # Set when the model has one pipeline: the choice needs no router and no event of its own.
     pipeline: str | None = None
+    # The worker process running the turn: another writer asks it whether it still does
+    # before waiting out the lease (None in logs written before holders were recorded).
+    holder: str | None = None
+    # A digest of the request that started the turn: a retry under the same
+    # Idempotency-Key with a different request is refused.
+    fingerprint: str | None = None
 
 
 class ModelCalled(Event, tag="model.called", frozen=True, kw_only=True):

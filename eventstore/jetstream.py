@@ -165,7 +165,7 @@ class JetStreamEventStore:
         self._stream = stream
         self._timeout = timeout
         self._load_batch = load_batch
-        self._direct_get = f"$JS.API.DIRECT.GET.{stream}"
+        self._direct_get_subject = f"$JS.API.DIRECT.GET.{stream}"
 
     async def load(self, session_id: str, after: int = 0) -> list[StoredEvent]:
         """Events of one session with seq > after, in order."""
@@ -231,9 +231,18 @@ class JetStreamEventStore:
             nats.js.errors.APIError.from_error(ack.error)  # raises
         return ack
 
+    async def first(self, session_id: str) -> StoredEvent | None:
+        """The session's first event (one direct get), None if it has none."""
+        reply = await self._direct_get({"seq": 1, "next_by_subj": session_events(session_id)})
+        if reply is None:
+            return None
+        seq, data = reply
+        return StoredEvent(seq=seq, event=_CODEC.decode(data))
+
     async def last_seq(self, session_id: str) -> int:
         """The seq of the session's last event, 0 if it has none."""
-        return await self._last_seq(session_events(session_id))
+        reply = await self._direct_get({"last_by_subj": session_events(session_id)})
+        return 0 if reply is None else reply[0]
 
     async def sessions(self) -> list[SessionInfo]:
         """Every session with at least one event, sorted by id; one request per session."""
@@ -245,7 +254,9 @@ class JetStreamEventStore:
             raise EventStoreError(f"stream info {self._stream}: {e}") from e
         counts = info.state.subjects or {}
         subjects = sorted(counts, key=session_from_events_subject)
-        last_seqs = await asyncio.gather(*(self._last_seq(s) for s in subjects))
+        last_seqs = await asyncio.gather(
+            *(self.last_seq(session_from_events_subject(s)) for s in subjects)
+        )
         return [
             SessionInfo(
                 session_id=session_from_events_subject(subject),
@@ -275,20 +286,23 @@ class JetStreamEventStore:
             raise EventStoreError(f"erase {subject}: {e}") from e
         return len(raws)
 
-    async def _last_seq(self, subject: str) -> int:
-        body = json.dumps({"last_by_subj": subject}).encode()
+    async def _direct_get(self, request: dict[str, object]) -> tuple[int, bytes] | None:
+        """One message by direct get: its seq and data, None when there is none."""
+        body = json.dumps(request).encode()
         try:
-            reply = await nats_request(self._nc, self._direct_get, body, timeout=self._timeout)
+            reply = await nats_request(
+                self._nc, self._direct_get_subject, body, timeout=self._timeout
+            )
         except UNAVAILABLE as e:
             raise StoreUnavailable(f"direct get on {self._stream}: {e!r}") from e
         headers = reply.headers or {}
         status = _header(headers, Header.STATUS.value)
         if status == "404":
-            return 0
+            return None
         seq = _seq(headers)
         if status is not None or seq == 0:
             raise _status_error(self._stream, headers)
-        return seq
+        return seq, reply.data
 
     async def _stored_prefix(
         self, subject: str, after: int, session_id: str, dedupe_id: str, count: int
@@ -336,7 +350,7 @@ class JetStreamEventStore:
                     received = len(out)
                     batch_done = loop.create_future()
                     await self._nc.publish(
-                        self._direct_get, json.dumps(request).encode(), reply=sub.subject
+                        self._direct_get_subject, json.dumps(request).encode(), reply=sub.subject
                     )
                     end = await asyncio.wait_for(batch_done, self._timeout)
                     status = _header(end, Header.STATUS.value)

@@ -53,6 +53,11 @@ class InMemoryEventStore:
             self._dedupe[(session_id, dedupe_id)] = self._seq
         return self._seq
 
+    async def first(self, session_id: str) -> StoredEvent | None:
+        """The session's first event, None if it has none."""
+        log = self._logs.get(validate_id(session_id, "session id"))
+        return log[0] if log else None
+
     async def last_seq(self, session_id: str) -> int:
         """The seq of the session's last event, 0 if it has none."""
         return self._last(validate_id(session_id, "session id"))

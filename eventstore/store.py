@@ -47,6 +47,10 @@ class EventStore(Protocol):
         """
         ...
 
+    async def first(self, session_id: str) -> StoredEvent | None:
+        """The session's first event (it says who owns the session), None if it has none."""
+        ...
+
     async def last_seq(self, session_id: str) -> int:
         """The seq of the session's last event, 0 if it has none."""
         ...

@@ -499,6 +499,26 @@ def _post(veil: VeilThread, body: bytes, headers: dict[str, str] | None = None) 
     )
 
 
+_TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
+
+def _chat(**fields: object) -> bytes:
+    body = {"model": "veil", "messages": [{"role": "user", "content": "x"}], **fields}
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def _nested(prefix: bytes, depth: int, suffix: bytes = b"") -> bytes:
+    """A request whose field nests `depth` objects deep."""
+    value = b'{"a": ' * depth + b"1" + b"}" * depth
+    return (
+        b'{"model": "veil", "messages": [{"role": "user", "content": "x"}], '
+        + prefix
+        + value
+        + suffix
+        + b"}"
+    )
+
+
 @pytest.mark.parametrize(
     ("body", "status", "param"),
     [
@@ -524,6 +544,24 @@ def _post(veil: VeilThread, body: bytes, headers: dict[str, str] | None = None) 
             "temperature",
         ),
         (b'{"model": "nope", "messages": [{"role": "user", "content": "x"}]}', 404, "model"),
+        # Bounds OpenAI sets too: nothing is unbounded beyond the body's size.
+        (_chat(messages=[{"role": "user", "content": "x"}] * 2049), 400, "messages"),
+        (_chat(tools=[_TOOL] * 129), 400, "tools"),
+        (_chat(stop=["a", "b", "c", "d", "e"]), 400, "stop"),
+        (_chat(metadata={f"k{i}": "v" for i in range(17)}), 400, "metadata"),
+        (_chat(metadata={"k": "v" * 513}), 400, "metadata.k"),
+        (_nested(b'"response_format": ', 70), 400, "response_format"),
+        # Deeper than the decoder recurses: a 400, never a 500 with a traceback.
+        (_nested(b'"response_format": ', 5000), 400, None),
+        (
+            _nested(
+                b'"tools": [{"type": "function", "function": {"name": "f", "parameters": ',
+                100,
+                b"}}]",
+            ),
+            400,
+            "tools",
+        ),
     ],
 )
 def test_bad_requests_get_openai_errors(

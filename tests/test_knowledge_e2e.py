@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,10 +14,11 @@ from eventstore.events import DocumentsRetrieved
 from tests.fakes.upstreams import FakeOpenAI, ToolCalls
 from tests.harness import VeilThread
 from tests.procs import run_veil
-from veil.config import Config, EngineConfig, ModelConfig, PipelineConfig
+from veil.config import ApiKey, Config, EngineConfig, ModelConfig, PipelineConfig
 from veil.natsserver import NatsServer
 
 script: dict[str, Any] = {"reply": lambda body: "ok"}
+ADMIN_KEY = "sk-kb-admin"
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +60,7 @@ def veil(
         assert added.returncode == 0, added.stderr
         assert "2 added" in added.stdout
         config = Config(
+            keys=[ApiKey(key=ADMIN_KEY, admin=True)],
             engines={"up": EngineConfig(kind="openai", base_url=upstream.base_url, api_key="x")},
             pipelines={
                 "default": PipelineConfig(engine="up", model="m", knowledge=["shop"]),
@@ -80,7 +83,7 @@ def veil(
 
 
 def ask(veil: VeilThread, text: str, model: str = "veil") -> str:
-    with openai.OpenAI(base_url=veil.base_url, api_key="x", max_retries=0) as client:
+    with openai.OpenAI(base_url=veil.base_url, api_key=ADMIN_KEY, max_retries=0) as client:
         reply = client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": text}]
         )
@@ -94,8 +97,10 @@ def test_the_chunk_with_the_answer_reaches_the_prompt_with_its_source(
     sid = ask(veil, "How long do I have to send an item back?")
     system = upstream.last_request.body["messages"][0]["content"]
     assert "<documents>" in system and "cite it by its number" in system
-    first = system.split("[1] ", 1)[1].split("\n", 1)[0]
-    assert str(docs / "returns.md") in first and "within 30 days" in first and "Returns" in first
+    first = json.loads(system.split("[1] ", 1)[1].split("\n", 1)[0])
+    assert first["source"] == "returns.md" and first["section"] == "Returns"
+    assert "within 30 days" in first["text"]
+    assert str(docs) not in system  # the server's folders stay on the server
     retrieved = next(e for e in veil.events(sid) if isinstance(e, DocumentsRetrieved))
     assert (
         retrieved.chunks[0].path == str(docs / "returns.md")
@@ -122,10 +127,9 @@ def test_knowledge_search_tool(veil: VeilThread, upstream: FakeOpenAI, docs: Pat
     script["reply"] = tool_then_answer
     ask(veil, "How long is the kettle warranty?", model="veil-agent")
     tool_answer = upstream.last_request.body["messages"][-1]["content"]
-    assert (
-        tool_answer.startswith("[1] " + str(docs / "warranty.html"))
-        and "two-year warranty" in tool_answer
-    )
+    first = json.loads(tool_answer.split("\n", 1)[0].removeprefix("[1] "))
+    assert first["source"] == "warranty.html" and "two-year warranty" in first["text"]
+    assert str(docs) not in tool_answer
 
 
 def test_removing_a_file_removes_it_from_retrieval(
@@ -146,7 +150,6 @@ def test_removing_a_file_removes_it_from_retrieval(
 
 
 def test_admin_endpoints_upload_list_and_delete(veil: VeilThread, upstream: FakeOpenAI) -> None:
-    import json
     import urllib.error
     import urllib.request
 
@@ -161,7 +164,9 @@ def test_admin_endpoints_upload_list_and_delete(veil: VeilThread, upstream: Fake
     def call(
         method: str, path: str, data: bytes | None = None, content_type: str | None = None
     ) -> tuple[int, Any]:
-        headers = {"Content-Type": content_type} if content_type else {}
+        headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        if content_type:
+            headers["Content-Type"] = content_type
         request = urllib.request.Request(base + path, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=60) as r:

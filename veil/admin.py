@@ -10,16 +10,25 @@ from actors.knowledge.actor import ADMIN_CODEC, ADMIN_REPLY_CODEC, KNOWLEDGE_ADM
 from bus.requests import nats_request
 from bus.subjects import is_valid_id
 from veil.openai_wire import ApiError
-from veil.webkeys import NATS, PRINCIPAL, json_response
+from veil.relay import BUS_DOWN, bus_unavailable
+from veil.webkeys import CONFIG, NATS, PRINCIPAL, body_deadline, json_response
 
 __all__ = ["add_admin_routes"]
 
 
 def _admin_only(request: web.Request) -> None:
-    if not request[PRINCIPAL].admin:
-        raise ApiError(
-            403, "This endpoint needs an admin key.", type="permission_error", code="forbidden"
+    """Admins only; without keys (loopback), anyone may read but nobody may change."""
+    principal = request[PRINCIPAL]
+    if principal.admin or (principal.anonymous and request.method in ("GET", "HEAD")):
+        return
+    if principal.anonymous:
+        message = (
+            "Changing the knowledge base over HTTP needs an admin key: configure one "
+            "([[keys]] with admin = true), or use `veil kb` on the server."
         )
+    else:
+        message = "This endpoint needs an admin key."
+    raise ApiError(403, message, type="permission_error", code="forbidden")
 
 
 async def _ask(request: web.Request, ask: AdminRequest) -> web.Response:
@@ -41,6 +50,8 @@ async def _ask(request: web.Request, ask: AdminRequest) -> web.Response:
         ) from None
     except NatsTimeout:
         raise ApiError(504, "The knowledge base did not answer in time.", code="timeout") from None
+    except BUS_DOWN:
+        raise bus_unavailable() from None
     reply = ADMIN_REPLY_CODEC.decode(msg.data)
     if not reply.ok:
         raise ApiError(reply.status, reply.error or "refused", code="knowledge_error")
@@ -60,27 +71,44 @@ async def list_documents(request: web.Request) -> web.StreamResponse:
 async def upload_document(request: web.Request) -> web.StreamResponse:
     """multipart/form-data with a `file` field, as OpenAI's file uploads are sent."""
     _admin_only(request)
-    if not request.content_type.startswith("multipart/"):
+    if request.content_type != "multipart/form-data":
         raise ApiError(
             400,
             "Send the document as multipart/form-data with a 'file' field.",
             param="file",
             code="invalid_value",
         )
+    async with body_deadline(request):
+        upload = await _read_upload(request)
+    if upload is None:
+        raise ApiError(
+            400, "No 'file' field in the upload.", param="file", code="missing_required_parameter"
+        )
+    name, data = upload
+    ask = AdminRequest(
+        action="add", collection=request.match_info["collection"], filename=name, data=data
+    )
+    return await _ask(request, ask)
+
+
+async def _read_upload(request: web.Request) -> tuple[str, bytes] | None:
+    """The `file` part's name and bytes, read up to the body limit (multipart reads are
+    not bounded by aiohttp's client_max_size)."""
+    limit = request.app[CONFIG].server.max_body_bytes
     reader = await request.multipart()
     async for part in reader:
         if isinstance(part, BodyPartReader) and part.name == "file" and part.filename:
-            data = await part.read()
-            ask = AdminRequest(
-                action="add",
-                collection=request.match_info["collection"],
-                filename=part.filename,
-                data=bytes(data),
-            )
-            return await _ask(request, ask)
-    raise ApiError(
-        400, "No 'file' field in the upload.", param="file", code="missing_required_parameter"
-    )
+            data = bytearray()
+            while chunk := await part.read_chunk():
+                data += chunk
+                if len(data) > limit:
+                    raise ApiError(
+                        413,
+                        f"The upload is larger than {limit} bytes.",
+                        code="request_too_large",
+                    )
+            return part.filename, bytes(data)
+    return None
 
 
 async def delete_document(request: web.Request) -> web.StreamResponse:

@@ -16,10 +16,13 @@ class Principal(msgspec.Struct, frozen=True, kw_only=True):
     tenant: str
     key_id: str
     admin: bool = False
+    # The caller of a server without keys (loopback only): it may read what an admin
+    # reads, but changes nothing an admin changes (any local process or page could be it).
+    anonymous: bool = False
 
 
 # Who the caller is when no keys are configured (loopback-only mode).
-ANONYMOUS = Principal(tenant="local", key_id="anonymous", admin=True)
+ANONYMOUS = Principal(tenant="local", key_id="anonymous", anonymous=True)
 
 
 class Authenticator:
@@ -48,9 +51,10 @@ class Authenticator:
                 code="missing_api_key",
             )
         scheme, _, token = header.partition(" ")
+        token = token.strip()
         principal = (
-            self._by_digest.get(hashlib.sha256(token.strip().encode()).digest())
-            if scheme.lower() == "bearer"
+            self._by_digest.get(hashlib.sha256(token.encode()).digest())
+            if scheme.lower() == "bearer" and token
             else None
         )
         if principal is None:

@@ -120,6 +120,16 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     accept_timeout: float = 600.0
     # Seconds an idle session actor stays in memory.
     actor_idle: float = 300.0
+    # Slow or idle clients: seconds to send a request's headers (from the connection's
+    # start or the request's first byte), to send its body, and to sit idle between
+    # requests (keep-alive) before the connection is closed.
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
+    keepalive_timeout: float = 75.0
+    # Open connections per process and per client address; at a cap a new connection
+    # replaces the longest idle one. Also bounded by the process's open-file limit.
+    max_connections: int = 10_000
+    max_connections_per_client: int = 1_000
 
 
 class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -451,6 +461,27 @@ def _check(config: Config, text: str | None) -> None:
                 )
     if config.memory.max_lag < 0:
         raise invalid("memory.max_lag", "must be 0 or more seconds")
+    server = config.server
+    for name in (
+        "turn_timeout",
+        "accept_timeout",
+        "header_timeout",
+        "body_timeout",
+        "keepalive_timeout",
+    ):
+        if not getattr(server, name) > 0:
+            raise invalid(f"server.{name}", "must be more than 0 seconds")
+    for name in ("max_body_bytes", "max_connections", "max_connections_per_client"):
+        if getattr(server, name) < 1:
+            raise invalid(f"server.{name}", "must be at least 1")
+    for i, api_key in enumerate(config.keys):
+        # An empty key would let anyone in with `Authorization: Bearer` and nothing after.
+        if not api_key.key.strip():
+            raise invalid(f"keys[{i}].key", "an API key may not be empty or blank")
+        if any(c.isspace() or not c.isprintable() for c in api_key.key):
+            raise invalid(
+                f"keys[{i}].key", "an API key may not contain spaces or control characters"
+            )
     if config.router.classifier and config.router.classifier.engine not in config.engines:
         raise invalid(
             "router.classifier.engine", f"unknown engine {config.router.classifier.engine!r}"

@@ -141,6 +141,18 @@ class ChatRequest(msgspec.Struct, kw_only=True):
 
 _decoder = msgspec.json.Decoder(ChatRequest)
 MAX_USER_LENGTH = 256
+# OpenAI's own limits, so a client that works there works here (and no request is
+# unbounded beyond its byte size): messages, tools and tool calls per message, stop
+# sequences, metadata pairs and their lengths.
+MAX_MESSAGES = 2048
+MAX_TOOLS = 128
+MAX_TOOL_CALLS = 128
+MAX_STOP = 4
+MAX_METADATA_PAIRS = 16
+MAX_METADATA_KEY = 64
+MAX_METADATA_VALUE = 512
+# Free-form JSON (tool schemas, response_format, tool_choice) nests at most this deep.
+MAX_JSON_DEPTH = 64
 _PATH = re.compile(r"at `\$\.?(?P<path>[^`]*)`")
 
 
@@ -165,8 +177,79 @@ def parse_chat_request(body: bytes) -> ChatRequest:
             "aren't using your HTTP library correctly. The OpenAI API expects a JSON payload.)",
             code="invalid_json",
         ) from None
+    except RecursionError:
+        raise _too_deep(None) from None
+    _check_limits(request)
     _check(request)
     return request
+
+
+def _too_long(param: str, limit: int, got: int) -> ApiError:
+    return ApiError(
+        400,
+        f"Invalid '{param}': array too long. Expected an array with maximum length {limit}, "
+        f"but got an array with length {got} instead.",
+        param=param,
+        code="array_above_max_length",
+    )
+
+
+def _too_deep(param: str | None) -> ApiError:
+    where = f"'{param}'" if param else "The JSON body"
+    return ApiError(
+        400,
+        f"{where} nests deeper than {MAX_JSON_DEPTH} levels.",
+        param=param,
+        code="invalid_value",
+    )
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether lists and objects nest more than `limit` levels (iterative: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = (
+            item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        )
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def _check_limits(request: ChatRequest) -> None:
+    if len(request.messages) > MAX_MESSAGES:
+        raise _too_long("messages", MAX_MESSAGES, len(request.messages))
+    for i, message in enumerate(request.messages):
+        if message.tool_calls and len(message.tool_calls) > MAX_TOOL_CALLS:
+            raise _too_long(f"messages[{i}].tool_calls", MAX_TOOL_CALLS, len(message.tool_calls))
+    if request.tools and len(request.tools) > MAX_TOOLS:
+        raise _too_long("tools", MAX_TOOLS, len(request.tools))
+    if isinstance(request.stop, list) and len(request.stop) > MAX_STOP:
+        raise _too_long("stop", MAX_STOP, len(request.stop))
+    for name in ("tools", "tool_choice", "response_format"):
+        if _deeper_than(getattr(request, name), MAX_JSON_DEPTH):
+            raise _too_deep(name)
+    metadata = request.metadata or {}
+    if len(metadata) > MAX_METADATA_PAIRS:
+        raise ApiError(
+            400,
+            f"Invalid 'metadata': at most {MAX_METADATA_PAIRS} key-value pairs.",
+            param="metadata",
+            code="invalid_value",
+        )
+    for key, value in metadata.items():
+        if len(key) > MAX_METADATA_KEY or len(value) > MAX_METADATA_VALUE:
+            raise ApiError(
+                400,
+                f"Invalid 'metadata': keys may have up to {MAX_METADATA_KEY} characters and "
+                f"values up to {MAX_METADATA_VALUE}.",
+                param=f"metadata.{key[:MAX_METADATA_KEY]}",
+                code="invalid_value",
+            )
 
 
 def _check(request: ChatRequest) -> None:

@@ -10,7 +10,13 @@ from typing import Self
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.errors import NoRespondersError
+from nats.errors import (
+    ConnectionClosedError,
+    ConnectionDrainingError,
+    ConnectionReconnectingError,
+    NoRespondersError,
+    OutboundBufferLimitError,
+)
 from nats.errors import TimeoutError as NatsTimeout
 
 from actors.protocol import (
@@ -35,7 +41,7 @@ from bus.requests import nats_request
 from bus.subjects import session_cancel, session_cmd, session_out
 from veil.openai_wire import ApiError
 
-__all__ = ["ClientGone", "TurnRelay", "ask_session", "run_turn"]
+__all__ = ["BUS_DOWN", "ClientGone", "TurnRelay", "ask_session", "bus_unavailable", "run_turn"]
 
 # How often a waiting relay checks that its HTTP client is still there.
 POLL_SECONDS = 0.25
@@ -43,12 +49,32 @@ POLL_SECONDS = 0.25
 STRAGGLER_SECONDS = 1.0
 
 
+# What nats-py raises while its connection is lost or going away.
+BUS_DOWN = (
+    ConnectionReconnectingError,
+    ConnectionClosedError,
+    ConnectionDrainingError,
+    OutboundBufferLimitError,
+)
+
+
 class ClientGone(Exception):
     """The HTTP client disconnected while its turn was running."""
 
 
+def bus_unavailable() -> ApiError:
+    return ApiError(
+        503, "Veil's message bus is unavailable; try again shortly.", code="service_unavailable"
+    )
+
+
 async def ask_session(nc: Client, command: SessionCommandUnion, timeout: float) -> TurnReplyUnion:
-    """One request to a session actor; refusals and bus failures become ApiErrors."""
+    """One request to a session actor; refusals and bus failures become ApiErrors.
+
+    While the bus is down this fails at once (503) instead of waiting out `timeout`.
+    """
+    if not nc.is_connected:
+        raise bus_unavailable()
     try:
         msg = await nats_request(
             nc,
@@ -62,6 +88,8 @@ async def ask_session(nc: Client, command: SessionCommandUnion, timeout: float) 
         ) from None
     except NatsTimeout:
         raise ApiError(504, "The session did not answer in time.", code="timeout") from None
+    except BUS_DOWN:
+        raise bus_unavailable() from None
     if msg.headers and msg.headers.get("Nats-Service-Error-Code"):
         raise ApiError(
             500,
@@ -75,6 +103,42 @@ async def ask_session(nc: Client, command: SessionCommandUnion, timeout: float) 
     return reply
 
 
+async def _cancel(nc: Client, start: StartTurn) -> None:
+    """Tell the session that nobody waits for this turn: stop it, or never start it."""
+    with contextlib.suppress(Exception):
+        await nc.publish(
+            session_cancel(start.session_id, start.turn_id), CANCEL_CODEC.encode(CancelRequest())
+        )
+        await nc.flush(timeout=1)
+
+
+async def _ask_while_present(
+    nc: Client, start: StartTurn, timeout: float, client_gone: Callable[[], bool]
+) -> TurnReplyUnion:
+    """Send the turn and wait for the session's reply while the client is still there.
+
+    A client that leaves (ClientGone) or a wait that times out (504) cancels the turn:
+    queued behind another turn, it would otherwise run later for nobody.
+    """
+    task = asyncio.ensure_future(ask_session(nc, start, timeout))
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=POLL_SECONDS)
+            if task in done:
+                return task.result()
+            if client_gone():
+                raise ClientGone()
+    except ClientGone:
+        await _cancel(nc, start)
+        raise
+    except ApiError as error:
+        if error.status == 504:
+            await _cancel(nc, start)
+        raise
+    finally:
+        task.cancel()
+
+
 async def run_turn(
     nc: Client, start: StartTurn, timeout: float, client_gone: Callable[[], bool]
 ) -> TurnDone | TurnError:
@@ -82,24 +146,10 @@ async def run_turn(
 
     Raises ClientGone (after cancelling the turn) when the client leaves first.
     """
-    task = asyncio.ensure_future(ask_session(nc, start, timeout))
-    while True:
-        done, _ = await asyncio.wait({task}, timeout=POLL_SECONDS)
-        if task in done:
-            reply = task.result()
-            if isinstance(reply, TurnDone | TurnError):
-                return reply
-            raise ApiError(
-                500, f"Unexpected reply from the session actor: {reply!r}", code="actor_failed"
-            )
-        if client_gone():
-            task.cancel()
-            with contextlib.suppress(Exception):
-                await nc.publish(
-                    session_cancel(start.session_id, start.turn_id),
-                    CANCEL_CODEC.encode(CancelRequest()),
-                )
-            raise ClientGone()
+    reply = await _ask_while_present(nc, start, timeout, client_gone)
+    if isinstance(reply, TurnDone | TurnError):
+        return reply
+    raise ApiError(500, f"Unexpected reply from the session actor: {reply!r}", code="actor_failed")
 
 
 class TurnRelay:
@@ -135,9 +185,10 @@ class TurnRelay:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
 
-    async def send(self, timeout: float) -> None:
-        """Hand the turn to its session actor; raises ApiError if it is refused."""
-        reply = await ask_session(self._nc, self.start, timeout)
+    async def send(self, timeout: float, client_gone: Callable[[], bool]) -> None:
+        """Hand the turn to its session actor; raises ApiError if it is refused, and
+        ClientGone (after cancelling it) if the client leaves while it waits."""
+        reply = await _ask_while_present(self._nc, self.start, timeout, client_gone)
         if not isinstance(reply, TurnAccepted):
             raise ApiError(
                 500, f"Unexpected reply from the session actor: {reply!r}", code="actor_failed"
@@ -145,12 +196,7 @@ class TurnRelay:
         self.replay = reply.replay
 
     async def cancel(self) -> None:
-        with contextlib.suppress(Exception):
-            await self._nc.publish(
-                session_cancel(self.start.session_id, self.start.turn_id),
-                CANCEL_CODEC.encode(CancelRequest()),
-            )
-            await self._nc.flush(timeout=1)
+        await _cancel(self._nc, self.start)
 
     async def _next(self, timeout: float) -> OutputUnion | None:
         """The next item, or None after `timeout`."""
@@ -179,6 +225,9 @@ class TurnRelay:
         while True:
             if client_gone():
                 raise ClientGone()
+            if not self._nc.is_connected:
+                # What was published while the bus was down is lost: do not wait for it.
+                raise bus_unavailable()
             if loop.time() > deadline:
                 await self.cancel()
                 raise ApiError(504, "The turn did not finish in time.", code="timeout")

@@ -17,11 +17,13 @@ from nats.aio.client import Client
 
 import gateway
 from actors.engines import Engine, build_engine
+from actors.leases import Leases
 from actors.memory.actor import MemoryActor
 from actors.memory.embedder import default_embedder
 from actors.model_actor import ModelActor
 from actors.router_actor import RouterActor, build_routers
 from actors.session_actor import SessionActor, SessionContext
+from actors.session_front import SessionFront
 from actors.tools.actor import ToolActor, configured_tools
 from bus.connection import connect
 from bus.runtime import ActorHost
@@ -31,8 +33,10 @@ from eventstore.jetstream import JetStreamEventStore, ensure_stream
 from eventstore.tombstones import TombstoneLog
 from veil import __version__
 from veil.config import Config
+from veil.http_guard import FD_RESERVE, GuardedSite, raise_fd_limit
 from veil.memory_role import MemoryHandle, start_memory
 from veil.natsserver import NatsServer
+from veil.webkeys import GUARD
 
 __all__ = ["Workers", "embedded_nats", "is_loopback", "run_role", "serve_gateway"]
 
@@ -54,6 +58,7 @@ class Workers:
         self._memory: MemoryHandle | None = None
         self._router: RouterActor | None = None
         self._tools: ToolActor | None = None
+        self._leases: Leases | None = None
 
     async def start(self) -> None:
         nc = self._nc = await connect(self._url, name="veil-worker")
@@ -63,14 +68,18 @@ class Workers:
         await tombstones.ensure()
         signals = Signals(nc, SESSION_CANCEL_WILDCARD)
         await signals.start()
+        leases = self._leases = Leases(nc)
+        await leases.start()
         ctx = SessionContext(
             nc=nc,
             signals=signals,
+            leases=leases,
             store=JetStreamEventStore(js, nc),
             config=self._config,
             tombstones=tombstones,
             tools=configured_tools(self._config),
         )
+        front = SessionFront(ctx)
         self._sessions = ActorHost(
             nc,
             service="veil-session",
@@ -81,7 +90,9 @@ class Workers:
             key_of=session_from_cmd_subject,
             factory=lambda sid: SessionActor(sid, ctx),
             idle_seconds=self._config.server.actor_idle,
+            screen=front.screen,
         )
+        front.attach(self._sessions)
         await self._sessions.start()
         self._memory = await start_memory(self._config, nc, js, ctx.store, tombstones)
         routers = build_routers(self._config, default_embedder(), nc)
@@ -109,6 +120,8 @@ class Workers:
     async def stop(self) -> None:
         if self._sessions is not None:
             await self._sessions.stop()
+        if self._leases is not None:
+            await self._leases.stop()
         if self._models is not None:
             await self._models.stop()
         if self._memory is not None:
@@ -134,14 +147,22 @@ def is_loopback(host: str) -> bool:
 async def serve_gateway(
     config: Config, nats_url: str, host: str, port: int
 ) -> tuple[web.AppRunner, int]:
-    runner = web.AppRunner(gateway.create_app(config, nats_url), access_log=None)
+    """The gateway on host:port behind its connection guard; the runner and the real port."""
+    app = gateway.create_app(config, nats_url)
+    guard = app[GUARD]
+    # Every connection holds a file descriptor: never let them take the last ones, or
+    # accept() fails for everyone (the guard then replaces idle connections instead).
+    files = raise_fd_limit()
+    if guard.max_connections > files - FD_RESERVE:
+        guard.max_connections = max(16, files - FD_RESERVE)
+        log.info(
+            "gateway.connections_capped", max_connections=guard.max_connections, open_files=files
+        )
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = GuardedSite(runner, host, port, guard)
     await site.start()
-    server = site._server
-    sockets = getattr(server, "sockets", None) or []
-    actual = sockets[0].getsockname()[1] if sockets else port
-    return runner, actual
+    return runner, site.port
 
 
 def embedded_nats(config: Config) -> NatsServer:

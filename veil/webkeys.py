@@ -1,6 +1,11 @@
-"""What the gateway's handlers share: typed app and request keys, and the JSON response."""
+"""What the gateway's handlers share: typed app and request keys, the JSON response,
+and reading a body within its time limit."""
 
 from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from aiohttp import web
 from nats.aio.client import Client
@@ -8,12 +13,15 @@ from nats.aio.client import Client
 from bus.codec import encode
 from veil.auth import Authenticator, Principal
 from veil.config import Config
+from veil.http_guard import ConnectionGuard
+from veil.openai_wire import ApiError
 
-__all__ = ["AUTH", "CONFIG", "NATS", "PRINCIPAL", "json_response"]
+__all__ = ["AUTH", "CONFIG", "GUARD", "NATS", "PRINCIPAL", "body_deadline", "json_response"]
 
 CONFIG = web.AppKey("config", Config)
 NATS = web.AppKey("nats", Client)
 AUTH = web.AppKey("auth", Authenticator)
+GUARD = web.AppKey("guard", ConnectionGuard)
 PRINCIPAL = web.RequestKey("principal", Principal)
 
 
@@ -23,3 +31,18 @@ def json_response(
     return web.Response(
         body=encode(body), status=status, content_type="application/json", headers=headers
     )
+
+
+@asynccontextmanager
+async def body_deadline(request: web.Request) -> AsyncIterator[None]:
+    """Reading the body inside this block must end within `server.body_timeout` (else 408)."""
+    seconds = request.app[CONFIG].server.body_timeout
+    try:
+        async with asyncio.timeout(seconds):
+            yield
+    except TimeoutError:
+        raise ApiError(
+            408,
+            f"The request body did not arrive within {seconds:g} seconds.",
+            code="request_timeout",
+        ) from None

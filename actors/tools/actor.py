@@ -161,7 +161,7 @@ class ToolActor:
     ) -> str:
         """Search the collections of the calling turn's pipeline."""
         from actors.knowledge.actor import KnowledgeSearch, ask_knowledge
-        from actors.knowledge.prompting import source_label
+        from actors.knowledge.prompting import quoted_chunk
 
         collections = [c for c in (context.get("collections") or "").split(",") if c]
         if not collections:
@@ -172,7 +172,7 @@ class ToolActor:
         except (NoRespondersError, NatsTimeout):
             raise ToolError("the knowledge base is not available") from None
         return (
-            "\n\n".join(f"[{n}] {source_label(h)}\n{h.text}" for n, h in enumerate(hits, start=1))
+            "\n".join(f"[{n}] {quoted_chunk(h)}" for n, h in enumerate(hits, start=1))
             or "nothing found"
         )
 

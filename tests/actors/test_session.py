@@ -7,16 +7,26 @@ from datetime import UTC, datetime, timedelta
 import msgspec
 import pytest
 
-from actors import session
-from actors.errors import AlreadyHandled, NothingNew, SessionExists, SessionNotFound, TurnInProgress
+from actors import session, tokens
+from actors.errors import (
+    AlreadyHandled,
+    IdempotencyMismatch,
+    NothingNew,
+    SessionExists,
+    SessionNotFound,
+    TurnInProgress,
+    UnknownToolCall,
+)
 from actors.protocol import ErrorInfo, GenerateResult, StartTurn
 from eventstore.events import (
     ChatMessage,
     EventUnion,
     FactsExtracted,
+    FunctionCall,
     ModelCalled,
     ReplyCompleted,
     SessionOpened,
+    ToolCall,
     TurnCancelled,
     TurnFailed,
     TurnStarted,
@@ -158,6 +168,88 @@ def test_expired_lease_fails_the_old_turn_first() -> None:
     assert events[0].turn_id == "t1" and events[0].code == "lease_expired"
     assert state.open_turn is not None and state.open_turn.turn_id == "t2"
     assert state.history == ()  # the abandoned turn never entered the conversation
+
+
+def test_a_lease_names_its_holder_and_a_gone_holder_frees_the_session_at_once() -> None:
+    first = session.OpenTurn(
+        start=start("t1", user("hi"), new=True), now=T0, lease_until=T0 + LEASE, holder="w-1"
+    )
+    state, events = run(session.initial(), first)
+    assert events[1].holder == "w-1"
+    soon = T0 + timedelta(seconds=5)
+    with pytest.raises(TurnInProgress) as busy:
+        session.decide(state, open_turn(start("t2", user("x")), now=soon))
+    assert busy.value.holder == "w-1"
+    # The holder answered that it no longer runs t1: no waiting for the lease.
+    retry = session.OpenTurn(
+        start=start("t2", user("x")),
+        now=soon,
+        lease_until=soon + LEASE,
+        holder="w-2",
+        holder_gone="t1",
+    )
+    state, events = run(state, retry)
+    assert [type(e) for e in events] == [TurnFailed, TurnStarted]
+    assert events[0].turn_id == "t1" and events[0].code == "worker_lost"
+    assert state.open_turn is not None and state.open_turn.holder == "w-2"
+    # Naming another turn as gone frees nothing.
+    stale = session.OpenTurn(
+        start=start("t3", user("y")), now=soon, lease_until=soon + LEASE, holder_gone="t1"
+    )
+    with pytest.raises(TurnInProgress):
+        session.decide(state, stale)
+
+
+def test_a_retry_must_be_the_same_request() -> None:
+    first = msgspec.structs.replace(start("t1", user("hi"), new=True), fingerprint="f1")
+    state, _ = run(session.initial(), open_turn(first))
+    with pytest.raises(IdempotencyMismatch):  # while it runs
+        session.decide(state, open_turn(msgspec.structs.replace(first, fingerprint="f2")))
+    state, _ = run(state, session.CompleteTurn(turn_id="t1", result=result("hello"), now=T0))
+    with pytest.raises(IdempotencyMismatch) as refused:  # and after it ended
+        session.decide(state, open_turn(msgspec.structs.replace(first, fingerprint="f2")))
+    assert refused.value.status == 422
+    with pytest.raises(AlreadyHandled):
+        session.decide(state, open_turn(first))
+    # Logs and gateways from before fingerprints: no check.
+    with pytest.raises(AlreadyHandled):
+        session.decide(state, open_turn(msgspec.structs.replace(first, fingerprint=None)))
+
+
+def _calls(*ids: str) -> ChatMessage:
+    calls = tuple(ToolCall(id=i, function=FunctionCall(name="f", arguments="{}")) for i in ids)
+    return ChatMessage(role="assistant", content="", tool_calls=calls)
+
+
+def _answer(call_id: str) -> ChatMessage:
+    return ChatMessage(role="tool", content="42", tool_call_id=call_id)
+
+
+def test_a_tool_answer_must_follow_its_call() -> None:
+    state, _ = run(session.initial(), open_turn(start("t1", user("hi"), new=True)))
+    reply = GenerateResult(
+        engine="up",
+        upstream_model="m",
+        finish_reason="tool_calls",
+        tool_calls=list(_calls("c1", "c2").tool_calls or ()),
+    )
+    state, _ = run(state, session.CompleteTurn(turn_id="t1", result=reply, now=T0))
+    # Answers to the calls the session's last reply made, in any order.
+    session.decide(state, open_turn(start("t2", _answer("c2"), _answer("c1"))))
+    for bad in (
+        (_answer("nope"),),
+        (_answer("c1"), user("x"), _answer("c2")),  # a user message in between
+    ):
+        with pytest.raises(UnknownToolCall) as refused:
+            session.decide(state, open_turn(start("t2", *bad)))
+        assert refused.value.status == 400 and refused.value.param == "messages"
+    # A conversation sent whole carries its own calls.
+    fresh = start("t1", user("hi"), _calls("a"), _answer("a"), _calls("b"), _answer("b"), new=True)
+    session.decide(session.initial(), open_turn(fresh))
+    with pytest.raises(UnknownToolCall):
+        session.decide(
+            session.initial(), open_turn(start("t1", user("hi"), _answer("a"), new=True))
+        )
 
 
 def test_failed_turn_is_recorded_but_not_remembered() -> None:
@@ -318,3 +410,59 @@ def test_failed_and_cancelled_turns_and_facts_keep_recall_on() -> None:
         assert session.recall_may_add(state, budget=1000) is True
     facts = session.evolve(base, FactsExtracted(at=T0, turn_id="t1", facts=["likes tea"]))
     assert session.recall_may_add(facts, budget=1000) is True
+
+
+# --- trimming a long history costs one pass ------------------------------------------------
+
+
+def test_trimming_a_long_history_estimates_each_message_at_most_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A first turn of thousands of tiny messages, then a follow-up: the prompt, the fold
+    plan and the recall check each read the history once from the end (counted, not timed:
+    one estimate per message dropped made this quadratic, 46 s at 10,000 messages)."""
+    n = 4000
+    tiny = [
+        user(f"m{i}") if i % 2 == 0 else ChatMessage(role="assistant", content="ok")
+        for i in range(n)
+    ]
+    state, _ = run(session.initial(), open_turn(start("t0", *tiny, new=True)))
+    state, _ = run(state, session.CompleteTurn(turn_id="t0", result=result("done"), now=T0))
+    state, _ = run(state, open_turn(start("t1", user("and now?"))))
+    assert len(state.history) == n + 1
+    estimates = 0
+    real = tokens.estimate_tokens
+
+    def counted(text: str) -> int:
+        nonlocal estimates
+        estimates += 1
+        return real(text)
+
+    monkeypatch.setattr(tokens, "estimate_tokens", counted)
+    for budget in (50, 5_000, 100_000):
+        estimates = 0
+        messages = session.prompt(state, "persona", budget=budget)
+        assert estimates <= len(state.history) + 1
+        assert messages[-1] == user("and now?")
+        estimates = 0
+        session.fold_plan(state, budget)
+        assert estimates <= 2 * (len(state.history) + 1)
+        estimates = 0
+        session.recall_may_add(state, budget)
+        assert estimates <= len(state.history) + 1
+    # Small budgets keep only the tail and never read the rest.
+    estimates = 0
+    kept = session.prompt(state, None, budget=50)
+    assert estimates < 20 and len(kept) < 15
+
+
+def test_fitting_tail_matches_dropping_one_message_at_a_time() -> None:
+    from actors.tokens import estimate_message_tokens
+
+    history = tuple(user("x" * (i % 13)) for i in range(200))
+    for budget in (0, 5, 37, 400, 10_000):
+        for start_at in (0, 3, 150, 200):
+            expected = start_at
+            while expected < len(history) and estimate_message_tokens(history[expected:]) > budget:
+                expected += 1
+            assert session.fitting_tail(history, budget, start_at) == expected

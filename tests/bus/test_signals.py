@@ -29,3 +29,29 @@ async def test_each_watcher_hears_its_own_subject_until_it_stops_watching(nc: Cl
     assert sorted(heard) == ["a", "b", "b"]
     await cancel("t3")  # nobody watches it
     assert len(heard) == 3
+
+
+async def test_a_signal_is_remembered_for_a_while_in_bounded_memory(nc: Client) -> None:
+    """A request queued behind another turn asks, when its turn comes, whether its client
+    already gave up: nobody watched its subject when the signal came."""
+    now = [0.0]
+    signals = Signals(
+        nc, SESSION_CANCEL_WILDCARD, remember=3, remember_seconds=60, clock=lambda: now[0]
+    )
+    await signals.start()
+    for turn in ("t1", "t2", "t3", "t4"):
+        await nc.publish(session_cancel("s1", turn), b"{}")
+    await nc.flush()
+    for _ in range(100):
+        if signals.fired(session_cancel("s1", "t4")):
+            break
+        await asyncio.sleep(0.01)
+    assert [signals.fired(session_cancel("s1", t)) for t in ("t1", "t2", "t3", "t4")] == [
+        False,  # the oldest, dropped to stay within 3
+        True,
+        True,
+        True,
+    ]
+    assert not signals.fired(session_cancel("s1", "never"))
+    now[0] = 61.0
+    assert not signals.fired(session_cancel("s1", "t4"))

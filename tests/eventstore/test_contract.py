@@ -420,3 +420,17 @@ async def test_erase_removes_every_event(store: EventStore) -> None:
     # The id can start over from an empty log.
     await store.append(sid, [opened(sid)], expected_last_seq=0, dedupe_id="c2")
     assert len(await store.load(sid)) == 1
+
+
+async def test_first_is_the_opening_event(store: EventStore) -> None:
+    sid = new_sid()
+    assert await store.first(sid) is None
+    events: list[EventUnion] = [opened(sid), *make_events(4)]
+    await store.append(sid, events[:2], expected_last_seq=0)
+    last = await store.last_seq(sid)
+    await store.append(sid, events[2:], expected_last_seq=last)
+    first = await store.first(sid)
+    assert first is not None and first.event == opened(sid)
+    assert first.seq == (await store.load(sid))[0].seq
+    await store.erase(sid)
+    assert await store.first(sid) is None

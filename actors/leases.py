@@ -1,0 +1,108 @@
+"""Turn leases with a holder that can be asked: a dead worker frees its sessions in seconds.
+
+A turn's lease (TurnStarted.lease_until) is as long as a turn may take, ten minutes
+by default. A worker that dies mid-turn (SIGKILL, OOM, a lost machine) would hold
+its sessions for that long. So each turn records the worker that runs it, and a
+writer that finds the lease held asks that worker, on `chat.worker.<id>.leases`,
+whether it still runs the turn; it asks again every few seconds while it waits.
+No responders (the process is gone: its subscription died with its connection),
+or "no" (the worker lives but dropped the turn, e.g. its actor crashed), frees the
+session at once. No answer in time (a busy or cut-off worker) counts as alive: the
+lease and the log's expected-sequence check still bound the overlap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+from collections.abc import Iterator
+
+import msgspec
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+
+from bus.codec import Codec, DecodeError
+from bus.requests import nats_request
+from bus.subjects import is_valid_id, worker_leases
+
+__all__ = ["PROBE_TIMEOUT", "LeaseProbe", "LeaseReply", "Leases"]
+
+log = structlog.get_logger("veil.leases")
+
+# How long a holder has to answer before it is taken as alive but busy.
+PROBE_TIMEOUT = 1.0
+
+
+class LeaseProbe(msgspec.Struct, frozen=True, kw_only=True):
+    turn_id: str
+
+
+class LeaseReply(msgspec.Struct, frozen=True, kw_only=True):
+    running: bool
+
+
+_PROBE: Codec[LeaseProbe] = Codec(LeaseProbe)
+_REPLY: Codec[LeaseReply] = Codec(LeaseReply)
+
+
+class Leases:
+    """The turns this worker runs; answers and asks whether a lease's holder still runs it."""
+
+    def __init__(self, nc: Client, worker_id: str | None = None) -> None:
+        self._nc = nc
+        self.worker_id = worker_id or f"w_{secrets.token_hex(8)}"
+        self._running: set[str] = set()
+        self._sub: Subscription | None = None
+
+    async def start(self) -> None:
+        self._sub = await self._nc.subscribe(worker_leases(self.worker_id), cb=self._answer)
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+    @contextlib.contextmanager
+    def holding(self, turn_id: str) -> Iterator[None]:
+        """While the block runs, this worker answers that it runs `turn_id`."""
+        self._running.add(turn_id)
+        try:
+            yield
+        finally:
+            self._running.discard(turn_id)
+
+    async def _answer(self, msg: Msg) -> None:
+        try:
+            probe = _PROBE.decode(msg.data)
+        except DecodeError:
+            return
+        with contextlib.suppress(Exception):
+            await msg.respond(_REPLY.encode(LeaseReply(running=probe.turn_id in self._running)))
+
+    async def holder_runs(self, holder: str, turn_id: str) -> bool | None:
+        """Whether `holder` still runs `turn_id`: True, False (gone or dropped), None (no answer)."""
+        if holder == self.worker_id:
+            return turn_id in self._running
+        if not is_valid_id(holder):
+            return None  # not a holder this code wrote: wait the lease out
+        try:
+            reply = await nats_request(
+                self._nc,
+                worker_leases(holder),
+                _PROBE.encode(LeaseProbe(turn_id=turn_id)),
+                timeout=PROBE_TIMEOUT,
+            )
+        except NoRespondersError:
+            return False
+        except NatsTimeout:
+            log.info("lease.holder_silent", holder=holder, turn=turn_id)
+            return None
+        try:
+            return _REPLY.decode(reply.data).running
+        except DecodeError:
+            return None

@@ -1,0 +1,209 @@
+"""The session service's front: what reaches a session actor's mailbox, and what does not.
+
+Every session command passes here first (the runtime's screen, bus/runtime.py):
+
+- A new session's first turn goes to its actor at once.
+- Every other command needs a session that the caller's tenant owns. A live actor's
+  state says so without I/O; otherwise the log's first event (SessionOpened) does.
+  A missing or foreign session is refused here: it never activates an actor (a probe
+  of random ids costs no memory) and never waits in a mailbox. A refusal always costs
+  the same single read of the log, whether the id is free, another tenant's, or
+  another tenant's with a turn running, so the answer's timing tells nothing.
+- Reads (metadata, messages, memory search) answer from the live actor's state plus
+  whatever the log holds after it, without queuing behind a running turn.
+- A deletion cancels the session's running turn, then takes its place in the mailbox.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Coroutine
+from typing import Any, assert_never
+
+import structlog
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+from nats.micro.request import Request
+
+from actors import session
+from actors._session_common import (
+    SessionContext,
+    _error,
+    _not_found,
+    fold_stored,
+)
+from actors.memory.actor import RecallRequest, ask_recall
+from actors.protocol import (
+    CANCEL_CODEC,
+    SESSION_COMMAND_CODEC,
+    TURN_REPLY_CODEC,
+    CancelRequest,
+    DeleteSession,
+    ErrorInfo,
+    GetSession,
+    MemoriesFound,
+    MemoryFound,
+    SearchMemories,
+    SessionView,
+    StartTurn,
+    TurnRejected,
+)
+from actors.session_actor import SessionActor
+from bus.codec import DecodeError
+from bus.runtime import Actor, ActorHost, Envelope
+from bus.subjects import session_cancel
+from eventstore.events import SessionOpened
+
+__all__ = ["SessionFront"]
+
+log = structlog.get_logger("veil.session")
+
+
+class SessionFront:
+    """The screen of the session actors' host; `attach` it before the host starts."""
+
+    def __init__(self, ctx: SessionContext) -> None:
+        self._ctx = ctx
+        self._host: ActorHost | None = None
+
+    def attach(self, host: ActorHost) -> None:
+        self._host = host
+
+    def screen(
+        self, key: str, request: Request, actor: Actor | None
+    ) -> Envelope | Coroutine[Any, Any, None]:
+        try:
+            command = SESSION_COMMAND_CODEC.decode(request.data)
+        except DecodeError as error:
+            return _refuse(request, _error(400, "bad_command", f"bad command: {error}"))
+        if command.session_id != key:
+            return _refuse(request, _error(400, "bad_command", "session id does not match subject"))
+        live = actor if isinstance(actor, SessionActor) else None
+        match command:
+            case StartTurn(new_session=True):
+                return Envelope(request, command)
+            case StartTurn():
+                if live is not None and live.owned_by(command.tenant):
+                    return Envelope(request, command)  # the common case: no I/O, no task
+                return self._admit(key, request, command, live)
+            case DeleteSession():
+                return self._delete(key, request, command, live)
+            case GetSession() | SearchMemories():
+                return self._read(key, request, command, live)
+            case _:
+                assert_never(command)
+
+    async def _admit(
+        self, key: str, request: Request, command: StartTurn, live: SessionActor | None
+    ) -> None:
+        if not await self._owned_in_log(key, command.tenant):
+            await _refuse(request, _not_found(key))
+            return
+        self._deliver(key, Envelope(request, command))
+
+    async def _delete(
+        self, key: str, request: Request, command: DeleteSession, live: SessionActor | None
+    ) -> None:
+        state = await self._state(key, command.tenant, live)
+        if state is None:
+            await _refuse(request, _not_found(key))
+            return
+        if state.open_turn is not None:
+            # Forgetting does not wait for the running turn's answer: it stops it.
+            subject = session_cancel(key, state.open_turn.turn_id)
+            await self._ctx.nc.publish(
+                subject, CANCEL_CODEC.encode(CancelRequest(reason="session_deleted"))
+            )
+        self._deliver(key, Envelope(request, command))
+
+    async def _read(
+        self,
+        key: str,
+        request: Request,
+        command: GetSession | SearchMemories,
+        live: SessionActor | None,
+    ) -> None:
+        state = await self._state(key, command.tenant, live)
+        if state is None:
+            await _refuse(request, _not_found(key))
+            return
+        if isinstance(command, GetSession):
+            await request.respond(TURN_REPLY_CODEC.encode(_view(key, state, command.messages)))
+            return
+        ask = RecallRequest(
+            tenant=command.tenant,
+            session_id=key,
+            user_id=state.user_id,
+            query=command.query,
+            k=command.k,
+        )
+        try:
+            found = await ask_recall(self._ctx.nc, ask, timeout=10)
+        except NoRespondersError:
+            message = "Long-term memory is not running."
+            await _refuse(request, _error(503, "memory_unavailable", message))
+            return
+        except NatsTimeout:
+            message = "Long-term memory did not answer in time."
+            await _refuse(request, _error(504, "timeout", message))
+            return
+        hits = [
+            MemoryFound(
+                id=h.id,
+                session_id=h.session_id,
+                role=h.role,
+                kind=h.kind,
+                text=h.text,
+                score=h.score,
+                created_at=h.created_at,
+                vector_similarity=h.vector_similarity,
+                bm25=h.bm25,
+            )
+            for h in found
+        ]
+        await request.respond(TURN_REPLY_CODEC.encode(MemoriesFound(hits=hits)))
+
+    async def _owned_in_log(self, key: str, tenant: str) -> bool:
+        """Whether the log's first event opens this session for `tenant` (one read)."""
+        first = await self._ctx.store.first(key)
+        return (
+            first is not None
+            and isinstance(first.event, SessionOpened)
+            and first.event.tenant == tenant
+        )
+
+    async def _state(
+        self, key: str, tenant: str, live: SessionActor | None
+    ) -> session.SessionState | None:
+        """The session's current state if `tenant` owns it: the live actor's state and
+        what the log holds after it, or the whole log. The actor is never changed."""
+        if live is not None and live.owned_by(tenant):
+            state, seq = live.snapshot()
+        elif await self._owned_in_log(key, tenant):
+            if self._ctx.tombstones is not None and await self._ctx.tombstones.get(key):
+                return None  # a deletion cut short: its actor finishes it when next activated
+            state, seq = session.initial(), 0
+        else:
+            return None
+        state = await fold_stored(state, await self._ctx.store.load(key, after=seq))
+        return state if state.session_id is not None and state.tenant == tenant else None
+
+    def _deliver(self, key: str, envelope: Envelope) -> None:
+        assert self._host is not None, "attach the front to its host first"
+        self._host.deliver(key, envelope)
+
+
+def _view(key: str, state: session.SessionState, messages: bool) -> SessionView:
+    assert state.created_at is not None and state.updated_at is not None
+    return SessionView(
+        session_id=key,
+        created_at=state.created_at,
+        updated_at=state.updated_at,
+        turns=state.turns,
+        usage=state.usage,
+        model=state.open_turn.model if state.open_turn else state.last_model,
+        messages=list(state.history) if messages else None,
+    )
+
+
+async def _refuse(request: Request, error: ErrorInfo) -> None:
+    await request.respond(TURN_REPLY_CODEC.encode(TurnRejected(error=error)))
