@@ -181,3 +181,35 @@ def test_memory_max_lag_defaults_to_five_seconds_and_cannot_be_negative(tmp_path
     )
     with pytest.raises(ConfigError, match=r"memory.max_lag: must be 0 or more seconds"):
         load_config(write(tmp_path, GOOD + "\n[memory]\nmax_lag = -1\n"), env={})
+
+
+@pytest.mark.parametrize("key", ['""', '"   "', '"sk two words"', '"sk-tab\\t"'])
+def test_an_empty_or_blank_api_key_stops_start_up(tmp_path: Path, key: str) -> None:
+    """An empty key let anyone in with `Authorization: Bearer` and nothing after it."""
+    text = GOOD.replace("[server]", f'[[keys]]\nkey = {key}\ntenant = "t"\n\n[server]', 1)
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert str(info.value).startswith(f"{path}:3: keys[0].key:"), str(info.value)
+
+
+@pytest.mark.parametrize(
+    "field", ["header_timeout", "body_timeout", "keepalive_timeout", "max_connections"]
+)
+def test_server_limits_must_be_positive(tmp_path: Path, field: str) -> None:
+    path = write(tmp_path, GOOD.replace("port = 9000", f"port = 9000\n{field} = 0"))
+    with pytest.raises(ConfigError, match=rf"server.{field}: must be"):
+        load_config(path, env={})
+
+
+def test_a_bearer_header_with_no_key_is_refused_whatever_the_config() -> None:
+    from veil.auth import Authenticator
+    from veil.config import ApiKey, Config
+    from veil.openai_wire import ApiError
+
+    auth = Authenticator(Config(keys=[ApiKey(key="sk-real")]))
+    for header in ("Bearer", "Bearer ", "Bearer    ", "bearer \t", "Basic sk-real", "sk-real"):
+        with pytest.raises(ApiError) as info:
+            auth.authenticate(header)
+        assert info.value.status == 401, header
+    assert auth.authenticate("Bearer  sk-real ").tenant

@@ -190,6 +190,9 @@ def _run_fast(main: Coroutine[Any, Any, None]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # Everything Veil writes (logs, indexes, JetStream, uploads) holds conversations:
+    # owner-only, nats-server's files included (it inherits the mask).
+    os.umask(0o077)
     # Servers say what they do; one-shot commands only what went wrong.
     _configure_logging(
         logging.INFO if args.command in ("serve", "gateway", "worker") else logging.WARNING
@@ -205,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
         host = getattr(args, "host", None) or config.server.host
         port = getattr(args, "port", None)
         port = config.server.port if port is None else port
-        Path(config.data_dir).mkdir(parents=True, exist_ok=True)
+        from veil.server import make_private
+
+        make_private(Path(config.data_dir))
         try:
             _run_fast(run_role(config, args.command, host, port))
         except KeyboardInterrupt:

@@ -12,6 +12,7 @@ import tempfile
 import time
 import typing
 from pathlib import Path
+from urllib.parse import urlsplit
 
 __all__ = ["NatsServer", "default_config", "find_binary"]
 
@@ -59,23 +60,41 @@ class NatsServer:
         host: str = "127.0.0.1",
         port: int = -1,
         config: Path | None = None,
+        token: str | None = None,
     ) -> None:
         self.store_dir = Path(store_dir)
         self.host = host
         self.port = port
         self.config = config if config is not None else default_config()
+        # With a token, clients must present it (nats://TOKEN@host:port): the embedded
+        # server is for Veil's own processes, not every local user.
+        self.token = token
         self.url = ""
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: typing.BinaryIO | None = None
         self._ports_dir: str | None = None
+
+    def _config_file(self) -> Path | None:
+        """The config to run: the given one, plus the token in an owner-only copy
+        (never on the command line, which every local user can read)."""
+        if self.token is None:
+            return self.config
+        base = self.config.read_text() if self.config is not None else ""
+        path = self.store_dir / "nats-server.conf"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(f"{base}\nauthorization {{\n  token: {json.dumps(self.token)}\n}}\n")
+        path.chmod(0o600)  # an older file keeps its mode through O_TRUNC
+        return path
 
     def _spawn(self) -> Path:
         """Start the process; returns the file where it will write its ports."""
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self._ports_dir = tempfile.mkdtemp(prefix="veil-nats-ports-")
         args = [find_binary()]
-        if self.config is not None:
-            args += ["-c", str(self.config)]
+        config = self._config_file()
+        if config is not None:
+            args += ["-c", str(config)]
         # Flags override the file: where to listen and store is per instance.
         args += [
             "-a",
@@ -117,8 +136,26 @@ class NatsServer:
                 return None  # being written
             if info and info.get("nats"):
                 self.url = str(info["nats"][0])
+                self.port = urlsplit(self.url).port or self.port
+                if self.token is not None:
+                    self.url = self.url.replace("://", f"://{self.token}@", 1)
                 return self.url
         return None
+
+    @property
+    def public_url(self) -> str:
+        """The URL without its credentials, for printing."""
+        parts = urlsplit(self.url)
+        return f"{parts.scheme}://{parts.hostname}:{parts.port}" if parts.hostname else self.url
+
+    def exited(self) -> int | None:
+        """The exit code if the process has ended (reaping it: no zombie), else None."""
+        return None if self._proc is None else self._proc.poll()
+
+    async def arestart(self, timeout: float = 10.0) -> str:
+        """Start again after the process ended: same port, store and credentials."""
+        self.stop()
+        return await self.astart(timeout)
 
     def start(self, timeout: float = 10.0) -> str:
         """Start the server and wait until it listens; returns its URL."""

@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import gc
 import ipaddress
+import os
+import secrets
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -59,6 +61,7 @@ class Workers:
         self._router: RouterActor | None = None
         self._tools: ToolActor | None = None
         self._leases: Leases | None = None
+        self.signals: Signals | None = None
 
     async def start(self) -> None:
         nc = self._nc = await connect(self._url, name="veil-worker")
@@ -66,7 +69,7 @@ class Workers:
         await ensure_stream(js)
         tombstones = TombstoneLog(js, nc)
         await tombstones.ensure()
-        signals = Signals(nc, SESSION_CANCEL_WILDCARD)
+        signals = self.signals = Signals(nc, SESSION_CANCEL_WILDCARD)
         await signals.start()
         leases = self._leases = Leases(nc)
         await leases.start()
@@ -112,6 +115,12 @@ class Workers:
     def nc(self) -> Client:
         assert self._nc is not None
         return self._nc
+
+    @property
+    def sessions(self) -> ActorHost:
+        """The session actors' host (how many are active, for operators and tests)."""
+        assert self._sessions is not None
+        return self._sessions
 
     @property
     def memory(self) -> MemoryActor | None:
@@ -166,8 +175,60 @@ async def serve_gateway(
 
 
 def embedded_nats(config: Config) -> NatsServer:
-    """The nats-server the embedded default spawns, storing JetStream under the data dir."""
-    return NatsServer(Path(config.data_dir) / "nats")
+    """The nats-server the embedded default spawns, storing JetStream under the data dir.
+
+    It takes a token drawn for this run: Veil's processes get it from the URL, and the
+    URL is written owner-only to `nats.url` (for `veil replay` and the `nats` CLI).
+    """
+    return NatsServer(Path(config.data_dir) / "nats", token=secrets.token_urlsafe(24))
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner may read (an older copy's mode is fixed too)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    path.chmod(0o600)
+
+
+def make_private(data_dir: Path) -> None:
+    """The data directory and everything in it owner-only: it holds every tenant's
+    conversations and the embedded NATS's credentials. Mends what older versions left
+    readable by other local users."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for folder, dirs, files in os.walk(data_dir):
+        for name, mode in ((folder, 0o700), *((os.path.join(folder, f), 0o600) for f in files)):
+            with contextlib.suppress(OSError):
+                if os.stat(name).st_mode & 0o077:
+                    os.chmod(name, mode)
+        dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(folder, d))]
+
+
+# How long the supervisor waits before restarting a nats-server that exited, doubling
+# up to the last value while restarts keep failing.
+NATS_RESTART_DELAYS = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+async def supervise_nats(server: NatsServer) -> None:
+    """Restart the embedded nats-server whenever it exits: same port, store and token,
+    so every connection (nats-py reconnects on its own) finds it again."""
+    failures = 0
+    while True:
+        await asyncio.sleep(0.2)
+        code = server.exited()
+        if code is None:
+            continue
+        delay = NATS_RESTART_DELAYS[min(failures, len(NATS_RESTART_DELAYS) - 1)]
+        log.error("nats.server_exited", code=code, restart_in=delay)
+        await asyncio.sleep(delay)
+        try:
+            await server.arestart()
+        except (OSError, RuntimeError, TimeoutError) as error:
+            failures += 1
+            log.error("nats.restart_failed", error=repr(error), attempts=failures)
+            continue
+        failures = 0
+        log.warning("nats.server_restarted", url=server.public_url)
 
 
 async def _wait_for_signal() -> None:
@@ -227,10 +288,15 @@ async def run_role(
             raise SystemExit(f"veil {role} needs VEIL_NATS_URL (only `veil serve` embeds NATS)")
         nats = embedded_nats(config)
         url = await nats.astart()
-        (Path(config.data_dir) / "nats.url").write_text(url + "\n")
-        _say(f"Embedded NATS at {url} (JetStream in {nats.store_dir})")
+        url_file = Path(config.data_dir) / "nats.url"
+        write_private(url_file, url + "\n")
+        _say(
+            f"Embedded NATS at {nats.public_url} (JetStream in {nats.store_dir}; "
+            f"its URL with credentials is in {url_file})"
+        )
     workers: Workers | None = None
     runner: web.AppRunner | None = None
+    supervisor = asyncio.create_task(supervise_nats(nats)) if nats is not None else None
     try:
         if role in ("serve", "worker"):
             workers = Workers(config, url)
@@ -252,6 +318,8 @@ async def run_role(
         await (until() if until is not None else _wait_for_signal())
         _say("Stopping: draining requests and actors...")
     finally:
+        if supervisor is not None:
+            supervisor.cancel()
         if runner is not None:
             await _bounded(runner.cleanup(), 30, "gateway")
         if workers is not None:

@@ -115,6 +115,8 @@ class Fault:
     # OpenAI the chunk announcing each call).
     token_delay: float = 0.0  # sleep before each streamed content delta
     break_after: int | None = None  # drop the connection after this many content deltas
+    # Answer only once the test sets it (after `delay`): a turn provably still running.
+    hold: threading.Event | None = None
 
 
 @dataclass(slots=True)
@@ -206,6 +208,16 @@ class _FakeUpstream:
 
     def delay(self, seconds: float, times: int | None = 1) -> None:
         self.inject(Fault(delay=seconds), times)
+
+    def hold(self, times: int | None = 1) -> threading.Event:
+        """The next chat requests wait until the returned event is set."""
+        gate = threading.Event()
+        self.inject(Fault(hold=gate), times)
+        return gate
+
+    def pending(self) -> int:
+        """Chat requests received and not answered yet."""
+        return sum(r.outcome == "pending" for r in self.requests)
 
     def token_delay(self, seconds: float, times: int | None = 1) -> None:
         self.inject(Fault(token_delay=seconds), times)
@@ -345,6 +357,8 @@ class _FakeUpstream:
             if fault is not None:
                 if fault.delay:
                     await asyncio.sleep(fault.delay)
+                if fault.hold is not None:
+                    await asyncio.get_running_loop().run_in_executor(None, fault.hold.wait)
                 if fault.status is not None:
                     rec.outcome = "error"
                     return self._error(fault.status, fault.message, fault.retry_after)
