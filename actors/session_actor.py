@@ -49,7 +49,7 @@ from bus.subjects import (
     session_events,
     session_out,
 )
-from eventstore.errors import ConcurrencyConflict
+from eventstore.errors import ConcurrencyConflict, StoreUnavailable
 from eventstore.events import (
     ChatMessage,
     EventUnion,
@@ -149,6 +149,18 @@ class SessionActor(SessionQueries, TurnSteps):
         if not isinstance(command, StartTurn | DeleteSession):
             await self._reject(request, _error(400, "bad_command", "not a mailbox command"))
             return
+        try:
+            await self._handle(request, command)
+        except StoreUnavailable as error:
+            # The log is out of reach (the bus is down): "try again", not an actor failure.
+            # What this actor holds may be behind the log now: read it again next time.
+            log.warning("session.store_unavailable", session=self.session_id, error=str(error))
+            self._state, self._last_seq, self._loaded = session.initial(), 0, False
+            message = "The session log is unavailable; try again shortly."
+            with contextlib.suppress(Exception):
+                await self._reject(request, _error(503, "service_unavailable", message))
+
+    async def _handle(self, request: Request, command: StartTurn | DeleteSession) -> None:
         if not self._loaded:
             if isinstance(command, StartTurn) and command.new_session and command.random_id:
                 # An id the gateway just drew has no log and no tombstone: start from the

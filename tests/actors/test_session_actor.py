@@ -1,0 +1,84 @@
+"""The session actor's shell when the log is out of reach."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from nats.aio.client import Client
+
+from actors.leases import Leases
+from actors.protocol import TURN_REPLY_CODEC, StartTurn, TurnRejected
+from actors.session_actor import SessionActor, SessionContext
+from bus.runtime import Envelope
+from bus.signals import Signals
+from bus.subjects import SESSION_CANCEL_WILDCARD
+from eventstore.errors import StoreUnavailable
+from eventstore.events import ChatMessage, EventUnion
+from eventstore.memory import InMemoryEventStore
+from veil.config import Config, EngineConfig, ModelConfig, PipelineConfig
+
+
+class _Unreachable(InMemoryEventStore):
+    """A store whose appends fail as JetStream's do while the bus is down."""
+
+    down = True
+
+    async def append(
+        self,
+        session_id: str,
+        events: Sequence[EventUnion],
+        *,
+        expected_last_seq: int,
+        dedupe_id: str | None = None,
+    ) -> int:
+        if self.down:
+            raise StoreUnavailable("append: nats: connection reconnecting")
+        return await super().append(
+            session_id, events, expected_last_seq=expected_last_seq, dedupe_id=dedupe_id
+        )
+
+
+class _Request:
+    def __init__(self) -> None:
+        self.replies: list[bytes] = []
+
+    async def respond(self, data: bytes) -> None:
+        self.replies.append(data)
+
+    async def respond_error(self, code: str, description: str) -> None:
+        raise AssertionError(f"the actor failed: {code} {description}")
+
+
+async def test_a_log_out_of_reach_is_a_503_to_retry_not_an_actor_failure(nc: Client) -> None:
+    store = _Unreachable()
+    config = Config(
+        engines={"up": EngineConfig(kind="openai", base_url="http://127.0.0.1:9/v1")},
+        pipelines={"p": PipelineConfig(engine="up", model="m")},
+        models=[ModelConfig(name="veil", pipeline="p")],
+    )
+    ctx = SessionContext(
+        nc=nc,
+        store=store,
+        config=config,
+        signals=Signals(nc, SESSION_CANCEL_WILDCARD),
+        leases=Leases(nc),
+    )
+    actor = SessionActor("s1", ctx)
+    start = StartTurn(
+        command_id="c1",
+        turn_id="t1",
+        session_id="s1",
+        new_session=True,
+        tenant="t",
+        key_id="k",
+        model="veil",
+        messages=[ChatMessage(role="user", content="hi")],
+    )
+    request: Any = _Request()
+    await actor.receive(Envelope(request, start))
+    reply = TURN_REPLY_CODEC.decode(request.replies[-1])
+    assert isinstance(reply, TurnRejected) and reply.error.status == 503
+    assert reply.error.code == "service_unavailable"
+    assert await store.load("s1") == []
+    assert not actor.owned_by("t"), "it reads the log again before trusting its state"
