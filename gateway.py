@@ -244,7 +244,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         stream=bool(chat.stream),
     )
     if command_id.startswith(IDEMPOTENT_PREFIX):
-        start = msgspec.structs.replace(start, fingerprint=_fingerprint(start))
+        start = msgspec.structs.replace(
+            start, fingerprint=_fingerprint(start), request_id=uuid.uuid4().hex
+        )
     if not chat.stream:
         timeout = config.server.accept_timeout + config.server.turn_timeout
         try:

@@ -78,6 +78,14 @@ class StartTurn(msgspec.Struct, frozen=True, kw_only=True, tag="start_turn"):
     stream: bool = False
     # A digest of the HTTP request: an Idempotency-Key reused with another body is refused.
     fingerprint: str | None = None
+    # This HTTP request, when its turn id is not its own (a retry under an Idempotency-Key
+    # shares its turn id): a client that leaves before its turn starts cancels this id.
+    request_id: str | None = None
+
+    @property
+    def abandon_id(self) -> str:
+        """The id whose cancellation means that nobody waits for this request any more."""
+        return self.request_id or self.turn_id
 
 
 class GetSession(msgspec.Struct, frozen=True, kw_only=True, tag="get"):

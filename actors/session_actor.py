@@ -195,7 +195,7 @@ class SessionActor(SessionQueries, TurnSteps):
         if bad_param is not None:
             await self._reject(request, bad_param)
             return
-        if self._ctx.signals.fired(session_cancel(self.session_id, start.turn_id)):
+        if self._ctx.signals.fired(session_cancel(self.session_id, start.abandon_id)):
             # Its client gave up while it waited for the session: it never starts.
             await self._reject(request, _error(499, "client_gone", GONE_BEFORE_START))
             return
@@ -266,7 +266,7 @@ class SessionActor(SessionQueries, TurnSteps):
         still runs that turn: a dead holder frees the session at once. A request whose
         client gives up meanwhile stops waiting and never starts.
         """
-        cancel = session_cancel(self.session_id, start.turn_id)
+        cancel = session_cancel(self.session_id, start.abandon_id)
         holder = self._ctx.leases.worker_id
         fresh = False
         gone: str | None = None

@@ -221,6 +221,22 @@ def test_a_request_whose_client_left_while_queued_never_runs(
     assert texts == ["hello", "the long one", "and now"]
     assert len(upstream.requests) == 3
     assert not any("too late" in json.dumps(r.body) for r in upstream.requests)
+    # The client's retry under the same Idempotency-Key is a request somebody waits for.
+    body = {
+        "model": "veil",
+        "messages": [{"role": "user", "content": "too late"}],
+        "session_id": sid,
+    }
+    conn = http.client.HTTPConnection("127.0.0.1", veil.port, timeout=PATIENCE)
+    headers = {
+        "Authorization": f"Bearer {KEY_A}",
+        "Content-Type": "application/json",
+        "Idempotency-Key": key,
+    }
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(body).encode(), headers=headers)
+    assert conn.getresponse().status == 200
+    conn.close()
+    assert "too late" in json.dumps(upstream.last_request.body)
 
 
 async def _append_open_turn(veil: VeilThread, sid: str, turn_id: str, holder: str) -> None:

@@ -104,11 +104,13 @@ async def ask_session(nc: Client, command: SessionCommandUnion, timeout: float) 
 
 
 async def _cancel(nc: Client, start: StartTurn) -> None:
-    """Tell the session that nobody waits for this turn: stop it, or never start it."""
+    """Tell the session that nobody waits for this request: stop its turn if it runs,
+    never start it if it waits (a retry under the same Idempotency-Key still may)."""
     with contextlib.suppress(Exception):
-        await nc.publish(
-            session_cancel(start.session_id, start.turn_id), CANCEL_CODEC.encode(CancelRequest())
-        )
+        for token in dict.fromkeys((start.turn_id, start.abandon_id)):
+            await nc.publish(
+                session_cancel(start.session_id, token), CANCEL_CODEC.encode(CancelRequest())
+            )
         await nc.flush(timeout=1)
 
 
