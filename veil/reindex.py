@@ -38,8 +38,9 @@ async def reindex(config: Config, url: str, out: TextIO = sys.stderr) -> tuple[i
         store = JetStreamEventStore(js, nc)
         projector = Projector(index, embedder, store)
         for tombstone in await TombstoneLog(js, nc).all():
-            projector.forget(tombstone.session_id)
-        await index.reset()
+            # Recorded in the index, which then refuses the session's records for good.
+            await index.delete_session(tombstone.tenant, tombstone.session_id, scrub=False)
+        await index.reset()  # keeps those records, and rewrites the file
         last = (await js.stream_info(EVENTS_STREAM)).state.last_seq
         bar = ProgressBar(last, out)
         done = records = 0

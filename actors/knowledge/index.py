@@ -11,12 +11,24 @@ same file: `knowledge_docs` (collection, path -> sha256 and sizes),
 Chunks are keyed by content (`chunk_id(collection, sha256, n)`): two paths with
 the same bytes share one set of chunks, which are deleted when the last of those
 paths leaves. Applying is idempotent: a replayed event changes nothing.
+
+Order. Every search and admin call syncs its collection, and applying an addition
+waits on the embedder, so callers overlap. A collection's events are applied by
+one caller at a time, in log order, and never behind the collection's checkpoint
+(a caller that read the log earlier would otherwise add back a document removed
+since): a removal cannot land while the chunks it removes are being embedded, to
+be stored after it. A rebuild waits for every collection and holds them all.
+Statements of overlapping callers share one connection, so each group of writes
+is one transaction under a lock, never held across an embedding.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import itertools
 import json
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,10 +37,11 @@ import aiosqlite
 import msgspec
 import numpy as np
 import numpy.typing as npt
+import structlog
 
 from actors.knowledge.events import DocumentAdded, DocumentRemoved, KbEvent, Position, chunk_id
 from actors.knowledge.log import KnowledgeLog
-from actors.memory._sql import connect
+from actors.memory._sql import Transaction, connect
 from actors.memory.index import MemoryIndex, MemoryRecord
 
 __all__ = [
@@ -39,6 +52,8 @@ __all__ = [
     "KnowledgeIndex",
     "indexed_text",
 ]
+
+log = structlog.get_logger("veil.knowledge")
 
 #: The MemoryIndex tenant that holds knowledge chunks (not a valid API tenant id).
 TENANT = "__kb__"
@@ -104,6 +119,50 @@ CREATE TABLE IF NOT EXISTS knowledge_checkpoints (collection TEXT PRIMARY KEY, s
 _DROP = ("knowledge_docs", "knowledge_chunks", "knowledge_checkpoints")
 
 
+class _Gate:
+    """One holder per collection at a time, or one holder of every collection (a rebuild)."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._holders = 0
+        self._idle = asyncio.Event()  # no collection is held
+        self._idle.set()
+        self._open = asyncio.Event()  # no rebuild holds or waits
+        self._open.set()
+        self._rebuild = asyncio.Lock()
+
+    @contextlib.asynccontextmanager
+    async def collection(self, name: str) -> AsyncIterator[None]:
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        if not self._open.is_set() or lock.locked():
+            # A search that waits for an ingestion of its collection is slow for a reason.
+            log.info("knowledge.waiting", collection=name)
+        while not self._open.is_set():
+            await self._open.wait()
+        self._holders += 1
+        self._idle.clear()
+        try:
+            async with lock:
+                yield
+        finally:
+            self._holders -= 1
+            if self._holders == 0:
+                self._idle.set()
+
+    @contextlib.asynccontextmanager
+    async def everything(self) -> AsyncIterator[None]:
+        if self._holders or self._rebuild.locked():
+            log.info("knowledge.waiting", rebuild=True)
+        async with self._rebuild:
+            # Closed first, so that no new holder starts while the current ones finish.
+            self._open.clear()
+            try:
+                await self._idle.wait()
+                yield
+            finally:
+                self._open.set()
+
+
 class KnowledgeIndex:
     """Hybrid retrieval over collections of documents."""
 
@@ -111,6 +170,8 @@ class KnowledgeIndex:
         self.memory = memory
         self.embedder = embedder
         self._db = db
+        self._gate = _Gate()
+        self._write_lock = asyncio.Lock()
 
     @classmethod
     async def open(cls, path: str | Path, *, embedder: Embedder | None = None) -> KnowledgeIndex:
@@ -150,32 +211,52 @@ class KnowledgeIndex:
 
     async def apply(self, events: Sequence[tuple[int, KbEvent]]) -> None:
         """Apply (seq, event) pairs in order; events already applied change nothing."""
-        for seq, event in events:
-            if isinstance(event, DocumentAdded):
-                await self._add(seq, event)
-            else:
-                await self._remove(event)
-            await self._db.execute(
-                "INSERT INTO knowledge_checkpoints (collection, seq) VALUES (?, ?)"
-                " ON CONFLICT (collection) DO UPDATE SET seq = max(seq, excluded.seq)",
-                (event.collection, seq),
-            )
-            await self._db.commit()
+        for collection, run in itertools.groupby(events, key=lambda item: item[1].collection):
+            async with self._gate.collection(collection):
+                await self._apply(collection, list(run))
 
     async def sync(self, log: KnowledgeLog, collection: str) -> int:
         """Apply the collection's events the index has not seen yet; returns how many."""
-        events = await log.read(collection, after=await self.checkpoint(collection))
-        await self.apply(events)
+        async with self._gate.collection(collection):
+            events = await log.read(collection, after=await self.checkpoint(collection))
+            await self._apply(collection, events)
         return len(events)
 
     async def rebuild(self, log: KnowledgeLog) -> int:
         """Drop everything and apply the whole log again; returns the events applied."""
-        await self.memory.reset()
-        await _drop_tables(self._db)
-        await self._db.executescript(_SCHEMA)
-        events = await log.read()
-        await self.apply(events)
+        async with self._gate.everything():
+            await self.memory.reset()
+            async with self._write_lock:
+                await _drop_tables(self._db)
+                await self._db.executescript(_SCHEMA)
+            events = await log.read()
+            for collection, run in itertools.groupby(events, key=lambda item: item[1].collection):
+                await self._apply(collection, list(run))
         return len(events)
+
+    @contextlib.asynccontextmanager
+    async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
+        async with self._write_lock, Transaction(self._db) as db:
+            yield db
+
+    async def _apply(self, collection: str, events: Sequence[tuple[int, KbEvent]]) -> None:
+        """`apply` for one collection's events, its gate held."""
+        # The last applied event again changes nothing; an older one would undo what
+        # followed it (a stale reader's copy).
+        applied = await self.checkpoint(collection)
+        for seq, event in events:
+            if seq < applied:
+                continue
+            if isinstance(event, DocumentAdded):
+                await self._add(seq, event)
+            else:
+                await self._remove(event)
+            async with self._write() as db:
+                await db.execute(
+                    "INSERT INTO knowledge_checkpoints (collection, seq) VALUES (?, ?)"
+                    " ON CONFLICT (collection) DO UPDATE SET seq = max(seq, excluded.seq)",
+                    (collection, seq),
+                )
 
     async def _add(self, seq: int, event: DocumentAdded) -> None:
         c = event.collection
@@ -190,38 +271,37 @@ class KnowledgeIndex:
             await self._remove(
                 DocumentRemoved(collection=c, path=event.path, sha256=str(rows[0][0]), at=event.at)
             )
-        await self._db.execute("BEGIN IMMEDIATE")
-        await self._db.execute(
-            "INSERT INTO knowledge_docs (collection, path, sha256, chunks, pages, size, added_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (collection, path) DO UPDATE SET"
-            " chunks = excluded.chunks, pages = excluded.pages, size = excluded.size",
-            (
-                c,
-                event.path,
-                event.sha256,
-                event.total or len(event.chunks),
-                event.pages,
-                event.size,
-                event.at.isoformat(),
-            ),
-        )
-        await self._db.executemany(
-            "INSERT INTO knowledge_chunks (id, collection, sha256, number, offset, page, heading)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
-            [
+        async with self._write() as db:
+            await db.execute(
+                "INSERT INTO knowledge_docs (collection, path, sha256, chunks, pages, size, added_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (collection, path) DO UPDATE SET"
+                " chunks = excluded.chunks, pages = excluded.pages, size = excluded.size",
                 (
-                    chunk_id(c, event.sha256, event.first + i),
                     c,
+                    event.path,
                     event.sha256,
-                    event.first + i,
-                    ch.position.offset,
-                    ch.position.page,
-                    json.dumps(ch.heading),
-                )
-                for i, ch in enumerate(event.chunks)
-            ],
-        )
-        await self._db.execute("COMMIT")
+                    event.total or len(event.chunks),
+                    event.pages,
+                    event.size,
+                    event.at.isoformat(),
+                ),
+            )
+            await db.executemany(
+                "INSERT INTO knowledge_chunks (id, collection, sha256, number, offset, page, heading)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                [
+                    (
+                        chunk_id(c, event.sha256, event.first + i),
+                        c,
+                        event.sha256,
+                        event.first + i,
+                        ch.position.offset,
+                        ch.position.page,
+                        json.dumps(ch.heading),
+                    )
+                    for i, ch in enumerate(event.chunks)
+                ],
+            )
         ids = [chunk_id(c, event.sha256, event.first + i) for i in range(len(event.chunks))]
         pending = await self._not_indexed(ids)
         if not pending:
@@ -244,11 +324,10 @@ class KnowledgeIndex:
             for (i, _), text in zip(todo, texts, strict=True)
         ]
         await self.memory.add(records, vectors)
-        await self._db.execute("BEGIN IMMEDIATE")
-        await self._db.executemany(
-            "UPDATE knowledge_chunks SET indexed = 1 WHERE id = ?", [(ids[i],) for i, _ in todo]
-        )
-        await self._db.execute("COMMIT")
+        async with self._write() as db:
+            await db.executemany(
+                "UPDATE knowledge_chunks SET indexed = 1 WHERE id = ?", [(ids[i],) for i, _ in todo]
+            )
 
     async def _not_indexed(self, ids: list[str]) -> set[str]:
         out: set[str] = set()
@@ -263,19 +342,19 @@ class KnowledgeIndex:
 
     async def _remove(self, event: DocumentRemoved) -> None:
         c = event.collection
-        cur = await self._db.execute(
-            "DELETE FROM knowledge_docs WHERE collection = ? AND path = ? AND sha256 = ?",
-            (c, event.path, event.sha256),
-        )
-        if cur.rowcount == 0:
-            return
-        shared = list(
-            await self._db.execute_fetchall(
-                "SELECT 1 FROM knowledge_docs WHERE collection = ? AND sha256 = ? LIMIT 1",
-                (c, event.sha256),
+        async with self._write() as db:
+            await db.execute(
+                "DELETE FROM knowledge_docs WHERE collection = ? AND path = ? AND sha256 = ?",
+                (c, event.path, event.sha256),
             )
-        )
-        await self._db.commit()
+            shared = list(
+                await db.execute_fetchall(
+                    "SELECT 1 FROM knowledge_docs WHERE collection = ? AND sha256 = ? LIMIT 1",
+                    (c, event.sha256),
+                )
+            )
+        # Even when the document was gone already: a removal cut short before its
+        # chunks went is finished when it is applied again.
         if shared:
             return
         ids = [
@@ -285,11 +364,14 @@ class KnowledgeIndex:
                 (c, event.sha256),
             )
         ]
+        if not ids:
+            return
         await self.memory.delete_ids(TENANT, ids, scrub=False)
-        await self._db.execute(
-            "DELETE FROM knowledge_chunks WHERE collection = ? AND sha256 = ?", (c, event.sha256)
-        )
-        await self._db.commit()
+        async with self._write() as db:
+            await db.execute(
+                "DELETE FROM knowledge_chunks WHERE collection = ? AND sha256 = ?",
+                (c, event.sha256),
+            )
 
     # -- reading ----------------------------------------------------------
 

@@ -6,6 +6,7 @@ Private to `actors.memory` (and the knowledge index, which shares the file forma
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 from collections.abc import Iterable, Sequence
 from typing import Any, cast
@@ -27,6 +28,7 @@ __all__ = [
     "connect",
     "create",
     "delete_rows",
+    "forgotten_key",
     "get_meta",
     "marks",
     "promote",
@@ -58,6 +60,12 @@ def chunks(items: Sequence[Any], size: int = CHUNK) -> Iterable[Sequence[Any]]:
 
 def marks(n: int) -> str:
     return ",".join("?" * n)
+
+
+def forgotten_key(tenant: str, session_id: str) -> bytes:
+    """A deleted session's key in `memory_forgotten`: a digest, since no byte of the
+    session, its id included, may stay in the file."""
+    return hashlib.sha256(f"{tenant}\0{session_id}".encode()).digest()
 
 
 async def connect(path: str, *, reader: bool) -> aiosqlite.Connection:
@@ -104,7 +112,9 @@ CREATE INDEX IF NOT EXISTS memories_by_session ON memories (tenant, session_id);
 CREATE TABLE IF NOT EXISTS memory_vectors (rid INTEGER PRIMARY KEY, vector BLOB NOT NULL);
 CREATE VIRTUAL TABLE IF NOT EXISTS memory_fts USING fts5(
     text, content='memories', content_rowid='rid', tokenize='unicode61 remove_diacritics 2');
+CREATE TABLE IF NOT EXISTS memory_forgotten (key BLOB PRIMARY KEY) WITHOUT ROWID;
 """
+# Not memory_forgotten: deleted sessions stay deleted through a rebuild from the log.
 DROP = """
 DROP TABLE IF EXISTS memory_fts; DROP TABLE IF EXISTS memory_vec_small;
 DROP TABLE IF EXISTS memory_vec_large;

@@ -44,6 +44,14 @@ file (measured: 9 of 10k deleted rows). A scrub therefore follows: FTS5
 in the WAL. It costs a few ms per MB of file (about 2 s at 100k memories); a
 caller erasing many sessions passes `scrub=False` and calls `scrub()` once.
 
+Forgetting. A deleted session stays deleted: `delete_session` records it in
+`memory_forgotten` (a digest of tenant and session id, not the id itself) in the
+transaction that deletes its rows, and `add` drops, inside its own transaction,
+every record of a recorded session. The projection reads and embeds a batch
+before it stores it, so a deletion can land in between; whichever transaction
+comes first, no row of the session is left. `reset` keeps the record, so a
+rebuild from the log never brings a deleted session back either.
+
 Model. `memory_meta` keeps the id of the embedding model that made the vectors
 (`model`); opened with another model, the index empties itself and its owner
 rebuilds it from the log (vectors of two models do not compare).
@@ -196,6 +204,19 @@ def _scope_key(r: MemoryRecord) -> tuple[str, str, str]:
 _ROW_COLUMNS = "rid, id, session_id, user_id, kind, role, text, source_seq, created_at"
 
 
+async def _forgotten(
+    db: aiosqlite.Connection, sessions: Collection[tuple[str, str]]
+) -> set[tuple[str, str]]:
+    by_key = {sql.forgotten_key(tenant, sid): (tenant, sid) for tenant, sid in sessions}
+    found: set[tuple[str, str]] = set()
+    for part in sql.chunks(list(by_key)):
+        rows = await db.execute_fetchall(
+            f"SELECT key FROM memory_forgotten WHERE key IN ({sql.marks(len(part))})", part
+        )
+        found.update(by_key[bytes(r[0])] for r in rows)
+    return found
+
+
 class MemoryIndex:
     """Hybrid (vector + BM25) recall over memories, partitioned by tenant and owner."""
 
@@ -266,7 +287,10 @@ class MemoryIndex:
         *,
         checkpoint: int | None = None,
     ) -> None:
-        """Store records not stored yet (by tenant and id) and the log position, atomically."""
+        """Store records not stored yet (by tenant and id) and the log position, atomically.
+
+        Records of a session deleted with `delete_session` are left out, whenever it was.
+        """
         vecs = _unit(vectors, self.dim) if len(records) else np.zeros((0, self.dim), np.float32)
         if len(vecs) != len(records):
             raise ValueError(f"{len(records)} records but {len(vecs)} vectors")
@@ -297,6 +321,10 @@ class MemoryIndex:
                     )
                 ]
                 await sql.delete_rows(db, rows)
+                await db.execute(
+                    "INSERT INTO memory_forgotten (key) VALUES (?) ON CONFLICT (key) DO NOTHING",
+                    (sql.forgotten_key(tenant, session_id),),
+                )
             await (self._scrub_file() if scrub else self._truncate_wal())
         return len(rows)
 
@@ -322,7 +350,8 @@ class MemoryIndex:
             await self._scrub_file()
 
     async def reset(self) -> None:
-        """Drop every memory and the checkpoint (for a rebuild from the log); keeps the model."""
+        """Drop every memory and the checkpoint (for a rebuild from the log); keeps the model
+        and the deleted sessions."""
         async with self._write_lock:
             async with self._transaction() as db:
                 model = await sql.get_meta(db, "model")
@@ -362,6 +391,10 @@ class MemoryIndex:
         """How many memories are stored."""
         rows = await self._reader.execute_fetchall("SELECT count(*) FROM memories")
         return int(next(iter(rows))[0])
+
+    async def forgotten(self, sessions: Collection[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Those of these (tenant, session id) that `delete_session` erased."""
+        return await _forgotten(self._reader, sessions)
 
     async def search(
         self,
@@ -497,7 +530,9 @@ class MemoryIndex:
         raise MemoryIndexError("deleted, but the WAL could not be truncated (readers busy)")
 
     async def _fresh(self, db: aiosqlite.Connection, records: Sequence[MemoryRecord]) -> list[int]:
-        """Positions of records whose (tenant, id) is neither stored nor earlier in the batch."""
+        """Positions of records of sessions not deleted whose (tenant, id) is neither stored
+        nor earlier in the batch."""
+        gone = await _forgotten(db, {(r.tenant, r.session_id) for r in records})
         stored: set[tuple[str, str]] = set()
         by_tenant: dict[str, list[str]] = {}
         for r in records:
@@ -511,7 +546,7 @@ class MemoryIndex:
                 stored.update((tenant, str(row[0])) for row in rows)
         fresh: list[int] = []
         for i, r in enumerate(records):
-            if (r.tenant, r.id) not in stored:
+            if (r.tenant, r.id) not in stored and (r.tenant, r.session_id) not in gone:
                 stored.add((r.tenant, r.id))
                 fresh.append(i)
         return fresh

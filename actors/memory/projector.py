@@ -80,10 +80,9 @@ class Projector:
         self._embedder = embedder
         self._store = store
         self._owners: dict[str, Owner] = {}
-        self.deleted: set[str] = set()
 
     def forget(self, session_id: str) -> None:
-        self.deleted.add(session_id)
+        """Drop what is cached of a deleted session; the index refuses its records itself."""
         self._owners.pop(session_id, None)
 
     async def _owner(self, session_id: str, event: EventUnion) -> Owner | None:
@@ -109,8 +108,6 @@ class Projector:
         records: list[MemoryRecord] = []
         for subject, seq, data in batch:
             session_id = session_from_events_subject(subject)
-            if session_id in self.deleted:
-                continue
             try:
                 event = _EVENT_CODEC.decode(data)
             except DecodeError:
@@ -119,6 +116,10 @@ class Projector:
             owner = await self._owner(session_id, event)
             if owner is not None:
                 records.extend(records_of(session_id, seq, event, owner))
+        # Deleted sessions are not worth embedding. The check that counts is the one
+        # `add` makes when it stores the batch: a deletion may land while we embed.
+        gone = await self.index.forgotten({(r.tenant, r.session_id) for r in records})
+        records = [r for r in records if (r.tenant, r.session_id) not in gone]
         vectors = await self._embedder.aembed([r.text for r in records])
         await self.index.add(records, vectors, checkpoint=batch[-1][1])
         return len(records)

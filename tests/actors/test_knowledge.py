@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import itertools
 import uuid
+from collections.abc import Iterator, MutableMapping
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, cast
 
 import pysqlite3.dbapi2 as sqlite  # type: ignore[import-untyped]
 import pytest
+import structlog
 from nats.aio.client import Client
 
 from actors.knowledge import KnowledgeIndex, ingest, remove
 from actors.knowledge.chunk import chunk_sections
-from actors.knowledge.events import DocumentAdded, DocumentRemoved
+from actors.knowledge.events import ChunkData, DocumentAdded, DocumentRemoved, KbEvent, Position
+from actors.knowledge.index import TENANT
 from actors.knowledge.ingest import collections
 from actors.knowledge.log import KnowledgeLog
 from actors.knowledge.parse import parse, parse_html, parse_markdown
+from tests.actors.test_memory_actor import HeldEmbedder
 
 
 def write_pdf(path: Path, pages: list[list[str]]) -> None:
@@ -362,3 +370,148 @@ async def test_missing_unknown_path_is_an_error(
 ) -> None:
     with pytest.raises(FileNotFoundError):
         await ingest(nc, index, name(), [tmp_path / "nope.md"])
+
+
+# -- overlapping callers (a stub embedder that holds its first call) --------
+
+AT = datetime(2026, 5, 1, tzinfo=UTC)
+SECRET = "quokkavault"
+
+
+def document(collection: str, version: str, texts: list[str]) -> DocumentAdded:
+    return DocumentAdded(
+        collection=collection,
+        path="/docs/vault.md",
+        sha256=version * 64,
+        chunks=tuple(
+            ChunkData(text=t, position=Position(offset=100 * i)) for i, t in enumerate(texts)
+        ),
+        at=AT,
+        total=len(texts),
+    )
+
+
+def removal(added: DocumentAdded) -> DocumentRemoved:
+    return DocumentRemoved(collection=added.collection, path=added.path, sha256=added.sha256, at=AT)
+
+
+class ListLog:
+    """KB_EVENTS as a list, for `sync` and `rebuild`."""
+
+    def __init__(self, *events: KbEvent) -> None:
+        self.events = list(events)
+
+    async def read(
+        self, collection: str | None = None, *, after: int = 0
+    ) -> list[tuple[int, KbEvent]]:
+        return [
+            (seq, e)
+            for seq, e in enumerate(self.events, 1)
+            if seq > after and collection in (None, e.collection)
+        ]
+
+
+@contextlib.contextmanager
+def waits_noticed() -> Iterator[asyncio.Event]:
+    """Set when a caller of the index waits for another (the index logs it)."""
+    noticed = asyncio.Event()
+
+    def spot(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        if event["event"] == "knowledge.waiting":
+            noticed.set()
+        return event
+
+    with structlog.testing.capture_logs(processors=[spot]):
+        yield noticed
+
+
+async def done_or_waiting(task: asyncio.Task[Any], noticed: asyncio.Event) -> None:
+    """Until `task` has finished, or waits behind the call that holds the embedder."""
+    waiting = asyncio.ensure_future(noticed.wait())
+    await asyncio.wait({task, waiting}, return_when=asyncio.FIRST_COMPLETED)
+    waiting.cancel()
+
+
+async def left_of(kb: KnowledgeIndex, collection: str, word: str) -> list[str]:
+    """Chunks of `collection` with `word`, as stored, whether a document names them or not."""
+    hits = await kb.memory.keyword_search(
+        tenant=TENANT, session_id=collection, user_id=None, query_text=word, k=50
+    )
+    return [h.text for h in hits]
+
+
+@pytest.mark.parametrize("then", ["removed", "replaced"])
+async def test_a_document_removed_while_its_chunks_are_embedded_leaves_no_chunk(
+    tmp_path: Path, then: str
+) -> None:
+    embedder = HeldEmbedder()
+    kb = await KnowledgeIndex.open(tmp_path / "kb.sqlite", embedder=cast(Any, embedder))
+    c = name()
+    old = document(c, "a", [f"The vault code is {SECRET} {i}." for i in range(3)])
+    new = document(c, "b", ["The vault moved to the cellar."])
+    later: KbEvent = removal(old) if then == "removed" else new
+    try:
+        with waits_noticed() as noticed:
+            adding = asyncio.create_task(kb.apply([(1, old)]))
+            await embedder.embedding.wait()
+            following = asyncio.create_task(kb.apply([(2, later)]))
+            await done_or_waiting(following, noticed)
+            embedder.release.set()
+            await asyncio.gather(adding, following)
+        assert await left_of(kb, c, SECRET) == []
+        assert await kb.search(c, SECRET, k=5, keyword_only=True) == []
+        assert await kb.checkpoint(c) == 2
+        if then == "removed":
+            assert await kb.memory.count() == 0 and await kb.documents(c) == []
+        else:
+            assert await kb.memory.count() == 1
+            assert [d.sha256 for d in await kb.documents(c)] == [new.sha256]
+            assert await left_of(kb, c, "cellar") == ["The vault moved to the cellar."]
+    finally:
+        await kb.close()
+
+
+@pytest.mark.parametrize("second", ["sync", "rebuild"])
+async def test_a_sync_or_rebuild_waits_for_a_sync_of_the_collection(
+    tmp_path: Path, second: str
+) -> None:
+    embedder = HeldEmbedder()
+    kb = await KnowledgeIndex.open(tmp_path / "kb.sqlite", embedder=cast(Any, embedder))
+    c = name()
+    added = document(c, "a", [f"The vault code is {SECRET} {i}." for i in range(3)])
+    log = ListLog(added)
+    try:
+        with waits_noticed() as noticed:
+            first = asyncio.create_task(kb.sync(cast(KnowledgeLog, log), c))  # a search
+            await embedder.embedding.wait()
+            log.events.append(removal(added))  # `veil kb rm` meanwhile
+            other = asyncio.create_task(
+                kb.sync(cast(KnowledgeLog, log), c)
+                if second == "sync"
+                else kb.rebuild(cast(KnowledgeLog, log))
+            )
+            await done_or_waiting(other, noticed)
+            embedder.release.set()
+            await asyncio.gather(first, other)
+        assert await left_of(kb, c, SECRET) == []
+        assert (await kb.memory.count(), await kb.documents(c)) == (0, [])
+        assert await kb.checkpoint(c) == 2
+    finally:
+        await kb.close()
+
+
+async def test_a_stale_copy_of_the_log_does_not_undo_what_followed(tmp_path: Path) -> None:
+    # A caller that read the log before a removal applies what it read after it.
+    embedder = HeldEmbedder()
+    embedder.release.set()
+    kb = await KnowledgeIndex.open(tmp_path / "kb.sqlite", embedder=cast(Any, embedder))
+    c = name()
+    added = document(c, "a", [f"The vault code is {SECRET}."])
+    try:
+        await kb.apply([(1, added), (2, removal(added))])
+        await kb.apply([(1, added)])
+        assert (await kb.memory.count(), await kb.documents(c)) == (0, [])
+        await kb.apply([(2, removal(added))])  # the last event again: nothing changes
+        assert await kb.checkpoint(c) == 2
+    finally:
+        await kb.close()

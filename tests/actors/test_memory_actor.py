@@ -6,22 +6,34 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import nats
 import numpy as np
+import numpy.typing as npt
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from actors.memory.actor import MemoryActor, Progress, RecallRequest
-from actors.memory.embedder import default_embedder
+from actors.memory.embedder import Embedder, default_embedder
 from actors.memory.index import MemoryIndex, MemoryRecord
-from eventstore.events import ChatMessage, ReplyCompleted, SessionOpened, TurnStarted, Usage
+from actors.memory.projector import Projector
+from bus.codec import Codec
+from bus.subjects import session_events
+from eventstore.events import (
+    ChatMessage,
+    EventUnion,
+    ReplyCompleted,
+    SessionOpened,
+    TurnStarted,
+    Usage,
+)
 from eventstore.jetstream import JetStreamEventStore, ensure_stream
+from eventstore.store import EventStore
 from eventstore.tombstones import Tombstone, TombstoneLog
 from tests.busy import busy_loop
 from veil.natsserver import NatsServer
@@ -282,3 +294,81 @@ def test_progress_lag_is_the_age_of_the_oldest_event_not_indexed() -> None:
     progress.holding(stored_message(10, seconds_ago=2.0))  # held back for a busy loop
     assert 1.5 < progress.lag_seconds() < 3.0
     assert progress.stats()["gave_way"] == 1 and 1.5 < float(progress.stats()["lag_seconds"]) < 3.0  # type: ignore[arg-type]
+
+
+class HeldEmbedder:
+    """Random unit vectors; the first call waits until the test lets it go."""
+
+    dim = 384
+    model_id = "held"
+
+    def __init__(self) -> None:
+        self.embedding = asyncio.Event()
+        self.release = asyncio.Event()
+        self.texts: list[str] = []
+
+    async def aembed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        if not self.embedding.is_set():
+            self.embedding.set()
+            await self.release.wait()
+        self.texts.extend(texts)
+        v = np.random.default_rng(len(self.texts)).standard_normal((len(texts), self.dim))
+        return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+
+
+def logged(sid: str, first_seq: int, texts: list[str]) -> list[tuple[str, int, bytes]]:
+    """A new session's events as the projection reads them: (subject, seq, data)."""
+    codec: Codec[EventUnion] = Codec(EventUnion)
+    events: list[EventUnion] = [
+        SessionOpened(at=T0, session_id=sid, tenant="t", key_id="k", user_id="u"),
+        TurnStarted(
+            at=T0,
+            turn_id="turn-1",
+            command_id="turn-1",
+            model="veil",
+            messages=[ChatMessage(role="user", content=text) for text in texts],
+            lease_until=T0 + timedelta(minutes=5),
+        ),
+        ReplyCompleted(
+            at=T0, turn_id="turn-1", content=texts[-1], finish_reason="stop", usage=Usage()
+        ),
+    ]
+    subject = session_events(sid)
+    return [(subject, first_seq + i, codec.encode(e)) for i, e in enumerate(events)]
+
+
+async def test_a_session_forgotten_while_its_batch_is_embedded_stays_forgotten(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "memory.sqlite"
+    index = await MemoryIndex.open(path)
+    embedder = HeldEmbedder()
+    # No store: every session of these batches opens in them.
+    projector = Projector(index, cast(Embedder, embedder), cast(EventStore, None))
+    marker = "quokkamarker"
+    try:
+        batch = logged("s8", 1, ["My bike is green."]) + logged(
+            "s9", 4, [f"The vault code is {marker} {i}." for i in range(3)]
+        )
+        applying = asyncio.create_task(projector.apply(batch))
+        await embedder.embedding.wait()
+        # What the memory actor does on `memory.forget` or a tombstone, mid-embedding.
+        projector.forget("s9")
+        assert await index.delete_session("t", "s9") == 0
+        embedder.release.set()
+        await applying
+
+        assert await index.checkpoint() == 6
+        assert {row[3] for row in await index.dump()} == {"s8"}
+        hits = await index.keyword_search(
+            tenant="t", session_id="s9", user_id="u", query_text=marker
+        )
+        assert hits == []
+        # A batch read after the deletion is not even embedded.
+        embedded = len(embedder.texts)
+        await projector.apply(logged("s9", 7, [f"Also {marker} again."]))
+        assert (await index.count(), await index.checkpoint()) == (2, 9)
+        assert embedder.texts[embedded:] == []
+    finally:
+        await index.close()
+    assert marker.encode() not in b"".join(p.read_bytes() for p in tmp_path.glob("memory.sqlite*"))

@@ -800,3 +800,45 @@ async def test_delete_ids_and_reset_scrub_the_file(tmp_path: Path, embedder: Emb
         assert await ask(idx, embedder, "fresh start") == ["s1:1"]
     finally:
         await idx.close()
+
+
+async def test_a_deleted_session_is_never_stored_again(tmp_path: Path, embedder: Embedder) -> None:
+    # The projection embeds a batch before it stores it: a deletion can come first.
+    path = tmp_path / "memory.sqlite"
+    marker = f"qzv{uuid.uuid4().hex[:12]}"
+    gone = f"sess-{uuid.uuid4().hex[:12]}"
+    mine = [
+        rec(i, f"My locker code is {marker} line {i}", session=gone, user="u1" if i % 2 else None)
+        for i in range(6)
+    ]
+    others = [rec(10 + i, DISTRACTORS[i], session="s2") for i in range(4)]
+    rng = np.random.default_rng(11)
+
+    def vectors(n: int) -> npt.NDArray[np.float32]:
+        return rng.standard_normal((n, 384)).astype(np.float32)
+
+    idx = await MemoryIndex.open(path)
+    try:
+        await idx.add(mine[:3], vectors(3), checkpoint=1)
+        assert await idx.delete_session("t1", gone) == 3
+        await idx.add(mine + others, vectors(10), checkpoint=2)  # the batch in flight
+        assert (await idx.count(), await idx.checkpoint()) == (4, 2)
+        assert await idx.forgotten({("t1", gone), ("t1", "s2"), ("t2", gone)}) == {("t1", gone)}
+        # The same session id in another tenant is another session.
+        await idx.add([rec(20, "hello there", tenant="t2", session=gone)], vectors(1))
+        assert await idx.count() == 5
+        await idx.reset()  # a rebuild from the log
+        await idx.add(mine + others, vectors(10), checkpoint=2)
+        assert await idx.count() == 4
+    finally:
+        await idx.close()
+    idx = await MemoryIndex.open(path)
+    try:
+        await idx.add(mine, vectors(6), checkpoint=3)
+        assert (await idx.count(), await idx.checkpoint()) == (4, 3)
+        assert await ask(idx, embedder, marker, session=gone, user="u1") == []
+        await idx.verify()
+    finally:
+        await idx.close()
+    data = file_bytes(path)
+    assert marker.encode() not in data and gone.encode() not in data  # a digest, not the id
