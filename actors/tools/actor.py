@@ -19,6 +19,7 @@ from nats.micro.service import Service
 
 from actors.tools.builtin import BUILTIN, Tool, ToolError
 from actors.tools.custom import http_tool, python_tool
+from actors.tools.sandbox import ToolFailed, WorkerPool
 from bus.codec import Codec, DecodeError
 from bus.subjects import TOOLS_RUN
 from veil.config import Config
@@ -56,9 +57,17 @@ MAX_RESULT_CHARS = 16_000
 
 
 async def run_tool(
-    tool: Tool, arguments: str, timeout: float, context: dict[str, str | None] | None = None
+    tool: Tool,
+    arguments: str,
+    timeout: float,
+    context: dict[str, str | None] | None = None,
+    *,
+    pool: WorkerPool | None = None,
 ) -> ToolRan:
-    """Run one call; bad arguments, failures and timeouts become an error the model reads."""
+    """Run one call; bad arguments, failures and timeouts become an error the model reads.
+
+    A tool with a `target` runs in a worker of `pool` (without one, a worker of its own).
+    """
     started = time.perf_counter()
 
     def took() -> float:
@@ -68,13 +77,8 @@ async def run_tool(
         args: Any = json.loads(arguments or "{}")
         if not isinstance(args, dict):
             raise ToolError("arguments must be a JSON object")
-        if tool.contextual:
-            args["context"] = context or {}
-        if inspect.iscoroutinefunction(tool.run):
-            result = await asyncio.wait_for(tool.run(**args), timeout)
-        else:
-            # A plain function: a thread keeps a slow one off the event loop.
-            result = await asyncio.wait_for(asyncio.to_thread(tool.run, **args), timeout)
+        async with asyncio.timeout(timeout):
+            result = await _call(tool, args, arguments or "{}", context, pool)
     except json.JSONDecodeError as error:
         return ToolRan(error=f"arguments are not valid JSON: {error.msg}", duration_ms=took())
     except TypeError as error:
@@ -83,10 +87,33 @@ async def run_tool(
         return ToolRan(error=f"the tool did not finish within {timeout:g} s", duration_ms=took())
     except ToolError as error:
         return ToolRan(error=str(error), duration_ms=took())
+    except ToolFailed as error:
+        return ToolRan(error=f"the tool failed: {error}", duration_ms=took())
     except Exception as error:  # noqa: BLE001 - a tool's own bug is the model's problem to route around
         return ToolRan(error=f"the tool failed: {error!r}", duration_ms=took())
     text = result if isinstance(result, str) else json.dumps(result, default=str)
     return ToolRan(content=text[:MAX_RESULT_CHARS], duration_ms=took())
+
+
+async def _call(
+    tool: Tool,
+    args: dict[str, Any],
+    arguments: str,
+    context: dict[str, str | None] | None,
+    pool: WorkerPool | None,
+) -> Any:
+    if tool.target is not None:
+        if pool is None:
+            async with WorkerPool(size=1) as own:
+                return await own.call(tool.target, arguments, max_chars=MAX_RESULT_CHARS)
+        return await pool.call(tool.target, arguments, max_chars=MAX_RESULT_CHARS)
+    if tool.contextual:
+        args["context"] = context or {}
+    if inspect.iscoroutinefunction(tool.run):
+        return await tool.run(**args)
+    # A plain function with no name a worker could import it by (made in code, not from the
+    # config): a thread keeps it off the event loop, but its timeout cannot stop it.
+    return await asyncio.to_thread(tool.run, **args)
 
 
 class ToolActor:
@@ -102,6 +129,8 @@ class ToolActor:
                 self._tools["memory_search"], run=self._memory_search
             )
         self._version = version
+        # Plain-function tools run in its workers, which it starts when a call needs one.
+        self._pool = WorkerPool()
         self._service: Service | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -122,12 +151,14 @@ class ToolActor:
         except DecodeError as error:
             await request.respond_error("400", str(error))
             return
+        await request.respond(RUN_REPLY_CODEC.encode(await self.run(ask)))
+
+    async def run(self, ask: RunTool) -> ToolRan:
+        """Run one call as the bus asked for it."""
         tool = self._tools.get(ask.name)
         if tool is None:
-            ran = ToolRan(error=f"no tool named {ask.name!r}")
-        else:
-            ran = await run_tool(tool, ask.arguments, ask.timeout, ask.context)
-        await request.respond(RUN_REPLY_CODEC.encode(ran))
+            return ToolRan(error=f"no tool named {ask.name!r}")
+        return await run_tool(tool, ask.arguments, ask.timeout, ask.context, pool=self._pool)
 
     async def _memory_search(
         self, query: str, k: int = 5, *, context: dict[str, str | None]
@@ -182,6 +213,8 @@ class ToolActor:
                 await self._service.stop()
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=10)
+        # What still runs after that is cut short: its worker is killed and its call fails.
+        await self._pool.close()
 
 
 def configured_tools(config: Config) -> dict[str, Tool]:

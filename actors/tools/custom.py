@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import typing
-from importlib.metadata import entry_points
 from typing import Any
 from urllib.parse import quote
 
 import aiohttp
 
 from actors.tools.builtin import Tool, ToolError
+from actors.tools.worker import ENTRY_POINT_GROUP, load
 
 __all__ = ["ENTRY_POINT_GROUP", "http_tool", "python_tool", "schema_from_signature"]
-
-ENTRY_POINT_GROUP = "veil.tools"
 
 _JSON_TYPES: dict[Any, str] = {
     str: "string",
@@ -43,23 +40,10 @@ def schema_from_signature(function: Any) -> dict[str, Any]:
     return {"type": "object", "properties": properties, "required": required}
 
 
-def _load(target: str) -> Any:
-    """'package.module:function' or 'package.module.function', or an entry point's name."""
-    found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == target]
-    if found:
-        return found[0].load()
-    module, _, attribute = target.partition(":") if ":" in target else target.rpartition(".")
-    if not module or not attribute:
-        raise ValueError(
-            f"{target!r} is not 'module:function' nor a '{ENTRY_POINT_GROUP}' entry point"
-        )
-    return getattr(importlib.import_module(module), attribute)
-
-
 def python_tool(
     name: str, target: str, description: str | None, parameters: dict[str, Any] | None
 ) -> Tool:
-    function = _load(target)
+    function = load(target)
     if not callable(function):
         raise TypeError(f"{target!r} is not callable")
     return Tool(
@@ -67,6 +51,9 @@ def python_tool(
         description=description or (inspect.getdoc(function) or name).splitlines()[0],
         parameters=parameters or schema_from_signature(function),
         run=function,
+        # A plain function runs in a worker process that loads it by the same name, so that its
+        # timeout can stop it; a coroutine function runs on the tool actor's event loop.
+        target=None if inspect.iscoroutinefunction(function) else target,
     )
 
 
