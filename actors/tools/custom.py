@@ -8,6 +8,7 @@ from typing import Any
 from urllib.parse import quote
 
 import aiohttp
+from yarl import URL
 
 from actors.tools.builtin import Tool, ToolError
 from actors.tools.worker import ENTRY_POINT_GROUP, load
@@ -57,6 +58,13 @@ def python_tool(
     )
 
 
+def _url_value(value: Any) -> str:
+    """An argument as one URL component: '/' encoded, and '.' or '..' encoded too, so a
+    value can never be a path segment that climbs out of the template."""
+    text = quote(str(value), safe="")
+    return text.replace(".", "%2E") if text in (".", "..") else text
+
+
 def http_tool(
     name: str,
     *,
@@ -78,9 +86,11 @@ def http_tool(
 
     async def call(**arguments: Any) -> str:
         try:
-            target = url.format(**{k: quote(str(v), safe="") for k, v in arguments.items()})
+            filled = url.format(**{k: _url_value(v) for k, v in arguments.items()})
         except KeyError as missing:
             raise ToolError(f"missing argument {missing}") from None
+        # As built: parsed again, `.../%2E%2E` would be resolved back up the path.
+        target = URL(filled, encoded=True)
         client_timeout = aiohttp.ClientTimeout(total=timeout)
         try:
             async with (

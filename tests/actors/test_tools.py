@@ -291,3 +291,48 @@ def test_workers_serve_a_loop_in_another_thread(kind: str, tmp_path: Path) -> No
     thread.start()
     thread.join(HANG)
     assert outcome == ["1024", "the tool did not finish within 0.5 s", False]
+
+
+async def test_an_http_tool_argument_cannot_climb_out_of_its_url_template() -> None:
+    """`{"item": ".."}` reached GET /api/: each argument must stay one path segment."""
+    from aiohttp import web
+
+    from actors.tools.custom import http_tool
+
+    seen: list[str] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append(request.raw_path)
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", record)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        tool = http_tool(
+            "price",
+            url=f"http://127.0.0.1:{port}/api/price/{{item}}?currency={{currency}}",
+            method="GET",
+            headers={},
+            description=None,
+            parameters=None,
+            timeout=5,
+            max_bytes=100,
+        )
+        for item in ("..", ".", "../admin", "a/../../b", "%2e%2e", "tea"):
+            ran = await run_tool(tool, json.dumps({"item": item, "currency": ".."}), 5)
+            assert ran.content == "ok", ran
+    finally:
+        await runner.cleanup()
+    assert seen == [
+        "/api/price/%2E%2E?currency=%2E%2E",
+        "/api/price/%2E?currency=%2E%2E",
+        "/api/price/..%2Fadmin?currency=%2E%2E",
+        "/api/price/a%2F..%2F..%2Fb?currency=%2E%2E",
+        "/api/price/%252e%252e?currency=%2E%2E",
+        "/api/price/tea?currency=%2E%2E",
+    ]
