@@ -340,28 +340,18 @@ def _decide_open(state: SessionState, cmd: OpenTurn) -> list[EventUnion]:
     if open_turn is not None:
         if cmd.holder_gone == open_turn.turn_id:
             # Its worker is gone (or no longer runs it): close it now, not at lease expiry.
-            events.append(
-                TurnFailed(
-                    at=cmd.now,
-                    turn_id=open_turn.turn_id,
-                    status=503,
-                    code="worker_lost",
-                    message="the worker running the turn stopped before it finished",
-                )
-            )
+            why = (503, "worker_lost", "the worker running the turn stopped before it finished")
         elif cmd.now < open_turn.lease_until:
             raise TurnInProgress(open_turn.turn_id, open_turn.lease_until, open_turn.holder)
         else:
             # Its writer hung (or left no holder to ask): close that turn so this one can start.
-            events.append(
-                TurnFailed(
-                    at=cmd.now,
-                    turn_id=open_turn.turn_id,
-                    status=504,
-                    code="lease_expired",
-                    message="the turn did not finish before its lease expired",
-                )
+            why = (504, "lease_expired", "the turn did not finish before its lease expired")
+        status, code, message = why
+        events.append(
+            TurnFailed(
+                at=cmd.now, turn_id=open_turn.turn_id, status=status, code=code, message=message
             )
+        )
     system, new = _split_messages(state.history, start.messages)
     if not new:
         raise NothingNew("The request adds no new message to the session.")
