@@ -69,13 +69,18 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         return await handler(request)
     except ApiError as error:
-        return _json(error.body(), error.status)
+        response = _json(error.body(), error.status)
+        if error.status in (408, 413):
+            # The rest of the body is not wanted: the connection closes after this answer
+            # (aiohttp still reads on for its lingering time, see veil/server.py).
+            response.force_close()
+        return response
     except ConnectionResetError:
         # The client hung up (mid-body, say): nothing to answer and nothing went wrong here.
         log.info("gateway.client_gone", path=request.path)
         return web.Response(status=499)
     except web.HTTPRequestEntityTooLarge as error:
-        return _json(
+        response = _json(
             error_body(
                 f"Request body too large: {error.text}",
                 "invalid_request_error",
@@ -83,6 +88,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             ),
             413,
         )
+        response.force_close()  # as for ApiError's 413 above: the rest is not read
+        return response
     except web.HTTPException as error:
         if error.status < 400:
             raise

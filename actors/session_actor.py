@@ -41,7 +41,7 @@ from actors.protocol import (
 from actors.router_actor import ROUTE_CODEC, ROUTE_REPLY_CODEC, RouteRequest
 from actors.routing import RouteDecision
 from bus.codec import DecodeError
-from bus.requests import nats_request
+from bus.requests import BUS_DOWN, nats_request
 from bus.runtime import Envelope
 from bus.subjects import (
     ROUTER_ROUTE,
@@ -151,10 +151,11 @@ class SessionActor(SessionQueries, TurnSteps):
             return
         try:
             await self._handle(request, command)
-        except StoreUnavailable as error:
-            # The log is out of reach (the bus is down): "try again", not an actor failure.
+        except (StoreUnavailable, *BUS_DOWN) as error:
+            # The log or the model is out of reach (the bus is down): "try again", not an
+            # actor failure (whose traceback, logged by the thousand, would stall the loop).
             # What this actor holds may be behind the log now: read it again next time.
-            log.warning("session.store_unavailable", session=self.session_id, error=str(error))
+            log.warning("session.bus_unavailable", session=self.session_id, error=repr(error))
             self._state, self._last_seq, self._loaded = session.initial(), 0, False
             message = "The session log is unavailable; try again shortly."
             with contextlib.suppress(Exception):

@@ -24,7 +24,15 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-__all__ = ["connection_lost", "nats_request"]
+__all__ = ["BUS_DOWN", "connection_lost", "nats_request"]
+
+# What nats-py raises while its connection is lost or going away.
+BUS_DOWN = (
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionDrainingError,
+    nats.errors.OutboundBufferLimitError,
+)
 
 # A reply that says nobody listens on the subject (nats-server's no-responders status).
 _NO_RESPONDERS = "503"

@@ -23,7 +23,14 @@ import structlog
 from eventstore.events import TurnStarted
 from tests.fakes.upstreams import FakeOpenAI
 from tests.harness import VeilThread
-from veil.config import Config, EngineConfig, MemoryConfig, ModelConfig, PipelineConfig
+from veil.config import (
+    Config,
+    EngineConfig,
+    MemoryConfig,
+    ModelConfig,
+    PipelineConfig,
+    ServerConfig,
+)
 from veil.natsserver import NatsServer
 
 CHAT = {"model": "veil", "messages": [{"role": "user", "content": "hi"}]}
@@ -204,3 +211,33 @@ def test_a_client_hanging_up_mid_body_is_not_a_server_error(veil: VeilThread) ->
     assert "gateway.client_gone" in events
     assert "gateway.unhandled" not in events
     assert _chat(veil, {})[0] == 200  # and the server carries on
+
+
+def test_a_body_that_does_not_arrive_in_time_is_408_and_the_connection_closes(
+    upstream: FakeOpenAI, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    with NatsServer(tmp_path_factory.mktemp("slow-body-nats")) as nats_server:
+        config = Config(
+            server=ServerConfig(body_timeout=0.5),
+            engines={"up": EngineConfig(kind="openai", base_url=upstream.base_url, api_key="x")},
+            pipelines={"default": PipelineConfig(engine="up", model="m")},
+            models=[ModelConfig(name="veil", pipeline="default")],
+            nats_url=nats_server.url,
+            memory=MemoryConfig(enabled=False),
+        )
+        with (
+            VeilThread(config, nats_server.url) as veil,
+            socket.create_connection(("127.0.0.1", veil.port), timeout=30) as sock,
+        ):
+            sock.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+            )
+            answer = b""
+            while chunk := sock.recv(4096):  # the server closes right after its answer
+                answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408")
+    assert b"Connection: close" in head  # not kept open to read the rest of the body
+    assert json.loads(body)["error"]["code"] == "request_timeout"
+    assert upstream.requests == []

@@ -7,10 +7,10 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from actors.knowledge.actor import ADMIN_CODEC, ADMIN_REPLY_CODEC, KNOWLEDGE_ADMIN, AdminRequest
-from bus.requests import nats_request
+from bus.requests import BUS_DOWN, nats_request
 from bus.subjects import is_valid_id
 from veil.openai_wire import ApiError
-from veil.relay import BUS_DOWN, bus_unavailable
+from veil.relay import bus_unavailable
 from veil.webkeys import CONFIG, NATS, PRINCIPAL, body_deadline, json_response
 
 __all__ = ["add_admin_routes"]

@@ -77,7 +77,11 @@ def _configure_logging(level: int) -> None:
         processors=[
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso"),
-            structlog.dev.ConsoleRenderer(colors=False),
+            # Plain tracebacks: the rich one, with every frame's locals, took ~0.5 s of the
+            # event loop per exception (bench/abuse.py, nats-server killed under load).
+            structlog.dev.ConsoleRenderer(
+                colors=False, exception_formatter=structlog.dev.plain_traceback
+            ),
         ],
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
     )

@@ -250,7 +250,9 @@ class GuardedSite(web.BaseSite):
         port: int,
         guard: ConnectionGuard,
         *,
-        backlog: int = 1024,
+        # A flood opens connections faster than they are accepted: a short listen queue
+        # overflows and new clients wait for SYN retries (1-2 s, bench/abuse.py flood).
+        backlog: int = 4096,
     ) -> None:
         super().__init__(runner, backlog=backlog)
         self._host = host

@@ -10,13 +10,7 @@ from typing import Self
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.errors import (
-    ConnectionClosedError,
-    ConnectionDrainingError,
-    ConnectionReconnectingError,
-    NoRespondersError,
-    OutboundBufferLimitError,
-)
+from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from actors.protocol import (
@@ -37,25 +31,16 @@ from actors.protocol import (
     TurnRejected,
     TurnReplyUnion,
 )
-from bus.requests import nats_request
+from bus.requests import BUS_DOWN, nats_request
 from bus.subjects import session_cancel, session_cmd, session_out
 from veil.openai_wire import ApiError
 
-__all__ = ["BUS_DOWN", "ClientGone", "TurnRelay", "ask_session", "bus_unavailable", "run_turn"]
+__all__ = ["ClientGone", "TurnRelay", "ask_session", "bus_unavailable", "run_turn"]
 
 # How often a waiting relay checks that its HTTP client is still there.
 POLL_SECONDS = 0.25
 # How long to wait for deltas that the final message says were sent but are late.
 STRAGGLER_SECONDS = 1.0
-
-
-# What nats-py raises while its connection is lost or going away.
-BUS_DOWN = (
-    ConnectionReconnectingError,
-    ConnectionClosedError,
-    ConnectionDrainingError,
-    OutboundBufferLimitError,
-)
 
 
 class ClientGone(Exception):

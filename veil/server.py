@@ -44,6 +44,8 @@ __all__ = ["Workers", "embedded_nats", "is_loopback", "run_role", "serve_gateway
 
 log = structlog.get_logger("veil.server")
 
+# Seconds a connection is read on after an answer that left its body unread.
+LINGERING_SECONDS = 2.0
 # Allocations between young collections (CPython's default is 700).
 GC_YOUNG_THRESHOLD = 10_000
 
@@ -167,7 +169,10 @@ async def serve_gateway(
         log.info(
             "gateway.connections_capped", max_connections=guard.max_connections, open_files=files
         )
-    runner = web.AppRunner(app, access_log=None)
+    # After an answer sent before the body was read (408, 413, 401...), aiohttp reads on
+    # for up to this long so that the client sees the answer, not a reset; its default of
+    # 10 s let a slow client hold its connection for body_timeout + 10 s.
+    runner = web.AppRunner(app, access_log=None, lingering_time=LINGERING_SECONDS)
     await runner.setup()
     site = GuardedSite(runner, host, port, guard)
     await site.start()

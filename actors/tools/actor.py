@@ -81,6 +81,8 @@ async def run_tool(
             result = await _call(tool, args, arguments or "{}", context, pool)
     except json.JSONDecodeError as error:
         return ToolRan(error=f"arguments are not valid JSON: {error.msg}", duration_ms=took())
+    except RecursionError:
+        return ToolRan(error="arguments are nested too deeply", duration_ms=took())
     except TypeError as error:
         return ToolRan(error=f"bad arguments: {error}", duration_ms=took())
     except TimeoutError:

@@ -52,9 +52,9 @@ MAX_LENGTH = 500
 # 4,300-digit limit on int-to-str. `((9**1000)**1000)**8` once held the GIL for 13.9 s.
 MAX_BITS = 10_000
 MAX_DIGITS = 3_010
-# Deeper than written arithmetic goes (a sum of 150 terms is 150 deep), and far enough from
-# Python's recursion limit wherever `_eval` is called from.
-MAX_DEPTH = 200
+# A sum of terms nests one level per term: MAX_LENGTH characters make at most 250 of them,
+# and that stays far enough from Python's recursion limit wherever `_eval` is called from.
+MAX_DEPTH = MAX_LENGTH // 2 + 10
 
 
 def _too_large(what: str) -> ToolError:
@@ -160,7 +160,10 @@ def calculate(expression: str) -> str:
         raise ToolError(f"not an arithmetic expression: {error.msg}") from None
     try:
         value = _eval(tree)
-    except (ZeroDivisionError, OverflowError, ValueError) as error:
+    except OverflowError:
+        # Float arithmetic says it in errno's words: "(34, 'Numerical result out of range')".
+        raise ToolError("the result is too large for a floating-point number") from None
+    except (ZeroDivisionError, ValueError) as error:
         raise ToolError(str(error)) from None
     if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
         value = int(value)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import nats.errors
+import pytest
 from nats.aio.client import Client
 
 from actors.leases import Leases
@@ -23,6 +25,7 @@ class _Unreachable(InMemoryEventStore):
     """A store whose appends fail as JetStream's do while the bus is down."""
 
     down = True
+    failure: Exception = StoreUnavailable("append: nats: connection reconnecting")
 
     async def append(
         self,
@@ -33,7 +36,7 @@ class _Unreachable(InMemoryEventStore):
         dedupe_id: str | None = None,
     ) -> int:
         if self.down:
-            raise StoreUnavailable("append: nats: connection reconnecting")
+            raise self.failure
         return await super().append(
             session_id, events, expected_last_seq=expected_last_seq, dedupe_id=dedupe_id
         )
@@ -50,8 +53,20 @@ class _Request:
         raise AssertionError(f"the actor failed: {code} {description}")
 
 
-async def test_a_log_out_of_reach_is_a_503_to_retry_not_an_actor_failure(nc: Client) -> None:
+@pytest.mark.parametrize(
+    "failure",
+    [
+        StoreUnavailable("append: nats: connection reconnecting"),
+        # What a model call or any other request on the bus raises meanwhile.
+        nats.errors.ConnectionReconnectingError(),
+        nats.errors.ConnectionClosedError(),
+    ],
+)
+async def test_a_log_out_of_reach_is_a_503_to_retry_not_an_actor_failure(
+    nc: Client, failure: Exception
+) -> None:
     store = _Unreachable()
+    store.failure = failure
     config = Config(
         engines={"up": EngineConfig(kind="openai", base_url="http://127.0.0.1:9/v1")},
         pipelines={"p": PipelineConfig(engine="up", model="m")},

@@ -86,7 +86,8 @@ async def test_a_slow_tool_times_out_as_a_tool_error() -> None:
         ("2**9999 + 2**9999", "the result would be larger than 10000 bits (about 3010 digits)"),
         ("round(5, -10**4)", "round() takes a whole number of digits within ±3010"),
         ("round(1.5, 0.5)", "round() takes a whole number of digits within ±3010"),
-        ("-" * 300 + "1", "the expression is nested more than 200 deep"),
+        ("-" * 300 + "1", "the expression is nested more than 260 deep"),
+        ("1e308 ** 1e308", "the result is too large for a floating-point number"),
         ("(-8) ** (1/3)", "the result is not a real number"),
         ("sqrt(1, 2)", "sqrt(): math.sqrt() takes exactly one argument (2 given)"),
     ],
@@ -336,3 +337,17 @@ async def test_an_http_tool_argument_cannot_climb_out_of_its_url_template() -> N
         "/api/price/%252e%252e?currency=%2E%2E",
         "/api/price/tea?currency=%2E%2E",
     ]
+
+
+def test_the_longest_plain_sum_is_not_too_deep() -> None:
+    """A sum nests one level per term: every sum that fits MAX_LENGTH is allowed."""
+    from actors.tools.builtin import MAX_LENGTH
+
+    terms = (MAX_LENGTH + 1) // 2
+    assert calculate("+".join(["1"] * terms)) == str(terms)
+
+
+async def test_arguments_nested_too_deeply_are_a_clear_tool_error() -> None:
+    deep = '{"expression": ' + "[" * 5000 + "]" * 5000 + "}"
+    ran = await run_tool(BUILTIN["calculator"], deep, 5)
+    assert ran.error == "arguments are nested too deeply"
