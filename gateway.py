@@ -16,7 +16,10 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from actors.protocol import (
+from bus.codec import encode
+from bus.connection import connect
+from bus.subjects import MAX_ID_LENGTH, is_valid_id
+from contracts.session import (
     DeleteSession,
     GetSession,
     MemoriesFound,
@@ -27,9 +30,6 @@ from actors.protocol import (
     TurnDone,
     TurnError,
 )
-from bus.codec import encode
-from bus.connection import connect
-from bus.subjects import MAX_ID_LENGTH, is_valid_id
 from veil.admin import add_admin_routes
 from veil.auth import Authenticator, Principal
 from veil.config import Config

@@ -13,13 +13,10 @@ from nats.micro.request import Request
 from actors import session
 from actors.errors import SessionNotFound
 from actors.leases import Leases
-from actors.protocol import (
-    ErrorInfo,
-    TurnDone,
-    TurnError,
-)
 from actors.tools.builtin import Tool
 from bus.signals import Signals
+from contracts.errors import ErrorInfo
+from contracts.session import TurnDone, TurnError
 from eventstore.events import EventUnion
 from eventstore.store import EventStore, StoredEvent
 from eventstore.tombstones import TombstoneLog

@@ -14,16 +14,12 @@ from nats.micro.request import Request
 
 from actors import session
 from actors._session_common import SessionPart, _not_found
-from actors.protocol import (
-    TURN_REPLY_CODEC,
-    DeleteSession,
-    SessionDeleted,
-)
 from bus.codec import encode
 from bus.requests import nats_request
 from bus.subjects import (
     MEMORY_FORGET,
 )
+from contracts.session import TURN_REPLY_CODEC, DeleteSession, SessionDeleted
 from eventstore.tombstones import Tombstone
 
 __all__ = ["SessionQueries"]

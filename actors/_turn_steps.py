@@ -10,29 +10,23 @@ from nats.errors import TimeoutError as NatsTimeout
 
 from actors import session
 from actors._session_common import SessionPart
-from actors.knowledge.actor import (
-    KnowledgeSearch,
-    ask_knowledge,
-)
-from actors.knowledge.events import chunk_id
+from actors.knowledge.actor import ask_knowledge
 from actors.knowledge.prompting import documents_block
-from actors.memory.actor import RecallRequest, ask_recall
+from actors.memory.actor import ask_recall
 from actors.memory.prompting import choose_memories, memory_block
 from actors.model_chain import call_model
-from actors.protocol import (
-    GENERATE_CODEC,
-    GENERATE_RESULT_CODEC,
-    GenerateRequest,
-    StartTurn,
-)
 from actors.summary import facts_prompt, parse_facts, summary_prompt
-from actors.tools.actor import RUN_CODEC, RUN_REPLY_CODEC, RunTool, ToolRan
 from bus.codec import DecodeError
 from bus.requests import nats_request
 from bus.subjects import (
     TOOLS_RUN,
     model_generate,
 )
+from contracts.knowledge import KnowledgeSearch
+from contracts.memory import RecallRequest
+from contracts.model import GENERATE_CODEC, GENERATE_RESULT_CODEC, GenerateRequest
+from contracts.session import StartTurn
+from contracts.tools import RUN_CODEC, RUN_REPLY_CODEC, RunTool, ToolRan
 from eventstore.events import (
     ChatMessage,
     DocumentsRetrieved,
@@ -42,6 +36,7 @@ from eventstore.events import (
     ToolCall,
     ToolResult,
 )
+from eventstore.knowledge import chunk_id
 from veil.config import PipelineConfig
 
 __all__ = ["TurnSteps"]

@@ -17,7 +17,6 @@ import contextlib
 import secrets
 from collections.abc import Iterator
 
-import msgspec
 import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -25,9 +24,10 @@ from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
-from bus.codec import Codec, DecodeError
+from bus.codec import DecodeError
 from bus.requests import nats_request
 from bus.subjects import is_valid_id, worker_leases
+from contracts.leases import LEASE_PROBE_CODEC, LEASE_REPLY_CODEC, LeaseProbe, LeaseReply
 
 __all__ = ["PROBE_TIMEOUT", "LeaseProbe", "LeaseReply", "Leases"]
 
@@ -35,18 +35,6 @@ log = structlog.get_logger("veil.leases")
 
 # How long a holder has to answer before it is taken as alive but busy.
 PROBE_TIMEOUT = 1.0
-
-
-class LeaseProbe(msgspec.Struct, frozen=True, kw_only=True):
-    turn_id: str
-
-
-class LeaseReply(msgspec.Struct, frozen=True, kw_only=True):
-    running: bool
-
-
-_PROBE: Codec[LeaseProbe] = Codec(LeaseProbe)
-_REPLY: Codec[LeaseReply] = Codec(LeaseReply)
 
 
 class Leases:
@@ -78,11 +66,13 @@ class Leases:
 
     async def _answer(self, msg: Msg) -> None:
         try:
-            probe = _PROBE.decode(msg.data)
+            probe = LEASE_PROBE_CODEC.decode(msg.data)
         except DecodeError:
             return
         with contextlib.suppress(Exception):
-            await msg.respond(_REPLY.encode(LeaseReply(running=probe.turn_id in self._running)))
+            await msg.respond(
+                LEASE_REPLY_CODEC.encode(LeaseReply(running=probe.turn_id in self._running))
+            )
 
     async def holder_runs(self, holder: str, turn_id: str) -> bool | None:
         """Whether `holder` still runs `turn_id`: True, False (gone or dropped), None (no answer)."""
@@ -94,7 +84,7 @@ class Leases:
             reply = await nats_request(
                 self._nc,
                 worker_leases(holder),
-                _PROBE.encode(LeaseProbe(turn_id=turn_id)),
+                LEASE_PROBE_CODEC.encode(LeaseProbe(turn_id=turn_id)),
                 timeout=PROBE_TIMEOUT,
             )
         except NoRespondersError:
@@ -103,6 +93,6 @@ class Leases:
             log.info("lease.holder_silent", holder=holder, turn=turn_id)
             return None
         try:
-            return _REPLY.decode(reply.data).running
+            return LEASE_REPLY_CODEC.decode(reply.data).running
         except DecodeError:
             return None

@@ -19,20 +19,12 @@ from nats.micro.service import Service
 
 from actors.engines import Engine, EngineError, EngineOutput, estimate_tokens
 from actors.engines.base import ChoicePiece, ToolCallPiece
-from actors.protocol import (
-    GENERATE_CODEC,
-    GENERATE_RESULT_CODEC,
-    OUTPUT_CODEC,
-    Delta,
-    Deltas,
-    ErrorInfo,
-    GenerateRequest,
-    GenerateResult,
-    ToolDelta,
-)
 from bus.codec import DecodeError
 from bus.signals import Signals
 from bus.subjects import SESSION_CANCEL_WILDCARD, model_generate
+from contracts.errors import ErrorInfo
+from contracts.model import GENERATE_CODEC, GENERATE_RESULT_CODEC, GenerateRequest, GenerateResult
+from contracts.session import OUTPUT_CODEC, Delta, Deltas, ToolDelta
 from eventstore.events import Usage
 
 __all__ = ["ModelActor"]

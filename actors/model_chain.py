@@ -15,16 +15,11 @@ from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
-from actors.protocol import (
-    GENERATE_CODEC,
-    GENERATE_RESULT_CODEC,
-    ErrorInfo,
-    GenerateRequest,
-    GenerateResult,
-)
 from bus.codec import DecodeError
 from bus.requests import nats_request
 from bus.subjects import model_generate
+from contracts.errors import ErrorInfo
+from contracts.model import GENERATE_CODEC, GENERATE_RESULT_CODEC, GenerateRequest, GenerateResult
 from veil.config import FallbackConfig, PipelineConfig
 
 __all__ = ["call_model", "run_chain"]

@@ -9,38 +9,21 @@ from __future__ import annotations
 
 import contextlib
 
-import msgspec
 from nats.aio.client import Client
 from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import Service
 
 from actors.model_chain import call_model
-from actors.protocol import GenerateRequest
-from actors.routing import (
-    AsyncEmbedder,
-    RouteDecision,
-    Router,
-    classifier_prompt,
-    parse_classifier_answer,
-)
-from bus.codec import Codec, DecodeError
+from actors.routing import AsyncEmbedder, Router, classifier_prompt, parse_classifier_answer
+from bus.codec import DecodeError
 from bus.subjects import ROUTER_ROUTE
+from contracts.model import GenerateRequest
+from contracts.router import ROUTE_CODEC, ROUTE_REPLY_CODEC
 from eventstore.events import ChatMessage
 from veil.config import Config, FallbackConfig
 
-__all__ = ["ROUTE_CODEC", "ROUTE_REPLY_CODEC", "RouteRequest", "RouterActor", "build_routers"]
-
-
-class RouteRequest(msgspec.Struct, frozen=True, kw_only=True):
-    model: str
-    text: str
-    metadata: dict[str, str] = {}
-    pinned: str | None = None
-
-
-ROUTE_CODEC: Codec[RouteRequest] = Codec(RouteRequest)
-ROUTE_REPLY_CODEC: Codec[RouteDecision] = Codec(RouteDecision)
+__all__ = ["RouterActor", "build_routers"]
 
 
 def _classifier(nc: Client, link: FallbackConfig):  # type: ignore[no-untyped-def]

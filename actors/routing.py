@@ -28,13 +28,14 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
+from contracts.router import RouteDecision
+
 __all__ = [
     "DEFAULT_THRESHOLD",
     "MEANS",
     "AsyncEmbedder",
     "Classifier",
     "InvalidRoutingRule",
-    "RouteDecision",
     "Router",
     "RoutingRules",
     "classifier_prompt",
@@ -94,20 +95,6 @@ class RoutingRules(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 ) from None
         if self.threshold is not None and not -1.0 <= self.threshold <= 1.0:
             raise InvalidRoutingRule(f"threshold: {self.threshold} is not within [-1, 1]")
-
-
-class RouteDecision(msgspec.Struct, frozen=True, kw_only=True):
-    """The pipeline chosen for a turn, by which means, and what it won against."""
-
-    pipeline: str
-    # One of MEANS.
-    means: str
-    # The keyword, pattern or metadata that matched, the closest example, the classifier's answer.
-    detail: str | None = None
-    # Per candidate: semantic similarity when computed; 1.0 / 0.0 when rules decided.
-    scores: dict[str, float] = {}
-    runner_up: str | None = None
-    runner_up_score: float | None = None
 
 
 class AsyncEmbedder(Protocol):

@@ -22,8 +22,10 @@ from actors.errors import (
     TurnInProgress,
     UnknownToolCall,
 )
-from actors.protocol import ErrorInfo, GenerateResult, StartTurn
 from actors.tokens import message_tokens
+from contracts.errors import ErrorInfo
+from contracts.model import GenerateResult
+from contracts.session import StartTurn
 from eventstore.events import (
     ChatMessage,
     DocumentsRetrieved,

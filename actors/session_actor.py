@@ -25,21 +25,6 @@ from actors import session
 from actors.engines import unsupported_parameter
 from actors.errors import ActorError, AlreadyHandled, RequestAbandoned, TurnInProgress
 from actors.model_chain import run_chain
-from actors.protocol import (
-    OUTPUT_CODEC,
-    TURN_REPLY_CODEC,
-    DeleteSession,
-    ErrorInfo,
-    GenerateRequest,
-    GenerateResult,
-    StartTurn,
-    TurnAccepted,
-    TurnDone,
-    TurnError,
-    TurnRejected,
-)
-from actors.router_actor import ROUTE_CODEC, ROUTE_REPLY_CODEC, RouteRequest
-from actors.routing import RouteDecision
 from bus.codec import DecodeError
 from bus.requests import BUS_DOWN, nats_request
 from bus.runtime import Envelope
@@ -48,6 +33,19 @@ from bus.subjects import (
     session_cancel,
     session_events,
     session_out,
+)
+from contracts.errors import ErrorInfo
+from contracts.model import GenerateRequest, GenerateResult
+from contracts.router import ROUTE_CODEC, ROUTE_REPLY_CODEC, RouteDecision, RouteRequest
+from contracts.session import (
+    OUTPUT_CODEC,
+    TURN_REPLY_CODEC,
+    DeleteSession,
+    StartTurn,
+    TurnAccepted,
+    TurnDone,
+    TurnError,
+    TurnRejected,
 )
 from eventstore.errors import ConcurrencyConflict, StoreUnavailable
 from eventstore.events import (

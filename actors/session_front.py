@@ -31,26 +31,26 @@ from actors._session_common import (
     _not_found,
     fold_stored,
 )
-from actors.memory.actor import RecallRequest, ask_recall
-from actors.protocol import (
+from actors.memory.actor import ask_recall
+from actors.session_actor import SessionActor
+from bus.codec import DecodeError
+from bus.runtime import Actor, ActorHost, Envelope
+from bus.subjects import session_cancel
+from contracts.errors import ErrorInfo
+from contracts.memory import RecallRequest
+from contracts.session import (
     CANCEL_CODEC,
     SESSION_COMMAND_CODEC,
     TURN_REPLY_CODEC,
     CancelRequest,
     DeleteSession,
-    ErrorInfo,
     GetSession,
     MemoriesFound,
-    MemoryFound,
     SearchMemories,
     SessionView,
     StartTurn,
     TurnRejected,
 )
-from actors.session_actor import SessionActor
-from bus.codec import DecodeError
-from bus.runtime import Actor, ActorHost, Envelope
-from bus.subjects import session_cancel
 from eventstore.events import SessionOpened
 
 __all__ = ["SessionFront"]
@@ -146,21 +146,7 @@ class SessionFront:
             message = "Long-term memory did not answer in time."
             await _refuse(request, _error(504, "timeout", message))
             return
-        hits = [
-            MemoryFound(
-                id=h.id,
-                session_id=h.session_id,
-                role=h.role,
-                kind=h.kind,
-                text=h.text,
-                score=h.score,
-                created_at=h.created_at,
-                vector_similarity=h.vector_similarity,
-                bm25=h.bm25,
-            )
-            for h in found
-        ]
-        await request.respond(TURN_REPLY_CODEC.encode(MemoriesFound(hits=hits)))
+        await request.respond(TURN_REPLY_CODEC.encode(MemoriesFound(hits=found)))
 
     async def _owned_in_log(self, key: str, tenant: str) -> bool:
         """Whether the log's first event opens this session for `tenant` (one read)."""

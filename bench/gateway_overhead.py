@@ -773,8 +773,8 @@ async def probe_recall(url: str, message: str, n: int) -> list[float] | None:
     from nats.errors import NoRespondersError
 
     try:
-        from actors.memory.actor import RECALL_CODEC, RecallRequest
         from bus.subjects import MEMORY_RECALL
+        from contracts.memory import RECALL_CODEC, RecallRequest
     except ImportError:
         return None
     ask = RECALL_CODEC.encode(

@@ -37,9 +37,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from actors.knowledge import KnowledgeIndex, ingest
-from actors.knowledge.events import ChunkData, DocumentAdded, Position
 from actors.knowledge.log import KnowledgeLog
 from actors.memory.embedder import default_embedder
+from eventstore.knowledge import ChunkData, DocumentAdded, Position
 from tests.actors.test_knowledge import write_pdf
 from veil.natsserver import NatsServer
 

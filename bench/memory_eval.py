@@ -64,11 +64,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from actors.memory.actor import BATCH
 from actors.memory.embedder import default_embedder
-from actors.memory.index import Hit, MemoryIndex
+from actors.memory.index import MemoryIndex
 from actors.memory.projector import Projector, records_of
 from actors.memory.prompting import choose_memories
 from bus.codec import Codec
 from bus.subjects import session_events
+from contracts.memory import MemoryHit
 from eventstore.events import (
     ChatMessage,
     EventUnion,
@@ -243,7 +244,7 @@ class Outcome:
     rank: int | None  # 1-based rank of the answer in the top K, None if missed
     leaks: int  # hits from outside the question's scope
     distractor_first: bool  # a distractor ranked above the answer (or the answer missed)
-    hits: list[Hit]
+    hits: list[MemoryHit]
 
 
 def in_scope(q: Question, owner: Owner) -> bool:
@@ -255,7 +256,7 @@ def in_scope(q: Question, owner: Owner) -> bool:
     return session_id == q.session_id
 
 
-def score(q: Question, hits: Sequence[Hit], log: Log) -> Outcome:
+def score(q: Question, hits: Sequence[MemoryHit], log: Log) -> Outcome:
     ids = [h.id for h in hits]
     answer = log.record_of[q.answer_id]
     rank = ids.index(answer) + 1 if answer in ids else None
@@ -267,13 +268,13 @@ def score(q: Question, hits: Sequence[Hit], log: Log) -> Outcome:
     return Outcome(None if leaks else rank, leaks, distractor_first, list(hits))
 
 
-Search = Callable[[Question, npt.NDArray[np.float32], int], Awaitable[list[Hit]]]
+Search = Callable[[Question, npt.NDArray[np.float32], int], Awaitable[list[MemoryHit]]]
 
 
 def searches(index: MemoryIndex) -> dict[str, Search]:
     """The three recall modes, each searching the question's own scope."""
 
-    async def hybrid(q: Question, v: npt.NDArray[np.float32], k: int) -> list[Hit]:
+    async def hybrid(q: Question, v: npt.NDArray[np.float32], k: int) -> list[MemoryHit]:
         return await index.search(
             tenant=q.tenant,
             session_id=q.session_id,
@@ -283,12 +284,12 @@ def searches(index: MemoryIndex) -> dict[str, Search]:
             k=k,
         )
 
-    async def keyword(q: Question, v: npt.NDArray[np.float32], k: int) -> list[Hit]:
+    async def keyword(q: Question, v: npt.NDArray[np.float32], k: int) -> list[MemoryHit]:
         return await index.keyword_search(
             tenant=q.tenant, session_id=q.session_id, user_id=q.user_id, query_text=q.text, k=k
         )
 
-    async def vector(q: Question, v: npt.NDArray[np.float32], k: int) -> list[Hit]:
+    async def vector(q: Question, v: npt.NDArray[np.float32], k: int) -> list[MemoryHit]:
         return await index.vector_search(
             tenant=q.tenant, session_id=q.session_id, user_id=q.user_id, query_vector=v, k=k
         )

@@ -11,6 +11,10 @@ import re
 __all__ = [
     "EVENTS_STREAM",
     "EVENTS_WILDCARD",
+    "KB_STREAM",
+    "KB_WILDCARD",
+    "KNOWLEDGE_ADMIN",
+    "KNOWLEDGE_SEARCH",
     "MEMORY_FORGET",
     "MEMORY_RECALL",
     "ROUTER_ROUTE",
@@ -20,6 +24,9 @@ __all__ = [
     "TOMBSTONES_WILDCARD",
     "TOOLS_RUN",
     "InvalidToken",
+    "collection_from_subject",
+    "collection_subject",
+    "direct_get",
     "is_valid_id",
     "model_generate",
     "model_generate_wildcard",
@@ -120,6 +127,29 @@ ROUTER_ROUTE = "router.route"
 # The memory actor's requests: recall for a turn, and forgetting a deleted session.
 MEMORY_RECALL = "memory.recall"
 MEMORY_FORGET = "memory.forget"
+
+# The knowledge actor's requests: search for a turn or a tool, and the admin endpoints'.
+KNOWLEDGE_SEARCH = "knowledge.search"
+KNOWLEDGE_ADMIN = "knowledge.admin"
+
+# The knowledge log: one subject per collection in the KB_EVENTS stream.
+KB_STREAM = "KB_EVENTS"
+KB_WILDCARD = "kb.events.>"
+_KB_PREFIX = "kb.events."
+
+
+def collection_subject(collection: str) -> str:
+    """The subject a collection's events are stored under."""
+    return _KB_PREFIX + validate_id(collection, "collection name")
+
+
+def collection_from_subject(subject: str) -> str:
+    return subject.removeprefix(_KB_PREFIX)
+
+
+def direct_get(stream: str) -> str:
+    """JetStream's direct get API of a stream (allow_direct): reads without a consumer."""
+    return f"$JS.API.DIRECT.GET.{stream}"
 
 
 def worker_leases(worker_id: str) -> str:

@@ -33,6 +33,7 @@ from bus.requests import nats_request
 from bus.subjects import (
     EVENTS_STREAM,
     EVENTS_WILDCARD,
+    direct_get,
     session_events,
     session_from_events_subject,
 )
@@ -165,7 +166,7 @@ class JetStreamEventStore:
         self._stream = stream
         self._timeout = timeout
         self._load_batch = load_batch
-        self._direct_get_subject = f"$JS.API.DIRECT.GET.{stream}"
+        self._direct_get_subject = direct_get(stream)
 
     async def load(self, session_id: str, after: int = 0) -> list[StoredEvent]:
         """Events of one session with seq > after, in order."""

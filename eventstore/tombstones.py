@@ -18,7 +18,7 @@ from nats.js.client import JetStreamContext
 
 from bus.codec import Codec
 from bus.requests import nats_request
-from bus.subjects import TOMBSTONES_STREAM, TOMBSTONES_WILDCARD, session_tombstone
+from bus.subjects import TOMBSTONES_STREAM, TOMBSTONES_WILDCARD, direct_get, session_tombstone
 from eventstore.errors import StoreUnavailable
 from eventstore.jetstream import create_stream
 
@@ -67,7 +67,7 @@ class TombstoneLog:
         request = json.dumps({"last_by_subj": session_tombstone(session_id)}).encode()
         try:
             reply = await nats_request(
-                self._nc, f"$JS.API.DIRECT.GET.{TOMBSTONES_STREAM}", request, timeout=self._timeout
+                self._nc, direct_get(TOMBSTONES_STREAM), request, timeout=self._timeout
             )
         except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as e:
             raise StoreUnavailable(f"reading tombstone: {e!r}") from e

@@ -14,15 +14,9 @@ from nats.aio.client import Client
 
 from actors.engines.base import DeltaSink, EngineOutput
 from actors.model_actor import ModelActor
-from actors.protocol import (
-    OUTPUT_CODEC,
-    Delta,
-    Deltas,
-    GenerateRequest,
-    StartTurn,
-    TurnDone,
-)
 from bus.subjects import session_out
+from contracts.model import GenerateRequest
+from contracts.session import OUTPUT_CODEC, Delta, Deltas, StartTurn, TurnDone
 from eventstore.events import ChatMessage, Usage
 from veil.relay import TurnRelay
 

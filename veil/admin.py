@@ -6,9 +6,9 @@ from aiohttp import BodyPartReader, web
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
-from actors.knowledge.actor import ADMIN_CODEC, ADMIN_REPLY_CODEC, KNOWLEDGE_ADMIN, AdminRequest
 from bus.requests import BUS_DOWN, nats_request
-from bus.subjects import is_valid_id
+from bus.subjects import KNOWLEDGE_ADMIN, is_valid_id
+from contracts.knowledge import ADMIN_CODEC, ADMIN_REPLY_CODEC, AdminRequest
 from veil.openai_wire import ApiError
 from veil.relay import bus_unavailable
 from veil.webkeys import CONFIG, NATS, PRINCIPAL, body_deadline, json_response

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from actors.engines.base import GENERATION_PARAMS
+from contracts.model import GENERATION_PARAMS
 from eventstore.events import ChatMessage, FunctionCall, ToolCall, Usage
 
 __all__ = [

@@ -13,7 +13,9 @@ from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
-from actors.protocol import (
+from bus.requests import BUS_DOWN, nats_request
+from bus.subjects import session_cancel, session_cmd, session_out
+from contracts.session import (
     CANCEL_CODEC,
     OUTPUT_CODEC,
     SESSION_COMMAND_CODEC,
@@ -31,8 +33,6 @@ from actors.protocol import (
     TurnRejected,
     TurnReplyUnion,
 )
-from bus.requests import BUS_DOWN, nats_request
-from bus.subjects import session_cancel, session_cmd, session_out
 from veil.openai_wire import ApiError
 
 __all__ = ["ClientGone", "TurnRelay", "ask_session", "bus_unavailable", "run_turn"]

@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
-from actors.protocol import Delta, StartTurn, ToolDelta, TurnDone, TurnError
 from bus.codec import encode
+from contracts.session import Delta, StartTurn, ToolDelta, TurnDone, TurnError
 from veil.openai_wire import (
     ApiError,
     ChunkMeta,

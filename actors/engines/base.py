@@ -7,14 +7,12 @@ from typing import Any, Protocol
 
 import msgspec
 
-from actors.protocol import ErrorInfo
 from actors.tokens import estimate_tokens
+from contracts.errors import ErrorInfo
+from contracts.model import SAMPLING_PARAMS
 from eventstore.events import ChatMessage, ToolCall, Usage
 
 __all__ = [
-    "GENERATION_PARAMS",
-    "SAMPLING_PARAMS",
-    "TOOL_PARAMS",
     "ChoicePiece",
     "DeltaSink",
     "Engine",
@@ -24,21 +22,6 @@ __all__ = [
     "estimate_tokens",
     "refuse_unsupported",
 ]
-
-# The OpenAI generation parameters Veil carries from a request to an engine.
-SAMPLING_PARAMS = (
-    "temperature",
-    "top_p",
-    "max_tokens",
-    "max_completion_tokens",
-    "stop",
-    "seed",
-    "presence_penalty",
-    "frequency_penalty",
-    "response_format",
-)
-TOOL_PARAMS = ("tools", "tool_choice", "parallel_tool_calls")
-GENERATION_PARAMS = (*SAMPLING_PARAMS, "user", *TOOL_PARAMS, "n")
 
 
 def refuse_unsupported(params: dict[str, Any], engine: str) -> None:

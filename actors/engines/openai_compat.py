@@ -5,15 +5,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from actors.engines.base import (
-    GENERATION_PARAMS,
-    ChoicePiece,
-    DeltaSink,
-    EngineError,
-    EngineOutput,
-    ToolCallPiece,
-)
+from actors.engines.base import ChoicePiece, DeltaSink, EngineError, EngineOutput, ToolCallPiece
 from actors.engines.openai_http import OpenAIHTTP, ToolCallPart
+from contracts.model import GENERATION_PARAMS
 from eventstore.events import ChatMessage, FunctionCall, ToolCall, Usage
 
 __all__ = ["PASSTHROUGH", "OpenAIEngine"]

@@ -6,9 +6,10 @@ projection in SQLite + sqlite-vec + FTS5, rebuilt from the log at will). `ingest
 is the shell that ties them together.
 """
 
-from actors.knowledge.events import DocumentAdded, DocumentRemoved, KbEvent
-from actors.knowledge.index import DocumentInfo, KnowledgeHit, KnowledgeIndex
+from actors.knowledge.index import DocumentInfo, KnowledgeIndex
 from actors.knowledge.ingest import Report, collections, ingest, remove
+from contracts.knowledge import KnowledgeHit
+from eventstore.knowledge import DocumentAdded, DocumentRemoved, KbEvent
 
 __all__ = [
     "DocumentAdded",

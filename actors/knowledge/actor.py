@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any
 
 import msgspec
 from nats.aio.client import Client
@@ -17,68 +16,29 @@ from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import Service
 
-from actors.knowledge.index import KnowledgeHit, KnowledgeIndex
+from actors.knowledge.index import KnowledgeIndex
 from actors.knowledge.ingest import collections, ingest, remove
 from actors.knowledge.log import KnowledgeLog
 from actors.knowledge.parse import UnsupportedFile
-from bus.codec import Codec, DecodeError
+from bus.codec import DecodeError
 from bus.requests import nats_request
-from bus.subjects import validate_id
+from bus.subjects import KNOWLEDGE_ADMIN, KNOWLEDGE_SEARCH, validate_id
+from contracts.knowledge import (
+    ADMIN_CODEC,
+    ADMIN_REPLY_CODEC,
+    SEARCH_CODEC,
+    SEARCH_REPLY_CODEC,
+    AdminReply,
+    AdminRequest,
+    KnowledgeFound,
+    KnowledgeHit,
+    KnowledgeSearch,
+)
 
 __all__ = [
-    "ADMIN_CODEC",
-    "ADMIN_REPLY_CODEC",
-    "KNOWLEDGE_ADMIN",
-    "KNOWLEDGE_SEARCH",
-    "SEARCH_CODEC",
-    "SEARCH_REPLY_CODEC",
-    "AdminReply",
-    "AdminRequest",
     "KnowledgeActor",
-    "KnowledgeFound",
-    "KnowledgeSearch",
     "ask_knowledge",
 ]
-
-KNOWLEDGE_SEARCH = "knowledge.search"
-KNOWLEDGE_ADMIN = "knowledge.admin"
-
-
-class AdminRequest(msgspec.Struct, frozen=True, kw_only=True):
-    """list | documents | add | remove, for the admin HTTP endpoints."""
-
-    action: str
-    collection: str | None = None
-    # add: an uploaded file (name and bytes); remove: the document path as listed.
-    filename: str | None = None
-    data: bytes | None = None
-    path: str | None = None
-
-
-class AdminReply(msgspec.Struct, frozen=True, kw_only=True):
-    ok: bool = True
-    error: str | None = None
-    status: int = 200
-    result: Any = None
-
-
-ADMIN_CODEC: Codec[AdminRequest] = Codec(AdminRequest)
-ADMIN_REPLY_CODEC: Codec[AdminReply] = Codec(AdminReply)
-
-
-class KnowledgeSearch(msgspec.Struct, frozen=True, kw_only=True):
-    collections: list[str]
-    query: str
-    k: int = 5
-    threshold: float | None = None
-
-
-class KnowledgeFound(msgspec.Struct, frozen=True, kw_only=True):
-    hits: list[KnowledgeHit]
-
-
-SEARCH_CODEC: Codec[KnowledgeSearch] = Codec(KnowledgeSearch)
-SEARCH_REPLY_CODEC: Codec[KnowledgeFound] = Codec(KnowledgeFound)
 
 
 async def ask_knowledge(nc: Client, ask: KnowledgeSearch, timeout: float) -> list[KnowledgeHit]:

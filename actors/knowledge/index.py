@@ -39,16 +39,16 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
-from actors.knowledge.events import DocumentAdded, DocumentRemoved, KbEvent, Position, chunk_id
 from actors.knowledge.log import KnowledgeLog
 from actors.memory._sql import Transaction, connect
 from actors.memory.index import MemoryIndex, MemoryRecord
+from contracts.knowledge import KnowledgeHit
+from eventstore.knowledge import DocumentAdded, DocumentRemoved, KbEvent, Position, chunk_id
 
 __all__ = [
     "TENANT",
     "CollectionInfo",
     "DocumentInfo",
-    "KnowledgeHit",
     "KnowledgeIndex",
     "indexed_text",
 ]
@@ -64,23 +64,6 @@ class Embedder(Protocol):
     model_id: str
 
     async def aembed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]: ...
-
-
-class KnowledgeHit(msgspec.Struct, frozen=True, kw_only=True):
-    """A retrieved chunk. `score`: fused rank score (hybrid) or BM25 (keyword only);
-    `similarity`: cosine of chunk and query, what `threshold` applies to."""
-
-    collection: str
-    path: str
-    sha256: str
-    chunk: int
-    heading: tuple[str, ...]
-    position: Position
-    text: str
-    score: float
-    similarity: float
-    vector_rank: int | None = None
-    keyword_rank: int | None = None
 
 
 class DocumentInfo(msgspec.Struct, frozen=True, kw_only=True):

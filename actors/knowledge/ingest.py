@@ -25,7 +25,11 @@ import msgspec
 from nats.aio.client import Client
 
 from actors.knowledge.chunk import Chunk, chunk_sections
-from actors.knowledge.events import (
+from actors.knowledge.index import CollectionInfo, KnowledgeIndex
+from actors.knowledge.log import KnowledgeLog
+from actors.knowledge.parse import SUFFIXES, page_count, parse
+from bus.subjects import validate_id
+from eventstore.knowledge import (
     ChunkData,
     DocumentAdded,
     DocumentRemoved,
@@ -33,10 +37,6 @@ from actors.knowledge.events import (
     Position,
     documents,
 )
-from actors.knowledge.index import CollectionInfo, KnowledgeIndex
-from actors.knowledge.log import KnowledgeLog
-from actors.knowledge.parse import SUFFIXES, page_count, parse
-from bus.subjects import validate_id
 from veil.progress import ProgressBar
 
 __all__ = ["EVENT_TEXT_BUDGET", "Report", "collections", "document_events", "ingest", "remove"]

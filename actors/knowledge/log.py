@@ -14,31 +14,12 @@ from nats.aio.client import Client
 from nats.js.api import Header, RetentionPolicy, StorageType, StreamConfig
 from nats.js.client import JetStreamContext
 
-from actors.knowledge.events import CODEC, KbEvent
-from bus.subjects import validate_id
+from bus.subjects import KB_STREAM, KB_WILDCARD, collection_from_subject, collection_subject
 from eventstore.errors import ConcurrencyConflict, EventStoreError, StoreUnavailable
 from eventstore.jetstream import UNAVAILABLE, WRONG_LAST_SEQUENCE, create_stream
+from eventstore.knowledge import CODEC, KbEvent
 
-__all__ = [
-    "KB_STREAM",
-    "KB_WILDCARD",
-    "KnowledgeLog",
-    "collection_from_subject",
-    "collection_subject",
-]
-
-KB_STREAM = "KB_EVENTS"
-KB_WILDCARD = "kb.events.>"
-_PREFIX = "kb.events."
-
-
-def collection_subject(collection: str) -> str:
-    """The subject a collection's events are stored under."""
-    return _PREFIX + validate_id(collection, "collection name")
-
-
-def collection_from_subject(subject: str) -> str:
-    return subject.removeprefix(_PREFIX)
+__all__ = ["KnowledgeLog"]
 
 
 class KnowledgeLog:

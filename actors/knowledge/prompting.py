@@ -12,7 +12,7 @@ import json
 from collections.abc import Sequence
 from pathlib import PurePath
 
-from actors.knowledge.index import KnowledgeHit
+from contracts.knowledge import KnowledgeHit
 
 __all__ = ["documents_block", "quoted_chunk", "source_name"]
 

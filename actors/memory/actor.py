@@ -24,7 +24,7 @@ from nats.micro.request import Request
 from nats.micro.service import Service
 
 from actors.memory.embedder import Embedder
-from actors.memory.index import Hit, MemoryIndex
+from actors.memory.index import MemoryIndex
 from actors.memory.projector import Projector
 from bus.codec import Codec, DecodeError
 from bus.loop_share import LoopShare, give_way
@@ -37,17 +37,19 @@ from bus.subjects import (
     MEMORY_RECALL,
     TOMBSTONES_WILDCARD,
 )
+from contracts.memory import (
+    FORGET_CODEC,
+    RECALL_CODEC,
+    RECALL_REPLY_CODEC,
+    MemoryHit,
+    RecallReply,
+    RecallRequest,
+)
 from eventstore.store import EventStore
 from eventstore.tombstones import Tombstone, TombstoneLog
 
 __all__ = [
-    "FORGET_CODEC",
-    "RECALL_CODEC",
-    "RECALL_REPLY_CODEC",
-    "ForgetRequest",
     "MemoryActor",
-    "RecallReply",
-    "RecallRequest",
     "ask_recall",
 ]
 
@@ -58,34 +60,10 @@ BATCH = 256
 BATCH_WAIT = 0.05
 
 
-class RecallRequest(msgspec.Struct, frozen=True, kw_only=True):
-    tenant: str
-    session_id: str
-    user_id: str | None = None
-    query: str
-    k: int = 8
-    # "hybrid" (the product), or "vector" / "keyword" for comparisons.
-    mode: str = "hybrid"
-
-
-class RecallReply(msgspec.Struct, frozen=True, kw_only=True):
-    hits: list[Hit]
-    # The log position the index had applied when it answered.
-    checkpoint: int
-
-
-class ForgetRequest(msgspec.Struct, frozen=True, kw_only=True):
-    tenant: str
-    session_id: str
-
-
-RECALL_CODEC: Codec[RecallRequest] = Codec(RecallRequest)
-RECALL_REPLY_CODEC: Codec[RecallReply] = Codec(RecallReply)
-FORGET_CODEC: Codec[ForgetRequest] = Codec(ForgetRequest)
 _TOMBSTONE_CODEC: Codec[Tombstone] = Codec(Tombstone)
 
 
-async def ask_recall(nc: Client, ask: RecallRequest, timeout: float) -> list[Hit]:
+async def ask_recall(nc: Client, ask: RecallRequest, timeout: float) -> list[MemoryHit]:
     """Recall through the memory actor; NATS and decode errors are the caller's to read."""
     reply = await nats_request(nc, MEMORY_RECALL, RECALL_CODEC.encode(ask), timeout=timeout)
     return RECALL_REPLY_CODEC.decode(reply.data).hits
@@ -190,7 +168,7 @@ class MemoryActor:
         reply = RecallReply(hits=hits, checkpoint=await self._index.checkpoint())
         await request.respond(RECALL_REPLY_CODEC.encode(reply))
 
-    async def recall(self, ask: RecallRequest) -> list[Hit]:
+    async def recall(self, ask: RecallRequest) -> list[MemoryHit]:
         tenant, session_id, user_id = ask.tenant, ask.session_id, ask.user_id
         if ask.mode == "keyword":
             return await self._index.keyword_search(

@@ -82,13 +82,13 @@ import structlog
 
 from actors.memory import _sql as sql
 from actors.memory._sql import MemoryIndexError
+from contracts.memory import MemoryHit
 
 __all__ = [
     "KEYWORD_TERM_CAP",
     "PROMOTE_AT",
     "RRF_K",
     "VECTOR_CANDIDATES",
-    "Hit",
     "MemoryIndex",
     "MemoryIndexError",
     "MemoryRecord",
@@ -145,28 +145,6 @@ class MemoryRecord(msgspec.Struct, frozen=True, kw_only=True):
     text: str
     source_seq: int
     created_at: datetime
-
-
-class Hit(msgspec.Struct, frozen=True, kw_only=True):
-    """A recalled memory and how each retriever ranked it.
-
-    `score` is the fused RRF score for `search`, the cosine for `vector_search`, the
-    BM25 score for `keyword_search`; ranks are 1-based, None where that side missed it.
-    """
-
-    id: str
-    session_id: str
-    user_id: str | None
-    kind: str
-    role: str
-    text: str
-    source_seq: int
-    created_at: datetime
-    score: float
-    vector_rank: int | None = None
-    vector_similarity: float | None = None
-    keyword_rank: int | None = None
-    bm25: float | None = None
 
 
 def quantize(vectors: npt.NDArray[np.float32]) -> npt.NDArray[np.uint8]:
@@ -406,7 +384,7 @@ class MemoryIndex:
         query_text: str,
         k: int = 10,
         kinds: Collection[str] | None = None,
-    ) -> list[Hit]:
+    ) -> list[MemoryHit]:
         """Hybrid recall: vector and keyword candidates fused by reciprocal rank."""
         scopes = await self._scopes(tenant, session_id, user_id)
         if not scopes or k <= 0:
@@ -439,7 +417,7 @@ class MemoryIndex:
         query_vector: npt.ArrayLike,
         k: int = 10,
         kinds: Collection[str] | None = None,
-    ) -> list[Hit]:
+    ) -> list[MemoryHit]:
         """Vector-only recall (score: cosine similarity), for comparison."""
         scopes = await self._scopes(tenant, session_id, user_id)
         if not scopes or k <= 0:
@@ -457,7 +435,7 @@ class MemoryIndex:
         query_text: str,
         k: int = 10,
         kinds: Collection[str] | None = None,
-    ) -> list[Hit]:
+    ) -> list[MemoryHit]:
         """Keyword-only recall (score: BM25), for comparison."""
         scopes = await self._scopes(tenant, session_id, user_id)
         if not scopes or k <= 0:
@@ -727,7 +705,7 @@ class MemoryIndex:
         scores: dict[int, float],
         vec: list[tuple[int, float]],
         kw: list[tuple[int, float]],
-    ) -> list[Hit]:
+    ) -> list[MemoryHit]:
         if not order:
             return []
         vrank = {rid: (rank, sim) for rank, (rid, sim) in enumerate(vec, 1)}
@@ -741,14 +719,14 @@ class MemoryIndex:
             (*order, tenant, session_id, user_id, user_id),
         )
         by_rid = {int(r[0]): r for r in rows}
-        hits: list[Hit] = []
+        hits: list[MemoryHit] = []
         for rid in order:
             r = by_rid.get(rid)
             if r is None:
                 continue
             v, kk = vrank.get(rid), krank.get(rid)
             hits.append(
-                Hit(
+                MemoryHit(
                     id=r[1],
                     session_id=r[2],
                     user_id=r[3],

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from actors.memory.index import Hit
 from actors.tokens import estimate_tokens
+from contracts.memory import MemoryHit
 from veil.config import MemoryPolicy
 
 __all__ = ["MEMORY_PREAMBLE", "choose_memories", "memory_block"]
@@ -18,7 +18,7 @@ MEMORY_PREAMBLE = (
 )
 
 
-def memory_block(hits: Sequence[Hit], session_id: str) -> str:
+def memory_block(hits: Sequence[MemoryHit], session_id: str) -> str:
     """The memories as JSON strings (quotes and newlines escaped, so none can close the block)."""
     lines = [MEMORY_PREAMBLE, "<memories>"]
     for hit in hits:
@@ -33,9 +33,11 @@ def memory_block(hits: Sequence[Hit], session_id: str) -> str:
 STRONG_KEYWORD_RANK = 2
 
 
-def choose_memories(hits: Sequence[Hit], in_prompt: set[str], policy: MemoryPolicy) -> list[Hit]:
+def choose_memories(
+    hits: Sequence[MemoryHit], in_prompt: set[str], policy: MemoryPolicy
+) -> list[MemoryHit]:
     """The hits worth the prompt: not already in it, relevant enough, within the budget."""
-    chosen: list[Hit] = []
+    chosen: list[MemoryHit] = []
     spent = estimate_tokens(MEMORY_PREAMBLE) + 8
     for hit in hits:
         if len(chosen) >= policy.inject or hit.text in in_prompt:

@@ -20,38 +20,18 @@ from nats.micro.service import Service
 from actors.tools.builtin import BUILTIN, Tool, ToolError
 from actors.tools.custom import http_tool, python_tool
 from actors.tools.sandbox import ToolFailed, WorkerPool
-from bus.codec import Codec, DecodeError
+from bus.codec import DecodeError
 from bus.subjects import TOOLS_RUN
+from contracts.tools import RUN_CODEC, RUN_REPLY_CODEC, RunTool, ToolRan
 from veil.config import Config
 
 __all__ = [
-    "RUN_CODEC",
-    "RUN_REPLY_CODEC",
-    "RunTool",
     "ToolActor",
-    "ToolRan",
     "configured_tools",
     "run_tool",
 ]
 
 
-class RunTool(msgspec.Struct, frozen=True, kw_only=True):
-    name: str
-    # JSON text as the model wrote it.
-    arguments: str
-    timeout: float = 10.0
-    # The turn's scope, for contextual tools (memory search).
-    context: dict[str, str | None] = {}
-
-
-class ToolRan(msgspec.Struct, frozen=True, kw_only=True):
-    content: str = ""
-    error: str | None = None
-    duration_ms: float = 0.0
-
-
-RUN_CODEC: Codec[RunTool] = Codec(RunTool)
-RUN_REPLY_CODEC: Codec[ToolRan] = Codec(ToolRan)
 # Results longer than this are cut: the model's context is not a dump.
 MAX_RESULT_CHARS = 16_000
 
@@ -166,7 +146,8 @@ class ToolActor:
         self, query: str, k: int = 5, *, context: dict[str, str | None]
     ) -> str:
         """Recall through the memory actor, in the calling turn's scope only."""
-        from actors.memory.actor import RecallRequest, ask_recall
+        from actors.memory.actor import ask_recall
+        from contracts.memory import RecallRequest
 
         tenant, session_id = context.get("tenant"), context.get("session_id")
         if not tenant or not session_id:
@@ -193,8 +174,9 @@ class ToolActor:
         self, query: str, k: int = 4, *, context: dict[str, str | None]
     ) -> str:
         """Search the collections of the calling turn's pipeline."""
-        from actors.knowledge.actor import KnowledgeSearch, ask_knowledge
+        from actors.knowledge.actor import ask_knowledge
         from actors.knowledge.prompting import quoted_chunk
+        from contracts.knowledge import KnowledgeSearch
 
         collections = [c for c in (context.get("collections") or "").split(",") if c]
         if not collections:

@@ -19,11 +19,11 @@ from nats.aio.client import Client
 
 from actors.knowledge import KnowledgeIndex, ingest, remove
 from actors.knowledge.chunk import chunk_sections
-from actors.knowledge.events import ChunkData, DocumentAdded, DocumentRemoved, KbEvent, Position
 from actors.knowledge.index import TENANT
 from actors.knowledge.ingest import collections
 from actors.knowledge.log import KnowledgeLog
 from actors.knowledge.parse import parse, parse_html, parse_markdown
+from eventstore.knowledge import ChunkData, DocumentAdded, DocumentRemoved, KbEvent, Position
 from tests.actors.test_memory_actor import HeldEmbedder
 
 

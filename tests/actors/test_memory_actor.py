@@ -18,12 +18,13 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from actors.memory.actor import MemoryActor, Progress, RecallRequest
+from actors.memory.actor import MemoryActor, Progress
 from actors.memory.embedder import Embedder, default_embedder
 from actors.memory.index import MemoryIndex, MemoryRecord
 from actors.memory.projector import Projector
 from bus.codec import Codec
 from bus.subjects import session_events
+from contracts.memory import RecallRequest
 from eventstore.events import (
     ChatMessage,
     EventUnion,

@@ -13,12 +13,12 @@ import pytest
 from actors.memory.embedder import Embedder, default_embedder
 from actors.routing import (
     InvalidRoutingRule,
-    RouteDecision,
     Router,
     RoutingRules,
     classifier_prompt,
     parse_classifier_answer,
 )
+from contracts.router import RouteDecision
 
 CODE_EXAMPLES = [
     "Can you look over this function and tell me what's wrong with it?",

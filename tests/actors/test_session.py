@@ -17,7 +17,9 @@ from actors.errors import (
     TurnInProgress,
     UnknownToolCall,
 )
-from actors.protocol import ErrorInfo, GenerateResult, StartTurn
+from contracts.errors import ErrorInfo
+from contracts.model import GenerateResult
+from contracts.session import StartTurn
 from eventstore.events import (
     ChatMessage,
     EventUnion,

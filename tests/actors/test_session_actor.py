@@ -10,11 +10,11 @@ import pytest
 from nats.aio.client import Client
 
 from actors.leases import Leases
-from actors.protocol import TURN_REPLY_CODEC, StartTurn, TurnRejected
 from actors.session_actor import SessionActor, SessionContext
 from bus.runtime import Envelope
 from bus.signals import Signals
 from bus.subjects import SESSION_CANCEL_WILDCARD
+from contracts.session import TURN_REPLY_CODEC, StartTurn, TurnRejected
 from eventstore.errors import StoreUnavailable
 from eventstore.events import ChatMessage, EventUnion
 from eventstore.memory import InMemoryEventStore

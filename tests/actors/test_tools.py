@@ -13,11 +13,12 @@ from typing import Any
 import pytest
 from nats.aio.client import Client
 
-from actors.tools.actor import MAX_RESULT_CHARS, RunTool, ToolActor, ToolRan, run_tool
+from actors.tools.actor import MAX_RESULT_CHARS, ToolActor, run_tool
 from actors.tools.builtin import BUILTIN, Tool, ToolError, calculate
 from actors.tools.custom import python_tool
 from actors.tools.sandbox import WorkerPool
 from actors.tools.worker import load
+from contracts.tools import RunTool, ToolRan
 
 
 @pytest.mark.parametrize(

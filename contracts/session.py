@@ -1,7 +1,5 @@
-"""Messages between the gateway and the actors, on the bus as JSON.
-
-The codecs are built once here and reused by every sender and receiver.
-"""
+"""The gateway and the session actors: commands on `chat.session.<sid>.cmd`, their replies,
+and a turn's output on `chat.session.<sid>.out.<turn>`."""
 
 from __future__ import annotations
 
@@ -11,12 +9,12 @@ from typing import Any
 import msgspec
 
 from bus.codec import Codec
+from contracts.errors import ErrorInfo
+from contracts.memory import MemoryHit
 from eventstore.events import ChatMessage, ToolCall, Usage
 
 __all__ = [
     "CANCEL_CODEC",
-    "GENERATE_CODEC",
-    "GENERATE_RESULT_CODEC",
     "OUTPUT_CODEC",
     "SESSION_COMMAND_CODEC",
     "TURN_REPLY_CODEC",
@@ -24,12 +22,8 @@ __all__ = [
     "DeleteSession",
     "Delta",
     "Deltas",
-    "ErrorInfo",
-    "GenerateRequest",
-    "GenerateResult",
     "GetSession",
     "MemoriesFound",
-    "MemoryFound",
     "OutputUnion",
     "SearchMemories",
     "SessionCommandUnion",
@@ -43,19 +37,6 @@ __all__ = [
     "TurnRejected",
     "TurnReplyUnion",
 ]
-
-
-class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True):
-    """An error in OpenAI's terms: HTTP status, type, code and a readable message."""
-
-    status: int
-    type: str
-    code: str
-    message: str
-    param: str | None = None
-    # Worth another try (rate limit, server error, unreachable, timeout), and when.
-    retryable: bool = False
-    retry_after: float | None = None
 
 
 class StartTurn(msgspec.Struct, frozen=True, kw_only=True, tag="start_turn"):
@@ -116,20 +97,8 @@ class SearchMemories(msgspec.Struct, frozen=True, kw_only=True, tag="search_memo
 SessionCommandUnion = StartTurn | GetSession | DeleteSession | SearchMemories
 
 
-class MemoryFound(msgspec.Struct, frozen=True, kw_only=True):
-    id: str
-    session_id: str
-    role: str
-    kind: str
-    text: str
-    score: float
-    created_at: datetime
-    vector_similarity: float | None = None
-    bm25: float | None = None
-
-
 class MemoriesFound(msgspec.Struct, frozen=True, kw_only=True, tag="memories"):
-    hits: list[MemoryFound]
+    hits: list[MemoryHit]
 
 
 class SessionView(msgspec.Struct, frozen=True, kw_only=True, tag="session"):
@@ -224,38 +193,7 @@ class CancelRequest(msgspec.Struct, frozen=True, kw_only=True):
     reason: str = "client_disconnected"
 
 
-class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True):
-    """Session actor -> model actor: one generation against one engine."""
-
-    turn_id: str
-    upstream_model: str
-    messages: list[ChatMessage]
-    params: dict[str, Any] = {}
-    # Publish deltas here when set; a non-streaming turn leaves it empty.
-    out_subject: str | None = None
-    cancel_subject: str | None = None
-    # Server-side tools: their calls never stream to the client.
-    hidden_tools: list[str] = []
-
-
-class GenerateResult(msgspec.Struct, frozen=True, kw_only=True):
-    engine: str
-    upstream_model: str
-    content: str = ""
-    finish_reason: str = "stop"
-    usage: Usage = Usage()
-    latency_ms: float = 0.0
-    ttft_ms: float | None = None
-    deltas: int = 0
-    error: ErrorInfo | None = None
-    cancelled: bool = False
-    tool_calls: list[ToolCall] = []
-    alternatives: list[str] = []
-
-
 SESSION_COMMAND_CODEC: Codec[SessionCommandUnion] = Codec(SessionCommandUnion)
 TURN_REPLY_CODEC: Codec[TurnReplyUnion] = Codec(TurnReplyUnion)
 OUTPUT_CODEC: Codec[OutputUnion] = Codec(OutputUnion)
 CANCEL_CODEC: Codec[CancelRequest] = Codec(CancelRequest)
-GENERATE_CODEC: Codec[GenerateRequest] = Codec(GenerateRequest)
-GENERATE_RESULT_CODEC: Codec[GenerateResult] = Codec(GenerateResult)
