@@ -4,6 +4,7 @@ WORKDIR /app
 COPY pyproject.toml README.md nats.conf gateway.py ./
 COPY actors actors
 COPY bus bus
+COPY contracts contracts
 COPY eventstore eventstore
 COPY veil veil
 # The embedding model is built once, into the image, not at every container start.

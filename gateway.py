@@ -283,8 +283,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 def _complete(start: StartTurn, item: TurnDone | TurnError) -> web.Response:
     if isinstance(item, TurnError):
-        e = item.error
-        raise ApiError(e.status, e.message, type=e.type, code=e.code, param=e.param)
+        raise ApiError.of(item.error)
     body = completion(
         id=f"chatcmpl-{start.turn_id}",
         created=int(time.time()),

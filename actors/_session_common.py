@@ -15,7 +15,7 @@ from actors.errors import SessionNotFound
 from actors.leases import Leases
 from actors.tools.builtin import Tool
 from bus.signals import Signals
-from contracts.errors import ErrorInfo
+from contracts.errors import ErrorInfo, error_info
 from contracts.session import TurnDone, TurnError
 from eventstore.events import EventUnion
 from eventstore.store import EventStore, StoredEvent
@@ -77,17 +77,12 @@ async def fold_stored(
     return session.fold(events, state)
 
 
-def _error(status: int, code: str, message: str, param: str | None = None) -> ErrorInfo:
-    kind = "invalid_request_error" if status < 500 else "api_error"
-    return ErrorInfo(status=status, type=kind, code=code, message=message, param=param)
-
-
 def _outcome_message(outcome: session.TurnOutcome) -> TurnDone | TurnError:
     """A recorded outcome, as it was first answered."""
     if outcome.error is not None:
         return TurnError(error=outcome.error, content=outcome.content)
     if outcome.status == "cancelled":
-        error = _error(499, "turn_cancelled", "This request was cancelled by its client.")
+        error = error_info(499, "turn_cancelled", "This request was cancelled by its client.")
         return TurnError(error=error, content=outcome.content)
     return TurnDone(
         content=outcome.content,
@@ -99,4 +94,4 @@ def _outcome_message(outcome: session.TurnOutcome) -> TurnDone | TurnError:
 
 def _not_found(session_id: str) -> ErrorInfo:
     # The same words as actors.session's refusal: a foreign session looks like a missing one.
-    return _error(404, SessionNotFound.code, f"No session found with id '{session_id}'.")
+    return error_info(404, SessionNotFound.code, f"No session found with id '{session_id}'.")

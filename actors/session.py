@@ -23,7 +23,7 @@ from actors.errors import (
     UnknownToolCall,
 )
 from actors.tokens import message_tokens
-from contracts.errors import ErrorInfo
+from contracts.errors import ErrorInfo, error_type
 from contracts.model import GenerateResult
 from contracts.session import StartTurn
 from eventstore.events import (
@@ -585,7 +585,7 @@ def evolve(state: SessionState, event: EventUnion) -> SessionState:
         case TurnFailed():
             error = ErrorInfo(
                 status=event.status,
-                type="api_error" if event.status >= 500 else "invalid_request_error",
+                type=error_type(event.status),
                 code=event.code,
                 message=event.message,
             )

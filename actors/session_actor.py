@@ -34,7 +34,7 @@ from bus.subjects import (
     session_events,
     session_out,
 )
-from contracts.errors import ErrorInfo
+from contracts.errors import ErrorInfo, error_info
 from contracts.model import GenerateRequest, GenerateResult
 from contracts.router import ROUTE_CODEC, ROUTE_REPLY_CODEC, RouteDecision, RouteRequest
 from contracts.session import (
@@ -60,7 +60,7 @@ from veil.config import ModelConfig
 
 __all__ = ["SessionActor", "SessionContext"]
 
-from actors._session_common import SessionContext, _error, _outcome_message, fold_stored
+from actors._session_common import SessionContext, _outcome_message, fold_stored
 from actors._session_queries import SessionQueries
 from actors._turn_steps import TurnSteps
 
@@ -145,7 +145,7 @@ class SessionActor(SessionQueries, TurnSteps):
         """A command the front admitted (actors/session_front.py): a turn or a deletion."""
         request, command = envelope.request, envelope.message
         if not isinstance(command, StartTurn | DeleteSession):
-            await self._reject(request, _error(400, "bad_command", "not a mailbox command"))
+            await self._reject(request, error_info(400, "bad_command", "not a mailbox command"))
             return
         try:
             await self._handle(request, command)
@@ -157,7 +157,7 @@ class SessionActor(SessionQueries, TurnSteps):
             self._state, self._last_seq, self._loaded = session.initial(), 0, False
             message = "The session log is unavailable; try again shortly."
             with contextlib.suppress(Exception):
-                await self._reject(request, _error(503, "service_unavailable", message))
+                await self._reject(request, error_info(503, "service_unavailable", message))
 
     async def _handle(self, request: Request, command: StartTurn | DeleteSession) -> None:
         if not self._loaded:
@@ -172,7 +172,7 @@ class SessionActor(SessionQueries, TurnSteps):
             # A first turn retried under its Idempotency-Key after its session was deleted:
             # a deleted id never opens again.
             message = "The session this request opened has been deleted; send it again with a new Idempotency-Key."
-            await self._reject(request, _error(409, "session_deleted", message))
+            await self._reject(request, error_info(409, "session_deleted", message))
             return
         match command:
             case StartTurn():
@@ -187,7 +187,7 @@ class SessionActor(SessionQueries, TurnSteps):
         if model is None:
             await self._reject(
                 request,
-                _error(404, "model_not_found", f"The model '{start.model}' does not exist."),
+                error_info(404, "model_not_found", f"The model '{start.model}' does not exist."),
             )
             return
         bad_param = self._check_params(model, start)
@@ -196,7 +196,7 @@ class SessionActor(SessionQueries, TurnSteps):
             return
         if self._ctx.signals.fired(session_cancel(self.session_id, start.abandon_id)):
             # Its client gave up while it waited for the session: it never starts.
-            await self._reject(request, _error(499, "client_gone", GONE_BEFORE_START))
+            await self._reject(request, error_info(499, "client_gone", GONE_BEFORE_START))
             return
         with self._ctx.leases.holding(start.turn_id):
             await self._hold_turn(request, start, model)
@@ -218,11 +218,11 @@ class SessionActor(SessionQueries, TurnSteps):
                 await finish(_outcome_message(handled.outcome))
             elif not start.stream:
                 await self._reject(
-                    request, _error(409, "in_progress", "The same request is still running.")
+                    request, error_info(409, "in_progress", "The same request is still running.")
                 )
             return
         except ActorError as refusal:
-            error = _error(refusal.status, refusal.code, str(refusal), refusal.param)
+            error = error_info(refusal.status, refusal.code, str(refusal), refusal.param)
             await self._reject(request, error)
             return
         if start.stream:
@@ -318,7 +318,7 @@ class SessionActor(SessionQueries, TurnSteps):
 
     async def _tell_lost(self, failed: TurnFailed) -> None:
         """A gateway still streaming the lost turn hears that it ended, instead of timing out."""
-        error = _error(failed.status, failed.code, failed.message)
+        error = error_info(failed.status, failed.code, failed.message)
         with contextlib.suppress(Exception):
             await self._ctx.nc.publish(
                 session_out(self.session_id, failed.turn_id),
@@ -488,7 +488,7 @@ class SessionActor(SessionQueries, TurnSteps):
             await self._append(session.CancelTurn(turn_id=start.turn_id, now=now, result=result))
             if not start.stream:  # a request always gets its answer, even if nobody reads it
                 await finish(
-                    TurnError(error=_error(499, "turn_cancelled", "The client went away."))
+                    TurnError(error=error_info(499, "turn_cancelled", "The client went away."))
                 )
             return
         if error is not None:

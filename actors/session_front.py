@@ -27,7 +27,6 @@ from nats.micro.request import Request
 from actors import session
 from actors._session_common import (
     SessionContext,
-    _error,
     _not_found,
     fold_stored,
 )
@@ -36,7 +35,7 @@ from actors.session_actor import SessionActor
 from bus.codec import DecodeError
 from bus.runtime import Actor, ActorHost, Envelope
 from bus.subjects import session_cancel
-from contracts.errors import ErrorInfo
+from contracts.errors import ErrorInfo, error_info
 from contracts.memory import RecallRequest
 from contracts.session import (
     CANCEL_CODEC,
@@ -74,9 +73,11 @@ class SessionFront:
         try:
             command = SESSION_COMMAND_CODEC.decode(request.data)
         except DecodeError as error:
-            return _refuse(request, _error(400, "bad_command", f"bad command: {error}"))
+            return _refuse(request, error_info(400, "bad_command", f"bad command: {error}"))
         if command.session_id != key:
-            return _refuse(request, _error(400, "bad_command", "session id does not match subject"))
+            return _refuse(
+                request, error_info(400, "bad_command", "session id does not match subject")
+            )
         live = actor if isinstance(actor, SessionActor) else None
         match command:
             case StartTurn(new_session=True):
@@ -140,11 +141,11 @@ class SessionFront:
             found = await ask_recall(self._ctx.nc, ask, timeout=10)
         except NoRespondersError:
             message = "Long-term memory is not running."
-            await _refuse(request, _error(503, "memory_unavailable", message))
+            await _refuse(request, error_info(503, "memory_unavailable", message))
             return
         except NatsTimeout:
             message = "Long-term memory did not answer in time."
-            await _refuse(request, _error(504, "timeout", message))
+            await _refuse(request, error_info(504, "timeout", message))
             return
         await request.respond(TURN_REPLY_CODEC.encode(MemoriesFound(hits=found)))
 

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from contracts.errors import ErrorInfo, error_type
 from contracts.model import GENERATION_PARAMS
 from eventstore.events import ChatMessage, FunctionCall, ToolCall, Usage
 
@@ -41,9 +42,14 @@ class ApiError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-        self.type = type or ("invalid_request_error" if status < 500 else "api_error")
+        self.type = type or error_type(status)
         self.code = code
         self.param = param
+
+    @classmethod
+    def of(cls, info: ErrorInfo) -> ApiError:
+        """The HTTP error for an error a reply carried: the one translation at the edge."""
+        return cls(info.status, info.message, type=info.type, code=info.code, param=info.param)
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, self.code, self.param)

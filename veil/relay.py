@@ -83,8 +83,7 @@ async def ask_session(nc: Client, command: SessionCommandUnion, timeout: float) 
         )
     reply = TURN_REPLY_CODEC.decode(msg.data)
     if isinstance(reply, TurnRejected):
-        e = reply.error
-        raise ApiError(e.status, e.message, type=e.type, code=e.code, param=e.param)
+        raise ApiError.of(reply.error)
     return reply
 
 

@@ -74,8 +74,7 @@ async def stream_turn(
     async for batch in batches:
         for item in batch:
             if isinstance(item, TurnError) and response is None:
-                e = item.error
-                raise ApiError(e.status, e.message, type=e.type, code=e.code, param=e.param)
+                raise ApiError.of(item.error)
             if response is None:
                 response = await begin()
                 send(

@@ -8,7 +8,7 @@ from typing import Any, Protocol
 import msgspec
 
 from actors.tokens import estimate_tokens
-from contracts.errors import ErrorInfo
+from contracts.errors import ErrorInfo, error_type
 from contracts.model import SAMPLING_PARAMS
 from eventstore.events import ChatMessage, ToolCall, Usage
 
@@ -93,7 +93,7 @@ class EngineError(Exception):
         super().__init__(message)
         self.info = ErrorInfo(
             status=status,
-            type="invalid_request_error" if status < 500 else "api_error",
+            type=error_type(status),
             code=code,
             message=message,
             retryable=retryable,
