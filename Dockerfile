@@ -5,6 +5,7 @@ COPY pyproject.toml README.md nats.conf gateway.py ./
 COPY actors actors
 COPY bus bus
 COPY contracts contracts
+COPY config config
 COPY eventstore eventstore
 COPY veil veil
 # The embedding model is built once, into the image, not at every container start.

@@ -19,6 +19,7 @@ from aiohttp import web
 from bus.codec import encode
 from bus.connection import connect
 from bus.subjects import MAX_ID_LENGTH, is_valid_id
+from config import Config
 from contracts.session import (
     DeleteSession,
     GetSession,
@@ -32,7 +33,6 @@ from contracts.session import (
 )
 from veil.admin import add_admin_routes
 from veil.auth import Authenticator, Principal
-from veil.config import Config
 from veil.cross_site import refuse_cross_site
 from veil.http_guard import ConnectionGuard, guard_middleware
 from veil.openai_wire import (

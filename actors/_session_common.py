@@ -15,12 +15,12 @@ from actors.errors import SessionNotFound
 from actors.leases import Leases
 from actors.tools.builtin import Tool
 from bus.signals import Signals
+from config import Config
 from contracts.errors import ErrorInfo, error_info
 from contracts.session import TurnDone, TurnError
 from eventstore.events import EventUnion
 from eventstore.store import EventStore, StoredEvent
 from eventstore.tombstones import TombstoneLog
-from veil.config import Config
 
 __all__ = ["FOLD_IN_THREAD_AT", "SessionContext", "SessionPart", "fold_stored"]
 

@@ -22,6 +22,7 @@ from bus.subjects import (
     TOOLS_RUN,
     model_generate,
 )
+from config import PipelineConfig
 from contracts.knowledge import KnowledgeSearch
 from contracts.memory import RecallRequest
 from contracts.model import GENERATE_CODEC, GENERATE_RESULT_CODEC, GenerateRequest
@@ -37,7 +38,6 @@ from eventstore.events import (
     ToolResult,
 )
 from eventstore.knowledge import chunk_id
-from veil.config import PipelineConfig
 
 __all__ = ["TurnSteps"]
 

@@ -18,9 +18,9 @@ from nats.errors import TimeoutError as NatsTimeout
 from bus.codec import DecodeError
 from bus.requests import nats_request
 from bus.subjects import model_generate
+from config import FallbackConfig, PipelineConfig
 from contracts.errors import ErrorInfo
 from contracts.model import GENERATE_CODEC, GENERATE_RESULT_CODEC, GenerateRequest, GenerateResult
-from veil.config import FallbackConfig, PipelineConfig
 
 __all__ = ["call_model", "run_chain"]
 

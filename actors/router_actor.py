@@ -18,10 +18,10 @@ from actors.model_chain import call_model
 from actors.routing import AsyncEmbedder, Router, classifier_prompt, parse_classifier_answer
 from bus.codec import DecodeError
 from bus.subjects import ROUTER_ROUTE
+from config import Config, FallbackConfig
 from contracts.model import GenerateRequest
 from contracts.router import ROUTE_CODEC, ROUTE_REPLY_CODEC
 from eventstore.events import ChatMessage
-from veil.config import Config, FallbackConfig
 
 __all__ = ["RouterActor", "build_routers"]
 

@@ -24,27 +24,21 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-import msgspec
 import numpy as np
 import numpy.typing as npt
 
+from config import DEFAULT_THRESHOLD, RoutingRules
 from contracts.router import RouteDecision
 
 __all__ = [
-    "DEFAULT_THRESHOLD",
     "MEANS",
     "AsyncEmbedder",
     "Classifier",
-    "InvalidRoutingRule",
     "Router",
-    "RoutingRules",
     "classifier_prompt",
     "parse_classifier_answer",
 ]
 
-# From the sweep in bench/routing_eval.py (all-MiniLM-L6-v2): the highest threshold
-# before accuracy falls off, so the fewest general turns leak to a specialist.
-DEFAULT_THRESHOLD = 0.25
 MEANS = (
     "rule:keyword",
     "rule:pattern",
@@ -60,41 +54,6 @@ _EMBED_CHARS = 2_000
 _CLASSIFY_CHARS = 4_000
 _DETAIL_CHARS = 200
 _PLACES = 4  # scores are rounded so the log stays readable
-
-
-class InvalidRoutingRule(ValueError):
-    """A routing rule that cannot work; msgspec reports it as a validation error at its path."""
-
-
-class RoutingRules(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """How turns find one pipeline: `[pipelines.NAME.routing]` in the config."""
-
-    # Whole words or phrases, any case: "review" matches "Review this", not "reviewer".
-    keywords: list[str] = []
-    # Python regular expressions, searched anywhere in the turn; add (?i) to ignore case.
-    patterns: list[str] = []
-    # Every entry must equal the request's metadata value.
-    metadata: dict[str, str] = {}
-    # Utterances this pipeline should answer, for semantic routing.
-    examples: list[str] = []
-    # Cosine similarity an example must reach; default: the router's.
-    threshold: float | None = None
-    # What the pipeline is for, as the LLM classifier is told.
-    description: str | None = None
-
-    def __post_init__(self) -> None:
-        for i, keyword in enumerate(self.keywords):
-            if not keyword.strip():
-                raise InvalidRoutingRule(f"keywords[{i}]: a keyword may not be blank")
-        for i, pattern in enumerate(self.patterns):
-            try:
-                re.compile(pattern)
-            except re.error as error:
-                raise InvalidRoutingRule(
-                    f"patterns[{i}]: invalid regular expression {pattern!r}: {error}"
-                ) from None
-        if self.threshold is not None and not -1.0 <= self.threshold <= 1.0:
-            raise InvalidRoutingRule(f"threshold: {self.threshold} is not within [-1, 1]")
 
 
 class AsyncEmbedder(Protocol):

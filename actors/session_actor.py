@@ -34,6 +34,7 @@ from bus.subjects import (
     session_events,
     session_out,
 )
+from config import ModelConfig
 from contracts.errors import ErrorInfo, error_info
 from contracts.model import GenerateRequest, GenerateResult
 from contracts.router import ROUTE_CODEC, ROUTE_REPLY_CODEC, RouteDecision, RouteRequest
@@ -56,7 +57,6 @@ from eventstore.events import (
     ToolsCalled,
     TurnFailed,
 )
-from veil.config import ModelConfig
 
 __all__ = ["SessionActor", "SessionContext"]
 

@@ -69,6 +69,7 @@ from actors.memory.projector import Projector, records_of
 from actors.memory.prompting import choose_memories
 from bus.codec import Codec
 from bus.subjects import session_events
+from config import MemoryPolicy
 from contracts.memory import MemoryHit
 from eventstore.events import (
     ChatMessage,
@@ -79,7 +80,6 @@ from eventstore.events import (
     Usage,
 )
 from eventstore.store import EventStore, StoredEvent
-from veil.config import MemoryPolicy
 
 __all__ = ["main"]
 

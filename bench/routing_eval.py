@@ -31,7 +31,8 @@ import numpy.typing as npt
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from actors.memory.embedder import Embedder, default_embedder
-from actors.routing import DEFAULT_THRESHOLD, AsyncEmbedder, Router, RoutingRules
+from actors.routing import AsyncEmbedder, Router
+from config import DEFAULT_THRESHOLD, RoutingRules
 from contracts.router import RouteDecision
 
 __all__ = ["main"]

@@ -6,7 +6,10 @@ import msgspec
 
 from bus.codec import Codec
 
-__all__ = ["RUN_CODEC", "RUN_REPLY_CODEC", "RunTool", "ToolRan"]
+__all__ = ["BUILTIN_TOOLS", "RUN_CODEC", "RUN_REPLY_CODEC", "RunTool", "ToolRan"]
+
+# The tools every Veil has: pipelines may name them without defining them in the config.
+BUILTIN_TOOLS = ("calculator", "current_time", "memory_search", "knowledge_search")
 
 
 class RunTool(msgspec.Struct, frozen=True, kw_only=True):

@@ -16,8 +16,8 @@ import aiohttp
 import nats
 from aiohttp import web
 
+from config import Config
 from eventstore.jetstream import JetStreamEventStore
-from veil.config import Config
 from veil.server import Workers, serve_gateway
 
 T = TypeVar("T")

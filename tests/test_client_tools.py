@@ -9,9 +9,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.fakes.upstreams import FakeAnthropic, FakeOpenAI, ToolCalls
-from tests.harness import VeilThread
-from veil.config import (
+from config import (
     Config,
     EngineConfig,
     MemoryConfig,
@@ -19,6 +17,8 @@ from veil.config import (
     PipelineConfig,
     local_model_available,
 )
+from tests.fakes.upstreams import FakeAnthropic, FakeOpenAI, ToolCalls
+from tests.harness import VeilThread
 
 TOOLS: list[dict[str, Any]] = [
     {

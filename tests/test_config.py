@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from veil.config import ConfigError, load_config, local_model_available
+from config import ConfigError, load_config, local_model_available
 
 GOOD = """
 [server]
@@ -93,17 +93,17 @@ def test_environment_defaults() -> None:
 
 
 def test_no_upstream_and_no_local_model_means_no_models(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("veil.config.local_model_available", lambda: False)
+    monkeypatch.setattr("config.loader.local_model_available", lambda: False)
     assert load_config(None, env={}).models == []
 
 
 def test_readme_config_example_is_valid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     example = readme.split("```toml\n", 1)[1].split("```", 1)[0]
-    monkeypatch.setattr("veil.config.local_model_available", lambda: True)
+    monkeypatch.setattr("config.loader.local_model_available", lambda: True)
     real_find_spec = find_spec
     monkeypatch.setattr(
-        "veil.config.find_spec", lambda name: object() if name == "vllm" else real_find_spec(name)
+        "config.loader.find_spec", lambda name: object() if name == "vllm" else real_find_spec(name)
     )
     config = load_config(write(tmp_path, example), env={})
     assert config.model("assistant") is not None
@@ -125,7 +125,7 @@ def test_pipeline_defaults_an_engine_cannot_honour_are_refused(tmp_path: Path) -
 def test_tools_on_an_engine_that_cannot_call_them_stop_startup(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("veil.config.local_model_available", lambda: True)
+    monkeypatch.setattr("config.loader.local_model_available", lambda: True)
     text = GOOD.replace('kind = "openai"', 'kind = "local"').replace(
         'model = "m"', 'model = "m"\ntools = ["calculator"]'
     )
@@ -203,8 +203,8 @@ def test_server_limits_must_be_positive(tmp_path: Path, field: str) -> None:
 
 
 def test_a_bearer_header_with_no_key_is_refused_whatever_the_config() -> None:
+    from config import ApiKey, Config
     from veil.auth import Authenticator
-    from veil.config import ApiKey, Config
     from veil.openai_wire import ApiError
 
     auth = Authenticator(Config(keys=[ApiKey(key="sk-real")]))

@@ -8,10 +8,7 @@ from collections.abc import Iterator
 import openai
 import pytest
 
-from eventstore.events import ModelCalled, ReplyCompleted, TurnFailed, model_calls
-from tests.fakes.upstreams import FakeOpenAI
-from tests.harness import VeilThread
-from veil.config import (
+from config import (
     Config,
     EngineConfig,
     FallbackConfig,
@@ -19,6 +16,9 @@ from veil.config import (
     ModelConfig,
     PipelineConfig,
 )
+from eventstore.events import ModelCalled, ReplyCompleted, TurnFailed, model_calls
+from tests.fakes.upstreams import FakeOpenAI
+from tests.harness import VeilThread
 
 
 @pytest.fixture(scope="module")

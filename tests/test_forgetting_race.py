@@ -17,10 +17,10 @@ from typing import Any
 import openai
 import pytest
 
+from config import ApiKey, Config, EngineConfig, MemoryConfig, ModelConfig, PipelineConfig
 from tests.fakes.upstreams import FakeOpenAI
 from tests.harness import VeilThread
 from tests.test_gateway import http
-from veil.config import ApiKey, Config, EngineConfig, MemoryConfig, ModelConfig, PipelineConfig
 from veil.natsserver import NatsServer
 
 KEY = "sk-forgetting-race"

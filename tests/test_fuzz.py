@@ -16,9 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.fakes.upstreams import FakeOpenAI
-from tests.harness import VeilThread
-from veil.config import (
+from config import (
     ApiKey,
     Config,
     EngineConfig,
@@ -27,6 +25,8 @@ from veil.config import (
     PipelineConfig,
     ServerConfig,
 )
+from tests.fakes.upstreams import FakeOpenAI
+from tests.harness import VeilThread
 from veil.natsserver import NatsServer
 
 KEY = "sk-fuzz"

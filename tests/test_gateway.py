@@ -17,11 +17,7 @@ import nats.aio.client
 import openai
 import pytest
 
-from eventstore.events import ReplyCompleted, TurnCancelled, TurnFailed, TurnStarted
-from eventstore.jetstream import JetStreamEventStore
-from tests.fakes.upstreams import FakeAnthropic, FakeOpenAI
-from tests.harness import HANG_UP_WORDS, VeilThread, hang_up_mid_stream
-from veil.config import (
+from config import (
     ApiKey,
     Config,
     EngineConfig,
@@ -30,6 +26,10 @@ from veil.config import (
     PipelineConfig,
     ServerConfig,
 )
+from eventstore.events import ReplyCompleted, TurnCancelled, TurnFailed, TurnStarted
+from eventstore.jetstream import JetStreamEventStore
+from tests.fakes.upstreams import FakeAnthropic, FakeOpenAI
+from tests.harness import HANG_UP_WORDS, VeilThread, hang_up_mid_stream
 from veil.natsserver import NatsServer
 
 KEY_A = "sk-test-tenant-a"

@@ -20,10 +20,7 @@ from typing import Any
 import pytest
 import structlog
 
-from eventstore.events import TurnStarted
-from tests.fakes.upstreams import FakeOpenAI
-from tests.harness import VeilThread
-from veil.config import (
+from config import (
     Config,
     EngineConfig,
     MemoryConfig,
@@ -31,6 +28,9 @@ from veil.config import (
     PipelineConfig,
     ServerConfig,
 )
+from eventstore.events import TurnStarted
+from tests.fakes.upstreams import FakeOpenAI
+from tests.harness import VeilThread
 from veil.natsserver import NatsServer
 
 CHAT = {"model": "veil", "messages": [{"role": "user", "content": "hi"}]}

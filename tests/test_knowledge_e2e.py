@@ -10,11 +10,11 @@ from typing import Any
 import openai
 import pytest
 
+from config import ApiKey, Config, EngineConfig, ModelConfig, PipelineConfig
 from eventstore.events import DocumentsRetrieved
 from tests.fakes.upstreams import FakeOpenAI, ToolCalls
 from tests.harness import VeilThread
 from tests.procs import run_veil
-from veil.config import ApiKey, Config, EngineConfig, ModelConfig, PipelineConfig
 from veil.natsserver import NatsServer
 
 script: dict[str, Any] = {"reply": lambda body: "ok"}

@@ -17,12 +17,12 @@ import pytest
 from actors.memory.index import MemoryIndex
 from actors.memory.prompting import MEMORY_PREAMBLE
 from actors.summary import FACTS_INSTRUCTIONS
+from config import ApiKey, Config, EngineConfig, MemoryPolicy, ModelConfig, PipelineConfig
 from eventstore.events import FactsExtracted, MemoryRecalled
 from tests.fakes.upstreams import FakeOpenAI
 from tests.harness import VeilThread
 from tests.procs import run_veil
 from tests.test_gateway import http
-from veil.config import ApiKey, Config, EngineConfig, MemoryPolicy, ModelConfig, PipelineConfig
 from veil.memory_role import index_path
 from veil.natsserver import NatsServer
 

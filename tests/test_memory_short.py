@@ -11,10 +11,10 @@ import pytest
 from actors.session import SUMMARY_HEADER
 from actors.summary import INSTRUCTIONS
 from actors.tokens import estimate_message_tokens
+from config import Config, EngineConfig, MemoryConfig, ModelConfig, PipelineConfig
 from eventstore.events import ChatMessage, HistorySummarized, ModelCalled
 from tests.fakes.upstreams import FakeOpenAI
 from tests.harness import VeilThread
-from veil.config import Config, EngineConfig, MemoryConfig, ModelConfig, PipelineConfig
 
 BUDGET = 120
 

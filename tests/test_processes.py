@@ -16,10 +16,10 @@ import nats
 import openai
 import pytest
 
+from config import local_model_available
 from tests.fakes.upstreams import FakeOpenAI
 from tests.harness import hang_up_mid_stream
 from tests.procs import REPO, VeilProcess, processes_mentioning, run_veil
-from veil.config import local_model_available
 from veil.natsserver import NatsServer
 
 KEY = "sk-proc-test"

@@ -10,11 +10,11 @@ from typing import Any
 import openai
 import pytest
 
+from config import load_config
 from eventstore.events import PipelineChosen, TurnStarted
 from tests.fakes.upstreams import FakeOpenAI
 from tests.harness import VeilThread
 from tests.procs import run_veil
-from veil.config import load_config
 
 CONFIG = """
 [memory]

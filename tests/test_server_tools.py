@@ -9,11 +9,11 @@ from typing import Any
 import openai
 import pytest
 
+from config import Config, EngineConfig, MemoryConfig, ModelConfig, PipelineConfig
 from eventstore.events import ModelCalled, ReplyCompleted, ToolLoopStopped, ToolsCalled, model_calls
 from tests.fakes.upstreams import FakeOpenAI, ToolCalls
 from tests.harness import VeilThread
 from tests.test_client_tools import TOOLS as CLIENT_TOOLS
-from veil.config import Config, EngineConfig, MemoryConfig, ModelConfig, PipelineConfig
 
 script: dict[str, Any] = {}
 

@@ -25,11 +25,7 @@ from nats.aio.msg import Msg
 
 from actors.leases import Leases
 from bus.subjects import session_cancel
-from eventstore.events import ChatMessage, TurnFailed, TurnStarted
-from eventstore.jetstream import JetStreamEventStore
-from tests.fakes.upstreams import FakeOpenAI
-from tests.harness import VeilThread
-from veil.config import (
+from config import (
     ApiKey,
     Config,
     EngineConfig,
@@ -38,6 +34,10 @@ from veil.config import (
     PipelineConfig,
     ServerConfig,
 )
+from eventstore.events import ChatMessage, TurnFailed, TurnStarted
+from eventstore.jetstream import JetStreamEventStore
+from tests.fakes.upstreams import FakeOpenAI
+from tests.harness import VeilThread
 from veil.natsserver import NatsServer
 
 KEY_A, KEY_B = "sk-liveness-a", "sk-liveness-b"

@@ -11,11 +11,11 @@ from pathlib import Path
 import openai
 import pytest
 
+from config import ApiKey, Config, EngineConfig, MemoryConfig, ModelConfig, PipelineConfig
 from eventstore.jetstream import JetStreamEventStore
 from tests.fakes.upstreams import FakeOpenAI
 from tests.harness import VeilThread
 from tests.test_gateway import http
-from veil.config import ApiKey, Config, EngineConfig, MemoryConfig, ModelConfig, PipelineConfig
 from veil.natsserver import NatsServer
 
 KEY_A = "sk-sessions-a"

@@ -6,7 +6,7 @@ import hashlib
 
 import msgspec
 
-from veil.config import Config, key_id
+from config import Config, key_id
 from veil.openai_wire import ApiError
 
 __all__ = ["ANONYMOUS", "Authenticator", "Principal"]

@@ -14,7 +14,7 @@ from typing import Any
 
 import structlog
 
-from veil.config import Config, ConfigError, load_config
+from config import Config, ConfigError, load_config
 
 __all__ = ["main"]
 

@@ -17,7 +17,7 @@ from actors.knowledge.log import KnowledgeLog
 from actors.memory.embedder import default_embedder
 from bus.connection import connect
 from bus.subjects import is_valid_id
-from veil.config import Config
+from config import Config
 from veil.memory_role import index_path, lock_indexes
 
 __all__ = ["kb_main"]

@@ -16,10 +16,10 @@ from actors.knowledge.index import KnowledgeIndex
 from actors.memory.actor import MemoryActor
 from actors.memory.embedder import Embedder, default_embedder
 from actors.memory.index import MemoryIndex
+from config import Config
 from eventstore.store import EventStore
 from eventstore.tombstones import TombstoneLog
 from veil import __version__
-from veil.config import Config
 
 __all__ = ["MemoryHandle", "index_path", "lock_indexes", "start_memory"]
 

@@ -12,9 +12,9 @@ from actors.memory.projector import Projector
 from bus.connection import connect
 from bus.stream_reader import StreamReader
 from bus.subjects import EVENTS_STREAM, EVENTS_WILDCARD
+from config import Config
 from eventstore.jetstream import JetStreamEventStore, ensure_stream
 from eventstore.tombstones import TombstoneLog
-from veil.config import Config
 from veil.memory_role import index_path, lock_indexes
 from veil.progress import ProgressBar
 

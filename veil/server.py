@@ -31,10 +31,10 @@ from bus.connection import connect
 from bus.runtime import ActorHost
 from bus.signals import Signals
 from bus.subjects import SESSION_CANCEL_WILDCARD, SESSION_CMD_WILDCARD, session_from_cmd_subject
+from config import Config
 from eventstore.jetstream import JetStreamEventStore, ensure_stream
 from eventstore.tombstones import TombstoneLog
 from veil import __version__
-from veil.config import Config
 from veil.http_guard import FD_RESERVE, GuardedSite, raise_fd_limit
 from veil.memory_role import MemoryHandle, start_memory
 from veil.natsserver import NatsServer

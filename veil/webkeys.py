@@ -11,8 +11,8 @@ from aiohttp import web
 from nats.aio.client import Client
 
 from bus.codec import encode
+from config import Config
 from veil.auth import Authenticator, Principal
-from veil.config import Config
 from veil.http_guard import ConnectionGuard
 from veil.openai_wire import ApiError
 

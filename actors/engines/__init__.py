@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from actors.engines.base import DeltaSink, Engine, EngineError, EngineOutput, estimate_tokens
-from veil.config import UNSUPPORTED_BY_KIND, Config
+from config import UNSUPPORTED_BY_KIND, Config
 
 __all__ = [
     "DeltaSink",

@@ -6,8 +6,8 @@ import json
 from collections.abc import Sequence
 
 from actors.tokens import estimate_tokens
+from config import MemoryPolicy
 from contracts.memory import MemoryHit
-from veil.config import MemoryPolicy
 
 __all__ = ["MEMORY_PREAMBLE", "choose_memories", "memory_block"]
 

@@ -22,8 +22,8 @@ from actors.tools.custom import http_tool, python_tool
 from actors.tools.sandbox import ToolFailed, WorkerPool
 from bus.codec import DecodeError
 from bus.subjects import TOOLS_RUN
+from config import Config
 from contracts.tools import RUN_CODEC, RUN_REPLY_CODEC, RunTool, ToolRan
-from veil.config import Config
 
 __all__ = [
     "ToolActor",

@@ -11,7 +11,7 @@ import aiohttp
 from yarl import URL
 
 from actors.tools.builtin import Tool, ToolError
-from actors.tools.worker import ENTRY_POINT_GROUP, load
+from config.targets import ENTRY_POINT_GROUP, load_callable
 
 __all__ = ["ENTRY_POINT_GROUP", "http_tool", "python_tool", "schema_from_signature"]
 
@@ -44,7 +44,7 @@ def schema_from_signature(function: Any) -> dict[str, Any]:
 def python_tool(
     name: str, target: str, description: str | None, parameters: dict[str, Any] | None
 ) -> Tool:
-    function = load(target)
+    function = load_callable(target)
     if not callable(function):
         raise TypeError(f"{target!r} is not callable")
     return Tool(

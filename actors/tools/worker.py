@@ -7,7 +7,6 @@ replacement pays its start-up again (80 ms here, half of it the interpreter's ow
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import signal
@@ -18,10 +17,9 @@ from typing import Any, Literal
 import msgspec
 
 from actors.tools.builtin import ToolError
+from config.targets import load_callable
 
-__all__ = ["ENTRY_POINT_GROUP", "Call", "Raised", "Reply", "Returned", "Taken", "load", "main"]
-
-ENTRY_POINT_GROUP = "veil.tools"
+__all__ = ["Call", "Raised", "Reply", "Returned", "Taken", "main"]
 
 
 class Call(msgspec.Struct, frozen=True, kw_only=True):
@@ -51,27 +49,12 @@ class Raised(Reply, tag="raised", frozen=True, kw_only=True):
     message: str
 
 
-def load(target: str) -> Any:
-    """'package.module:function' or 'package.module.function', or an entry point's name."""
-    from importlib.metadata import entry_points
-
-    found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == target]
-    if found:
-        return found[0].load()
-    module, _, attribute = target.partition(":") if ":" in target else target.rpartition(".")
-    if not module or not attribute:
-        raise ValueError(
-            f"{target!r} is not 'module:function' nor a '{ENTRY_POINT_GROUP}' entry point"
-        )
-    return getattr(importlib.import_module(module), attribute)
-
-
 def _run(call: Call, loaded: dict[str, Callable[..., Any]]) -> Returned | Raised:
     cut = call.max_chars
     try:
         function = loaded.get(call.target)
         if function is None:
-            function = loaded[call.target] = load(call.target)
+            function = loaded[call.target] = load_callable(call.target)
         result = function(**json.loads(call.arguments))
         text = result if isinstance(result, str) else json.dumps(result, default=str)
     except TypeError as error:

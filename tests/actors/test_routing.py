@@ -11,13 +11,8 @@ import numpy.typing as npt
 import pytest
 
 from actors.memory.embedder import Embedder, default_embedder
-from actors.routing import (
-    InvalidRoutingRule,
-    Router,
-    RoutingRules,
-    classifier_prompt,
-    parse_classifier_answer,
-)
+from actors.routing import Router, classifier_prompt, parse_classifier_answer
+from config import InvalidRoutingRule, RoutingRules
 from contracts.router import RouteDecision
 
 CODE_EXAMPLES = [
@@ -150,7 +145,7 @@ def test_invalid_regex_is_a_clear_error() -> None:
         InvalidRoutingRule, match=r"patterns\[1\]: invalid regular expression '\(oops'"
     ):
         RoutingRules(patterns=["fine", "(oops"])
-    # Decoded from config, msgspec names where it is; veil.config adds the file and the line.
+    # Decoded from config, msgspec names where it is; the loader adds the file and the line.
     with pytest.raises(msgspec.ValidationError, match=r"'\[a-'.*at `\$\.routing`"):
         msgspec.convert({"routing": {"patterns": ["[a-"]}}, type=_Holder)
 

@@ -14,11 +14,11 @@ from actors.session_actor import SessionActor, SessionContext
 from bus.runtime import Envelope
 from bus.signals import Signals
 from bus.subjects import SESSION_CANCEL_WILDCARD
+from config import Config, EngineConfig, ModelConfig, PipelineConfig
 from contracts.session import TURN_REPLY_CODEC, StartTurn, TurnRejected
 from eventstore.errors import StoreUnavailable
 from eventstore.events import ChatMessage, EventUnion
 from eventstore.memory import InMemoryEventStore
-from veil.config import Config, EngineConfig, ModelConfig, PipelineConfig
 
 
 class _Unreachable(InMemoryEventStore):

