@@ -7,6 +7,7 @@ import os
 import sys
 import tempfile
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 
 from nats.aio.client import Client
@@ -19,6 +20,7 @@ from bus.connection import connect
 from bus.subjects import is_valid_id
 from config import Config
 from veil.memory_role import index_path, lock_indexes
+from veil.progress import ProgressBar
 
 __all__ = ["kb_main"]
 
@@ -77,7 +79,8 @@ async def _run(
     assert collection is not None
     async with _index(config) as index:
         if action == "add":
-            _print_report(await ingest(nc, index, collection, paths, out=sys.stderr))
+            bar = partial(ProgressBar, out=sys.stderr, unit="files", made="chunks")
+            _print_report(await ingest(nc, index, collection, paths, progress=bar))
         elif action == "rm":
             _print_report(await remove(nc, index, collection, paths))
         elif action == "ls":

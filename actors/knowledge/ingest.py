@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TextIO
+from typing import Protocol
 
 import msgspec
 from nats.aio.client import Client
@@ -37,9 +37,23 @@ from eventstore.knowledge import (
     Position,
     documents,
 )
-from veil.progress import ProgressBar
 
-__all__ = ["EVENT_TEXT_BUDGET", "Report", "collections", "document_events", "ingest", "remove"]
+
+class Progress(Protocol):
+    """Reports a long ingestion (the CLI draws a bar)."""
+
+    def update(self, done: int, records: int, final: bool = False) -> None: ...
+
+
+__all__ = [
+    "EVENT_TEXT_BUDGET",
+    "Progress",
+    "Report",
+    "collections",
+    "document_events",
+    "ingest",
+    "remove",
+]
 
 #: Characters of chunk text per DocumentAdded event (NATS payloads are bounded).
 EVENT_TEXT_BUDGET = 256_000
@@ -125,9 +139,10 @@ async def ingest(
     collection: str,
     paths: Sequence[str | Path],
     *,
-    out: TextIO | None = None,
+    progress: Callable[[int], Progress] | None = None,
 ) -> Report:
-    """Add or update the documents at `paths` (files or folders) in `collection`."""
+    """Add or update the documents at `paths` (files or folders) in `collection`;
+    `progress`, given the number of files, makes what reports how far it got."""
     log, state, last = await _load(nc, index, collection)
     files: list[Path] = []
     gone: list[str] = []
@@ -150,11 +165,7 @@ async def ingest(
     ]
 
     report = Report()
-    bar = (
-        ProgressBar(len(files) + len(gone), out, unit="files", made="chunks")
-        if out is not None
-        else None
-    )
+    bar = progress(len(files) + len(gone)) if progress is not None else None
 
     async def commit(events: list[KbEvent]) -> None:
         nonlocal last

@@ -213,7 +213,13 @@ def test_chunks_overlap_follow_structure_and_never_cut_words() -> None:
 
 async def test_questions_find_their_chunk(nc: Client, index: KnowledgeIndex, corpus: Path) -> None:
     c = name()
-    report = await ingest(nc, index, c, [corpus], out=io.StringIO())
+    seen: list[tuple[int, int, bool]] = []
+
+    class Progress:
+        def update(self, done: int, records: int, final: bool = False) -> None:
+            seen.append((done, records, final))
+
+    report = await ingest(nc, index, c, [corpus], progress=lambda total: Progress())
     assert sorted(Path(p).name for p in report.added) == [
         "bike.md",
         "bread.md",
@@ -222,6 +228,7 @@ async def test_questions_find_their_chunk(nc: Client, index: KnowledgeIndex, cor
         "notes.txt",
     ]
     assert report.pages == 6 and not report.failed
+    assert seen[-1] == (5, report.chunks, True)
     for question, file, answer in QUESTIONS:
         hits = await index.search(c, question, k=3)
         assert any(Path(h.path).name == file and answer in h.text for h in hits), (question, hits)
