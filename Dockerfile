@@ -6,6 +6,7 @@ COPY actors actors
 COPY bus bus
 COPY contracts contracts
 COPY config config
+COPY edge edge
 COPY eventstore eventstore
 COPY veil veil
 # The embedding model is built once, into the image, not at every container start.

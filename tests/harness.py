@@ -18,7 +18,8 @@ from aiohttp import web
 
 from config import Config
 from eventstore.jetstream import JetStreamEventStore
-from veil.server import Workers, serve_gateway
+from veil.server import serve_gateway
+from veil.workers import Workers
 
 T = TypeVar("T")
 

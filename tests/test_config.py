@@ -204,8 +204,8 @@ def test_server_limits_must_be_positive(tmp_path: Path, field: str) -> None:
 
 def test_a_bearer_header_with_no_key_is_refused_whatever_the_config() -> None:
     from config import ApiKey, Config
-    from veil.auth import Authenticator
-    from veil.openai_wire import ApiError
+    from edge.auth import Authenticator
+    from edge.openai_wire import ApiError
 
     auth = Authenticator(Config(keys=[ApiKey(key="sk-real")]))
     for header in ("Bearer", "Bearer ", "Bearer    ", "bearer \t", "Basic sk-real", "sk-real"):

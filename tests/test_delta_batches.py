@@ -17,8 +17,8 @@ from actors.model_actor import ModelActor
 from bus.subjects import session_out
 from contracts.model import GenerateRequest
 from contracts.session import OUTPUT_CODEC, Delta, Deltas, StartTurn, TurnDone
+from edge.relay import TurnRelay
 from eventstore.events import ChatMessage, Usage
-from veil.relay import TurnRelay
 
 
 class BurstyEngine:

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 
-from veil.http_guard import ConnectionGuard, GuardedSite, guard_middleware
+from edge.http_guard import ConnectionGuard, GuardedSite, guard_middleware
 
 
 class _FakeTransport:

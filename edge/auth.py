@@ -7,7 +7,7 @@ import hashlib
 import msgspec
 
 from config import Config, key_id
-from veil.openai_wire import ApiError
+from edge.openai_wire import ApiError
 
 __all__ = ["ANONYMOUS", "Authenticator", "Principal"]
 

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from bus.codec import encode
 from contracts.session import Delta, StartTurn, ToolDelta, TurnDone, TurnError
-from veil.openai_wire import (
+from edge.openai_wire import (
     ApiError,
     ChunkMeta,
     chunk,
@@ -17,7 +17,7 @@ from veil.openai_wire import (
     tool_calls_wire,
     tool_delta_wire,
 )
-from veil.relay import ClientGone
+from edge.relay import ClientGone
 
 __all__ = ["stream_turn"]
 

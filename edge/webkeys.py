@@ -12,9 +12,9 @@ from nats.aio.client import Client
 
 from bus.codec import encode
 from config import Config
-from veil.auth import Authenticator, Principal
-from veil.http_guard import ConnectionGuard
-from veil.openai_wire import ApiError
+from edge.auth import Authenticator, Principal
+from edge.http_guard import ConnectionGuard
+from edge.openai_wire import ApiError
 
 __all__ = ["AUTH", "CONFIG", "GUARD", "NATS", "PRINCIPAL", "body_deadline", "json_response"]
 

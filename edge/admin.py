@@ -9,9 +9,9 @@ from nats.errors import TimeoutError as NatsTimeout
 from bus.requests import BUS_DOWN, nats_request
 from bus.subjects import KNOWLEDGE_ADMIN, is_valid_id
 from contracts.knowledge import ADMIN_CODEC, ADMIN_REPLY_CODEC, AdminRequest
-from veil.openai_wire import ApiError
-from veil.relay import bus_unavailable
-from veil.webkeys import CONFIG, NATS, PRINCIPAL, body_deadline, json_response
+from edge.openai_wire import ApiError
+from edge.relay import bus_unavailable
+from edge.webkeys import CONFIG, NATS, PRINCIPAL, body_deadline, json_response
 
 __all__ = ["add_admin_routes"]
 

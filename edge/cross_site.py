@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from veil.openai_wire import ApiError
+from edge.openai_wire import ApiError
 
 __all__ = ["is_local_name", "refuse_cross_site"]
 

@@ -33,7 +33,7 @@ from contracts.session import (
     TurnRejected,
     TurnReplyUnion,
 )
-from veil.openai_wire import ApiError
+from edge.openai_wire import ApiError
 
 __all__ = ["ClientGone", "TurnRelay", "ask_session", "bus_unavailable", "run_turn"]
 

@@ -1,0 +1,128 @@
+"""The gateway's aiohttp application: middleware, routes, and its NATS connection.
+
+The gateway holds no conversation state and never calls a model. It checks
+the request, sends a command to the session's actor and turns what comes back
+into an OpenAI response or SSE stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import structlog
+from aiohttp import web
+
+from bus.connection import connect
+from config import Config
+from edge.admin import add_admin_routes
+from edge.auth import Authenticator
+from edge.chat import chat_completions
+from edge.cross_site import refuse_cross_site
+from edge.http_guard import ConnectionGuard, guard_middleware
+from edge.models import get_model, list_models
+from edge.openai_wire import ApiError, error_body
+from edge.sessions import delete_session, get_session, list_messages, search_memories
+from edge.webkeys import AUTH, CONFIG, GUARD, NATS, PRINCIPAL, json_response
+
+__all__ = ["create_app"]
+
+log = structlog.get_logger("veil.gateway")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure leaves as an OpenAI-shaped error; a client mistake is never a 500."""
+    try:
+        return await handler(request)
+    except ApiError as error:
+        response = json_response(error.body(), error.status)
+        if error.status in (408, 413):
+            # The rest of the body is not wanted: the connection closes after this answer
+            # (aiohttp still reads on for its lingering time, see veil/server.py).
+            response.force_close()
+        return response
+    except ConnectionResetError:
+        # The client hung up (mid-body, say): nothing to answer and nothing went wrong here.
+        log.info("gateway.client_gone", path=request.path)
+        return web.Response(status=499)
+    except web.HTTPRequestEntityTooLarge as error:
+        response = json_response(
+            error_body(
+                f"Request body too large: {error.text}",
+                "invalid_request_error",
+                "request_too_large",
+            ),
+            413,
+        )
+        response.force_close()  # as for ApiError's 413 above: the rest is not read
+        return response
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        if error.status == 404:
+            message = f"Invalid URL ({request.method} {request.path})"
+        else:
+            message = error.reason
+        headers = {k: v for k, v in error.headers.items() if k.lower() != "content-type"}
+        return json_response(
+            error_body(message, "invalid_request_error", None), error.status, headers
+        )
+    except Exception:
+        log.exception("gateway.unhandled", path=request.path)
+        return json_response(
+            error_body("The server had an error processing your request.", "server_error", None),
+            500,
+        )
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path.startswith("/v1/"):
+        auth = request.app[AUTH]
+        if not auth.enabled:
+            refuse_cross_site(request)
+        request[PRINCIPAL] = auth.authenticate(request.headers.get("Authorization"))
+    return await handler(request)
+
+
+async def health(request: web.Request) -> web.Response:
+    nc = request.app[NATS]
+    ok = nc.is_connected
+    return json_response({"status": "ok" if ok else "degraded", "nats": ok}, 200 if ok else 503)
+
+
+def create_app(config: Config, nats_url: str) -> web.Application:
+    """The gateway application; its NATS connection lives and drains with it."""
+    server = config.server
+    guard = ConnectionGuard(
+        max_connections=server.max_connections,
+        max_per_client=server.max_connections_per_client,
+        header_timeout=server.header_timeout,
+        keepalive_timeout=server.keepalive_timeout,
+    )
+    app = web.Application(
+        client_max_size=server.max_body_bytes,
+        middlewares=[guard_middleware(guard), errors_middleware, auth_middleware],
+    )
+    app[CONFIG] = config
+    app[AUTH] = Authenticator(config)
+    app[GUARD] = guard
+
+    async def nats_connection(app: web.Application) -> AsyncIterator[None]:
+        app[NATS] = await connect(nats_url, name="veil-gateway")
+        yield
+        await app[NATS].drain()
+
+    app.cleanup_ctx.append(nats_connection)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model}", get_model)
+    app.router.add_get("/v1/sessions/{session_id}", get_session)
+    app.router.add_delete("/v1/sessions/{session_id}", delete_session)
+    app.router.add_get("/v1/sessions/{session_id}/messages", list_messages)
+    app.router.add_get("/v1/sessions/{session_id}/memories", search_memories)
+    app.router.add_get("/healthz", health)
+    add_admin_routes(app)
+    return app

@@ -1,0 +1,193 @@
+"""POST /v1/chat/completions: OpenAI's chat API, relayed to a session actor on NATS."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from collections.abc import Callable
+
+import msgspec
+import structlog
+from aiohttp import web
+
+from bus.codec import encode
+from bus.subjects import MAX_ID_LENGTH, is_valid_id
+from contracts.session import StartTurn, TurnDone, TurnError
+from edge.auth import Principal
+from edge.models import unknown_model
+from edge.openai_wire import (
+    ApiError,
+    ChatRequest,
+    completion,
+    generation_params,
+    parse_chat_request,
+    to_chat_messages,
+)
+from edge.relay import ClientGone, TurnRelay, run_turn
+from edge.sse import stream_turn
+from edge.webkeys import CONFIG, NATS, PRINCIPAL, body_deadline, json_response
+
+__all__ = ["IDEMPOTENT_PREFIX", "SESSION_HEADER", "chat_completions"]
+
+log = structlog.get_logger("veil.gateway")
+
+SESSION_HEADER = "X-Session-Id"
+# Command ids made from a client's Idempotency-Key start with this.
+IDEMPOTENT_PREFIX = "idem_"
+
+
+def _session_of(request: web.Request, chat: ChatRequest, command_id: str) -> tuple[str, bool]:
+    """The session the client names (body, header or metadata), or a new one.
+
+    A new session's id comes from the command id, so a retry of a first turn under
+    the same Idempotency-Key lands on the same session and gets the same answer.
+    """
+    given = {
+        v
+        for v in (
+            chat.session_id,
+            request.headers.get(SESSION_HEADER),
+            (chat.metadata or {}).get("session_id"),
+        )
+        if v
+    }
+    if len(given) > 1:
+        raise ApiError(
+            400,
+            "The request names more than one session id.",
+            param="session_id",
+            code="invalid_value",
+        )
+    if not given:
+        return f"sess_{command_id.removeprefix(IDEMPOTENT_PREFIX)}", True
+    session_id = given.pop()
+    if not is_valid_id(session_id):
+        raise ApiError(
+            400,
+            f"Invalid session id: use 1-{MAX_ID_LENGTH} characters from A-Z, a-z, 0-9, '_' and '-'.",
+            param="session_id",
+            code="invalid_value",
+        )
+    return session_id, False
+
+
+def _fingerprint(start: StartTurn) -> str:
+    """What a retry under the same Idempotency-Key must repeat (else 422): the turn's
+    content, not how it names its session (a retry may add the id it learned)."""
+    metadata = {k: v for k, v in start.metadata.items() if k != "session_id"}
+    what = [start.model, start.messages, start.params, start.user_id, metadata, start.stream]
+    return hashlib.sha256(encode(what)).hexdigest()
+
+
+def _command_id(request: web.Request, principal: Principal) -> str:
+    """One id per client request; a client's Idempotency-Key makes its retries the same command."""
+    key = request.headers.get("Idempotency-Key")
+    if key:
+        digest = hashlib.sha256(f"{principal.tenant}\0{key}".encode()).hexdigest()[:32]
+        return f"{IDEMPOTENT_PREFIX}{digest}"
+    return uuid.uuid4().hex
+
+
+async def _read_body(request: web.Request) -> bytes:
+    """The JSON body, sent as such (a web page cannot, across sites) and in time."""
+    if request.content_type != "application/json":
+        raise ApiError(
+            415,
+            f"Send the body as JSON with 'Content-Type: application/json' "
+            f"(got '{request.content_type[:100]}').",
+            code="unsupported_media_type",
+        )
+    async with body_deadline(request):
+        body = await request.read()
+    if not body:
+        raise ApiError(400, "The request body is empty; send a JSON object.", code="invalid_json")
+    return body
+
+
+def _client_gone(request: web.Request) -> Callable[[], bool]:
+    def gone() -> bool:
+        transport = request.transport
+        return transport is None or transport.is_closing()
+
+    return gone
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    config = request.app[CONFIG]
+    principal: Principal = request[PRINCIPAL]
+    body = await _read_body(request)
+    chat = parse_chat_request(body)
+    if config.model(chat.model) is None:
+        if not config.models:
+            raise ApiError(
+                503,
+                "No upstream model is configured: set OPENAI_BASE_URL/OPENAI_API_KEY or "
+                "ANTHROPIC_API_KEY, or give a config file with engines and pipelines.",
+                code="no_upstream",
+            )
+        raise unknown_model(chat.model)
+    command_id = _command_id(request, principal)
+    session_id, new_session = _session_of(request, chat, command_id)
+    random_id = new_session and not command_id.startswith(IDEMPOTENT_PREFIX)
+    start = StartTurn(
+        command_id=command_id,
+        turn_id=command_id,
+        session_id=session_id,
+        new_session=new_session,
+        random_id=random_id,
+        tenant=principal.tenant,
+        key_id=principal.key_id,
+        model=chat.model,
+        messages=to_chat_messages(chat),
+        user_id=chat.user or (chat.metadata or {}).get("user_id"),
+        metadata=chat.metadata or {},
+        params=generation_params(chat),
+        stream=bool(chat.stream),
+    )
+    if command_id.startswith(IDEMPOTENT_PREFIX):
+        start = msgspec.structs.replace(
+            start, fingerprint=_fingerprint(start), request_id=uuid.uuid4().hex
+        )
+    if not chat.stream:
+        timeout = config.server.accept_timeout + config.server.turn_timeout
+        try:
+            result = await run_turn(request.app[NATS], start, timeout, _client_gone(request))
+        except ClientGone:
+            log.info("gateway.client_gone", session=session_id, turn=start.turn_id)
+            return web.Response(status=499)
+        return _complete(start, result)
+    async with TurnRelay(request.app[NATS], start) as relay:
+        try:
+            await relay.send(config.server.accept_timeout, _client_gone(request))
+        except ClientGone:
+            log.info("gateway.client_gone", session=session_id, turn=start.turn_id)
+            return web.Response(status=499)
+        batches = relay.batches(config.server.turn_timeout, _client_gone(request))
+        try:
+            include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
+            return await stream_turn(
+                request, start, batches, include_usage, {SESSION_HEADER: start.session_id}
+            )
+        except ClientGone:
+            await relay.cancel()
+            log.info("gateway.client_gone", session=session_id, turn=start.turn_id)
+            # Nobody reads this; aiohttp needs a response object all the same.
+            return web.Response(status=499)
+
+
+def _complete(start: StartTurn, item: TurnDone | TurnError) -> web.Response:
+    if isinstance(item, TurnError):
+        raise ApiError.of(item.error)
+    body = completion(
+        id=f"chatcmpl-{start.turn_id}",
+        created=int(time.time()),
+        model=start.model,
+        content=item.content,
+        finish_reason=item.finish_reason,
+        usage=item.usage,
+        session_id=start.session_id,
+        tool_calls=item.tool_calls,
+        alternatives=item.alternatives,
+    )
+    return json_response(body, headers={SESSION_HEADER: start.session_id})

@@ -1,0 +1,134 @@
+"""/v1/sessions/{id}: a session's metadata, messages, memory search, and deletion."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from bus.subjects import MAX_ID_LENGTH, is_valid_id
+from contracts.session import (
+    DeleteSession,
+    GetSession,
+    MemoriesFound,
+    SearchMemories,
+    SessionDeleted,
+    SessionView,
+)
+from edge.openai_wire import ApiError
+from edge.relay import ask_session
+from edge.webkeys import CONFIG, NATS, PRINCIPAL, json_response
+
+__all__ = ["delete_session", "get_session", "list_messages", "search_memories"]
+
+
+def _session_id_param(request: web.Request) -> str:
+    session_id = request.match_info["session_id"]
+    if not is_valid_id(session_id):
+        # Never a subject token; and indistinguishable from a session that does not exist.
+        raise ApiError(
+            404,
+            f"No session found with id '{session_id[:MAX_ID_LENGTH]}'.",
+            code="session_not_found",
+        )
+    return session_id
+
+
+def _session_object(view: SessionView) -> dict[str, object]:
+    return {
+        "id": view.session_id,
+        "object": "session",
+        "created_at": int(view.created_at.timestamp()),
+        "updated_at": int(view.updated_at.timestamp()),
+        "model": view.model,
+        "turns": view.turns,
+        "usage": {
+            "prompt_tokens": view.usage.prompt_tokens,
+            "completion_tokens": view.usage.completion_tokens,
+            "total_tokens": view.usage.total_tokens,
+        },
+    }
+
+
+async def _view(request: web.Request, messages: bool) -> SessionView:
+    command = GetSession(
+        session_id=_session_id_param(request), tenant=request[PRINCIPAL].tenant, messages=messages
+    )
+    reply = await ask_session(request.app[NATS], command, request.app[CONFIG].server.accept_timeout)
+    if not isinstance(reply, SessionView):
+        raise ApiError(500, "Unexpected reply from the session actor.", code="actor_failed")
+    return reply
+
+
+async def get_session(request: web.Request) -> web.Response:
+    return json_response(_session_object(await _view(request, messages=False)))
+
+
+async def list_messages(request: web.Request) -> web.Response:
+    view = await _view(request, messages=True)
+    data = [
+        {"id": f"msg_{i}", "object": "session.message", "role": m.role, "content": m.content}
+        for i, m in enumerate(view.messages or [])
+    ]
+    return json_response(
+        {
+            "object": "list",
+            "data": data,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+            "has_more": False,
+        }
+    )
+
+
+async def search_memories(request: web.Request) -> web.Response:
+    query = request.query.get("q", "").strip()
+    if not query:
+        raise ApiError(
+            400,
+            "Give the search text as the query parameter 'q'.",
+            param="q",
+            code="missing_required_parameter",
+        )
+    try:
+        limit = int(request.query.get("limit", "10"))
+    except ValueError:
+        raise ApiError(
+            400, "limit must be an integer.", param="limit", code="invalid_value"
+        ) from None
+    if not 1 <= limit <= 100:
+        raise ApiError(400, "limit must be between 1 and 100.", param="limit", code="invalid_value")
+    command = SearchMemories(
+        session_id=_session_id_param(request),
+        tenant=request[PRINCIPAL].tenant,
+        query=query,
+        k=limit,
+    )
+    reply = await ask_session(request.app[NATS], command, request.app[CONFIG].server.accept_timeout)
+    if not isinstance(reply, MemoriesFound):
+        raise ApiError(500, "Unexpected reply from the session actor.", code="actor_failed")
+    data = [
+        {
+            "id": h.id,
+            "object": "session.memory",
+            "session_id": h.session_id,
+            "role": h.role,
+            "kind": h.kind,
+            "content": h.text,
+            "score": h.score,
+            "vector_similarity": h.vector_similarity,
+            "bm25": h.bm25,
+            "created_at": int(h.created_at.timestamp()),
+        }
+        for h in reply.hits
+    ]
+    return json_response({"object": "list", "data": data, "has_more": False})
+
+
+async def delete_session(request: web.Request) -> web.Response:
+    principal = request[PRINCIPAL]
+    command = DeleteSession(
+        session_id=_session_id_param(request), tenant=principal.tenant, key_id=principal.key_id
+    )
+    reply = await ask_session(request.app[NATS], command, request.app[CONFIG].server.accept_timeout)
+    if not isinstance(reply, SessionDeleted):
+        raise ApiError(500, "Unexpected reply from the session actor.", code="actor_failed")
+    return json_response({"id": reply.session_id, "object": "session.deleted", "deleted": True})

@@ -1,0 +1,128 @@
+"""The worker role: session actors, model actors, memory, router and tools on one connection.
+
+Only `veil serve` and `veil worker` import this: a gateway process never loads the
+actors, their models or their indexes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from nats.aio.client import Client
+
+from actors.engines import Engine, build_engine
+from actors.leases import Leases
+from actors.memory.actor import MemoryActor
+from actors.memory.embedder import default_embedder
+from actors.model_actor import ModelActor
+from actors.router_actor import RouterActor, build_routers
+from actors.session_actor import SessionActor, SessionContext
+from actors.session_front import SessionFront
+from actors.tools.actor import ToolActor, configured_tools
+from bus.connection import connect
+from bus.runtime import ActorHost
+from bus.signals import Signals
+from bus.subjects import SESSION_CANCEL_WILDCARD, SESSION_CMD_WILDCARD, session_from_cmd_subject
+from config import Config
+from eventstore.jetstream import JetStreamEventStore, ensure_stream
+from eventstore.tombstones import TombstoneLog
+from veil import __version__
+from veil.memory_role import MemoryHandle, start_memory
+
+__all__ = ["Workers"]
+
+
+class Workers:
+    """The actors of one worker process: session actors and model actors."""
+
+    def __init__(self, config: Config, nats_url: str) -> None:
+        self._config = config
+        self._url = nats_url
+        self._nc: Client | None = None
+        self._sessions: ActorHost | None = None
+        self._models: ModelActor | None = None
+        self._memory: MemoryHandle | None = None
+        self._router: RouterActor | None = None
+        self._tools: ToolActor | None = None
+        self._leases: Leases | None = None
+        self.signals: Signals | None = None
+
+    async def start(self) -> None:
+        nc = self._nc = await connect(self._url, name="veil-worker")
+        js = nc.jetstream()
+        await ensure_stream(js)
+        tombstones = TombstoneLog(js, nc)
+        await tombstones.ensure()
+        signals = self.signals = Signals(nc, SESSION_CANCEL_WILDCARD)
+        await signals.start()
+        leases = self._leases = Leases(nc)
+        await leases.start()
+        ctx = SessionContext(
+            nc=nc,
+            signals=signals,
+            leases=leases,
+            store=JetStreamEventStore(js, nc),
+            config=self._config,
+            tombstones=tombstones,
+            tools=configured_tools(self._config),
+        )
+        front = SessionFront(ctx)
+        self._sessions = ActorHost(
+            nc,
+            service="veil-session",
+            version=__version__,
+            description="Session actors: one writer per chat session",
+            endpoint="cmd",
+            subject=SESSION_CMD_WILDCARD,
+            key_of=session_from_cmd_subject,
+            factory=lambda sid: SessionActor(sid, ctx),
+            idle_seconds=self._config.server.actor_idle,
+            screen=front.screen,
+        )
+        front.attach(self._sessions)
+        await self._sessions.start()
+        self._memory = await start_memory(self._config, nc, js, ctx.store, tombstones)
+        routers = build_routers(self._config, default_embedder(), nc)
+        if routers:
+            self._router = RouterActor(nc, routers, version=__version__)
+            await self._router.start()
+        if any(p.tools for p in self._config.pipelines.values()):
+            self._tools = ToolActor(nc, configured_tools(self._config), version=__version__)
+            await self._tools.start()
+        engines: dict[str, Engine] = {
+            name: build_engine(self._config, name) for name in self._config.engines
+        }
+        self._models = ModelActor(nc, engines, version=__version__, signals=signals)
+        await self._models.start()
+
+    @property
+    def nc(self) -> Client:
+        assert self._nc is not None
+        return self._nc
+
+    @property
+    def sessions(self) -> ActorHost:
+        """The session actors' host (how many are active, for operators and tests)."""
+        assert self._sessions is not None
+        return self._sessions
+
+    @property
+    def memory(self) -> MemoryActor | None:
+        return self._memory.actor if self._memory is not None else None
+
+    async def stop(self) -> None:
+        if self._sessions is not None:
+            await self._sessions.stop()
+        if self._leases is not None:
+            await self._leases.stop()
+        if self._models is not None:
+            await self._models.stop()
+        if self._memory is not None:
+            await self._memory.stop()
+        if self._router is not None:
+            await self._router.stop()
+        if self._tools is not None:
+            await self._tools.stop()
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await self._nc.drain()
