@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
 __all__ = ["BUSY_SHARE", "LoopShare", "give_way"]
 
@@ -31,38 +32,48 @@ class LoopShare:
     that thread's own, so worker threads (embedding, SQLite) do not count.
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        cpu: Callable[[], float] = time.thread_time,
+        wall: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        # Injectable, so that tests drive time and load instead of measuring them.
+        self.cpu = cpu
+        self.wall = wall
+        self.sleep = sleep
         self.reset()
 
     def reset(self) -> None:
-        self._cpu = time.thread_time()
-        self._wall = time.monotonic()
+        self._cpu = self.cpu()
+        self._wall = self.wall()
 
     def share(self) -> float:
-        wall = time.monotonic() - self._wall
-        return (time.thread_time() - self._cpu) / wall if wall > 0 else 0.0
+        wall = self.wall() - self._wall
+        return (self.cpu() - self._cpu) / wall if wall > 0 else 0.0
 
     async def busy(self, threshold: float = BUSY_SHARE) -> bool:
         """Whether the thread was busy lately: over the time since `reset`, waiting until
         that is WINDOW long; a quiet stretch longer than LOOKBACK starts afresh."""
-        wall = time.monotonic() - self._wall
+        wall = self.wall() - self._wall
         if wall > LOOKBACK:
             self.reset()  # a long quiet past says nothing of the present
             wall = 0.0
         if wall < WINDOW:
-            await asyncio.sleep(WINDOW - wall)
+            await self.sleep(WINDOW - wall)
         return self.share() >= threshold
 
 
 async def give_way(load: LoopShare, within: float) -> float:
     """Wait while the loop's thread stays busy, for at most `within` seconds; returns the wait."""
-    started = time.monotonic()
+    started = load.wall()
     deadline = started + within
     while True:
-        now = time.monotonic()
+        now = load.wall()
         if now >= deadline:
             return now - started
         load.reset()
-        await asyncio.sleep(min(POLL, deadline - now))
+        await load.sleep(min(POLL, deadline - now))
         if not await load.busy():
-            return time.monotonic() - started
+            return load.wall() - started

@@ -1,4 +1,8 @@
-"""Shared fixtures: one real nats-server with JetStream per test session."""
+"""Shared fixtures: a real nats-server with JetStream for each test module.
+
+Each module gets its own server (it starts in milliseconds): a module whose fixture
+fails half-way, leaving workers subscribed, cannot answer another module's commands.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from nats.aio.client import Client
 from veil.natsserver import NatsServer
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
     server = NatsServer(tmp_path_factory.mktemp("nats-store"))
     server.start()
@@ -20,7 +24,7 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer
     server.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def nats_url(nats_server: NatsServer) -> str:
     return nats_server.url
 

@@ -7,6 +7,7 @@ while the test's own loop stays free.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import tempfile
 import threading
 from collections.abc import Coroutine
@@ -90,7 +91,14 @@ class VeilThread:
 
     def start(self) -> VeilThread:
         self._thread.start()
-        self.call(self._start())
+        try:
+            self.call(self._start())
+        except BaseException:
+            # A start that failed half-way stops what it started: no worker stays behind
+            # to answer a later module's commands.
+            with contextlib.suppress(Exception):
+                self.stop()
+            raise
         return self
 
     def stop(self) -> None:

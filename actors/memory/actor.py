@@ -82,6 +82,7 @@ class MemoryActor:
         tombstones: TombstoneLog,
         version: str,
         max_lag: float = 0.0,
+        loop_share: LoopShare | None = None,
     ) -> None:
         self._nc = nc
         self._js = js
@@ -96,7 +97,7 @@ class MemoryActor:
         # While turns keep the event loop busy, indexing waits, up to this many
         # seconds behind the log (0: index at once).
         self._max_lag = max_lag
-        self._loop_share = LoopShare()
+        self._loop_share = loop_share or LoopShare()
         self._progress = Progress()
         self._service: Service | None = None
         self._task: asyncio.Task[None] | None = None

@@ -130,7 +130,9 @@ async def test_cancel_mid_stream_stops_the_thread_and_keeps_the_partial_text(
     after = EngineOutput()
     await engine.generate(MODEL, QUESTION, {"max_tokens": 1}, None, after)
     waited = time.perf_counter() - cancelled_at
-    assert waited < min(1.0, full_s / 3), (waited, full_s)
+    # Relative to a full generation in this same run (machines differ fourfold): had the
+    # cancelled thread run on to its end, the next job would have waited most of full_s.
+    assert waited < full_s / 2, (waited, full_s)
     assert output.content == "".join(seen)
 
 
