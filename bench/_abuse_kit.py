@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
 import os
 import re
 import resource
@@ -29,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
+from bench._stats import percentile
 from tests.procs import REPO, VeilProcess, processes_mentioning
 
 __all__ = [
@@ -74,11 +74,8 @@ def raise_open_files() -> tuple[int, int]:
 
 
 def pct(samples: list[float], p: float) -> float | None:
-    """Nearest-rank percentile; None without samples."""
-    if not samples:
-        return None
-    ordered = sorted(samples)
-    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+    """The shared percentile (bench/_stats.py); None without samples."""
+    return percentile(samples, p) if samples else None
 
 
 # -- processes ---------------------------------------------------------------------------------

@@ -82,8 +82,3 @@ async def one(
         completion_tokens=output.usage.completion_tokens,
         finish_reason=output.finish_reason,
     )
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]

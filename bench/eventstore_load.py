@@ -6,7 +6,7 @@ Run: python bench/eventstore_load.py   (spawns its own nats-server; under a minu
 from __future__ import annotations
 
 import asyncio
-import statistics
+import sys
 import tempfile
 import time
 from datetime import UTC, datetime, timedelta
@@ -14,6 +14,9 @@ from pathlib import Path
 
 import nats
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._stats import percentile
 from bus.codec import Codec
 from bus.subjects import EVENTS_STREAM, session_events
 from eventstore.events import ChatMessage, EventUnion, ReplyCompleted, TurnStarted, Usage
@@ -48,11 +51,6 @@ def event(i: int) -> EventUnion:
         finish_reason="stop",
         usage=Usage(prompt_tokens=40, completion_tokens=60, total_tokens=100),
     )
-
-
-def pct(samples: list[float], p: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(p * len(ordered)))]
 
 
 async def run(url: str) -> None:
@@ -96,7 +94,7 @@ async def run(url: str) -> None:
             samples.append((time.perf_counter() - started) * 1e3)
         print(
             f"load 1,000 of {total + 2 * APPENDS:,} events, batch {load_batch}: "
-            f"p50 {statistics.median(samples):.1f} ms, p99 {pct(samples, 0.99):.1f} ms"
+            f"p50 {percentile(samples, 50):.1f} ms, p99 {percentile(samples, 99):.1f} ms"
         )
 
     samples = []
@@ -104,7 +102,7 @@ async def run(url: str) -> None:
         started = time.perf_counter()
         await store.last_seq("s050")
         samples.append((time.perf_counter() - started) * 1e3)
-    print(f"last_seq: p50 {statistics.median(samples):.2f} ms, p99 {pct(samples, 0.99):.2f} ms")
+    print(f"last_seq: p50 {percentile(samples, 50):.2f} ms, p99 {percentile(samples, 99):.2f} ms")
 
     started = time.perf_counter()
     listed = await store.sessions()

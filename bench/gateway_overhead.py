@@ -53,6 +53,10 @@ import aiohttp
 import msgspec
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench._stats import percentile
+
 MODEL = "veil"  # Veil's public model name
 UPSTREAM_MODEL = "gpt-4o-mini"  # what Veil asks its upstream for by default
 TARGET_ADDED_P50_MS = 2.0
@@ -312,11 +316,8 @@ async def _read_sse(
 
 
 def pct(samples: list[float], p: float) -> float | None:
-    """Nearest-rank percentile, rounded to µs; None without samples."""
-    if not samples:
-        return None
-    ordered = sorted(samples)
-    return round(ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)], 3)
+    """The shared percentile (bench/_stats.py), rounded to µs; None without samples."""
+    return round(percentile(samples, p), 3) if samples else None
 
 
 @dataclass

@@ -25,7 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from actors.engines.llamacpp import LlamaCppEngine
-from bench._engine_runs import QUESTIONS, STORY, Run, one, pct, rss_mb
+from bench._engine_runs import QUESTIONS, STORY, Run, one, rss_mb
+from bench._stats import percentile
 
 
 def ask(
@@ -70,7 +71,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         "rss_mb_before_load": rss_before,
         "rss_mb_after_load": rss_loaded,
         "ttft_ms_p50": statistics.median(ttfts),
-        "ttft_ms_p90": pct(ttfts, 0.9),
+        "ttft_ms_p90": percentile(ttfts, 90),
         "one_generation": asdict(long)
         | {
             "decode_tokens_per_s": decode_tps,

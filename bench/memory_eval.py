@@ -67,6 +67,7 @@ from actors.memory.embedder import default_embedder
 from actors.memory.index import MemoryIndex
 from actors.memory.projector import Projector, records_of
 from actors.memory.prompting import choose_memories
+from bench._stats import percentile
 from bus.codec import Codec
 from bus.subjects import session_events
 from config import MemoryPolicy
@@ -320,11 +321,6 @@ async def run_mode(
 # -- reporting -----------------------------------------------------------------
 
 
-def pct(samples: Sequence[float], p: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(p * len(ordered)))]
-
-
 def metrics(outcomes: Sequence[Outcome]) -> tuple[float, float, float, float]:
     """recall@1, recall@5, recall@10 and MRR@10."""
     n = len(outcomes)
@@ -469,7 +465,9 @@ def report(data: EvalSet, log: Log, res: Results, repeat: int) -> None:
     )
     print(f"\nlatency per query, ms ({repeat} warm passes of {n} queries, search only):")
     for name, samples in [*res.latency_ms.items(), ("embed", res.embed_ms)]:
-        print(f"  {name:<8} p50 {statistics.median(samples):6.2f}   p99 {pct(samples, 0.99):6.2f}")
+        print(
+            f"  {name:<8} p50 {statistics.median(samples):6.2f}   p99 {percentile(samples, 99):6.2f}"
+        )
     print("  (embedding the query adds to hybrid and vector recall)")
 
 

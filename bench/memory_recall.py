@@ -17,7 +17,7 @@ import asyncio
 import os
 import random
 import shutil
-import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -27,8 +27,11 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from actors.memory.embedder import Embedder
 from actors.memory.index import VECTOR_CANDIDATES, MemoryIndex, MemoryRecord
+from bench._stats import percentile
 
 TENANT = "acme"
 USER = "u-heavy"
@@ -259,11 +262,6 @@ def spread() -> Iterator[tuple[str | None, str]]:
         yield (f"user-{i}", f"sess-{i}") if i % 5 else (None, f"anon-{i}")
 
 
-def pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(q * len(s)))]
-
-
 async def measure(
     index: MemoryIndex,
     queries: list[str],
@@ -299,7 +297,7 @@ async def measure(
                 times.append((time.perf_counter() - t0) * 1000)
         print(
             f"  {label:<26} stored={stored:>9,} scope={scope:>8,} {name:<8}"
-            f" p50 {statistics.median(times):6.2f} ms  p99 {pct(times, 0.99):6.2f} ms"
+            f" p50 {percentile(times, 50):6.2f} ms  p99 {percentile(times, 99):6.2f} ms"
         )
 
 

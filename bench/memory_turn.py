@@ -27,6 +27,10 @@ from pathlib import Path
 import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench._stats import percentile
+
 JSON = {"Content-Type": "application/json"}
 SENTENCES = [
     "I just got back from a hiking trip in the Dolomites.",
@@ -91,11 +95,6 @@ async def drive(base: str, sessions: int, turns: int) -> list[float]:
     return latencies
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sessions", type=int, default=20)
@@ -143,10 +142,10 @@ def main() -> None:
     print(f"{args.sessions} sessions x {args.turns} turns, one client, zero-delay upstream")
     for label, values in results.items():
         print(
-            f"  {label:10}  p50 {pct(values, 0.5):6.2f} ms  p99 {pct(values, 0.99):6.2f} ms  n={len(values)}"
+            f"  {label:10}  p50 {percentile(values, 50):6.2f} ms  p99 {percentile(values, 99):6.2f} ms  n={len(values)}"
         )
-    added50 = pct(results["memory on"], 0.5) - pct(results["memory off"], 0.5)
-    added99 = pct(results["memory on"], 0.99) - pct(results["memory off"], 0.99)
+    added50 = percentile(results["memory on"], 50) - percentile(results["memory off"], 50)
+    added99 = percentile(results["memory on"], 99) - percentile(results["memory off"], 99)
     print(f"  memory adds p50 {added50:.2f} ms, p99 {added99:.2f} ms (target: p50 under 8 ms)")
 
 
