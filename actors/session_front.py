@@ -85,7 +85,7 @@ class SessionFront:
             case StartTurn():
                 if live is not None and live.owned_by(command.tenant):
                     return Envelope(request, command)  # the common case: no I/O, no task
-                return self._admit(key, request, command, live)
+                return self._admit(key, request, command)
             case DeleteSession():
                 return self._delete(key, request, command, live)
             case GetSession() | SearchMemories():
@@ -93,9 +93,7 @@ class SessionFront:
             case _:
                 assert_never(command)
 
-    async def _admit(
-        self, key: str, request: Request, command: StartTurn, live: SessionActor | None
-    ) -> None:
+    async def _admit(self, key: str, request: Request, command: StartTurn) -> None:
         if not await self._owned_in_log(key, command.tenant):
             await _refuse(request, _not_found(key))
             return
