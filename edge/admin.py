@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 from aiohttp import BodyPartReader, web
-from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeout
 
-from bus.requests import BUS_DOWN, nats_request
 from bus.subjects import KNOWLEDGE_ADMIN, is_valid_id
 from contracts.knowledge import ADMIN_CODEC, ADMIN_REPLY_CODEC, AdminRequest
 from edge.openai_wire import ApiError
-from edge.relay import bus_unavailable
+from edge.relay import ask_bus
 from edge.webkeys import CONFIG, NATS, PRINCIPAL, body_deadline, json_response
 
 __all__ = ["add_admin_routes"]
@@ -40,18 +37,14 @@ async def _ask(request: web.Request, ask: AdminRequest) -> web.Response:
             param="collection",
             code="invalid_value",
         )
-    try:
-        msg = await nats_request(
-            request.app[NATS], KNOWLEDGE_ADMIN, ADMIN_CODEC.encode(ask), timeout=600
-        )
-    except NoRespondersError:
-        raise ApiError(
-            503, "The knowledge base is not running.", code="service_unavailable"
-        ) from None
-    except NatsTimeout:
-        raise ApiError(504, "The knowledge base did not answer in time.", code="timeout") from None
-    except BUS_DOWN:
-        raise bus_unavailable() from None
+    msg = await ask_bus(
+        request.app[NATS],
+        KNOWLEDGE_ADMIN,
+        ADMIN_CODEC.encode(ask),
+        600,
+        absent="The knowledge base is not running.",
+        late="The knowledge base did not answer in time.",
+    )
     reply = ADMIN_REPLY_CODEC.decode(msg.data)
     if not reply.ok:
         raise ApiError(reply.status, reply.error or "refused", code="knowledge_error")

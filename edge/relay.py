@@ -35,7 +35,7 @@ from contracts.session import (
 )
 from edge.openai_wire import ApiError
 
-__all__ = ["ClientGone", "TurnRelay", "ask_session", "bus_unavailable", "run_turn"]
+__all__ = ["ClientGone", "TurnRelay", "ask_bus", "ask_session", "bus_unavailable", "run_turn"]
 
 # How often a waiting relay checks that its HTTP client is still there.
 POLL_SECONDS = 0.25
@@ -53,28 +53,34 @@ def bus_unavailable() -> ApiError:
     )
 
 
-async def ask_session(nc: Client, command: SessionCommandUnion, timeout: float) -> TurnReplyUnion:
-    """One request to a session actor; refusals and bus failures become ApiErrors.
-
-    While the bus is down this fails at once (503) instead of waiting out `timeout`.
-    """
+async def ask_bus(
+    nc: Client, subject: str, payload: bytes, timeout: float, *, absent: str, late: str
+) -> Msg:
+    """One request from the gateway; bus failures become ApiErrors: 503 `absent` when
+    nobody serves the subject, 504 `late` after `timeout`, 503 at once while the bus
+    is down (instead of waiting out `timeout`)."""
     if not nc.is_connected:
         raise bus_unavailable()
     try:
-        msg = await nats_request(
-            nc,
-            session_cmd(command.session_id),
-            SESSION_COMMAND_CODEC.encode(command),
-            timeout=timeout,
-        )
+        return await nats_request(nc, subject, payload, timeout=timeout)
     except NoRespondersError:
-        raise ApiError(
-            503, "No session worker is running; try again shortly.", code="service_unavailable"
-        ) from None
+        raise ApiError(503, absent, code="service_unavailable") from None
     except NatsTimeout:
-        raise ApiError(504, "The session did not answer in time.", code="timeout") from None
+        raise ApiError(504, late, code="timeout") from None
     except BUS_DOWN:
         raise bus_unavailable() from None
+
+
+async def ask_session(nc: Client, command: SessionCommandUnion, timeout: float) -> TurnReplyUnion:
+    """One request to a session actor; refusals and bus failures become ApiErrors."""
+    msg = await ask_bus(
+        nc,
+        session_cmd(command.session_id),
+        SESSION_COMMAND_CODEC.encode(command),
+        timeout,
+        absent="No session worker is running; try again shortly.",
+        late="The session did not answer in time.",
+    )
     if msg.headers and msg.headers.get("Nats-Service-Error-Code"):
         raise ApiError(
             500,
