@@ -1,4 +1,4 @@
-"""What a session actor's parts share: the context of a worker's actors, and error helpers."""
+"""What the session actor and its front share: the context of a worker's actors, helpers."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from datetime import UTC, datetime
 
 import msgspec
 from nats.aio.client import Client
-from nats.micro.request import Request
 
 from actors import session
 from actors.errors import SessionNotFound
@@ -18,11 +17,10 @@ from bus.signals import Signals
 from config import Config
 from contracts.errors import ErrorInfo, error_info
 from contracts.session import TurnDone, TurnError
-from eventstore.events import EventUnion
 from eventstore.store import EventStore, StoredEvent
 from eventstore.tombstones import TombstoneLog
 
-__all__ = ["FOLD_IN_THREAD_AT", "SessionContext", "SessionPart", "fold_stored"]
+__all__ = ["FOLD_IN_THREAD_AT", "SessionContext", "fold_stored"]
 
 # Events folded on the event loop at most; more (a long session's activation) fold
 # in a thread, so that other sessions' requests keep being served meanwhile: each
@@ -45,26 +43,6 @@ class SessionContext(msgspec.Struct, kw_only=True):
     # Every tool a pipeline may name (their schemas go to the model; the tool actor runs them).
     tools: dict[str, Tool] = {}
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
-
-
-class SessionPart:
-    """What SessionActor provides to the parts mixed into it (for the type checker)."""
-
-    session_id: str
-    _ctx: SessionContext
-    _state: session.SessionState
-    _erased: bool
-
-    async def _append(
-        self, command: session.Command, dedupe_id: str | None = None
-    ) -> list[EventUnion]:
-        raise NotImplementedError
-
-    async def _reload(self) -> None:
-        raise NotImplementedError
-
-    async def _reject(self, request: Request, error: ErrorInfo) -> None:
-        raise NotImplementedError
 
 
 async def fold_stored(

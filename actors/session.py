@@ -24,7 +24,6 @@ from actors.errors import (
 )
 from actors.tokens import message_tokens
 from contracts.errors import ErrorInfo, error_type
-from contracts.model import GenerateResult
 from contracts.session import StartTurn
 from eventstore.events import (
     ChatMessage,
@@ -47,21 +46,11 @@ from eventstore.events import (
 )
 
 __all__ = [
-    "CancelTurn",
     "Command",
-    "CompleteTurn",
-    "FailTurn",
     "OpenTurn",
     "OpenTurnState",
-    "RecordDocuments",
-    "RecordFacts",
-    "RecordModelCall",
-    "RecordRecall",
-    "RecordRoute",
-    "RecordToolStep",
-    "RecordToolStop",
+    "Record",
     "SessionState",
-    "Summarize",
     "TurnOutcome",
     "decide",
     "evolve",
@@ -146,95 +135,16 @@ class OpenTurn(msgspec.Struct, frozen=True, kw_only=True):
     holder_gone: str | None = None
 
 
-class CompleteTurn(msgspec.Struct, frozen=True, kw_only=True):
-    turn_id: str
-    result: GenerateResult
-    now: datetime
-
-
-class FailTurn(msgspec.Struct, frozen=True, kw_only=True):
-    turn_id: str
-    error: ErrorInfo
-    now: datetime
-    result: GenerateResult | None = None
-
-
-class CancelTurn(msgspec.Struct, frozen=True, kw_only=True):
-    turn_id: str
-    now: datetime
-    result: GenerateResult | None = None
-    reason: str = "client_disconnected"
-
-
-class Summarize(msgspec.Struct, frozen=True, kw_only=True):
-    """Record a summary of history[:covers], written by the model for this turn."""
+class Record(msgspec.Struct, frozen=True, kw_only=True):
+    """Record what a turn's workflow (actors/turn.py) decided, while the turn is open;
+    `after_turn`: after it closed (a fact extraction), while the session exists."""
 
     turn_id: str
-    summary: str
-    covers: int
-    result: GenerateResult
-    now: datetime
+    events: tuple[EventUnion, ...]
+    after_turn: bool = False
 
 
-class RecordModelCall(msgspec.Struct, frozen=True, kw_only=True):
-    """Record a model call that shaped nothing (a failed summary, say)."""
-
-    turn_id: str
-    result: GenerateResult
-    purpose: str
-    now: datetime
-
-
-class RecordRecall(msgspec.Struct, frozen=True, kw_only=True):
-    """Record what long-term memory returned for the open turn."""
-
-    recalled: MemoryRecalled
-
-
-class RecordFacts(msgspec.Struct, frozen=True, kw_only=True):
-    """Record facts the model extracted from a completed turn."""
-
-    turn_id: str
-    facts: list[str]
-    result: GenerateResult
-    now: datetime
-
-
-class RecordToolStep(msgspec.Struct, frozen=True, kw_only=True):
-    """Record one step of the hidden tool loop with the model call that asked for it."""
-
-    step: ToolsCalled
-    result: GenerateResult
-
-
-class RecordToolStop(msgspec.Struct, frozen=True, kw_only=True):
-    stopped: ToolLoopStopped
-
-
-class RecordDocuments(msgspec.Struct, frozen=True, kw_only=True):
-    retrieved: DocumentsRetrieved
-
-
-class RecordRoute(msgspec.Struct, frozen=True, kw_only=True):
-    """Record the pipeline chosen for the open turn."""
-
-    chosen: PipelineChosen
-
-
-Command = (
-    OpenTurn
-    | CompleteTurn
-    | FailTurn
-    | CancelTurn
-    | Summarize
-    | RecordModelCall
-    | RecordRecall
-    | RecordRoute
-    | RecordFacts
-    | RecordToolStep
-    | RecordToolStop
-    | RecordDocuments
-)
+Command = OpenTurn | Record
 
 
 def initial() -> SessionState:
@@ -263,24 +173,6 @@ def _split_messages(
         dialogue = dialogue[n:]
     system = "\n\n".join(system_parts) if system_parts else None
     return system, dialogue
-
-
-def _model_called(
-    turn_id: str, result: GenerateResult, now: datetime, purpose: str = "reply"
-) -> ModelCalled:
-    return ModelCalled(
-        purpose=purpose,
-        at=now,
-        turn_id=turn_id,
-        engine=result.engine,
-        upstream_model=result.upstream_model,
-        latency_ms=result.latency_ms,
-        ttft_ms=result.ttft_ms,
-        usage=result.usage,
-        finish_reason=None if result.error else result.finish_reason,
-        error=result.error.message if result.error else None,
-        status=result.error.status if result.error else None,
-    )
 
 
 def _same_request(recorded: str | None, start: StartTurn) -> None:
@@ -392,84 +284,12 @@ def decide(state: SessionState, command: Command) -> list[EventUnion]:
     match command:
         case OpenTurn():
             return _decide_open(state, command)
-        case CompleteTurn(turn_id=turn_id, result=result, now=now):
-            if not _require_open(state, turn_id):
-                return []  # already closed (cancelled, or taken over): nothing to add
-            return [
-                ReplyCompleted(
-                    at=now,
-                    turn_id=turn_id,
-                    content=result.content,
-                    finish_reason=result.finish_reason,
-                    usage=result.usage,
-                    tool_calls=result.tool_calls,
-                    alternatives=result.alternatives,
-                    engine=result.engine,
-                    upstream_model=result.upstream_model,
-                    latency_ms=result.latency_ms,
-                    ttft_ms=result.ttft_ms,
-                ),
-            ]
-        case FailTurn(turn_id=turn_id, error=error, now=now, result=result):
-            if not _require_open(state, turn_id):
-                return []
-            events: list[EventUnion] = []
-            if result is not None:
-                events.append(_model_called(turn_id, result, now))
-            events.append(
-                TurnFailed(
-                    at=now,
-                    turn_id=turn_id,
-                    status=error.status,
-                    code=error.code,
-                    message=error.message,
-                )
-            )
-            return events
-        case CancelTurn(turn_id=turn_id, now=now, result=result, reason=reason):
-            if not _require_open(state, turn_id):
-                return []
-            events = []
-            if result is not None:
-                events.append(_model_called(turn_id, result, now))
-            events.append(
-                TurnCancelled(
-                    at=now,
-                    turn_id=turn_id,
-                    content=result.content if result else "",
-                    usage=result.usage if result else Usage(),
-                    reason=reason,
-                )
-            )
-            return events
-        case Summarize(turn_id=turn_id, summary=summary, covers=covers, result=result, now=now):
-            if not _require_open(state, turn_id) or not state.summarized < covers <= len(
-                state.history
-            ):
-                return []
-            return [
-                _model_called(turn_id, result, now, "summary"),
-                HistorySummarized(at=now, turn_id=turn_id, summary=summary, covers=covers),
-            ]
-        case RecordModelCall(turn_id=turn_id, result=result, purpose=purpose, now=now):
-            return [_model_called(turn_id, result, now, purpose)]
-        case RecordRecall(recalled=recalled):
-            return [recalled] if _require_open(state, recalled.turn_id) else []
-        case RecordDocuments(retrieved=retrieved):
-            return [retrieved] if _require_open(state, retrieved.turn_id) else []
-        case RecordRoute(chosen=chosen):
-            return [chosen] if _require_open(state, chosen.turn_id) else []
-        case RecordToolStep(step=step, result=result):
-            if not _require_open(state, step.turn_id):
-                return []
-            return [_model_called(step.turn_id, result, step.at), step]
-        case RecordToolStop(stopped=stopped):
-            return [stopped] if _require_open(state, stopped.turn_id) else []
-        case RecordFacts(turn_id=turn_id, facts=facts, result=result, now=now):
-            events = [_model_called(turn_id, result, now, "facts")]
-            if facts:
-                events.append(FactsExtracted(at=now, turn_id=turn_id, facts=facts))
-            return events
+        case Record(turn_id=turn_id, events=events, after_turn=after_turn):
+            if after_turn:
+                # A deleted session stays deleted: nothing is recorded into its place.
+                return list(events) if state.session_id is not None else []
+            # A turn already closed (cancelled, or taken over by another writer) takes no more.
+            return list(events) if _require_open(state, turn_id) else []
         case _:
             assert_never(command)
 

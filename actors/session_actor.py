@@ -12,57 +12,42 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
-from typing import Any, assert_never
+from typing import assert_never
 
-import msgspec
 import structlog
 from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.micro.request import Request
 
-from actors import session
-from actors.engines import unsupported_parameter
+from actors import session, turn
+from actors._session_common import SessionContext, _not_found, _outcome_message, fold_stored
 from actors.errors import ActorError, AlreadyHandled, RequestAbandoned, TurnInProgress
-from actors.model_chain import run_chain
+from actors.memory.actor import ask_forget
+from actors.turn_effects import TurnEffects
 from bus.codec import DecodeError
-from bus.requests import BUS_DOWN, nats_request
+from bus.requests import BUS_DOWN
 from bus.runtime import Envelope
-from bus.subjects import (
-    ROUTER_ROUTE,
-    session_cancel,
-    session_events,
-    session_out,
-)
+from bus.subjects import session_cancel, session_events, session_out
 from config import ModelConfig
 from contracts.errors import ErrorInfo, error_info
-from contracts.model import GenerateRequest, GenerateResult
-from contracts.router import ROUTE_CODEC, ROUTE_REPLY_CODEC, RouteDecision, RouteRequest
+from contracts.memory import ForgetRequest
 from contracts.session import (
     OUTPUT_CODEC,
     TURN_REPLY_CODEC,
     DeleteSession,
+    SessionDeleted,
     StartTurn,
     TurnAccepted,
     TurnDone,
     TurnError,
     TurnRejected,
 )
-from eventstore.errors import ConcurrencyConflict, StoreUnavailable
-from eventstore.events import (
-    ChatMessage,
-    EventUnion,
-    PipelineChosen,
-    ToolLoopStopped,
-    ToolsCalled,
-    TurnFailed,
-)
+from eventstore.errors import ConcurrencyConflict, EventStoreError, StoreUnavailable
+from eventstore.events import EventUnion, TurnFailed
+from eventstore.tombstones import Tombstone
 
 __all__ = ["SessionActor", "SessionContext"]
-
-from actors._session_common import SessionContext, _outcome_message, fold_stored
-from actors._session_queries import SessionQueries
-from actors._turn_steps import TurnSteps
 
 log = structlog.get_logger("veil.session")
 
@@ -70,13 +55,15 @@ log = structlog.get_logger("veil.session")
 MAX_CONFLICTS = 20
 # While another worker's turn holds the session, ask it this often whether it still runs.
 PROBE_EVERY = 2.0
+FORGET_TIMEOUT = 10.0
 GONE_BEFORE_START = "The client went away before the turn could start."
 
 
-class SessionActor(SessionQueries, TurnSteps):
+class SessionActor:
     def __init__(self, session_id: str, ctx: SessionContext) -> None:
         self.session_id = session_id
         self._ctx = ctx
+        self._effects = TurnEffects(ctx.nc, model_timeout=ctx.config.server.turn_timeout)
         self._state = session.initial()
         self._last_seq = 0
         self._loaded = False
@@ -84,11 +71,20 @@ class SessionActor(SessionQueries, TurnSteps):
         self._assumed_new = False
         # The session was deleted: its id stays unused.
         self._erased = False
+        # Work that records into the log after its turn, off the mailbox (fact extraction):
+        # it and the mailbox's turns write one at a time.
+        self._after: set[asyncio.Task[None]] = set()
+        self._writing = asyncio.Lock()
 
     async def stop(self) -> None:
-        return None
+        if self._after:
+            await asyncio.gather(*self._after, return_exceptions=True)
 
     async def _reload(self) -> None:
+        async with self._writing:
+            await self._catch_up()
+
+    async def _catch_up(self) -> None:
         """Catch up with the log: everything after what this actor has seen."""
         # A deletion that was cut short after its tombstone: finish it first.
         if (
@@ -118,6 +114,12 @@ class SessionActor(SessionQueries, TurnSteps):
         self, command: session.Command, dedupe_id: str | None = None
     ) -> list[EventUnion]:
         """Decide and append, reloading and deciding again on a conflict."""
+        async with self._writing:
+            return await self._append_now(command, dedupe_id)
+
+    async def _append_now(
+        self, command: session.Command, dedupe_id: str | None
+    ) -> list[EventUnion]:
         for _ in range(MAX_CONFLICTS):
             events = session.decide(self._state, command)
             if not events:
@@ -133,7 +135,7 @@ class SessionActor(SessionQueries, TurnSteps):
                 )
             except ConcurrencyConflict:
                 self._assumed_new = False
-                await self._reload()
+                await self._catch_up()
                 continue
             self._assumed_new = False
             for event in events:
@@ -183,17 +185,12 @@ class SessionActor(SessionQueries, TurnSteps):
                 assert_never(command)
 
     async def _start_turn(self, request: Request, start: StartTurn) -> None:
+        refusal = turn.admit(self._ctx.config, start)
+        if refusal is not None:
+            await self._reject(request, refusal)
+            return
         model = self._ctx.config.model(start.model)
-        if model is None:
-            await self._reject(
-                request,
-                error_info(404, "model_not_found", f"The model '{start.model}' does not exist."),
-            )
-            return
-        bad_param = self._check_params(model, start)
-        if bad_param is not None:
-            await self._reject(request, bad_param)
-            return
+        assert model is not None  # admitted
         if self._ctx.signals.fired(session_cancel(self.session_id, start.abandon_id)):
             # Its client gave up while it waited for the session: it never starts.
             await self._reject(request, error_info(499, "client_gone", GONE_BEFORE_START))
@@ -205,10 +202,8 @@ class SessionActor(SessionQueries, TurnSteps):
         """Open and run the turn while this worker answers that it holds its lease."""
         out = session_out(self.session_id, start.turn_id)
         finish = self._finisher(request, start, out)
-        # With one pipeline the choice needs no router: TurnStarted records it.
-        only = model.candidates[0] if len(model.candidates) == 1 else None
         try:
-            await self._open(start, only)
+            await self._open(start, turn.only_pipeline(model))
         except AlreadyHandled as handled:
             if start.stream:
                 await request.respond(
@@ -241,22 +236,6 @@ class SessionActor(SessionQueries, TurnSteps):
             await request.respond(TURN_REPLY_CODEC.encode(message))
 
         return publish if start.stream else reply
-
-    def _check_params(self, model: ModelConfig, start: StartTurn) -> ErrorInfo | None:
-        """Refuse parameters an engine that may answer cannot honour, before the log is touched."""
-        config = self._ctx.config
-        links = [link for name in model.candidates for link in config.pipelines[name].chain]
-        for link in links:
-            name = unsupported_parameter(config.engines[link.engine].kind, start.params)
-            if name is not None:
-                return ErrorInfo(
-                    status=400,
-                    type="invalid_request_error",
-                    code="unsupported_parameter",
-                    message=f"The parameter '{name}' is not supported by the model '{start.model}'.",
-                    param=name,
-                )
-        return None
 
     async def _open(self, start: StartTurn, pipeline: str | None) -> None:
         """Append TurnStarted, waiting while another writer's turn holds the lease.
@@ -346,177 +325,94 @@ class SessionActor(SessionQueries, TurnSteps):
             unwatch()
             await sub.unsubscribe()
 
-    def _chosen(self, start: StartTurn, decision: RouteDecision) -> PipelineChosen:
-        return PipelineChosen(
-            at=self._ctx.clock(),
-            turn_id=start.turn_id,
-            pipeline=decision.pipeline,
-            means=decision.means,
-            detail=decision.detail,
-            scores=decision.scores,
-            runner_up=decision.runner_up,
-            runner_up_score=decision.runner_up_score,
-        )
-
-    async def _choose_pipeline(self, start: StartTurn, model: ModelConfig) -> str:
-        """Ask the router (for a model with several pipelines) and record its decision."""
-        candidates = model.candidates
-        if len(candidates) == 1:
-            return candidates[0]  # recorded with TurnStarted
-        state = self._state
-        text = next((m.content for m in reversed(start.messages) if m.role == "user"), "")
-        pinned = state.pipeline if model.pin and state.last_model == start.model else None
-        ask = RouteRequest(model=start.model, text=text, metadata=start.metadata, pinned=pinned)
-        try:
-            reply = await nats_request(
-                self._ctx.nc, ROUTER_ROUTE, ROUTE_CODEC.encode(ask), timeout=10
-            )
-            decision = ROUTE_REPLY_CODEC.decode(reply.data)
-        except (NoRespondersError, NatsTimeout, DecodeError) as failure:
-            log.warning("session.router_unavailable", session=self.session_id, error=repr(failure))
-            decision = RouteDecision(
-                pipeline=pinned or candidates[0],
-                means="pinned" if pinned else "default",
-                detail=f"router unavailable: {failure!r}",
-            )
-        await self._append(session.RecordRoute(chosen=self._chosen(start, decision)))
-        return decision.pipeline
-
     async def _run_turn(
         self,
         start: StartTurn,
         model: ModelConfig,
         finish: Callable[[TurnDone | TurnError], Awaitable[None]],
     ) -> None:
-        out = session_out(self.session_id, start.turn_id)
-        nc = self._ctx.nc
-        pipeline = self._ctx.config.pipelines[await self._choose_pipeline(start, model)]
-        cancel_subject = session_cancel(self.session_id, start.turn_id)
+        """Run the turn's workflow (actors/turn.py): record what it decides, run its effects."""
+        config = self._ctx.config
+        setup = turn.TurnSetup(
+            start=start,
+            model=model,
+            pipelines=config.pipelines,
+            tool_schemas={name: tool.schema() for name, tool in self._ctx.tools.items()},
+            memory_enabled=config.memory.enabled,
+        )
         cancelled = asyncio.Event()
-        unwatch = await self._ctx.signals.watch(cancel_subject, cancelled.set)
-        result: GenerateResult | None = None
-        error: ErrorInfo | None = None
+        unwatch = await self._ctx.signals.watch(
+            session_cancel(self.session_id, start.turn_id), cancelled.set
+        )
         try:
-            if pipeline.summarize:
-                await self._fold_history(start.turn_id, pipeline)
-            memories = await self._recall(start, pipeline)
-            documents = await self._retrieve(start, pipeline)
-            memories = "\n\n".join(part for part in (memories, documents) if part) or None
-            server_tools = [self._ctx.tools[name] for name in pipeline.tools]
-            hidden = [t.name for t in server_tools]
-            params = pipeline.params.under(start.params)
-            if server_tools:
-                params["tools"] = [*params.get("tools", []), *(t.schema() for t in server_tools)]
-
-            async def record(failed: GenerateResult) -> None:
-                now = self._ctx.clock()
-                await self._append(
-                    session.RecordModelCall(
-                        turn_id=start.turn_id, result=failed, purpose="reply", now=now
-                    )
+            step = turn.begin(self._state, setup, self._ctx.clock())
+            while step.effect is not None:
+                await self._record(start.turn_id, step.events)
+                seen = await self._effects.run(step.effect, cancelled)
+                step = turn.advance(
+                    self._state, step.progress, seen, self._ctx.clock(), cancelled.is_set()
                 )
-
-            steps = 0
-            while True:
-                messages = session.prompt(
-                    self._state, pipeline.system_prompt, pipeline.budget, memories
-                )
-
-                def make_job(
-                    upstream_model: str,
-                    messages: list[ChatMessage] = messages,
-                    params: dict[str, Any] = params,
-                    hidden: list[str] = hidden,
-                ) -> GenerateRequest:
-                    return GenerateRequest(
-                        turn_id=start.turn_id,
-                        upstream_model=upstream_model,
-                        messages=messages,
-                        params=params,
-                        out_subject=out if start.stream else None,
-                        cancel_subject=cancel_subject,
-                        hidden_tools=hidden,
-                    )
-
-                # The engine's own timeout fires first, so a slow upstream reads as 504 from it.
-                result = await run_chain(
-                    nc,
-                    pipeline,
-                    make_job,
-                    timeout=self._ctx.config.server.turn_timeout,
-                    record=record,
-                    cancelled=cancelled,
-                )
-                error = result.error
-                server_calls = [c for c in result.tool_calls if c.function.name in hidden]
-                if error is not None or cancelled.is_set() or result.cancelled or not server_calls:
-                    break
-                if steps >= pipeline.max_tool_steps:
-                    # Out of steps: record it, and ask once more for an answer without tools.
-                    stopped = ToolLoopStopped(
-                        at=self._ctx.clock(), turn_id=start.turn_id, steps=steps
-                    )
-                    await self._append(session.RecordToolStop(stopped=stopped))
-                    await record(result)
-                    params = {**params, "tool_choice": "none"}
-                    hidden = []
-                    continue
-                results = await self._run_tools(server_calls, pipeline.tool_timeout)
-                step = ToolsCalled(
-                    at=self._ctx.clock(),
-                    turn_id=start.turn_id,
-                    assistant=ChatMessage(
-                        role="assistant",
-                        content=result.content,
-                        tool_calls=tuple(result.tool_calls),
-                    ),
-                    results=results,
-                )
-                await self._append(session.RecordToolStep(step=step, result=result))
-                steps += 1
-                client_calls = [c for c in result.tool_calls if c.function.name not in hidden]
-                if client_calls:
-                    # The client answers its own calls; the server's are already in the steps.
-                    result = msgspec.structs.replace(
-                        result, content="", tool_calls=client_calls, finish_reason="tool_calls"
-                    )
-                    break
         finally:
             unwatch()
-        now = self._ctx.clock()
-        if cancelled.is_set() or (result is not None and result.cancelled):
-            await self._append(session.CancelTurn(turn_id=start.turn_id, now=now, result=result))
-            if not start.stream:  # a request always gets its answer, even if nobody reads it
-                await finish(
-                    TurnError(error=error_info(499, "turn_cancelled", "The client went away."))
+        await self._record(start.turn_id, step.events)
+        if step.reply is not None:
+            await finish(step.reply)
+        if step.after is not None:
+            # After the reply, and off the mailbox: the session's next turn does not wait.
+            task = asyncio.create_task(self._extract_facts(start.turn_id, step.after))
+            self._after.add(task)
+            task.add_done_callback(self._after.discard)
+
+    async def _record(self, turn_id: str, events: list[EventUnion]) -> None:
+        if events:
+            await self._append(session.Record(turn_id=turn_id, events=tuple(events)))
+
+    async def _extract_facts(self, turn_id: str, extraction: turn.CallModel) -> None:
+        try:
+            seen = await self._effects.run(extraction, asyncio.Event())
+            assert isinstance(seen, turn.ModelAnswered)
+            events = turn.facts_recorded(turn_id, seen.result, self._ctx.clock())
+            record = session.Record(turn_id=turn_id, events=tuple(events), after_turn=True)
+            await self._append(record)
+        except (EventStoreError, *BUS_DOWN) as error:  # nobody waits for it: log it
+            log.warning("session.facts_failed", session=self.session_id, error=repr(error))
+
+    async def _delete(self, request: Request, command: DeleteSession) -> None:
+        """Forget the session: its events, its memories, and a tombstone that outlives them."""
+        # Work still to record for an earlier turn is dropped: nothing may outlive the erase.
+        for task in self._after:
+            task.cancel()
+        await self.stop()
+        await self._reload()
+        if not self.owned_by(command.tenant):
+            await self._reject(request, _not_found(self.session_id))
+            return
+        # The tombstone first: if we stop halfway, the next activation finishes the job.
+        if self._ctx.tombstones is not None:
+            await self._ctx.tombstones.record(
+                Tombstone(
+                    session_id=self.session_id,
+                    tenant=command.tenant,
+                    deleted_by=command.key_id,
+                    at=self._ctx.clock(),
                 )
-            return
-        if error is not None:
-            await self._append(
-                session.FailTurn(turn_id=start.turn_id, error=error, now=now, result=result)
             )
-            streamed = result.deltas if result else 0
-            await finish(
-                TurnError(error=error, content=result.content if result else "", deltas=streamed)
-            )
-            return
-        assert result is not None
-        turn_messages = self._state.open_turn.messages if self._state.open_turn else ()
-        await self._append(session.CompleteTurn(turn_id=start.turn_id, result=result, now=now))
-        await finish(
-            TurnDone(
-                content=result.content,
-                finish_reason=result.finish_reason,
-                usage=result.usage,
-                deltas=result.deltas,
-                tool_calls=result.tool_calls,
-                alternatives=result.alternatives,
-            )
+        erased = await self._ctx.store.erase(self.session_id)
+        memories = await self._forget_memories(command.tenant)
+        self._state, self._last_seq, self._erased = session.initial(), 0, True
+        log.info("session.deleted", session=self.session_id, events=erased, memories=memories)
+        reply = SessionDeleted(
+            session_id=self.session_id, events_erased=erased, memories_erased=memories
         )
-        if pipeline.memory.extract_facts:
-            # After the reply went out: the client does not wait for this.
-            exchange = [*turn_messages, ChatMessage(role="assistant", content=result.content)]
-            await self._extract_facts(start.turn_id, pipeline, exchange)
+        await request.respond(TURN_REPLY_CODEC.encode(reply))
+
+    async def _forget_memories(self, tenant: str) -> int:
+        """Drop the session's memories now; the memory actor's tombstone check covers outages."""
+        forget = ForgetRequest(tenant=tenant, session_id=self.session_id)
+        try:
+            return await ask_forget(self._ctx.nc, forget, timeout=FORGET_TIMEOUT)
+        except (NoRespondersError, NatsTimeout, DecodeError):
+            return 0
 
     async def _reject(self, request: Request, error: ErrorInfo) -> None:
         await request.respond(TURN_REPLY_CODEC.encode(TurnRejected(error=error)))

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from bench._stats import percentile
-from tests.procs import REPO, VeilProcess, processes_mentioning
+from testkit.procs import Child, VeilProcess, processes_mentioning, run_veil
 
 __all__ = [
     "PATIENCE",
@@ -121,7 +121,7 @@ class Reaper:
 
     def __init__(self) -> None:
         self.veils: list[VeilProcess] = []
-        self.helpers: list[subprocess.Popen[str]] = []
+        self.helpers: list[Child] = []
         self.strays: dict[int, int] = {}  # pid -> start time, seen under a Veil process
 
     def watch(self, veil: VeilProcess) -> None:
@@ -132,25 +132,16 @@ class Reaper:
         if veil.proc.poll() is None:
             self.strays.update(descendants(veil.proc.pid))
 
-    def helper(self, cmd: list[str]) -> subprocess.Popen[str]:
-        proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            start_new_session=True,  # Ctrl-C reaches the bench only; it stops them
-        )
-        self.helpers.append(proc)
-        return proc
+    def helper(self, cmd: list[str]) -> Child:
+        # In a session of its own (the default): Ctrl-C reaches the bench only; it stops them.
+        child = Child(cmd, stdin=True, stderr=subprocess.DEVNULL)
+        self.helpers.append(child)
+        return child
 
     def stop_veil(self, veil: VeilProcess, graceful: bool = True) -> None:
         self.note_children(veil)
-        if graceful and veil.proc.poll() is None:
-            try:
-                veil.interrupt(timeout=30)
-            except subprocess.TimeoutExpired:
-                print("  ! veil serve ignored SIGINT for 30 s: killed", file=sys.stderr)
+        if graceful:
+            veil.stop(30, warn=lambda text: print(f"  ! {text}", file=sys.stderr))
         veil.kill()
         self.end_strays()
 
@@ -170,11 +161,8 @@ class Reaper:
         self.strays.clear()
 
     def reap(self) -> None:
-        for proc in self.helpers:
-            if proc.poll() is None:
-                proc.kill()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(5)
+        for child in self.helpers:
+            child.kill()
         for veil in self.veils:
             self.stop_veil(veil)
         self.end_strays()
@@ -201,16 +189,16 @@ class Client:
         cmd += ["--interval", str(interval)]
         for name, value in opts.items():
             cmd += [f"--{name}", value]
-        self.proc = reaper.helper(cmd)
-        assert self.proc.stdout is not None
-        if self.proc.stdout.readline().strip() != "ready":
-            raise RuntimeError(f"{mode} client did not start")
+        self.child = reaper.helper(cmd)
+        try:
+            self.child.wait_for(r"^ready$", timeout=2 * PATIENCE)
+        except AssertionError:
+            raise RuntimeError(f"{mode} client did not start") from None
         self.samples: list[dict[str, Any]] = []
 
     def finish(self) -> list[dict[str, Any]]:
-        if self.proc.poll() is None:
-            out, _ = self.proc.communicate("", timeout=30)
-            report = json.loads(out)
+        if self.child.proc.poll() is None:
+            report = json.loads(self.child.finish(timeout=30)[-1])
             self.samples = report["samples"]
             if report["in_flight_since"] is not None:  # unanswered when stopped
                 since = report["in_flight_since"]
@@ -348,15 +336,7 @@ def http_request(
 
 def replay(session_id: str, env: dict[str, str]) -> list[dict[str, Any]]:
     """`veil replay SID --json`: the session's events (the rebuilt state is left out)."""
-    done = subprocess.run(
-        [sys.executable, "-m", "veil.cli", "replay", session_id, "--json"],
-        env={**os.environ, **env},
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = run_veil("replay", session_id, "--json", env=env, timeout=120)
     if done.returncode != 0:
         raise RuntimeError(f"veil replay {session_id}: {done.stderr.strip()[-300:]}")
     lines = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]

@@ -80,7 +80,8 @@ from _abuse_kit import (
     request_bytes,
 )
 
-from tests.fakes.upstreams import FakeOpenAI, Fault, ToolCalls
+from testkit.procs import Child
+from testkit.upstreams import FakeOpenAI, Fault, ToolCalls
 
 CHAT = "/v1/chat/completions"
 FLOOD = 20_000
@@ -407,11 +408,10 @@ def slow(ctx: Ctx, row: Row) -> None:
 # -- 4. connection flood -----------------------------------------------------------------------
 
 
-def _ask_closed(holders: list[Any]) -> int:
+def _ask_closed(holders: list[Child]) -> int:
     for holder in holders:
-        holder.stdin.write("count\n")
-        holder.stdin.flush()
-    return sum(int(holder.stdout.readline().split()[1]) for holder in holders)
+        holder.send("count\n")
+    return sum(int(holder.read_line(timeout=PATIENCE).split()[1]) for holder in holders)
 
 
 def flood(ctx: Ctx, row: Row) -> None:
@@ -432,7 +432,10 @@ def flood(ctx: Ctx, row: Row) -> None:
             holders.append(ctx.reaper.helper(cmd))
         opened = failed = 0
         for holder in holders:
-            line = holder.stdout.readline().split()  # type: ignore[union-attr]
+            try:
+                line = holder.read_line(timeout=10 * PATIENCE).split()
+            except AssertionError:
+                line = []
             if not line or line[0] != "opened":
                 raise RuntimeError(f"a flood helper failed: {line}")
             opened, failed = opened + int(line[1]), failed + int(line[3])
@@ -458,8 +461,7 @@ def flood(ctx: Ctx, row: Row) -> None:
             time.sleep(0.25)
         closed_last = _ask_closed(holders)
         for holder in holders:
-            holder.stdin.close()  # type: ignore[union-attr]
-            holder.wait(30)
+            holder.finish(timeout=30)
         stage.end()
     stage.measure(row)
     row.cases = opened + 2
@@ -621,8 +623,7 @@ def crash(ctx: Ctx, row: Row) -> None:
                 assert veil is not None
                 ctx.reaper.note_children(veil)
                 t_kill = time.monotonic()
-                veil.proc.kill()  # SIGKILL mid-turn: no chance to close the turn
-                veil.proc.wait()
+                veil.kill()  # SIGKILL mid-turn: no chance to close the turn
                 conn.close()
                 ctx.reaper.end_strays()  # its nats-server follows it (and anything else)
                 t_start = time.monotonic()

@@ -21,7 +21,7 @@ from bus.codec import Codec
 from bus.subjects import EVENTS_STREAM, session_events
 from eventstore.events import ChatMessage, EventUnion, ReplyCompleted, TurnStarted, Usage
 from eventstore.jetstream import JetStreamEventStore, ensure_stream
-from veil.natsserver import NatsServer
+from testkit.procs import nats_server
 
 __all__ = ["main"]
 
@@ -50,6 +50,7 @@ def event(i: int) -> EventUnion:
         content="Use reversed(xs) or xs[::-1]; xs.reverse() reverses in place. " * 4,
         finish_reason="stop",
         usage=Usage(prompt_tokens=40, completion_tokens=60, total_tokens=100),
+        call=None,
     )
 
 
@@ -112,13 +113,11 @@ async def run(url: str) -> None:
 
 
 def main() -> None:
-    with tempfile.TemporaryDirectory(prefix="veil-bench-") as tmp:
-        server = NatsServer(Path(tmp) / "js")
-        server.start()
-        try:
-            asyncio.run(run(server.url))
-        finally:
-            server.stop()
+    with (
+        tempfile.TemporaryDirectory(prefix="veil-bench-") as tmp,
+        nats_server(Path(tmp) / "js") as server,
+    ):
+        asyncio.run(run(server.url))
 
 
 if __name__ == "__main__":

@@ -33,13 +33,10 @@ import contextlib
 import math
 import os
 import platform
-import queue
 import re
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections import Counter
@@ -47,7 +44,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import aiohttp
 import msgspec
@@ -56,6 +53,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench._stats import percentile
+from testkit.procs import Child
 
 MODEL = "veil"  # Veil's public model name
 UPSTREAM_MODEL = "gpt-4o-mini"  # what Veil asks its upstream for by default
@@ -71,71 +69,27 @@ _encode = msgspec.json.encode
 # -- child processes ---------------------------------------------------------------------------
 
 
-@dataclass
-class Child:
-    """A child process whose stdout a thread drains (a full pipe would block it)."""
-
-    name: str
-    proc: subprocess.Popen[str]
-    stderr_path: Path
-    stdout: list[str] = field(default_factory=list)
-
-    def stderr_lines(self) -> list[str]:
-        return self.stderr_path.read_text(errors="replace").splitlines()
-
-
 def spawn(
     name: str, cmd: list[str], env: dict[str, str], ready: re.Pattern[str], logs: Path
 ) -> tuple[Child, re.Match[str]]:
     """Start `cmd` and wait (30 s at most) for a stdout line matching `ready`."""
-    stderr_path = logs / f"{name}.stderr"
-    with stderr_path.open("wb") as stderr:
-        proc = subprocess.Popen(
-            cmd,
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            text=True,
-        )
-    child = Child(name, proc, stderr_path)
-    lines: queue.Queue[str | None] = queue.Queue()
-
-    def drain(out: TextIO) -> None:
-        for line in out:
-            child.stdout.append(line.rstrip("\n"))
-            lines.put(line)
-        lines.put(None)
-
-    assert proc.stdout is not None
-    threading.Thread(target=drain, args=(proc.stdout,), daemon=True).start()
-    deadline = time.monotonic() + 30
-    while (left := deadline - time.monotonic()) > 0:
-        try:
-            line = lines.get(timeout=left)
-        except queue.Empty:
-            break
-        if line is None:
-            break
-        if match := ready.search(line):
-            return child, match
-    stop(child, timeout=5)
-    tail = "\n".join(child.stderr_lines()[-20:])
-    raise RuntimeError(f"{name} did not start (stdout {child.stdout!r}); stderr tail:\n{tail}")
+    # In the bench's process group, as before: a Ctrl-C reaches them too.
+    child = Child(
+        cmd, name=name, env=env, cwd=ROOT, stderr=logs / f"{name}.stderr", new_session=False
+    )
+    try:
+        return child, child.wait_for(ready, timeout=30)
+    except AssertionError:
+        stop(child, timeout=5)
+        tail = "\n".join(child.stderr_lines()[-20:])
+        raise RuntimeError(
+            f"{name} did not start (stdout {child.lines!r}); stderr tail:\n{tail}"
+        ) from None
 
 
 def stop(child: Child, timeout: float = 30.0) -> int:
     """SIGINT and wait: Veil drains and stops its own nats-server on SIGINT."""
-    if child.proc.poll() is None:
-        child.proc.send_signal(signal.SIGINT)
-        try:
-            child.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            print(f"!! {child.name} ignored SIGINT for {timeout:.0f} s: killed", flush=True)
-            child.proc.kill()
-            child.proc.wait()
-    return child.proc.returncode
+    return child.stop(timeout, warn=lambda text: print(f"!! {text}", flush=True))
 
 
 def veil_env(upstream_base: str, data_dir: str, config: str | None) -> dict[str, str]:
@@ -1208,7 +1162,7 @@ def main(argv: list[str] | None = None) -> int:
         logs = Path(tmp)
         upstream, m = spawn(
             "upstream",
-            [sys.executable, "-m", "tests.fakes.upstreams", "openai", "--port", "0"],
+            [sys.executable, "-m", "testkit.upstreams", "openai", "--port", "0"],
             dict(os.environ),
             re.compile(r"listening on (http://\S+)"),
             logs,
@@ -1253,7 +1207,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             code = stop(veil) if veil is not None else None
             stop(upstream)
-        last = veil.stdout[-1] if veil is not None and veil.stdout else "-"
+        last = veil.lines[-1] if veil is not None and veil.lines else "-"
         print(f"\nveil exited with {code}; its last line: {last}")
         print("children's stderr")
         results["stderr"] = print_stderr([c for c in (upstream, veil) if c is not None])

@@ -22,7 +22,6 @@ Run from the repository root: /work/venv/bin/python bench/knowledge_bench.py
 from __future__ import annotations
 
 import asyncio
-import io
 import random
 import statistics
 import sys
@@ -40,8 +39,8 @@ from actors.knowledge import KnowledgeIndex, ingest
 from actors.knowledge.log import KnowledgeLog
 from actors.memory.embedder import default_embedder
 from eventstore.knowledge import ChunkData, DocumentAdded, Position
-from tests.actors.test_knowledge import write_pdf
-from veil.natsserver import NatsServer
+from testkit.pdf import write_pdf
+from testkit.procs import nats_server
 
 # (document, heading, fact paragraph, question, answer string)
 FACTS = [
@@ -430,9 +429,7 @@ async def main() -> None:
     )
     vocab += [f"term{i}" for i in range(5000)]
     default_embedder().embed(["warm up"])
-    with tempfile.TemporaryDirectory() as tmp:
-        server = NatsServer(Path(tmp) / "nats")
-        server.start()
+    with tempfile.TemporaryDirectory() as tmp, nats_server(Path(tmp) / "nats") as server:
         nc = await nats.connect(server.url)
         index = await KnowledgeIndex.open(Path(tmp) / "knowledge.sqlite")
         try:
@@ -443,10 +440,10 @@ async def main() -> None:
             build_bulk(bulk, rng, vocab)
 
             t = time.perf_counter()
-            report = await ingest(nc, index, "bench", [corpus], out=io.StringIO())
+            report = await ingest(nc, index, "bench", [corpus])
             t_corpus = time.perf_counter() - t
             t = time.perf_counter()
-            bulk_report = await ingest(nc, index, "bulk", [bulk], out=io.StringIO())
+            bulk_report = await ingest(nc, index, "bulk", [bulk])
             t_bulk = time.perf_counter() - t
             chunks = report.chunks + bulk_report.chunks
             pages = report.pages + bulk_report.pages
@@ -499,7 +496,6 @@ async def main() -> None:
         finally:
             await index.close()
             await nc.drain()
-            server.stop()
 
 
 if __name__ == "__main__":

@@ -204,6 +204,7 @@ def build_log(data: EvalSet) -> Log:
             content=t.assistant.text,
             finish_reason="stop",
             usage=Usage(),
+            call=None,
         )
         timed.append((t.at, t.session_id, started, t.user.id))
         timed.append((done.at, t.session_id, done, t.assistant.id))

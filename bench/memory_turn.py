@@ -16,8 +16,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -30,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench._stats import percentile
+from testkit.procs import Child
 
 JSON = {"Content-Type": "application/json"}
 SENTENCES = [
@@ -46,25 +45,20 @@ SENTENCES = [
 ]
 
 
-def start(args: list[str], env: dict[str, str], pattern: str) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        args,
-        env={**os.environ, **env},
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
+def start(args: list[str], env: dict[str, str], pattern: str) -> tuple[Child, str]:
+    # In the bench's process group, as before: a Ctrl-C reaches them too.
+    child = Child(
+        args, env={**os.environ, **env}, cwd=ROOT, stderr=subprocess.DEVNULL, new_session=False
     )
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if m := re.search(pattern, line):
-            return proc, m.group(1)
-    raise RuntimeError(f"{args} ended before printing {pattern!r}")
+    try:
+        return child, child.wait_for(pattern, timeout=600).group(1)
+    except AssertionError:
+        child.kill()
+        raise RuntimeError(f"{args} ended before printing {pattern!r}") from None
 
 
-def stop(proc: subprocess.Popen[str]) -> None:
-    proc.send_signal(signal.SIGINT)
-    proc.wait(60)
+def stop(child: Child) -> None:
+    child.stop(60)
 
 
 async def drive(base: str, sessions: int, turns: int) -> list[float]:
@@ -104,7 +98,7 @@ def main() -> None:
         [
             sys.executable,
             "-m",
-            "tests.fakes.upstreams",
+            "testkit.upstreams",
             "openai",
             "--port",
             "0",

@@ -11,9 +11,11 @@ from bus.codec import Codec
 
 __all__ = [
     "FORGET_CODEC",
+    "FORGOTTEN_CODEC",
     "RECALL_CODEC",
     "RECALL_REPLY_CODEC",
     "ForgetRequest",
+    "Forgotten",
     "MemoryHit",
     "RecallReply",
     "RecallRequest",
@@ -63,6 +65,13 @@ class ForgetRequest(msgspec.Struct, frozen=True, kw_only=True):
     session_id: str
 
 
+class Forgotten(msgspec.Struct, frozen=True, kw_only=True):
+    """How many memories of the session were erased."""
+
+    deleted: int
+
+
 RECALL_CODEC: Codec[RecallRequest] = Codec(RecallRequest)
 RECALL_REPLY_CODEC: Codec[RecallReply] = Codec(RecallReply)
 FORGET_CODEC: Codec[ForgetRequest] = Codec(ForgetRequest)
+FORGOTTEN_CODEC: Codec[Forgotten] = Codec(Forgotten)

@@ -23,6 +23,7 @@ __all__ = [
     "FunctionCall",
     "HistorySummarized",
     "MemoryRecalled",
+    "ModelCall",
     "ModelCalled",
     "PipelineChosen",
     "RecalledMemory",
@@ -114,10 +115,10 @@ class TurnStarted(Event, tag="turn.started", frozen=True, kw_only=True):
     fingerprint: str | None = None
 
 
-class ModelCalled(Event, tag="model.called", frozen=True, kw_only=True):
-    """One call to an upstream engine, successful or not."""
+class ModelCall(msgspec.Struct, frozen=True, kw_only=True):
+    """One call to an upstream engine, successful or not: the one shape of a model call,
+    whether a ModelCalled records it or the ReplyCompleted whose answer it produced."""
 
-    turn_id: str
     engine: str
     upstream_model: str
     latency_ms: float
@@ -126,8 +127,16 @@ class ModelCalled(Event, tag="model.called", frozen=True, kw_only=True):
     finish_reason: str | None = None
     error: str | None = None
     status: int | None = None
-    # "reply" for the answer, "summary" for folding old turns.
+    # "reply" for the answer, "summary" for folding old turns, "facts" for extraction.
     purpose: str = "reply"
+
+
+class ModelCalled(Event, tag="model.called", frozen=True, kw_only=True):
+    """A model call that did not produce the turn's answer: a failed attempt, a tool
+    step, a summary, a fact extraction (the answer's call is in its ReplyCompleted)."""
+
+    turn_id: str
+    call: ModelCall
 
 
 class HistorySummarized(Event, tag="history.summarized", frozen=True, kw_only=True):
@@ -240,10 +249,9 @@ class DocumentsRetrieved(Event, tag="documents.retrieved", frozen=True, kw_only=
 class ReplyCompleted(Event, tag="reply.completed", frozen=True, kw_only=True):
     """The answer the client got, and the model call that produced it.
 
-    That call is recorded here, not in a ModelCalled of its own (one append fewer
-    per turn); ModelCalled records every other call: failed attempts, summaries,
-    tool steps. Logs written before carry the call as a ModelCalled and leave
-    `engine` unset here.
+    Every model call is recorded once: this one here (one append fewer per turn),
+    every other in a ModelCalled. `call` is None in logs written before replies
+    carried their call (that call is in a ModelCalled just before).
     """
 
     turn_id: str
@@ -254,10 +262,8 @@ class ReplyCompleted(Event, tag="reply.completed", frozen=True, kw_only=True):
     tool_calls: list[ToolCall] = []
     # With n > 1, the other choices the client received; the session goes on from `content`.
     alternatives: list[str] = []
-    engine: str | None = None
-    upstream_model: str | None = None
-    latency_ms: float | None = None
-    ttft_ms: float | None = None
+    # No default: a record without the key is of an older shape (see eventstore.upcast).
+    call: ModelCall | None
 
 
 class TurnFailed(Event, tag="turn.failed", frozen=True, kw_only=True):
@@ -293,24 +299,11 @@ EventUnion = (
 )
 
 
-def model_calls(events: Iterable[object]) -> list[ModelCalled]:
-    """Every model call of a log, in order: ModelCalled events and the call each
-    ReplyCompleted records, the latter read as a ModelCalled (for audits and usage)."""
-    calls: list[ModelCalled] = []
+def model_calls(events: Iterable[object]) -> list[ModelCall]:
+    """Every model call of a log, in order (for audits and usage)."""
+    calls: list[ModelCall] = []
     for event in events:
-        if isinstance(event, ModelCalled):
-            calls.append(event)
-        elif isinstance(event, ReplyCompleted) and event.engine is not None:
-            calls.append(
-                ModelCalled(
-                    at=event.at,
-                    turn_id=event.turn_id,
-                    engine=event.engine,
-                    upstream_model=event.upstream_model or "",
-                    latency_ms=event.latency_ms or 0.0,
-                    ttft_ms=event.ttft_ms,
-                    usage=event.usage,
-                    finish_reason=event.finish_reason,
-                )
-            )
+        call = event.call if isinstance(event, ModelCalled | ReplyCompleted) else None
+        if call is not None:
+            calls.append(call)
     return calls

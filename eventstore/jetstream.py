@@ -40,6 +40,7 @@ from bus.subjects import (
 from eventstore.errors import ConcurrencyConflict, EventStoreError, StoreUnavailable
 from eventstore.events import EventUnion
 from eventstore.store import SessionInfo, StoredEvent
+from eventstore.upcast import EVENT_CODEC
 
 __all__ = [
     "DUPLICATE_WINDOW",
@@ -60,7 +61,7 @@ DUPLICATE_WINDOW = 120.0
 
 WRONG_LAST_SEQUENCE = 10071
 _STREAM_NAME_IN_USE = 10058
-_CODEC: Codec[EventUnion] = Codec(EventUnion)
+_CODEC = EVENT_CODEC
 _TAGS: dict[type, str] = {cls: str(cls.__struct_config__.tag) for cls in get_args(EventUnion)}
 # What a connection in trouble raises; the caller may retry later.
 UNAVAILABLE = (

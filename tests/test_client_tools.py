@@ -17,7 +17,7 @@ from config import (
     PipelineConfig,
     local_model_available,
 )
-from tests.fakes.upstreams import FakeAnthropic, FakeOpenAI, ToolCalls
+from testkit.upstreams import FakeAnthropic, FakeOpenAI, ToolCalls
 from tests.harness import VeilThread
 
 TOOLS: list[dict[str, Any]] = [

@@ -15,9 +15,9 @@ import nats
 import openai
 import pytest
 
-from tests.fakes.upstreams import FakeOpenAI
+from testkit.procs import VeilProcess, processes_mentioning, run_veil
+from testkit.upstreams import FakeOpenAI
 from tests.harness import HANG_UP_WORDS
-from tests.procs import VeilProcess, processes_mentioning, run_veil
 from tests.test_processes import CLEAN, KEY
 
 # A client timeout far below the server's 600 s turn timeout: a hang fails the test.

@@ -16,8 +16,8 @@ from config import (
     ModelConfig,
     PipelineConfig,
 )
-from eventstore.events import ModelCalled, ReplyCompleted, TurnFailed, model_calls
-from tests.fakes.upstreams import FakeOpenAI
+from eventstore.events import ModelCall, ReplyCompleted, TurnFailed, model_calls
+from testkit.upstreams import FakeOpenAI
 from tests.harness import VeilThread
 
 
@@ -73,7 +73,7 @@ def client(veil: VeilThread) -> Iterator[openai.OpenAI]:
         yield c
 
 
-def calls(veil: VeilThread, sid: str) -> list[ModelCalled]:
+def calls(veil: VeilThread, sid: str) -> list[ModelCall]:
     return model_calls(veil.events(sid))
 
 

@@ -25,7 +25,7 @@ from config import (
     PipelineConfig,
     ServerConfig,
 )
-from tests.fakes.upstreams import FakeOpenAI
+from testkit.upstreams import FakeOpenAI
 from tests.harness import VeilThread
 from veil.natsserver import NatsServer
 

@@ -28,7 +28,7 @@ from config import (
 )
 from eventstore.events import ReplyCompleted, TurnCancelled, TurnFailed, TurnStarted
 from eventstore.jetstream import JetStreamEventStore
-from tests.fakes.upstreams import FakeAnthropic, FakeOpenAI
+from testkit.upstreams import FakeAnthropic, FakeOpenAI
 from tests.harness import HANG_UP_WORDS, VeilThread, hang_up_mid_stream
 from veil.natsserver import NatsServer
 

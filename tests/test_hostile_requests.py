@@ -29,7 +29,7 @@ from config import (
     ServerConfig,
 )
 from eventstore.events import TurnStarted
-from tests.fakes.upstreams import FakeOpenAI
+from testkit.upstreams import FakeOpenAI
 from tests.harness import VeilThread
 from veil.natsserver import NatsServer
 

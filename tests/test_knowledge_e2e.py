@@ -12,9 +12,9 @@ import pytest
 
 from config import ApiKey, Config, EngineConfig, ModelConfig, PipelineConfig
 from eventstore.events import DocumentsRetrieved
-from tests.fakes.upstreams import FakeOpenAI, ToolCalls
+from testkit.procs import run_veil
+from testkit.upstreams import FakeOpenAI, ToolCalls
 from tests.harness import VeilThread
-from tests.procs import run_veil
 from veil.natsserver import NatsServer
 
 script: dict[str, Any] = {"reply": lambda body: "ok"}

@@ -19,9 +19,9 @@ from actors.memory.prompting import MEMORY_PREAMBLE
 from actors.summary import FACTS_INSTRUCTIONS
 from config import ApiKey, Config, EngineConfig, MemoryPolicy, ModelConfig, PipelineConfig
 from eventstore.events import FactsExtracted, MemoryRecalled
-from tests.fakes.upstreams import FakeOpenAI
+from testkit.procs import run_veil
+from testkit.upstreams import FakeOpenAI, Fault
 from tests.harness import VeilThread
-from tests.procs import run_veil
 from tests.test_gateway import http
 from veil.memory_role import index_path
 from veil.natsserver import NatsServer
@@ -298,3 +298,31 @@ def test_a_session_the_prompt_carries_whole_does_not_ask_memory(
     say(veil, "What is my badge number?", sid)
     assert "<memories>" not in system_of(upstream)
     assert not [e for e in veil.events(sid) if isinstance(e, MemoryRecalled)]
+
+
+def test_fact_extraction_does_not_hold_the_sessions_next_turn(
+    veil: VeilThread, upstream: FakeOpenAI
+) -> None:
+    # The turn's own call answers at once; the fact extraction after it waits for the gate.
+    upstream.inject(Fault())
+    gate = upstream.hold()
+    try:
+        sid = say(veil, "My sister Maya lives in Lisbon.", model="veil-facts")
+        deadline = time.monotonic() + 10
+        while upstream.pending() < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert upstream.pending() == 1, "the extraction is running"
+        say(veil, "And what should I pack for a trip there?", sid, model="veil-facts")
+    finally:
+        gate.set()
+    deadline = time.monotonic() + 10
+    while (
+        len([e for e in veil.events(sid) if isinstance(e, FactsExtracted)]) < 2
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.05)
+    kinds = [type(e).__name__ for e in veil.events(sid)]
+    # The second turn completed while the first turn's extraction still ran.
+    assert (
+        kinds.index("FactsExtracted") > [i for i, k in enumerate(kinds) if k == "ReplyCompleted"][1]
+    )

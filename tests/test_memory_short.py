@@ -13,7 +13,7 @@ from actors.summary import INSTRUCTIONS
 from actors.tokens import estimate_message_tokens
 from config import Config, EngineConfig, MemoryConfig, ModelConfig, PipelineConfig
 from eventstore.events import ChatMessage, HistorySummarized, ModelCalled
-from tests.fakes.upstreams import FakeOpenAI
+from testkit.upstreams import FakeOpenAI
 from tests.harness import VeilThread
 
 BUDGET = 120
@@ -78,7 +78,7 @@ def test_history_is_folded_into_a_summary_and_prompts_stay_in_budget(
     events = veil.events(sid)
     summaries = [e for e in events if isinstance(e, HistorySummarized)]
     assert summaries, "a summary was written"
-    assert [e.purpose for e in events if isinstance(e, ModelCalled)].count("summary") == len(
+    assert [e.call.purpose for e in events if isinstance(e, ModelCalled)].count("summary") == len(
         summaries
     )
     for messages in reply_prompts(upstream):
@@ -115,9 +115,11 @@ def test_failed_summary_loses_no_turn(veil: VeilThread, upstream: FakeOpenAI) ->
     assert armed
     events = veil.events(sid)
     failed = [
-        e for e in events if isinstance(e, ModelCalled) and e.purpose == "summary" and e.error
+        e
+        for e in events
+        if isinstance(e, ModelCalled) and e.call.purpose == "summary" and e.call.error
     ]
-    assert len(failed) == 1 and "summary down" in failed[0].error
+    assert len(failed) == 1 and "summary down" in (failed[0].call.error or "")
     # Every turn's messages are still in the conversation the log rebuilds.
     state = session.fold(events)
     assert [m.content.split(":")[0] for m in state.history if m.role == "user"] == [

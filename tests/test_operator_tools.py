@@ -14,7 +14,7 @@ from aiohttp import web
 from actors.tools.custom import schema_from_signature
 from config import Config, EngineConfig, ModelConfig, PipelineConfig, ToolConfig
 from eventstore.events import ToolsCalled
-from tests.fakes.upstreams import FakeOpenAI, ToolCalls
+from testkit.upstreams import FakeOpenAI, ToolCalls
 from tests.harness import VeilThread
 from veil.natsserver import NatsServer
 

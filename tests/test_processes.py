@@ -17,9 +17,9 @@ import openai
 import pytest
 
 from config import local_model_available
-from tests.fakes.upstreams import FakeOpenAI
+from testkit.procs import REPO, VeilProcess, processes_mentioning, run_veil
+from testkit.upstreams import FakeOpenAI
 from tests.harness import hang_up_mid_stream
-from tests.procs import REPO, VeilProcess, processes_mentioning, run_veil
 from veil.natsserver import NatsServer
 
 KEY = "sk-proc-test"

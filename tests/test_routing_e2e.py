@@ -12,9 +12,9 @@ import pytest
 
 from config import load_config
 from eventstore.events import PipelineChosen, TurnStarted
-from tests.fakes.upstreams import FakeOpenAI
+from testkit.procs import run_veil
+from testkit.upstreams import FakeOpenAI
 from tests.harness import VeilThread
-from tests.procs import run_veil
 
 CONFIG = """
 [memory]

@@ -11,7 +11,7 @@ import pytest
 
 from config import Config, EngineConfig, MemoryConfig, ModelConfig, PipelineConfig
 from eventstore.events import ModelCalled, ReplyCompleted, ToolLoopStopped, ToolsCalled, model_calls
-from tests.fakes.upstreams import FakeOpenAI, ToolCalls
+from testkit.upstreams import FakeOpenAI, ToolCalls
 from tests.harness import VeilThread
 from tests.test_client_tools import TOOLS as CLIENT_TOOLS
 
@@ -183,7 +183,7 @@ def test_client_and_server_tools_mixed(
 
 
 def test_replay_shows_the_hidden_steps(veil: VeilThread, client: openai.OpenAI) -> None:
-    from tests.procs import run_veil
+    from testkit.procs import run_veil
 
     script["reply"] = calculate_then_answer
     reply = client.chat.completions.create(

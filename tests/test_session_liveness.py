@@ -36,7 +36,7 @@ from config import (
 )
 from eventstore.events import ChatMessage, TurnFailed, TurnStarted
 from eventstore.jetstream import JetStreamEventStore
-from tests.fakes.upstreams import FakeOpenAI
+from testkit.upstreams import FakeOpenAI
 from tests.harness import VeilThread
 from veil.natsserver import NatsServer
 

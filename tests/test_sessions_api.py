@@ -13,7 +13,7 @@ import pytest
 
 from config import ApiKey, Config, EngineConfig, MemoryConfig, ModelConfig, PipelineConfig
 from eventstore.jetstream import JetStreamEventStore
-from tests.fakes.upstreams import FakeOpenAI
+from testkit.upstreams import FakeOpenAI
 from tests.harness import VeilThread
 from tests.test_gateway import http
 from veil.natsserver import NatsServer

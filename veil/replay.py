@@ -15,6 +15,7 @@ from eventstore.events import (
     FactsExtracted,
     HistorySummarized,
     MemoryRecalled,
+    ModelCall,
     ModelCalled,
     PipelineChosen,
     ReplyCompleted,
@@ -37,6 +38,17 @@ __all__ = [
 ]
 
 QUOTE_WIDTH = 400
+
+
+def _call_line(call: ModelCall) -> str:
+    line = f"engine {call.engine}, model {call.upstream_model}, {call.latency_ms:.1f} ms"
+    if call.ttft_ms is not None:
+        line += f" (first token {call.ttft_ms:.1f} ms)"
+    if call.usage is not None:
+        line += f", tokens {call.usage.prompt_tokens} in / {call.usage.completion_tokens} out"
+    if call.error is not None:
+        line += f", FAILED ({call.status}): {call.error}"
+    return line
 
 
 def _quote(text: str) -> str:
@@ -77,16 +89,7 @@ def describe(event: EventUnion, resolve: Resolver = _no_references) -> list[str]
                 f"  summary: {_quote(event.summary)}",
             ]
         case ModelCalled():
-            head = f"model called for the {event.purpose}: engine {event.engine}, model {event.upstream_model}, {event.latency_ms:.1f} ms"
-            if event.ttft_ms is not None:
-                head += f" (first token {event.ttft_ms:.1f} ms)"
-            if event.usage is not None:
-                head += (
-                    f", tokens {event.usage.prompt_tokens} in / {event.usage.completion_tokens} out"
-                )
-            if event.error is not None:
-                head += f", FAILED ({event.status}): {event.error}"
-            return [head]
+            return [f"model called for the {event.call.purpose}: {_call_line(event.call)}"]
         case DocumentsRetrieved():
             if event.error is not None:
                 return [f"knowledge search failed: {event.error}"]
@@ -152,13 +155,8 @@ def describe(event: EventUnion, resolve: Resolver = _no_references) -> list[str]
             head = (
                 f"reply completed: finish {event.finish_reason}, {event.usage.total_tokens} tokens"
             )
-            if event.engine is not None:
-                head += f"; model called: engine {event.engine}, model {event.upstream_model}, {event.latency_ms or 0:.1f} ms"
-                if event.ttft_ms is not None:
-                    head += f" (first token {event.ttft_ms:.1f} ms)"
-                head += (
-                    f", tokens {event.usage.prompt_tokens} in / {event.usage.completion_tokens} out"
-                )
+            if event.call is not None:
+                head += f"; model called: {_call_line(event.call)}"
             return [head, f"  assistant: {_quote(event.content)}"]
         case TurnFailed():
             return [f"turn {event.turn_id} failed: {event.status} {event.code}: {event.message}"]

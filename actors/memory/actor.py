@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import time
 
-import msgspec
 import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -39,8 +38,11 @@ from bus.subjects import (
 )
 from contracts.memory import (
     FORGET_CODEC,
+    FORGOTTEN_CODEC,
     RECALL_CODEC,
     RECALL_REPLY_CODEC,
+    ForgetRequest,
+    Forgotten,
     MemoryHit,
     RecallReply,
     RecallRequest,
@@ -67,6 +69,12 @@ async def ask_recall(nc: Client, ask: RecallRequest, timeout: float) -> list[Mem
     """Recall through the memory actor; NATS and decode errors are the caller's to read."""
     reply = await nats_request(nc, MEMORY_RECALL, RECALL_CODEC.encode(ask), timeout=timeout)
     return RECALL_REPLY_CODEC.decode(reply.data).hits
+
+
+async def ask_forget(nc: Client, forget: ForgetRequest, timeout: float) -> int:
+    """Erase a session's memories through the memory actor; how many there were."""
+    reply = await nats_request(nc, MEMORY_FORGET, FORGET_CODEC.encode(forget), timeout=timeout)
+    return FORGOTTEN_CODEC.decode(reply.data).deleted
 
 
 class MemoryActor:
@@ -155,7 +163,7 @@ class MemoryActor:
             await request.respond_error("400", str(error))
             return
         deleted = await self._forget(forget.tenant, forget.session_id)
-        await request.respond(msgspec.json.encode({"deleted": deleted}))
+        await request.respond(FORGOTTEN_CODEC.encode(Forgotten(deleted=deleted)))
 
     # -- recall -------------------------------------------------------------
 

@@ -9,16 +9,15 @@ from nats.aio.msg import Msg
 
 from actors.memory.embedder import Embedder
 from actors.memory.index import MemoryIndex, MemoryRecord
-from bus.codec import Codec, DecodeError
+from bus.codec import DecodeError
 from bus.subjects import session_from_events_subject
 from eventstore.events import EventUnion, FactsExtracted, ReplyCompleted, SessionOpened, TurnStarted
 from eventstore.store import EventStore
+from eventstore.upcast import EVENT_CODEC
 
 __all__ = ["Owner", "Projector", "records_of"]
 
 log = structlog.get_logger("veil.memory")
-
-_EVENT_CODEC: Codec[EventUnion] = Codec(EventUnion)
 
 # (tenant, user_id) of a session, pinned when it opened.
 Owner = tuple[str, str | None]
@@ -109,7 +108,7 @@ class Projector:
         for subject, seq, data in batch:
             session_id = session_from_events_subject(subject)
             try:
-                event = _EVENT_CODEC.decode(data)
+                event = EVENT_CODEC.decode(data)
             except DecodeError:
                 log.warning("memory.undecodable_event", subject=subject, seq=seq)
                 continue

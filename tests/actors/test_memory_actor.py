@@ -72,7 +72,9 @@ async def write_turn(
         )
     )
     events.append(
-        ReplyCompleted(at=T0, turn_id=turn, content=reply, finish_reason="stop", usage=Usage())
+        ReplyCompleted(
+            at=T0, turn_id=turn, content=reply, finish_reason="stop", usage=Usage(), call=None
+        )
     )
     await store.append(sid, events, expected_last_seq=await store.last_seq(sid))
 
@@ -341,7 +343,12 @@ def logged(sid: str, first_seq: int, texts: list[str]) -> list[tuple[str, int, b
             lease_until=T0 + timedelta(minutes=5),
         ),
         ReplyCompleted(
-            at=T0, turn_id="turn-1", content=texts[-1], finish_reason="stop", usage=Usage()
+            at=T0,
+            turn_id="turn-1",
+            content=texts[-1],
+            finish_reason="stop",
+            usage=Usage(),
+            call=None,
         ),
     ]
     subject = session_events(sid)

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import msgspec
 import pytest
 
-from actors import session, tokens
+from actors import session, tokens, turn
 from actors.errors import (
     AlreadyHandled,
     IdempotencyMismatch,
@@ -25,8 +25,8 @@ from eventstore.events import (
     EventUnion,
     FactsExtracted,
     FunctionCall,
+    HistorySummarized,
     ModelCalled,
-    ReplyCompleted,
     SessionOpened,
     ToolCall,
     TurnCancelled,
@@ -69,6 +69,10 @@ def result(text: str) -> GenerateResult:
     )
 
 
+def complete(turn_id: str, reply: GenerateResult) -> session.Record:
+    return session.Record(turn_id=turn_id, events=(turn.reply_completed(turn_id, reply, T0),))
+
+
 def given(*events: EventUnion) -> session.SessionState:
     return session.fold(list(events))
 
@@ -82,7 +86,7 @@ def run(
 
 def completed_session() -> session.SessionState:
     state, _ = run(session.initial(), open_turn(start("t1", user("hi"), new=True)))
-    state, _ = run(state, session.CompleteTurn(turn_id="t1", result=result("hello"), now=T0))
+    state, _ = run(state, complete("t1", result("hello")))
     return state
 
 
@@ -207,7 +211,7 @@ def test_a_retry_must_be_the_same_request() -> None:
     state, _ = run(session.initial(), open_turn(first))
     with pytest.raises(IdempotencyMismatch):  # while it runs
         session.decide(state, open_turn(msgspec.structs.replace(first, fingerprint="f2")))
-    state, _ = run(state, session.CompleteTurn(turn_id="t1", result=result("hello"), now=T0))
+    state, _ = run(state, complete("t1", result("hello")))
     with pytest.raises(IdempotencyMismatch) as refused:  # and after it ended
         session.decide(state, open_turn(msgspec.structs.replace(first, fingerprint="f2")))
     assert refused.value.status == 422
@@ -235,7 +239,7 @@ def test_a_tool_answer_must_follow_its_call() -> None:
         finish_reason="tool_calls",
         tool_calls=list(_calls("c1", "c2").tool_calls or ()),
     )
-    state, _ = run(state, session.CompleteTurn(turn_id="t1", result=reply, now=T0))
+    state, _ = run(state, complete("t1", reply))
     # Answers to the calls the session's last reply made, in any order.
     session.decide(state, open_turn(start("t2", _answer("c2"), _answer("c1"))))
     for bad in (
@@ -258,9 +262,12 @@ def test_failed_turn_is_recorded_but_not_remembered() -> None:
     state, _ = run(session.initial(), open_turn(start("t1", user("hi"), new=True)))
     error = ErrorInfo(status=502, type="api_error", code="upstream_error", message="down")
     failed = GenerateResult(engine="up", upstream_model="m", error=error)
-    state, events = run(state, session.FailTurn(turn_id="t1", error=error, now=T0, result=failed))
+    recorded = (
+        turn.model_called("t1", failed, T0),
+        TurnFailed(at=T0, turn_id="t1", status=502, code="upstream_error", message="down"),
+    )
+    state, events = run(state, session.Record(turn_id="t1", events=recorded))
     assert [type(e) for e in events] == [ModelCalled, TurnFailed]
-    assert events[0].error == "down" and events[0].status == 502
     assert state.open_turn is None and state.history == ()
     assert state.outcomes["cmd-t1"].status == "failed"
 
@@ -274,19 +281,17 @@ def test_cancel_keeps_what_was_produced() -> None:
         usage=Usage(completion_tokens=1, total_tokens=1),
         cancelled=True,
     )
-    state, events = run(state, session.CancelTurn(turn_id="t1", now=T0, result=partial))
-    assert [type(e) for e in events] == [ModelCalled, TurnCancelled]
-    assert events[1].content == "hal" and events[1].usage.completion_tokens == 1
+    cancelled = TurnCancelled(at=T0, turn_id="t1", content=partial.content, usage=partial.usage)
+    state, events = run(state, session.Record(turn_id="t1", events=(cancelled,)))
+    assert events == [cancelled]
     assert state.open_turn is None and state.outcomes["cmd-t1"].status == "cancelled"
 
 
 def test_closing_a_turn_that_is_not_open_adds_nothing() -> None:
     state = completed_session()
-    assert (
-        session.decide(state, session.CompleteTurn(turn_id="t1", result=result("again"), now=T0))
-        == []
-    )
-    assert session.decide(state, session.CancelTurn(turn_id="zz", now=T0)) == []
+    assert session.decide(state, complete("t1", result("again"))) == []
+    cancelled = TurnCancelled(at=T0, turn_id="zz", content="", usage=Usage())
+    assert session.decide(state, session.Record(turn_id="zz", events=(cancelled,))) == []
 
 
 def test_evolve_is_a_pure_replay() -> None:
@@ -301,14 +306,8 @@ def test_evolve_is_a_pure_replay() -> None:
             messages=[user("hi")],
             lease_until=T0 + LEASE,
         ),
-        ModelCalled(at=T0, turn_id="t1", engine="up", upstream_model="m", latency_ms=1.0),
-        ReplyCompleted(
-            at=T0,
-            turn_id="t1",
-            content="hello",
-            finish_reason="stop",
-            usage=Usage(prompt_tokens=3, completion_tokens=2, total_tokens=5),
-        ),
+        turn.model_called("t1", result("retried"), T0),
+        turn.reply_completed("t1", result("hello"), T0),
     ]
     assert given(*events) == given(*events)
     assert given(*events).history == state.history
@@ -316,12 +315,10 @@ def test_evolve_is_a_pure_replay() -> None:
 
 def long_session(turns: int, words: int = 20) -> session.SessionState:
     state, _ = run(session.initial(), open_turn(start("t0", user("w " * words), new=True)))
-    state, _ = run(state, session.CompleteTurn(turn_id="t0", result=result("r " * words), now=T0))
+    state, _ = run(state, complete("t0", result("r " * words)))
     for i in range(1, turns):
         state, _ = run(state, open_turn(start(f"t{i}", user("w " * words))))
-        state, _ = run(
-            state, session.CompleteTurn(turn_id=f"t{i}", result=result("r " * words), now=T0)
-        )
+        state, _ = run(state, complete(f"t{i}", result("r " * words)))
     return state
 
 
@@ -343,18 +340,8 @@ def test_summary_replaces_folded_turns_in_the_prompt() -> None:
     state, _ = run(state, open_turn(start("t10", user("latest"))))
     covers = session.fold_plan(state, budget=100)
     assert covers is not None
-    state, events = run(
-        state,
-        session.Summarize(
-            turn_id="t10",
-            summary="Ann likes tea.",
-            covers=covers,
-            result=result("Ann likes tea."),
-            now=T0,
-        ),
-    )
-    assert [type(e).__name__ for e in events] == ["ModelCalled", "HistorySummarized"]
-    assert events[0].purpose == "summary"
+    summarized = HistorySummarized(at=T0, turn_id="t10", summary="Ann likes tea.", covers=covers)
+    state, _ = run(state, session.Record(turn_id="t10", events=(summarized,)))
     messages = session.prompt(state, "persona", budget=100)
     assert messages[0].role == "system" and "Ann likes tea." in messages[0].content
     assert messages[1:] == [*state.history[covers:], user("latest")]
@@ -429,7 +416,7 @@ def test_trimming_a_long_history_estimates_each_message_at_most_once(
         for i in range(n)
     ]
     state, _ = run(session.initial(), open_turn(start("t0", *tiny, new=True)))
-    state, _ = run(state, session.CompleteTurn(turn_id="t0", result=result("done"), now=T0))
+    state, _ = run(state, complete("t0", result("done")))
     state, _ = run(state, open_turn(start("t1", user("and now?"))))
     assert len(state.history) == n + 1
     estimates = 0

@@ -14,12 +14,13 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from bus.codec import Codec, encode
+from bus.codec import encode
 from bus.subjects import EVENTS_STREAM, InvalidToken, session_events
 from eventstore.errors import ConcurrencyConflict, EventStoreError, StoreUnavailable
 from eventstore.events import (
     ChatMessage,
     EventUnion,
+    ModelCall,
     ModelCalled,
     ReplyCompleted,
     SessionOpened,
@@ -27,12 +28,14 @@ from eventstore.events import (
     TurnFailed,
     TurnStarted,
     Usage,
+    model_calls,
 )
 from eventstore.jetstream import EVENT_TYPE_HEADER, JetStreamEventStore, _header, ensure_stream
 from eventstore.memory import InMemoryEventStore
 from eventstore.store import EventStore, SessionInfo
+from eventstore.upcast import EVENT_CODEC
 
-CODEC: Codec[EventUnion] = Codec(EventUnion)
+CODEC = EVENT_CODEC
 T0 = datetime(2026, 11, 26, 9, 30, 15, 123456, tzinfo=UTC)
 
 
@@ -93,10 +96,12 @@ def make_events(n: int, turn: str = "t1") -> list[EventUnion]:
         lambda i: ModelCalled(
             at=T0 + timedelta(seconds=i),
             turn_id=f"{turn}-{i}",
-            engine="local",
-            upstream_model="smol",
-            latency_ms=12.5 + i,
-            usage=Usage(prompt_tokens=i, completion_tokens=2, total_tokens=i + 2),
+            call=ModelCall(
+                engine="local",
+                upstream_model="smol",
+                latency_ms=12.5 + i,
+                usage=Usage(prompt_tokens=i, completion_tokens=2, total_tokens=i + 2),
+            ),
         ),
         lambda i: ReplyCompleted(
             at=T0 + timedelta(seconds=i),
@@ -104,6 +109,7 @@ def make_events(n: int, turn: str = "t1") -> list[EventUnion]:
             content=f"reply {i} é ✓",
             finish_reason="stop",
             usage=Usage(total_tokens=i),
+            call=ModelCall(engine="local", upstream_model="smol", latency_ms=3.0 + i),
         ),
         lambda i: TurnFailed(
             at=T0 + timedelta(seconds=i), turn_id=f"{turn}-{i}", status=502, code="x", message="m"
@@ -289,6 +295,54 @@ async def test_unknown_fields_are_ignored_on_read(harness: Harness) -> None:
     await harness.write_raw(sid, encode(doc))
     loaded = await harness.store.load(sid)
     assert [s.event for s in loaded] == [event]
+
+
+# Events as Veil wrote them before model calls took one shape (ModelCall): a failed
+# attempt, a reply that carried its call's fields at its top level, and an older
+# reply that carried none (its call was a ModelCalled of its own).
+_OLD_SHAPES = [
+    (
+        b'{"type":"model.called","at":"2026-01-01T00:00:00Z","turn_id":"t1","engine":"up",'
+        b'"upstream_model":"m","latency_ms":4.5,"ttft_ms":null,"usage":null,'
+        b'"finish_reason":null,"error":"rate limited","status":429,"purpose":"reply"}'
+    ),
+    (
+        b'{"type":"reply.completed","at":"2026-01-01T00:00:01Z","turn_id":"t1","content":"hi",'
+        b'"finish_reason":"stop","usage":{"prompt_tokens":3,"completion_tokens":1,'
+        b'"total_tokens":4},"tool_calls":[],"alternatives":[],"engine":"up",'
+        b'"upstream_model":"m","latency_ms":12.0,"ttft_ms":2.5}'
+    ),
+    (
+        b'{"type":"reply.completed","at":"2026-01-01T00:00:02Z","turn_id":"t2","content":"yo",'
+        b'"finish_reason":"stop","usage":{"prompt_tokens":1,"completion_tokens":1,'
+        b'"total_tokens":2},"tool_calls":[],"alternatives":[]}'
+    ),
+]
+
+
+async def test_events_of_older_shapes_read_as_todays(harness: Harness) -> None:
+    sid = new_sid()
+    for raw in _OLD_SHAPES:
+        await harness.write_raw(sid, raw)
+    attempt, reply, older = [s.event for s in await harness.store.load(sid)]
+    usage = Usage(prompt_tokens=3, completion_tokens=1, total_tokens=4)
+    assert isinstance(attempt, ModelCalled) and attempt.turn_id == "t1"
+    assert attempt.call == ModelCall(
+        engine="up", upstream_model="m", latency_ms=4.5, error="rate limited", status=429
+    )
+    assert isinstance(reply, ReplyCompleted) and reply.content == "hi"
+    assert reply.call == ModelCall(
+        engine="up",
+        upstream_model="m",
+        latency_ms=12.0,
+        ttft_ms=2.5,
+        usage=usage,
+        finish_reason="stop",
+    )
+    assert isinstance(older, ReplyCompleted) and older.call is None and older.content == "yo"
+    assert [c.latency_ms for c in model_calls([attempt, reply, older])] == [4.5, 12.0]
+    # What is written today reads back unchanged.
+    assert EVENT_CODEC.decode(EVENT_CODEC.encode(reply)) == reply
 
 
 async def test_invalid_session_id_is_refused(store: EventStore) -> None:

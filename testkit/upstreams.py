@@ -19,7 +19,7 @@ request body, so a test can script a tool loop:
     ...
     up.stop_thread()
 
-    python -m tests.fakes.upstreams openai --port 0   # prints "listening on http://127.0.0.1:PORT"
+    python -m testkit.upstreams openai --port 0   # prints "listening on http://127.0.0.1:PORT"
 """
 
 from __future__ import annotations
@@ -1217,7 +1217,7 @@ async def _serve(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m tests.fakes.upstreams", description="Run a fake LLM upstream server."
+        prog="python -m testkit.upstreams", description="Run a fake LLM upstream server."
     )
     parser.add_argument("provider", choices=["openai", "anthropic"])
     parser.add_argument("--host", default="127.0.0.1")

@@ -17,7 +17,7 @@ import httpx2
 import openai
 import pytest
 
-from tests.fakes.upstreams import (
+from testkit.upstreams import (
     FakeAnthropic,
     FakeOpenAI,
     Fault,
@@ -320,7 +320,7 @@ async def test_openai_rejects_bad_body(aoai_up: FakeOpenAI) -> None:
 
 def test_openai_separate_process(repo_root: Path) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.fakes.upstreams", "openai", "--port", "0"],
+        [sys.executable, "-m", "testkit.upstreams", "openai", "--port", "0"],
         cwd=repo_root,
         stdout=subprocess.PIPE,
         text=True,
