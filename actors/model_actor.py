@@ -141,10 +141,22 @@ class ModelActor:
             this.uncancel()
         except EngineError as failure:
             error = failure.info
+            if error.status >= 500:
+                log.warning(
+                    "engine.error",
+                    engine=engine_name,
+                    status=error.status,
+                    code=error.code,
+                    detail=error.detail,
+                )
         except Exception as failure:  # noqa: BLE001 - an engine bug must not kill the worker
             log.error("engine.failed", engine=engine_name, error=repr(failure))
             error = ErrorInfo(
-                status=502, type="api_error", code="engine_error", message=repr(failure)
+                status=502,
+                type="api_error",
+                code="engine_error",
+                message="The model engine failed.",
+                detail=repr(failure),
             )
         finally:
             generating = False

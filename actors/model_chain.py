@@ -32,15 +32,15 @@ async def call_model(
             nc, model_generate(link.engine), GENERATE_CODEC.encode(job), timeout=timeout
         )
     except NoRespondersError:
-        message = f"No worker serves the engine '{link.engine}'."
         return _failed(
             link,
             ErrorInfo(
                 status=503,
                 type="api_error",
                 code="no_model_worker",
-                message=message,
+                message="No worker serves this model right now.",
                 retryable=True,
+                detail=f"no responders for the engine '{link.engine}'",
             ),
         )
     except NatsTimeout:
@@ -54,7 +54,11 @@ async def call_model(
     try:
         return GENERATE_RESULT_CODEC.decode(reply.data)
     except DecodeError as failure:
-        message = f"The model actor answered badly: {failure}"
-        return _failed(
-            link, ErrorInfo(status=502, type="api_error", code="bad_model_reply", message=message)
+        error = ErrorInfo(
+            status=502,
+            type="api_error",
+            code="bad_model_reply",
+            message="The model actor answered badly.",
+            detail=str(failure),
         )
+        return _failed(link, error)

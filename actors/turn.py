@@ -315,7 +315,7 @@ def model_call(result: GenerateResult, purpose: str = "reply") -> ModelCall:
         ttft_ms=result.ttft_ms,
         usage=result.usage,
         finish_reason=None if result.error else result.finish_reason,
-        error=result.error.message if result.error else None,
+        error=_operators_view(result.error) if result.error else None,
         status=result.error.status if result.error else None,
     )
 
@@ -331,6 +331,11 @@ def reply_completed(turn_id: str, result: GenerateResult, now: datetime) -> Repl
         alternatives=result.alternatives,
         call=model_call(result),
     )
+
+
+def _operators_view(error: ErrorInfo) -> str:
+    """The error as the log keeps it: the client's message, and what only operators see."""
+    return error.message if error.detail is None else f"{error.message} ({error.detail})"
 
 
 def model_called(
@@ -722,7 +727,7 @@ def _failed(
         )
     )
     reply = TurnError(
-        error=error,
+        error=replace(error, detail=None),  # the client's view; the details are in the log
         content=result.content if result else "",
         deltas=result.deltas if result else 0,
     )

@@ -18,6 +18,9 @@ class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True):
     # Worth another try (rate limit, server error, unreachable, timeout), and when.
     retryable: bool = False
     retry_after: float | None = None
+    # What only operators see (the log, the session's events): an upstream's URL, its
+    # own words, an exception. Clients get `message`, which never carries these.
+    detail: str | None = None
 
 
 def error_type(status: int) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Iterator
 
@@ -33,10 +34,22 @@ def secondary() -> Iterator[FakeOpenAI]:
         yield fake
 
 
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+GONE_PORT = _closed_port()
+
+
 @pytest.fixture(scope="module")
 def veil(nats_url: str, primary: FakeOpenAI, secondary: FakeOpenAI) -> Iterator[VeilThread]:
     config = Config(
         engines={
+            "gone": EngineConfig(
+                kind="openai", base_url=f"http://127.0.0.1:{GONE_PORT}/v1", api_key="x"
+            ),
             "primary": EngineConfig(
                 kind="openai", base_url=primary.base_url, api_key="x", timeout=2
             ),
@@ -51,9 +64,13 @@ def veil(nats_url: str, primary: FakeOpenAI, secondary: FakeOpenAI) -> Iterator[
                 fallbacks=[FallbackConfig(engine="secondary", model="small")],
                 retries=1,
                 retry_backoff=0.01,
-            )
+            ),
+            "gone": PipelineConfig(engine="gone", model="m", retries=0),
         },
-        models=[ModelConfig(name="veil", pipeline="default")],
+        models=[
+            ModelConfig(name="veil", pipeline="default"),
+            ModelConfig(name="veil-gone", pipeline="gone"),
+        ],
         nats_url=nats_url,
         memory=MemoryConfig(enabled=False),  # long-term memory has its own tests
     )
@@ -117,7 +134,8 @@ def test_client_errors_upstream_are_not_retried(
     primary.fail_next(400, message="bad prompt")
     with pytest.raises(openai.APIStatusError) as info:
         client.chat.completions.create(model="veil", messages=[{"role": "user", "content": "hi"}])
-    assert info.value.status_code == 502 and "bad prompt" in info.value.body["message"]
+    message = info.value.body["message"]
+    assert info.value.status_code == 502 and "HTTP 400" in message and "bad prompt" not in message
     assert len(primary.requests) == 1 and len(secondary.requests) == 0
 
 
@@ -128,7 +146,8 @@ def test_every_link_failing_gives_the_last_error(
     secondary.fail_next(500, message="secondary down", times=2)
     with pytest.raises(openai.APIStatusError) as info:
         client.chat.completions.create(model="veil", messages=[{"role": "user", "content": "hi"}])
-    assert info.value.status_code == 502 and "secondary down" in info.value.body["message"]
+    message = info.value.body["message"]
+    assert info.value.status_code == 502 and "HTTP 500" in message and "down" not in message
     assert len(primary.requests) == 2 and len(secondary.requests) == 2
 
 
@@ -169,3 +188,26 @@ def test_stream_failing_before_any_token_falls_back(
     assert isinstance(events[-1], ReplyCompleted) and not any(
         isinstance(e, TurnFailed) for e in events
     )
+
+
+def test_clients_never_see_the_upstreams_address_or_errors_operators_do(
+    veil: VeilThread, client: openai.OpenAI
+) -> None:
+    first = client.chat.completions.create(
+        model="veil", messages=[{"role": "user", "content": "hi"}]
+    )
+    sid = first.model_extra["session_id"]
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(
+            model="veil-gone",
+            messages=[{"role": "user", "content": "again"}],
+            extra_body={"session_id": sid},
+        )
+    body = info.value.body
+    assert info.value.status_code == 502 and body["code"] == "upstream_unreachable"
+    assert body["message"] == "The upstream model could not be reached."
+    for inside in (str(GONE_PORT), "127.0.0.1", "Error", "/v1"):
+        assert inside not in str(body)
+    # The log keeps what happened, for the operator who replays the session.
+    failed = [c for c in calls(veil, sid) if c.status == 502]
+    assert failed and f"127.0.0.1:{GONE_PORT}" in (failed[0].error or "")

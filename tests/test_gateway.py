@@ -26,7 +26,7 @@ from config import (
     PipelineConfig,
     ServerConfig,
 )
-from eventstore.events import ReplyCompleted, TurnCancelled, TurnFailed, TurnStarted
+from eventstore.events import ReplyCompleted, TurnCancelled, TurnFailed, TurnStarted, model_calls
 from eventstore.jetstream import JetStreamEventStore
 from testkit.upstreams import FakeAnthropic, FakeOpenAI
 from tests.harness import HANG_UP_WORDS, VeilThread, hang_up_mid_stream
@@ -627,9 +627,8 @@ def test_upstream_failure_is_502_with_reason(
     with pytest.raises(openai.APIStatusError) as info:
         client.chat.completions.create(model="veil", messages=[{"role": "user", "content": "x"}])
     assert info.value.status_code == 502
-    assert (
-        f"boom {status}" in info.value.body["message"] and str(status) in info.value.body["message"]
-    )
+    message = info.value.body["message"]
+    assert f"HTTP {status}" in message and "boom" not in message
     sid = info.value.response.headers.get("x-session-id")
     del sid  # an error response on a new session carries no id; the log records the failure instead
 
@@ -660,7 +659,10 @@ def test_failed_turn_is_recorded_and_session_usable(
         extra_body={"session_id": sid},
     )
     failed = [e for e in events_of(veil, store, sid) if isinstance(e, TurnFailed)]
-    assert len(failed) == 1 and failed[0].status == 502 and "down" in failed[0].message
+    assert len(failed) == 1 and failed[0].status == 502 and "HTTP 500" in failed[0].message
+    # The upstream's own words are in the failed call's record, for operators.
+    calls = [c for c in model_calls(events_of(veil, store, sid)) if c.status == 502]
+    assert len(calls) == 1 and "down" in (calls[0].error or "")
     # The failed turn's message is not part of the conversation the model sees.
     assert [m["content"] for m in upstream.last_request.body["messages"]][1:] == [
         "first",
@@ -795,7 +797,8 @@ def test_anthropic_rate_limit_is_502(client: openai.OpenAI, claude: FakeAnthropi
         client.chat.completions.create(
             model="veil-claude", messages=[{"role": "user", "content": "x"}]
         )
-    assert info.value.status_code == 502 and "slow down" in info.value.body["message"]
+    message = info.value.body["message"]
+    assert info.value.status_code == 502 and "HTTP 429" in message and "slow down" not in message
 
 
 def test_parameters_reach_the_upstream(client: openai.OpenAI, upstream: FakeOpenAI) -> None:

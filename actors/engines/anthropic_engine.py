@@ -130,7 +130,8 @@ def translate_error(error: Exception) -> EngineError:
         return EngineError(
             502,
             "upstream_error",
-            f"The upstream model failed with HTTP {error.status_code}: {error.message}",
+            f"The upstream model failed with HTTP {error.status_code}.",
+            detail=error.message,
             retryable=error.status_code == 429 or error.status_code >= 500,
             retry_after=_retry_after(error),
         )
@@ -138,10 +139,11 @@ def translate_error(error: Exception) -> EngineError:
         return EngineError(
             502,
             "upstream_unreachable",
-            f"The upstream model could not be reached: {error}",
+            "The upstream model could not be reached.",
+            detail=f"{type(error).__name__}: {error}",
             retryable=True,
         )
-    return EngineError(502, "upstream_error", f"The upstream model failed: {error!r}")
+    return EngineError(502, "upstream_error", "The upstream model failed.", detail=repr(error))
 
 
 class AnthropicEngine:
@@ -265,7 +267,12 @@ class AnthropicEngine:
                     output.finish_reason = FINISH_REASONS.get(event.delta.stop_reason or "", "stop")
                     output_tokens = event.usage.output_tokens
                 elif event.type == "error":  # pragma: no cover - the SDK raises first
-                    raise EngineError(502, "upstream_error", str(event))
+                    raise EngineError(
+                        502,
+                        "upstream_error",
+                        "The upstream model reported an error.",
+                        detail=str(event),
+                    )
         finally:
             await stream.close()
         output.usage = _usage(input_tokens, output_tokens)

@@ -89,8 +89,9 @@ class EngineError(Exception):
         *,
         retryable: bool = False,
         retry_after: float | None = None,
+        detail: str | None = None,
     ) -> None:
-        super().__init__(message)
+        super().__init__(message if detail is None else f"{message} ({detail})")
         self.info = ErrorInfo(
             status=status,
             type=error_type(status),
@@ -98,6 +99,7 @@ class EngineError(Exception):
             message=message,
             retryable=retryable,
             retry_after=retry_after,
+            detail=detail,
         )
 
 

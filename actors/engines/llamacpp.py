@@ -225,7 +225,7 @@ class LlamaCppEngine:
             return self._worker.submit(fn, *args)
         except RuntimeError as error:  # submit after shutdown
             raise EngineError(
-                503, "engine_closed", f"The local engine {self.name!r} is closed."
+                503, "engine_closed", "The local engine is closed.", detail=self.name
             ) from error
 
     def _request(self, messages: list[ChatMessage], params: dict[str, Any]) -> _Request:
@@ -266,12 +266,14 @@ class LlamaCppEngine:
             )
         except (OSError, ValueError, RuntimeError) as error:
             raise EngineError(
-                503, "model_unavailable", f"The local model could not be loaded: {error}"
+                503, "model_unavailable", "The local model could not be loaded.", detail=str(error)
             ) from error
         template = llama.metadata.get("tokenizer.chat_template")
         if not template:
             llama.close()
-            raise EngineError(503, "model_unavailable", f"The model {path} has no chat template.")
+            raise EngineError(
+                503, "model_unavailable", "The local model has no chat template.", detail=str(path)
+            )
         # The same formatter llama-cpp-python builds from the GGUF for create_chat_completion
         # (ChatML for SmolLM2); we run the token loop ourselves for per-token cancellation,
         # exact usage while streaming and stop sequences that never leak into the stream.
@@ -301,7 +303,9 @@ class LlamaCppEngine:
         except EngineError:
             raise
         except Exception as error:
-            raise EngineError(500, "engine_error", f"The local model failed: {error!r}") from error
+            raise EngineError(
+                500, "engine_error", "The local model failed.", detail=repr(error)
+            ) from error
         finally:
             emit(None)
 
@@ -361,7 +365,9 @@ class LlamaCppEngine:
         finally:
             tokens.close()
         if cancelled.is_set():  # only aclose() still waits for an answer
-            raise EngineError(503, "engine_closed", f"The local engine {self.name!r} is closing.")
+            raise EngineError(
+                503, "engine_closed", "The local engine is closing.", detail=self.name
+            )
         if not stops.hit:
             rest = stops.feed(decoder.decode(b"", final=True))
             rest += "" if stops.hit else stops.flush()

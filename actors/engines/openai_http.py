@@ -128,9 +128,10 @@ def _status_error(status: int, body: bytes, retry_after: str | None) -> EngineEr
     return EngineError(
         502,
         "upstream_error",
-        f"The upstream model failed with HTTP {status}: {_reason(body)}",
+        f"The upstream model failed with HTTP {status}.",
         retryable=status == 429 or status >= 500,
         retry_after=parse_retry_after(retry_after),
+        detail=_reason(body),
     )
 
 
@@ -140,7 +141,7 @@ def _decoded(decoder: msgspec.json.Decoder[T], data: bytes, failure: str) -> T:
         return decoder.decode(data)
     except msgspec.DecodeError as error:
         raise EngineError(
-            502, "upstream_error", f"The upstream model {failure}: {error}"
+            502, "upstream_error", f"The upstream model {failure}.", detail=str(error)
         ) from error
 
 
@@ -156,22 +157,27 @@ def _unreachable(url: str, error: Exception) -> EngineError:
     return EngineError(
         502,
         "upstream_unreachable",
-        f"The upstream model at {url} could not be reached ({reason})",
+        "The upstream model could not be reached.",
         retryable=True,
+        detail=f"{url}: {reason}",
     )
 
 
 def _broken(error: Exception) -> EngineError:
     # The connection dropped mid-answer; the chain decides whether a retry is still possible.
     return EngineError(
-        502, "upstream_error", f"The upstream model's answer broke off: {error}", retryable=True
+        502,
+        "upstream_error",
+        "The upstream model's answer broke off.",
+        retryable=True,
+        detail=f"{type(error).__name__}: {error}",
     )
 
 
 def _reported_error(error: Any, what: str) -> EngineError:
     """An error the upstream put in its body (a 200 answer, or a stream's data line)."""
     message = error.get("message") if isinstance(error, dict) else error
-    return EngineError(502, "upstream_error", f"{what}: {message}")
+    return EngineError(502, "upstream_error", f"{what}.", detail=str(message)[:_MAX_REASON])
 
 
 class OpenAIHTTP:

@@ -71,7 +71,7 @@ class VllmEngine:
     async def start(self) -> float:
         """Start vLLM now instead of on the first request; returns the seconds it took."""
         if self._closed:
-            raise EngineError(503, "engine_closed", f"The vLLM engine {self.name!r} is closed.")
+            raise EngineError(503, "engine_closed", "The vLLM engine is closed.", detail=self.name)
         if self._starting is None:
             self._starting = asyncio.create_task(self._start())
         starting = self._starting
@@ -109,7 +109,7 @@ class VllmEngine:
             await self.start()
         engine = self._engine
         if engine is None:  # closed while starting
-            raise EngineError(503, "engine_closed", f"The vLLM engine {self.name!r} is closed.")
+            raise EngineError(503, "engine_closed", "The vLLM engine is closed.", detail=self.name)
         prompt_ids = self._prompt(messages)
         room = self._max_model_len - len(prompt_ids)
         if room < 1:
@@ -178,10 +178,12 @@ class VllmEngine:
         tokenizer = engine.get_tokenizer()
         problem = None
         if self._closed:
-            problem = EngineError(503, "engine_closed", f"The vLLM engine {self.name!r} is closed.")
+            problem = EngineError(
+                503, "engine_closed", "The vLLM engine is closed.", detail=self.name
+            )
         elif not getattr(tokenizer, "chat_template", None):
             problem = EngineError(
-                503, "model_unavailable", f"The model {self._model} has no chat template."
+                503, "model_unavailable", "The model has no chat template.", detail=self._model
             )
         if problem is not None:
             await asyncio.to_thread(engine.shutdown)

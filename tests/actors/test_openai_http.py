@@ -102,7 +102,7 @@ async def test_an_error_inside_the_stream_is_an_upstream_error(serve) -> None:
     with pytest.raises(EngineError) as caught:
         await chunks_of(OpenAIHTTP(base_url=url, api_key="k", timeout=5))
     assert caught.value.info.status == 502
-    assert "overloaded" in caught.value.info.message
+    assert caught.value.info.detail == "overloaded"
 
 
 async def test_garbage_in_the_stream_is_a_502_not_a_crash(serve) -> None:
@@ -132,7 +132,9 @@ async def test_status_errors_keep_the_upstreams_reason_and_retry_after(serve) ->
     await client.aclose()
     info = caught.value.info
     assert (info.status, info.retryable, info.retry_after) == (502, True, 1.5)
-    assert info.message == "The upstream model failed with HTTP 429: Rate limit reached"
+    # The upstream's own words are for operators (log, events), not for clients.
+    assert info.message == "The upstream model failed with HTTP 429."
+    assert info.detail == "Rate limit reached"
 
 
 async def test_a_plain_text_error_body_is_quoted_and_4xx_is_not_retried(serve) -> None:
@@ -144,7 +146,8 @@ async def test_a_plain_text_error_body_is_quoted_and_4xx_is_not_retried(serve) -
         await client.complete({"model": "m", "messages": []})
     await client.aclose()
     assert caught.value.info.retryable is False
-    assert caught.value.info.message.endswith("HTTP 400: <html>bad gateway config</html>")
+    assert caught.value.info.message.endswith("HTTP 400.")
+    assert caught.value.info.detail == "<html>bad gateway config</html>"
 
 
 async def test_a_non_completion_body_is_a_502(serve) -> None:
@@ -228,7 +231,8 @@ async def test_a_failure_reported_with_http_200_is_an_error_and_null_choices_are
     with pytest.raises(EngineError) as caught:
         await client.complete({"model": "m", "messages": []})
     await client.aclose()
-    assert caught.value.info.message == "The upstream model failed: model overloaded"
+    assert caught.value.info.message == "The upstream model failed."
+    assert caught.value.info.detail == "model overloaded"
 
     url = await serve(
         raw_stream(
