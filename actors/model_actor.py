@@ -167,18 +167,23 @@ class ModelActor:
         latency = (time.perf_counter() - started) * 1000
         content = output.content
         usage = output.usage
-        if usage is None:
+        estimated = False
+        if usage is None and (error is None or content):
+            # The upstream sent no count: estimate it (a failed call that produced
+            # nothing, one that never connected say, consumed nothing to count).
             prompt = sum(estimate_tokens(m.content) for m in job.messages)
             completion = estimate_tokens(content)
             usage = Usage(
                 prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
             )
+            estimated = True
         return GenerateResult(
             engine=engine_name,
             upstream_model=job.upstream_model,
             content=content,
             finish_reason=output.finish_reason,
-            usage=usage,
+            usage=usage or Usage(),
+            usage_estimated=estimated,
             latency_ms=round(latency, 3),
             ttft_ms=None if output.ttft_ms is None else round(output.ttft_ms, 3),
             deltas=deltas,

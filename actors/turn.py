@@ -313,7 +313,9 @@ def model_call(result: GenerateResult, purpose: str = "reply") -> ModelCall:
         upstream_model=result.upstream_model,
         latency_ms=result.latency_ms,
         ttft_ms=result.ttft_ms,
-        usage=result.usage,
+        # A failed call that produced nothing has nothing to count.
+        usage=None if result.error and result.usage == Usage() else result.usage,
+        usage_estimated=result.usage_estimated,
         finish_reason=None if result.error else result.finish_reason,
         error=_operators_view(result.error) if result.error else None,
         status=result.error.status if result.error else None,

@@ -56,6 +56,8 @@ class GenerateResult(msgspec.Struct, frozen=True, kw_only=True):
     content: str = ""
     finish_reason: str = "stop"
     usage: Usage = Usage()
+    # The upstream reported no usage: Veil counted the text with its own estimate.
+    usage_estimated: bool = False
     latency_ms: float = 0.0
     ttft_ms: float | None = None
     deltas: int = 0

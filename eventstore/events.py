@@ -124,6 +124,8 @@ class ModelCall(msgspec.Struct, frozen=True, kw_only=True):
     latency_ms: float
     ttft_ms: float | None = None
     usage: Usage | None = None
+    # The upstream reported no usage: `usage` is Veil's estimate of the text.
+    usage_estimated: bool = False
     finish_reason: str | None = None
     error: str | None = None
     status: int | None = None

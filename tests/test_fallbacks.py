@@ -211,3 +211,5 @@ def test_clients_never_see_the_upstreams_address_or_errors_operators_do(
     # The log keeps what happened, for the operator who replays the session.
     failed = [c for c in calls(veil, sid) if c.status == 502]
     assert failed and f"127.0.0.1:{GONE_PORT}" in (failed[0].error or "")
+    # A call that never connected consumed nothing: no token count, not even an estimate.
+    assert failed[0].usage is None and not failed[0].usage_estimated

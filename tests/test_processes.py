@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -105,14 +106,32 @@ def test_serve_embedded_restart_replay(tmp_path: Path, upstream: FakeOpenAI) -> 
     )
     assert out.count("[turn.started]") == 3 and out.count("[reply.completed]") == 3
     assert "engine openai, model up-model" in out
+    # Numbered within the session, whatever the stream's sequence.
+    assert out.splitlines()[1].startswith("#1 ") and "[session.opened]" in out.splitlines()[1]
+    # Piped into a reader that stops early (here: before the first line): it ends
+    # quietly, as Unix tools do, not with a BrokenPipeError traceback.
+    piped = subprocess.run(
+        f"{sys.executable} -m veil.cli replay {sid} | true",
+        check=False,
+        shell=True,
+        env={**os.environ, **env},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert piped.stderr == "", piped.stderr
     assert "Rebuilt state:" in out and "turns: 3" in out and "What is the code word?" in out
     as_json = run_veil("replay", sid, "--json", env=env)
     lines = [json.loads(line) for line in as_json.stdout.splitlines()]
     assert [line["event"]["type"] for line in lines[:-1]][:2] == ["session.opened", "turn.started"]
     assert all(a["seq"] < b["seq"] for a, b in itertools.pairwise(lines[:-1]))
     assert lines[-1]["state"]["turns"] == 3
+    assert [line["n"] for line in lines[:-1]] == list(range(1, len(lines)))
     sessions = run_veil("sessions", env=env)
-    assert sid in sessions.stdout
+    header, row = sessions.stdout.splitlines()[:2]
+    assert header.split()[:5] == ["SESSION", "TENANT", "USER", "MODEL", "TURNS"]
+    assert row.split()[0] == sid and row.split()[3:5] == ["veil", "3"]
     missing = run_veil("replay", "sess_nothing", env=env)
     assert missing.returncode == 1
 

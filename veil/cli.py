@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import sys
 from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
@@ -146,7 +147,7 @@ async def _replay(config: Config, session_id: str, as_json: bool) -> int:
 async def _sessions(config: Config, as_json: bool) -> int:
     from bus.connection import connect
     from eventstore.jetstream import JetStreamEventStore, ensure_stream
-    from veil.replay import render_sessions
+    from veil.replay import render_sessions, session_row
 
     async with _log_connection(config) as url:
         nc = await connect(url, name="veil-sessions")
@@ -155,10 +156,10 @@ async def _sessions(config: Config, as_json: bool) -> int:
             await ensure_stream(js)
             store = JetStreamEventStore(js, nc)
             infos = await store.sessions()
-            firsts = {info.session_id: (await store.load(info.session_id))[:1] for info in infos}
+            rows = [session_row(info, await store.load(info.session_id)) for info in infos]
         finally:
             await nc.drain()
-    for line in render_sessions(infos, firsts, as_json=as_json):
+    for line in render_sessions(rows, as_json=as_json):
         print(line)
     return 0
 
@@ -197,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     # Everything Veil writes (logs, indexes, JetStream, uploads) holds conversations:
     # owner-only, nats-server's files included (it inherits the mask).
     os.umask(0o077)
+    if args.command not in ("serve", "gateway", "worker"):
+        # A one-shot command piped into `head` ends quietly when the reader does, as
+        # Unix tools do, instead of with a BrokenPipeError traceback.
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     # Servers say what they do; one-shot commands only what went wrong.
     _configure_logging(
         logging.INFO if args.command in ("serve", "gateway", "worker") else logging.WARNING

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime
 from typing import assert_never
 
 import msgspec
@@ -45,7 +46,13 @@ def _call_line(call: ModelCall) -> str:
     if call.ttft_ms is not None:
         line += f" (first token {call.ttft_ms:.1f} ms)"
     if call.usage is not None:
-        line += f", tokens {call.usage.prompt_tokens} in / {call.usage.completion_tokens} out"
+        about = "~" if call.usage_estimated else ""
+        line += (
+            f", tokens {about}{call.usage.prompt_tokens} in / "
+            f"{about}{call.usage.completion_tokens} out"
+        )
+        if call.usage_estimated:
+            line += " (estimated)"
     if call.error is not None:
         line += f", FAILED ({call.status}): {call.error}"
     return line
@@ -182,16 +189,17 @@ def render_replay(
     resolve: Resolver = _no_references,
 ) -> Iterator[str]:
     state = session.fold([s.event for s in stored])
+    # Events are numbered within the session (#1 is its first); `seq` is the stream's.
     if as_json:
-        for item in stored:
-            yield encode({"seq": item.seq, "event": item.event}).decode()
+        for n, item in enumerate(stored, 1):
+            yield encode({"n": n, "seq": item.seq, "event": item.event}).decode()
         yield encode({"state": _state_summary(state)}).decode()
         return
     yield f"Session {session_id}: {len(stored)} events"
-    for item in stored:
+    for n, item in enumerate(stored, 1):
         lines = describe(item.event, resolve)
         stamp = item.event.at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        yield f"#{item.seq:<6} {stamp}  [{item.event.__struct_config__.tag}] {lines[0]}"
+        yield f"#{n:<6} {stamp}  [{item.event.__struct_config__.tag}] {lines[0]}"
         for line in lines[1:]:
             yield f"{'':>34}{line}"
     yield ""
@@ -222,27 +230,58 @@ def _state_summary(state: session.SessionState) -> dict[str, object]:
     }
 
 
-def render_sessions(
-    infos: Sequence[SessionInfo], firsts: dict[str, list[StoredEvent]], *, as_json: bool
-) -> Iterator[str]:
-    rows = []
-    for info in infos:
-        first = firsts.get(info.session_id) or []
-        opened = first[0].event if first and isinstance(first[0].event, SessionOpened) else None
-        rows.append(
-            {
-                "session_id": info.session_id,
-                "events": info.events,
-                "tenant": opened.tenant if opened else None,
-                "created_at": opened.at.isoformat() if opened else None,
-            }
-        )
+class SessionRow(msgspec.Struct, frozen=True, kw_only=True):
+    """One line of `veil sessions`."""
+
+    session_id: str
+    tenant: str | None
+    user: str | None
+    model: str | None
+    turns: int
+    events: int
+    created_at: str | None
+    last_activity: str | None
+
+
+def session_row(info: SessionInfo, stored: Sequence[StoredEvent]) -> SessionRow:
+    state = session.fold([s.event for s in stored])
+    last = stored[-1].event.at if stored else state.updated_at
+    return SessionRow(
+        session_id=info.session_id,
+        tenant=state.tenant,
+        user=state.user_id,
+        model=state.last_model,
+        turns=state.turns,
+        events=info.events,
+        created_at=_stamp(state.created_at),
+        last_activity=_stamp(last),
+    )
+
+
+def _stamp(at: datetime | None) -> str | None:
+    return None if at is None else at.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def render_sessions(rows: Sequence[SessionRow], *, as_json: bool) -> Iterator[str]:
+    """The sessions, the most recently active first."""
+    ordered = sorted(rows, key=lambda r: (r.last_activity or "", r.session_id), reverse=True)
     if as_json:
-        yield from (encode(row).decode() for row in rows)
+        yield from (encode(row).decode() for row in ordered)
         return
-    yield f"{'SESSION':<40} {'EVENTS':>6}  {'TENANT':<24} CREATED"
-    for row in rows:
-        yield f"{row['session_id']:<40} {row['events']:>6}  {row['tenant'] or '-':<24} {row['created_at'] or '-'}"
+    yield (
+        f"{'SESSION':<34} {'TENANT':<14} {'USER':<14} {'MODEL':<16} {'TURNS':>5} "
+        f"{'EVENTS':>6}  LAST ACTIVITY"
+    )
+    for r in ordered:
+        yield (
+            f"{r.session_id:<34} {_cell(r.tenant, 14)} {_cell(r.user, 14)} {_cell(r.model, 16)} "
+            f"{r.turns:>5} {r.events:>6}  {r.last_activity or '-'}"
+        )
+
+
+def _cell(value: str | None, width: int) -> str:
+    text = value or "-"
+    return (text if len(text) <= width else text[: width - 1] + "…").ljust(width)
 
 
 def referenced_sessions(stored: Sequence[StoredEvent]) -> set[str]:

@@ -481,3 +481,10 @@ def test_admission_refuses_unknown_models_and_unsupported_parameters() -> None:
 
 def _fields(start: StartTurn) -> dict[str, Any]:
     return {f: getattr(start, f) for f in start.__struct_fields__}
+
+
+def test_a_failed_call_that_produced_nothing_records_no_tokens() -> None:
+    assert turn.model_call(failed(502)).usage is None
+    estimated = ok("partial", usage_estimated=True)
+    call = turn.model_call(estimated)
+    assert call.usage == estimated.usage and call.usage_estimated
