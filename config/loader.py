@@ -8,6 +8,7 @@ Errors name the file, the line and the field: `file:line: field: reason`.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
@@ -81,8 +82,61 @@ def _from_validation(source: str, text: str, error: Exception) -> ConfigError:
             path, message = found
     unknown = _UNKNOWN.search(message)
     if unknown:
-        path = f"{path}.{unknown.group('field')}" if path else unknown.group("field")
+        field = unknown.group("field")
+        close = difflib.get_close_matches(field, _fields_at(path), n=1)
+        if close:
+            message += f"; did you mean `{close[0]}`?"
+        path = f"{path}.{field}" if path else field
     return _invalid(source, text, path, message)
+
+
+_SEGMENT = re.compile(r"[^.\[\]]+|\[[^\]]*\]")
+
+
+def _fields_at(path: str) -> list[str]:
+    """The fields a struct at `path` of the config (`pipelines.x.memory`) may have."""
+    kind: msgspec.inspect.Type = msgspec.inspect.type_info(Config)
+    for segment in _SEGMENT.findall(path):
+        kind = _unwrap(kind)
+        if isinstance(kind, msgspec.inspect.StructType) and not segment.startswith("["):
+            field = next((f for f in kind.fields if f.encode_name == segment), None)
+            if field is None:
+                return []
+            kind = field.type
+        elif isinstance(kind, msgspec.inspect.DictType):
+            kind = kind.value_type
+        elif isinstance(kind, msgspec.inspect.ListType):
+            kind = kind.item_type
+        else:
+            return []
+    kind = _unwrap(kind)
+    if isinstance(kind, msgspec.inspect.StructType):
+        return [f.encode_name for f in kind.fields]
+    return []
+
+
+def _unwrap(kind: msgspec.inspect.Type) -> msgspec.inspect.Type:
+    """The struct inside an optional (`X | None`)."""
+    if isinstance(kind, msgspec.inspect.UnionType):
+        structs = [t for t in kind.types if isinstance(t, msgspec.inspect.StructType)]
+        if len(structs) == 1:
+            return structs[0]
+    return kind
+
+
+_LINE = re.compile(r"\s*\(at line (?P<line>\d+), column (?P<column>\d+)\)")
+
+
+def _from_syntax(source: str, error: Exception) -> ConfigError:
+    """A TOML syntax error as `file:line: ...`, like every other config error."""
+    message = str(error)
+    at = _LINE.search(message)
+    if at is None:
+        return ConfigError(f"{source}: not valid TOML: {message}")
+    reason = _LINE.sub("", message)
+    return ConfigError(
+        f"{source}:{at.group('line')}: not valid TOML: {reason} (column {at.group('column')})"
+    )
 
 
 def _default_engine(env: Mapping[str, str]) -> tuple[str, EngineConfig, str] | None:
@@ -286,8 +340,7 @@ def load_config(
         except msgspec.ValidationError as error:
             raise _from_validation(str(file), text, error) from None
         except msgspec.DecodeError as error:
-            # tomllib's own message carries the line and column.
-            raise ConfigError(f"{file}: not valid TOML: {error}") from None
+            raise _from_syntax(str(file), error) from None
         config.source = str(file)
     else:
         config = Config()

@@ -65,7 +65,35 @@ def test_broken_toml_names_the_line(tmp_path: Path) -> None:
     path = write(tmp_path, GOOD.replace("port = 9000", "port = "))
     with pytest.raises(ConfigError) as info:
         load_config(path, env={})
-    assert str(path) in str(info.value) and "line 3" in str(info.value)
+    # The same `file:line:` prefix as every other config error.
+    assert str(info.value).startswith(f"{path}:3: not valid TOML:"), str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "suggestion"),
+    [
+        ("[server]\nprot = 1\n", "server.prot", "port"),
+        (
+            '[pipelines.p]\nengine = "e"\nmodel = "m"\nsystem_promt = "x"\n',
+            "pipelines.p.system_promt",
+            "system_prompt",
+        ),
+        (
+            '[pipelines.p]\nengine = "e"\nmodel = "m"\n[pipelines.p.memory]\nrecal = true\n',
+            "pipelines.p.memory.recal",
+            "recall",
+        ),
+        ('[[models]]\nname = "m"\npipline = "p"\n', "models[0].pipline", "pipeline"),
+    ],
+)
+def test_an_unknown_field_suggests_the_closest_known_one(
+    tmp_path: Path, text: str, field: str, suggestion: str
+) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    message = str(info.value)
+    assert f": {field}:" in message and message.endswith(f"did you mean `{suggestion}`?")
 
 
 def test_missing_file(tmp_path: Path) -> None:
