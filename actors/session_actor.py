@@ -355,6 +355,8 @@ class SessionActor:
         finally:
             unwatch()
         await self._record(start.turn_id, step.events)
+        if isinstance(step.reply, TurnError) and self._never_given_out(start):
+            await self._discard(step.reply)
         if step.reply is not None:
             await finish(step.reply)
         if step.after is not None:
@@ -362,6 +364,26 @@ class SessionActor:
             task = asyncio.create_task(self._extract_facts(start.turn_id, step.after))
             self._after.add(task)
             task.add_done_callback(self._after.discard)
+
+    def _never_given_out(self, start: StartTurn) -> bool:
+        """A new session whose only turn failed without its client learning the id: an
+        error answer carries no session id (a stream's does, in its headers)."""
+        state = self._state
+        return start.new_session and not start.stream and state.turns == 1 and not state.history
+
+    async def _discard(self, reply: TurnError) -> None:
+        """Leave nothing of a session nobody can name: its client's retries (the SDKs
+        retry a 502 by themselves) would otherwise leave one orphan each."""
+        log.warning(
+            "session.first_turn_failed",
+            session=self.session_id,
+            status=reply.error.status,
+            code=reply.error.code,
+            message=reply.error.message,
+        )
+        async with self._writing:
+            await self._ctx.store.erase(self.session_id)
+            self._state, self._last_seq = session.initial(), 0
 
     async def _record(self, turn_id: str, events: list[EventUnion]) -> None:
         if events:

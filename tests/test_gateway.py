@@ -629,8 +629,21 @@ def test_upstream_failure_is_502_with_reason(
     assert info.value.status_code == 502
     message = info.value.body["message"]
     assert f"HTTP {status}" in message and "boom" not in message
-    sid = info.value.response.headers.get("x-session-id")
-    del sid  # an error response on a new session carries no id; the log records the failure instead
+    # An error answer to a new session carries no id, and leaves no session behind.
+    assert info.value.response.headers.get("x-session-id") is None
+
+
+def test_a_failed_first_turn_retried_by_the_sdk_leaves_no_orphan_sessions(
+    veil: VeilThread, upstream: FakeOpenAI, store: JetStreamEventStore
+) -> None:
+    before = {s.session_id for s in veil.call(store.sessions())}
+    upstream.fail_next(503, times=3)
+    # The SDK's own retries: three requests, three new sessions tried.
+    sdk = openai.OpenAI(base_url=veil.base_url, api_key=KEY_A, max_retries=2)
+    with sdk, pytest.raises(openai.APIStatusError) as info:
+        sdk.chat.completions.create(model="veil", messages=[{"role": "user", "content": "x"}])
+    assert info.value.status_code == 502 and len(upstream.requests) == 3
+    assert {s.session_id for s in veil.call(store.sessions())} == before
 
 
 def test_upstream_timeout_is_504(client: openai.OpenAI, upstream: FakeOpenAI) -> None:
