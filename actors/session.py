@@ -34,6 +34,7 @@ from eventstore.events import (
     MemoryRecalled,
     ModelCalled,
     PipelineChosen,
+    PromptTrimmed,
     ReplyCompleted,
     SessionOpened,
     ToolCall,
@@ -354,7 +355,13 @@ def evolve(state: SessionState, event: EventUnion) -> SessionState:
             )
         case FactsExtracted():
             return replace(state, beyond_history=state.beyond_history + len(event.facts))
-        case ModelCalled() | MemoryRecalled() | DocumentsRetrieved() | ToolLoopStopped():
+        case (
+            ModelCalled()
+            | MemoryRecalled()
+            | DocumentsRetrieved()
+            | ToolLoopStopped()
+            | PromptTrimmed()
+        ):
             return state
         case ToolsCalled():
             if state.open_turn is None or state.open_turn.turn_id != event.turn_id:
@@ -497,14 +504,17 @@ def prompt(
     persona: str | None = None,
     budget: int | None = None,
     memories: str | None = None,
+    *,
+    summary: bool = True,
 ) -> list[ChatMessage]:
     """What the model receives for the open turn: system, summary, recent history, new messages.
 
     History that still does not fit the budget (a summary failed, or is off) is
     left out of this prompt from the oldest message on; the log keeps all of it.
+    `memories`: recalled memories and retrieved documents, as system text.
     """
     parts = [p for p in (persona, state.system) if p]
-    if state.summary:
+    if state.summary and summary:
         parts.append(f"{SUMMARY_HEADER}\n{state.summary}")
     if memories:
         parts.append(memories)

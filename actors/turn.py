@@ -29,6 +29,7 @@ from actors.engines import unsupported_parameter
 from actors.knowledge.prompting import documents_block
 from actors.memory.prompting import choose_memories, memory_block
 from actors.summary import facts_prompt, parse_facts, summary_prompt
+from actors.tokens import MESSAGE_OVERHEAD, estimate_message_tokens, estimate_tokens
 from bus.subjects import session_cancel, session_out
 from config import Config, FallbackConfig, ModelConfig, PipelineConfig
 from contracts.errors import ErrorInfo, error_info
@@ -47,6 +48,7 @@ from eventstore.events import (
     ModelCall,
     ModelCalled,
     PipelineChosen,
+    PromptTrimmed,
     RecalledMemory,
     ReplyCompleted,
     RetrievedChunk,
@@ -189,7 +191,10 @@ class Progress(msgspec.Struct, frozen=True, kw_only=True):
     # The fold in flight: history[:covers] goes into the summary.
     covers: int = 0
     # Recalled memories and retrieved documents, for the system prompt.
-    context: tuple[str, ...] = ()
+    memories: str | None = None
+    documents: str | None = None
+    # What the prompt last left out (dropped parts, history messages), once recorded.
+    trimmed: tuple[tuple[str, ...], int] = ((), 0)
     params: dict[str, Any] = {}
     # Server tools the model may call now (none once the tool loop is out of steps).
     hidden: tuple[str, ...] = ()
@@ -292,7 +297,7 @@ def advance(
         case ToolsRan():
             return _on_tools_ran(state, progress, seen, now)
         case Paused():
-            return _call(state, replace(progress, attempt=progress.attempt + 1), [])
+            return _call(state, replace(progress, attempt=progress.attempt + 1), [], now)
         case _:
             assert_never(seen)
 
@@ -487,7 +492,7 @@ def _on_recalled(
         hits=[_recalled_memory(h, h in used, session_id) for h in seen.hits],
     )
     if used:
-        progress = replace(progress, context=(*progress.context, memory_block(used, session_id)))
+        progress = replace(progress, memories=memory_block(used, session_id))
     return _retrieve(state, progress, [recalled], now)
 
 
@@ -518,7 +523,7 @@ def _retrieve(
     pipeline = progress.config
     query = session.turn_query(_ahead(state, events))
     if not pipeline.knowledge or not query.strip():
-        return _call(state, progress, events)
+        return _call(state, progress, events, now)
     ask = KnowledgeSearch(
         collections=pipeline.knowledge,
         query=query,
@@ -544,9 +549,8 @@ def _on_retrieved(
         chunks=[_retrieved_chunk(h) for h in hits],
     )
     if hits:
-        block = documents_block(hits, cite=pipeline.cite_sources)
-        progress = replace(progress, context=(*progress.context, block))
-    return _call(state, progress, [retrieved])
+        progress = replace(progress, documents=documents_block(hits, cite=pipeline.cite_sources))
+    return _call(state, progress, [retrieved], now)
 
 
 def _retrieved_chunk(hit: KnowledgeHit) -> RetrievedChunk:
@@ -563,14 +567,18 @@ def _retrieved_chunk(hit: KnowledgeHit) -> RetrievedChunk:
     )
 
 
-def _call(state: session.SessionState, progress: Progress, events: list[EventUnion]) -> Step:
+def _call(
+    state: session.SessionState, progress: Progress, events: list[EventUnion], now: datetime
+) -> Step:
     """Ask the model of the current chain link for the answer."""
     pipeline, start = progress.config, progress.setup.start
     link = pipeline.chain[progress.link]
-    memories = "\n\n".join(progress.context) or None
-    messages = session.prompt(
-        _ahead(state, events), pipeline.system_prompt, pipeline.budget, memories
-    )
+    messages, trimmed = _fit(_ahead(state, events), progress, now)
+    if trimmed is not None and (tuple(trimmed.dropped), trimmed.history_left_out) != (
+        progress.trimmed
+    ):
+        events = [*events, trimmed]
+        progress = replace(progress, trimmed=(tuple(trimmed.dropped), trimmed.history_left_out))
     job = GenerateRequest(
         turn_id=start.turn_id,
         upstream_model=link.model,
@@ -585,6 +593,67 @@ def _call(state: session.SessionState, progress: Progress, events: list[EventUni
         events=events,
         effect=CallModel(link=link, job=job),
     )
+
+
+# What gives way first when the prompt outgrows the window (history then keeps its newest).
+GIVES_WAY = ("memories", "documents", "summary")
+
+
+def _fit(
+    state: session.SessionState, progress: Progress, now: datetime
+) -> tuple[list[ChatMessage], PromptTrimmed | None]:
+    """The prompt, every part of it in one budget: the context window less what the
+    reply may take. The system prompts and the turn's own messages always go in."""
+    pipeline = progress.config
+    window = pipeline.context_window
+    reserve = reply_reserve(progress.params, window)
+    room = window - reserve
+    open_turn = state.open_turn
+    fixed = [p for p in (pipeline.system_prompt, state.system) if p]
+    spent = sum(estimate_tokens(p) for p in fixed) + MESSAGE_OVERHEAD
+    if open_turn is not None:
+        spent += estimate_message_tokens((*open_turn.messages, *open_turn.steps))
+    summary = f"{session.SUMMARY_HEADER}\n{state.summary}" if state.summary else None
+    parts = {"memories": progress.memories, "documents": progress.documents, "summary": summary}
+    cost = {name: estimate_tokens(text) + 2 for name, text in parts.items() if text}
+    dropped: list[str] = []
+    for name in GIVES_WAY:
+        if spent + sum(cost.values()) <= room:
+            break
+        if name in cost:
+            del cost[name]
+            dropped.append(name)
+    budget = max(0, min(pipeline.budget, room - spent - sum(cost.values())))
+    context = [parts[name] for name in ("memories", "documents") if name in cost]
+    messages = session.prompt(
+        state,
+        pipeline.system_prompt,
+        budget,
+        "\n\n".join(t for t in context if t) or None,
+        summary="summary" in cost,
+    )
+    kept_from = session.fitting_tail(state.history, budget, state.summarized)
+    left_out = kept_from - state.summarized
+    if not dropped and not left_out:
+        return messages, None
+    trimmed = PromptTrimmed(
+        at=now,
+        turn_id=progress.turn_id,
+        dropped=dropped,
+        history_left_out=left_out,
+        window=window,
+        reply_reserve=reserve,
+        prompt_tokens=estimate_message_tokens(messages),
+    )
+    return messages, trimmed
+
+
+def reply_reserve(params: dict[str, Any], window: int) -> int:
+    """What the window keeps for the reply: the request's token limit, else a quarter."""
+    limit = params.get("max_completion_tokens") or params.get("max_tokens")
+    if isinstance(limit, int) and limit > 0:
+        return min(limit, window)
+    return window // 4
 
 
 def _on_answer(
@@ -602,7 +671,7 @@ def _on_answer(
         events: list[EventUnion] = [stopped, model_called(progress.turn_id, result, now)]
         params = {**progress.params, "tool_choice": "none"}
         restart = replace(progress, params=params, hidden=(), link=0, attempt=0)
-        return _call(state, restart, events)
+        return _call(state, restart, events, now)
     context = {
         "tenant": state.tenant,
         "session_id": progress.setup.start.session_id,
@@ -629,7 +698,7 @@ def _on_failed_call(
         return _failed(progress, result, error, now)
     events: list[EventUnion] = [model_called(progress.turn_id, result, now)]
     if last_try:
-        return _call(state, replace(progress, link=progress.link + 1, attempt=0), events)
+        return _call(state, replace(progress, link=progress.link + 1, attempt=0), events, now)
     wait = (
         error.retry_after
         if error.retry_after is not None
@@ -666,7 +735,7 @@ def _on_tools_ran(
         # The client answers its own calls; the server's are already in the steps.
         asked = replace(result, content="", tool_calls=client_calls, finish_reason="tool_calls")
         return _completed(state, progress, asked, now, events)
-    return _call(state, replace(progress, link=0, attempt=0), events)
+    return _call(state, replace(progress, link=0, attempt=0), events, now)
 
 
 # How a turn ends.

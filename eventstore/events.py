@@ -26,6 +26,7 @@ __all__ = [
     "ModelCall",
     "ModelCalled",
     "PipelineChosen",
+    "PromptTrimmed",
     "RecalledMemory",
     "ReplyCompleted",
     "RetrievedChunk",
@@ -225,6 +226,26 @@ class ToolLoopStopped(Event, tag="tools.stopped", frozen=True, kw_only=True):
     reason: str = "step_limit"
 
 
+class PromptTrimmed(Event, tag="prompt.trimmed", frozen=True, kw_only=True):
+    """What the turn's prompt left out to fit the model's context window.
+
+    Every part is budgeted in one window (`context_window` minus the tokens kept
+    for the reply); what gives way first: recalled memories, then retrieved
+    documents, then the running summary, while history keeps its newest messages
+    in what is left.
+    """
+
+    turn_id: str
+    # Parts left out whole: "memories", "documents", "summary".
+    dropped: list[str] = []
+    # Messages of the history (past the summary) that the prompt left out.
+    history_left_out: int = 0
+    # The window, what was kept for the reply, and the prompt's estimated size.
+    window: int = 0
+    reply_reserve: int = 0
+    prompt_tokens: int = 0
+
+
 class RetrievedChunk(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """A chunk that went into the prompt: its source and position, and how it scored."""
 
@@ -295,6 +316,7 @@ EventUnion = (
     | FactsExtracted
     | ToolsCalled
     | ToolLoopStopped
+    | PromptTrimmed
     | ReplyCompleted
     | TurnFailed
     | TurnCancelled

@@ -19,6 +19,7 @@ from eventstore.events import (
     ModelCall,
     ModelCalled,
     PipelineChosen,
+    PromptTrimmed,
     ReplyCompleted,
     SessionOpened,
     ToolLoopStopped,
@@ -177,6 +178,15 @@ def describe(event: EventUnion, resolve: Resolver = _no_references) -> list[str]
             if event.content:
                 lines.append(f"  partial assistant: {_quote(event.content)}")
             return lines
+        case PromptTrimmed():
+            cut = [f"{event.history_left_out} history messages"] if event.history_left_out else []
+            cut += event.dropped
+            head = (
+                f"prompt trimmed to fit the context window ({event.window} tokens, "
+                f"{event.reply_reserve} kept for the reply; prompt ~{event.prompt_tokens}): "
+                f"left out {', '.join(cut)}"
+            )
+            return [head]
         case _:
             assert_never(event)
 

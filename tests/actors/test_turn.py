@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from actors import session, turn
+from actors import session, tokens, turn
 from config import (
     Config,
     EngineConfig,
@@ -37,6 +37,7 @@ from eventstore.events import (
     MemoryRecalled,
     ModelCalled,
     PipelineChosen,
+    PromptTrimmed,
     ReplyCompleted,
     ToolCall,
     ToolLoopStopped,
@@ -332,7 +333,10 @@ def test_a_long_history_is_folded_first_and_a_failed_summary_changes_nothing() -
     assert isinstance(run.effect, turn.CallModel) and run.effect.purpose == "summary"
     assert run.effect.job.params == turn.SUMMARY_PARAMS
     step = run.then(turn.ModelAnswered(result=failed(502, retryable=False)))
-    assert types(step.events) == [ModelCalled]
+    # The history that still does not fit is left out of this prompt, and that is recorded.
+    assert types(step.events) == [ModelCalled, PromptTrimmed]
+    trimmed = step.events[1]
+    assert isinstance(trimmed, PromptTrimmed) and trimmed.history_left_out > 0
     called = step.events[0]
     assert isinstance(called, ModelCalled) and called.call.purpose == "summary"
     assert isinstance(step.effect, turn.CallModel) and step.effect.purpose == "reply"
@@ -488,3 +492,53 @@ def test_a_failed_call_that_produced_nothing_records_no_tokens() -> None:
     estimated = ok("partial", usage_estimated=True)
     call = turn.model_call(estimated)
     assert call.usage == estimated.usage and call.usage_estimated
+
+
+def _document(text: str) -> KnowledgeHit:
+    return KnowledgeHit(
+        collection="docs",
+        path="guide.md",
+        sha256="cd" * 32,
+        chunk=0,
+        heading=(),
+        position=Position(offset=0),
+        text=text,
+        score=0.9,
+        similarity=0.9,
+    )
+
+
+@pytest.mark.parametrize(
+    ("window", "dropped"),
+    [
+        (4000, []),
+        (900, ["memories"]),
+        (500, ["memories", "documents"]),
+    ],
+)
+def test_every_part_of_the_prompt_fits_one_window_and_memories_give_way_first(
+    window: int, dropped: list[str]
+) -> None:
+    # About 400 tokens of memories and of documents; the reply keeps a quarter of the window.
+    policy = MemoryPolicy(budget=2000, inject=5)
+    config = pipeline(context_window=window, knowledge=["docs"], memory=policy)
+    run = Run(setup(pipelines={"p": config}, user="ann"))
+    memories = [_memory(f"memory {i} " + "tea " * 70, 0.9) for i in range(5)]
+    run.then(turn.Recalled(hits=memories))
+    step = run.then(turn.Retrieved(hits=[_document("doc " * 400)]))
+    assert isinstance(step.effect, turn.CallModel)
+    prompt = step.effect.job.messages
+    trimmed = [e for e in step.events if isinstance(e, PromptTrimmed)]
+    if not dropped:
+        assert trimmed == []
+        return
+    assert [t.dropped for t in trimmed] == [dropped]
+    assert trimmed[0].prompt_tokens <= window - window // 4
+    assert sum(tokens.message_tokens(m) for m in prompt) <= window - window // 4
+    assert prompt[-1] == ChatMessage(role="user", content="hello")  # the turn always goes in
+
+
+def test_the_reply_keeps_what_the_request_asks_for() -> None:
+    assert turn.reply_reserve({"max_tokens": 300}, 1000) == 300
+    assert turn.reply_reserve({"max_completion_tokens": 50, "max_tokens": 300}, 1000) == 50
+    assert turn.reply_reserve({}, 1000) == 250
