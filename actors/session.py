@@ -59,6 +59,7 @@ __all__ = [
     "fold",
     "fold_plan",
     "initial",
+    "owned",
     "prompt",
     "recall_may_add",
     "turn_query",
@@ -218,7 +219,7 @@ def _decide_open(state: SessionState, cmd: OpenTurn) -> list[EventUnion]:
     if start.new_session:
         if state.session_id is not None:
             raise SessionExists(f"session {start.session_id} already exists")
-    elif state.session_id is None or state.tenant != start.tenant:
+    elif not owned(state, start.tenant, start.user_id if start.user_bound else None):
         raise SessionNotFound(f"No session found with id '{start.session_id}'.")
     events: list[EventUnion] = []
     if start.new_session:
@@ -274,6 +275,15 @@ def _decide_open(state: SessionState, cmd: OpenTurn) -> list[EventUnion]:
         )
     )
     return events
+
+
+def owned(state: SessionState, tenant: str, user: str | None = None) -> bool:
+    """Whether the session is `tenant`'s, and `user`'s when the caller is pinned to one."""
+    return (
+        state.session_id is not None
+        and state.tenant == tenant
+        and (user is None or state.user_id == user)
+    )
 
 
 def _require_open(state: SessionState, turn_id: str) -> bool:

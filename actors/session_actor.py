@@ -101,10 +101,9 @@ class SessionActor:
             self._last_seq = stored[-1].seq
         self._loaded = True
 
-    def owned_by(self, tenant: str) -> bool:
-        """Whether this actor's state (once read) shows `tenant`'s session."""
-        state = self._state
-        return self._loaded and state.session_id is not None and state.tenant == tenant
+    def owned_by(self, tenant: str, user: str | None = None) -> bool:
+        """Whether this actor's state (once read) shows `tenant`'s (and `user`'s) session."""
+        return self._loaded and session.owned(self._state, tenant, user)
 
     def snapshot(self) -> tuple[session.SessionState, int]:
         """The state as of a log position, for reads that must not wait for the mailbox."""
@@ -406,7 +405,7 @@ class SessionActor:
             task.cancel()
         await self.stop()
         await self._reload()
-        if not self.owned_by(command.tenant):
+        if not self.owned_by(command.tenant, command.user):
             await self._reject(request, _not_found(self.session_id))
             return
         # The tombstone first: if we stop halfway, the next activation finishes the job.

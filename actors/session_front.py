@@ -83,7 +83,8 @@ class SessionFront:
             case StartTurn(new_session=True):
                 return Envelope(request, command)
             case StartTurn():
-                if live is not None and live.owned_by(command.tenant):
+                user = command.user_id if command.user_bound else None
+                if live is not None and live.owned_by(command.tenant, user):
                     return Envelope(request, command)  # the common case: no I/O, no task
                 return self._admit(key, request, command)
             case DeleteSession():
@@ -94,7 +95,8 @@ class SessionFront:
                 assert_never(command)
 
     async def _admit(self, key: str, request: Request, command: StartTurn) -> None:
-        if not await self._owned_in_log(key, command.tenant):
+        user = command.user_id if command.user_bound else None
+        if not await self._owned_in_log(key, command.tenant, user):
             await _refuse(request, _not_found(key))
             return
         self._deliver(key, Envelope(request, command))
@@ -102,7 +104,7 @@ class SessionFront:
     async def _delete(
         self, key: str, request: Request, command: DeleteSession, live: SessionActor | None
     ) -> None:
-        state = await self._state(key, command.tenant, live)
+        state = await self._state(key, command.tenant, command.user, live)
         if state is None:
             await _refuse(request, _not_found(key))
             return
@@ -121,7 +123,7 @@ class SessionFront:
         command: GetSession | SearchMemories,
         live: SessionActor | None,
     ) -> None:
-        state = await self._state(key, command.tenant, live)
+        state = await self._state(key, command.tenant, command.user, live)
         if state is None:
             await _refuse(request, _not_found(key))
             return
@@ -147,30 +149,32 @@ class SessionFront:
             return
         await request.respond(TURN_REPLY_CODEC.encode(MemoriesFound(hits=found)))
 
-    async def _owned_in_log(self, key: str, tenant: str) -> bool:
-        """Whether the log's first event opens this session for `tenant` (one read)."""
+    async def _owned_in_log(self, key: str, tenant: str, user: str | None) -> bool:
+        """Whether the log's first event opens this session for `tenant` (and `user`, for
+        a caller pinned to one): one read."""
         first = await self._ctx.store.first(key)
         return (
             first is not None
             and isinstance(first.event, SessionOpened)
             and first.event.tenant == tenant
+            and (user is None or first.event.user_id == user)
         )
 
     async def _state(
-        self, key: str, tenant: str, live: SessionActor | None
+        self, key: str, tenant: str, user: str | None, live: SessionActor | None
     ) -> session.SessionState | None:
         """The session's current state if `tenant` owns it: the live actor's state and
         what the log holds after it, or the whole log. The actor is never changed."""
-        if live is not None and live.owned_by(tenant):
+        if live is not None and live.owned_by(tenant, user):
             state, seq = live.snapshot()
-        elif await self._owned_in_log(key, tenant):
+        elif await self._owned_in_log(key, tenant, user):
             if self._ctx.tombstones is not None and await self._ctx.tombstones.get(key):
                 return None  # a deletion cut short: its actor finishes it when next activated
             state, seq = session.initial(), 0
         else:
             return None
         state = await fold_stored(state, await self._ctx.store.load(key, after=seq))
-        return state if state.session_id is not None and state.tenant == tenant else None
+        return state if session.owned(state, tenant, user) else None
 
     def _deliver(self, key: str, envelope: Envelope) -> None:
         assert self._host is not None, "attach the front to its host first"

@@ -275,6 +275,10 @@ class ApiKey(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     tenant: str | None = None
     # May use the admin endpoints (knowledge collections).
     admin: bool = False
+    # Acts for this end user only: its requests are this user's (another `user` is
+    # refused), and it sees only this user's sessions and memories. Without it, any
+    # holder of the key may name any user of its tenant.
+    user: str | None = None
 
 
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -54,6 +54,8 @@ class StartTurn(msgspec.Struct, frozen=True, kw_only=True, tag="start_turn"):
     model: str
     messages: list[ChatMessage]
     user_id: str | None = None
+    # The key is pinned to `user_id`: only that user's sessions are found.
+    user_bound: bool = False
     metadata: dict[str, str] = {}
     params: dict[str, Any] = {}
     stream: bool = False
@@ -75,6 +77,8 @@ class GetSession(msgspec.Struct, frozen=True, kw_only=True, tag="get"):
     session_id: str
     tenant: str
     messages: bool = False
+    # The caller's key is pinned to this user: another user's session is not found.
+    user: str | None = None
 
 
 class DeleteSession(msgspec.Struct, frozen=True, kw_only=True, tag="delete"):
@@ -83,6 +87,7 @@ class DeleteSession(msgspec.Struct, frozen=True, kw_only=True, tag="delete"):
     session_id: str
     tenant: str
     key_id: str
+    user: str | None = None
 
 
 class SearchMemories(msgspec.Struct, frozen=True, kw_only=True, tag="search_memories"):
@@ -92,6 +97,7 @@ class SearchMemories(msgspec.Struct, frozen=True, kw_only=True, tag="search_memo
     tenant: str
     query: str
     k: int = 10
+    user: str | None = None
 
 
 SessionCommandUnion = StartTurn | GetSession | DeleteSession | SearchMemories

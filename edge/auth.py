@@ -16,6 +16,8 @@ class Principal(msgspec.Struct, frozen=True, kw_only=True):
     tenant: str
     key_id: str
     admin: bool = False
+    # The end user the key is pinned to: it acts for that user only.
+    user: str | None = None
     # The caller of a server without keys (loopback only): it may read what an admin
     # reads, but changes nothing an admin changes (any local process or page could be it).
     anonymous: bool = False
@@ -31,7 +33,7 @@ class Authenticator:
         # Keyed by the key's digest: lookups never compare secrets byte by byte.
         self._by_digest = {
             hashlib.sha256(k.key.encode()).digest(): Principal(
-                tenant=tenants[key_id(k.key)], key_id=key_id(k.key), admin=k.admin
+                tenant=tenants[key_id(k.key)], key_id=key_id(k.key), admin=k.admin, user=k.user
             )
             for k in config.keys
         }

@@ -113,6 +113,21 @@ def _client_gone(request: web.Request) -> Callable[[], bool]:
     return gone
 
 
+def _user_of(chat: ChatRequest, principal: Principal) -> str | None:
+    """The end user the turn is for: the one the key is pinned to, else whom the client names."""
+    named = chat.user or (chat.metadata or {}).get("user_id")
+    if principal.user is None:
+        return named
+    if named is not None and named != principal.user:
+        raise ApiError(
+            403,
+            "This API key acts for one user only; it cannot name another 'user'.",
+            param="user",
+            code="user_not_allowed",
+        )
+    return principal.user
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     config = request.app[CONFIG]
     principal: Principal = request[PRINCIPAL]
@@ -140,7 +155,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         key_id=principal.key_id,
         model=chat.model,
         messages=to_chat_messages(chat),
-        user_id=chat.user or (chat.metadata or {}).get("user_id"),
+        user_id=_user_of(chat, principal),
+        user_bound=principal.user is not None,
         metadata=chat.metadata or {},
         params=generation_params(chat),
         stream=bool(chat.stream),

@@ -49,8 +49,12 @@ def _session_object(view: SessionView) -> dict[str, object]:
 
 
 async def _view(request: web.Request, messages: bool) -> SessionView:
+    principal = request[PRINCIPAL]
     command = GetSession(
-        session_id=_session_id_param(request), tenant=request[PRINCIPAL].tenant, messages=messages
+        session_id=_session_id_param(request),
+        tenant=principal.tenant,
+        user=principal.user,
+        messages=messages,
     )
     reply = await ask_session(request.app[NATS], command, request.app[CONFIG].server.accept_timeout)
     if not isinstance(reply, SessionView):
@@ -99,6 +103,7 @@ async def search_memories(request: web.Request) -> web.Response:
     command = SearchMemories(
         session_id=_session_id_param(request),
         tenant=request[PRINCIPAL].tenant,
+        user=request[PRINCIPAL].user,
         query=query,
         k=limit,
     )
@@ -126,7 +131,10 @@ async def search_memories(request: web.Request) -> web.Response:
 async def delete_session(request: web.Request) -> web.Response:
     principal = request[PRINCIPAL]
     command = DeleteSession(
-        session_id=_session_id_param(request), tenant=principal.tenant, key_id=principal.key_id
+        session_id=_session_id_param(request),
+        tenant=principal.tenant,
+        key_id=principal.key_id,
+        user=principal.user,
     )
     reply = await ask_session(request.app[NATS], command, request.app[CONFIG].server.accept_timeout)
     if not isinstance(reply, SessionDeleted):

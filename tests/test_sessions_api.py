@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from config import ApiKey, Config, EngineConfig, MemoryConfig, ModelConfig, PipelineConfig
+from eventstore.events import SessionOpened
 from eventstore.jetstream import JetStreamEventStore
 from testkit.upstreams import FakeOpenAI
 from tests.harness import VeilThread
@@ -20,6 +21,9 @@ from veil.natsserver import NatsServer
 
 KEY_A = "sk-sessions-a"
 KEY_B = "sk-sessions-b"
+# Two keys of tenant a, each pinned to one end user.
+KEY_ANN = "sk-sessions-a-ann"
+KEY_BOB = "sk-sessions-a-bob"
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +35,12 @@ def upstream() -> Iterator[FakeOpenAI]:
 @pytest.fixture(scope="module")
 def veil(nats_url: str, upstream: FakeOpenAI) -> Iterator[VeilThread]:
     config = Config(
-        keys=[ApiKey(key=KEY_A, tenant="a"), ApiKey(key=KEY_B, tenant="b")],
+        keys=[
+            ApiKey(key=KEY_A, tenant="a"),
+            ApiKey(key=KEY_B, tenant="b"),
+            ApiKey(key=KEY_ANN, tenant="a", user="ann"),
+            ApiKey(key=KEY_BOB, tenant="a", user="bob"),
+        ],
         engines={"up": EngineConfig(kind="openai", base_url=upstream.base_url, api_key="x")},
         pipelines={"default": PipelineConfig(engine="up", model="m")},
         models=[ModelConfig(name="veil", pipeline="default")],
@@ -49,12 +58,20 @@ def api(
     return reply.status_code, reply.json()
 
 
-def chat(veil: VeilThread, text: str, session_id: str | None = None) -> str:
-    with openai.OpenAI(base_url=veil.base_url, api_key=KEY_A, max_retries=0) as client:
+def chat(
+    veil: VeilThread,
+    text: str,
+    session_id: str | None = None,
+    *,
+    key: str = KEY_A,
+    user: str | None = None,
+) -> str:
+    with openai.OpenAI(base_url=veil.base_url, api_key=key, max_retries=0) as client:
         reply = client.chat.completions.create(
             model="veil",
             messages=[{"role": "user", "content": text}],
             extra_body={"session_id": session_id} if session_id else None,
+            **({"user": user} if user else {}),
         )
     return str(reply.model_extra["session_id"])
 
@@ -156,3 +173,28 @@ def test_a_deleted_session_never_reopens_under_the_key_that_opened_it(
     assert refused.value.body["code"] == "session_deleted"
     assert len(upstream.requests) == calls
     assert api(veil, "GET", f"/sessions/{sid}")[0] == 404
+
+
+def test_a_key_pinned_to_a_user_acts_for_that_user_only(veil: VeilThread) -> None:
+    ann = chat(veil, "I am Ann.", key=KEY_ANN)
+    opened = veil.events(ann)[0]
+    assert isinstance(opened, SessionOpened) and opened.user_id == "ann"
+    # It may name its own user, never another.
+    chat(veil, "Still Ann.", ann, key=KEY_ANN, user="ann")
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        chat(veil, "I am Bob now.", ann, key=KEY_ANN, user="bob")
+    assert refused.value.body["code"] == "user_not_allowed"
+    # Another user's key of the same tenant does not find Ann's session, in any way.
+    with pytest.raises(openai.NotFoundError):
+        chat(veil, "Let me in.", ann, key=KEY_BOB)
+    for method, path in [
+        ("GET", f"/sessions/{ann}"),
+        ("GET", f"/sessions/{ann}/messages"),
+        ("GET", f"/sessions/{ann}/memories?q=ann"),
+        ("DELETE", f"/sessions/{ann}"),
+    ]:
+        status, _ = api(veil, method, path, key=KEY_BOB)
+        assert status == 404, (method, path)
+    # A key of the tenant that is pinned to no user sees every session of the tenant.
+    assert api(veil, "GET", f"/sessions/{ann}", key=KEY_A)[0] == 200
+    assert api(veil, "GET", f"/sessions/{ann}", key=KEY_ANN)[0] == 200
