@@ -127,7 +127,8 @@ def test_no_upstream_and_no_local_model_means_no_models(monkeypatch: pytest.Monk
 
 def test_readme_config_example_is_valid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    example = readme.split("```toml\n", 1)[1].split("```", 1)[0]
+    # Every TOML block of README together: one valid config.
+    example = "\n".join(block.split("```", 1)[0] for block in readme.split("```toml\n")[1:])
     monkeypatch.setattr("config.loader.local_model_available", lambda: True)
     real_find_spec = find_spec
     monkeypatch.setattr(
@@ -137,6 +138,8 @@ def test_readme_config_example_is_valid(tmp_path: Path, monkeypatch: pytest.Monk
     assert config.model("assistant") is not None
     assert config.model("assistant").candidates == ["general", "reviewer"]
     assert config.pipelines["reviewer"].routing.keywords == ["code review", "pull request"]
+    assert config.pipelines["support"].knowledge == ["handbook"]
+    assert config.keys[0].user == "ann"
 
 
 def test_pipeline_defaults_an_engine_cannot_honour_are_refused(tmp_path: Path) -> None:
