@@ -10,16 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from functools import partial
 
 import structlog
 from nats.aio.client import Client
-from nats.micro import add_service
-from nats.micro.request import Request
-from nats.micro.service import Service
 
 from actors.engines import Engine, EngineError, EngineOutput, estimate_tokens
 from actors.engines.base import ChoicePiece, ToolCallPiece
-from bus.codec import DecodeError
+from bus.service import Endpoint, TypedService, start_service
 from bus.signals import Signals
 from bus.subjects import SESSION_CANCEL_WILDCARD, model_generate
 from contracts.errors import ErrorInfo
@@ -46,37 +44,26 @@ class ModelActor:
         self._signals = signals or Signals(nc, SESSION_CANCEL_WILDCARD)
         self._engines = engines
         self._version = version
-        self._service: Service | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._service: TypedService | None = None
 
     async def start(self) -> None:
-        self._service = await add_service(
+        self._service = await start_service(
             self._nc,
             name="veil-model",
             version=self._version,
             description="Runs generations against the configured model engines",
+            endpoints=[
+                Endpoint(
+                    name=name,
+                    subject=model_generate(name),
+                    request=GENERATE_CODEC,
+                    reply=GENERATE_RESULT_CODEC,
+                    handle=partial(self.generate, name),
+                    concurrent=True,
+                )
+                for name in self._engines
+            ],
         )
-        for name in self._engines:
-            await self._service.add_endpoint(
-                name=name, subject=model_generate(name), handler=self._handler(name)
-            )
-
-    def _handler(self, engine: str):  # type: ignore[no-untyped-def]
-        async def handle(request: Request) -> None:
-            task = asyncio.create_task(self._serve(engine, request))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-        return handle
-
-    async def _serve(self, engine_name: str, request: Request) -> None:
-        try:
-            job = GENERATE_CODEC.decode(request.data)
-        except DecodeError as error:
-            await request.respond_error("400", f"bad generate request: {error}")
-            return
-        result = await self.generate(engine_name, job)
-        await request.respond(GENERATE_RESULT_CODEC.encode(result))
 
     async def generate(self, engine_name: str, job: GenerateRequest) -> GenerateResult:
         engine = self._engines[engine_name]
@@ -195,13 +182,7 @@ class ModelActor:
 
     async def stop(self, grace: float = 10.0) -> None:
         if self._service is not None:
-            with contextlib.suppress(Exception):
-                await self._service.stop()
-        if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            await self._service.stop(grace)
         for engine in self._engines.values():
             with contextlib.suppress(Exception):
                 await engine.aclose()

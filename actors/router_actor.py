@@ -7,20 +7,15 @@ short, deterministic call to a model actor.
 
 from __future__ import annotations
 
-import contextlib
-
 from nats.aio.client import Client
-from nats.micro import add_service
-from nats.micro.request import Request
-from nats.micro.service import Service
 
 from actors.model_chain import call_model
 from actors.routing import AsyncEmbedder, Router, classifier_prompt, parse_classifier_answer
-from bus.codec import DecodeError
+from bus.service import Endpoint, ServiceError, TypedService, start_service
 from bus.subjects import ROUTER_ROUTE
 from config import Config, FallbackConfig
 from contracts.model import GenerateRequest
-from contracts.router import ROUTE_CODEC, ROUTE_REPLY_CODEC
+from contracts.router import ROUTE_CODEC, ROUTE_REPLY_CODEC, RouteDecision, RouteRequest
 from eventstore.events import ChatMessage
 
 __all__ = ["RouterActor", "build_routers"]
@@ -67,33 +62,32 @@ class RouterActor:
         self._nc = nc
         self._routers = routers
         self._version = version
-        self._service: Service | None = None
+        self._service: TypedService | None = None
 
     async def start(self) -> None:
         for router in self._routers.values():
             await router.prepare()
-        self._service = await add_service(
+        route = Endpoint(
+            name="route",
+            subject=ROUTER_ROUTE,
+            request=ROUTE_CODEC,
+            reply=ROUTE_REPLY_CODEC,
+            handle=self._route,
+        )
+        self._service = await start_service(
             self._nc,
             name="veil-router",
             version=self._version,
             description="Chooses the pipeline of each turn: rules, pinning, examples, classifier, default",
+            endpoints=[route],
         )
-        await self._service.add_endpoint(name="route", subject=ROUTER_ROUTE, handler=self._route)
 
-    async def _route(self, request: Request) -> None:
-        try:
-            ask = ROUTE_CODEC.decode(request.data)
-        except DecodeError as error:
-            await request.respond_error("400", str(error))
-            return
+    async def _route(self, ask: RouteRequest) -> RouteDecision:
         router = self._routers.get(ask.model)
         if router is None:
-            await request.respond_error("404", f"no router for model {ask.model!r}")
-            return
-        decision = await router.route(ask.text, ask.metadata, ask.pinned)
-        await request.respond(ROUTE_REPLY_CODEC.encode(decision))
+            raise ServiceError("404", f"no router for model {ask.model!r}")
+        return await router.route(ask.text, ask.metadata, ask.pinned)
 
     async def stop(self) -> None:
         if self._service is not None:
-            with contextlib.suppress(Exception):
-                await self._service.stop()
+            await self._service.stop()

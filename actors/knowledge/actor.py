@@ -7,21 +7,17 @@ documents added by `veil kb add` anywhere are found on the next turn.
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import msgspec
 from nats.aio.client import Client
-from nats.micro import add_service
-from nats.micro.request import Request
-from nats.micro.service import Service
 
 from actors.knowledge.index import KnowledgeIndex
 from actors.knowledge.ingest import collections, ingest, remove
 from actors.knowledge.log import KnowledgeLog
 from actors.knowledge.parse import UnsupportedFile
-from bus.codec import DecodeError
 from bus.requests import nats_request
+from bus.service import Endpoint, TypedService, start_service
 from bus.subjects import KNOWLEDGE_ADMIN, KNOWLEDGE_SEARCH, validate_id
 from contracts.knowledge import (
     ADMIN_CODEC,
@@ -57,30 +53,39 @@ class KnowledgeActor:
         self._uploads = uploads
         self._log = KnowledgeLog.of(nc)
         self._version = version
-        self._service: Service | None = None
+        self._service: TypedService | None = None
 
     async def start(self) -> None:
         await self._log.ensure()
-        self._service = await add_service(
+        search = Endpoint(
+            name="search",
+            subject=KNOWLEDGE_SEARCH,
+            request=SEARCH_CODEC,
+            reply=SEARCH_REPLY_CODEC,
+            handle=self._search,
+        )
+        admin = Endpoint(
+            name="admin",
+            subject=KNOWLEDGE_ADMIN,
+            request=ADMIN_CODEC,
+            reply=ADMIN_REPLY_CODEC,
+            handle=self._admin,
+            # Admin replies carry their own status: the gateway turns them into HTTP.
+            refuse=lambda reason: AdminReply(ok=False, status=400, error=reason),
+        )
+        self._service = await start_service(
             self._nc,
             name="veil-knowledge",
             version=self._version,
             description="Searches knowledge collections",
+            endpoints=[search, admin],
         )
-        await self._service.add_endpoint(
-            name="search", subject=KNOWLEDGE_SEARCH, handler=self._search
-        )
-        await self._service.add_endpoint(name="admin", subject=KNOWLEDGE_ADMIN, handler=self._admin)
 
-    async def _admin(self, request: Request) -> None:
+    async def _admin(self, ask: AdminRequest) -> AdminReply:
         try:
-            ask = ADMIN_CODEC.decode(request.data)
-            reply = await self._administer(ask)
-        except DecodeError as error:
-            reply = AdminReply(ok=False, status=400, error=str(error))
+            return await self._administer(ask)
         except (FileNotFoundError, UnsupportedFile, ValueError) as error:
-            reply = AdminReply(ok=False, status=400, error=str(error))
-        await request.respond(ADMIN_REPLY_CODEC.encode(reply))
+            return AdminReply(ok=False, status=400, error=str(error))
 
     async def _administer(self, ask: AdminRequest) -> AdminReply:
         if ask.action == "list":
@@ -114,20 +119,14 @@ class KnowledgeActor:
             return AdminReply(result=msgspec.to_builtins(report))
         return AdminReply(ok=False, status=400, error=f"unknown action {ask.action!r}")
 
-    async def _search(self, request: Request) -> None:
-        try:
-            ask = SEARCH_CODEC.decode(request.data)
-        except DecodeError as error:
-            await request.respond_error("400", str(error))
-            return
+    async def _search(self, ask: KnowledgeSearch) -> KnowledgeFound:
         for collection in ask.collections:
             await self._index.sync(self._log, collection)
         hits = await self._index.search(
             ask.collections, ask.query, k=ask.k, threshold=ask.threshold
         )
-        await request.respond(SEARCH_REPLY_CODEC.encode(KnowledgeFound(hits=hits)))
+        return KnowledgeFound(hits=hits)
 
     async def stop(self) -> None:
         if self._service is not None:
-            with contextlib.suppress(Exception):
-                await self._service.stop()
+            await self._service.stop()

@@ -18,9 +18,6 @@ import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.client import JetStreamContext
-from nats.micro import add_service
-from nats.micro.request import Request
-from nats.micro.service import Service
 
 from actors.memory.embedder import Embedder
 from actors.memory.index import MemoryIndex
@@ -28,6 +25,7 @@ from actors.memory.projector import Projector
 from bus.codec import Codec, DecodeError
 from bus.loop_share import LoopShare, give_way
 from bus.requests import nats_request
+from bus.service import Endpoint, TypedService, start_service
 from bus.stream_reader import StreamReader
 from bus.subjects import (
     EVENTS_STREAM,
@@ -107,7 +105,7 @@ class MemoryActor:
         self._max_lag = max_lag
         self._loop_share = loop_share or LoopShare()
         self._progress = Progress()
-        self._service: Service | None = None
+        self._service: TypedService | None = None
         self._task: asyncio.Task[None] | None = None
         self._tombstone_sub: object | None = None
         self.caught_up = asyncio.Event()
@@ -121,23 +119,33 @@ class MemoryActor:
             await self._forget(tombstone.tenant, tombstone.session_id)
         self._tombstone_sub = await self._nc.subscribe(TOMBSTONES_WILDCARD, cb=self._on_tombstone)
         self._task = asyncio.create_task(self._follow(), name="memory-projector")
-        self._service = await add_service(
+        recall = Endpoint(
+            name="recall",
+            subject=MEMORY_RECALL,
+            request=RECALL_CODEC,
+            reply=RECALL_REPLY_CODEC,
+            handle=self._recall,
+        )
+        forget = Endpoint(
+            name="forget",
+            subject=MEMORY_FORGET,
+            request=FORGET_CODEC,
+            reply=FORGOTTEN_CODEC,
+            handle=self._forget_request,
+        )
+        self._service = await start_service(
             self._nc,
             name="veil-memory",
             version=self._version,
             description="Long-term memory: hybrid recall over every session's messages",
+            endpoints=[recall, forget],
             # `nats micro stats veil-memory --json`: how far indexing trails the log.
             stats_handler=lambda _endpoint: {**self._progress.stats(), "max_lag": self._max_lag},
-        )
-        await self._service.add_endpoint(name="recall", subject=MEMORY_RECALL, handler=self._recall)
-        await self._service.add_endpoint(
-            name="forget", subject=MEMORY_FORGET, handler=self._forget_request
         )
 
     async def stop(self) -> None:
         if self._service is not None:
-            with contextlib.suppress(Exception):
-                await self._service.stop()
+            await self._service.stop()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -156,26 +164,14 @@ class MemoryActor:
             tombstone = _TOMBSTONE_CODEC.decode(msg.data)
             await self._forget(tombstone.tenant, tombstone.session_id)
 
-    async def _forget_request(self, request: Request) -> None:
-        try:
-            forget = FORGET_CODEC.decode(request.data)
-        except DecodeError as error:
-            await request.respond_error("400", str(error))
-            return
-        deleted = await self._forget(forget.tenant, forget.session_id)
-        await request.respond(FORGOTTEN_CODEC.encode(Forgotten(deleted=deleted)))
+    async def _forget_request(self, forget: ForgetRequest) -> Forgotten:
+        return Forgotten(deleted=await self._forget(forget.tenant, forget.session_id))
 
     # -- recall -------------------------------------------------------------
 
-    async def _recall(self, request: Request) -> None:
-        try:
-            ask = RECALL_CODEC.decode(request.data)
-        except DecodeError as error:
-            await request.respond_error("400", str(error))
-            return
+    async def _recall(self, ask: RecallRequest) -> RecallReply:
         hits = await self.recall(ask)
-        reply = RecallReply(hits=hits, checkpoint=await self._index.checkpoint())
-        await request.respond(RECALL_REPLY_CODEC.encode(reply))
+        return RecallReply(hits=hits, checkpoint=await self._index.checkpoint())
 
     async def recall(self, ask: RecallRequest) -> list[MemoryHit]:
         tenant, session_id, user_id = ask.tenant, ask.session_id, ask.user_id

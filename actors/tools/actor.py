@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import json
 import time
@@ -13,14 +12,11 @@ import msgspec
 from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
-from nats.micro import add_service
-from nats.micro.request import Request
-from nats.micro.service import Service
 
 from actors.tools.builtin import BUILTIN, Tool, ToolError
 from actors.tools.custom import http_tool, python_tool
 from actors.tools.sandbox import ToolFailed, WorkerPool
-from bus.codec import DecodeError
+from bus.service import Endpoint, TypedService, start_service
 from bus.subjects import TOOLS_RUN
 from config import Config
 from contracts.tools import RUN_CODEC, RUN_REPLY_CODEC, RunTool, ToolRan
@@ -113,27 +109,24 @@ class ToolActor:
         self._version = version
         # Plain-function tools run in its workers, which it starts when a call needs one.
         self._pool = WorkerPool()
-        self._service: Service | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._service: TypedService | None = None
 
     async def start(self) -> None:
-        self._service = await add_service(
-            self._nc, name="veil-tools", version=self._version, description="Runs server-side tools"
+        run = Endpoint(
+            name="run",
+            subject=TOOLS_RUN,
+            request=RUN_CODEC,
+            reply=RUN_REPLY_CODEC,
+            handle=self.run,
+            concurrent=True,
         )
-        await self._service.add_endpoint(name="run", subject=TOOLS_RUN, handler=self._handle)
-
-    async def _handle(self, request: Request) -> None:
-        task = asyncio.create_task(self._serve(request))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _serve(self, request: Request) -> None:
-        try:
-            ask = RUN_CODEC.decode(request.data)
-        except DecodeError as error:
-            await request.respond_error("400", str(error))
-            return
-        await request.respond(RUN_REPLY_CODEC.encode(await self.run(ask)))
+        self._service = await start_service(
+            self._nc,
+            name="veil-tools",
+            version=self._version,
+            description="Runs server-side tools",
+            endpoints=[run],
+        )
 
     async def run(self, ask: RunTool) -> ToolRan:
         """Run one call as the bus asked for it."""
@@ -192,12 +185,10 @@ class ToolActor:
         )
 
     async def stop(self) -> None:
+        # Running calls get 10 s; what still runs after that is cut short: its worker is
+        # killed and its call fails.
         if self._service is not None:
-            with contextlib.suppress(Exception):
-                await self._service.stop()
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=10)
-        # What still runs after that is cut short: its worker is killed and its call fails.
+            await self._service.stop(grace=10)
         await self._pool.close()
 
 
