@@ -1,9 +1,11 @@
 """The knowledge index: a projection of KB_EVENTS, rebuilt from the log at will.
 
-Chunks live in a `MemoryIndex` (SQLite + sqlite-vec + FTS5, hybrid search) under
-the reserved tenant `TENANT`, one scope per collection (session_id = collection
-name), kind "chunk", role "document"; the indexed text is the heading path then
-the chunk. What MemoryIndex does not hold sits in three tables of our own in the
+Chunks live in a `HybridIndex` (SQLite + sqlite-vec + FTS5, hybrid search, see
+`actors.search.hybrid`), one scope per collection, `collection_scope(name)` =
+`Scope("c", "", name)`: no tenant and no session stand in for a collection, and
+no memory search reads a scope of that kind. A chunk is an entry of kind "chunk",
+role "document", with no source; the indexed text is the heading path then the
+chunk. What the hybrid index does not hold sits in three tables of our own in the
 same file: `knowledge_docs` (collection, path -> sha256 and sizes),
 `knowledge_chunks` (chunk id -> sha256, number, position, heading) and
 `knowledge_checkpoints` (collection -> last applied seq).
@@ -11,6 +13,11 @@ same file: `knowledge_docs` (collection, path -> sha256 and sizes),
 Chunks are keyed by content (`chunk_id(collection, sha256, n)`): two paths with
 the same bytes share one set of chunks, which are deleted when the last of those
 paths leaves. Applying is idempotent: a replayed event changes nothing.
+
+Rebuilds. The index is a projection: when the hybrid index empties itself on
+open (another embedding model, or a file of an older layout such as the one that
+kept chunks under a reserved tenant), our tables go too, and each collection is
+indexed again from the log on its next sync.
 
 Order. Every search and admin call syncs its collection, and applying an addition
 waits on the embedder, so callers overlap. A collection's events are applied by
@@ -31,7 +38,7 @@ import json
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import aiosqlite
 import msgspec
@@ -40,23 +47,23 @@ import numpy.typing as npt
 import structlog
 
 from actors.knowledge.log import KnowledgeLog
-from actors.memory._sql import Transaction, connect
-from actors.memory.index import MemoryIndex, MemoryRecord
+from actors.search.connection import Transaction, connect
+from actors.search.hybrid import Entry, Hit, HybridIndex, Scope
 from contracts.knowledge import KnowledgeHit
 from eventstore.knowledge import DocumentAdded, DocumentRemoved, KbEvent, Position, chunk_id
 
 __all__ = [
-    "TENANT",
     "CollectionInfo",
     "DocumentInfo",
     "KnowledgeIndex",
+    "collection_scope",
     "indexed_text",
 ]
 
 log = structlog.get_logger("veil.knowledge")
 
-#: The MemoryIndex tenant that holds knowledge chunks (not a valid API tenant id).
-TENANT = "__kb__"
+#: The kind of scope that holds a collection's chunks.
+SCOPE_KIND = "c"
 
 
 class Embedder(Protocol):
@@ -80,6 +87,11 @@ class CollectionInfo(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     documents: int
     chunks: int
+
+
+def collection_scope(name: str) -> Scope:
+    """The hybrid index scope of a collection's chunks (collections have no tenant)."""
+    return Scope(SCOPE_KIND, "", name)
 
 
 def indexed_text(heading: Sequence[str], text: str) -> str:
@@ -149,8 +161,8 @@ class _Gate:
 class KnowledgeIndex:
     """Hybrid retrieval over collections of documents."""
 
-    def __init__(self, memory: MemoryIndex, db: aiosqlite.Connection, embedder: Embedder) -> None:
-        self.memory = memory
+    def __init__(self, hybrid: HybridIndex, db: aiosqlite.Connection, embedder: Embedder) -> None:
+        self.hybrid = hybrid
         self.embedder = embedder
         self._db = db
         self._gate = _Gate()
@@ -163,23 +175,28 @@ class KnowledgeIndex:
             from actors.memory.embedder import default_embedder
 
             embedder = default_embedder()
-        memory = await MemoryIndex.open(path, dim=embedder.dim, model=embedder.model_id)
+        hybrid = await HybridIndex.open(path, dim=embedder.dim, model=embedder.model_id)
         try:
-            # Our own writer on the same file (WAL); MemoryIndex keeps its connections private.
+            # Our own writer on the same file (WAL); HybridIndex keeps its connections private.
             db = await connect(str(path), reader=False)
-            if memory.model_changed:
-                # Chunks were embedded by another model: each collection is indexed
-                # again from the log on its next sync (search, listing, ingestion).
+            if hybrid.emptied:
+                # Chunks were embedded by another model, or stored in an older layout:
+                # each collection is indexed again from the log on its next sync
+                # (search, listing, ingestion).
                 await _drop_tables(db)
             await db.executescript(_SCHEMA)
         except BaseException:
-            await memory.close()
+            await hybrid.close()
             raise
-        return cls(memory, db, embedder)
+        return cls(hybrid, db, embedder)
 
     async def close(self) -> None:
         await self._db.close()
-        await self.memory.close()
+        await self.hybrid.close()
+
+    async def scrub(self) -> None:
+        """Rewrite the file so that no byte of a removed chunk survives anywhere in it."""
+        await self.hybrid.scrub()
 
     # -- applying events --------------------------------------------------
 
@@ -208,7 +225,7 @@ class KnowledgeIndex:
     async def rebuild(self, log: KnowledgeLog) -> int:
         """Drop everything and apply the whole log again; returns the events applied."""
         async with self._gate.everything():
-            await self.memory.reset()
+            await self.hybrid.reset()
             async with self._write_lock:
                 await _drop_tables(self._db)
                 await self._db.executescript(_SCHEMA)
@@ -292,21 +309,20 @@ class KnowledgeIndex:
         todo = [(i, ch) for i, ch in enumerate(event.chunks) if ids[i] in pending]
         texts = [indexed_text(ch.heading, ch.text) for _, ch in todo]
         vectors = await self.embedder.aembed(texts)
-        records = [
-            MemoryRecord(
+        entries = [
+            Entry(
+                scope=collection_scope(c),
                 id=ids[i],
-                tenant=TENANT,
-                user_id=None,
-                session_id=c,
                 kind="chunk",
                 role="document",
                 text=text,
+                source=None,
                 source_seq=seq,
                 created_at=event.at,
             )
             for (i, _), text in zip(todo, texts, strict=True)
         ]
-        await self.memory.add(records, vectors)
+        await self.hybrid.add(entries, vectors)
         async with self._write() as db:
             await db.executemany(
                 "UPDATE knowledge_chunks SET indexed = 1 WHERE id = ?", [(ids[i],) for i, _ in todo]
@@ -349,7 +365,8 @@ class KnowledgeIndex:
         ]
         if not ids:
             return
-        await self.memory.delete_ids(TENANT, ids, scrub=False)
+        scope = collection_scope(c)
+        await self.hybrid.delete_ids(scope.space, (scope.kind,), ids, scrub=False)
         async with self._write() as db:
             await db.execute(
                 "DELETE FROM knowledge_chunks WHERE collection = ? AND sha256 = ?",
@@ -371,30 +388,23 @@ class KnowledgeIndex:
         cosine similarity to the query reaches it."""
         names = [collections] if isinstance(collections, str) else list(collections)
         vector = (await self.embedder.aembed([query]))[0]
-        found: list[tuple[str, Any]] = []
+        found: list[Hit] = []
         for name in names:
+            scope = collection_scope(name)
             if keyword_only:
-                hits = await self.memory.keyword_search(
-                    tenant=TENANT, session_id=name, user_id=None, query_text=query, k=k
-                )
+                found += await self.hybrid.keyword_search([scope], query_text=query, k=k)
             else:
-                hits = await self.memory.search(
-                    tenant=TENANT,
-                    session_id=name,
-                    user_id=None,
-                    query_vector=vector,
-                    query_text=query,
-                    k=k,
+                found += await self.hybrid.search(
+                    [scope], query_vector=vector, query_text=query, k=k
                 )
-            found.extend((name, h) for h in hits)
-        found.sort(key=lambda item: -item[1].score)
-        sims = await self._similarities(vector, [h for _, h in found])
+        found.sort(key=lambda h: -h.score)
+        sims = await self._similarities(vector, found)
         out: list[KnowledgeHit] = []
-        for name, h in found:
-            sim = sims[h.id]
+        for h in found:
+            sim = sims[h.scope, h.id]
             if threshold is not None and sim < threshold:
                 continue
-            hit = await self._hit(name, h, sim)
+            hit = await self._hit(h.scope.owner, h, sim)
             if hit is not None:
                 out.append(hit)
             if len(out) == k:
@@ -402,23 +412,21 @@ class KnowledgeIndex:
         return out
 
     async def _similarities(
-        self, vector: npt.NDArray[np.float32], hits: list[Any]
-    ) -> dict[str, float]:
-        sims = {h.id: h.vector_similarity for h in hits if h.vector_similarity is not None}
-        missing = [h.id for h in hits if h.vector_similarity is None]
-        if missing:
-            # Keyword-only finds have no cosine from the search: read their stored vectors.
-            rows = await self._db.execute_fetchall(
-                "SELECT m.id, v.vector FROM memories m JOIN memory_vectors v ON v.rid = m.rid"
-                f" WHERE m.tenant = ? AND m.id IN ({','.join('?' * len(missing))})",
-                (TENANT, *missing),
-            )
-            q = vector / max(float(np.linalg.norm(vector)), 1e-12)
-            for rid, blob in rows:
-                sims[str(rid)] = float(np.frombuffer(bytes(blob), dtype=np.float32) @ q)
-        return {h.id: float(sims.get(h.id, -1.0)) for h in hits}
+        self, vector: npt.NDArray[np.float32], hits: list[Hit]
+    ) -> dict[tuple[Scope, str], float]:
+        """Each hit's cosine to the query, -1 for one gone since the search found it."""
+        sims = {(h.scope, h.id): h.vector_similarity for h in hits}
+        missing: dict[Scope, list[str]] = {}
+        for h in hits:
+            if h.vector_similarity is None:
+                missing.setdefault(h.scope, []).append(h.id)
+        # Keyword-only finds have no cosine from the search: read their stored vectors.
+        for scope, ids in missing.items():
+            stored = await self.hybrid.similarities(scope, ids, vector)
+            sims.update(((scope, i), stored.get(i)) for i in ids)
+        return {key: -1.0 if sim is None else float(sim) for key, sim in sims.items()}
 
-    async def _hit(self, collection: str, h: Any, similarity: float) -> KnowledgeHit | None:
+    async def _hit(self, collection: str, h: Hit, similarity: float) -> KnowledgeHit | None:
         rows = list(
             await self._db.execute_fetchall(
                 "SELECT c.sha256, c.number, c.offset, c.page, c.heading, min(d.path)"

@@ -20,9 +20,9 @@ import pysqlite3.dbapi2 as sqlite  # type: ignore[import-untyped]
 import pytest
 import sqlite_vec  # type: ignore[import-untyped]
 
-from actors.memory import index as memory_index
 from actors.memory.embedder import Embedder, default_embedder
 from actors.memory.index import MemoryIndex, MemoryRecord, quantize
+from actors.search import hybrid
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -614,14 +614,14 @@ async def test_reindex_equals_the_live_build(tmp_path: Path, embedder: Embedder)
 async def test_a_growing_scope_moves_to_large_chunks_unchanged(
     tmp_path: Path, embedder: Embedder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(memory_index, "PROMOTE_AT", 16)
+    monkeypatch.setattr(hybrid, "PROMOTE_AT", 16)
     records = [rec(i, t, user="u1", session=f"s{i // 10}") for i, t in enumerate(DISTRACTORS)]
     grown = await MemoryIndex.open(tmp_path / "grown.sqlite")
     small = await MemoryIndex.open(tmp_path / "small.sqlite")
     try:
         for i in range(0, len(records), 6):
             await add_texts(grown, embedder, records[i : i + 6])
-        monkeypatch.setattr(memory_index, "PROMOTE_AT", 10_000)
+        monkeypatch.setattr(hybrid, "PROMOTE_AT", 10_000)
         await add_texts(small, embedder, records)
         assert await grown.dump() == await small.dump()
         assert vec_rows(tmp_path / "grown.sqlite") == {"small": 0, "large": len(records)}

@@ -1,43 +1,52 @@
-"""The memory index's file: connections, schema, transactions, metadata and row layout.
+"""The hybrid index's file: schema, format, metadata and row layout.
 
-Private to `actors.memory` (and the knowledge index, which shares the file format):
-`index.py` holds the records and the search; this holds what SQLite needs.
+Private to `actors.search`: `hybrid.py` holds the entries and their upkeep,
+`_rows.py` the writes, `_ranking.py` the search, `connection.py` the
+connections; this holds what the tables need. The tables keep the `memory_`
+prefix they had when the memory index was the file's only user.
 """
 
 from __future__ import annotations
 
 import hashlib
-import sqlite3
 from collections.abc import Iterable, Sequence
-from typing import Any, cast
+from typing import Any
 
 import aiosqlite
-import pysqlite3.dbapi2 as sqlite  # type: ignore[import-untyped]
-import sqlite_vec  # type: ignore[import-untyped]
+
+from actors.search.connection import Transaction
 
 __all__ = [
     "DROP",
+    "FORMAT",
     "MAX_SCOPE",
     "MAX_SEQ",
     "SCOPE_SHIFT",
     "VEC_TABLES",
-    "MemoryIndexError",
-    "Transaction",
+    "HybridIndexError",
     "bounds",
     "chunks",
-    "connect",
     "create",
     "delete_rows",
+    "drop",
     "forgotten_key",
     "get_meta",
+    "is_stale",
     "marks",
     "promote",
     "set_meta",
+    "upgrade",
 ]
 
 
-class MemoryIndexError(Exception):
+class HybridIndexError(Exception):
     """The index is inconsistent or could not finish a maintenance step."""
+
+
+#: The layout of the tables, kept in `memory_meta` ('format'). 2: entries belong to
+#: scopes (kind, space, owner) with no tenant or session of their own (1, unmarked:
+#: memory records with tenant and session columns, knowledge chunks under a fake tenant).
+FORMAT = 2
 
 
 SCOPE_SHIFT = 32
@@ -62,53 +71,25 @@ def marks(n: int) -> str:
     return ",".join("?" * n)
 
 
-def forgotten_key(tenant: str, session_id: str) -> bytes:
-    """A deleted session's key in `memory_forgotten`: a digest, since no byte of the
-    session, its id included, may stay in the file."""
-    return hashlib.sha256(f"{tenant}\0{session_id}".encode()).digest()
-
-
-async def connect(path: str, *, reader: bool) -> aiosqlite.Connection:
-    def connector() -> sqlite3.Connection:
-        conn = sqlite.connect(path, isolation_level=None)
-        # Extension loading is open only while sqlite-vec loads.
-        conn.enable_load_extension(True)
-        try:
-            sqlite_vec.load(conn)
-        finally:
-            conn.enable_load_extension(False)
-        return cast(sqlite3.Connection, conn)
-
-    db = aiosqlite.Connection(connector, 64)
-    # aiosqlite's worker thread is not a daemon: a connection left open (a crash on the
-    # way out, a failed test) would keep the process from ever exiting. WAL makes an
-    # abrupt end safe for the file.
-    db._thread.daemon = True
-    await db
-    for pragma in (
-        "busy_timeout = 10000",
-        "secure_delete = ON",
-        "temp_store = MEMORY",
-        "cache_size = -32768",  # 32 MB: a 100k scope's bits and hot FTS pages
-        "synchronous = NORMAL",
-    ):
-        await db.execute(f"PRAGMA {pragma}")
-    if reader:
-        await db.execute("PRAGMA query_only = ON")
-    return db
+def forgotten_key(space: str, source: str) -> bytes:
+    """A deleted source's key in `memory_forgotten`: a digest, since no byte of the
+    source, its id included, may stay in the file. (Format 1 keyed a memory
+    session the same way, with the tenant as space: the table carries over.)"""
+    return hashlib.sha256(f"{space}\0{source}".encode()).digest()
 
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS memory_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS memory_scopes (
-    scope INTEGER PRIMARY KEY, kind TEXT NOT NULL, tenant TEXT NOT NULL, owner TEXT NOT NULL,
+    scope INTEGER PRIMARY KEY, kind TEXT NOT NULL, space TEXT NOT NULL, owner TEXT NOT NULL,
     next_seq INTEGER NOT NULL DEFAULT 0, tier INTEGER NOT NULL DEFAULT 0,
-    UNIQUE (kind, tenant, owner));
+    UNIQUE (kind, space, owner));
 CREATE TABLE IF NOT EXISTS memories (
-    rid INTEGER PRIMARY KEY, tenant TEXT NOT NULL, id TEXT NOT NULL, user_id TEXT,
-    session_id TEXT NOT NULL, kind TEXT NOT NULL, role TEXT NOT NULL, text TEXT NOT NULL,
-    source_seq INTEGER NOT NULL, created_at TEXT NOT NULL, UNIQUE (tenant, id));
-CREATE INDEX IF NOT EXISTS memories_by_session ON memories (tenant, session_id);
+    rid INTEGER PRIMARY KEY, id TEXT NOT NULL, source TEXT, kind TEXT NOT NULL,
+    role TEXT NOT NULL, text TEXT NOT NULL, source_seq INTEGER NOT NULL,
+    created_at TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS memories_by_id ON memories (id);
+CREATE INDEX IF NOT EXISTS memories_by_source ON memories (source) WHERE source IS NOT NULL;
 CREATE TABLE IF NOT EXISTS memory_vectors (rid INTEGER PRIMARY KEY, vector BLOB NOT NULL);
 CREATE VIRTUAL TABLE IF NOT EXISTS memory_fts USING fts5(
     text, content='memories', content_rowid='rid', tokenize='unicode61 remove_diacritics 2');
@@ -121,26 +102,6 @@ DROP TABLE IF EXISTS memory_vec_large;
 DROP TABLE IF EXISTS memory_vectors; DROP TABLE IF EXISTS memories;
 DROP TABLE IF EXISTS memory_scopes; DROP TABLE IF EXISTS memory_meta;
 """
-
-
-class Transaction:
-    """BEGIN IMMEDIATE ... COMMIT on the writer, ROLLBACK on any exception."""
-
-    def __init__(self, db: aiosqlite.Connection) -> None:
-        self._db = db
-
-    async def __aenter__(self) -> aiosqlite.Connection:
-        await self._db.execute("BEGIN IMMEDIATE")
-        return self._db
-
-    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is None:
-            await self._db.execute("COMMIT")
-            return
-        try:
-            await self._db.execute("ROLLBACK")
-        except sqlite.Error:
-            pass  # the failure already ended the transaction
 
 
 async def create(db: aiosqlite.Connection, dim: int, *, in_transaction: bool = False) -> None:
@@ -164,19 +125,28 @@ async def create(db: aiosqlite.Connection, dim: int, *, in_transaction: bool = F
             await db.execute(sql)
         # Persistent FTS5 option: deleted entries are removed from the index, not shadowed.
         await db.execute("INSERT INTO memory_fts (memory_fts, rank) VALUES ('secure-delete', 1)")
-        await db.execute(
-            "INSERT INTO memory_meta (key, value) VALUES ('dim', ?) ON CONFLICT (key) DO NOTHING",
-            (dim,),
-        )
+        for key, value in (("dim", dim), ("format", FORMAT)):
+            await db.execute(
+                "INSERT INTO memory_meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
+                (key, value),
+            )
         stored = int(await get_meta(db, "dim") or 0)
         if stored != dim:
-            raise MemoryIndexError(f"index holds {stored}-dim vectors, not {dim}")
+            raise HybridIndexError(f"index holds {stored}-dim vectors, not {dim}")
         if not in_transaction:
             await db.execute("COMMIT")
     except BaseException:
         if not in_transaction:
             await db.execute("ROLLBACK")
         raise
+
+
+async def is_stale(db: aiosqlite.Connection) -> bool:
+    """Whether the file holds tables of another format than `FORMAT` (a new file does not)."""
+    meta = await db.execute_fetchall(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'memory_meta'"
+    )
+    return bool(list(meta)) and await get_meta(db, "format") != str(FORMAT)
 
 
 async def get_meta(db: aiosqlite.Connection, key: str) -> str | None:
@@ -239,3 +209,27 @@ async def promote(db: aiosqlite.Connection, scope: int) -> None:
         (scope, lo, hi),
     )
     await db.executemany("DELETE FROM memory_vec_small WHERE rowid = ?", rids)
+
+
+async def drop(db: aiosqlite.Connection) -> None:
+    """Drop the tables `create` makes (not `memory_forgotten`)."""
+    for statement in DROP.split(";"):
+        if statement.strip():
+            await db.execute(statement)
+
+
+async def upgrade(db: aiosqlite.Connection, dim: int) -> bool:
+    """Replace the tables of an older format with empty ones, in one transaction; returns
+    whether they held anything (entries or a log position) that the owner must now
+    rebuild. The deleted sources carry over."""
+    if not await is_stale(db):
+        return False
+    async with Transaction(db):
+        held = await db.execute_fetchall(
+            "SELECT EXISTS (SELECT 1 FROM memories)"
+            " OR EXISTS (SELECT 1 FROM memory_meta WHERE key = 'checkpoint')"
+        )
+        emptied = bool(next(iter(held))[0])
+        await drop(db)
+        await create(db, dim, in_transaction=True)
+    return emptied
