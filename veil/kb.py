@@ -79,7 +79,9 @@ async def _run(
     assert collection is not None
     async with _index(config) as index:
         if action == "add":
-            bar = partial(ProgressBar, out=sys.stderr, unit="files", made="chunks")
+            bar = partial(
+                ProgressBar, out=sys.stderr, unit="files", made="chunks", rate_of_made=True
+            )
             _print_report(await ingest(nc, index, collection, paths, progress=bar))
         elif action == "rm":
             _print_report(await remove(nc, index, collection, paths))

@@ -20,9 +20,12 @@ class ProgressBar:
         *,
         unit: str = "events",
         made: str = "memories",
+        rate_of_made: bool = False,
     ) -> None:
         self.unit = unit
         self.made = made
+        # The rate of what is made (chunks/s) when the units are uneven (files).
+        self.rate_of_made = rate_of_made
         self.total = max(total, 1)
         self.out = out
         self.width = width
@@ -36,10 +39,11 @@ class ProgressBar:
         self._last = now
         share = min(done / self.total, 1.0)
         filled = int(share * self.width)
-        rate = done / max(now - self.started, 1e-9)
+        rated, per = (records, self.made) if self.rate_of_made else (done, self.unit)
+        rate = rated / max(now - self.started, 1e-9)
         line = (
             f"[{'#' * filled}{'.' * (self.width - filled)}] {share:6.1%} "
-            f"{done}/{self.total} {self.unit}, {records} {self.made}, {rate:,.0f} {self.unit}/s"
+            f"{done}/{self.total} {self.unit}, {records} {self.made}, {rate:,.1f} {per}/s"
         )
         end = "\n" if final or not self.out.isatty() else ""
         self.out.write(("\r" if self.out.isatty() else "") + line + end)

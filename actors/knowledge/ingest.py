@@ -180,15 +180,16 @@ async def ingest(
             sha = hashlib.sha256(data).hexdigest()
             if state.get(path) == sha:
                 report.unchanged.append(path)
+                if bar is not None:
+                    bar.update(done, report.chunks)
                 continue
             sections = parse(file, data)
             chunks = chunk_sections(sections)
         except Exception as e:  # noqa: BLE001 (a corrupt file must not stop the others)
             report.failed.append((path, f"{type(e).__name__}: {e}"))
-            continue
-        finally:
             if bar is not None:
                 bar.update(done, report.chunks)
+            continue
         now = datetime.now(UTC)
         pages = page_count(sections)
         events: list[KbEvent] = []
@@ -204,6 +205,9 @@ async def ingest(
         state[path] = sha
         report.chunks += len(chunks)
         report.pages += pages
+        # Counted once its chunks are embedded and stored, not when it is read.
+        if bar is not None:
+            bar.update(done, report.chunks)
     for path in gone:
         now = datetime.now(UTC)
         await commit(
@@ -238,7 +242,7 @@ async def remove(
         seqs = await log.append(collection, events, expected_last_seq=last)
         await index.apply(list(zip(seqs, events, strict=True)))
         if scrub:
-            await index.memory.scrub()
+            await index.scrub()
     return Report(removed=doomed)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import itertools
 import uuid
 from collections.abc import Iterator, MutableMapping
@@ -19,50 +18,13 @@ from nats.aio.client import Client
 
 from actors.knowledge import KnowledgeIndex, ingest, remove
 from actors.knowledge.chunk import chunk_sections
-from actors.knowledge.index import TENANT
+from actors.knowledge.index import collection_scope
 from actors.knowledge.ingest import collections
 from actors.knowledge.log import KnowledgeLog
 from actors.knowledge.parse import parse, parse_html, parse_markdown
 from eventstore.knowledge import ChunkData, DocumentAdded, DocumentRemoved, KbEvent, Position
+from testkit.pdf import write_pdf
 from tests.actors.test_memory_actor import HeldEmbedder
-
-
-def write_pdf(path: Path, pages: list[list[str]]) -> None:
-    """A minimal PDF (Helvetica, one text line per string) written by hand, no library."""
-    objects: list[bytes] = []
-    kids = " ".join(f"{4 + 2 * i} 0 R" for i in range(len(pages)))
-    objects.append(b"<< /Type /Catalog /Pages 2 0 R >>")
-    objects.append(f"<< /Type /Pages /Kids [{kids}] /Count {len(pages)} >>".encode())
-    objects.append(
-        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>"
-    )
-    for i, lines in enumerate(pages):
-        ops = ["BT", "/F1 11 Tf", "14 TL", "50 780 Td"]
-        for line in lines:
-            escaped = line.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
-            ops.append(f"({escaped}) Tj T*")
-        ops.append("ET")
-        stream = "\n".join(ops).encode("latin-1")
-        objects.append(
-            f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 842] /Resources"
-            f" << /Font << /F1 3 0 R >> >> /Contents {5 + 2 * i} 0 R >>".encode()
-        )
-        objects.append(b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream")
-    buf = io.BytesIO()
-    buf.write(b"%PDF-1.4\n")
-    offsets = []
-    for n, body in enumerate(objects, 1):
-        offsets.append(buf.tell())
-        buf.write(b"%d 0 obj\n" % n + body + b"\nendobj\n")
-    xref = buf.tell()
-    buf.write(b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1))
-    for off in offsets:
-        buf.write(b"%010d 00000 n \n" % off)
-    buf.write(
-        b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
-    )
-    path.write_bytes(buf.getvalue())
-
 
 BREAD = """# Sourdough at home
 
@@ -229,6 +191,9 @@ async def test_questions_find_their_chunk(nc: Client, index: KnowledgeIndex, cor
     ]
     assert report.pages == 6 and not report.failed
     assert seen[-1] == (5, report.chunks, True)
+    # A file counts once its chunks are embedded and stored, not when it is read.
+    assert seen[0][0] == 1 and seen[0][1] > 0
+    assert [d for d, _, _ in seen[:-1]] == [1, 2, 3, 4, 5]
     for question, file, answer in QUESTIONS:
         hits = await index.search(c, question, k=3)
         assert any(Path(h.path).name == file and answer in h.text for h in hits), (question, hits)
@@ -290,7 +255,7 @@ async def test_removing_files(nc: Client, index: KnowledgeIndex, corpus: Path) -
         "etna.pdf",
         "handbook.html",
     ]
-    assert (await index.memory.count()) == sum(d.chunks for d in await index.documents(c))
+    assert (await index.hybrid.count()) == sum(d.chunks for d in await index.documents(c))
     listed = {x.name: x for x in await collections(nc)}
     assert listed[c].documents == 3
 
@@ -361,7 +326,7 @@ async def test_an_index_made_by_another_model_is_indexed_again_on_its_next_sync(
 
     kb = await KnowledgeIndex.open(path)
     try:
-        assert kb.memory.model_changed and await kb.documents(c) == []
+        assert kb.hybrid.model_changed and await kb.documents(c) == []
         await kb.sync(KnowledgeLog.of(nc), c)  # what the actor does before a search
         after = [
             [(h.path, h.chunk, h.text) for h in await kb.search(c, q, k=3)] for q, _, _ in QUESTIONS
@@ -441,9 +406,7 @@ async def done_or_waiting(task: asyncio.Task[Any], noticed: asyncio.Event) -> No
 
 async def left_of(kb: KnowledgeIndex, collection: str, word: str) -> list[str]:
     """Chunks of `collection` with `word`, as stored, whether a document names them or not."""
-    hits = await kb.memory.keyword_search(
-        tenant=TENANT, session_id=collection, user_id=None, query_text=word, k=50
-    )
+    hits = await kb.hybrid.keyword_search([collection_scope(collection)], query_text=word, k=50)
     return [h.text for h in hits]
 
 
@@ -469,9 +432,9 @@ async def test_a_document_removed_while_its_chunks_are_embedded_leaves_no_chunk(
         assert await kb.search(c, SECRET, k=5, keyword_only=True) == []
         assert await kb.checkpoint(c) == 2
         if then == "removed":
-            assert await kb.memory.count() == 0 and await kb.documents(c) == []
+            assert await kb.hybrid.count() == 0 and await kb.documents(c) == []
         else:
-            assert await kb.memory.count() == 1
+            assert await kb.hybrid.count() == 1
             assert [d.sha256 for d in await kb.documents(c)] == [new.sha256]
             assert await left_of(kb, c, "cellar") == ["The vault moved to the cellar."]
     finally:
@@ -501,7 +464,7 @@ async def test_a_sync_or_rebuild_waits_for_a_sync_of_the_collection(
             embedder.release.set()
             await asyncio.gather(first, other)
         assert await left_of(kb, c, SECRET) == []
-        assert (await kb.memory.count(), await kb.documents(c)) == (0, [])
+        assert (await kb.hybrid.count(), await kb.documents(c)) == (0, [])
         assert await kb.checkpoint(c) == 2
     finally:
         await kb.close()
@@ -517,7 +480,7 @@ async def test_a_stale_copy_of_the_log_does_not_undo_what_followed(tmp_path: Pat
     try:
         await kb.apply([(1, added), (2, removal(added))])
         await kb.apply([(1, added)])
-        assert (await kb.memory.count(), await kb.documents(c)) == (0, [])
+        assert (await kb.hybrid.count(), await kb.documents(c)) == (0, [])
         await kb.apply([(2, removal(added))])  # the last event again: nothing changes
         assert await kb.checkpoint(c) == 2
     finally:
