@@ -355,7 +355,7 @@ class SessionActor:
             unwatch()
         await self._record(start.turn_id, step.events)
         if isinstance(step.reply, TurnError) and self._never_given_out(start):
-            await self._discard(step.reply)
+            await self._discard(start, step.reply)
         if step.reply is not None:
             await finish(step.reply)
         if step.after is not None:
@@ -370,7 +370,7 @@ class SessionActor:
         state = self._state
         return start.new_session and not start.stream and state.turns == 1 and not state.history
 
-    async def _discard(self, reply: TurnError) -> None:
+    async def _discard(self, start: StartTurn, reply: TurnError) -> None:
         """Leave nothing of a session nobody can name: its client's retries (the SDKs
         retry a 502 by themselves) would otherwise leave one orphan each."""
         log.warning(
@@ -383,6 +383,10 @@ class SessionActor:
         async with self._writing:
             await self._ctx.store.erase(self.session_id)
             self._state, self._last_seq = session.initial(), 0
+        if start.random_id:
+            # What memory may have indexed of it goes too (an id drawn at random is never
+            # used again; one derived from an Idempotency-Key is, by the retry).
+            await self._forget_memories(start.tenant)
 
     async def _record(self, turn_id: str, events: list[EventUnion]) -> None:
         if events:

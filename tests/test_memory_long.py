@@ -326,3 +326,20 @@ def test_fact_extraction_does_not_hold_the_sessions_next_turn(
     assert (
         kinds.index("FactsExtracted") > [i for i, k in enumerate(kinds) if k == "ReplyCompleted"][1]
     )
+
+
+def test_a_failed_first_turn_leaves_no_memory_behind(
+    veil: VeilThread, upstream: FakeOpenAI
+) -> None:
+    upstream.fail_next(400, message="bad request upstream")
+    with pytest.raises(openai.APIStatusError):
+        say(veil, "My safe's code is 7741-ZULU.", user="orphan-check")
+    sid = say(veil, "Hello again.", user="orphan-check")
+    veil.wait_for_memory()
+    r = http(
+        "GET",
+        f"{veil.base_url}/sessions/{sid}/memories?q=safe%20code%207741%20ZULU",
+        headers={"Authorization": f"Bearer {KEY_A}"},
+    )
+    assert r.status_code == 200
+    assert all("7741" not in h["content"] for h in r.json()["data"]), r.json()["data"]
