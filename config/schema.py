@@ -126,6 +126,9 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     model_path: str | None = None
     n_ctx: int = 4096
     threads: int = 1
+    # kind = "local": the library that runs it. "auto": xllamacpp (the `local` extra, a
+    # prebuilt wheel) when installed, else llama-cpp-python (the `llamacpp` extra, compiled).
+    backend: Literal["auto", "xllamacpp", "llama-cpp-python"] = "auto"
     # kind = "vllm": a Hugging Face model folder or id, run in this process by vLLM.
     model: str | None = None
     max_model_len: int = 4096

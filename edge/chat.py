@@ -13,6 +13,7 @@ from aiohttp import web
 
 from bus.codec import encode
 from bus.subjects import MAX_ID_LENGTH, is_valid_id
+from config import local_install_command
 from contracts.session import StartTurn, TurnDone, TurnError
 from edge.auth import Principal
 from edge.models import unknown_model
@@ -138,7 +139,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             raise ApiError(
                 503,
                 "No upstream model is configured: set OPENAI_BASE_URL/OPENAI_API_KEY or "
-                "ANTHROPIC_API_KEY, or give a config file with engines and pipelines.",
+                "ANTHROPIC_API_KEY, give a config file with engines and pipelines, or install "
+                f"the local model on the server ({local_install_command()}).",
                 code="no_upstream",
             )
         raise unknown_model(chat.model)

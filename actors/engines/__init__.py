@@ -47,6 +47,18 @@ def build_engine(config: Config, name: str) -> Engine:
             default_max_tokens=spec.default_max_tokens or 4096,
         )
     if spec.kind == "local":
+        from actors.engines.local_model import local_backend
+
+        if local_backend(spec.backend) == "xllamacpp":
+            from actors.engines.xllama import XLlamaEngine
+
+            return XLlamaEngine(
+                name,
+                model_path=spec.model_path,
+                n_ctx=spec.n_ctx,
+                threads=spec.threads,
+                max_tokens_default=spec.default_max_tokens or 512,
+            )
         from actors.engines.llamacpp import LlamaCppEngine
 
         return LlamaCppEngine(

