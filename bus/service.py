@@ -119,4 +119,7 @@ async def start_service(
     typed = TypedService(service)
     for endpoint in endpoints:
         await typed.add(endpoint)
+    # Once this returns, the server knows the subscriptions: a request sent next, on any
+    # connection, finds a responder.
+    await nc.flush()
     return typed
