@@ -13,6 +13,7 @@ __all__ = [
     "EVENTS_WILDCARD",
     "KB_STREAM",
     "KB_WILDCARD",
+    "KEYS_BUCKET",
     "KNOWLEDGE_ADMIN",
     "KNOWLEDGE_SEARCH",
     "MEMORY_FORGET",
@@ -134,6 +135,8 @@ KNOWLEDGE_ADMIN = "knowledge.admin"
 
 # The knowledge log: one subject per collection in the KB_EVENTS stream.
 KB_STREAM = "KB_EVENTS"
+# API keys managed at run time: a JetStream key-value bucket, one entry per key id.
+KEYS_BUCKET = "VEIL_KEYS"
 KB_WILDCARD = "kb.events.>"
 _KB_PREFIX = "kb.events."
 

@@ -276,8 +276,14 @@ class ToolConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class ApiKey(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     key: str
     tenant: str | None = None
-    # May use the admin endpoints (knowledge collections).
+    # May use the admin endpoints (keys, knowledge collections): the same as
+    # scopes = ["chat", "audit", "admin"].
     admin: bool = False
+    # chat: the OpenAI endpoints and the caller's sessions; audit: read the tenant's
+    # sessions; admin: keys and the knowledge base. Default: chat (with admin: all).
+    scopes: list[Literal["chat", "audit", "admin"]] = []
+    # Public models the key may use (others are 404s, as if they did not exist); empty: all.
+    models: list[str] = []
     # Acts for this end user only: its requests are this user's (another `user` is
     # refused), and it sees only this user's sessions and memories. Without it, any
     # holder of the key may name any user of its tenant.

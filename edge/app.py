@@ -7,6 +7,8 @@ into an OpenAI response or SSE stream.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import structlog
@@ -14,15 +16,18 @@ from aiohttp import web
 
 from bus.connection import connect
 from config import Config
+from contracts.keys import KeyRecord
 from edge.admin import add_admin_routes
 from edge.auth import Authenticator
 from edge.chat import chat_completions
 from edge.cross_site import refuse_cross_site
 from edge.http_guard import ConnectionGuard, guard_middleware
+from edge.keys_admin import add_key_routes
+from edge.keystore import KeyStore
 from edge.models import get_model, list_models
 from edge.openai_wire import ApiError, error_body
 from edge.sessions import delete_session, get_session, list_messages, search_memories
-from edge.webkeys import AUTH, CONFIG, GUARD, NATS, PRINCIPAL, json_response
+from edge.webkeys import AUTH, CONFIG, GUARD, KEYSTORE, NATS, PRINCIPAL, json_response
 
 __all__ = ["create_app"]
 
@@ -87,6 +92,37 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     return await handler(request)
 
 
+# Seconds a gateway waits, at start, to read the key store.
+KEYS_LOAD_TIMEOUT = 10.0
+
+
+async def watch_keys(app: web.Application) -> AsyncIterator[None]:
+    """Keep the authenticator in step with the key store; serve only once it has read it
+    (else a key created earlier would be refused, or anonymous access let in)."""
+    store = await KeyStore.open(app[NATS].jetstream())
+    app[KEYSTORE] = store
+    auth = app[AUTH]
+    loaded = asyncio.Event()
+
+    def apply(record: KeyRecord | None) -> None:
+        if record is None:
+            loaded.set()
+        else:
+            auth.apply(record)
+
+    watching = asyncio.create_task(store.watch(apply), name="veil-keys-watch")
+    try:
+        async with asyncio.timeout(KEYS_LOAD_TIMEOUT):
+            await loaded.wait()
+    except TimeoutError:
+        watching.cancel()
+        raise RuntimeError("the key store did not answer: is JetStream enabled?") from None
+    yield
+    watching.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watching
+
+
 async def health(request: web.Request) -> web.Response:
     nc = request.app[NATS]
     ok = nc.is_connected
@@ -116,6 +152,7 @@ def create_app(config: Config, nats_url: str) -> web.Application:
         await app[NATS].drain()
 
     app.cleanup_ctx.append(nats_connection)
+    app.cleanup_ctx.append(watch_keys)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model}", get_model)
@@ -125,4 +162,5 @@ def create_app(config: Config, nats_url: str) -> web.Application:
     app.router.add_get("/v1/sessions/{session_id}/memories", search_memories)
     app.router.add_get("/healthz", health)
     add_admin_routes(app)
+    add_key_routes(app)
     return app

@@ -1,49 +1,105 @@
-"""API keys: `Authorization: Bearer <key>` to a tenant and a key id."""
+"""Who the caller is: `Authorization: Bearer <key>` to a tenant, a key id and scopes.
+
+Keys come from the config (`[[keys]]`, `VEIL_API_KEYS`) and from the key store that
+`veil keys` and the admin endpoints manage (edge/keystore.py), whose changes every
+gateway receives as they happen. Keys are looked up by the SHA-256 of the secret, so
+no secret is compared byte by byte or kept in memory.
+"""
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
+from datetime import UTC, datetime
 
 import msgspec
 
 from config import Config, key_id
+from contracts.keys import KeyRecord
 from edge.openai_wire import ApiError
 
-__all__ = ["ANONYMOUS", "Authenticator", "Principal"]
+__all__ = ["ANONYMOUS", "Authenticator", "Principal", "require_scope"]
+
+ALL_SCOPES = frozenset({"chat", "audit", "admin"})
 
 
 class Principal(msgspec.Struct, frozen=True, kw_only=True):
     tenant: str
     key_id: str
-    admin: bool = False
+    scopes: frozenset[str] = frozenset({"chat"})
+    # Public models the key may use; empty: every model.
+    models: frozenset[str] = frozenset()
     # The end user the key is pinned to: it acts for that user only.
     user: str | None = None
     # The caller of a server without keys (loopback only): it may read what an admin
     # reads, but changes nothing an admin changes (any local process or page could be it).
     anonymous: bool = False
+    expires_at: datetime | None = None
+
+    @property
+    def admin(self) -> bool:
+        return "admin" in self.scopes
+
+    def may_use(self, model: str) -> bool:
+        return not self.models or model in self.models
 
 
 # Who the caller is when no keys are configured (loopback-only mode).
-ANONYMOUS = Principal(tenant="local", key_id="anonymous", anonymous=True)
+ANONYMOUS = Principal(
+    tenant="local", key_id="anonymous", scopes=frozenset({"chat", "audit"}), anonymous=True
+)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
 
 
 class Authenticator:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, clock: Callable[[], datetime] = _now) -> None:
+        self._clock = clock
         tenants = config.tenants_by_key_id()
-        # Keyed by the key's digest: lookups never compare secrets byte by byte.
-        self._by_digest = {
+        self._static = {
             hashlib.sha256(k.key.encode()).digest(): Principal(
-                tenant=tenants[key_id(k.key)], key_id=key_id(k.key), admin=k.admin, user=k.user
+                tenant=tenants[key_id(k.key)],
+                key_id=key_id(k.key),
+                scopes=frozenset(k.scopes) if k.scopes else (ALL_SCOPES if k.admin else _CHAT),
+                models=frozenset(k.models),
+                user=k.user,
             )
             for k in config.keys
         }
+        # Keys of the key store that still work, and which digest each key id has now.
+        self._managed: dict[bytes, Principal] = {}
+        self._digest_of: dict[str, bytes] = {}
+        self._store_used = False
 
     @property
     def enabled(self) -> bool:
-        return bool(self._by_digest)
+        """Whether callers need a key: once any key was made, anonymous access ends (and
+        stays ended when every key is revoked: that is a lockdown, not an opening)."""
+        return bool(self._static) or self._store_used
+
+    def apply(self, record: KeyRecord) -> None:
+        """A key store record, as created, changed, rotated or revoked."""
+        self._store_used = True
+        old = self._digest_of.pop(record.id, None)
+        if old is not None:
+            self._managed.pop(old, None)
+        if record.revoked_at is not None:
+            return
+        digest = bytes.fromhex(record.digest)
+        self._digest_of[record.id] = digest
+        self._managed[digest] = Principal(
+            tenant=record.tenant,
+            key_id=record.id,
+            scopes=frozenset(record.scopes),
+            models=frozenset(record.models),
+            user=record.user,
+            expires_at=record.expires_at,
+        )
 
     def authenticate(self, header: str | None) -> Principal:
-        if not self._by_digest:
+        if not self.enabled:
             return ANONYMOUS
         if not header:
             raise ApiError(
@@ -54,11 +110,28 @@ class Authenticator:
             )
         scheme, _, token = header.partition(" ")
         token = token.strip()
-        principal = (
-            self._by_digest.get(hashlib.sha256(token.encode()).digest())
-            if scheme.lower() == "bearer" and token
-            else None
-        )
+        principal = None
+        if scheme.lower() == "bearer" and token:
+            digest = hashlib.sha256(token.encode()).digest()
+            principal = self._static.get(digest) or self._managed.get(digest)
         if principal is None:
             raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+        if principal.expires_at is not None and self._clock() >= principal.expires_at:
+            raise ApiError(401, "This API key has expired.", code="expired_api_key")
         return principal
+
+
+_CHAT = frozenset({"chat"})
+
+
+def require_scope(principal: Principal, *any_of: str) -> None:
+    """A 403 unless the caller's key has one of these scopes."""
+    if principal.scopes.intersection(any_of):
+        return
+    needed = " or ".join(f"'{s}'" for s in any_of)
+    raise ApiError(
+        403,
+        f"This API key lacks the {needed} scope this endpoint needs.",
+        type="permission_error",
+        code="missing_scope",
+    )

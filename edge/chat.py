@@ -15,7 +15,7 @@ from bus.codec import encode
 from bus.subjects import MAX_ID_LENGTH, is_valid_id
 from config import local_install_command
 from contracts.session import StartTurn, TurnDone, TurnError
-from edge.auth import Principal
+from edge.auth import Principal, require_scope
 from edge.models import unknown_model
 from edge.openai_wire import (
     ApiError,
@@ -132,8 +132,11 @@ def _user_of(chat: ChatRequest, principal: Principal) -> str | None:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     config = request.app[CONFIG]
     principal: Principal = request[PRINCIPAL]
+    require_scope(principal, "chat")
     body = await _read_body(request)
     chat = parse_chat_request(body)
+    if not principal.may_use(chat.model):
+        raise unknown_model(chat.model)  # as if it did not exist
     if config.model(chat.model) is None:
         if not config.models:
             raise ApiError(

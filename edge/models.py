@@ -6,8 +6,9 @@ import time
 
 from aiohttp import web
 
+from edge.auth import require_scope
 from edge.openai_wire import ApiError
-from edge.webkeys import CONFIG, json_response
+from edge.webkeys import CONFIG, PRINCIPAL, json_response
 
 __all__ = ["get_model", "list_models", "unknown_model"]
 
@@ -15,13 +16,17 @@ STARTED = int(time.time())
 
 
 async def list_models(request: web.Request) -> web.Response:
-    config = request.app[CONFIG]
-    return json_response({"object": "list", "data": [_model_card(m.name) for m in config.models]})
+    principal = request[PRINCIPAL]
+    require_scope(principal, "chat")
+    names = [m.name for m in request.app[CONFIG].models if principal.may_use(m.name)]
+    return json_response({"object": "list", "data": [_model_card(n) for n in names]})
 
 
 async def get_model(request: web.Request) -> web.Response:
+    principal = request[PRINCIPAL]
+    require_scope(principal, "chat")
     name = request.match_info["model"]
-    if request.app[CONFIG].model(name) is None:
+    if request.app[CONFIG].model(name) is None or not principal.may_use(name):
         raise unknown_model(name)
     return json_response(_model_card(name))
 

@@ -13,6 +13,7 @@ from contracts.session import (
     SessionDeleted,
     SessionView,
 )
+from edge.auth import require_scope
 from edge.openai_wire import ApiError
 from edge.relay import ask_session
 from edge.webkeys import CONFIG, NATS, PRINCIPAL, json_response
@@ -50,6 +51,7 @@ def _session_object(view: SessionView) -> dict[str, object]:
 
 async def _view(request: web.Request, messages: bool) -> SessionView:
     principal = request[PRINCIPAL]
+    require_scope(principal, "chat", "audit")
     command = GetSession(
         session_id=_session_id_param(request),
         tenant=principal.tenant,
@@ -100,6 +102,7 @@ async def search_memories(request: web.Request) -> web.Response:
         ) from None
     if not 1 <= limit <= 100:
         raise ApiError(400, "limit must be between 1 and 100.", param="limit", code="invalid_value")
+    require_scope(request[PRINCIPAL], "chat", "audit")
     command = SearchMemories(
         session_id=_session_id_param(request),
         tenant=request[PRINCIPAL].tenant,
@@ -130,6 +133,7 @@ async def search_memories(request: web.Request) -> web.Response:
 
 async def delete_session(request: web.Request) -> web.Response:
     principal = request[PRINCIPAL]
+    require_scope(principal, "chat")
     command = DeleteSession(
         session_id=_session_id_param(request),
         tenant=principal.tenant,

@@ -14,14 +14,25 @@ from bus.codec import encode
 from config import Config
 from edge.auth import Authenticator, Principal
 from edge.http_guard import ConnectionGuard
+from edge.keystore import KeyStore
 from edge.openai_wire import ApiError
 
-__all__ = ["AUTH", "CONFIG", "GUARD", "NATS", "PRINCIPAL", "body_deadline", "json_response"]
+__all__ = [
+    "AUTH",
+    "CONFIG",
+    "GUARD",
+    "KEYSTORE",
+    "NATS",
+    "PRINCIPAL",
+    "body_deadline",
+    "json_response",
+]
 
 CONFIG = web.AppKey("config", Config)
 NATS = web.AppKey("nats", Client)
 AUTH = web.AppKey("auth", Authenticator)
 GUARD = web.AppKey("guard", ConnectionGuard)
+KEYSTORE = web.AppKey("keystore", KeyStore)
 PRINCIPAL = web.RequestKey("principal", Principal)
 
 

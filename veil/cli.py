@@ -16,6 +16,7 @@ from typing import Any
 import structlog
 
 from config import Config, ConfigError, load_config
+from veil.keys import add_keys_parser
 
 __all__ = ["main"]
 
@@ -64,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     kb_rm.add_argument("collection")
     kb_rm.add_argument("paths", nargs="+")
     kb_sub.add_parser("reindex", help="rebuild the knowledge index from the KB_EVENTS log")
+    add_keys_parser(sub)
     sessions = sub.add_parser("sessions", help="list sessions")
     sessions.add_argument("--json", action="store_true", help="one JSON object per line")
     sessions.add_argument(
@@ -171,6 +173,18 @@ async def _kb(config: Config, action: str, collection: str | None, paths: list[s
         return await kb_main(config, url, action, collection, paths)
 
 
+async def _keys(config: Config, args: argparse.Namespace) -> int:
+    from bus.connection import connect
+    from veil.keys import keys_main
+
+    async with _log_connection(config, create=args.keys_action == "create") as url:
+        nc = await connect(url, name="veil-keys")
+        try:
+            return await keys_main(nc, args)
+        finally:
+            await nc.drain()
+
+
 async def _reindex(config: Config) -> int:
     from veil.reindex import reindex
 
@@ -231,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_sessions(config, args.json))
     if args.command == "reindex":
         return asyncio.run(_reindex(config))
+    if args.command == "keys":
+        return asyncio.run(_keys(config, args))
     if args.command == "kb":
         return asyncio.run(
             _kb(
