@@ -12,7 +12,7 @@ import difflib
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from importlib.util import find_spec
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -27,6 +27,7 @@ from config.schema import (
     ApiKey,
     Config,
     EngineConfig,
+    JwtConfig,
     ModelConfig,
     PipelineConfig,
 )
@@ -218,10 +219,32 @@ def _is_http_url(value: str) -> bool:
     return parts.scheme in ("http", "https") and bool(parts.netloc)
 
 
-def _check(config: Config, text: str | None) -> None:
+def _check_jwt(
+    jwt: JwtConfig, invalid: Callable[[str, str], ConfigError], env: Mapping[str, str]
+) -> None:
+    """A key to check tokens with, of the kind the algorithms need."""
+    shared = {a.startswith("HS") for a in jwt.algorithms}
+    if len(shared) != 1:
+        raise invalid(
+            "jwt.algorithms", "use shared-secret (HS*) or public-key algorithms, not both"
+        )
+    if shared == {True}:
+        if not jwt.secret_env or not env.get(jwt.secret_env):
+            raise invalid("jwt.secret_env", "HS* tokens need a secret in this environment variable")
+    elif jwt.jwks_url is None and jwt.public_key_file is None:
+        raise invalid("jwt", "RS*/ES* tokens need public_key_file or jwks_url")
+    elif jwt.public_key_file is not None and not Path(jwt.public_key_file).is_file():
+        raise invalid("jwt.public_key_file", f"no such file: {jwt.public_key_file}")
+    elif jwt.jwks_url is not None and not jwt.jwks_url.startswith(("https://", "http://")):
+        raise invalid("jwt.jwks_url", "must be an http(s) URL")
+
+
+def _check(config: Config, text: str | None, env: Mapping[str, str]) -> None:
     def invalid(path: str, message: str) -> ConfigError:
         return _invalid(config.source, text, path, message)
 
+    if config.jwt is not None:
+        _check_jwt(config.jwt, invalid, env)
     for name, pipeline in config.pipelines.items():
         if pipeline.engine not in config.engines:
             raise invalid(f"pipelines.{name}.engine", f"unknown engine {pipeline.engine!r}")
@@ -392,5 +415,5 @@ def load_config(
     else:
         config = Config()
     config = _fill_defaults(config, env)
-    _check(config, text)
+    _check(config, text, env)
     return config

@@ -89,6 +89,28 @@ class RoutingRules(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise InvalidRoutingRule(f"threshold: {self.threshold} is not within [-1, 1]")
 
 
+JwtAlgorithm = Literal["HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384"]
+
+
+class JwtConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """JWT bearer tokens, accepted beside API keys: `[jwt]` in the config."""
+
+    algorithms: list[JwtAlgorithm] = msgspec.field(default_factory=lambda: ["RS256"])
+    # HS*: the shared secret, read from this environment variable (never in the file).
+    secret_env: str | None = None
+    # RS*/ES*: a PEM public key file, or a JWKS URL (cached; fetched again for an unknown kid).
+    public_key_file: str | None = None
+    jwks_url: str | None = None
+    issuer: str | None = None
+    audience: str | None = None
+    # The claim that names the tenant; `sub` is the end user (long-term memory's scope).
+    tenant_claim: str = "tenant"
+    # Space-separated scopes (chat, audit, admin); without it: chat.
+    scopes_claim: str = "scope"
+    # Seconds of clock skew allowed on exp and nbf.
+    leeway: float = 30.0
+
+
 class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: int = 8000
@@ -292,6 +314,7 @@ class ApiKey(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    jwt: JwtConfig | None = None
     keys: list[ApiKey] = []
     engines: dict[str, EngineConfig] = {}
     pipelines: dict[str, PipelineConfig] = {}

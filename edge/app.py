@@ -88,7 +88,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         auth = request.app[AUTH]
         if not auth.enabled:
             refuse_cross_site(request)
-        request[PRINCIPAL] = auth.authenticate(request.headers.get("Authorization"))
+        request[PRINCIPAL] = await auth.resolve(request.headers.get("Authorization"))
     return await handler(request)
 
 

@@ -16,6 +16,7 @@ import msgspec
 
 from config import Config, key_id
 from contracts.keys import KeyRecord
+from edge.jwt_auth import JwtVerifier, KeysNeeded, looks_like_jwt
 from edge.openai_wire import ApiError
 
 __all__ = ["ANONYMOUS", "Authenticator", "Principal", "require_scope"]
@@ -72,12 +73,13 @@ class Authenticator:
         self._managed: dict[bytes, Principal] = {}
         self._digest_of: dict[str, bytes] = {}
         self._store_used = False
+        self._jwt = JwtVerifier(config.jwt) if config.jwt is not None else None
 
     @property
     def enabled(self) -> bool:
         """Whether callers need a key: once any key was made, anonymous access ends (and
         stays ended when every key is revoked: that is a lockdown, not an opening)."""
-        return bool(self._static) or self._store_used
+        return bool(self._static) or self._store_used or self._jwt is not None
 
     def apply(self, record: KeyRecord) -> None:
         """A key store record, as created, changed, rotated or revoked."""
@@ -111,6 +113,8 @@ class Authenticator:
         scheme, _, token = header.partition(" ")
         token = token.strip()
         principal = None
+        if scheme.lower() == "bearer" and self._jwt is not None and looks_like_jwt(token):
+            return self._from_jwt(self._jwt, token)
         if scheme.lower() == "bearer" and token:
             digest = hashlib.sha256(token.encode()).digest()
             principal = self._static.get(digest) or self._managed.get(digest)
@@ -119,6 +123,24 @@ class Authenticator:
         if principal.expires_at is not None and self._clock() >= principal.expires_at:
             raise ApiError(401, "This API key has expired.", code="expired_api_key")
         return principal
+
+    def _from_jwt(self, verifier: JwtVerifier, token: str) -> Principal:
+        tenant, caller, scopes, user = verifier.identity(verifier.verify(token))
+        return Principal(tenant=tenant, key_id=caller, scopes=scopes, user=user)
+
+    async def resolve(self, header: str | None) -> Principal:
+        """`authenticate`, fetching a JWT issuer's keys first when a token needs them."""
+        try:
+            return self.authenticate(header)
+        except KeysNeeded:
+            assert self._jwt is not None
+            await self._jwt.refresh()
+        try:
+            return self.authenticate(header)
+        except KeysNeeded:
+            raise ApiError(
+                401, "Invalid bearer token: unknown signing key.", code="invalid_token"
+            ) from None
 
 
 _CHAT = frozenset({"chat"})
