@@ -14,22 +14,19 @@ worker checks between tokens.
 
 from __future__ import annotations
 
-import asyncio
 import codecs
-import concurrent.futures
 import json
 import random
 import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from actors.engines.base import DeltaSink, EngineError, EngineOutput, refuse_unsupported
+from actors.engines.base import EngineError, refuse_unsupported
 from actors.engines.local_model import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, smollm2_path
 from actors.engines.local_model import StopText as _StopText
 from actors.engines.local_model import number as _number
+from actors.engines.local_worker import Emit, LocalEngine
 from eventstore.events import ChatMessage, Usage
 
 try:
@@ -96,88 +93,12 @@ class _Model:
     vocab: Any  # llama_vocab_p, to recognise end-of-generation tokens
 
 
-Emit = Callable[[str | None], None]
-
-
-class LlamaCppEngine:
+class LlamaCppEngine(LocalEngine[_Request]):
     """One GGUF model in this process; the `model` name a pipeline asks for is not checked."""
 
-    def __init__(
-        self,
-        name: str,
-        *,
-        model_path: str | None = None,
-        n_ctx: int = 4096,
-        threads: int = 1,
-        max_tokens_default: int = 512,
-    ) -> None:
-        self.name = name
-        self._model_path = model_path
-        self._n_ctx = n_ctx
-        self._threads = threads
-        self._max_tokens_default = max_tokens_default
-        # One worker thread: it alone touches the model, and its queue serialises generations.
-        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"llama-{name}")
-        self._model: _Model | None = None
-        self._running: set[threading.Event] = set()
+    thread_prefix = "llama"
 
-    async def load(self) -> float:
-        """Load the model now instead of on the first request; returns the seconds it took."""
-        return await asyncio.wrap_future(self._submit(self._load_timed))
-
-    async def aclose(self) -> None:
-        for flag in self._running:
-            flag.set()
-        try:
-            await asyncio.wrap_future(self._worker.submit(self._unload))
-        except RuntimeError:  # already closed
-            pass
-        self._worker.shutdown(wait=False, cancel_futures=True)
-
-    async def generate(
-        self,
-        model: str,
-        messages: list[ChatMessage],
-        params: dict[str, Any],
-        on_delta: DeltaSink | None,
-        output: EngineOutput,
-    ) -> None:
-        request = self._request(messages, params)  # a 400 needs no trip to the worker
-        loop = asyncio.get_running_loop()
-        pieces: asyncio.Queue[str | None] = asyncio.Queue()
-        cancelled = threading.Event()
-
-        def emit(text: str | None) -> None:
-            try:
-                loop.call_soon_threadsafe(pieces.put_nowait, text)
-            except RuntimeError:  # the loop is closed: nobody will read the rest
-                cancelled.set()
-
-        started = time.perf_counter()
-        job = self._submit(self._generate, request, cancelled, emit)
-        self._running.add(cancelled)
-        try:
-            while (text := await pieces.get()) is not None:
-                if on_delta is not None and output.ttft_ms is None:
-                    output.ttft_ms = (time.perf_counter() - started) * 1000
-                output.parts.append(text)
-                if on_delta is not None:
-                    await on_delta(text)
-            output.finish_reason, output.usage = await asyncio.wrap_future(job)
-        finally:
-            # Cancelled or on_delta failed: the worker stops at its next token, or never
-            # starts this job. What arrived so far stays in output.
-            cancelled.set()
-            job.cancel()
-            self._running.discard(cancelled)
-
-    def _submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
-        try:
-            return self._worker.submit(fn, *args)
-        except RuntimeError as error:  # submit after shutdown
-            raise EngineError(
-                503, "engine_closed", "The local engine is closed.", detail=self.name
-            ) from error
+    _model: _Model | None = None  # loaded on first use
 
     def _request(self, messages: list[ChatMessage], params: dict[str, Any]) -> _Request:
         refuse_unsupported(params, "local model")
@@ -236,29 +157,10 @@ class LlamaCppEngine:
         self._model = _Model(llama, formatter, llama_cpp.llama_model_get_vocab(llama.model))
         return self._model
 
-    def _load_timed(self) -> float:
-        started = time.perf_counter()
-        self._load()
-        return time.perf_counter() - started
-
     def _unload(self) -> None:
         if self._model is not None:
             self._model.llama.close()
             self._model = None
-
-    def _generate(
-        self, request: _Request, cancelled: threading.Event, emit: Emit
-    ) -> tuple[str, Usage]:
-        try:
-            return self._run(request, cancelled, emit)
-        except EngineError:
-            raise
-        except Exception as error:
-            raise EngineError(
-                500, "engine_error", "The local model failed.", detail=repr(error)
-            ) from error
-        finally:
-            emit(None)
 
     def _run(self, request: _Request, cancelled: threading.Event, emit: Emit) -> tuple[str, Usage]:
         if cancelled.is_set():  # given up while waiting for the worker

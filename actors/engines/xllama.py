@@ -11,10 +11,9 @@ with the GIL released while the model computes; a callback that returns True end
 generation. It also opens an HTTP listener on 127.0.0.1 at a random port that cannot be
 turned off: a random API key that nobody is told keeps everyone out of it.
 
-As with llama-cpp-python (llamacpp.py), each engine owns one worker thread: it loads the
-model on first use and runs one generation at a time, in arrival order, so a request
-cancelled while queued never starts. Text pieces reach the event loop through an
-asyncio.Queue; a cancelled caller sets a flag that the callback returns at the next token.
+The worker thread, the queue of pieces and cancellation are local_worker.py's, shared with
+llama-cpp-python (llamacpp.py); a cancelled caller's flag is what the callback returns at
+the next token.
 
 Stop sequences are matched here, not by the server: its stream drops text it held back as
 a possible stop sequence when the generation ends another way. Usage is exact either way:
@@ -23,17 +22,13 @@ each chunk carries the server's token counts.
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import secrets
 import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from actors.engines.base import DeltaSink, EngineError, EngineOutput, refuse_unsupported
+from actors.engines.base import EngineError, refuse_unsupported
 from actors.engines.local_model import (
     DEFAULT_REPEAT_PENALTY,
     DEFAULT_TEMPERATURE,
@@ -42,6 +37,7 @@ from actors.engines.local_model import (
     number,
     smollm2_path,
 )
+from actors.engines.local_worker import Emit, LocalEngine
 from config.loader import LOCAL_ENGINE_PACKAGE
 from eventstore.events import ChatMessage, Usage
 
@@ -104,88 +100,12 @@ class _Progress:
     stops: StopText = field(default_factory=lambda: StopText(()))
 
 
-Emit = Callable[[str | None], None]
-
-
-class XLlamaEngine:
+class XLlamaEngine(LocalEngine[_Request]):
     """One GGUF model in this process; the `model` name a pipeline asks for is not checked."""
 
-    def __init__(
-        self,
-        name: str,
-        *,
-        model_path: str | None = None,
-        n_ctx: int = 4096,
-        threads: int = 1,
-        max_tokens_default: int = 512,
-    ) -> None:
-        self.name = name
-        self._model_path = model_path
-        self._n_ctx = n_ctx
-        self._threads = threads
-        self._max_tokens_default = max_tokens_default
-        # One worker thread: it alone touches the server, and its queue serialises generations.
-        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"xllama-{name}")
-        self._server: Any = None  # xllamacpp.Server, loaded on first use
-        self._running: set[threading.Event] = set()
+    thread_prefix = "xllama"
 
-    async def load(self) -> float:
-        """Load the model now instead of on the first request; returns the seconds it took."""
-        return await asyncio.wrap_future(self._submit(self._load_timed))
-
-    async def aclose(self) -> None:
-        for flag in self._running:
-            flag.set()
-        try:
-            await asyncio.wrap_future(self._worker.submit(self._unload))
-        except RuntimeError:  # already closed
-            pass
-        self._worker.shutdown(wait=False, cancel_futures=True)
-
-    async def generate(
-        self,
-        model: str,
-        messages: list[ChatMessage],
-        params: dict[str, Any],
-        on_delta: DeltaSink | None,
-        output: EngineOutput,
-    ) -> None:
-        request = self._request(messages, params)  # a 400 needs no trip to the worker
-        loop = asyncio.get_running_loop()
-        pieces: asyncio.Queue[str | None] = asyncio.Queue()
-        cancelled = threading.Event()
-
-        def emit(text: str | None) -> None:
-            try:
-                loop.call_soon_threadsafe(pieces.put_nowait, text)
-            except RuntimeError:  # the loop is closed: nobody will read the rest
-                cancelled.set()
-
-        started = time.perf_counter()
-        job = self._submit(self._generate, request, cancelled, emit)
-        self._running.add(cancelled)
-        try:
-            while (text := await pieces.get()) is not None:
-                if on_delta is not None and output.ttft_ms is None:
-                    output.ttft_ms = (time.perf_counter() - started) * 1000
-                output.parts.append(text)
-                if on_delta is not None:
-                    await on_delta(text)
-            output.finish_reason, output.usage = await asyncio.wrap_future(job)
-        finally:
-            # Cancelled or on_delta failed: the generation ends at its next token, or the
-            # job never starts. What arrived so far stays in output.
-            cancelled.set()
-            job.cancel()
-            self._running.discard(cancelled)
-
-    def _submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
-        try:
-            return self._worker.submit(fn, *args)
-        except RuntimeError as error:  # submit after shutdown
-            raise EngineError(
-                503, "engine_closed", "The local engine is closed.", detail=self.name
-            ) from error
+    _server: Any = None  # xllamacpp.Server, loaded on first use
 
     def _request(self, messages: list[ChatMessage], params: dict[str, Any]) -> _Request:
         refuse_unsupported(params, "local model")
@@ -254,28 +174,9 @@ class XLlamaEngine:
             ) from error
         return self._server
 
-    def _load_timed(self) -> float:
-        started = time.perf_counter()
-        self._load()
-        return time.perf_counter() - started
-
     def _unload(self) -> None:
         # The server stops (its threads and listener too) when its last reference goes.
         self._server = None
-
-    def _generate(
-        self, request: _Request, cancelled: threading.Event, emit: Emit
-    ) -> tuple[str, Usage]:
-        try:
-            return self._run(request, cancelled, emit)
-        except EngineError:
-            raise
-        except Exception as error:
-            raise EngineError(
-                500, "engine_error", "The local model failed.", detail=repr(error)
-            ) from error
-        finally:
-            emit(None)
 
     def _run(self, request: _Request, cancelled: threading.Event, emit: Emit) -> tuple[str, Usage]:
         if cancelled.is_set():  # given up while waiting for the worker
