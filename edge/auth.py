@@ -22,6 +22,7 @@ from edge.openai_wire import ApiError
 __all__ = ["ANONYMOUS", "Authenticator", "Principal", "require_scope"]
 
 ALL_SCOPES = frozenset({"chat", "audit", "admin"})
+_CHAT = frozenset({"chat"})
 
 
 class Principal(msgspec.Struct, frozen=True, kw_only=True):
@@ -141,9 +142,6 @@ class Authenticator:
             raise ApiError(
                 401, "Invalid bearer token: unknown signing key.", code="invalid_token"
             ) from None
-
-
-_CHAT = frozenset({"chat"})
 
 
 def require_scope(principal: Principal, *any_of: str) -> None:

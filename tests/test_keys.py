@@ -188,7 +188,15 @@ def test_a_key_limited_to_some_models_sees_only_those(veil: VeilThread) -> None:
 
 
 def test_bad_key_requests_are_400s(veil: VeilThread) -> None:
-    for body in ({}, {"tenant": "a b"}, {"tenant": "acme", "scopes": ["root"]}, {"tenant": 1}):
+    for body in (
+        {},
+        {"tenant": "a b"},
+        {"tenant": "acme", "scopes": ["root"]},
+        {"tenant": "acme", "scopes": []},
+        {"tenant": 1},
+        {"tenant": "acme", "name": "n" * 2_000_000},  # past a JetStream message: never stored
+        {"tenant": "acme", "models": ["m"] * 129},
+    ):
         status, error = call(veil, "POST", "/admin/keys", ADMIN, body)
         assert status == 400 and error["error"]["type"] == "invalid_request_error", body
     assert call(veil, "DELETE", "/admin/keys/key_nope", ADMIN)[0] == 404
