@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from contracts.keys import BudgetPeriod, Quota
+
 __all__ = [
     "DEFAULT_MODEL",
     "DEFAULT_THRESHOLD",
@@ -295,7 +297,34 @@ class ToolConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     callable: str | None = None
 
 
-class ApiKey(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class QuotaFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Limits and budgets of a key (`[[keys]]`) or a tenant (`[tenants.NAME]`)."""
+
+    # Requests and tokens per minute (sliding over 60 s), requests at once.
+    rpm: int | None = None
+    tpm: int | None = None
+    concurrency: int | None = None
+    # Spending caps per calendar month (UTC) or in total; money from `[prices]`.
+    budget_tokens: int | None = None
+    budget_usd: float | None = None
+    budget_period: BudgetPeriod = "month"
+
+    def quota(self) -> Quota:
+        return Quota(
+            rpm=self.rpm,
+            tpm=self.tpm,
+            concurrency=self.concurrency,
+            budget_tokens=self.budget_tokens,
+            budget_usd=self.budget_usd,
+            budget_period=self.budget_period,
+        )
+
+
+class TenantConfig(QuotaFields, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class ApiKey(QuotaFields, kw_only=True, forbid_unknown_fields=True):
     key: str
     tenant: str | None = None
     # May use the admin endpoints (keys, knowledge collections): the same as
@@ -316,6 +345,8 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     jwt: JwtConfig | None = None
     keys: list[ApiKey] = []
+    # Limits and budgets shared by all keys of a tenant, by tenant name.
+    tenants: dict[str, TenantConfig] = {}
     engines: dict[str, EngineConfig] = {}
     pipelines: dict[str, PipelineConfig] = {}
     models: list[ModelConfig] = []

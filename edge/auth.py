@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 import msgspec
 
 from config import Config, key_id
-from contracts.keys import KeyRecord
+from contracts.keys import KeyRecord, Quota
 from edge.jwt_auth import JwtVerifier, KeysNeeded, looks_like_jwt
 from edge.openai_wire import ApiError
 
@@ -37,6 +37,8 @@ class Principal(msgspec.Struct, frozen=True, kw_only=True):
     # reads, but changes nothing an admin changes (any local process or page could be it).
     anonymous: bool = False
     expires_at: datetime | None = None
+    # The key's own limits and budgets (the tenant's are in the config).
+    quota: Quota = Quota()
 
     @property
     def admin(self) -> bool:
@@ -67,6 +69,7 @@ class Authenticator:
                 scopes=frozenset(k.scopes) if k.scopes else (ALL_SCOPES if k.admin else _CHAT),
                 models=frozenset(k.models),
                 user=k.user,
+                quota=k.quota(),
             )
             for k in config.keys
         }
@@ -99,6 +102,7 @@ class Authenticator:
             models=frozenset(record.models),
             user=record.user,
             expires_at=record.expires_at,
+            quota=record.quota,
         )
 
     def authenticate(self, header: str | None) -> Principal:
