@@ -32,6 +32,7 @@ from actors._session_common import (
 )
 from actors.memory.actor import ask_recall
 from actors.session_actor import SessionActor
+from actors.turn_trace import turn_traces
 from bus.codec import DecodeError
 from bus.runtime import Actor, ActorHost, Envelope
 from bus.subjects import session_cancel
@@ -50,6 +51,7 @@ from contracts.session import (
     StartTurn,
     TurnRejected,
 )
+from contracts.turns import MAX_TURNS_PAGE, GetTurns, TurnsFound
 from eventstore.events import SessionOpened
 
 __all__ = ["SessionFront"]
@@ -91,6 +93,8 @@ class SessionFront:
                 return self._delete(key, request, command, live)
             case GetSession() | SearchMemories():
                 return self._read(key, request, command, live)
+            case GetTurns():
+                return self._turns(key, request, command, live)
             case _:
                 assert_never(command)
 
@@ -175,6 +179,34 @@ class SessionFront:
             return None
         state = await fold_stored(state, await self._ctx.store.load(key, after=seq))
         return state if session.owned(state, tenant, user) else None
+
+    async def _turns(
+        self, key: str, request: Request, command: GetTurns, live: SessionActor | None
+    ) -> None:
+        """Turn traces come from the log itself, never from the folded state."""
+        if await self._state(key, command.tenant, command.user, live) is None:
+            await _refuse(request, _not_found(key))
+            return
+        stored = await self._ctx.store.load(key)
+        traces = turn_traces((s.event for s in stored), details=command.details)
+        if command.turn_id is not None:
+            traces = [t for t in traces if t.turn_id == command.turn_id]
+            if not traces:
+                message = f"No turn found with id '{command.turn_id}' in this session."
+                await _refuse(request, error_info(404, "turn_not_found", message))
+                return
+            await request.respond(TURN_REPLY_CODEC.encode(TurnsFound(turns=traces)))
+            return
+        if command.after is not None:
+            ids = [t.turn_id for t in traces]
+            if command.after not in ids:
+                message = f"No turn found with id '{command.after}' in this session."
+                await _refuse(request, error_info(400, "invalid_cursor", message))
+                return
+            traces = traces[ids.index(command.after) + 1 :]
+        limit = max(1, min(command.limit, MAX_TURNS_PAGE))
+        page = TurnsFound(turns=traces[:limit], has_more=len(traces) > limit)
+        await request.respond(TURN_REPLY_CODEC.encode(page))
 
     def _deliver(self, key: str, envelope: Envelope) -> None:
         assert self._host is not None, "attach the front to its host first"

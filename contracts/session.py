@@ -11,6 +11,7 @@ import msgspec
 from bus.codec import Codec
 from contracts.errors import ErrorInfo
 from contracts.memory import MemoryHit
+from contracts.turns import GetTurns, TurnsFound
 from eventstore.events import ChatMessage, ToolCall, Usage
 
 __all__ = [
@@ -100,7 +101,7 @@ class SearchMemories(msgspec.Struct, frozen=True, kw_only=True, tag="search_memo
     user: str | None = None
 
 
-SessionCommandUnion = StartTurn | GetSession | DeleteSession | SearchMemories
+SessionCommandUnion = StartTurn | GetSession | DeleteSession | SearchMemories | GetTurns
 
 
 class MemoriesFound(msgspec.Struct, frozen=True, kw_only=True, tag="memories"):
@@ -190,6 +191,7 @@ TurnReplyUnion = (
     | SessionView
     | SessionDeleted
     | MemoriesFound
+    | TurnsFound
     | TurnDone
     | TurnError
 )

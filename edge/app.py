@@ -26,7 +26,14 @@ from edge.keys_admin import add_key_routes
 from edge.keystore import KeyStore
 from edge.models import get_model, list_models
 from edge.openai_wire import ApiError, error_body
-from edge.sessions import delete_session, get_session, list_messages, search_memories
+from edge.sessions import (
+    delete_session,
+    get_session,
+    get_turn,
+    list_messages,
+    list_turns,
+    search_memories,
+)
 from edge.webkeys import AUTH, CONFIG, GUARD, KEYSTORE, NATS, PRINCIPAL, json_response
 
 __all__ = ["create_app"]
@@ -160,6 +167,8 @@ def create_app(config: Config, nats_url: str) -> web.Application:
     app.router.add_delete("/v1/sessions/{session_id}", delete_session)
     app.router.add_get("/v1/sessions/{session_id}/messages", list_messages)
     app.router.add_get("/v1/sessions/{session_id}/memories", search_memories)
+    app.router.add_get("/v1/sessions/{session_id}/turns", list_turns)
+    app.router.add_get("/v1/sessions/{session_id}/turns/{turn_id}", get_turn)
     app.router.add_get("/healthz", health)
     add_admin_routes(app)
     add_key_routes(app)

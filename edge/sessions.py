@@ -1,7 +1,10 @@
-"""/v1/sessions/{id}: a session's metadata, messages, memory search, and deletion."""
+"""/v1/sessions/{id}: a session's metadata, messages, turn traces, memory search, deletion."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import msgspec
 from aiohttp import web
 
 from bus.subjects import MAX_ID_LENGTH, is_valid_id
@@ -13,12 +16,20 @@ from contracts.session import (
     SessionDeleted,
     SessionView,
 )
+from contracts.turns import MAX_TURNS_PAGE, GetTurns, TurnsFound, TurnTrace
 from edge.auth import require_scope
 from edge.openai_wire import ApiError
 from edge.relay import ask_session
 from edge.webkeys import CONFIG, NATS, PRINCIPAL, json_response
 
-__all__ = ["delete_session", "get_session", "list_messages", "search_memories"]
+__all__ = [
+    "delete_session",
+    "get_session",
+    "get_turn",
+    "list_messages",
+    "list_turns",
+    "search_memories",
+]
 
 
 def _session_id_param(request: web.Request) -> str:
@@ -144,3 +155,71 @@ async def delete_session(request: web.Request) -> web.Response:
     if not isinstance(reply, SessionDeleted):
         raise ApiError(500, "Unexpected reply from the session actor.", code="actor_failed")
     return json_response({"id": reply.session_id, "object": "session.deleted", "deleted": True})
+
+
+def _turn_object(trace: TurnTrace) -> dict[str, Any]:
+    body: dict[str, Any] = msgspec.to_builtins(trace)
+    body.pop("turn_id")
+    body["started_at"] = int(trace.started_at.timestamp())
+    if trace.ended_at is not None:
+        body["ended_at"] = int(trace.ended_at.timestamp())
+    return {"id": trace.turn_id, "object": "session.turn", **body}
+
+
+async def _turns(request: web.Request, **query: Any) -> TurnsFound:
+    principal = request[PRINCIPAL]
+    require_scope(principal, "chat", "audit")
+    command = GetTurns(
+        session_id=_session_id_param(request),
+        tenant=principal.tenant,
+        user=principal.user,
+        details=principal.admin,
+        **query,
+    )
+    reply = await ask_session(request.app[NATS], command, request.app[CONFIG].server.accept_timeout)
+    if not isinstance(reply, TurnsFound):
+        raise ApiError(500, "Unexpected reply from the session actor.", code="actor_failed")
+    return reply
+
+
+async def list_turns(request: web.Request) -> web.Response:
+    """What happened behind the curtain, turn by turn (oldest first; `after`/`limit` page)."""
+    try:
+        limit = int(request.query.get("limit", "20"))
+    except ValueError:
+        raise ApiError(
+            400, "limit must be an integer.", param="limit", code="invalid_value"
+        ) from None
+    if not 1 <= limit <= MAX_TURNS_PAGE:
+        raise ApiError(
+            400,
+            f"limit must be between 1 and {MAX_TURNS_PAGE}.",
+            param="limit",
+            code="invalid_value",
+        )
+    after = request.query.get("after")
+    if after is not None and not is_valid_id(after):
+        raise ApiError(400, "after must be a turn id.", param="after", code="invalid_value")
+    found = await _turns(request, after=after, limit=limit)
+    data = [_turn_object(t) for t in found.turns]
+    return json_response(
+        {
+            "object": "list",
+            "data": data,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+            "has_more": found.has_more,
+        }
+    )
+
+
+async def get_turn(request: web.Request) -> web.Response:
+    turn_id = request.match_info["turn_id"]
+    if not is_valid_id(turn_id):
+        raise ApiError(
+            404,
+            f"No turn found with id '{turn_id[:MAX_ID_LENGTH]}' in this session.",
+            code="turn_not_found",
+        )
+    found = await _turns(request, turn_id=turn_id)
+    return json_response(_turn_object(found.turns[0]))
