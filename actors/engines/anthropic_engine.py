@@ -158,6 +158,7 @@ class AnthropicEngine:
     ) -> None:
         self.name = name
         self._default_max_tokens = default_max_tokens
+        self._secrets = (api_key,)
         self._client = anthropic.AsyncAnthropic(
             base_url=base_url or os.environ.get("ANTHROPIC_BASE_URL") or DEFAULT_BASE_URL,
             api_key=api_key or "not-needed",
@@ -230,7 +231,9 @@ class AnthropicEngine:
             else:
                 await self._stream(request, on_delta, output)
         except anthropic.AnthropicError as error:
-            raise translate_error(error) from error
+            raise translate_error(error).redacted(self._secrets) from None
+        except EngineError as error:
+            raise error.redacted(self._secrets) from None
 
     async def _stream(
         self, request: dict[str, Any], on_delta: DeltaSink, output: EngineOutput

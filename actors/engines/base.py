@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
 import msgspec
@@ -101,6 +101,32 @@ class EngineError(Exception):
             retry_after=retry_after,
             detail=detail,
         )
+
+    def redacted(self, secrets: Iterable[str | None]) -> EngineError:
+        """This error with the engine's own secrets masked in its detail: an upstream may
+        echo the key it was sent ("Incorrect API key provided: sk-..."), and the detail
+        goes to the log and into the session's record of the call."""
+        info = self.info
+        if info.detail is None:
+            return self
+        detail = info.detail
+        for secret in secrets:
+            if secret and len(secret) >= MIN_SECRET:
+                detail = detail.replace(secret, "***")
+        if detail == info.detail:
+            return self
+        return EngineError(
+            info.status,
+            info.code,
+            info.message,
+            retryable=info.retryable,
+            retry_after=info.retry_after,
+            detail=detail,
+        )
+
+
+# Shorter "secrets" (a placeholder key such as "x") are not masked: every word would go.
+MIN_SECRET = 8
 
 
 class Engine(Protocol):

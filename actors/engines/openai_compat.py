@@ -45,6 +45,7 @@ class OpenAIEngine:
         self.name = name
         # Retries and fallbacks are Veil's decision, recorded as events: the client makes none.
         self._client = OpenAIHTTP(base_url=base_url, api_key=api_key, timeout=timeout)
+        self._secrets = (api_key,)
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -59,10 +60,13 @@ class OpenAIEngine:
     ) -> None:
         body: dict[str, Any] = {"model": model, "messages": [to_wire(m) for m in messages]}
         body.update((k, params[k]) for k in PASSTHROUGH if k in params)
-        if on_delta is None:
-            await self._complete(body, output)
-        else:
-            await self._stream(body, on_delta, output)
+        try:
+            if on_delta is None:
+                await self._complete(body, output)
+            else:
+                await self._stream(body, on_delta, output)
+        except EngineError as error:
+            raise error.redacted(self._secrets) from None
 
     async def _complete(self, body: dict[str, Any], output: EngineOutput) -> None:
         response = await self._client.complete(body)
