@@ -6,6 +6,7 @@ from aiohttp import BodyPartReader, web
 
 from bus.subjects import KNOWLEDGE_ADMIN, is_valid_id
 from contracts.knowledge import ADMIN_CODEC, ADMIN_REPLY_CODEC, AdminRequest
+from edge.auth import require_scope
 from edge.openai_wire import ApiError
 from edge.relay import ask_bus
 from edge.webkeys import CONFIG, NATS, PRINCIPAL, body_deadline, json_response
@@ -18,14 +19,13 @@ def _admin_only(request: web.Request) -> None:
     principal = request[PRINCIPAL]
     if principal.admin or (principal.anonymous and request.method in ("GET", "HEAD")):
         return
-    if principal.anonymous:
-        message = (
-            "Changing the knowledge base over HTTP needs an admin key: configure one "
-            "([[keys]] with admin = true), or use `veil kb` on the server."
-        )
-    else:
-        message = "This endpoint needs an admin key."
-    raise ApiError(403, message, type="permission_error", code="forbidden")
+    if not principal.anonymous:
+        require_scope(principal, "admin")
+    message = (
+        "Changing the knowledge base over HTTP needs an admin key: configure one "
+        "([[keys]] with admin = true), or use `veil kb` on the server."
+    )
+    raise ApiError(403, message, type="permission_error", code="missing_scope")
 
 
 async def _ask(request: web.Request, ask: AdminRequest) -> web.Response:
@@ -105,6 +105,7 @@ async def _read_upload(request: web.Request) -> tuple[str, bytes] | None:
 
 
 async def delete_document(request: web.Request) -> web.StreamResponse:
+    _admin_only(request)  # before anything about the request is judged
     path = request.query.get("path")
     if not path:
         raise ApiError(

@@ -1,0 +1,186 @@
+"""Two tenants never meet: every endpoint, tried by one tenant's chat and audit keys on the
+other tenant's data, reads, searches, deletes, replays and bills nothing of it.
+
+Every route of the gateway must be listed in ROUTES with how it is kept apart, so an
+endpoint added later fails here until someone says (and tests) how tenants stay apart."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+
+from config import ApiKey, Config, EngineConfig, MemoryConfig, ModelConfig, PipelineConfig
+from edge.app import create_app
+from testkit.upstreams import FakeOpenAI
+from tests.harness import VeilThread
+from tests.test_gateway import http
+
+A_CHAT, A_AUDIT = "sk-tenancy-a-chat", "sk-tenancy-a-audit"
+B_CHAT, B_AUDIT = "sk-tenancy-b-chat", "sk-tenancy-b-audit"
+SECRET_WORDS = "marmalade-zeppelin"
+
+# How each route keeps tenants apart:
+#   session: a session-scoped read or change; another tenant's id answers as a free one (404)
+#   admin: admin keys only (global by design); chat and audit keys get 403
+#   tenant: lists only the caller's tenant (checked by its own test below)
+#   public: no tenant data at all
+ROUTES: dict[tuple[str, str], str] = {
+    ("POST", "/v1/chat/completions"): "tenant",
+    ("GET", "/v1/models"): "public",
+    ("GET", "/v1/models/{model}"): "public",
+    ("GET", "/v1/sessions/{session_id}"): "session",
+    ("DELETE", "/v1/sessions/{session_id}"): "session",
+    ("GET", "/v1/sessions/{session_id}/messages"): "session",
+    ("GET", "/v1/sessions/{session_id}/memories"): "session",
+    ("GET", "/v1/sessions/{session_id}/turns"): "session",
+    ("GET", "/v1/sessions/{session_id}/turns/{turn_id}"): "session",
+    ("GET", "/healthz"): "public",
+    ("GET", "/v1/knowledge"): "admin",
+    ("GET", "/v1/knowledge/{collection}/documents"): "admin",
+    ("POST", "/v1/knowledge/{collection}/documents"): "admin",
+    ("DELETE", "/v1/knowledge/{collection}/documents"): "admin",
+    ("POST", "/v1/admin/keys"): "admin",
+    ("GET", "/v1/admin/keys"): "admin",
+    ("GET", "/v1/admin/keys/{key_id}"): "admin",
+    ("DELETE", "/v1/admin/keys/{key_id}"): "admin",
+    ("POST", "/v1/admin/keys/{key_id}/rotate"): "admin",
+}
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FakeOpenAI]:
+    with FakeOpenAI() as fake:
+        yield fake
+
+
+def _config(nats_url: str, upstream: FakeOpenAI) -> Config:
+    return Config(
+        keys=[
+            ApiKey(key=A_CHAT, tenant="a"),
+            ApiKey(key=A_AUDIT, tenant="a", scopes=["audit"]),
+            ApiKey(key=B_CHAT, tenant="b"),
+            ApiKey(key=B_AUDIT, tenant="b", scopes=["audit"]),
+        ],
+        engines={"up": EngineConfig(kind="openai", base_url=upstream.base_url, api_key="x")},
+        pipelines={"default": PipelineConfig(engine="up", model="m")},
+        models=[ModelConfig(name="veil", pipeline="default")],
+        memory=MemoryConfig(enabled=True),
+        nats_url=nats_url,
+    )
+
+
+@pytest.fixture(scope="module")
+def veil(nats_url: str, upstream: FakeOpenAI) -> Iterator[VeilThread]:
+    with VeilThread(_config(nats_url, upstream), nats_url) as server:
+        yield server
+
+
+def chat(veil: VeilThread, key: str, text: str, sid: str | None = None) -> Any:
+    """A turn for the end user "ann": both tenants have a user of that name."""
+    with openai.OpenAI(base_url=veil.base_url, api_key=key, max_retries=0) as client:
+        return client.chat.completions.create(
+            model="veil",
+            messages=[{"role": "user", "content": text}],
+            extra_body={"session_id": sid} if sid else None,
+            user="ann",
+        )
+
+
+def call(veil: VeilThread, method: str, path: str, key: str) -> tuple[int, dict[str, Any]]:
+    reply = http(
+        method,
+        veil.base_url.removesuffix("/v1") + path,
+        headers={"Authorization": f"Bearer {key}"},
+    )
+    return reply.status_code, reply.json()
+
+
+@pytest.fixture(scope="module")
+def a_session(veil: VeilThread) -> tuple[str, str]:
+    """Tenant a's session (id, one turn id), with words no one else says."""
+    reply = chat(veil, A_CHAT, f"my code word is {SECRET_WORDS}")
+    veil.wait_for_memory()
+    return str(reply.model_extra["session_id"]), reply.id.removeprefix("chatcmpl-")
+
+
+def test_every_route_says_how_tenants_stay_apart(nats_url: str, upstream: FakeOpenAI) -> None:
+    app = create_app(_config(nats_url, upstream), nats_url)
+    routes = {
+        (r.method, r.resource.canonical)
+        for r in app.router.routes()
+        if r.resource is not None and r.method != "HEAD"
+    }
+    assert routes - ROUTES.keys() == set(), "add the new routes to ROUTES, and test them"
+    assert ROUTES.keys() - routes == set(), "routes listed here that the gateway lacks"
+
+
+def _fill(path: str, sid: str, turn_id: str) -> str:
+    return (
+        path.replace("{session_id}", sid)
+        .replace("{turn_id}", turn_id)
+        .replace("{model}", "veil")
+        .replace("{collection}", "docs")
+        .replace("{key_id}", "key_0000000000000000")
+    )
+
+
+@pytest.mark.parametrize(
+    ("method", "path"), [k for k, v in ROUTES.items() if v == "session"], ids=str
+)
+def test_another_tenants_session_answers_as_a_free_id(
+    veil: VeilThread, a_session: tuple[str, str], method: str, path: str
+) -> None:
+    sid, turn_id = a_session
+    query = "?q=marmalade" if path.endswith("/memories") else ""
+    for key in (B_CHAT, B_AUDIT):
+        status, body = call(veil, method, _fill(path, sid, turn_id) + query, key)
+        free_status, free = call(veil, method, _fill(path, "sess_free", turn_id) + query, key)
+        if status == 403:  # an audit key may not delete: refused before any lookup
+            assert method == "DELETE" and key == B_AUDIT and free_status == 403
+            continue
+        assert status == free_status == 404, (status, body)
+        assert body["error"]["code"] == free["error"]["code"] == "session_not_found"
+        assert body["error"]["message"] == free["error"]["message"].replace("sess_free", sid)
+        assert SECRET_WORDS not in str(body)
+    # And tenant a still has all of it.
+    status, body = call(veil, "GET", f"/v1/sessions/{sid}/messages", A_AUDIT)
+    assert status == 200 and SECRET_WORDS in str(body)
+
+
+@pytest.mark.parametrize(
+    ("method", "path"), [k for k, v in ROUTES.items() if v == "admin"], ids=str
+)
+def test_admin_routes_refuse_chat_and_audit_keys(
+    veil: VeilThread, a_session: tuple[str, str], method: str, path: str
+) -> None:
+    for key in (B_CHAT, B_AUDIT, A_CHAT, A_AUDIT):
+        status, body = call(veil, method, _fill(path, *a_session), key)
+        assert status == 403 and body["error"]["code"] == "missing_scope", (key, body)
+
+
+def test_a_turn_on_another_tenants_session_answers_as_on_a_free_id(
+    veil: VeilThread, upstream: FakeOpenAI, a_session: tuple[str, str]
+) -> None:
+    sid, _ = a_session
+    calls = len(upstream.requests)
+    errors = []
+    for name in (sid, "sess_free"):
+        with pytest.raises(openai.NotFoundError) as caught:
+            chat(veil, B_CHAT, "what was the code word?", name)
+        errors.append(caught.value.body)
+    assert errors[0] == {**errors[1], "message": errors[1]["message"].replace("sess_free", sid)}
+    assert len(upstream.requests) == calls, "no model was asked"
+    status, theirs = call(veil, "GET", f"/v1/sessions/{sid}", A_CHAT)
+    assert status == 200 and theirs["turns"] == 1, "tenant a's session is untouched"
+
+
+def test_long_term_memory_never_recalls_another_tenants_words(
+    veil: VeilThread, upstream: FakeOpenAI, a_session: tuple[str, str]
+) -> None:
+    chat(veil, A_CHAT, "what is my code word?")
+    assert SECRET_WORDS in str(upstream.last_request.body["messages"]), "a's own recall works"
+    chat(veil, B_CHAT, "what is my code word?")
+    assert SECRET_WORDS not in str(upstream.last_request.body["messages"])
