@@ -12,6 +12,7 @@ from nats.aio.client import Client
 from actors import session
 from actors.errors import SessionNotFound
 from actors.leases import Leases
+from actors.metrics import WorkerMetrics
 from actors.tools.builtin import Tool
 from bus.signals import Signals
 from config import Config
@@ -43,6 +44,8 @@ class SessionContext(msgspec.Struct, kw_only=True):
     # Every tool a pipeline may name (their schemas go to the model; the tool actor runs them).
     tools: dict[str, Tool] = {}
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+    # Fallbacks and retries are counted here (model calls by the model actor).
+    metrics: WorkerMetrics | None = None
 
 
 async def fold_stored(

@@ -11,12 +11,16 @@ import asyncio
 import contextlib
 import time
 from functools import partial
+from typing import Any
 
 import structlog
 from nats.aio.client import Client
+from opentelemetry.trace import Span
 
 from actors.engines import Engine, EngineError, EngineOutput, estimate_tokens
 from actors.engines.base import ChoicePiece, ToolCallPiece
+from actors.metrics import WorkerMetrics
+from bus import telemetry
 from bus.service import Endpoint, TypedService, start_service
 from bus.signals import Signals
 from bus.subjects import SESSION_CANCEL_WILDCARD, model_generate
@@ -38,8 +42,10 @@ class ModelActor:
         *,
         version: str,
         signals: Signals | None = None,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self._nc = nc
+        self._metrics = metrics
         # Cancellations of every turn, on one subscription (shared with the session actors).
         self._signals = signals or Signals(nc, SESSION_CANCEL_WILDCARD)
         self._engines = engines
@@ -47,7 +53,7 @@ class ModelActor:
         self._service: TypedService | None = None
 
     async def start(self) -> None:
-        self._service = await start_service(
+        self._service = service = await start_service(
             self._nc,
             name="veil-model",
             version=self._version,
@@ -64,8 +70,40 @@ class ModelActor:
                 for name in self._engines
             ],
         )
+        if self._metrics is not None:
+            self._metrics.watch_running("veil-model", lambda: service.running)
 
     async def generate(self, engine_name: str, job: GenerateRequest) -> GenerateResult:
+        # The GenAI conventions' inference span: this actor is the upstream's client.
+        name = f"chat {job.upstream_model}"
+        with telemetry.span(name, kind=telemetry.SpanKind.CLIENT) as span:
+            if span is not None:
+                span.set_attributes(self._request_attributes(engine_name, job))
+            result = await self._generate(engine_name, job)
+            if span is not None:
+                _describe(span, result)
+        if self._metrics is not None:
+            self._metrics.model_call(result)
+        return result
+
+    def _request_attributes(self, engine_name: str, job: GenerateRequest) -> dict[str, Any]:
+        provider = _PROVIDERS.get(type(self._engines[engine_name]).__name__, "veil")
+        attributes: dict[str, Any] = {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.provider.name": provider,
+            "gen_ai.system": provider,  # the name before gen_ai.provider.name, for older backends
+            "gen_ai.request.model": job.upstream_model,
+            "gen_ai.request.stream": job.out_subject is not None,
+            "veil.engine": engine_name,
+            "veil.turn.id": job.turn_id,
+        }
+        for param, attribute in _REQUEST_PARAMS.items():
+            given = job.params.get(param)
+            if isinstance(given, int | float) and not isinstance(given, bool):
+                attributes[attribute] = given
+        return attributes
+
+    async def _generate(self, engine_name: str, job: GenerateRequest) -> GenerateResult:
         engine = self._engines[engine_name]
         output = EngineOutput()
         deltas = 0
@@ -186,6 +224,45 @@ class ModelActor:
         for engine in self._engines.values():
             with contextlib.suppress(Exception):
                 await engine.aclose()
+
+
+# gen_ai.provider.name by engine class (the well-known values where there is one).
+_PROVIDERS = {
+    "OpenAIEngine": "openai",
+    "AnthropicEngine": "anthropic",
+    "XLlamaEngine": "llama.cpp",
+    "LlamaCppEngine": "llama.cpp",
+    "VllmEngine": "vllm",
+}
+_REQUEST_PARAMS = {
+    "temperature": "gen_ai.request.temperature",
+    "top_p": "gen_ai.request.top_p",
+    "max_tokens": "gen_ai.request.max_tokens",
+    "max_completion_tokens": "gen_ai.request.max_tokens",
+    "seed": "gen_ai.request.seed",
+    "presence_penalty": "gen_ai.request.presence_penalty",
+    "frequency_penalty": "gen_ai.request.frequency_penalty",
+}
+
+
+def _describe(span: Span, result: GenerateResult) -> None:
+    """What came back, on the call's span."""
+    span.set_attributes(
+        {
+            "gen_ai.response.model": result.upstream_model,
+            "gen_ai.response.finish_reasons": [result.finish_reason],
+            "gen_ai.usage.input_tokens": result.usage.prompt_tokens,
+            "gen_ai.usage.output_tokens": result.usage.completion_tokens,
+            "veil.usage.estimated": result.usage_estimated,
+        }
+    )
+    if result.ttft_ms is not None:
+        span.set_attribute("gen_ai.response.time_to_first_chunk", result.ttft_ms / 1000)
+    if result.cancelled:
+        span.set_attribute("veil.cancelled", True)
+    elif result.error is not None:
+        span.set_attribute("http.response.status_code", result.error.status)
+        telemetry.failed(span, result.error.code)
 
 
 class _DeltaBatcher:

@@ -9,6 +9,7 @@ from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
+from bus import telemetry
 from bus.codec import DecodeError
 from bus.requests import nats_request
 from bus.subjects import model_generate
@@ -29,7 +30,11 @@ async def call_model(
     """One generation on one engine; bus failures come back as a result with an error."""
     try:
         reply = await nats_request(
-            nc, model_generate(link.engine), GENERATE_CODEC.encode(job), timeout=timeout
+            nc,
+            model_generate(link.engine),
+            GENERATE_CODEC.encode(job),
+            timeout=timeout,
+            headers=telemetry.outgoing(),
         )
     except NoRespondersError:
         return _failed(

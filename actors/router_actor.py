@@ -11,6 +11,7 @@ from nats.aio.client import Client
 
 from actors.model_chain import call_model
 from actors.routing import AsyncEmbedder, Router, classifier_prompt, parse_classifier_answer
+from bus import telemetry
 from bus.service import Endpoint, ServiceError, TypedService, start_service
 from bus.subjects import ROUTER_ROUTE
 from config import Config, FallbackConfig
@@ -86,7 +87,17 @@ class RouterActor:
         router = self._routers.get(ask.model)
         if router is None:
             raise ServiceError("404", f"no router for model {ask.model!r}")
-        return await router.route(ask.text, ask.metadata, ask.pinned)
+        with telemetry.span(f"route {ask.model}", kind=telemetry.SpanKind.SERVER) as span:
+            decision = await router.route(ask.text, ask.metadata, ask.pinned)
+            if span is not None:
+                span.set_attributes(
+                    {
+                        "gen_ai.request.model": ask.model,
+                        "veil.route.pipeline": decision.pipeline,
+                        "veil.route.means": decision.means,
+                    }
+                )
+            return decision
 
     async def stop(self) -> None:
         if self._service is not None:

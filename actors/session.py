@@ -272,6 +272,8 @@ def _decide_open(state: SessionState, cmd: OpenTurn) -> list[EventUnion]:
             pipeline=cmd.pipeline,
             holder=cmd.holder,
             fingerprint=start.fingerprint,
+            key_id=start.key_id,
+            user_id=start.user_id,
         )
     )
     return events

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import assert_never
@@ -25,6 +26,7 @@ from actors._session_common import SessionContext, _not_found, _outcome_message,
 from actors.errors import ActorError, AlreadyHandled, RequestAbandoned, TurnInProgress
 from actors.memory.actor import ask_forget
 from actors.turn_effects import TurnEffects
+from bus import telemetry
 from bus.codec import DecodeError
 from bus.requests import BUS_DOWN
 from bus.runtime import Envelope
@@ -148,6 +150,22 @@ class SessionActor:
         if not isinstance(command, StartTurn | DeleteSession):
             await self._reject(request, error_info(400, "bad_command", "not a mailbox command"))
             return
+        headers = request.headers
+        # Its log lines say whose work this is (bound here, reset after: the actor's task
+        # serves the next command too); its spans continue the gateway's trace.
+        bound = structlog.contextvars.bind_contextvars(**_log_context(command))
+        try:
+            with (
+                telemetry.serving(telemetry.request_id(headers), telemetry.incoming(headers)),
+                telemetry.span(_span_name(command), kind=telemetry.SpanKind.SERVER) as span,
+            ):
+                if span is not None:
+                    span.set_attributes(_span_attributes(command))
+                await self._receive(request, command)
+        finally:
+            structlog.contextvars.reset_contextvars(**bound)
+
+    async def _receive(self, request: Request, command: StartTurn | DeleteSession) -> None:
         try:
             await self._handle(request, command)
         except (StoreUnavailable, *BUS_DOWN) as error:
@@ -347,6 +365,7 @@ class SessionActor:
             step = turn.begin(self._state, setup, self._ctx.clock())
             while step.effect is not None:
                 await self._record(start.turn_id, step.events)
+                self._count(step)
                 seen = await self._effects.run(step.effect, cancelled)
                 step = turn.advance(
                     self._state, step.progress, seen, self._ctx.clock(), cancelled.is_set()
@@ -358,11 +377,22 @@ class SessionActor:
             await self._discard(start, step.reply)
         if step.reply is not None:
             await finish(step.reply)
+        _turn_ended(start, step)
         if step.after is not None:
             # After the reply, and off the mailbox: the session's next turn does not wait.
             task = asyncio.create_task(self._extract_facts(start.turn_id, step.after))
             self._after.add(task)
             task.add_done_callback(self._after.discard)
+
+    def _count(self, step: turn.Step) -> None:
+        """A retry or a fallback the workflow chose, for the metrics."""
+        metrics, effect, progress = self._ctx.metrics, step.effect, step.progress
+        if metrics is None or not isinstance(effect, turn.CallModel) or progress.phase != "reply":
+            return
+        if progress.attempt > 0:
+            metrics.retry(progress.pipeline, effect.link.engine)
+        elif progress.link > 0:
+            metrics.fallback(progress.pipeline, effect.link.engine)
 
     def _never_given_out(self, start: StartTurn) -> bool:
         """A new session whose only turn failed without its client learning the id: an
@@ -440,4 +470,81 @@ class SessionActor:
             return 0
 
     async def _reject(self, request: Request, error: ErrorInfo) -> None:
+        span = telemetry.current_span()
+        if span is not None:
+            span.set_attribute("veil.refusal", error.code)
+            if error.status >= 500:
+                telemetry.failed(span, error.code)
         await request.respond(TURN_REPLY_CODEC.encode(TurnRejected(error=error)))
+
+
+def _log_context(command: StartTurn | DeleteSession) -> dict[str, str]:
+    context = {
+        "session_id": command.session_id,
+        "tenant": command.tenant,
+        "key_id": command.key_id,
+    }
+    if isinstance(command, StartTurn):
+        context["turn_id"] = command.turn_id
+    return context
+
+
+def _span_name(command: StartTurn | DeleteSession) -> str:
+    # The GenAI conventions' agent span: the session runs the model's pipeline as an agent.
+    return f"invoke_agent {command.model}" if isinstance(command, StartTurn) else "delete_session"
+
+
+def _span_attributes(command: StartTurn | DeleteSession) -> dict[str, str | bool]:
+    attributes: dict[str, str | bool] = {
+        "gen_ai.conversation.id": command.session_id,
+        "gen_ai.provider.name": "veil",
+        "veil.tenant": command.tenant,
+    }
+    if isinstance(command, StartTurn):
+        attributes.update(
+            {
+                "gen_ai.operation.name": "invoke_agent",
+                "gen_ai.agent.name": command.model,
+                "gen_ai.request.model": command.model,
+                "gen_ai.request.stream": command.stream,
+                "veil.turn.id": command.turn_id,
+            }
+        )
+    return attributes
+
+
+def _turn_ended(start: StartTurn, step: turn.Step) -> None:
+    """The turn's outcome on its span and in one log line (its text only at debug level)."""
+    reply, pipeline = step.reply, step.progress.pipeline
+    span = telemetry.current_span()
+    if span is not None:
+        span.set_attribute("veil.pipeline", pipeline)
+        if isinstance(reply, TurnDone):
+            span.set_attributes(
+                {
+                    "gen_ai.response.finish_reasons": [reply.finish_reason],
+                    "gen_ai.usage.input_tokens": reply.usage.prompt_tokens,
+                    "gen_ai.usage.output_tokens": reply.usage.completion_tokens,
+                }
+            )
+        elif isinstance(reply, TurnError) and reply.error.status >= 500:
+            telemetry.failed(span, reply.error.code)
+    fields: dict[str, object] = {"model": start.model, "pipeline": pipeline or None}
+    if isinstance(reply, TurnDone):
+        fields.update(
+            outcome="done",
+            finish_reason=reply.finish_reason,
+            prompt_tokens=reply.usage.prompt_tokens,
+            completion_tokens=reply.usage.completion_tokens,
+        )
+    elif isinstance(reply, TurnError):
+        fields.update(outcome="failed", status=reply.error.status, code=reply.error.code)
+    else:
+        fields["outcome"] = "cancelled"
+    if log.is_enabled_for(logging.DEBUG):
+        # Conversations stay out of the logs unless an operator asks for them.
+        fields["messages"] = [m.content for m in start.messages]
+        fields["reply"] = reply.content if reply is not None else None
+        log.debug("turn.ended", **fields)
+    else:
+        log.info("turn.ended", **fields)

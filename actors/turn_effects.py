@@ -18,6 +18,7 @@ from actors import turn
 from actors.knowledge.actor import ask_knowledge
 from actors.memory.actor import ask_recall
 from actors.model_chain import call_model
+from bus import telemetry
 from bus.codec import DecodeError
 from bus.requests import nats_request
 from bus.subjects import ROUTER_ROUTE, TOOLS_RUN
@@ -72,7 +73,11 @@ class TurnEffects:
     async def _route(self, ask: RouteRequest) -> turn.Routed:
         try:
             reply = await nats_request(
-                self._nc, ROUTER_ROUTE, ROUTE_CODEC.encode(ask), timeout=ROUTER_TIMEOUT
+                self._nc,
+                ROUTER_ROUTE,
+                ROUTE_CODEC.encode(ask),
+                timeout=ROUTER_TIMEOUT,
+                headers=telemetry.outgoing(),
             )
             return turn.Routed(decision=ROUTE_REPLY_CODEC.decode(reply.data))
         except (NoRespondersError, NatsTimeout, DecodeError) as failure:
@@ -90,7 +95,11 @@ class TurnEffects:
         )
         try:
             reply = await nats_request(
-                self._nc, TOOLS_RUN, RUN_CODEC.encode(ask), timeout=timeout + TOOL_REPLY_GRACE
+                self._nc,
+                TOOLS_RUN,
+                RUN_CODEC.encode(ask),
+                timeout=timeout + TOOL_REPLY_GRACE,
+                headers=telemetry.outgoing(),
             )
             ran = RUN_REPLY_CODEC.decode(reply.data)
         except NoRespondersError:

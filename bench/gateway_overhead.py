@@ -1007,14 +1007,18 @@ def print_breakdown(
     return result
 
 
+_BAD_LINE = re.compile(
+    r'\[(warning|error|critical)\s*\]|"level":"(warning|error|critical)"|Traceback|Error'
+)
+
+
 def print_stderr(children: list[Child]) -> dict[str, list[str]]:
     """Warnings, errors and tracebacks the children logged: shown, never hidden."""
     found: dict[str, list[str]] = {}
     for child in children:
         lines = child.stderr_lines()
-        bad = [
-            ln for ln in lines if re.search(r"\[(warning|error|critical)\s*\]|Traceback|Error", ln)
-        ]
+        # Console lines ("[warning ]") and JSON ones ("level":"warning").
+        bad = [ln for ln in lines if _BAD_LINE.search(ln)]
         found[child.name] = bad
         print(f"  {child.name}: {len(lines)} stderr lines, {len(bad)} warning/error lines")
         shown = lines if len(lines) <= 10 else bad[:10]  # a short log is shown whole

@@ -27,6 +27,8 @@ from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import Service
 
+from bus import telemetry
+
 __all__ = ["Actor", "ActorHost", "Envelope", "Screen"]
 
 log = structlog.get_logger("veil.runtime")
@@ -103,6 +105,16 @@ class ActorHost:
     def active(self) -> int:
         return len(self._cells)
 
+    def mailbox_depths(self) -> tuple[int, int]:
+        """Requests waiting in all mailboxes together, and in the fullest one (read when
+        metrics are scraped: nothing is counted per message)."""
+        total = deepest = 0
+        for cell in list(self._cells.values()):
+            depth = cell.mailbox.qsize()
+            total += depth
+            deepest = max(deepest, depth)
+        return total, deepest
+
     async def start(self) -> None:
         self._service = await add_service(
             self._nc,
@@ -147,8 +159,11 @@ class ActorHost:
         task.add_done_callback(self._screening.discard)
 
     async def _screened(self, request: Request, work: Coroutine[Any, Any, None]) -> None:
+        headers = request.headers
         try:
-            await work
+            # The caller's request id and trace: what the screen asks of the bus carries them.
+            with telemetry.serving(telemetry.request_id(headers), telemetry.incoming(headers)):
+                await work
         except asyncio.CancelledError:
             raise
         except Exception as error:

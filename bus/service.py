@@ -21,6 +21,7 @@ from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import Service
 
+from bus import telemetry
 from bus.codec import Codec, DecodeError
 
 __all__ = ["Endpoint", "ServiceError", "TypedService", "start_service"]
@@ -69,7 +70,15 @@ class TypedService:
                     await request.respond_error("400", reason)
                 return
             try:
-                reply = await endpoint.handle(message)
+                headers = request.headers
+                if headers:
+                    # The caller's trace and request id: the handler's spans and log
+                    # lines belong to them.
+                    trace = telemetry.incoming(headers)
+                    with telemetry.serving(telemetry.request_id(headers), trace):
+                        reply = await endpoint.handle(message)
+                else:
+                    reply = await endpoint.handle(message)
             except ServiceError as refusal:
                 await request.respond_error(refusal.code, refusal.description)
                 return

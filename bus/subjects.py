@@ -16,6 +16,7 @@ __all__ = [
     "KEYS_BUCKET",
     "KNOWLEDGE_ADMIN",
     "KNOWLEDGE_SEARCH",
+    "LIMITS_BUCKET",
     "MEMORY_FORGET",
     "MEMORY_RECALL",
     "ROUTER_ROUTE",
@@ -24,6 +25,8 @@ __all__ = [
     "TOMBSTONES_STREAM",
     "TOMBSTONES_WILDCARD",
     "TOOLS_RUN",
+    "USAGE_QUERY",
+    "USAGE_SPEND",
     "InvalidToken",
     "collection_from_subject",
     "collection_subject",
@@ -129,6 +132,10 @@ ROUTER_ROUTE = "router.route"
 MEMORY_RECALL = "memory.recall"
 MEMORY_FORGET = "memory.forget"
 
+# The usage ledger's requests: usage grouped for reports, and spend totals for budgets.
+USAGE_QUERY = "usage.query"
+USAGE_SPEND = "usage.spend"
+
 # The knowledge actor's requests: search for a turn or a tool, and the admin endpoints'.
 KNOWLEDGE_SEARCH = "knowledge.search"
 KNOWLEDGE_ADMIN = "knowledge.admin"
@@ -137,6 +144,8 @@ KNOWLEDGE_ADMIN = "knowledge.admin"
 KB_STREAM = "KB_EVENTS"
 # API keys managed at run time: a JetStream key-value bucket, one entry per key id.
 KEYS_BUCKET = "VEIL_KEYS"
+# Rate limits shared by every gateway: a key-value bucket, one entry per key or tenant.
+LIMITS_BUCKET = "VEIL_LIMITS"
 KB_WILDCARD = "kb.events.>"
 _KB_PREFIX = "kb.events."
 

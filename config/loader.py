@@ -30,6 +30,7 @@ from config.schema import (
     JwtConfig,
     ModelConfig,
     PipelineConfig,
+    QuotaFields,
 )
 from config.targets import load_callable
 from contracts.tools import BUILTIN_TOOLS
@@ -239,6 +240,22 @@ def _check_jwt(
         raise invalid("jwt.jwks_url", "must be an http(s) URL")
 
 
+# The largest rate limit a key or a tenant may have (as the admin endpoint allows).
+MAX_RATE_LIMIT = 10**12
+
+
+def _check_rate_limits(config: Config, invalid: Callable[[str, str], ConfigError]) -> None:
+    if not config.limits.timeout > 0:
+        raise invalid("limits.timeout", "must be more than 0 seconds")
+    holders: list[tuple[str, QuotaFields]] = [(f"keys[{i}]", k) for i, k in enumerate(config.keys)]
+    holders += [(f"tenants.{name}", t) for name, t in config.tenants.items()]
+    for where, holder in holders:
+        for name in ("rpm", "tpm", "concurrency"):
+            value = getattr(holder, name)
+            if value is not None and not 1 <= value <= MAX_RATE_LIMIT:
+                raise invalid(f"{where}.{name}", f"must be from 1 to {MAX_RATE_LIMIT:,}")
+
+
 def _check(config: Config, text: str | None, env: Mapping[str, str]) -> None:
     def invalid(path: str, message: str) -> ConfigError:
         return _invalid(config.source, text, path, message)
@@ -350,6 +367,8 @@ def _check(config: Config, text: str | None, env: Mapping[str, str]) -> None:
     for name in ("max_body_bytes", "max_connections", "max_connections_per_client"):
         if getattr(server, name) < 1:
             raise invalid(f"server.{name}", "must be at least 1")
+    if server.metrics_port is not None and not 0 <= server.metrics_port <= 65535:
+        raise invalid("server.metrics_port", "must be a port number (0 picks a free one)")
     for i, api_key in enumerate(config.keys):
         # An empty key would let anyone in with `Authorization: Bearer` and nothing after.
         if not api_key.key.strip():
@@ -358,6 +377,7 @@ def _check(config: Config, text: str | None, env: Mapping[str, str]) -> None:
             raise invalid(
                 f"keys[{i}].key", "an API key may not contain spaces or control characters"
             )
+    _check_rate_limits(config, invalid)
     if config.router.classifier and config.router.classifier.engine not in config.engines:
         raise invalid(
             "router.classifier.engine", f"unknown engine {config.router.classifier.engine!r}"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -26,14 +26,17 @@ __all__ = [
     "FallbackConfig",
     "GenerationDefaults",
     "InvalidRoutingRule",
+    "LimitsConfig",
     "MemoryConfig",
     "MemoryPolicy",
     "ModelConfig",
     "PipelineConfig",
+    "PriceConfig",
     "RouterConfig",
     "RoutingRules",
     "ServerConfig",
     "ToolConfig",
+    "UsageConfig",
     "key_id",
 ]
 
@@ -134,6 +137,11 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # replaces the longest idle one. Also bounded by the process's open-file limit.
     max_connections: int = 10_000
     max_connections_per_client: int = 1_000
+    # Prometheus metrics on a listener of their own, without authentication (the
+    # gateway's /metrics needs an admin key): off unless a port is set; 0 picks one.
+    # `--metrics-port` sets it per process (a worker beside a gateway needs another).
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
 
 
 class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -280,6 +288,30 @@ class MemoryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_lag: float = 5.0
 
 
+class UsageConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The usage ledger: a projection of the log, one per file (`[usage]`)."""
+
+    # Default: usage.db in the data directory.
+    path: str | None = None
+
+
+class PriceConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """What an upstream model costs, in USD per million tokens (`[prices."MODEL"]`)."""
+
+    prompt: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    completion: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+
+
+class LimitsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Rate limits (rpm, tpm, concurrency) kept in the VEIL_LIMITS key-value bucket."""
+
+    # Seconds the limit store may take to answer a request's admission.
+    timeout: float = 2.0
+    # While the store cannot be reached: let requests through unlimited (true), or
+    # answer 503 (false, the default).
+    fail_open: bool = False
+
+
 class ToolConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """An operator's tool: an HTTP call on a URL template, or a Python callable."""
 
@@ -351,6 +383,10 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     pipelines: dict[str, PipelineConfig] = {}
     models: list[ModelConfig] = []
     memory: MemoryConfig = msgspec.field(default_factory=MemoryConfig)
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    usage: UsageConfig = msgspec.field(default_factory=UsageConfig)
+    # By upstream model, or "engine/model" for one engine's (which wins).
+    prices: dict[str, PriceConfig] = {}
     router: RouterConfig = msgspec.field(default_factory=RouterConfig)
     tools: dict[str, ToolConfig] = {}
     nats_url: str | None = None

@@ -13,19 +13,26 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import structlog
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from bus.connection import connect
 from config import Config
 from contracts.keys import KeyRecord
 from edge.admin import add_admin_routes
+from edge.admission import add_limits
 from edge.auth import Authenticator
 from edge.chat import chat_completions
 from edge.cross_site import refuse_cross_site
+from edge.docs_page import add_doc_routes
 from edge.http_guard import ConnectionGuard, guard_middleware
 from edge.keys_admin import add_key_routes
 from edge.keystore import KeyStore
+from edge.metrics import METRICS, GatewayMetrics, metrics_page
 from edge.models import get_model, list_models
+from edge.observe import observe_middleware, principal_known
 from edge.openai_wire import ApiError, error_body
+from edge.openapi import operation
+from edge.responses import Health
 from edge.sessions import (
     delete_session,
     get_session,
@@ -34,6 +41,7 @@ from edge.sessions import (
     list_turns,
     search_memories,
 )
+from edge.usage import get_usage
 from edge.webkeys import AUTH, CONFIG, GUARD, KEYSTORE, NATS, PRINCIPAL, json_response
 
 __all__ = ["create_app"]
@@ -95,7 +103,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         auth = request.app[AUTH]
         if not auth.enabled:
             refuse_cross_site(request)
-        request[PRINCIPAL] = await auth.resolve(request.headers.get("Authorization"))
+        request[PRINCIPAL] = principal = await auth.resolve(request.headers.get("Authorization"))
+        principal_known(principal)
     return await handler(request)
 
 
@@ -130,14 +139,25 @@ async def watch_keys(app: web.Application) -> AsyncIterator[None]:
         await watching
 
 
+@operation(
+    "Health",
+    description="Whether this gateway is connected to the message bus. No key needed.",
+    tags=("meta",),
+    ok=Health,
+    also={503: ("Degraded: the gateway is not connected to the bus.", Health)},
+    auth=False,
+)
 async def health(request: web.Request) -> web.Response:
     nc = request.app[NATS]
     ok = nc.is_connected
     return json_response({"status": "ok" if ok else "degraded", "nats": ok}, 200 if ok else 503)
 
 
-def create_app(config: Config, nats_url: str) -> web.Application:
-    """The gateway application; its NATS connection lives and drains with it."""
+def create_app(
+    config: Config, nats_url: str, registry: CollectorRegistry | None = None
+) -> web.Application:
+    """The gateway application; its NATS connection lives and drains with it. Its metrics
+    go to `registry` (the process's, shared with its workers), else to one of its own."""
     server = config.server
     guard = ConnectionGuard(
         max_connections=server.max_connections,
@@ -147,11 +167,17 @@ def create_app(config: Config, nats_url: str) -> web.Application:
     )
     app = web.Application(
         client_max_size=server.max_body_bytes,
-        middlewares=[guard_middleware(guard), errors_middleware, auth_middleware],
+        middlewares=[
+            guard_middleware(guard),
+            observe_middleware,
+            errors_middleware,
+            auth_middleware,
+        ],
     )
     app[CONFIG] = config
     app[AUTH] = Authenticator(config)
     app[GUARD] = guard
+    app[METRICS] = GatewayMetrics(registry or CollectorRegistry())
 
     async def nats_connection(app: web.Application) -> AsyncIterator[None]:
         app[NATS] = await connect(nats_url, name="veil-gateway")
@@ -160,6 +186,7 @@ def create_app(config: Config, nats_url: str) -> web.Application:
 
     app.cleanup_ctx.append(nats_connection)
     app.cleanup_ctx.append(watch_keys)
+    add_limits(app)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model}", get_model)
@@ -169,7 +196,10 @@ def create_app(config: Config, nats_url: str) -> web.Application:
     app.router.add_get("/v1/sessions/{session_id}/memories", search_memories)
     app.router.add_get("/v1/sessions/{session_id}/turns", list_turns)
     app.router.add_get("/v1/sessions/{session_id}/turns/{turn_id}", get_turn)
+    app.router.add_get("/v1/usage", get_usage)
     app.router.add_get("/healthz", health)
+    app.router.add_get("/metrics", metrics_page)
     add_admin_routes(app)
     add_key_routes(app)
+    add_doc_routes(app)
     return app

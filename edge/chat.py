@@ -15,8 +15,12 @@ from bus.codec import encode
 from bus.subjects import MAX_ID_LENGTH, is_valid_id
 from config import local_install_command
 from contracts.session import StartTurn, TurnDone, TurnError
+from edge.admission import Admission, admitted
 from edge.auth import Principal, require_scope
+from edge.budgets import enforce_budgets
+from edge.metrics import limit_hit
 from edge.models import unknown_model
+from edge.observe import chat_ended, chat_started
 from edge.openai_wire import (
     ApiError,
     ChatRequest,
@@ -25,7 +29,9 @@ from edge.openai_wire import (
     parse_chat_request,
     to_chat_messages,
 )
+from edge.openapi import IDEMPOTENCY_KEY, SESSION_ID_HEADER, operation
 from edge.relay import ClientGone, TurnRelay, run_turn
+from edge.responses import ChatCompletion, ChatCompletionChunk, ErrorBody
 from edge.sse import stream_turn
 from edge.webkeys import CONFIG, NATS, PRINCIPAL, body_deadline, json_response
 
@@ -129,6 +135,32 @@ def _user_of(chat: ChatRequest, principal: Principal) -> str | None:
     return principal.user
 
 
+@operation(
+    "Create a chat completion",
+    description="OpenAI's Chat Completions, on a session: send only the new messages of a "
+    "session (the model gets the whole conversation), or resend all of it. The answer "
+    "carries the session in `session_id` and the X-Session-Id header. With `stream: "
+    "true`, server-sent events of chat.completion.chunk objects, then `data: [DONE]` (a "
+    "stream that fails after its first event ends with an error object instead).",
+    tags=("chat",),
+    body=ChatRequest,
+    body_examples={
+        "one message": {"model": "veil", "messages": [{"role": "user", "content": "Hello"}]},
+        "streamed, on a session": {
+            "model": "veil",
+            "messages": [{"role": "user", "content": "And then?"}],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "session_id": "sess_8d0f6b4e2c",
+        },
+    },
+    ok=ChatCompletion,
+    sse=(ChatCompletionChunk, ErrorBody),
+    ok_headers=(SESSION_ID_HEADER,),
+    headers=(SESSION_ID_HEADER, IDEMPOTENCY_KEY),
+    errors=(400, 404, 408, 413, 415, 422, 502, 503, 504),
+    rate_limited=True,
+)
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     config = request.app[CONFIG]
     principal: Principal = request[PRINCIPAL]
@@ -147,6 +179,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 code="no_upstream",
             )
         raise unknown_model(chat.model)
+    try:
+        await enforce_budgets(request.app[NATS], config, principal, chat)
+    except ApiError as error:
+        if error.status == 429:
+            limit_hit(request, "budget")
+        raise
     command_id = _command_id(request, principal)
     session_id, new_session = _session_of(request, chat, command_id)
     random_id = new_session and not command_id.startswith(IDEMPOTENT_PREFIX)
@@ -170,6 +208,17 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         start = msgspec.structs.replace(
             start, fingerprint=_fingerprint(start), request_id=uuid.uuid4().hex
         )
+    chat_started(request, start)
+    async with admitted(request, chat) as admission:
+        return await _relay_turn(request, start, chat, admission)
+
+
+async def _relay_turn(
+    request: web.Request, start: StartTurn, chat: ChatRequest, admission: Admission
+) -> web.StreamResponse:
+    """The turn over the bus, answered as JSON or SSE; what it used goes to `admission`."""
+    config = request.app[CONFIG]
+    session_id = start.session_id
     if not chat.stream:
         timeout = config.server.accept_timeout + config.server.turn_timeout
         try:
@@ -177,6 +226,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         except ClientGone:
             log.info("gateway.client_gone", session=session_id, turn=start.turn_id)
             return web.Response(status=499)
+        admission.finished(result)
+        chat_ended(request, start, result, None)
         return _complete(start, result)
     async with TurnRelay(request.app[NATS], start) as relay:
         try:
@@ -184,7 +235,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         except ClientGone:
             log.info("gateway.client_gone", session=session_id, turn=start.turn_id)
             return web.Response(status=499)
-        batches = relay.batches(config.server.turn_timeout, _client_gone(request))
+        batches = admission.watch(relay.batches(config.server.turn_timeout, _client_gone(request)))
         try:
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
             return await stream_turn(
@@ -195,6 +246,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             log.info("gateway.client_gone", session=session_id, turn=start.turn_id)
             # Nobody reads this; aiohttp needs a response object all the same.
             return web.Response(status=499)
+        finally:
+            chat_ended(request, start, relay.final, relay.first_output)
 
 
 def _complete(start: StartTurn, item: TurnDone | TurnError) -> web.Response:

@@ -5,10 +5,12 @@ GET    /v1/admin/keys[?tenant=T]    list (never a secret or its digest)
 GET    /v1/admin/keys/{id}
 DELETE /v1/admin/keys/{id}          revoke (the record stays, for audits)
 POST   /v1/admin/keys/{id}/rotate   a new secret for the same key; the old one stops
+PATCH  /v1/admin/keys/{id}          change its limits and budgets (null removes one)
 """
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -16,10 +18,12 @@ import msgspec
 from aiohttp import web
 
 from bus.subjects import is_valid_id
-from contracts.keys import KeyRecord
+from contracts.keys import BudgetPeriod, KeyRecord, Quota
 from edge.auth import require_scope
 from edge.keystore import KeyNotFound
 from edge.openai_wire import ApiError
+from edge.openapi import Param, operation
+from edge.responses import ApiKeyList, ApiKeyObject
 from edge.webkeys import KEYSTORE, PRINCIPAL, body_deadline, json_response
 
 __all__ = ["add_key_routes", "key_object"]
@@ -29,6 +33,11 @@ MAX_MODELS = 128
 
 # A record must stay far below a JetStream message (1 MiB): every field is bounded.
 Text = Annotated[str, msgspec.Meta(max_length=256)]
+# Limits and budgets: positive, and far below what would overflow anything downstream.
+MAX_LIMIT = 10**12
+Limit = Annotated[int, msgspec.Meta(gt=0, le=MAX_LIMIT)]
+Money = Annotated[float, msgspec.Meta(gt=0, le=MAX_LIMIT)]
+QUOTA_FIELDS = ("rpm", "tpm", "concurrency", "budget_tokens", "budget_usd", "budget_period")
 
 
 class CreateKey(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -40,6 +49,47 @@ class CreateKey(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     models: Annotated[list[Text], msgspec.Meta(max_length=MAX_MODELS)] = []
     user: Text | None = None
     expires_at: datetime | None = None
+    rpm: Limit | None = None
+    tpm: Limit | None = None
+    concurrency: Limit | None = None
+    budget_tokens: Limit | None = None
+    budget_usd: Money | None = None
+    budget_period: BudgetPeriod = "month"
+
+    def quota(self) -> Quota:
+        return Quota(**{name: getattr(self, name) for name in QUOTA_FIELDS})
+
+
+class ChangeKey(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A key's new limits and budgets: a field left out stays, a null one is removed."""
+
+    rpm: Limit | None | msgspec.UnsetType = msgspec.UNSET
+    tpm: Limit | None | msgspec.UnsetType = msgspec.UNSET
+    concurrency: Limit | None | msgspec.UnsetType = msgspec.UNSET
+    budget_tokens: Limit | None | msgspec.UnsetType = msgspec.UNSET
+    budget_usd: Money | None | msgspec.UnsetType = msgspec.UNSET
+    budget_period: BudgetPeriod | msgspec.UnsetType = msgspec.UNSET
+
+    def applied_to(self, quota: Quota) -> Quota:
+        given = {n: v for n in QUOTA_FIELDS if (v := getattr(self, n)) is not msgspec.UNSET}
+        return msgspec.structs.replace(quota, **given)
+
+
+_AT = re.compile(r"at `\$\.(?P<param>[A-Za-z_]+)")
+
+
+def _decode(body: bytes, kind: type[Any]) -> Any:
+    """The request body as `kind`; a 400 naming the field that is wrong."""
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.DecodeError as error:
+        at = _AT.search(str(error))
+        raise ApiError(
+            400,
+            f"Invalid key request: {error}",
+            param=at.group("param") if at else None,
+            code="invalid_value",
+        ) from None
 
 
 def key_object(record: KeyRecord, secret: str | None = None) -> dict[str, Any]:
@@ -57,6 +107,7 @@ def key_object(record: KeyRecord, secret: str | None = None) -> dict[str, Any]:
         "expires_at": _stamp(record.expires_at),
         "revoked_at": _stamp(record.revoked_at),
         "rotated_at": _stamp(record.rotated_at),
+        **{name: getattr(record.quota, name) for name in QUOTA_FIELDS},
     }
     if secret is not None:
         shown["key"] = secret
@@ -78,14 +129,26 @@ def _key_id(request: web.Request) -> str:
     return key_id
 
 
+KEY_ID = Annotated[str, msgspec.Meta(pattern="^[A-Za-z0-9_-]{1,128}$", description="A key's id.")]
+_ON_KEY = {"key_id": KEY_ID}
+
+
+@operation(
+    "Create an API key",
+    description="The answer carries the secret, once; the store keeps only its SHA-256.",
+    tags=("keys",),
+    body=CreateKey,
+    body_examples={"chat key": {"tenant": "acme", "name": "ci", "scopes": ["chat"]}},
+    ok=ApiKeyObject,
+    ok_status=201,
+    ok_description="Created; `key` is the secret.",
+    errors=(400, 408, 503),
+)
 async def create_key(request: web.Request) -> web.Response:
     _admin(request)
     async with body_deadline(request):
         body = await request.read()
-    try:
-        ask = msgspec.json.decode(body, type=CreateKey)
-    except msgspec.DecodeError as error:
-        raise ApiError(400, f"Invalid key request: {error}", code="invalid_value") from None
+    ask: CreateKey = _decode(body, CreateKey)
     if not is_valid_id(ask.tenant):
         raise ApiError(
             400,
@@ -100,16 +163,26 @@ async def create_key(request: web.Request) -> web.Response:
         models=ask.models,
         user=ask.user,
         expires_at=ask.expires_at,
+        quota=ask.quota(),
     )
     return json_response(key_object(record, secret), status=201)
 
 
+@operation(
+    "List API keys",
+    description="Never a secret or its digest.",
+    tags=("keys",),
+    query=(Param("tenant", str, "Only this tenant's keys."),),
+    ok=ApiKeyList,
+    errors=(503,),
+)
 async def list_keys(request: web.Request) -> web.Response:
     _admin(request)
     records = await request.app[KEYSTORE].list(request.query.get("tenant"))
     return json_response({"object": "list", "data": [key_object(r) for r in records]})
 
 
+@operation("Retrieve an API key", tags=("keys",), path=_ON_KEY, ok=ApiKeyObject, errors=(404, 503))
 async def get_key(request: web.Request) -> web.Response:
     _admin(request)
     try:
@@ -119,6 +192,14 @@ async def get_key(request: web.Request) -> web.Response:
     return json_response(key_object(record))
 
 
+@operation(
+    "Revoke an API key",
+    description="It stops working on every gateway at once; the record stays, for audits.",
+    tags=("keys",),
+    path=_ON_KEY,
+    ok=ApiKeyObject,
+    errors=(404, 503),
+)
 async def revoke_key(request: web.Request) -> web.Response:
     _admin(request)
     try:
@@ -128,6 +209,38 @@ async def revoke_key(request: web.Request) -> web.Response:
     return json_response({**key_object(record), "revoked": True})
 
 
+@operation(
+    "Change an API key's limits and budgets",
+    description="A field left out stays; a null one is removed.",
+    tags=("keys",),
+    path=_ON_KEY,
+    body=ChangeKey,
+    ok=ApiKeyObject,
+    errors=(400, 404, 408, 503),
+)
+async def update_key(request: web.Request) -> web.Response:
+    _admin(request)
+    key_id = _key_id(request)
+    async with body_deadline(request):
+        body = await request.read()
+    change: ChangeKey = _decode(body, ChangeKey)
+    store = request.app[KEYSTORE]
+    try:
+        record = await store.get(key_id)
+        record = await store.set_quota(key_id, change.applied_to(record.quota))
+    except KeyNotFound:
+        raise _not_found(request) from None
+    return json_response(key_object(record))
+
+
+@operation(
+    "Rotate an API key",
+    description="A new secret for the same key (in `key`); the old one stops working.",
+    tags=("keys",),
+    path=_ON_KEY,
+    ok=ApiKeyObject,
+    errors=(404, 503),
+)
 async def rotate_key(request: web.Request) -> web.Response:
     _admin(request)
     try:
@@ -147,4 +260,5 @@ def add_key_routes(app: web.Application) -> None:
     app.router.add_get("/v1/admin/keys", list_keys)
     app.router.add_get("/v1/admin/keys/{key_id}", get_key)
     app.router.add_delete("/v1/admin/keys/{key_id}", revoke_key)
+    app.router.add_patch("/v1/admin/keys/{key_id}", update_key)
     app.router.add_post("/v1/admin/keys/{key_id}/rotate", rotate_key)

@@ -20,7 +20,7 @@ from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
 from bus.subjects import KEYS_BUCKET
-from contracts.keys import KEY_RECORD_CODEC, SCOPES, KeyRecord, Scope
+from contracts.keys import KEY_RECORD_CODEC, SCOPES, KeyRecord, Quota, Scope
 
 __all__ = ["KeyNotFound", "KeyStore", "digest_of", "new_secret"]
 
@@ -67,6 +67,7 @@ class KeyStore:
         models: Sequence[str] = (),
         user: str | None = None,
         expires_at: datetime | None = None,
+        quota: Quota | None = None,
     ) -> tuple[KeyRecord, str]:
         """A new key: its record and its secret, which is shown once and kept nowhere."""
         unknown = [s for s in scopes if s not in SCOPES]
@@ -86,6 +87,7 @@ class KeyStore:
             user=user,
             created_at=self._clock(),
             expires_at=expires_at,
+            quota=quota or Quota(),
         )
         await self._kv.create(record.id, KEY_RECORD_CODEC.encode(record))
         return record, secret
@@ -117,6 +119,15 @@ class KeyStore:
         revoked = msgspec.structs.replace(record, revoked_at=self._clock())
         await self._kv.put(key_id, KEY_RECORD_CODEC.encode(revoked))
         return revoked
+
+    async def set_quota(self, key_id: str, quota: Quota) -> KeyRecord:
+        """New limits and budgets for a live key; every gateway applies them as pushed."""
+        record = await self.get(key_id)
+        if record.revoked_at is not None:
+            raise KeyNotFound(key_id)
+        changed = msgspec.structs.replace(record, quota=quota)
+        await self._kv.put(key_id, KEY_RECORD_CODEC.encode(changed))
+        return changed
 
     async def rotate(self, key_id: str) -> tuple[KeyRecord, str]:
         """A new secret for the same key (id, tenant, scopes): the old one stops working."""

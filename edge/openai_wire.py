@@ -4,12 +4,29 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
+from bus.subjects import MAX_ID_LENGTH
 from contracts.errors import ErrorInfo, error_type
 from contracts.model import GENERATION_PARAMS
+from contracts.session import ToolDelta
+from edge.responses import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    Choice,
+    ChunkChoice,
+    ChunkDelta,
+    CompletionUsage,
+    ErrorBody,
+    ErrorDetail,
+    FunctionCallOut,
+    FunctionDelta,
+    ToolCallDelta,
+    ToolCallOut,
+)
 from eventstore.events import ChatMessage, FunctionCall, ToolCall, Usage
 
 __all__ = [
@@ -24,6 +41,7 @@ __all__ = [
     "to_chat_messages",
     "tool_calls_wire",
     "tool_delta_wire",
+    "whole_call_delta",
 ]
 
 
@@ -51,14 +69,52 @@ class ApiError(Exception):
         """The HTTP error for an error a reply carried: the one translation at the edge."""
         return cls(info.status, info.message, type=info.type, code=info.code, param=info.param)
 
-    def body(self) -> dict[str, Any]:
+    def body(self) -> ErrorBody:
         return error_body(self.message, self.type, self.code, self.param)
 
 
-def error_body(
-    message: str, type: str, code: str | None, param: str | None = None
-) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+def error_body(message: str, type: str, code: str | None, param: str | None = None) -> ErrorBody:
+    return ErrorBody(error=ErrorDetail(message=message, type=type, param=param, code=code))
+
+
+MAX_USER_LENGTH = 256
+# OpenAI's own limits, so a client that works there works here (and no request is
+# unbounded beyond its byte size): messages, tools and tool calls per message, stop
+# sequences, metadata pairs and their lengths.
+MAX_MESSAGES = 2048
+MAX_TOOLS = 128
+MAX_TOOL_CALLS = 128
+MAX_STOP = 4
+MAX_METADATA_PAIRS = 16
+MAX_METADATA_KEY = 64
+MAX_METADATA_VALUE = 512
+# Free-form JSON (tool schemas, response_format, tool_choice) nests at most this deep.
+MAX_JSON_DEPTH = 64
+
+
+def _shown(description: str | None = None, **schema: Any) -> msgspec.Meta:
+    """A bound that /openapi.json shows but the decoder does not enforce: `_check_limits`
+    and `_check` do, with OpenAI's own error codes (array_above_max_length, empty_array).
+    The schemathesis run (tests/test_api_fuzz.py) sends values past the bounds shown:
+    a bound shown here and not enforced there is what it catches."""
+    return msgspec.Meta(description=description, extra_json_schema=schema)
+
+
+# Ranges the decoder enforces itself (a 400 naming the field, like any wrong type).
+Sampling = Annotated[float, msgspec.Meta(ge=0, le=2)]
+AtLeastOne = Annotated[int, msgspec.Meta(ge=1)]
+Choices = Annotated[int, msgspec.Meta(ge=1, le=8)]
+SessionIdField = Annotated[
+    str,
+    msgspec.Meta(
+        description="Veil's own field: the session to continue (or to open under this name). "
+        "The same as the X-Session-Id header or metadata.session_id; naming two different "
+        "sessions is a 400. None of them (or empty): a new session, whose id the response "
+        "carries.",
+        examples=["sess_8d0f6b4e2c"],
+    ),
+    _shown(pattern=f"^[A-Za-z0-9_-]{{0,{MAX_ID_LENGTH}}}$"),
+]
 
 
 class TextPart(msgspec.Struct, tag="text", tag_field="type"):
@@ -111,7 +167,7 @@ class MessageIn(msgspec.Struct, kw_only=True):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
-    tool_calls: list[ToolCallIn] | None = None
+    tool_calls: Annotated[list[ToolCallIn], _shown(maxItems=MAX_TOOL_CALLS)] | None = None
     tool_call_id: str | None = None
 
 
@@ -120,45 +176,66 @@ class StreamOptions(msgspec.Struct, kw_only=True):
 
 
 class ChatRequest(msgspec.Struct, kw_only=True):
-    model: str
-    messages: list[MessageIn]
+    """OpenAI's chat completion request, plus `session_id`. Send only the new messages
+    of a session (the model gets the whole conversation), or resend all of it."""
+
+    model: Annotated[str, msgspec.Meta(description="A public model name.", examples=["veil"])]
+    messages: Annotated[list[MessageIn], _shown(minItems=1, maxItems=MAX_MESSAGES)]
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    stop: str | list[str] | None = None
+    temperature: Sampling | None = None
+    top_p: Sampling | None = None
+    max_tokens: AtLeastOne | None = None
+    max_completion_tokens: AtLeastOne | None = None
+    stop: str | Annotated[list[str], _shown(maxItems=MAX_STOP)] | None = None
     seed: int | None = None
-    n: int | None = None
+    n: Choices | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     response_format: dict[str, Any] | None = None
-    user: str | None = None
-    metadata: dict[str, str] | None = None
+    user: (
+        Annotated[
+            str,
+            _shown(
+                "The end user; their other sessions' memories may be recalled.",
+                maxLength=MAX_USER_LENGTH,
+            ),
+        ]
+        | None
+    ) = None
+    metadata: (
+        Annotated[
+            dict[str, Annotated[str, _shown(maxLength=MAX_METADATA_VALUE)]],
+            _shown(
+                "Routing metadata; also `session_id` and `user_id`, as the fields above.",
+                maxProperties=MAX_METADATA_PAIRS,
+                propertyNames={"maxLength": MAX_METADATA_KEY},
+            ),
+        ]
+        | None
+    ) = None
     # Kept as sent, so the upstream gets them unchanged; checked against ToolDef.
-    tools: list[dict[str, Any]] | None = None
+    tools: (
+        Annotated[
+            list[dict[str, Any]],
+            _shown(
+                'Each {"type": "function", "function": {"name", "description", '
+                '"parameters", "strict"}}.',
+                maxItems=MAX_TOOLS,
+            ),
+        ]
+        | None
+    ) = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
-    functions: list[dict[str, Any]] | None = None
+    functions: (
+        Annotated[list[dict[str, Any]], _shown("Not supported: use tools.", maxItems=0)] | None
+    ) = None
     # Veil's own field (DESIGN.md, session id contract).
-    session_id: str | None = None
+    session_id: SessionIdField | None = None
 
 
 _decoder = msgspec.json.Decoder(ChatRequest)
-MAX_USER_LENGTH = 256
-# OpenAI's own limits, so a client that works there works here (and no request is
-# unbounded beyond its byte size): messages, tools and tool calls per message, stop
-# sequences, metadata pairs and their lengths.
-MAX_MESSAGES = 2048
-MAX_TOOLS = 128
-MAX_TOOL_CALLS = 128
-MAX_STOP = 4
-MAX_METADATA_PAIRS = 16
-MAX_METADATA_KEY = 64
-MAX_METADATA_VALUE = 512
-# Free-form JSON (tool schemas, response_format, tool_choice) nests at most this deep.
-MAX_JSON_DEPTH = 64
 _PATH = re.compile(r"at `\$\.?(?P<path>[^`]*)`")
 
 
@@ -292,8 +369,6 @@ def _check(request: ChatRequest) -> None:
             param="functions",
             code="unsupported_parameter",
         )
-    if request.n is not None and not 1 <= request.n <= 8:
-        raise ApiError(400, "n must be between 1 and 8.", param="n", code="invalid_value")
     for i, message in enumerate(request.messages):
         if message.role == "function":
             raise ApiError(
@@ -334,16 +409,6 @@ def _check(request: ChatRequest) -> None:
             param="user",
             code="invalid_value",
         )
-    for field in ("temperature", "top_p"):
-        value = getattr(request, field)
-        if value is not None and not 0 <= value <= 2:
-            raise ApiError(
-                400, f"{field} must be between 0 and 2.", param=field, code="invalid_value"
-            )
-    for field in ("max_tokens", "max_completion_tokens"):
-        value = getattr(request, field)
-        if value is not None and value < 1:
-            raise ApiError(400, f"{field} must be at least 1.", param=field, code="invalid_value")
 
 
 def _text(content: str | list[ContentPart] | None) -> str:
@@ -392,36 +457,46 @@ def generation_params(request: ChatRequest) -> dict[str, Any]:
     return params
 
 
-def _usage(usage: Usage) -> dict[str, int]:
-    return {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.total_tokens,
-    }
+def _usage(usage: Usage) -> CompletionUsage:
+    return CompletionUsage(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        total_tokens=usage.total_tokens,
+    )
 
 
-def tool_calls_wire(calls: Sequence[ToolCall]) -> list[dict[str, Any]]:
+def tool_calls_wire(calls: Sequence[ToolCall]) -> list[ToolCallOut]:
     return [
-        {
-            "id": c.id,
-            "type": "function",
-            "function": {"name": c.function.name, "arguments": c.function.arguments},
-        }
+        ToolCallOut(
+            id=c.id,
+            type="function",
+            function=FunctionCallOut(name=c.function.name, arguments=c.function.arguments),
+        )
         for c in calls
     ]
 
 
-def tool_delta_wire(piece: Any) -> dict[str, Any]:
-    """A ToolDelta as one element of OpenAI's `delta.tool_calls`."""
-    wire: dict[str, Any] = {"index": piece.index}
-    function: dict[str, Any] = {"arguments": piece.arguments}
-    if piece.id is not None:
-        wire["id"] = piece.id
-        wire["type"] = "function"
-    if piece.name is not None:
-        function["name"] = piece.name
-    wire["function"] = function
-    return wire
+def tool_delta_wire(piece: ToolDelta) -> ToolCallDelta:
+    """A ToolDelta as one element of OpenAI's `delta.tool_calls`: the id, type and name
+    come with a call's first piece only."""
+    return ToolCallDelta(
+        index=piece.index,
+        id=msgspec.UNSET if piece.id is None else piece.id,
+        type=msgspec.UNSET if piece.id is None else "function",
+        function=FunctionDelta(
+            name=msgspec.UNSET if piece.name is None else piece.name, arguments=piece.arguments
+        ),
+    )
+
+
+def whole_call_delta(index: int, call: ToolCall) -> ToolCallDelta:
+    """A tool call whose pieces never streamed, as one `delta.tool_calls` element."""
+    return ToolCallDelta(
+        index=index,
+        id=call.id,
+        type="function",
+        function=FunctionDelta(name=call.function.name, arguments=call.function.arguments),
+    )
 
 
 def completion(
@@ -435,43 +510,39 @@ def completion(
     session_id: str,
     tool_calls: Sequence[ToolCall] = (),
     alternatives: Sequence[str] = (),
-) -> dict[str, Any]:
+) -> ChatCompletion:
     """A `chat.completion` object as OpenAI returns it, plus `session_id`.
 
     With n > 1, the session continues from the first choice; the others are
     the alternatives.
     """
-    message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+    message = AssistantMessage(role="assistant", content=content, refusal=None)
     if tool_calls:
-        message["content"] = content or None
-        message["tool_calls"] = tool_calls_wire(tool_calls)
-    body: dict[str, Any] = {
-        "id": id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": message,
-                "logprobs": None,
-                "finish_reason": finish_reason,
-            }
-        ],
-        "usage": _usage(usage),
-        "session_id": session_id,
-    }
-    if alternatives:
-        body["choices"] += [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": text, "refusal": None},
-                "logprobs": None,
-                "finish_reason": finish_reason,
-            }
-            for i, text in enumerate(alternatives, start=1)
-        ]
-    return body
+        message = AssistantMessage(
+            role="assistant",
+            content=content or None,
+            refusal=None,
+            tool_calls=tool_calls_wire(tool_calls),
+        )
+    choices = [Choice(index=0, message=message, logprobs=None, finish_reason=finish_reason)]
+    choices += [
+        Choice(
+            index=i,
+            message=AssistantMessage(role="assistant", content=text, refusal=None),
+            logprobs=None,
+            finish_reason=finish_reason,
+        )
+        for i, text in enumerate(alternatives, start=1)
+    ]
+    return ChatCompletion(
+        id=id,
+        object="chat.completion",
+        created=created,
+        model=model,
+        choices=choices,
+        usage=_usage(usage),
+        session_id=session_id,
+    )
 
 
 class ChunkMeta(msgspec.Struct, frozen=True, kw_only=True):
@@ -486,27 +557,30 @@ class ChunkMeta(msgspec.Struct, frozen=True, kw_only=True):
 def chunk(
     meta: ChunkMeta,
     *,
-    delta: dict[str, Any] | None = None,
+    delta: ChunkDelta | None = None,
     finish_reason: str | None = None,
     usage: Usage | None = None,
     include_usage: bool = False,
     index: int = 0,
-) -> dict[str, Any]:
+) -> ChatCompletionChunk:
     """A `chat.completion.chunk`; with usage, the final usage-only chunk (empty choices)."""
-    body: dict[str, Any] = {
-        "id": meta.id,
-        "object": "chat.completion.chunk",
-        "created": meta.created,
-        "model": meta.model,
-        "session_id": meta.session_id,
-    }
     if usage is not None:
-        body["choices"] = []
-        body["usage"] = _usage(usage)
-        return body
-    body["choices"] = [
-        {"index": index, "delta": delta or {}, "logprobs": None, "finish_reason": finish_reason}
-    ]
-    if include_usage:
-        body["usage"] = None
-    return body
+        choices: list[ChunkChoice] = []
+    else:
+        choices = [
+            ChunkChoice(
+                index=index,
+                delta=delta or ChunkDelta(),
+                logprobs=None,
+                finish_reason=finish_reason,
+            )
+        ]
+    return ChatCompletionChunk(
+        id=meta.id,
+        object="chat.completion.chunk",
+        created=meta.created,
+        model=meta.model,
+        session_id=meta.session_id,
+        choices=choices,
+        usage=_usage(usage) if usage is not None else None if include_usage else msgspec.UNSET,
+    )

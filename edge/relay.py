@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Self
 
@@ -15,6 +16,7 @@ from nats.errors import TimeoutError as NatsTimeout
 
 from bus.requests import BUS_DOWN, nats_request
 from bus.subjects import session_cancel, session_cmd, session_out
+from bus.telemetry import outgoing
 from contracts.session import (
     CANCEL_CODEC,
     OUTPUT_CODEC,
@@ -62,7 +64,8 @@ async def ask_bus(
     if not nc.is_connected:
         raise bus_unavailable()
     try:
-        return await nats_request(nc, subject, payload, timeout=timeout)
+        # The request's id and trace go along (bus/telemetry.py).
+        return await nats_request(nc, subject, payload, timeout=timeout, headers=outgoing())
     except NoRespondersError:
         raise ApiError(503, absent, code="service_unavailable") from None
     except NatsTimeout:
@@ -155,6 +158,10 @@ class TurnRelay:
         # which nats-py's next_msg spends.
         self._inbox: asyncio.Queue[OutputUnion] = asyncio.Queue()
         self.replay = False
+        # For the metrics and the span: when (time.perf_counter) the first delta came,
+        # and how the turn ended.
+        self.first_output: float | None = None
+        self.final: TurnDone | TurnError | None = None
 
     async def _on_message(self, msg: Msg) -> None:
         item = OUTPUT_CODEC.decode(msg.data)
@@ -230,11 +237,16 @@ class TurnRelay:
             while item is not None:
                 if isinstance(item, Delta | ToolDelta):
                     if item.seq > received:
+                        if not received:
+                            self.first_output = time.perf_counter()
                         received = item.seq
                         batch.append(item)
                 elif isinstance(item, TurnDone | TurnError):
                     if item.deltas > received:
                         batch += await self._stragglers(received, item.deltas)
+                    self.final = item
+                    if self.first_output is None:
+                        self.first_output = time.perf_counter()
                     batch.append(item)
                     yield batch
                     return

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from aiohttp import web
+from msgspec import Meta
 
 from bus.subjects import MAX_ID_LENGTH, is_valid_id
 from contracts.session import (
@@ -19,7 +20,19 @@ from contracts.session import (
 from contracts.turns import MAX_TURNS_PAGE, GetTurns, TurnsFound, TurnTrace
 from edge.auth import require_scope
 from edge.openai_wire import ApiError
+from edge.openapi import SESSION_ID, Param, operation
 from edge.relay import ask_session
+from edge.responses import (
+    CompletionUsage,
+    MemoryList,
+    MessageList,
+    SessionDeletedObject,
+    SessionMemory,
+    SessionMessage,
+    SessionObject,
+    SessionTurn,
+    TurnList,
+)
 from edge.webkeys import CONFIG, NATS, PRINCIPAL, json_response
 
 __all__ = [
@@ -44,20 +57,20 @@ def _session_id_param(request: web.Request) -> str:
     return session_id
 
 
-def _session_object(view: SessionView) -> dict[str, object]:
-    return {
-        "id": view.session_id,
-        "object": "session",
-        "created_at": int(view.created_at.timestamp()),
-        "updated_at": int(view.updated_at.timestamp()),
-        "model": view.model,
-        "turns": view.turns,
-        "usage": {
-            "prompt_tokens": view.usage.prompt_tokens,
-            "completion_tokens": view.usage.completion_tokens,
-            "total_tokens": view.usage.total_tokens,
-        },
-    }
+def _session_object(view: SessionView) -> SessionObject:
+    return SessionObject(
+        id=view.session_id,
+        object="session",
+        created_at=int(view.created_at.timestamp()),
+        updated_at=int(view.updated_at.timestamp()),
+        model=view.model,
+        turns=view.turns,
+        usage=CompletionUsage(
+            prompt_tokens=view.usage.prompt_tokens,
+            completion_tokens=view.usage.completion_tokens,
+            total_tokens=view.usage.total_tokens,
+        ),
+    )
 
 
 async def _view(request: web.Request, messages: bool) -> SessionView:
@@ -75,27 +88,74 @@ async def _view(request: web.Request, messages: bool) -> SessionView:
     return reply
 
 
+_ON_SESSION = {"session_id": SESSION_ID}
+# A session read: another tenant's session is a 404 like one that does not exist; the
+# session actor may be unreachable (503) or late (504).
+_READ_ERRORS = (404, 503, 504)
+TURN_ID = Annotated[
+    str,
+    Meta(
+        pattern=f"^[A-Za-z0-9_-]{{1,{MAX_ID_LENGTH}}}$",
+        description="A turn's id: the completion's id without `chatcmpl-`.",
+    ),
+]
+
+
+@operation(
+    "Retrieve a session",
+    description="Created, updated, turns, usage and model of one of the caller's sessions.",
+    tags=("sessions",),
+    path=_ON_SESSION,
+    ok=SessionObject,
+    errors=_READ_ERRORS,
+)
 async def get_session(request: web.Request) -> web.Response:
     return json_response(_session_object(await _view(request, messages=False)))
 
 
+@operation(
+    "List a session's messages",
+    description="The conversation as the model sees it.",
+    tags=("sessions",),
+    path=_ON_SESSION,
+    ok=MessageList,
+    errors=_READ_ERRORS,
+)
 async def list_messages(request: web.Request) -> web.Response:
     view = await _view(request, messages=True)
     data = [
-        {"id": f"msg_{i}", "object": "session.message", "role": m.role, "content": m.content}
+        SessionMessage(id=f"msg_{i}", object="session.message", role=m.role, content=m.content)
         for i, m in enumerate(view.messages or [])
     ]
     return json_response(
-        {
-            "object": "list",
-            "data": data,
-            "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None,
-            "has_more": False,
-        }
+        MessageList(
+            object="list",
+            data=data,
+            first_id=data[0].id if data else None,
+            last_id=data[-1].id if data else None,
+            has_more=False,
+        )
     )
 
 
+@operation(
+    "Search a session's memories",
+    description="The long-term memory this session can see, by vector similarity and BM25 "
+    "fused by rank.",
+    tags=("sessions",),
+    path=_ON_SESSION,
+    query=(
+        Param(
+            "q",
+            Annotated[str, Meta(pattern=r"\S", max_length=4096)],
+            "The search text.",
+            required=True,
+        ),
+        Param("limit", Annotated[int, Meta(ge=1, le=100)], "How many memories, at most."),
+    ),
+    ok=MemoryList,
+    errors=(400, *_READ_ERRORS),
+)
 async def search_memories(request: web.Request) -> web.Response:
     query = request.query.get("q", "").strip()
     if not query:
@@ -125,23 +185,32 @@ async def search_memories(request: web.Request) -> web.Response:
     if not isinstance(reply, MemoriesFound):
         raise ApiError(500, "Unexpected reply from the session actor.", code="actor_failed")
     data = [
-        {
-            "id": h.id,
-            "object": "session.memory",
-            "session_id": h.session_id,
-            "role": h.role,
-            "kind": h.kind,
-            "content": h.text,
-            "score": h.score,
-            "vector_similarity": h.vector_similarity,
-            "bm25": h.bm25,
-            "created_at": int(h.created_at.timestamp()),
-        }
+        SessionMemory(
+            id=h.id,
+            object="session.memory",
+            session_id=h.session_id,
+            role=h.role,
+            kind=h.kind,
+            content=h.text,
+            score=h.score,
+            vector_similarity=h.vector_similarity,
+            bm25=h.bm25,
+            created_at=int(h.created_at.timestamp()),
+        )
         for h in reply.hits
     ]
-    return json_response({"object": "list", "data": data, "has_more": False})
+    return json_response(MemoryList(object="list", data=data, has_more=False))
 
 
+@operation(
+    "Delete a session",
+    description="Forget the session everywhere: its events are erased from the log and its "
+    "memories from the index; a tombstone remains.",
+    tags=("sessions",),
+    path=_ON_SESSION,
+    ok=SessionDeletedObject,
+    errors=_READ_ERRORS,
+)
 async def delete_session(request: web.Request) -> web.Response:
     principal = request[PRINCIPAL]
     require_scope(principal, "chat")
@@ -154,7 +223,9 @@ async def delete_session(request: web.Request) -> web.Response:
     reply = await ask_session(request.app[NATS], command, request.app[CONFIG].server.accept_timeout)
     if not isinstance(reply, SessionDeleted):
         raise ApiError(500, "Unexpected reply from the session actor.", code="actor_failed")
-    return json_response({"id": reply.session_id, "object": "session.deleted", "deleted": True})
+    return json_response(
+        SessionDeletedObject(id=reply.session_id, object="session.deleted", deleted=True)
+    )
 
 
 def _turn_object(trace: TurnTrace) -> dict[str, Any]:
@@ -182,6 +253,20 @@ async def _turns(request: web.Request, **query: Any) -> TurnsFound:
     return reply
 
 
+@operation(
+    "List a session's turns",
+    description="Per turn, what happened behind the curtain: the pipeline and why, "
+    "memories and documents recalled with their scores, tools run, every model call, how "
+    "it ended; oldest first. A failed call's cause only for admin keys.",
+    tags=("sessions",),
+    path=_ON_SESSION,
+    query=(
+        Param("limit", Annotated[int, Meta(ge=1, le=MAX_TURNS_PAGE)], "Turns per page (20)."),
+        Param("after", TURN_ID, "List the turns after this one (the last page's last_id)."),
+    ),
+    ok=TurnList,
+    errors=(400, *_READ_ERRORS),
+)
 async def list_turns(request: web.Request) -> web.Response:
     """What happened behind the curtain, turn by turn (oldest first; `after`/`limit` page)."""
     try:
@@ -213,6 +298,13 @@ async def list_turns(request: web.Request) -> web.Response:
     )
 
 
+@operation(
+    "Retrieve a turn",
+    tags=("sessions",),
+    path={**_ON_SESSION, "turn_id": TURN_ID},
+    ok=SessionTurn,
+    errors=_READ_ERRORS,
+)
 async def get_turn(request: web.Request) -> web.Response:
     turn_id = request.match_info["turn_id"]
     if not is_valid_id(turn_id):

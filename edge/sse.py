@@ -14,10 +14,11 @@ from edge.openai_wire import (
     ChunkMeta,
     chunk,
     error_body,
-    tool_calls_wire,
     tool_delta_wire,
+    whole_call_delta,
 )
 from edge.relay import ClientGone
+from edge.responses import ChatCompletionChunk, ChunkDelta, ErrorBody
 
 __all__ = ["stream_turn"]
 
@@ -45,7 +46,7 @@ async def stream_turn(
     others: set[int] = set()  # indexes of choices after the first (n > 1)
     out: list[bytes] = []
 
-    def send(body: object) -> None:
+    def send(body: ChatCompletionChunk | ErrorBody) -> None:
         out.append(b"data: " + encode(body) + b"\n\n")
 
     async def flush(last: bool = False) -> None:
@@ -80,7 +81,7 @@ async def stream_turn(
                 send(
                     chunk(
                         meta,
-                        delta={"role": "assistant", "content": ""},
+                        delta=ChunkDelta(role="assistant", content=""),
                         include_usage=include_usage,
                     )
                 )
@@ -91,7 +92,7 @@ async def stream_turn(
                         send(
                             chunk(
                                 meta,
-                                delta={"role": "assistant", "content": ""},
+                                delta=ChunkDelta(role="assistant", content=""),
                                 include_usage=include_usage,
                                 index=item.choice,
                             )
@@ -99,21 +100,21 @@ async def stream_turn(
                     send(
                         chunk(
                             meta,
-                            delta={"content": item.text},
+                            delta=ChunkDelta(content=item.text),
                             include_usage=include_usage,
                             index=item.choice,
                         )
                     )
                     continue
                 streamed.append(item.text)
-                send(chunk(meta, delta={"content": item.text}, include_usage=include_usage))
+                send(chunk(meta, delta=ChunkDelta(content=item.text), include_usage=include_usage))
                 continue
             if isinstance(item, ToolDelta):
                 streamed_calls.add(item.index)
                 send(
                     chunk(
                         meta,
-                        delta={"tool_calls": [tool_delta_wire(item)]},
+                        delta=ChunkDelta(tool_calls=[tool_delta_wire(item)]),
                         include_usage=include_usage,
                     )
                 )
@@ -134,7 +135,7 @@ def _finish(
     streamed_calls: set[int],
     others: set[int],
     include_usage: bool,
-    send: Callable[[object], None],
+    send: Callable[[ChatCompletionChunk | ErrorBody], None],
 ) -> None:
     """The chunks that close a stream: missing text, whole tool calls, finish and usage,
     or the error that ended it."""
@@ -142,7 +143,7 @@ def _finish(
     sent = "".join(streamed)
     rest = item.content[len(sent) :] if item.content.startswith(sent) else ""
     if rest:
-        send(chunk(meta, delta={"content": rest}, include_usage=include_usage))
+        send(chunk(meta, delta=ChunkDelta(content=rest), include_usage=include_usage))
     if isinstance(item, TurnError):
         e = item.error
         send(error_body(e.message, e.type, e.code, e.param))
@@ -150,8 +151,8 @@ def _finish(
     # Calls whose pieces never arrived (a replayed result) go out whole.
     for index, call in enumerate(item.tool_calls):
         if index not in streamed_calls:
-            whole = {"index": index, **tool_calls_wire([call])[0]}
-            send(chunk(meta, delta={"tool_calls": [whole]}, include_usage=include_usage))
+            whole = whole_call_delta(index, call)
+            send(chunk(meta, delta=ChunkDelta(tool_calls=[whole]), include_usage=include_usage))
     send(chunk(meta, finish_reason=item.finish_reason, include_usage=include_usage))
     for index in sorted(others):
         send(

@@ -114,6 +114,10 @@ class TurnStarted(Event, tag="turn.started", frozen=True, kw_only=True):
     # A digest of the request that started the turn: a retry under the same
     # Idempotency-Key with a different request is refused.
     fingerprint: str | None = None
+    # Who asked for this turn: the key and the end user (usage is billed to them). None in
+    # logs written before turns recorded them: the SessionOpened's key and user then.
+    key_id: str | None = None
+    user_id: str | None = None
 
 
 class ModelCall(msgspec.Struct, frozen=True, kw_only=True):

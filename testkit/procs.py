@@ -201,15 +201,23 @@ class Child:
 
 
 class VeilProcess(Child):
-    """A `veil ...` child (unbuffered, stderr with stdout), in the repository by default."""
+    """A `veil ...` child (unbuffered, stderr with stdout unless `stderr` says otherwise),
+    in the repository by default."""
 
-    def __init__(self, *args: str, env: dict[str, str], cwd: Path | None = None) -> None:
+    def __init__(
+        self,
+        *args: str,
+        env: dict[str, str],
+        cwd: Path | None = None,
+        stderr: Path | int = subprocess.STDOUT,
+    ) -> None:
         self.args = args
         super().__init__(
             [sys.executable, "-m", "veil.cli", *args],
             name=f"veil {args[0]}" if args else "veil",
             env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
             cwd=cwd,
+            stderr=stderr,
         )
 
 

@@ -20,6 +20,7 @@ from aiohttp import web
 from config import Config
 from eventstore.jetstream import JetStreamEventStore
 from veil.server import serve_gateway
+from veil.telemetry import new_registry
 from veil.workers import Workers
 
 T = TypeVar("T")
@@ -37,6 +38,8 @@ class VeilThread:
         self._thread = threading.Thread(target=self._loop.run_forever, name="veil", daemon=True)
         self._workers: Workers | None = None
         self._runner: web.AppRunner | None = None
+        # One metrics registry for the instance, as a `veil serve` process has.
+        self.registry = new_registry()
 
     @property
     def base_url(self) -> str:
@@ -79,9 +82,11 @@ class VeilThread:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     async def _start(self) -> None:
-        self._workers = Workers(self.config, self.nats_url)
+        self._workers = Workers(self.config, self.nats_url, self.registry)
         await self._workers.start()
-        self._runner, self.port = await serve_gateway(self.config, self.nats_url, "127.0.0.1", 0)
+        self._runner, self.port = await serve_gateway(
+            self.config, self.nats_url, "127.0.0.1", 0, self.registry
+        )
 
     async def _stop(self) -> None:
         if self._runner is not None:

@@ -1,6 +1,7 @@
 """No secret leaves the door: API keys, JWTs, the JWT secret and upstream keys appear
-nowhere in what a running server wrote (its logs, its data directory with the event log,
-key store and indexes, and every answer it gave), however they were used or misused."""
+nowhere in what a running server wrote (its debug log, its data directory with the event
+log, key store and indexes, its metrics, and every answer it gave), however they were
+used or misused."""
 
 from __future__ import annotations
 
@@ -98,6 +99,8 @@ def test_no_secret_in_logs_data_or_answers(upstream: FakeOpenAI, tmp_path: Path)
         "VEIL_CONFIG": str(config),
         "VEIL_TEST_JWT_SECRET": JWT_SECRET,
         "VEIL_TEST_UPSTREAM_KEY": UPSTREAM,
+        # The most a log ever says (message text included).
+        "VEIL_LOG_LEVEL": "debug",
     }
     secrets = [STATIC, UPSTREAM, JWT_SECRET]
     with VeilProcess("serve", env=env) as serve:
@@ -135,6 +138,9 @@ def test_no_secret_in_logs_data_or_answers(upstream: FakeOpenAI, tmp_path: Path)
         assert status == 200 and key_id in listed
         with openai.OpenAI(base_url=base, api_key=STATIC, max_retries=0) as client:
             client.models.list()
+        answers.base = base.removesuffix("/v1")
+        status, metrics = call("GET", "/metrics", STATIC)
+        assert status == 200 and "veil_http_requests_total" in metrics
         serve.stop()
         logs = serve.lines
     written = [p.read_bytes() for p in data.rglob("*") if p.is_file()]

@@ -6,6 +6,7 @@ endpoint added later fails here until someone says (and tests) how tenants stay 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -38,6 +39,11 @@ ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/v1/sessions/{session_id}/turns"): "session",
     ("GET", "/v1/sessions/{session_id}/turns/{turn_id}"): "session",
     ("GET", "/healthz"): "public",
+    ("GET", "/metrics"): "admin",
+    ("GET", "/v1/usage"): "tenant",
+    ("GET", "/openapi.json"): "public",
+    ("GET", "/docs"): "public",
+    ("GET", "/docs/{asset}"): "public",
     ("GET", "/v1/knowledge"): "admin",
     ("GET", "/v1/knowledge/{collection}/documents"): "admin",
     ("POST", "/v1/knowledge/{collection}/documents"): "admin",
@@ -46,6 +52,7 @@ ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/v1/admin/keys"): "admin",
     ("GET", "/v1/admin/keys/{key_id}"): "admin",
     ("DELETE", "/v1/admin/keys/{key_id}"): "admin",
+    ("PATCH", "/v1/admin/keys/{key_id}"): "admin",
     ("POST", "/v1/admin/keys/{key_id}/rotate"): "admin",
 }
 
@@ -95,7 +102,10 @@ def call(veil: VeilThread, method: str, path: str, key: str) -> tuple[int, dict[
         veil.base_url.removesuffix("/v1") + path,
         headers={"Authorization": f"Bearer {key}"},
     )
-    return reply.status_code, reply.json()
+    try:
+        return reply.status_code, reply.json()
+    except ValueError:  # not JSON (the metrics page): keep the text
+        return reply.status_code, {"text": reply.body.decode(errors="replace")}
 
 
 @pytest.fixture(scope="module")
@@ -184,3 +194,28 @@ def test_long_term_memory_never_recalls_another_tenants_words(
     assert SECRET_WORDS in str(upstream.last_request.body["messages"]), "a's own recall works"
     chat(veil, B_CHAT, "what is my code word?")
     assert SECRET_WORDS not in str(upstream.last_request.body["messages"])
+
+
+def test_usage_shows_each_tenant_only_its_own(veil: VeilThread, a_session: tuple[str, str]) -> None:
+    chat(veil, B_CHAT, "hello from b")
+
+    def rows(key: str, query: str = "") -> list[dict[str, Any]]:
+        for _ in range(100):  # the ledger trails the log by a moment
+            status, body = call(veil, "GET", f"/v1/usage?group_by=tenant,key{query}", key)
+            assert status == 200, body
+            found = [r for b in body["data"] for r in b["results"]]
+            if found:
+                return found
+            time.sleep(0.1)
+        raise AssertionError("no usage appeared")
+
+    for key, tenant in ((A_CHAT, "a"), (A_AUDIT, "a"), (B_CHAT, "b"), (B_AUDIT, "b")):
+        assert {r["project_id"] for r in rows(key)} == {tenant}, key
+    a_key = rows(A_CHAT)[0]["api_key_id"]
+    for key in (B_CHAT, B_AUDIT):
+        for query in ("&tenant=a", f"&key_id={a_key}"):
+            status, body = call(veil, "GET", f"/v1/usage?group_by=tenant{query}", key)
+            # Refused, or (an audit key naming a key id) the empty answer of any unknown key.
+            empty = status == 200 and all(not b["results"] for b in body["data"])
+            assert empty or (status in (403, 404) and "error" in body), (key, query, body)
+            assert "sk-tenancy" not in str(body)

@@ -13,10 +13,10 @@ from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from config import Config, ConfigError, load_config
 from veil.keys import add_keys_parser
+from veil.logs import FORMATS, LEVELS, configure_logging, default_format
+from veil.usage import add_usage_parser
 
 __all__ = ["main"]
 
@@ -41,6 +41,23 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--port", type=int, help="port to listen on (default 8000; 0 picks a free one)"
             )
+        p.add_argument(
+            "--log-format",
+            choices=FORMATS,
+            help="json: one object per line; console: for a person "
+            "(default: VEIL_LOG_FORMAT, else json unless stderr is a terminal)",
+        )
+        p.add_argument(
+            "--log-level",
+            choices=list(LEVELS),
+            help="default: VEIL_LOG_LEVEL, else info; debug also logs messages and replies",
+        )
+        p.add_argument(
+            "--metrics-port",
+            type=int,
+            help="serve Prometheus metrics at /metrics on this port, without a key "
+            "(default: [server] metrics_port; 0 picks a free one)",
+        )
     replay = sub.add_parser(
         "replay", help="print a session's events in order and the state rebuilt from them"
     )
@@ -66,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     kb_rm.add_argument("paths", nargs="+")
     kb_sub.add_parser("reindex", help="rebuild the knowledge index from the KB_EVENTS log")
     add_keys_parser(sub)
+    add_usage_parser(sub)
     sessions = sub.add_parser("sessions", help="list sessions")
     sessions.add_argument("--json", action="store_true", help="one JSON object per line")
     sessions.add_argument(
@@ -74,20 +92,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging(level: int) -> None:
-    structlog.configure(
-        wrapper_class=structlog.make_filtering_bound_logger(level),
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso"),
-            # Plain tracebacks: the rich one, with every frame's locals, took ~0.5 s of the
-            # event loop per exception (bench/abuse.py, nats-server killed under load).
-            structlog.dev.ConsoleRenderer(
-                colors=False, exception_formatter=structlog.dev.plain_traceback
-            ),
-        ],
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-    )
+def _logging_of(args: argparse.Namespace) -> tuple[int, str]:
+    """Level and format: a server role's flags, else VEIL_LOG_LEVEL / VEIL_LOG_FORMAT, else
+    info and JSON (console on a terminal); one-shot commands: warnings, for a person."""
+    if args.command not in ("serve", "gateway", "worker"):
+        return logging.WARNING, "console"
+    level = (args.log_level or os.environ.get("VEIL_LOG_LEVEL") or "info").strip().lower()
+    log_format = args.log_format or default_format()
+    if level not in LEVELS:
+        raise SystemExit(f"veil: log level {level!r} is not one of {', '.join(LEVELS)}")
+    if log_format not in FORMATS:
+        raise SystemExit(f"veil: log format {log_format!r} is not one of {', '.join(FORMATS)}")
+    return LEVELS[level], log_format
 
 
 @contextlib.asynccontextmanager
@@ -185,6 +201,13 @@ async def _keys(config: Config, args: argparse.Namespace) -> int:
             await nc.drain()
 
 
+async def _usage(config: Config, args: argparse.Namespace) -> int:
+    from veil.usage import usage_main
+
+    async with _log_connection(config) as url:
+        return await usage_main(config, url, args)
+
+
 async def _reindex(config: Config) -> int:
     from veil.reindex import reindex
 
@@ -217,9 +240,11 @@ def main(argv: list[str] | None = None) -> int:
         # Unix tools do, instead of with a BrokenPipeError traceback.
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     # Servers say what they do; one-shot commands only what went wrong.
-    _configure_logging(
-        logging.INFO if args.command in ("serve", "gateway", "worker") else logging.WARNING
-    )
+    try:
+        configure_logging(*_logging_of(args))
+    except SystemExit as refusal:
+        print(refusal, file=sys.stderr)
+        return 2
     try:
         config = load_config(args.config)
     except ConfigError as error:
@@ -229,6 +254,11 @@ def main(argv: list[str] | None = None) -> int:
         from veil.server import run_role
 
         host = getattr(args, "host", None) or config.server.host
+        if args.metrics_port is not None:
+            if not 0 <= args.metrics_port <= 65535:
+                print(f"veil: --metrics-port {args.metrics_port} is not a port", file=sys.stderr)
+                return 2
+            config.server.metrics_port = args.metrics_port
         port = getattr(args, "port", None)
         port = config.server.port if port is None else port
         from veil.server import make_private
@@ -245,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_sessions(config, args.json))
     if args.command == "reindex":
         return asyncio.run(_reindex(config))
+    if args.command == "usage":
+        return asyncio.run(_usage(config, args))
     if args.command == "keys":
         return asyncio.run(_keys(config, args))
     if args.command == "kb":

@@ -7,19 +7,22 @@ A new or rotated key's secret is printed once, here, and kept nowhere.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from datetime import UTC, datetime
 
+import msgspec
 from nats.aio.client import Client
 
 from bus.codec import encode
-from edge.keys_admin import key_object
+from contracts.keys import Quota
+from edge.keys_admin import MAX_LIMIT, QUOTA_FIELDS, key_object
 from edge.keystore import KeyNotFound, KeyStore
 
 __all__ = ["add_keys_parser", "keys_main"]
 
 
 def add_keys_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    keys = sub.add_parser("keys", help="API keys: create, ls, revoke, rotate")
+    keys = sub.add_parser("keys", help="API keys: create, ls, update, revoke, rotate")
     keys.add_argument(
         "--config", default=argparse.SUPPRESS, help="TOML config file (or VEIL_CONFIG)"
     )
@@ -35,12 +38,69 @@ def add_keys_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     create.add_argument(
         "--expires", type=_moment, help="a date or time (UTC unless it says otherwise)"
     )
+    _add_quota_arguments(create, "")
+    update = actions.add_parser("update", help="change a key's limits and budgets")
+    update.add_argument("key_id")
+    _add_quota_arguments(update, "; 'none' removes it")
     ls = actions.add_parser("ls", help="list keys (never their secrets)")
     ls.add_argument("--tenant")
     ls.add_argument("--json", action="store_true", help="one JSON object per line")
     for name, text in (("revoke", "stop a key at once"), ("rotate", "give a key a new secret")):
         action = actions.add_parser(name, help=text)
         action.add_argument("key_id")
+
+
+def _add_quota_arguments(parser: argparse.ArgumentParser, removal: str) -> None:
+    """--rpm, --tpm, ... (left out: None, i.e. unlimited for create, unchanged for update)."""
+    for name, text in (
+        ("rpm", "requests per minute (sliding over 60 s)"),
+        ("tpm", "tokens per minute, prompt and completion (sliding over 60 s)"),
+        ("concurrency", "requests running at once"),
+        ("budget-tokens", "tokens per budget period"),
+    ):
+        parser.add_argument(f"--{name}", type=_limit(int), help=text + removal)
+    parser.add_argument("--budget-usd", type=_limit(float), help="USD per budget period" + removal)
+    parser.add_argument(
+        "--budget-period", choices=("month", "total"), help="a calendar month (UTC) or all time"
+    )
+
+
+# What `--rpm none` etc. give: remove that limit.
+_REMOVE = "none"
+
+
+def _limit(kind: type[int | float]) -> Callable[[str], int | float | str]:
+    def parse(text: str) -> int | float | str:
+        if text.strip().lower() == _REMOVE:
+            return _REMOVE
+        try:
+            value = kind(text)
+        except ValueError:
+            value = 0
+        if not 0 < value <= MAX_LIMIT:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a positive {kind.__name__} up to {MAX_LIMIT:,}"
+            )
+        return value
+
+    return parse
+
+
+def _quota_given(args: argparse.Namespace) -> dict[str, object]:
+    """The quota fields given on the command line ('none': None, which removes one)."""
+    given = {name: getattr(args, name) for name in QUOTA_FIELDS}
+    return {k: (None if v == _REMOVE else v) for k, v in given.items() if v is not None}
+
+
+def _limits_text(quota: Quota) -> str:
+    shown = [
+        f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}"
+        for name in QUOTA_FIELDS[:-1]
+        if (value := getattr(quota, name)) is not None
+    ]
+    if quota.limits_spend:
+        shown.append(f"per={quota.budget_period}")
+    return ",".join(shown) or "-"
 
 
 def _moment(text: str) -> datetime:
@@ -67,6 +127,7 @@ async def keys_main(nc: Client, args: argparse.Namespace) -> int:
                 models=_list(args.models),
                 user=args.user,
                 expires_at=args.expires,
+                quota=Quota(**_quota_given(args)),  # type: ignore[arg-type]
             )
             print(f"Created {record.id} for tenant {record.tenant}; its secret, shown only now:")
             print(secret)
@@ -77,14 +138,23 @@ async def keys_main(nc: Client, args: argparse.Namespace) -> int:
                 for record in records:
                     print(encode(key_object(record)).decode())
                 return 0
-            print(f"{'ID':<21} {'TENANT':<16} {'NAME':<16} {'SCOPES':<18} {'HINT':<14} STATE")
+            print(
+                f"{'ID':<21} {'TENANT':<16} {'NAME':<16} {'SCOPES':<18} {'HINT':<14} "
+                f"{'STATE':<8} LIMITS"
+            )
             now = datetime.now(UTC)
             for r in records:
                 state = "revoked" if r.revoked_at else ("live" if r.live(now) else "expired")
                 print(
                     f"{r.id:<21} {r.tenant:<16} {r.name or '-':<16} {','.join(r.scopes):<18} "
-                    f"{r.hint + '…':<14} {state}"
+                    f"{r.hint + '…':<14} {state:<8} {_limits_text(r.quota)}"
                 )
+            return 0
+        if action == "update":
+            record = await store.get(args.key_id)
+            quota = msgspec.structs.replace(record.quota, **_quota_given(args))
+            record = await store.set_quota(args.key_id, quota)
+            print(f"Updated {record.id}: {_limits_text(record.quota)}")
             return 0
         if action == "revoke":
             record = await store.revoke(args.key_id)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 import gateway
 from config import Config, local_model_available
@@ -27,6 +28,7 @@ from config.loader import local_install_command
 from edge.http_guard import FD_RESERVE, GuardedSite, raise_fd_limit
 from edge.webkeys import GUARD
 from veil.natsserver import NatsServer
+from veil.telemetry import new_registry, serve_metrics, setup_tracing, stop_tracing
 
 if TYPE_CHECKING:
     from veil.workers import Workers
@@ -51,10 +53,15 @@ def is_loopback(host: str) -> bool:
 
 
 async def serve_gateway(
-    config: Config, nats_url: str, host: str, port: int
+    config: Config,
+    nats_url: str,
+    host: str,
+    port: int,
+    registry: CollectorRegistry | None = None,
 ) -> tuple[web.AppRunner, int]:
-    """The gateway on host:port behind its connection guard; the runner and the real port."""
-    app = gateway.create_app(config, nats_url)
+    """The gateway on host:port behind its connection guard; the runner and the real port.
+    Its metrics go to `registry` (the process's), else to one of its own."""
+    app = gateway.create_app(config, nats_url, registry)
     guard = app[GUARD]
     # Every connection holds a file descriptor: never let them take the last ones, or
     # accept() fails for everyone (the guard then replaces idle connections instead).
@@ -196,16 +203,24 @@ async def run_role(
         )
     workers: Workers | None = None
     runner: web.AppRunner | None = None
+    metrics: web.AppRunner | None = None
+    # One registry for the process: in `serve`, the gateway's page shows the workers' too.
+    registry = new_registry()
+    setup_tracing(role)
     supervisor = asyncio.create_task(supervise_nats(nats)) if nats is not None else None
     try:
+        if config.server.metrics_port is not None:
+            metrics = await serve_metrics(
+                registry, config.server.metrics_host, config.server.metrics_port
+            )
         if role in ("serve", "worker"):
             from veil.workers import Workers
 
-            workers = Workers(config, url)
+            workers = Workers(config, url, registry)
             await workers.start()
             _say(f"Workers ready: engines {', '.join(config.engines) or '(none)'}")
         if role in ("serve", "gateway"):
-            runner, actual = await serve_gateway(config, url, host, port)
+            runner, actual = await serve_gateway(config, url, host, port, registry)
             if not config.keys:
                 _say("Authentication is off (no API keys configured): serving loopback only.")
             if not config.models:
@@ -229,6 +244,10 @@ async def run_role(
             await _bounded(runner.cleanup(), 30, "gateway")
         if workers is not None:
             await _bounded(workers.stop(), 30, "workers")
+        if metrics is not None:
+            await _bounded(metrics.cleanup(), 5, "metrics")
+        # The spans still queued go out (on a thread: an unreachable collector may block).
+        await _bounded(asyncio.to_thread(stop_tracing), 10, "tracing")
         if nats is not None:
             nats.stop()
             with contextlib.suppress(FileNotFoundError):

@@ -9,11 +9,13 @@ from __future__ import annotations
 import contextlib
 
 from nats.aio.client import Client
+from prometheus_client import CollectorRegistry
 
 from actors.engines import Engine, build_engine
 from actors.leases import Leases
 from actors.memory.actor import MemoryActor
 from actors.memory.embedder import default_embedder
+from actors.metrics import WorkerMetrics
 from actors.model_actor import ModelActor
 from actors.router_actor import RouterActor, build_routers
 from actors.session_actor import SessionActor, SessionContext
@@ -28,6 +30,7 @@ from eventstore.jetstream import JetStreamEventStore, ensure_stream
 from eventstore.tombstones import TombstoneLog
 from veil import __version__
 from veil.memory_role import MemoryHandle, start_memory
+from veil.usage_role import UsageHandle, start_usage
 
 __all__ = ["Workers"]
 
@@ -35,13 +38,18 @@ __all__ = ["Workers"]
 class Workers:
     """The actors of one worker process: session actors and model actors."""
 
-    def __init__(self, config: Config, nats_url: str) -> None:
+    def __init__(
+        self, config: Config, nats_url: str, registry: CollectorRegistry | None = None
+    ) -> None:
         self._config = config
         self._url = nats_url
+        # The process's metrics registry (veil/telemetry.py), else one of its own.
+        self.metrics = WorkerMetrics(registry or CollectorRegistry())
         self._nc: Client | None = None
         self._sessions: ActorHost | None = None
         self._models: ModelActor | None = None
         self._memory: MemoryHandle | None = None
+        self._usage: UsageHandle | None = None
         self._router: RouterActor | None = None
         self._tools: ToolActor | None = None
         self._leases: Leases | None = None
@@ -58,6 +66,7 @@ class Workers:
         leases = self._leases = Leases(nc)
         await leases.start()
         ctx = SessionContext(
+            metrics=self.metrics,
             nc=nc,
             signals=signals,
             leases=leases,
@@ -81,7 +90,13 @@ class Workers:
         )
         front.attach(self._sessions)
         await self._sessions.start()
+        self.metrics.watch_actors(
+            "veil-session", lambda: self.sessions.active, self.sessions.mailbox_depths
+        )
         self._memory = await start_memory(self._config, nc, js, ctx.store, tombstones)
+        if self.memory is not None:
+            self.metrics.watch_memory(self.memory.stats)
+        self._usage = await start_usage(self._config, nc, js, ctx.store)
         routers = build_routers(self._config, default_embedder(), nc)
         if routers:
             self._router = RouterActor(nc, routers, version=__version__)
@@ -92,7 +107,9 @@ class Workers:
         engines: dict[str, Engine] = {
             name: build_engine(self._config, name) for name in self._config.engines
         }
-        self._models = ModelActor(nc, engines, version=__version__, signals=signals)
+        self._models = ModelActor(
+            nc, engines, version=__version__, signals=signals, metrics=self.metrics
+        )
         await self._models.start()
 
     @property
@@ -119,6 +136,8 @@ class Workers:
             await self._models.stop()
         if self._memory is not None:
             await self._memory.stop()
+        if self._usage is not None:
+            await self._usage.stop()
         if self._router is not None:
             await self._router.stop()
         if self._tools is not None:

@@ -16,6 +16,7 @@ from actors.knowledge.index import KnowledgeIndex
 from actors.knowledge.ingest import collections, ingest, remove
 from actors.knowledge.log import KnowledgeLog
 from actors.knowledge.parse import UnsupportedFile
+from bus import telemetry
 from bus.requests import nats_request
 from bus.service import Endpoint, TypedService, start_service
 from bus.subjects import KNOWLEDGE_ADMIN, KNOWLEDGE_SEARCH, validate_id
@@ -39,7 +40,13 @@ __all__ = [
 
 async def ask_knowledge(nc: Client, ask: KnowledgeSearch, timeout: float) -> list[KnowledgeHit]:
     """Search through the knowledge actor; NATS and decode errors are the caller's to read."""
-    reply = await nats_request(nc, KNOWLEDGE_SEARCH, SEARCH_CODEC.encode(ask), timeout=timeout)
+    reply = await nats_request(
+        nc,
+        KNOWLEDGE_SEARCH,
+        SEARCH_CODEC.encode(ask),
+        timeout=timeout,
+        headers=telemetry.outgoing(),
+    )
     return SEARCH_REPLY_CODEC.decode(reply.data).hits
 
 
@@ -120,12 +127,23 @@ class KnowledgeActor:
         return AdminReply(ok=False, status=400, error=f"unknown action {ask.action!r}")
 
     async def _search(self, ask: KnowledgeSearch) -> KnowledgeFound:
-        for collection in ask.collections:
-            await self._index.sync(self._log, collection)
-        hits = await self._index.search(
-            ask.collections, ask.query, k=ask.k, threshold=ask.threshold
-        )
-        return KnowledgeFound(hits=hits)
+        # The GenAI conventions' retrieval span.
+        with telemetry.span("retrieval veil-knowledge", kind=telemetry.SpanKind.SERVER) as span:
+            for collection in ask.collections:
+                await self._index.sync(self._log, collection)
+            hits = await self._index.search(
+                ask.collections, ask.query, k=ask.k, threshold=ask.threshold
+            )
+            if span is not None:
+                span.set_attributes(
+                    {
+                        "gen_ai.operation.name": "retrieval",
+                        "gen_ai.provider.name": "veil",
+                        "gen_ai.data_source.id": ",".join(ask.collections),
+                        "veil.knowledge.hits": len(hits),
+                    }
+                )
+            return KnowledgeFound(hits=hits)
 
     async def stop(self) -> None:
         if self._service is not None:

@@ -22,6 +22,7 @@ from nats.js.client import JetStreamContext
 from actors.memory.embedder import Embedder
 from actors.memory.index import MemoryIndex
 from actors.memory.projector import Projector
+from bus import telemetry
 from bus.codec import Codec, DecodeError
 from bus.loop_share import LoopShare, give_way
 from bus.requests import nats_request
@@ -65,13 +66,21 @@ _TOMBSTONE_CODEC: Codec[Tombstone] = Codec(Tombstone)
 
 async def ask_recall(nc: Client, ask: RecallRequest, timeout: float) -> list[MemoryHit]:
     """Recall through the memory actor; NATS and decode errors are the caller's to read."""
-    reply = await nats_request(nc, MEMORY_RECALL, RECALL_CODEC.encode(ask), timeout=timeout)
+    reply = await nats_request(
+        nc, MEMORY_RECALL, RECALL_CODEC.encode(ask), timeout=timeout, headers=telemetry.outgoing()
+    )
     return RECALL_REPLY_CODEC.decode(reply.data).hits
 
 
 async def ask_forget(nc: Client, forget: ForgetRequest, timeout: float) -> int:
     """Erase a session's memories through the memory actor; how many there were."""
-    reply = await nats_request(nc, MEMORY_FORGET, FORGET_CODEC.encode(forget), timeout=timeout)
+    reply = await nats_request(
+        nc,
+        MEMORY_FORGET,
+        FORGET_CODEC.encode(forget),
+        timeout=timeout,
+        headers=telemetry.outgoing(),
+    )
     return FORGOTTEN_CODEC.decode(reply.data).deleted
 
 
@@ -140,8 +149,12 @@ class MemoryActor:
             description="Long-term memory: hybrid recall over every session's messages",
             endpoints=[recall, forget],
             # `nats micro stats veil-memory --json`: how far indexing trails the log.
-            stats_handler=lambda _endpoint: {**self._progress.stats(), "max_lag": self._max_lag},
+            stats_handler=lambda _endpoint: self.stats(),
         )
+
+    def stats(self) -> dict[str, object]:
+        """How far indexing trails the log (`Progress`), and how far it may."""
+        return {**self._progress.stats(), "max_lag": self._max_lag}
 
     async def stop(self) -> None:
         if self._service is not None:
@@ -170,8 +183,21 @@ class MemoryActor:
     # -- recall -------------------------------------------------------------
 
     async def _recall(self, ask: RecallRequest) -> RecallReply:
-        hits = await self.recall(ask)
-        return RecallReply(hits=hits, checkpoint=await self._index.checkpoint())
+        # The GenAI conventions' memory search span.
+        with telemetry.span("search_memory veil-memory", kind=telemetry.SpanKind.SERVER) as span:
+            hits = await self.recall(ask)
+            if span is not None:
+                span.set_attributes(
+                    {
+                        "gen_ai.operation.name": "search_memory",
+                        "gen_ai.provider.name": "veil",
+                        "gen_ai.memory.store.name": "veil-memory",
+                        "gen_ai.conversation.id": ask.session_id,
+                        "veil.memory.mode": ask.mode,
+                        "veil.memory.hits": len(hits),
+                    }
+                )
+            return RecallReply(hits=hits, checkpoint=await self._index.checkpoint())
 
     async def recall(self, ask: RecallRequest) -> list[MemoryHit]:
         tenant, session_id, user_id = ask.tenant, ask.session_id, ask.user_id

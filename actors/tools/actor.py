@@ -16,6 +16,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from actors.tools.builtin import BUILTIN, Tool, ToolError
 from actors.tools.custom import http_tool, python_tool
 from actors.tools.sandbox import ToolFailed, WorkerPool
+from bus import telemetry
 from bus.service import Endpoint, TypedService, start_service
 from bus.subjects import TOOLS_RUN
 from config import Config
@@ -133,7 +134,20 @@ class ToolActor:
         tool = self._tools.get(ask.name)
         if tool is None:
             return ToolRan(error=f"no tool named {ask.name!r}")
-        return await run_tool(tool, ask.arguments, ask.timeout, ask.context, pool=self._pool)
+        # The GenAI conventions' tool span (named after a tool this server has, only).
+        with telemetry.span(f"execute_tool {ask.name}", kind=telemetry.SpanKind.SERVER) as span:
+            ran = await run_tool(tool, ask.arguments, ask.timeout, ask.context, pool=self._pool)
+            if span is not None:
+                span.set_attributes(
+                    {
+                        "gen_ai.operation.name": "execute_tool",
+                        "gen_ai.tool.name": ask.name,
+                        "gen_ai.tool.type": "function",
+                    }
+                )
+                if ran.error is not None:
+                    telemetry.failed(span, "tool_error")
+            return ran
 
     async def _memory_search(
         self, query: str, k: int = 5, *, context: dict[str, str | None]

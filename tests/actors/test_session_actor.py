@@ -45,6 +45,7 @@ class _Unreachable(InMemoryEventStore):
 class _Request:
     def __init__(self) -> None:
         self.replies: list[bytes] = []
+        self.headers: dict[str, str] = {}  # a request of the bus carries none here
 
     async def respond(self, data: bytes) -> None:
         self.replies.append(data)
