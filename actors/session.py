@@ -219,10 +219,15 @@ def _decide_open(state: SessionState, cmd: OpenTurn) -> list[EventUnion]:
     if start.new_session:
         if state.session_id is not None:
             raise SessionExists(f"session {start.session_id} already exists")
-    elif not owned(state, start.tenant, start.user_id if start.user_bound else None):
+    elif state.session_id is not None and not owned(
+        state, start.tenant, start.user_id if start.user_bound else None
+    ):
+        # Another user's session of the tenant, for a key pinned to one user.
         raise SessionNotFound(f"No session found with id '{start.session_id}'.")
     events: list[EventUnion] = []
-    if start.new_session:
+    if state.session_id is None:
+        # A new session: one the gateway named, or a name the client chose (opened on
+        # its first use, as chat front ends with their own conversation ids expect).
         events.append(
             SessionOpened(
                 at=cmd.now,

@@ -1,9 +1,10 @@
 """The session actor's shell: load, decide, append, then act and reply.
 
 All I/O of a session lives here; the logic is in actors/session.py. One
-instance per active session id in a worker; the runtime feeds it one request
-at a time, so turns of one session run one after the other. Across workers,
-the append's expected sequence and the turn lease keep a single writer.
+instance per active session (a tenant and a session id) in a worker; the runtime
+feeds it one request at a time, so turns of one session run one after the other.
+Across workers, the append's expected sequence and the turn lease keep a single
+writer.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from bus import telemetry
 from bus.codec import DecodeError
 from bus.requests import BUS_DOWN
 from bus.runtime import Envelope
-from bus.subjects import session_cancel, session_events, session_out
+from bus.subjects import session_cancel, session_out, split_session_key
 from config import ModelConfig
 from contracts.errors import ErrorInfo, error_info
 from contracts.memory import ForgetRequest
@@ -62,8 +63,9 @@ GONE_BEFORE_START = "The client went away before the turn could start."
 
 
 class SessionActor:
-    def __init__(self, session_id: str, ctx: SessionContext) -> None:
-        self.session_id = session_id
+    def __init__(self, key: str, ctx: SessionContext) -> None:
+        """The actor of the session whose session_key (bus/subjects.py) is `key`."""
+        self.tenant, self.session_id = split_session_key(key)
         self._ctx = ctx
         self._effects = TurnEffects(ctx.nc, model_timeout=ctx.config.server.turn_timeout)
         self._state = session.initial()
@@ -92,12 +94,12 @@ class SessionActor:
         if (
             not self._loaded
             and self._ctx.tombstones is not None
-            and await self._ctx.tombstones.get(self.session_id) is not None
+            and await self._ctx.tombstones.get(self.tenant, self.session_id) is not None
         ):
-            await self._ctx.store.erase(self.session_id)
+            await self._ctx.store.erase(self.tenant, self.session_id)
             self._loaded = self._erased = True
             return
-        stored = await self._ctx.store.load(self.session_id, after=self._last_seq)
+        stored = await self._ctx.store.load(self.tenant, self.session_id, after=self._last_seq)
         if stored:
             self._state = await fold_stored(self._state, stored)
             self._last_seq = stored[-1].seq
@@ -127,6 +129,7 @@ class SessionActor:
                 return events
             try:
                 self._last_seq = await self._ctx.store.append(
+                    self.tenant,
                     self.session_id,
                     events,
                     expected_last_seq=self._last_seq,
@@ -187,11 +190,14 @@ class SessionActor:
                 self._loaded = self._assumed_new = True
             else:
                 await self._reload()
-        if isinstance(command, StartTurn) and command.new_session and self._erased:
-            # A first turn retried under its Idempotency-Key after its session was deleted:
-            # a deleted id never opens again.
-            message = "The session this request opened has been deleted; send it again with a new Idempotency-Key."
-            await self._reject(request, error_info(409, "session_deleted", message))
+        if isinstance(command, StartTurn) and self._erased:
+            # A deleted session never opens again under its id, whoever names it.
+            if command.new_session:
+                # A first turn retried under its Idempotency-Key after the deletion.
+                message = "The session this request opened has been deleted; send it again with a new Idempotency-Key."
+                await self._reject(request, error_info(409, "session_deleted", message))
+            else:
+                await self._reject(request, _not_found(self.session_id))
             return
         match command:
             case StartTurn():
@@ -208,7 +214,7 @@ class SessionActor:
             return
         model = self._ctx.config.model(start.model)
         assert model is not None  # admitted
-        if self._ctx.signals.fired(session_cancel(self.session_id, start.abandon_id)):
+        if self._ctx.signals.fired(session_cancel(self.tenant, self.session_id, start.abandon_id)):
             # Its client gave up while it waited for the session: it never starts.
             await self._reject(request, error_info(499, "client_gone", GONE_BEFORE_START))
             return
@@ -217,7 +223,7 @@ class SessionActor:
 
     async def _hold_turn(self, request: Request, start: StartTurn, model: ModelConfig) -> None:
         """Open and run the turn while this worker answers that it holds its lease."""
-        out = session_out(self.session_id, start.turn_id)
+        out = session_out(self.tenant, self.session_id, start.turn_id)
         finish = self._finisher(request, start, out)
         try:
             await self._open(start, turn.only_pipeline(model))
@@ -261,7 +267,7 @@ class SessionActor:
         still runs that turn: a dead holder frees the session at once. A request whose
         client gives up meanwhile stops waiting and never starts.
         """
-        cancel = session_cancel(self.session_id, start.abandon_id)
+        cancel = session_cancel(self.tenant, self.session_id, start.abandon_id)
         holder = self._ctx.leases.worker_id
         fresh = False
         gone: str | None = None
@@ -317,7 +323,7 @@ class SessionActor:
         error = error_info(failed.status, failed.code, failed.message)
         with contextlib.suppress(Exception):
             await self._ctx.nc.publish(
-                session_out(self.session_id, failed.turn_id),
+                session_out(self.tenant, self.session_id, failed.turn_id),
                 OUTPUT_CODEC.encode(TurnError(error=error)),
             )
 
@@ -328,11 +334,12 @@ class SessionActor:
         async def on_event(_: Msg) -> None:
             changed.set()
 
+        log_subject = await self._ctx.store.subject(self.tenant, self.session_id)
         unwatch = await self._ctx.signals.watch(cancel, changed.set)
-        sub = await self._ctx.nc.subscribe(session_events(self.session_id), cb=on_event)
+        sub = await self._ctx.nc.subscribe(log_subject, cb=on_event)
         try:
             # Check once after subscribing: the turn may have ended in between.
-            if await self._ctx.store.last_seq(self.session_id) != self._last_seq:
+            if await self._ctx.store.last_seq(self.tenant, self.session_id) != self._last_seq:
                 return
             timeout = max(0.0, (until - self._ctx.clock()).total_seconds()) + 0.05
             with contextlib.suppress(TimeoutError):
@@ -359,7 +366,7 @@ class SessionActor:
         )
         cancelled = asyncio.Event()
         unwatch = await self._ctx.signals.watch(
-            session_cancel(self.session_id, start.turn_id), cancelled.set
+            session_cancel(self.tenant, self.session_id, start.turn_id), cancelled.set
         )
         try:
             step = turn.begin(self._state, setup, self._ctx.clock())
@@ -411,7 +418,7 @@ class SessionActor:
             message=reply.error.message,
         )
         async with self._writing:
-            await self._ctx.store.erase(self.session_id)
+            await self._ctx.store.erase(self.tenant, self.session_id)
             self._state, self._last_seq = session.initial(), 0
         if start.random_id:
             # What memory may have indexed of it goes too (an id drawn at random is never
@@ -452,7 +459,7 @@ class SessionActor:
                     at=self._ctx.clock(),
                 )
             )
-        erased = await self._ctx.store.erase(self.session_id)
+        erased = await self._ctx.store.erase(self.tenant, self.session_id)
         memories = await self._forget_memories(command.tenant)
         self._state, self._last_seq, self._erased = session.initial(), 0, True
         log.info("session.deleted", session=self.session_id, events=erased, memories=memories)

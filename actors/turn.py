@@ -27,7 +27,7 @@ from msgspec.structs import replace
 from actors import session
 from actors.engines import unsupported_parameter
 from actors.knowledge.prompting import documents_block
-from actors.memory.prompting import choose_memories, memory_block
+from actors.memory.prompting import choose_memories, memory_block, prompt_texts
 from actors.summary import facts_prompt, parse_facts, summary_prompt
 from actors.tokens import MESSAGE_OVERHEAD, estimate_message_tokens, estimate_tokens
 from bus.subjects import session_cancel, session_out
@@ -481,7 +481,7 @@ def _on_recalled(
             error=seen.failure,
         )
         return _retrieve(state, progress, [recalled], now)
-    in_prompt = {m.content for m in session.prompt(state, None, pipeline.budget)}
+    in_prompt = prompt_texts(session.prompt(state, None, pipeline.budget))
     used = choose_memories(seen.hits, in_prompt, pipeline.memory)
     session_id = progress.setup.start.session_id
     recalled = MemoryRecalled(
@@ -584,8 +584,10 @@ def _call(
         upstream_model=link.model,
         messages=messages,
         params=progress.params,
-        out_subject=session_out(start.session_id, start.turn_id) if start.stream else None,
-        cancel_subject=session_cancel(start.session_id, start.turn_id),
+        out_subject=(
+            session_out(start.tenant, start.session_id, start.turn_id) if start.stream else None
+        ),
+        cancel_subject=session_cancel(start.tenant, start.session_id, start.turn_id),
         hidden_tools=list(progress.hidden),
     )
     return Step(

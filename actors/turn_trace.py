@@ -16,6 +16,7 @@ from contracts.turns import (
     PipelineStep,
     RetrievalStep,
     ToolStep,
+    TurnContent,
     TurnTrace,
 )
 from eventstore.events import (
@@ -116,15 +117,42 @@ def _apply(trace: TurnTrace, event: EventUnion, details: bool) -> TurnTrace:
             return trace
 
 
-def turn_traces(events: Iterable[EventUnion], *, details: bool = False) -> list[TurnTrace]:
+def _words(trace: TurnTrace, event: EventUnion) -> TurnTrace:
+    """The turn's answer into its content (when the trace carries content)."""
+    words = trace.content
+    if words is None:
+        return trace
+    match event:
+        case ReplyCompleted():
+            words = replace(words, output=event.content, tool_calls=event.tool_calls)
+        case TurnCancelled():
+            words = replace(words, output=event.content)
+        case TurnFailed():
+            words = replace(words, error_message=event.message)
+        case _:
+            return trace
+    return replace(trace, content=words)
+
+
+def turn_traces(
+    events: Iterable[EventUnion], *, details: bool = False, content: bool = False
+) -> list[TurnTrace]:
     """One trace per turn, in the order the turns started. `details` keeps failed
-    calls' operator detail (for admins)."""
+    calls' operator detail (for admins); `content` adds the turn's words."""
     traces: dict[str, TurnTrace] = {}
     for event in events:
         if isinstance(event, TurnStarted):
             pipeline = None
             if event.pipeline is not None:
                 pipeline = PipelineStep(name=event.pipeline, means="only")
+            words = None
+            if content:
+                words = TurnContent(
+                    messages=event.messages,
+                    system=event.system,
+                    params=event.params,
+                    metadata=event.metadata,
+                )
             traces[event.turn_id] = TurnTrace(
                 turn_id=event.turn_id,
                 status="running",
@@ -133,10 +161,11 @@ def turn_traces(events: Iterable[EventUnion], *, details: bool = False) -> list[
                 streaming=event.streaming,
                 messages=len(event.messages),
                 pipeline=pipeline,
+                content=words,
             )
             continue
         turn_id = getattr(event, "turn_id", None)
         trace = traces.get(turn_id) if isinstance(turn_id, str) else None
         if trace is not None:
-            traces[trace.turn_id] = _apply(trace, event, details)
+            traces[trace.turn_id] = _words(_apply(trace, event, details), event)
     return list(traces.values())

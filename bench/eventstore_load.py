@@ -64,7 +64,9 @@ async def run(url: str) -> None:
     bodies = [CODEC.encode(event(i)) for i in range(EVENTS_PER_SESSION)]
     for i in range(EVENTS_PER_SESSION):
         for s in range(SESSIONS):
-            await js.publish_async(session_events(f"s{s:03d}"), bodies[i], stream=EVENTS_STREAM)
+            await js.publish_async(
+                session_events("bench", f"s{s:03d}"), bodies[i], stream=EVENTS_STREAM
+            )
     await js.publish_async_completed()
     fill = time.perf_counter() - started
     total = SESSIONS * EVENTS_PER_SESSION
@@ -77,7 +79,9 @@ async def run(url: str) -> None:
         started = time.perf_counter()
         while n < APPENDS:
             events = [event(n + k) for k in range(batch)]
-            last = await store.append(sid, events, expected_last_seq=last, dedupe_id=f"cmd{n}")
+            last = await store.append(
+                "bench", sid, events, expected_last_seq=last, dedupe_id=f"cmd{n}"
+            )
             n += batch
         took = time.perf_counter() - started
         print(
@@ -87,11 +91,11 @@ async def run(url: str) -> None:
 
     for load_batch in (256, 512, 1000):
         store = JetStreamEventStore(js, nc, load_batch=load_batch)
-        assert len(await store.load("s050")) == EVENTS_PER_SESSION
+        assert len(await store.load("bench", "s050")) == EVENTS_PER_SESSION
         samples = []
         for _ in range(LOADS):
             started = time.perf_counter()
-            await store.load("s050")
+            await store.load("bench", "s050")
             samples.append((time.perf_counter() - started) * 1e3)
         print(
             f"load 1,000 of {total + 2 * APPENDS:,} events, batch {load_batch}: "
@@ -101,7 +105,7 @@ async def run(url: str) -> None:
     samples = []
     for _ in range(LOADS):
         started = time.perf_counter()
-        await store.last_seq("s050")
+        await store.last_seq("bench", "s050")
         samples.append((time.perf_counter() - started) * 1e3)
     print(f"last_seq: p50 {percentile(samples, 50):.2f} ms, p99 {percentile(samples, 99):.2f} ms")
 

@@ -662,7 +662,7 @@ async def probe_nats(url: str, n: int) -> dict[str, list[float]]:
             out["jetstream atomic batch of 2"] = await timed(n, atomic_pair)
         store = JetStreamEventStore(js, nc)
         out["direct get (empty session load)"] = await timed(
-            n, lambda: store.load("bench_no_such_session")
+            n, lambda: store.load("local", "bench_no_such_session")
         )
         await js.delete_stream("BENCH_PROBE")
     finally:
@@ -760,7 +760,8 @@ async def log_facts(url: str, samples: dict[str, str]) -> tuple[int, dict[str, C
         store = JetStreamEventStore(js, nc)
 
         async def kinds_of(session_id: str) -> Counter[str]:
-            return Counter(type(e.event).__name__ for e in await store.load(session_id))
+            # Without keys, every session is the anonymous caller's, tenant "local".
+            return Counter(type(e.event).__name__ for e in await store.load("local", session_id))
 
         if "new" in samples:
             per_turn["new"] = await kinds_of(samples["new"])

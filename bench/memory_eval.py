@@ -62,6 +62,7 @@ import numpy.typing as npt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from actors.memory import index as memory_index
 from actors.memory.actor import BATCH
 from actors.memory.embedder import default_embedder
 from actors.memory.index import MemoryIndex
@@ -212,21 +213,37 @@ def build_log(data: EvalSet) -> Log:
     owners = {s.session_id: (s.tenant, s.user_id) for s in data.sessions}
     log = Log([], {}, {})
     seq = 0
+    # A turn is one item when its reply completes (actors.memory.items): its user message
+    # and its reply are found as that item.
+    open_turns: dict[str, tuple[TurnStarted, str | None]] = {}
     for _, session_id, event, message_id in timed:
         seq += 1 + _IGNORED_BEFORE[type(event)]
-        log.batch.append((session_events(session_id), seq, CODEC.encode(event)))
-        for record in records_of(session_id, seq, event, owners[session_id]):
-            assert message_id is not None
-            log.record_of[message_id] = record.id
+        log.batch.append(
+            (session_events(owners[session_id][0], session_id), seq, CODEC.encode(event))
+        )
+        if isinstance(event, TurnStarted):
+            open_turns[event.turn_id] = (event, message_id)
+            continue
+        started, asked_id = (
+            open_turns.pop(event.turn_id) if isinstance(event, ReplyCompleted) else (None, None)
+        )
+        for record in records_of(session_id, seq, event, owners[session_id], started):
+            for held in (asked_id, message_id):
+                if held is not None:
+                    log.record_of.setdefault(held, record.id)
             log.owner_of[record.id] = (record.tenant, record.user_id, record.session_id)
     return log
 
 
 class _NoStore:
-    """The projector loads a session from the store only if its opening came before the batch."""
+    """The projector reads the store only for a session opened, or a turn started, before
+    its batch: never here, the whole log goes through it."""
 
-    async def load(self, session_id: str, after: int = 0) -> list[StoredEvent]:
+    async def first(self, tenant: str, session_id: str) -> StoredEvent | None:
         raise AssertionError(f"session {session_id} opened outside the log")
+
+    async def load(self, tenant: str, session_id: str, after: int = 0) -> list[StoredEvent]:
+        raise AssertionError(f"a turn of {session_id} started outside the log")
 
 
 async def ingest(index: MemoryIndex, log: Log) -> float:
@@ -414,7 +431,27 @@ async def count_injected(
     return injected
 
 
-async def evaluate(data: EvalSet, log: Log, repeat: int) -> Results:
+FUSIONS = ((10, 1.0), (10, 0.5), (20, 0.5), (20, 0.25), (20, 1.0))
+
+
+async def sweep_fusion(
+    index: MemoryIndex, questions: Sequence[Question], vectors: npt.NDArray[np.float32], log: Log
+) -> None:
+    """Hybrid recall with other fusion heads and keyword weights (memory's own constants,
+    set for the run and put back)."""
+    kept = memory_index.FUSED_HEAD, memory_index.KEYWORD_WEIGHT
+    print("fusion sweep (hybrid):")
+    try:
+        for head, weight in FUSIONS:
+            memory_index.FUSED_HEAD, memory_index.KEYWORD_WEIGHT = head, weight
+            outcomes, _ = await run_mode(searches(index)["hybrid"], questions, vectors, log, 0)
+            r1, r5, r10, _ = metrics(outcomes)
+            print(f"  head {head:>3} kw {weight:<5} R@1 {r1:.3f} R@5 {r5:.3f} R@10 {r10:.3f}")
+    finally:
+        memory_index.FUSED_HEAD, memory_index.KEYWORD_WEIGHT = kept
+
+
+async def evaluate(data: EvalSet, log: Log, repeat: int, fusion: bool = False) -> Results:
     with tempfile.TemporaryDirectory(prefix="veil-memeval-") as tmp:
         index = await MemoryIndex.open(Path(tmp) / "memory.db")
         try:
@@ -428,6 +465,8 @@ async def evaluate(data: EvalSet, log: Log, repeat: int) -> Results:
                     search, data.questions, vectors, log, repeat
                 )
             injected = await count_injected(index, data.questions, vectors, log)
+            if fusion:
+                await sweep_fusion(index, data.questions, vectors, log)
         finally:
             await index.close()
     return Results(took, outcomes, latency, embed_latency(data.questions), injected)
@@ -439,7 +478,7 @@ def report(data: EvalSet, log: Log, res: Results, repeat: int) -> None:
     anonymous = sum(s.user_id is None for s in data.sessions)
     n = len(questions)
     print(
-        f"memory eval: {n} questions over {len(log.owner_of):,} messages in "
+        f"memory eval: {n} questions over {len(log.owner_of):,} items (a turn each) in "
         f"{len(data.sessions)} sessions ({len(users)} users + {anonymous} anonymous sessions, "
         f"{len({s.tenant for s in data.sessions})} tenants)"
     )
@@ -472,11 +511,11 @@ def report(data: EvalSet, log: Log, res: Results, repeat: int) -> None:
     print("  (embedding the query adds to hybrid and vector recall)")
 
 
-async def run(data: EvalSet, repeat: int, show_misses: bool) -> int:
+async def run(data: EvalSet, repeat: int, show_misses: bool, fusion: bool = False) -> int:
     """Exit status 1 when any search returned a memory outside the question's scope."""
     log = build_log(data)
-    assert len(log.owner_of) == 2 * len(data.turns)  # ids are unique across tenants here
-    res = await evaluate(data, log, repeat)
+    assert len(log.owner_of) == len(data.turns)  # ids are unique across tenants here
+    res = await evaluate(data, log, repeat, fusion)
     report(data, log, res, repeat)
     if show_misses:
         print()
@@ -491,8 +530,9 @@ def main() -> None:
         "--repeat", type=int, default=3, help="passes over the questions for latency"
     )
     parser.add_argument("--misses", action="store_true", help="list what hybrid misses at 5")
+    parser.add_argument("--fusion", action="store_true", help="hybrid with other fusion heads")
     args = parser.parse_args()
-    sys.exit(asyncio.run(run(load(args.data), args.repeat, args.misses)))
+    sys.exit(asyncio.run(run(load(args.data), args.repeat, args.misses, args.fusion)))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,11 @@
 """Memory recall benchmark: latency at 10k, 100k and 1M stored memories, and ingestion rates.
 
-Run: python bench/memory_recall.py [--quick] [--dir DIR]
+Run: python bench/memory_recall.py [--quick] [--dir DIR] [--items message|exchange|both]
+
+`--items`: what one memory holds. `message`: one chat message (the projection
+before issue 15's exchanges); `exchange` (the default): a user's message and the
+reply, as `actors.memory.items.exchange` writes them, about twice as long.
+`both` runs the two back to back, each on a fresh index, for a before/after.
 
 Texts are synthetic chat lines built from word lists (with a Zipf-distributed
 vocabulary of made-up names, so keyword document frequencies look like real text).
@@ -31,7 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from actors.memory.embedder import Embedder
 from actors.memory.index import VECTOR_CANDIDATES, MemoryIndex, MemoryRecord
+from actors.memory.items import exchange as exchange_text
 from bench._stats import percentile
+from eventstore.events import ChatMessage
 
 TENANT = "acme"
 USER = "u-heavy"
@@ -166,7 +173,8 @@ _SYLLABLES = [
 class TextMaker:
     """Chat-like lines: templates plus a Zipf vocabulary of names (project, pet, street...)."""
 
-    def __init__(self, seed: int, vocabulary: int = 20_000) -> None:
+    def __init__(self, seed: int, vocabulary: int = 20_000, *, exchange: bool = False) -> None:
+        self.exchange = exchange
         self.rng = random.Random(seed)
         words: set[str] = set()
         while len(words) < vocabulary:
@@ -190,7 +198,11 @@ class TextMaker:
         return r.choice(_ANSWERS).format(o=o)
 
     def message(self) -> str:
-        return self.line() + (" " + self.line() if self.rng.random() < 0.5 else "")
+        said = self.line() + (" " + self.line() if self.rng.random() < 0.5 else "")
+        if not self.exchange:
+            return said
+        reply = self.line() + (" " + self.line() if self.rng.random() < 0.5 else "")
+        return exchange_text([ChatMessage(role="user", content=said)], reply)
 
 
 def random_units(rng: np.random.Generator, n: int, dim: int) -> npt.NDArray[np.float32]:
@@ -228,9 +240,9 @@ def records(
 class Filler:
     """Bulk records with random vectors; counts index-only insert time."""
 
-    def __init__(self, index: MemoryIndex, seed: int) -> None:
+    def __init__(self, index: MemoryIndex, seed: int, *, exchange: bool) -> None:
         self.index = index
-        self.texts = TextMaker(seed)
+        self.texts = TextMaker(seed, exchange=exchange)
         self.rng = np.random.default_rng(seed)
         self.seconds = 0.0
         self.rows = 0
@@ -343,10 +355,17 @@ async def hit_rate(index: MemoryIndex, queries: list[str], qvecs: npt.NDArray[np
 
 
 async def run(args: argparse.Namespace) -> None:
+    modes = ["message", "exchange"] if args.items == "both" else [args.items]
+    for mode in modes:
+        print(f"\n== items: {mode} ==")
+        await run_one(args, exchange=mode == "exchange")
+
+
+async def run_one(args: argparse.Namespace, *, exchange: bool) -> None:
     base = Path(args.dir or tempfile.mkdtemp(prefix="veil-bench-"))
     base.mkdir(parents=True, exist_ok=True)
     embedder = Embedder(threads=1)
-    maker = TextMaker(7)
+    maker = TextMaker(7, exchange=exchange)
     n_real = 1000 if args.quick else 3000
     print(
         f"vector candidates per scope: {VECTOR_CANDIDATES}; probe set: {n_real} real sentences"
@@ -370,6 +389,11 @@ async def run(args: argparse.Namespace) -> None:
             f" {len(real) / embed_s:,.0f}/s on one thread, index {len(real) / add_s:,.0f}/s"
             " in batches of 64)"
         )
+        chars = sum(map(len, real_texts)) / len(real_texts)
+        print(
+            f"embedding cost: {embed_s / len(real) * 1e3:.2f} ms a memory of {chars:.0f}"
+            f" characters on average ({'an exchange' if exchange else 'a message'})"
+        )
         session_texts = [maker.message() for _ in range(50)]
         await index.add(
             records("anon", session_texts, user=None, session=SESSION, start=0),
@@ -389,7 +413,7 @@ async def run(args: argparse.Namespace) -> None:
         queries += sentences
         qvecs = await embedder.aembed(queries)
 
-        filler = Filler(index, seed=11)
+        filler = Filler(index, seed=11, exchange=exchange)
         scope_vecs = [vecs]
         scope_ids = [r.id for r in real]
         rng = np.random.default_rng(11)
@@ -461,6 +485,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="10k and 100k only, fewer probes")
     parser.add_argument("--dir", help="keep the database here instead of a temporary folder")
     parser.add_argument("--probes", type=int, default=0, help="query count (default 100, quick 40)")
+    parser.add_argument(
+        "--items", choices=("message", "exchange", "both"), default="exchange", help="see above"
+    )
     args = parser.parse_args()
     args.probes = args.probes or (40 if args.quick else 100)
     asyncio.run(run(args))

@@ -11,11 +11,13 @@ import re
 __all__ = [
     "EVENTS_STREAM",
     "EVENTS_WILDCARD",
+    "HISTORIES_BUCKET",
     "KB_STREAM",
     "KB_WILDCARD",
     "KEYS_BUCKET",
     "KNOWLEDGE_ADMIN",
     "KNOWLEDGE_SEARCH",
+    "LEGACY_EVENTS_WILDCARD",
     "LIMITS_BUCKET",
     "MEMORY_FORGET",
     "MEMORY_RECALL",
@@ -32,26 +34,34 @@ __all__ = [
     "collection_subject",
     "direct_get",
     "is_valid_id",
+    "legacy_session_events",
+    "legacy_session_tombstone",
     "model_generate",
     "model_generate_wildcard",
     "session_cancel",
     "session_cmd",
     "session_events",
-    "session_from_cmd_subject",
+    "session_events_of_any_tenant",
     "session_from_events_subject",
+    "session_key",
+    "session_key_from_cmd_subject",
     "session_out",
     "session_tombstone",
+    "split_session_key",
+    "stream_info",
     "validate_id",
     "worker_leases",
 ]
 
 EVENTS_STREAM = "CHAT_EVENTS"
 EVENTS_WILDCARD = "chat.events.>"
+# Logs written before sessions were per tenant (one token: chat.events.<sid>); read only.
+LEGACY_EVENTS_WILDCARD = "chat.events.*"
 TOMBSTONES_STREAM = "CHAT_TOMBSTONES"
 TOMBSTONES_WILDCARD = "chat.tombstones.>"
-SESSION_CMD_WILDCARD = "chat.session.*.cmd"
+SESSION_CMD_WILDCARD = "chat.session.*.*.cmd"
 # Every turn's cancellation subject (see session_cancel).
-SESSION_CANCEL_WILDCARD = "chat.session.*.cancel.*"
+SESSION_CANCEL_WILDCARD = "chat.session.*.*.cancel.*"
 
 MAX_ID_LENGTH = 128
 _ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
@@ -71,45 +81,83 @@ def validate_id(value: str, what: str = "id") -> str:
     return value
 
 
-def session_events(session_id: str) -> str:
+# A session is named within its tenant: its identity is (tenant, session id), written
+# as two tokens, `<tenant>.<session id>`, in every subject of the session. Two tenants
+# may use the same name and never share a subject; an operator still reads both in
+# `nats sub 'chat.session.acme.>'` or `nats stream view CHAT_EVENTS`. Both tokens are
+# at most 128 characters, so the longest subject (a turn's output) stays under 420.
+
+
+def session_key(tenant: str, session_id: str) -> str:
+    """A session's identity as one string: its actor's key and the stem of its subjects."""
+    return f"{validate_id(tenant, 'tenant')}.{validate_id(session_id, 'session id')}"
+
+
+def split_session_key(key: str) -> tuple[str, str]:
+    """(tenant, session id) of a session_key."""
+    tenant, _, session_id = key.partition(".")
+    return validate_id(tenant, "tenant"), validate_id(session_id, "session id")
+
+
+def session_events(tenant: str, session_id: str) -> str:
     """The subject a session's events are stored under in CHAT_EVENTS."""
+    return f"chat.events.{session_key(tenant, session_id)}"
+
+
+def session_events_of_any_tenant(session_id: str) -> str:
+    """A filter for the logs of every tenant's session of this id (for operators' commands)."""
+    return f"chat.events.*.{validate_id(session_id, 'session id')}"
+
+
+def legacy_session_events(session_id: str) -> str:
+    """Where a session opened before sessions were per tenant keeps its events (and its
+    later ones: it is continued there, so the log's sequences never change)."""
     return f"chat.events.{validate_id(session_id, 'session id')}"
 
 
-def session_tombstone(session_id: str) -> str:
+def session_from_events_subject(subject: str) -> tuple[str | None, str] | None:
+    """(tenant, session id) of a CHAT_EVENTS subject, None if it is none; the tenant is
+    None on a legacy subject (the session's own log says whose it is)."""
+    tokens = subject.split(".")
+    if tokens[:2] != ["chat", "events"] or not all(map(is_valid_id, tokens[2:])):
+        return None
+    if len(tokens) == 4:
+        return tokens[2], tokens[3]
+    return (None, tokens[2]) if len(tokens) == 3 else None
+
+
+def session_tombstone(tenant: str, session_id: str) -> str:
     """Where the record that a session was deleted is kept, after its events are gone."""
+    return f"chat.tombstones.{session_key(tenant, session_id)}"
+
+
+def legacy_session_tombstone(session_id: str) -> str:
+    """Where a deletion was recorded before sessions were per tenant; read only."""
     return f"chat.tombstones.{validate_id(session_id, 'session id')}"
 
 
-def session_from_events_subject(subject: str) -> str:
-    return subject.rsplit(".", 1)[-1]
-
-
-def session_cmd(session_id: str) -> str:
+def session_cmd(tenant: str, session_id: str) -> str:
     """Commands to a session actor (request/reply, queue group of workers)."""
-    return f"chat.session.{validate_id(session_id, 'session id')}.cmd"
+    return f"chat.session.{session_key(tenant, session_id)}.cmd"
 
 
-def session_from_cmd_subject(subject: str) -> str:
+def session_key_from_cmd_subject(subject: str) -> str:
+    """The session_key of a command subject: the key of the actor that serves it."""
     parts = subject.split(".")
-    if len(parts) != 4 or parts[0] != "chat" or parts[1] != "session" or parts[3] != "cmd":
+    if len(parts) != 5 or parts[0] != "chat" or parts[1] != "session" or parts[4] != "cmd":
         raise InvalidToken(f"not a session command subject: {subject!r}")
-    return validate_id(parts[2], "session id")
+    return session_key(parts[2], parts[3])
 
 
-def session_out(session_id: str, turn_id: str) -> str:
+def session_out(tenant: str, session_id: str, turn_id: str) -> str:
     """Per-turn output: deltas, then a final done or error message."""
-    return (
-        f"chat.session.{validate_id(session_id, 'session id')}"
-        f".out.{validate_id(turn_id, 'turn id')}"
-    )
+    return f"chat.session.{session_key(tenant, session_id)}.out.{validate_id(turn_id, 'turn id')}"
 
 
-def session_cancel(session_id: str, turn_id: str) -> str:
+def session_cancel(tenant: str, session_id: str, turn_id: str) -> str:
     """The gateway publishes here when its client went away mid-turn."""
     return (
-        f"chat.session.{validate_id(session_id, 'session id')}"
-        f".cancel.{validate_id(turn_id, 'turn id')}"
+        f"chat.session.{session_key(tenant, session_id)}.cancel.{validate_id(turn_id, 'turn id')}"
     )
 
 
@@ -146,6 +194,8 @@ KB_STREAM = "KB_EVENTS"
 KEYS_BUCKET = "VEIL_KEYS"
 # Rate limits shared by every gateway: a key-value bucket, one entry per key or tenant.
 LIMITS_BUCKET = "VEIL_LIMITS"
+# Which session holds a conversation that a client resends whole (the Anthropic door).
+HISTORIES_BUCKET = "VEIL_HISTORIES"
 KB_WILDCARD = "kb.events.>"
 _KB_PREFIX = "kb.events."
 
@@ -162,6 +212,11 @@ def collection_from_subject(subject: str) -> str:
 def direct_get(stream: str) -> str:
     """JetStream's direct get API of a stream (allow_direct): reads without a consumer."""
     return f"$JS.API.DIRECT.GET.{stream}"
+
+
+def stream_info(stream: str) -> str:
+    """JetStream's stream info API (a subjects filter lists the stream's subjects)."""
+    return f"$JS.API.STREAM.INFO.{stream}"
 
 
 def worker_leases(worker_id: str) -> str:

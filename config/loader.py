@@ -377,6 +377,12 @@ def _check(config: Config, text: str | None, env: Mapping[str, str]) -> None:
             raise invalid(
                 f"keys[{i}].key", "an API key may not contain spaces or control characters"
             )
+        # The tenant names its sessions' subjects (bus/subjects.py).
+        if api_key.tenant is not None and not is_valid_id(api_key.tenant):
+            raise invalid(f"keys[{i}].tenant", "tenants are 1-128 characters from [A-Za-z0-9_-]")
+    for name in config.tenants:
+        if not is_valid_id(name):
+            raise invalid(f"tenants.{name}", "tenants are 1-128 characters from [A-Za-z0-9_-]")
     _check_rate_limits(config, invalid)
     if config.router.classifier and config.router.classifier.engine not in config.engines:
         raise invalid(

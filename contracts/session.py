@@ -1,5 +1,8 @@
-"""The gateway and the session actors: commands on `chat.session.<sid>.cmd`, their replies,
-and a turn's output on `chat.session.<sid>.out.<turn>`."""
+"""The gateway and the session actors: commands on `chat.session.<tenant>.<sid>.cmd`, their
+replies, and a turn's output on `chat.session.<tenant>.<sid>.out.<turn>`.
+
+Every command names its tenant: a session is found by (tenant, session id), so another
+tenant's session of the same id is a different, free session."""
 
 from __future__ import annotations
 
@@ -46,6 +49,9 @@ class StartTurn(msgspec.Struct, frozen=True, kw_only=True, tag="start_turn"):
     command_id: str
     turn_id: str
     session_id: str
+    # The gateway made the id for a new session: none may exist under it. Otherwise the
+    # client named the session: the turn continues it, or opens it if the tenant has
+    # none of that name (a deleted one stays deleted).
     new_session: bool
     # The gateway drew the new session's id at random: no log nor tombstone can exist.
     # (A first turn under an Idempotency-Key gets an id derived from the key instead.)

@@ -8,14 +8,16 @@ put forward (with scores), the tools run, and every model call.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
 from eventstore.events import (
+    ChatMessage,
     ModelCall,
     RecalledMemory,
     RetrievedChunk,
+    ToolCall,
     ToolResult,
     Usage,
 )
@@ -27,6 +29,7 @@ __all__ = [
     "PipelineStep",
     "RetrievalStep",
     "ToolStep",
+    "TurnContent",
     "TurnStatus",
     "TurnTrace",
     "TurnsFound",
@@ -53,6 +56,8 @@ class GetTurns(msgspec.Struct, frozen=True, kw_only=True, tag="get_turns"):
     limit: int = 20
     # Operator detail of failed calls (upstream addresses, exception names): admins only.
     details: bool = False
+    # What the turn said (its messages in and its answer out): the Responses door reads it.
+    content: bool = False
 
 
 class PipelineStep(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -85,6 +90,20 @@ class ToolStep(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     results: list[ToolResult] = []
 
 
+class TurnContent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A turn's words, as its log holds them: the messages it added (after what the
+    session already held was dropped), the client's system prompt, settings and metadata,
+    and the answer (or, cancelled, what was produced until then)."""
+
+    messages: list[ChatMessage] = []
+    system: str | None = None
+    params: dict[str, Any] = {}
+    metadata: dict[str, str] = {}
+    output: str = ""
+    tool_calls: list[ToolCall] = []
+    error_message: str | None = None
+
+
 class TurnTrace(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     turn_id: str
     status: TurnStatus
@@ -110,6 +129,8 @@ class TurnTrace(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     error_status: int | None = None
     error_code: str | None = None
     cancel_reason: str | None = None
+    # Only when GetTurns asked for `content`.
+    content: TurnContent | None = None
 
 
 class TurnsFound(msgspec.Struct, frozen=True, kw_only=True, tag="turns"):

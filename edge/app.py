@@ -2,7 +2,7 @@
 
 The gateway holds no conversation state and never calls a model. It checks
 the request, sends a command to the session's actor and turns what comes back
-into an OpenAI response or SSE stream.
+into an OpenAI response or SSE stream (or Anthropic's, on /v1/messages).
 """
 
 from __future__ import annotations
@@ -20,13 +20,16 @@ from config import Config
 from contracts.keys import KeyRecord
 from edge.admin import add_admin_routes
 from edge.admission import add_limits
+from edge.anthropic_errors import anthropic_error, speaks_anthropic
 from edge.auth import Authenticator
 from edge.chat import chat_completions
 from edge.cross_site import refuse_cross_site
 from edge.docs_page import add_doc_routes
+from edge.history_index import add_history_index
 from edge.http_guard import ConnectionGuard, guard_middleware
 from edge.keys_admin import add_key_routes
 from edge.keystore import KeyStore
+from edge.messages import count_message_tokens, create_message
 from edge.metrics import METRICS, GatewayMetrics, metrics_page
 from edge.models import get_model, list_models
 from edge.observe import observe_middleware, principal_known
@@ -51,13 +54,28 @@ log = structlog.get_logger("veil.gateway")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def _error(
+    request: web.Request,
+    status: int,
+    message: str,
+    type: str,
+    code: str | None,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    """An error in the shape of the request's door: OpenAI's, or Anthropic's."""
+    if speaks_anthropic(request.path):
+        return json_response(anthropic_error(status, message), status, headers)
+    return json_response(error_body(message, type, code, param), status, headers)
+
+
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every failure leaves as an OpenAI-shaped error; a client mistake is never a 500."""
+    """Every failure leaves as an error in its door's shape; a client mistake is never a 500."""
     try:
         return await handler(request)
     except ApiError as error:
-        response = json_response(error.body(), error.status)
+        response = _error(request, error.status, error.message, error.type, error.code, error.param)
         if error.status in (408, 413):
             # The rest of the body is not wanted: the connection closes after this answer
             # (aiohttp still reads on for its lingering time, see veil/server.py).
@@ -68,13 +86,12 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         log.info("gateway.client_gone", path=request.path)
         return web.Response(status=499)
     except web.HTTPRequestEntityTooLarge as error:
-        response = json_response(
-            error_body(
-                f"Request body too large: {error.text}",
-                "invalid_request_error",
-                "request_too_large",
-            ),
+        response = _error(
+            request,
             413,
+            f"Request body too large: {error.text}",
+            "invalid_request_error",
+            "request_too_large",
         )
         response.force_close()  # as for ApiError's 413 above: the rest is not read
         return response
@@ -86,14 +103,11 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         else:
             message = error.reason
         headers = {k: v for k, v in error.headers.items() if k.lower() != "content-type"}
-        return json_response(
-            error_body(message, "invalid_request_error", None), error.status, headers
-        )
+        return _error(request, error.status, message, "invalid_request_error", None, None, headers)
     except Exception:
         log.exception("gateway.unhandled", path=request.path)
-        return json_response(
-            error_body("The server had an error processing your request.", "server_error", None),
-            500,
+        return _error(
+            request, 500, "The server had an error processing your request.", "server_error", None
         )
 
 
@@ -103,7 +117,12 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         auth = request.app[AUTH]
         if not auth.enabled:
             refuse_cross_site(request)
-        request[PRINCIPAL] = principal = await auth.resolve(request.headers.get("Authorization"))
+        header = request.headers.get("Authorization")
+        if header is None and speaks_anthropic(request.path):
+            # Anthropic's clients may send the key as x-api-key.
+            key = request.headers.get("x-api-key")
+            header = f"Bearer {key}" if key else None
+        request[PRINCIPAL] = principal = await auth.resolve(header)
         principal_known(principal)
     return await handler(request)
 
@@ -187,7 +206,10 @@ def create_app(
     app.cleanup_ctx.append(nats_connection)
     app.cleanup_ctx.append(watch_keys)
     add_limits(app)
+    add_history_index(app)
     app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/messages", create_message)
+    app.router.add_post("/v1/messages/count_tokens", count_message_tokens)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model}", get_model)
     app.router.add_get("/v1/sessions/{session_id}", get_session)

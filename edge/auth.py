@@ -13,13 +13,17 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 import msgspec
+import structlog
 
+from bus.subjects import is_valid_id
 from config import Config, key_id
 from contracts.keys import KeyRecord, Quota
 from edge.jwt_auth import JwtVerifier, KeysNeeded, looks_like_jwt
 from edge.openai_wire import ApiError
 
 __all__ = ["ANONYMOUS", "Authenticator", "Principal", "require_scope"]
+
+log = structlog.get_logger("veil.gateway")
 
 ALL_SCOPES = frozenset({"chat", "audit", "admin"})
 _CHAT = frozenset({"chat"})
@@ -92,6 +96,11 @@ class Authenticator:
         if old is not None:
             self._managed.pop(old, None)
         if record.revoked_at is not None:
+            return
+        if not is_valid_id(record.tenant):
+            # Its tenant could not name its sessions' subjects (a key made before the key
+            # store checked): the key does not work, rather than fail every request.
+            log.warning("keys.invalid_tenant", key_id=record.id)
             return
         digest = bytes.fromhex(record.digest)
         self._digest_of[record.id] = digest

@@ -1,11 +1,14 @@
-"""POST /v1/chat/completions: OpenAI's chat API, relayed to a session actor on NATS."""
+"""POST /v1/chat/completions: OpenAI's chat API, relayed to a session actor on NATS; and
+the turn every door runs (`run_chat_turn`): a door translates its request into a chat
+request and answers in its own shape (`Door`), the rest is one path."""
 
 from __future__ import annotations
 
 import hashlib
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Protocol
 
 import msgspec
 import structlog
@@ -14,7 +17,7 @@ from aiohttp import web
 from bus.codec import encode
 from bus.subjects import MAX_ID_LENGTH, is_valid_id
 from config import local_install_command
-from contracts.session import StartTurn, TurnDone, TurnError
+from contracts.session import Delta, StartTurn, ToolDelta, TurnDone, TurnError
 from edge.admission import Admission, admitted
 from edge.auth import Principal, require_scope
 from edge.budgets import enforce_budgets
@@ -35,7 +38,17 @@ from edge.responses import ChatCompletion, ChatCompletionChunk, ErrorBody
 from edge.sse import stream_turn
 from edge.webkeys import CONFIG, NATS, PRINCIPAL, body_deadline, json_response
 
-__all__ = ["IDEMPOTENT_PREFIX", "SESSION_HEADER", "chat_completions"]
+__all__ = [
+    "IDEMPOTENT_PREFIX",
+    "SESSION_HEADER",
+    "Door",
+    "TurnItem",
+    "chat_completions",
+    "check_model",
+    "command_id_for",
+    "read_body",
+    "run_chat_turn",
+]
 
 log = structlog.get_logger("veil.gateway")
 
@@ -45,10 +58,13 @@ IDEMPOTENT_PREFIX = "idem_"
 
 
 def _session_of(request: web.Request, chat: ChatRequest, command_id: str) -> tuple[str, bool]:
-    """The session the client names (body, header or metadata), or a new one.
+    """The session the client names (body, header or metadata), or a new one; and
+    whether Veil made the id.
 
-    A new session's id comes from the command id, so a retry of a first turn under
-    the same Idempotency-Key lands on the same session and gets the same answer.
+    A name is the client's within its tenant: the session actor continues the tenant's
+    session of that name, or opens it on first use (another tenant's is another
+    session). A new session's id comes from the command id, so a retry of a first turn
+    under the same Idempotency-Key lands on the same session and gets the same answer.
     """
     given = {
         v
@@ -87,7 +103,7 @@ def _fingerprint(start: StartTurn) -> str:
     return hashlib.sha256(encode(what)).hexdigest()
 
 
-def _command_id(request: web.Request, principal: Principal) -> str:
+def command_id_for(request: web.Request, principal: Principal) -> str:
     """One id per client request; a client's Idempotency-Key makes its retries the same command."""
     key = request.headers.get("Idempotency-Key")
     if key:
@@ -96,7 +112,7 @@ def _command_id(request: web.Request, principal: Principal) -> str:
     return uuid.uuid4().hex
 
 
-async def _read_body(request: web.Request) -> bytes:
+async def read_body(request: web.Request) -> bytes:
     """The JSON body, sent as such (a web page cannot, across sites) and in time."""
     if request.content_type != "application/json":
         raise ApiError(
@@ -162,14 +178,59 @@ def _user_of(chat: ChatRequest, principal: Principal) -> str | None:
     rate_limited=True,
 )
 async def chat_completions(request: web.Request) -> web.StreamResponse:
+    require_scope(request[PRINCIPAL], "chat")
+    chat = parse_chat_request(await read_body(request))
+    include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
+    return await run_chat_turn(request, chat, _ChatDoor(include_usage))
+
+
+TurnItem = Delta | ToolDelta | TurnDone | TurnError
+
+
+class Door(Protocol):
+    """How one API answers a turn: its whole reply, or its stream."""
+
+    async def complete(self, start: StartTurn, result: TurnDone | TurnError) -> web.Response:
+        """The whole reply; a failed turn raises its ApiError."""
+        ...
+
+    async def stream(
+        self,
+        request: web.Request,
+        start: StartTurn,
+        batches: AsyncIterator[list[TurnItem]],
+        headers: dict[str, str],
+    ) -> web.StreamResponse:
+        """The reply as server-sent events (ClientGone when the client left)."""
+        ...
+
+
+class _ChatDoor:
+    """OpenAI's chat.completion, or its chunks."""
+
+    def __init__(self, include_usage: bool) -> None:
+        self._include_usage = include_usage
+
+    async def complete(self, start: StartTurn, result: TurnDone | TurnError) -> web.Response:
+        return _complete(start, result)
+
+    async def stream(
+        self,
+        request: web.Request,
+        start: StartTurn,
+        batches: AsyncIterator[list[TurnItem]],
+        headers: dict[str, str],
+    ) -> web.StreamResponse:
+        return await stream_turn(request, start, batches, self._include_usage, headers)
+
+
+def check_model(request: web.Request, model: str) -> None:
+    """A 404 for a model the caller may not use or that does not exist (alike), a 503
+    when none is configured at all."""
     config = request.app[CONFIG]
-    principal: Principal = request[PRINCIPAL]
-    require_scope(principal, "chat")
-    body = await _read_body(request)
-    chat = parse_chat_request(body)
-    if not principal.may_use(chat.model):
-        raise unknown_model(chat.model)  # as if it did not exist
-    if config.model(chat.model) is None:
+    if not request[PRINCIPAL].may_use(model):
+        raise unknown_model(model)  # as if it did not exist
+    if config.model(model) is None:
         if not config.models:
             raise ApiError(
                 503,
@@ -178,14 +239,25 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 f"the local model on the server ({local_install_command()}).",
                 code="no_upstream",
             )
-        raise unknown_model(chat.model)
+        raise unknown_model(model)
+
+
+async def run_chat_turn(
+    request: web.Request, chat: ChatRequest, door: Door, command_id: str | None = None
+) -> web.StreamResponse:
+    """One turn of a chat request, whichever door it came through: the model checked,
+    budgets, the session (named, or a new one), idempotency, the rate limits, the relay
+    over the bus and what operators see of it; answered through `door`."""
+    config = request.app[CONFIG]
+    principal: Principal = request[PRINCIPAL]
+    check_model(request, chat.model)
     try:
         await enforce_budgets(request.app[NATS], config, principal, chat)
     except ApiError as error:
         if error.status == 429:
             limit_hit(request, "budget")
         raise
-    command_id = _command_id(request, principal)
+    command_id = command_id or command_id_for(request, principal)
     session_id, new_session = _session_of(request, chat, command_id)
     random_id = new_session and not command_id.startswith(IDEMPOTENT_PREFIX)
     start = StartTurn(
@@ -210,16 +282,16 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         )
     chat_started(request, start)
     async with admitted(request, chat) as admission:
-        return await _relay_turn(request, start, chat, admission)
+        return await _relay_turn(request, start, admission, door)
 
 
 async def _relay_turn(
-    request: web.Request, start: StartTurn, chat: ChatRequest, admission: Admission
+    request: web.Request, start: StartTurn, admission: Admission, door: Door
 ) -> web.StreamResponse:
     """The turn over the bus, answered as JSON or SSE; what it used goes to `admission`."""
     config = request.app[CONFIG]
     session_id = start.session_id
-    if not chat.stream:
+    if not start.stream:
         timeout = config.server.accept_timeout + config.server.turn_timeout
         try:
             result = await run_turn(request.app[NATS], start, timeout, _client_gone(request))
@@ -228,7 +300,7 @@ async def _relay_turn(
             return web.Response(status=499)
         admission.finished(result)
         chat_ended(request, start, result, None)
-        return _complete(start, result)
+        return await door.complete(start, result)
     async with TurnRelay(request.app[NATS], start) as relay:
         try:
             await relay.send(config.server.accept_timeout, _client_gone(request))
@@ -237,10 +309,7 @@ async def _relay_turn(
             return web.Response(status=499)
         batches = admission.watch(relay.batches(config.server.turn_timeout, _client_gone(request)))
         try:
-            include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
-            return await stream_turn(
-                request, start, batches, include_usage, {SESSION_HEADER: start.session_id}
-            )
+            return await door.stream(request, start, batches, {SESSION_HEADER: start.session_id})
         except ClientGone:
             await relay.cancel()
             log.info("gateway.client_gone", session=session_id, turn=start.turn_id)

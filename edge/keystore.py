@@ -19,7 +19,7 @@ from nats.js.api import KeyValueConfig
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
-from bus.subjects import KEYS_BUCKET
+from bus.subjects import KEYS_BUCKET, is_valid_id
 from contracts.keys import KEY_RECORD_CODEC, SCOPES, KeyRecord, Quota, Scope
 
 __all__ = ["KeyNotFound", "KeyStore", "digest_of", "new_secret"]
@@ -73,6 +73,8 @@ class KeyStore:
         unknown = [s for s in scopes if s not in SCOPES]
         if unknown or not scopes:
             raise ValueError(f"scopes must be some of {', '.join(SCOPES)}")
+        if not is_valid_id(tenant):  # it names its sessions' subjects
+            raise ValueError("tenant must be 1-128 characters from [A-Za-z0-9_-]")
         if expires_at is not None and expires_at.tzinfo is None:
             expires_at = expires_at.replace(tzinfo=UTC)  # a date without a zone is UTC
         secret = new_secret()

@@ -35,6 +35,7 @@ __all__ = [
     "ChunkMeta",
     "chunk",
     "completion",
+    "deeper_than",
     "error_body",
     "generation_params",
     "parse_chat_request",
@@ -287,7 +288,7 @@ def _too_deep(param: str | None) -> ApiError:
     )
 
 
-def _deeper_than(value: Any, limit: int) -> bool:
+def deeper_than(value: Any, limit: int) -> bool:
     """Whether lists and objects nest more than `limit` levels (iterative: no recursion)."""
     stack = [(value, 1)]
     while stack:
@@ -314,7 +315,7 @@ def _check_limits(request: ChatRequest) -> None:
     if isinstance(request.stop, list) and len(request.stop) > MAX_STOP:
         raise _too_long("stop", MAX_STOP, len(request.stop))
     for name in ("tools", "tool_choice", "response_format"):
-        if _deeper_than(getattr(request, name), MAX_JSON_DEPTH):
+        if deeper_than(getattr(request, name), MAX_JSON_DEPTH):
             raise _too_deep(name)
     metadata = request.metadata or {}
     if len(metadata) > MAX_METADATA_PAIRS:

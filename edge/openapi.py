@@ -78,7 +78,8 @@ ERROR_TEXT: dict[int, str] = {
     403: "The key lacks the scope this needs, names another user than the one it is "
     "pinned to, or (with authentication off) the request came from a web page.",
     404: "Not found, or not visible to this key: another tenant's session, a model the "
-    "key may not use, and one that does not exist answer alike.",
+    "key may not use, and one that does not exist answer alike (a chat turn naming a "
+    "session its tenant has none of opens it; a deleted one stays deleted).",
     408: "The request body did not arrive in time.",
     413: "The request body is larger than the server accepts.",
     415: "The body is not sent as application/json.",
@@ -164,6 +165,9 @@ class Operation:
     ok_status: int = 200
     ok_description: str = "OK"
     sse: tuple[Any, ...] = ()
+    # Whether the stream ends with `data: [DONE]` (OpenAI's) or not (Anthropic's, whose
+    # events are named by `event:`).
+    sse_done: bool = True
     ok_media: Mapping[str, str] = field(default_factory=dict)
     ok_headers: tuple[Param, ...] = ()
     # Answers besides the success and the errors (status -> (description, JSON type)).
@@ -177,6 +181,8 @@ class Operation:
     # Goes through the key's and tenant's rate limits and budgets: 429 may answer, and the
     # answers carry the x-ratelimit-* headers.
     rate_limited: bool = False
+    # The body of its errors, when not OpenAI's ErrorBody (the Anthropic door's).
+    error_body: Any = None
 
     def __post_init__(self) -> None:
         unknown = set(self.errors) - set(ERROR_TEXT)
@@ -311,7 +317,7 @@ def _responses(op: Operation, schemas: _Schemas) -> dict[str, Any]:
         schemas.put(op.ok, json_media)
         content["application/json"] = json_media
     if op.sse:
-        content["text/event-stream"] = _event_stream(op.sse, schemas)
+        content["text/event-stream"] = _event_stream(op.sse, schemas, op.sse_done)
     for media_type, text in op.ok_media.items():
         content[media_type] = {"schema": {"type": "string", "description": text}}
     if content:
@@ -332,12 +338,32 @@ def _responses(op: Operation, schemas: _Schemas) -> dict[str, Any]:
     if op.rate_limited:
         codes.add(429)
     for status in sorted(codes):
-        responses[str(status)] = {"$ref": f"#/components/responses/{status}"}
+        if op.error_body is None:
+            responses[str(status)] = {"$ref": f"#/components/responses/{status}"}
+        else:
+            responses[str(status)] = _error_response(status, op.error_body, schemas)
     return responses
 
 
-def _event_stream(types: tuple[Any, ...], schemas: _Schemas) -> dict[str, Any]:
-    """Server-sent events whose `data` is JSON of one of `types`, the last `[DONE]`.
+def _error_response(status: int, body: Any, schemas: _Schemas) -> dict[str, Any]:
+    """An error answer with a body of its own type (the shared ones are OpenAI's)."""
+    media: dict[str, Any] = {}
+    schemas.put(body, media)
+    response: dict[str, Any] = {
+        "description": ERROR_TEXT[status],
+        "content": {"application/json": media},
+    }
+    if status == 429:
+        response["headers"] = {
+            "Retry-After": {"$ref": "#/components/headers/Retry-After"},
+            **_rate_limit_refs(),
+        }
+    return response
+
+
+def _event_stream(types: tuple[Any, ...], schemas: _Schemas, done: bool = True) -> dict[str, Any]:
+    """Server-sent events whose `data` is JSON of one of `types`, the last `[DONE]` if
+    `done`.
 
     OpenAPI 3.1 has no word for one event of a stream (3.2's `itemSchema`); its tools
     (schemathesis among them) read a text/event-stream `schema` as that of each event, an
@@ -345,23 +371,21 @@ def _event_stream(types: tuple[Any, ...], schemas: _Schemas) -> dict[str, Any]:
     data: dict[str, Any] = {"anyOf": [{} for _ in types]}
     for i, type_ in enumerate(types):
         schemas.put(type_, data["anyOf"], i)
+    json_data = {"type": "string", "contentMediaType": "application/json", "contentSchema": data}
+    if done:
+        text = "`data:` a JSON chunk (or the error that ended the stream); the last event's "
+        text += "data is `[DONE]`."
+        data_schema: dict[str, Any] = {"anyOf": [json_data, {"const": "[DONE]"}]}
+    else:
+        text = "`event:` its type, `data:` the event as JSON (`error` when the stream fails)."
+        data_schema = json_data
     return {
         "schema": {
-            "description": "One server-sent event: `data:` a JSON chunk (or the error that "
-            "ended the stream); the last event's data is `[DONE]`.",
+            "description": f"One server-sent event: {text}",
             "type": "object",
             "required": ["data"],
             "properties": {
-                "data": {
-                    "anyOf": [
-                        {
-                            "type": "string",
-                            "contentMediaType": "application/json",
-                            "contentSchema": data,
-                        },
-                        {"const": "[DONE]"},
-                    ]
-                },
+                "data": data_schema,
                 "event": {"type": "string"},
                 "id": {"type": "string"},
                 "retry": {"type": "integer"},

@@ -78,7 +78,7 @@ async def ask_session(nc: Client, command: SessionCommandUnion, timeout: float) 
     """One request to a session actor; refusals and bus failures become ApiErrors."""
     msg = await ask_bus(
         nc,
-        session_cmd(command.session_id),
+        session_cmd(command.tenant, command.session_id),
         SESSION_COMMAND_CODEC.encode(command),
         timeout,
         absent="No session worker is running; try again shortly.",
@@ -102,7 +102,8 @@ async def _cancel(nc: Client, start: StartTurn) -> None:
     with contextlib.suppress(Exception):
         for token in dict.fromkeys((start.turn_id, start.abandon_id)):
             await nc.publish(
-                session_cancel(start.session_id, token), CANCEL_CODEC.encode(CancelRequest())
+                session_cancel(start.tenant, start.session_id, token),
+                CANCEL_CODEC.encode(CancelRequest()),
             )
         await nc.flush(timeout=1)
 
@@ -173,7 +174,7 @@ class TurnRelay:
 
     async def __aenter__(self) -> Self:
         self._sub = await self._nc.subscribe(
-            session_out(self.start.session_id, self.start.turn_id),
+            session_out(self.start.tenant, self.start.session_id, self.start.turn_id),
             cb=self._on_message,
             pending_msgs_limit=0,
         )

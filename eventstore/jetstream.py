@@ -3,6 +3,14 @@
 Appends use optimistic concurrency (`Nats-Expected-Last-Subject-Sequence`), chained
 event by event. Reads use the batched direct get, which needs `allow_direct` on the
 stream (nats-server 2.11+).
+
+A session's subject is `chat.events.<tenant>.<session id>`. Logs written before
+sessions were per tenant sit under `chat.events.<session id>`; they are read, and
+continued, where they are (a copy would change every stream sequence that the memory
+index, the usage ledger and other sessions' records point at). Which tenant owns each
+of them is read once per store, from their first events, so finding a session's
+subject never costs a read of its own: another tenant's old session with the same id
+looks exactly like a free id.
 """
 
 from __future__ import annotations
@@ -33,12 +41,17 @@ from bus.requests import nats_request
 from bus.subjects import (
     EVENTS_STREAM,
     EVENTS_WILDCARD,
+    LEGACY_EVENTS_WILDCARD,
     direct_get,
+    legacy_session_events,
     session_events,
+    session_events_of_any_tenant,
     session_from_events_subject,
+    session_key,
+    stream_info,
 )
 from eventstore.errors import ConcurrencyConflict, EventStoreError, StoreUnavailable
-from eventstore.events import EventUnion
+from eventstore.events import EventUnion, SessionOpened
 from eventstore.store import SessionInfo, StoredEvent
 from eventstore.upcast import EVENT_CODEC
 
@@ -58,9 +71,12 @@ EVENT_TYPE_HEADER = "Veil-Event-Type"
 LOAD_BATCH = 512
 # How long the stream remembers a Nats-Msg-Id (seconds).
 DUPLICATE_WINDOW = 120.0
+# First events of legacy sessions read at once while learning their tenants.
+LEGACY_READS = 64
 
 WRONG_LAST_SEQUENCE = 10071
 _STREAM_NAME_IN_USE = 10058
+_STREAM_NOT_FOUND = 10059
 _CODEC = EVENT_CODEC
 _TAGS: dict[type, str] = {cls: str(cls.__struct_config__.tag) for cls in get_args(EventUnion)}
 # What a connection in trouble raises; the caller may retry later.
@@ -86,6 +102,25 @@ class _PubAck(msgspec.Struct):
 
 
 _ACK_CODEC: Codec[_PubAck] = Codec(_PubAck)
+
+
+class _SubjectsState(msgspec.Struct):
+    subjects: dict[str, int] | None = None
+
+
+class _StreamInfo(msgspec.Struct):
+    """What stream info answers with a subjects filter: one page of the subjects."""
+
+    state: _SubjectsState = msgspec.field(default_factory=_SubjectsState)
+    total: int = 0
+    error: dict[str, Any] | None = None
+
+
+_INFO_CODEC: Codec[_StreamInfo] = Codec(_StreamInfo)
+
+
+class _NoStream(StoreUnavailable):
+    """The events stream does not exist (yet)."""
 
 
 class _Raw(NamedTuple):
@@ -168,14 +203,39 @@ class JetStreamEventStore:
         self._timeout = timeout
         self._load_batch = load_batch
         self._direct_get_subject = direct_get(stream)
+        self._info_subject = stream_info(stream)
+        # Legacy session id -> its tenant, learned once (see the module's docstring).
+        self._legacy: dict[str, str] | None = None
+        self._legacy_lock = asyncio.Lock()
 
-    async def load(self, session_id: str, after: int = 0) -> list[StoredEvent]:
+    async def subject(self, tenant: str, session_id: str) -> str:
+        """Where the session's events are: its own subject, or its legacy one."""
+        subject = session_events(tenant, session_id)  # validates both before any read
+        if (await self._legacy_owners()).get(session_id) == tenant:
+            return legacy_session_events(session_id)
+        return subject
+
+    async def legacy_tenant(self, session_id: str) -> str | None:
+        return (await self._legacy_owners()).get(session_id)
+
+    async def tenants_of(self, session_id: str) -> list[str]:
+        """The tenants that have a session with this id, sorted (for operators' commands)."""
+        tenants = {
+            parts[0]
+            for subject in await self._subjects(session_events_of_any_tenant(session_id))
+            if (parts := session_from_events_subject(subject)) is not None and parts[0]
+        }
+        legacy = await self.legacy_tenant(session_id)
+        return sorted(tenants | ({legacy} if legacy is not None else set()))
+
+    async def load(self, tenant: str, session_id: str, after: int = 0) -> list[StoredEvent]:
         """Events of one session with seq > after, in order."""
-        raws = await self._fetch(session_events(session_id), after)
+        raws = await self._fetch(await self.subject(tenant, session_id), after)
         return [StoredEvent(seq=raw.seq, event=_CODEC.decode(raw.data)) for raw in raws]
 
     async def append(
         self,
+        tenant: str,
         session_id: str,
         events: Sequence[EventUnion],
         *,
@@ -183,9 +243,10 @@ class JetStreamEventStore:
         dedupe_id: str | None = None,
     ) -> int:
         """Append events one message each, each one expecting the previous one's seq."""
-        subject = session_events(session_id)
+        subject = await self.subject(tenant, session_id)
+        key = session_key(tenant, session_id)
         if not events:
-            last = await self.last_seq(session_id)
+            last = await self.last_seq(tenant, session_id)
             if last != expected_last_seq:
                 raise ConcurrencyConflict(session_id, expected_last_seq)
             return last
@@ -198,7 +259,7 @@ class JetStreamEventStore:
                 EVENT_TYPE_HEADER: _TAGS[type(event)],
             }
             if dedupe_id is not None:
-                headers[Header.MSG_ID.value] = _msg_id(session_id, dedupe_id, i)
+                headers[Header.MSG_ID.value] = _msg_id(key, dedupe_id, i)
             try:
                 ack = await self._publish(subject, _CODEC.encode(event), headers)
             except nats.js.errors.APIError as e:
@@ -209,7 +270,7 @@ class JetStreamEventStore:
                 # The server checks the expected seq before the Msg-Id, so a retry of a
                 # batch that got stored lands here: look for our own messages instead.
                 stored = await self._stored_prefix(
-                    subject, expected_last_seq, session_id, dedupe_id, len(events)
+                    subject, expected_last_seq, key, dedupe_id, len(events)
                 )
                 if len(stored) <= i:
                     raise ConcurrencyConflict(session_id, expected_last_seq) from e
@@ -233,50 +294,111 @@ class JetStreamEventStore:
             nats.js.errors.APIError.from_error(ack.error)  # raises
         return ack
 
-    async def first(self, session_id: str) -> StoredEvent | None:
+    async def first(self, tenant: str, session_id: str) -> StoredEvent | None:
         """The session's first event (one direct get), None if it has none."""
-        reply = await self._direct_get({"seq": 1, "next_by_subj": session_events(session_id)})
+        return await self._first_on(await self.subject(tenant, session_id))
+
+    async def _first_on(self, subject: str) -> StoredEvent | None:
+        reply = await self._direct_get({"seq": 1, "next_by_subj": subject})
         if reply is None:
             return None
         seq, data = reply
         return StoredEvent(seq=seq, event=_CODEC.decode(data))
 
-    async def last_seq(self, session_id: str) -> int:
+    async def last_seq(self, tenant: str, session_id: str) -> int:
         """The seq of the session's last event, 0 if it has none."""
-        reply = await self._direct_get({"last_by_subj": session_events(session_id)})
+        return await self._last_on(await self.subject(tenant, session_id))
+
+    async def _last_on(self, subject: str) -> int:
+        reply = await self._direct_get({"last_by_subj": subject})
         return 0 if reply is None else reply[0]
 
     async def sessions(self) -> list[SessionInfo]:
-        """Every session with at least one event, sorted by id; one request per session."""
-        try:
-            info = await self._js.stream_info(self._stream, subjects_filter=EVENTS_WILDCARD)
-        except (*UNAVAILABLE, nats.js.errors.NotFoundError) as e:
-            raise StoreUnavailable(f"stream info {self._stream}: {e!r}") from e
-        except nats.js.errors.APIError as e:
-            raise EventStoreError(f"stream info {self._stream}: {e}") from e
-        counts = info.state.subjects or {}
-        subjects = sorted(counts, key=session_from_events_subject)
-        last_seqs = await asyncio.gather(
-            *(self.last_seq(session_from_events_subject(s)) for s in subjects)
-        )
+        """Every session with at least one event, sorted by tenant and id; one request per
+        session."""
+        counts = await self._subjects(EVENTS_WILDCARD)
+        legacy = await self._legacy_owners()
+        found: list[tuple[str, str, str]] = []
+        for subject, count in counts.items():
+            parts = session_from_events_subject(subject)
+            if parts is None or count == 0:
+                continue
+            tenant, session_id = parts
+            tenant = tenant or legacy.get(session_id)
+            if tenant is not None:  # a legacy log without its opening belongs to nobody
+                found.append((tenant, session_id, subject))
+        found.sort()
+        last_seqs = await asyncio.gather(*(self._last_on(subject) for *_, subject in found))
         return [
-            SessionInfo(
-                session_id=session_from_events_subject(subject),
-                events=counts[subject],
-                last_seq=seq,
-            )
-            for subject, seq in zip(subjects, last_seqs)
-            if counts[subject] > 0
+            SessionInfo(tenant=tenant, session_id=sid, events=counts[subject], last_seq=seq)
+            for (tenant, sid, subject), seq in zip(found, last_seqs)
         ]
 
-    async def erase(self, session_id: str) -> int:
+    async def _subjects(self, pattern: str) -> dict[str, int]:
+        """The stream's subjects that match `pattern`, with their message counts, page by
+        page (the server answers at most 100,000 subjects a request; nats-py's stream_info
+        reads only the first page)."""
+        counts: dict[str, int] = {}
+        while True:
+            body = json.dumps({"subjects_filter": pattern, "offset": len(counts)}).encode()
+            try:
+                reply = await nats_request(
+                    self._nc, self._info_subject, body, timeout=self._timeout
+                )
+            except UNAVAILABLE as e:
+                raise StoreUnavailable(f"stream info {self._stream}: {e!r}") from e
+            info = _INFO_CODEC.decode(reply.data)
+            if info.error is not None:
+                if info.error.get("err_code") == _STREAM_NOT_FOUND:
+                    raise _NoStream(f"stream info {self._stream}: no such stream")
+                raise EventStoreError(f"stream info {self._stream}: {info.error}")
+            page = info.state.subjects or {}
+            counts.update(page)
+            if not page or len(counts) >= info.total:
+                return counts
+
+    async def _legacy_owners(self) -> dict[str, str]:
+        """Legacy session id -> tenant, read on first use: one read per legacy session,
+        once per store (none are written any more)."""
+        if self._legacy is not None:
+            return self._legacy
+        async with self._legacy_lock:
+            if self._legacy is None:
+                self._legacy = await self._read_legacy_owners()
+        return self._legacy
+
+    async def _read_legacy_owners(self) -> dict[str, str]:
+        try:
+            names = [
+                parts[1]
+                for subject in await self._subjects(LEGACY_EVENTS_WILDCARD)
+                if (parts := session_from_events_subject(subject)) is not None and parts[0] is None
+            ]
+        except _NoStream:
+            return {}  # no stream yet: it will only ever hold per-tenant subjects
+        owners: dict[str, str] = {}
+        for start in range(0, len(names), LEGACY_READS):
+            chunk = names[start : start + LEGACY_READS]
+            firsts = await asyncio.gather(
+                *(self._first_on(legacy_session_events(name)) for name in chunk),
+                return_exceptions=True,
+            )
+            for name, first in zip(chunk, firsts):
+                if isinstance(first, StoreUnavailable):
+                    raise first  # read again next time: nothing is learned half-way
+                # An opening that does not decode makes that log nobody's, not the store's failure.
+                if isinstance(first, StoredEvent) and isinstance(first.event, SessionOpened):
+                    owners[name] = first.event.tenant
+        return owners
+
+    async def erase(self, tenant: str, session_id: str) -> int:
         """Securely delete each of the session's messages, then purge its subject.
 
         A message delete without `no_erase` makes the server overwrite the
         message in its block file; a subject purge alone may leave the bytes
         on disk until the block is compacted.
         """
-        subject = session_events(session_id)
+        subject = await self.subject(tenant, session_id)
         raws = await self._fetch(subject, 0)
         try:
             for raw in raws:
@@ -307,12 +429,12 @@ class JetStreamEventStore:
         return seq, reply.data
 
     async def _stored_prefix(
-        self, subject: str, after: int, session_id: str, dedupe_id: str, count: int
+        self, subject: str, after: int, key: str, dedupe_id: str, count: int
     ) -> list[int]:
         """Seqs of the batch's own messages right after `after`, as far as they got stored."""
         seqs: list[int] = []
         for raw in await self._fetch(subject, after, limit=count):
-            if raw.msg_id != _msg_id(session_id, dedupe_id, len(seqs)):
+            if raw.msg_id != _msg_id(key, dedupe_id, len(seqs)):
                 break
             seqs.append(raw.seq)
         return seqs
@@ -373,10 +495,11 @@ class JetStreamEventStore:
             raise StoreUnavailable(f"direct get on {self._stream}: {e!r}") from e
 
 
-def _msg_id(session_id: str, dedupe_id: str, index: int) -> str:
-    # The duplicate window spans the whole stream: scope ids to the session so two
-    # sessions reusing a dedupe id cannot swallow each other's events.
-    return f"{session_id}:{dedupe_id}:{index}"
+def _msg_id(key: str, dedupe_id: str, index: int) -> str:
+    # The duplicate window spans the whole stream: scope ids to the session (its
+    # session_key, tenant included) so two sessions reusing a dedupe id cannot swallow
+    # each other's events.
+    return f"{key}:{dedupe_id}:{index}"
 
 
 def _header(headers: dict[str, Any], name: str) -> str | None:

@@ -1,4 +1,8 @@
-"""The EventStore protocol that every store implements."""
+"""The EventStore protocol that every store implements.
+
+A session's log is found by its tenant and its id together (bus/subjects.py): two
+tenants may use the same session id and never share a log.
+"""
 
 from __future__ import annotations
 
@@ -20,18 +24,20 @@ class StoredEvent(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class SessionInfo(msgspec.Struct, frozen=True, kw_only=True):
+    tenant: str
     session_id: str
     events: int
     last_seq: int
 
 
 class EventStore(Protocol):
-    async def load(self, session_id: str, after: int = 0) -> list[StoredEvent]:
+    async def load(self, tenant: str, session_id: str, after: int = 0) -> list[StoredEvent]:
         """Events of one session with seq > after, in order."""
         ...
 
     async def append(
         self,
+        tenant: str,
         session_id: str,
         events: Sequence[EventUnion],
         *,
@@ -47,11 +53,11 @@ class EventStore(Protocol):
         """
         ...
 
-    async def first(self, session_id: str) -> StoredEvent | None:
+    async def first(self, tenant: str, session_id: str) -> StoredEvent | None:
         """The session's first event (it says who owns the session), None if it has none."""
         ...
 
-    async def last_seq(self, session_id: str) -> int:
+    async def last_seq(self, tenant: str, session_id: str) -> int:
         """The seq of the session's last event, 0 if it has none."""
         ...
 
@@ -59,6 +65,15 @@ class EventStore(Protocol):
         """Every session with at least one event."""
         ...
 
-    async def erase(self, session_id: str) -> int:
+    async def erase(self, tenant: str, session_id: str) -> int:
         """Delete every event of a session so its bytes are gone; returns how many."""
+        ...
+
+    async def subject(self, tenant: str, session_id: str) -> str:
+        """The bus subject the session's appends are published on (to wait for one)."""
+        ...
+
+    async def legacy_tenant(self, session_id: str) -> str | None:
+        """The tenant of a session stored before sessions were per tenant, under its id
+        alone (`chat.events.<id>`); None if no such session exists."""
         ...

@@ -1,11 +1,15 @@
 """Tombstones: the only trace a deleted session leaves (that, when, and by whom).
 
 They live in their own stream, so erasing a session's events never touches
-them, and projections read them to refuse late events of a deleted session.
+them, and projections read them to refuse late events of a deleted session. A
+tombstone's subject names the tenant and the session, as the session's log did;
+one recorded before sessions were per tenant (under the session id alone) still
+counts, for its own tenant only.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import datetime
 
@@ -18,7 +22,13 @@ from nats.js.client import JetStreamContext
 
 from bus.codec import Codec
 from bus.requests import nats_request
-from bus.subjects import TOMBSTONES_STREAM, TOMBSTONES_WILDCARD, direct_get, session_tombstone
+from bus.subjects import (
+    TOMBSTONES_STREAM,
+    TOMBSTONES_WILDCARD,
+    direct_get,
+    legacy_session_tombstone,
+    session_tombstone,
+)
 from eventstore.errors import StoreUnavailable
 from eventstore.jetstream import create_stream
 
@@ -56,15 +66,26 @@ class TombstoneLog:
     async def record(self, tombstone: Tombstone) -> None:
         try:
             await self._js.publish(
-                session_tombstone(tombstone.session_id),
+                session_tombstone(tombstone.tenant, tombstone.session_id),
                 _CODEC.encode(tombstone),
                 timeout=self._timeout,
             )
         except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as e:
             raise StoreUnavailable(f"recording tombstone: {e!r}") from e
 
-    async def get(self, session_id: str) -> Tombstone | None:
-        request = json.dumps({"last_by_subj": session_tombstone(session_id)}).encode()
+    async def get(self, tenant: str, session_id: str) -> Tombstone | None:
+        """The session's tombstone, if it was deleted. Both places are read every time,
+        so another tenant's old tombstone of the same id costs what no tombstone does."""
+        found, legacy = await asyncio.gather(
+            self._last(session_tombstone(tenant, session_id)),
+            self._last(legacy_session_tombstone(session_id)),
+        )
+        if found is None and legacy is not None and legacy.tenant == tenant:
+            return legacy
+        return found
+
+    async def _last(self, subject: str) -> Tombstone | None:
+        request = json.dumps({"last_by_subj": subject}).encode()
         try:
             reply = await nats_request(
                 self._nc, direct_get(TOMBSTONES_STREAM), request, timeout=self._timeout

@@ -63,15 +63,17 @@ class VeilThread:
 
         self.call(caught_up(), timeout)
 
-    def events(self, session_id: str) -> list[Any]:
-        """A session's events as its log holds them, read through a connection of its own."""
+    def events(self, session_id: str, tenant: str | None = None) -> list[Any]:
+        """A session's events as its log holds them, read through a connection of its own;
+        without a tenant, of the one tenant that has a session of this id (if any)."""
 
         async def read() -> list[Any]:
             nc = await nats.connect(self.nats_url)
             try:
-                return [
-                    s.event for s in await JetStreamEventStore(nc.jetstream(), nc).load(session_id)
-                ]
+                store = JetStreamEventStore(nc.jetstream(), nc)
+                tenants = [tenant] if tenant else await store.tenants_of(session_id)
+                assert len(tenants) <= 1, f"several tenants use {session_id}: name one"
+                return [s.event for t in tenants for s in await store.load(t, session_id)]
             finally:
                 await nc.close()
 

@@ -250,6 +250,19 @@ def test_an_empty_or_blank_api_key_stops_start_up(tmp_path: Path, key: str) -> N
     assert str(info.value).startswith(f"{path}:3: keys[0].key:"), str(info.value)
 
 
+@pytest.mark.parametrize("tenant", ['"team a"', '"team.a"', '"acme>"', '""', f'"{"y" * 129}"'])
+def test_a_tenant_that_cannot_name_subjects_stops_start_up(tmp_path: Path, tenant: str) -> None:
+    """The tenant is a token of its sessions' subjects (bus/subjects.py)."""
+    text = GOOD.replace("[server]", f'[[keys]]\nkey = "sk-t"\ntenant = {tenant}\n\n[server]', 1)
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert str(info.value).startswith(f"{path}:4: keys[0].tenant:"), str(info.value)
+    table = GOOD + '\n[tenants."a.b"]\nrpm = 10\n'
+    with pytest.raises(ConfigError, match=r"tenants\.a\.b: tenants are 1-128 characters"):
+        load_config(write(tmp_path, table), env={})
+
+
 @pytest.mark.parametrize(
     "field", ["header_timeout", "body_timeout", "keepalive_timeout", "max_connections"]
 )

@@ -84,7 +84,7 @@ def _start(session_id: str, turn_id: str) -> StartTurn:
 
 async def test_relay_unpacks_batches_in_order_and_waits_for_late_deltas(nc: Client) -> None:
     start = _start("s_relay", "t2")
-    out = session_out(start.session_id, start.turn_id)
+    out = session_out(start.tenant, start.session_id, start.turn_id)
     done = TurnDone(content="abcde", finish_reason="stop", usage=Usage(), deltas=5)
     async with TurnRelay(nc, start) as relay:
         await nc.publish(

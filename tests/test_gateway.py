@@ -117,7 +117,10 @@ def store(veil: VeilThread) -> Iterator[JetStreamEventStore]:
 
 
 def events_of(veil: VeilThread, store: JetStreamEventStore, session_id: str) -> list[object]:
-    return [s.event for s in veil.call(store.load(session_id))]
+    """The session's events, of the one tenant that has a session of this id."""
+    tenants = veil.call(store.tenants_of(session_id))
+    assert len(tenants) <= 1, tenants
+    return [s.event for t in tenants for s in veil.call(store.load(t, session_id))]
 
 
 # --- models ---------------------------------------------------------------------------------
@@ -311,34 +314,34 @@ async def test_async_streaming_continues_session(
 # --- sessions: contract and ownership -------------------------------------------------------
 
 
-def test_unknown_and_foreign_sessions_get_the_same_404(
-    veil: VeilThread, client: openai.OpenAI
+def test_another_tenants_session_id_is_a_free_name(
+    veil: VeilThread, client: openai.OpenAI, upstream: FakeOpenAI
 ) -> None:
     sid = client.chat.completions.create(
         model="veil", messages=[{"role": "user", "content": "mine"}]
     ).model_extra["session_id"]
     other = openai.OpenAI(base_url=veil.base_url, api_key=KEY_B, max_retries=0)
-    with pytest.raises(openai.NotFoundError) as foreign:
-        other.chat.completions.create(
+    # Session ids are per tenant: tenant b naming a's id, or a free one, opens its own.
+    seen = []
+    for name in (sid, f"sess_nope_{uuid.uuid4().hex}"):
+        reply = other.chat.completions.create(
             model="veil",
             messages=[{"role": "user", "content": "x"}],
-            extra_body={"session_id": sid},
+            extra_body={"session_id": name},
         )
-    with pytest.raises(openai.NotFoundError) as missing:
-        other.chat.completions.create(
-            model="veil",
-            messages=[{"role": "user", "content": "x"}],
-            extra_body={"session_id": "sess_nope"},
-        )
-    assert foreign.value.body["code"] == missing.value.body["code"] == "session_not_found"
-    assert foreign.value.body["message"].replace(sid, "X") == missing.value.body["message"].replace(
-        "sess_nope", "X"
-    )
-    # Another key of the same tenant may continue it.
+        assert reply.model_extra["session_id"] == name
+        seen.append([m["content"] for m in upstream.last_request.body["messages"]])
+    assert seen[0] == seen[1] and seen[0][-1] == "x" and "mine" not in seen[0]
+    # Another key of the same tenant continues a's session.
     same_tenant = openai.OpenAI(base_url=veil.base_url, api_key=KEY_A2, max_retries=0)
     same_tenant.chat.completions.create(
         model="veil", messages=[{"role": "user", "content": "ok"}], extra_body={"session_id": sid}
     )
+    assert [m["content"] for m in upstream.last_request.body["messages"]][1:] == [
+        "mine",
+        "echo: mine",
+        "ok",
+    ]
 
 
 @pytest.mark.parametrize("bad", ["has.dot", "star*", "gt>", "white space", "x" * 129, "ümlaut"])
@@ -603,8 +606,9 @@ def test_refused_request_writes_nothing(
         ).encode(),
         headers={"Authorization": f"Bearer {KEY_B}"},
     )
-    assert r.status_code == 404
-    assert len(events_of(veil, store, sid)) == before
+    # Another tenant naming the id opens a session of its own: a's log is untouched.
+    assert r.status_code == 200
+    assert len(veil.call(store.load("tenant-a", sid))) == before
 
 
 def test_unknown_route_is_openai_404(veil: VeilThread) -> None:
@@ -722,7 +726,7 @@ async def test_client_disconnect_cancels_and_records_partial(
         events = [
             s.event
             for s in await asyncio.wrap_future(
-                asyncio.run_coroutine_threadsafe(store.load(sid), veil._loop)
+                asyncio.run_coroutine_threadsafe(store.load("tenant-a", sid), veil._loop)
             )
         ]
         if any(isinstance(e, TurnCancelled) for e in events):

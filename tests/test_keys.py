@@ -17,6 +17,7 @@ import pytest
 
 from bus.subjects import KEYS_BUCKET
 from config import ApiKey, Config, EngineConfig, MemoryConfig, ModelConfig, PipelineConfig
+from contracts.keys import KEY_RECORD_CODEC
 from edge.auth import Authenticator
 from edge.keystore import KeyStore
 from edge.openai_wire import ApiError
@@ -200,3 +201,29 @@ def test_bad_key_requests_are_400s(veil: VeilThread) -> None:
         status, error = call(veil, "POST", "/admin/keys", ADMIN, body)
         assert status == 400 and error["error"]["type"] == "invalid_request_error", body
     assert call(veil, "DELETE", "/admin/keys/key_nope", ADMIN)[0] == 404
+
+
+def test_a_key_whose_tenant_cannot_name_subjects_is_refused_not_a_500(veil: VeilThread) -> None:
+    """Tenants are tokens of their sessions' subjects: the store refuses to make such a key,
+    and one an older version made stops working instead of failing every request."""
+    key = create(veil)
+    assert chat(veil, key["key"]) == 200
+
+    async def corrupt() -> None:
+        nc = await nats.connect(veil.nats_url)
+        try:
+            store = await KeyStore.open(nc.jetstream())
+            with pytest.raises(ValueError, match="tenant"):
+                await store.create(tenant="team a")
+            kv = await nc.jetstream().key_value(KEYS_BUCKET)
+            record = KEY_RECORD_CODEC.decode((await kv.get(key["id"])).value or b"")
+            await kv.put(
+                key["id"], KEY_RECORD_CODEC.encode(msgspec.structs.replace(record, tenant="team a"))
+            )
+        finally:
+            await nc.close()
+
+    veil.call(corrupt())
+    eventually(lambda: chat(veil, key["key"]) == 401)
+    status, refused = call(veil, "POST", "/admin/keys", ADMIN, {"tenant": "team.a"})
+    assert status == 400 and refused["error"]["param"] == "tenant"

@@ -128,7 +128,8 @@ def test_recall_finds_a_fact_from_fifty_turns_ago(veil: VeilThread, upstream: Fa
     assert all("31-07-44" not in m["content"] for m in prompt[1:]), "not in the recent history"
     system = system_of(upstream)
     assert MEMORY_PREAMBLE in system and "<memories>" in system
-    assert '"Please remember that my locker combination is 31-07-44."' in system  # quoted, as data
+    # The turn as one item, the message and its reply, quoted as data.
+    assert '"Please remember that my locker combination is 31-07-44.\\nAssistant: Noted."' in system
     recalled = [e for e in veil.events(sid) if isinstance(e, MemoryRecalled)][-1]
     used = [h for h in recalled.hits if h.used]
     assert any(h.text and "31-07-44" in h.text for h in used)

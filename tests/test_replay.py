@@ -45,8 +45,8 @@ def test_sessions_are_listed_by_last_activity_with_model_user_and_turns() -> Non
     old = opened("aaa", T0, seq=1, user="ann")
     new = opened("zzz", T0 + timedelta(days=1), seq=10)
     rows = [
-        session_row(SessionInfo(session_id="aaa", events=2, last_seq=2), old),
-        session_row(SessionInfo(session_id="zzz", events=2, last_seq=11), new),
+        session_row(SessionInfo(tenant="acme", session_id="aaa", events=2, last_seq=2), old),
+        session_row(SessionInfo(tenant="acme", session_id="zzz", events=2, last_seq=11), new),
     ]
     lines = list(render_sessions(rows, as_json=False))
     assert [line.split()[0] for line in lines[1:]] == ["zzz", "aaa"]  # the latest first

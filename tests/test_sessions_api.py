@@ -143,8 +143,8 @@ def test_delete_forgets_everywhere_and_leaves_a_tombstone(
         nc = await nats.connect(veil.nats_url)
         try:
             js = nc.jetstream()
-            found = await TombstoneLog(js, nc).get(sid)
-            events = await JetStreamEventStore(js, nc).load(sid)
+            found = await TombstoneLog(js, nc).get("a", sid)
+            events = await JetStreamEventStore(js, nc).load("a", sid)
             return found, events
         finally:
             await nc.close()

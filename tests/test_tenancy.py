@@ -7,6 +7,7 @@ endpoint added later fails here until someone says (and tests) how tenants stay 
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,11 +26,14 @@ SECRET_WORDS = "marmalade-zeppelin"
 
 # How each route keeps tenants apart:
 #   session: a session-scoped read or change; another tenant's id answers as a free one (404)
+#     (session ids are per tenant: a chat turn naming one opens the caller's own session)
 #   admin: admin keys only (global by design); chat and audit keys get 403
 #   tenant: lists only the caller's tenant (checked by its own test below)
 #   public: no tenant data at all
 ROUTES: dict[tuple[str, str], str] = {
     ("POST", "/v1/chat/completions"): "tenant",
+    ("POST", "/v1/messages"): "tenant",
+    ("POST", "/v1/messages/count_tokens"): "tenant",
     ("GET", "/v1/models"): "public",
     ("GET", "/v1/models/{model}"): "public",
     ("GET", "/v1/sessions/{session_id}"): "session",
@@ -171,20 +175,30 @@ def test_admin_routes_refuse_chat_and_audit_keys(
         assert status == 403 and body["error"]["code"] == "missing_scope", (key, body)
 
 
-def test_a_turn_on_another_tenants_session_answers_as_on_a_free_id(
-    veil: VeilThread, upstream: FakeOpenAI, a_session: tuple[str, str]
+def test_a_turn_on_another_tenants_session_name_opens_the_callers_own(
+    veil: VeilThread, upstream: FakeOpenAI
 ) -> None:
-    sid, _ = a_session
-    calls = len(upstream.requests)
-    errors = []
-    for name in (sid, "sess_free"):
-        with pytest.raises(openai.NotFoundError) as caught:
-            chat(veil, B_CHAT, "what was the code word?", name)
-        errors.append(caught.value.body)
-    assert errors[0] == {**errors[1], "message": errors[1]["message"].replace("sess_free", sid)}
-    assert len(upstream.requests) == calls, "no model was asked"
-    status, theirs = call(veil, "GET", f"/v1/sessions/{sid}", A_CHAT)
-    assert status == 200 and theirs["turns"] == 1, "tenant a's session is untouched"
+    """Session names are per tenant: naming another tenant's session opens one's own under
+    that name, exactly as a free name does, and nothing of the other tenant's is seen."""
+    theirs = str(chat(veil, A_CHAT, f"my code word is {SECRET_WORDS}").model_extra["session_id"])
+    veil.wait_for_memory()
+    answers = []
+    for name in (theirs, f"sess_free_{uuid.uuid4().hex}"):
+        reply = chat(veil, B_CHAT, "what was the code word?", name)
+        assert reply.model_extra["session_id"] == name
+        assert SECRET_WORDS not in str(upstream.last_request.body["messages"])
+        status, view = call(veil, "GET", f"/v1/sessions/{name}", B_CHAT)
+        assert status == 200, view
+        status, listed = call(veil, "GET", f"/v1/sessions/{name}/messages", B_AUDIT)
+        assert status == 200 and SECRET_WORDS not in str(listed)
+        answers.append((reply.choices[0].message.content, view["turns"], len(listed["data"])))
+    assert answers[0] == answers[1] == ("echo: what was the code word?", 1, 2)
+    status, kept = call(veil, "GET", f"/v1/sessions/{theirs}/messages", A_AUDIT)
+    assert status == 200 and len(kept["data"]) == 2 and SECRET_WORDS in str(kept)
+    # Deleting b's session of that name leaves a's as it was.
+    assert call(veil, "DELETE", f"/v1/sessions/{theirs}", B_CHAT)[0] == 200
+    assert call(veil, "GET", f"/v1/sessions/{theirs}", B_CHAT)[0] == 404
+    assert call(veil, "GET", f"/v1/sessions/{theirs}", A_CHAT)[1]["turns"] == 1
 
 
 def test_long_term_memory_never_recalls_another_tenants_words(

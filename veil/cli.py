@@ -1,4 +1,4 @@
-"""The `veil` command: serve, gateway, worker, replay, sessions."""
+"""The `veil` command: serve, gateway, worker, replay, sessions, backup, restore."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from config import Config, ConfigError, load_config
+from veil.backup import add_backup_parser
 from veil.keys import add_keys_parser
 from veil.logs import FORMATS, LEVELS, configure_logging, default_format
 from veil.usage import add_usage_parser
@@ -62,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
         "replay", help="print a session's events in order and the state rebuilt from them"
     )
     replay.add_argument("session_id")
+    replay.add_argument(
+        "--tenant", help="the session's tenant (needed only when several tenants use the id)"
+    )
     replay.add_argument("--json", action="store_true", help="one JSON object per line")
     replay.add_argument(
         "--config", default=argparse.SUPPRESS, help="TOML config file (or VEIL_CONFIG)"
@@ -83,8 +87,10 @@ def _parser() -> argparse.ArgumentParser:
     kb_rm.add_argument("paths", nargs="+")
     kb_sub.add_parser("reindex", help="rebuild the knowledge index from the KB_EVENTS log")
     add_keys_parser(sub)
+    add_backup_parser(sub)
     add_usage_parser(sub)
     sessions = sub.add_parser("sessions", help="list sessions")
+    sessions.add_argument("--tenant", help="only this tenant's sessions")
     sessions.add_argument("--json", action="store_true", help="one JSON object per line")
     sessions.add_argument(
         "--config", default=argparse.SUPPRESS, help="TOML config file (or VEIL_CONFIG)"
@@ -128,23 +134,37 @@ async def _log_connection(config: Config, *, create: bool = False) -> AsyncItera
         server.stop()
 
 
-async def _replay(config: Config, session_id: str, as_json: bool) -> int:
+async def _replay(config: Config, session_id: str, tenant: str | None, as_json: bool) -> int:
+    from actors.memory.items import item_text
     from bus.connection import connect
     from bus.subjects import is_valid_id
     from eventstore.jetstream import JetStreamEventStore
-    from veil.replay import referenced_sessions, render_replay, text_at
+    from veil.replay import referenced_sessions, render_replay
 
     if not is_valid_id(session_id):
         print(f"invalid session id: {session_id!r}", file=sys.stderr)
+        return 2
+    if tenant is not None and not is_valid_id(tenant):
+        print(f"invalid tenant: {tenant!r}", file=sys.stderr)
         return 2
     async with _log_connection(config) as url:
         nc = await connect(url, name="veil-replay")
         try:
             store = JetStreamEventStore(nc.jetstream(), nc)
-            events = await store.load(session_id)
-            # Memories recalled from other sessions are references: resolve them while they exist.
+            # Session ids are per tenant: without --tenant, the id must name one session.
+            tenants = [tenant] if tenant is not None else await store.tenants_of(session_id)
+            if len(tenants) > 1:
+                print(
+                    f"session {session_id} exists in several tenants ({', '.join(tenants)}): "
+                    "name one with --tenant",
+                    file=sys.stderr,
+                )
+                return 2
+            events = await store.load(tenants[0], session_id) if tenants else []
+            # Memories recalled from other sessions (always of the same tenant) are
+            # references: resolve them while they exist.
             others = {
-                sid: {s.seq: s.event for s in await store.load(sid)}
+                sid: {s.seq: s.event for s in await store.load(tenants[0], sid)}
                 for sid in referenced_sessions(events)
             }
         finally:
@@ -154,15 +174,14 @@ async def _replay(config: Config, session_id: str, as_json: bool) -> int:
         return 1
 
     def resolve(sid: str, seq: int) -> str | None:
-        event = others.get(sid, {}).get(seq)
-        return None if event is None else (text_at(event, "user") or text_at(event, "assistant"))
+        return item_text(others.get(sid, {}), seq)
 
     for line in render_replay(session_id, events, as_json=as_json, resolve=resolve):
         print(line)
     return 0
 
 
-async def _sessions(config: Config, as_json: bool) -> int:
+async def _sessions(config: Config, tenant: str | None, as_json: bool) -> int:
     from bus.connection import connect
     from eventstore.jetstream import JetStreamEventStore, ensure_stream
     from veil.replay import render_sessions, session_row
@@ -173,8 +192,10 @@ async def _sessions(config: Config, as_json: bool) -> int:
             js = nc.jetstream()
             await ensure_stream(js)
             store = JetStreamEventStore(js, nc)
-            infos = await store.sessions()
-            rows = [session_row(info, await store.load(info.session_id)) for info in infos]
+            infos = [i for i in await store.sessions() if tenant in (None, i.tenant)]
+            rows = [
+                session_row(info, await store.load(info.tenant, info.session_id)) for info in infos
+            ]
         finally:
             await nc.drain()
     for line in render_sessions(rows, as_json=as_json):
@@ -206,6 +227,17 @@ async def _usage(config: Config, args: argparse.Namespace) -> int:
 
     async with _log_connection(config) as url:
         return await usage_main(config, url, args)
+
+
+async def _backup(config: Config, args: argparse.Namespace) -> int:
+    from veil.backup import backup_main, restore_main
+
+    directory = Path(args.directory)
+    if args.command == "backup":
+        return await backup_main(directory, lambda: _log_connection(config))
+    return await restore_main(
+        config, directory, args.force, lambda: _log_connection(config, create=True)
+    )
 
 
 async def _reindex(config: Config) -> int:
@@ -270,13 +302,15 @@ def main(argv: list[str] | None = None) -> int:
             pass
         return 0
     if args.command == "replay":
-        return asyncio.run(_replay(config, args.session_id, args.json))
+        return asyncio.run(_replay(config, args.session_id, args.tenant, args.json))
     if args.command == "sessions":
-        return asyncio.run(_sessions(config, args.json))
+        return asyncio.run(_sessions(config, args.tenant, args.json))
     if args.command == "reindex":
         return asyncio.run(_reindex(config))
     if args.command == "usage":
         return asyncio.run(_usage(config, args))
+    if args.command in ("backup", "restore"):
+        return asyncio.run(_backup(config, args))
     if args.command == "keys":
         return asyncio.run(_keys(config, args))
     if args.command == "kb":

@@ -36,7 +36,6 @@ __all__ = [
     "referenced_sessions",
     "render_replay",
     "render_sessions",
-    "text_at",
 ]
 
 QUOTE_WIDTH = 400
@@ -303,14 +302,3 @@ def referenced_sessions(stored: Sequence[StoredEvent]) -> set[str]:
         for h in item.event.hits
         if h.text is None
     }
-
-
-def text_at(event: EventUnion, role: str) -> str | None:
-    """The text a memory made from this event carries (the projection's rule)."""
-    match event:
-        case TurnStarted():
-            return next((m.content for m in event.messages if m.role == role), None)
-        case ReplyCompleted():
-            return event.content
-        case _:
-            return None

@@ -24,7 +24,11 @@ from actors.tools.actor import ToolActor, configured_tools
 from bus.connection import connect
 from bus.runtime import ActorHost
 from bus.signals import Signals
-from bus.subjects import SESSION_CANCEL_WILDCARD, SESSION_CMD_WILDCARD, session_from_cmd_subject
+from bus.subjects import (
+    SESSION_CANCEL_WILDCARD,
+    SESSION_CMD_WILDCARD,
+    session_key_from_cmd_subject,
+)
 from config import Config
 from eventstore.jetstream import JetStreamEventStore, ensure_stream
 from eventstore.tombstones import TombstoneLog
@@ -83,8 +87,9 @@ class Workers:
             description="Session actors: one writer per chat session",
             endpoint="cmd",
             subject=SESSION_CMD_WILDCARD,
-            key_of=session_from_cmd_subject,
-            factory=lambda sid: SessionActor(sid, ctx),
+            # One actor per session_key: a tenant and a session id.
+            key_of=session_key_from_cmd_subject,
+            factory=lambda key: SessionActor(key, ctx),
             idle_seconds=self._config.server.actor_idle,
             screen=front.screen,
         )

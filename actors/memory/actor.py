@@ -167,7 +167,7 @@ class MemoryActor:
     # -- forgetting ---------------------------------------------------------
 
     async def _forget(self, tenant: str, session_id: str) -> int:
-        self._projector.forget(session_id)
+        self._projector.forget(tenant, session_id)
         # The index keeps the deletion and refuses the session's records from then on,
         # those of a batch the projection is embedding now included.
         return await self._index.delete_session(tenant, session_id)

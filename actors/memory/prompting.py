@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
+from actors.memory.items import exchange, parts
 from actors.tokens import estimate_tokens
 from config import MemoryPolicy
 from contracts.memory import MemoryHit
+from eventstore.events import ChatMessage
 
-__all__ = ["MEMORY_PREAMBLE", "choose_memories", "memory_block"]
+__all__ = ["MEMORY_PREAMBLE", "choose_memories", "memory_block", "prompt_texts"]
 
 MEMORY_PREAMBLE = (
     "Memories recalled from earlier conversations with this user follow, between "
@@ -28,6 +30,30 @@ def memory_block(hits: Sequence[MemoryHit], session_id: str) -> str:
         lines.append(f"- {hit.role}, {when}, {where}: {text}")
     lines.append("</memories>")
     return "\n".join(lines)
+
+
+def prompt_texts(messages: Sequence[ChatMessage]) -> set[str]:
+    """What of these prompt messages memory may hold, as its items' texts: each message,
+    and each turn (its messages up to the first reply, and its last reply) as the
+    projection makes it, so recall does not add what the prompt already carries."""
+    texts = {m.content for m in messages}
+    turn: list[ChatMessage] = []
+    for i, m in enumerate(messages):
+        turn.append(m)
+        ends = i + 1 == len(messages) or (
+            m.role == "assistant" and messages[i + 1].role not in ("assistant", "tool")
+        )
+        if not ends:
+            continue
+        asked = []
+        for said in turn:
+            if said.role == "assistant":
+                break
+            asked.append(said)
+        reply = turn[-1].content if turn[-1].role == "assistant" else ""
+        texts.update(parts(exchange(asked, reply)))
+        turn = []
+    return texts
 
 
 STRONG_KEYWORD_RANK = 2

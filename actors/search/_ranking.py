@@ -186,16 +186,21 @@ async def keyword_candidates(
 
 
 def fuse(
-    vec: list[tuple[int, float]], kw: list[tuple[int, float]], k: int
+    vec: list[tuple[int, float]],
+    kw: list[tuple[int, float]],
+    k: int,
+    *,
+    head: int = FUSED_HEAD,
+    keyword_weight: float = KEYWORD_WEIGHT,
 ) -> tuple[list[int], dict[int, float]]:
     """The best k rowids by weighted reciprocal rank, and every fused score."""
     # Fuse only each side's head: with whole candidate pools, anything both sides
     # found (any shared common word) outranked every paraphrase found by meaning
     # alone. Keywords weigh half: they confirm more than they discover.
     # (bench/memory_eval.py: recall@5 0.818 -> 0.905 on its 137 questions.)
-    head = max(k, FUSED_HEAD)
+    head = max(k, head)
     fused: dict[int, float] = {}
-    for ranking, weight in ((vec[:head], 1.0), (kw[:head], KEYWORD_WEIGHT)):
+    for ranking, weight in ((vec[:head], 1.0), (kw[:head], keyword_weight)):
         for rank, (rid, _) in enumerate(ranking, 1):
             fused[rid] = fused.get(rid, 0.0) + weight / (RRF_K + rank)
     sims = dict(vec)

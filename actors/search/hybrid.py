@@ -36,7 +36,9 @@ common word at 1M rows, even when the scope holds four matches). Rarest terms
 first, a query reads at most `KEYWORD_TERM_CAP` matching rows; commoner terms
 are left out like stop words.
 
-Fusion. Each side's head is fused by weighted reciprocal rank (`_ranking.fuse`).
+Fusion. Each side's head is fused by weighted reciprocal rank (`_ranking.fuse`); the
+caller may pick the head and the keyword weight (memory fuses unweighted, see
+`actors.memory.index`; the knowledge base keeps the defaults).
 
 Deletion. `PRAGMA secure_delete` zeroes freed cells and pages, FTS5 runs with
 its 'secure-delete' option (entries are removed, not shadowed), vec0 zeroes a
@@ -333,20 +335,27 @@ class HybridIndex:
         query_text: str,
         k: int = 10,
         kinds: Collection[str] | None = None,
+        head: int = ranking.FUSED_HEAD,
+        keyword_weight: float = ranking.KEYWORD_WEIGHT,
+        pool: int = 40,
     ) -> list[Hit]:
-        """Hybrid search of these scopes: vector and keyword candidates fused by rank."""
+        """Hybrid search of these scopes: vector and keyword candidates fused by rank.
+
+        `pool` candidates are read from each side, the first `head` of each fused, the
+        keyword side weighing `keyword_weight` (the vector side 1).
+        """
         found = await self._scopes(scopes)
         if not found or k <= 0:
             return []
         rows = [f.scope for f in found]
-        pool = max(k * 4, 40)
+        pool = max(k * 4, pool, head)
         q = unit(query_vector, self.dim)[0]
         # Two read connections, two threads: SQLite releases the GIL, so both sides overlap.
         vec, kw = await asyncio.gather(
             ranking.vector_candidates(self._reader, rows, q, pool, kinds),
             ranking.keyword_candidates(self._keyword_reader, rows, query_text, pool, kinds),
         )
-        best, fused = ranking.fuse(vec, kw, k)
+        best, fused = ranking.fuse(vec, kw, k, head=head, keyword_weight=keyword_weight)
         return await self._hits(found, best, fused, vec, kw)
 
     async def vector_search(

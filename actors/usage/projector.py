@@ -15,7 +15,7 @@ from nats.aio.msg import Msg
 from actors.usage.ledger import Delta, Ledger, Prices
 from actors.usage.store import UsageStore
 from bus.codec import DecodeError
-from bus.subjects import session_from_events_subject
+from bus.subjects import session_from_events_subject, session_key
 from config.schema import Config
 from eventstore.events import EventUnion, SessionOpened
 from eventstore.store import EventStore
@@ -50,22 +50,39 @@ class UsageProjector:
         for subject, seq, data in batch:
             if seq <= applied:
                 continue  # replayed: already counted
-            session_id = session_from_events_subject(subject)
+            where = await self._session_of(subject)
+            if where is None:
+                log.warning("usage.unknown_session", subject=subject, seq=seq)
+                continue
             try:
                 event = EVENT_CODEC.decode(data)
             except DecodeError:
                 log.warning("usage.undecodable_event", subject=subject, seq=seq)
                 continue
-            if not isinstance(event, SessionOpened) and not self._ledger.knows(session_id):
-                await self._catch_up(session_id, seq)
-            deltas.extend(self._ledger.apply(session_id, event))
+            # The ledger knows sessions by tenant and id: two tenants may share an id.
+            key = session_key(*where)
+            if not isinstance(event, SessionOpened) and not self._ledger.knows(key):
+                await self._catch_up(*where, seq)
+            deltas.extend(self._ledger.apply(key, event))
         if not await self.store.add(deltas, checkpoint=batch[-1][1]):
             return 0
         return len(deltas)
 
-    async def _catch_up(self, session_id: str, seq: int) -> None:
+    async def _session_of(self, subject: str) -> tuple[str, str] | None:
+        """(tenant, session id) of a CHAT_EVENTS subject, a legacy one's tenant from the store."""
+        where = session_from_events_subject(subject)
+        if where is None:
+            return None
+        tenant, session_id = where
+        if tenant is None:
+            tenant = await self._events.legacy_tenant(session_id)
+        return None if tenant is None else (tenant, session_id)
+
+    async def _catch_up(self, tenant: str, session_id: str, seq: int) -> None:
         """Learn the session's events before `seq` (its owner, its turns so far)."""
         earlier: list[EventUnion] = [
-            stored.event for stored in await self._events.load(session_id) if stored.seq < seq
+            stored.event
+            for stored in await self._events.load(tenant, session_id)
+            if stored.seq < seq
         ]
-        self._ledger.learn(session_id, earlier)
+        self._ledger.learn(session_key(tenant, session_id), earlier)

@@ -22,7 +22,7 @@ from actors.knowledge import KnowledgeIndex
 from actors.knowledge.index import collection_scope
 from actors.knowledge.log import KnowledgeLog
 from actors.memory.embedder import Embedder, default_embedder
-from actors.memory.index import MemoryIndex, MemoryRecord
+from actors.memory.index import MemoryIndex, MemoryRecord, indexed_model
 from actors.search.hybrid import Entry, HybridIndex, Scope
 from eventstore.knowledge import (
     ChunkData,
@@ -308,7 +308,7 @@ async def test_a_memory_file_of_the_old_layout_is_emptied_and_keeps_its_deletion
     tmp_path: Path, embedder: Embedder
 ) -> None:
     path = tmp_path / "memory.sqlite"
-    old_file(path, embedder.model_id, "acme", "s1", "s1:1")
+    old_file(path, indexed_model(embedder.model_id), "acme", "s1", "s1:1")
     memory = await MemoryIndex.open(path, model=embedder.model_id)
     try:
         assert memory.emptied and not memory.model_changed

@@ -76,7 +76,7 @@ async def write_turn(
             at=T0, turn_id=turn, content=reply, finish_reason="stop", usage=Usage(), call=None
         )
     )
-    await store.append(sid, events, expected_last_seq=await store.last_seq(sid))
+    await store.append("t", sid, events, expected_last_seq=await store.last_seq("t", sid))
 
 
 async def start_actor(
@@ -117,7 +117,7 @@ async def test_catches_up_after_a_restart_and_drops_tombstoned_sessions(
     await write_turn(store, "s1", "My cat is called Pixel.", "Nice name!", new=True)
     actor, index = await start_actor(nc, path)
     await caught_up(nc, index)
-    assert await index.count() == 2
+    assert await index.count() == 1  # one item a turn: the message and its reply
     await actor.stop()
     await index.close()
 
@@ -129,13 +129,13 @@ async def test_catches_up_after_a_restart_and_drops_tombstoned_sessions(
     actor, index = await start_actor(nc, path)
     await caught_up(nc, index)
     try:
-        assert await index.count() == 4  # s1's four messages; s2 never comes back
+        assert await index.count() == 2  # s1's two turns; s2 never comes back
         hits = await actor.recall(
             RecallRequest(
                 tenant="t", session_id="s1", user_id="u", query="which city did I move to"
             )
         )
-        assert hits[0].text == "I moved to Lisbon in March."
+        assert hits[0].text == "I moved to Lisbon in March.\nAssistant: Welcome to Lisbon!"
         assert all(h.session_id != "s2" for h in hits)
         assert await index.checkpoint() == (await js.stream_info("CHAT_EVENTS")).state.last_seq
     finally:
@@ -171,11 +171,11 @@ async def test_an_index_made_by_another_model_is_rebuilt_from_the_log(
     try:
         assert index.model_changed
         await caught_up(nc, index)
-        assert await index.count() == 2
+        assert await index.count() == 1
         hits = await actor.recall(
             RecallRequest(tenant="t", session_id="s4", user_id="u", query="what bike do I have")
         )
-        assert sorted(h.text for h in hits) == ["Lovely bike.", "My bike is a green Brompton."]
+        assert [h.text for h in hits] == ["My bike is a green Brompton.\nAssistant: Lovely bike."]
     finally:
         await actor.stop()
         await index.close()
@@ -188,7 +188,7 @@ async def test_a_live_tombstone_removes_rows(nc: Client, tmp_path: Path) -> None
     actor, index = await start_actor(nc, tmp_path / "memory.sqlite")
     try:
         await caught_up(nc, index)
-        assert await index.count() == 2
+        assert await index.count() == 1
         await TombstoneLog(js, nc).record(
             Tombstone(session_id="s3", tenant="t", deleted_by="k", at=T0)
         )
@@ -265,7 +265,7 @@ async def test_indexing_catches_up_once_the_loop_quiets_down(nc: Client, tmp_pat
         await _until(lambda: _gave_way(nc), "the projection to give way")
         load.loaded = False
         await caught_up(nc, index)
-        assert await index.count() == 2
+        assert await index.count() == 1
         done = await memory_stats(nc)
         last = (await nc.jetstream().stream_info("CHAT_EVENTS")).state.last_seq
         assert done["applied_seq"] == last and done["lag_seconds"] == 0.0
@@ -281,7 +281,7 @@ async def test_indexing_goes_ahead_when_the_log_is_max_lag_behind(
     ):
         await caught_up(nc, index)  # while the loop stays busy
         waited = time.monotonic() - started
-        assert await index.count() == 2
+        assert await index.count() == 1
         assert await _gave_way(nc)
     assert waited >= 1.4  # held back until the turn was max_lag old (later on a slow machine)
 
@@ -351,7 +351,7 @@ def logged(sid: str, first_seq: int, texts: list[str]) -> list[tuple[str, int, b
             call=None,
         ),
     ]
-    subject = session_events(sid)
+    subject = session_events("t", sid)
     return [(subject, first_seq + i, codec.encode(e)) for i, e in enumerate(events)]
 
 
@@ -371,7 +371,7 @@ async def test_a_session_forgotten_while_its_batch_is_embedded_stays_forgotten(
         applying = asyncio.create_task(projector.apply(batch))
         await embedder.embedding.wait()
         # What the memory actor does on `memory.forget` or a tombstone, mid-embedding.
-        projector.forget("s9")
+        projector.forget("t", "s9")
         assert await index.delete_session("t", "s9") == 0
         embedder.release.set()
         await applying
@@ -385,7 +385,7 @@ async def test_a_session_forgotten_while_its_batch_is_embedded_stays_forgotten(
         # A batch read after the deletion is not even embedded.
         embedded = len(embedder.texts)
         await projector.apply(logged("s9", 7, [f"Also {marker} again."]))
-        assert (await index.count(), await index.checkpoint()) == (2, 9)
+        assert (await index.count(), await index.checkpoint()) == (1, 9)
         assert embedder.texts[embedded:] == []
     finally:
         await index.close()

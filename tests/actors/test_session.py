@@ -96,9 +96,26 @@ def test_new_session_opens_and_starts_a_turn() -> None:
     assert events[1].messages == [user("hi")]
 
 
-def test_unknown_session_is_not_found() -> None:
+def test_a_name_the_client_chose_opens_a_session_on_first_use() -> None:
+    named = msgspec.structs.replace(start("t1", user("hi")), user_id="ann", user_bound=True)
+    state, events = run(session.initial(), open_turn(named))
+    assert [type(e) for e in events] == [SessionOpened, TurnStarted]
+    assert events[0] == SessionOpened(
+        at=T0, session_id="s1", tenant="t1", key_id="k1", user_id="ann"
+    )
+    # Its next turn continues it.
+    state, _ = run(state, complete("t1", result("hello")))
+    _, events = run(state, open_turn(msgspec.structs.replace(named, command_id="c2", turn_id="t2")))
+    assert [type(e) for e in events] == [TurnStarted]
+
+
+def test_another_users_session_is_not_found_by_a_key_pinned_to_a_user() -> None:
+    ann = msgspec.structs.replace(start("t1", user("hi")), user_id="ann", user_bound=True)
+    state, _ = run(session.initial(), open_turn(ann))
+    state, _ = run(state, complete("t1", result("hello")))
+    bob = msgspec.structs.replace(start("t2", user("x")), user_id="bob", user_bound=True)
     with pytest.raises(SessionNotFound):
-        session.decide(session.initial(), open_turn(start("t1", user("hi"))))
+        session.decide(state, open_turn(bob))
 
 
 def test_other_tenant_is_not_found() -> None:

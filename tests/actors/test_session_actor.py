@@ -13,7 +13,7 @@ from actors.leases import Leases
 from actors.session_actor import SessionActor, SessionContext
 from bus.runtime import Envelope
 from bus.signals import Signals
-from bus.subjects import SESSION_CANCEL_WILDCARD
+from bus.subjects import SESSION_CANCEL_WILDCARD, session_key
 from config import Config, EngineConfig, ModelConfig, PipelineConfig
 from contracts.session import TURN_REPLY_CODEC, StartTurn, TurnRejected
 from eventstore.errors import StoreUnavailable
@@ -29,6 +29,7 @@ class _Unreachable(InMemoryEventStore):
 
     async def append(
         self,
+        tenant: str,
         session_id: str,
         events: Sequence[EventUnion],
         *,
@@ -38,7 +39,7 @@ class _Unreachable(InMemoryEventStore):
         if self.down:
             raise self.failure
         return await super().append(
-            session_id, events, expected_last_seq=expected_last_seq, dedupe_id=dedupe_id
+            tenant, session_id, events, expected_last_seq=expected_last_seq, dedupe_id=dedupe_id
         )
 
 
@@ -80,7 +81,7 @@ async def test_a_log_out_of_reach_is_a_503_to_retry_not_an_actor_failure(
         signals=Signals(nc, SESSION_CANCEL_WILDCARD),
         leases=Leases(nc),
     )
-    actor = SessionActor("s1", ctx)
+    actor = SessionActor(session_key("t", "s1"), ctx)
     start = StartTurn(
         command_id="c1",
         turn_id="t1",
@@ -96,5 +97,5 @@ async def test_a_log_out_of_reach_is_a_503_to_retry_not_an_actor_failure(
     reply = TURN_REPLY_CODEC.decode(request.replies[-1])
     assert isinstance(reply, TurnRejected) and reply.error.status == 503
     assert reply.error.code == "service_unavailable"
-    assert await store.load("s1") == []
+    assert await store.load("t", "s1") == []
     assert not actor.owned_by("t"), "it reads the log again before trusting its state"

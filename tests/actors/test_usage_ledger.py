@@ -248,10 +248,10 @@ async def test_a_replayed_stretch_of_the_log_counts_only_what_is_new(tmp_path: P
     events past its position; a projection resuming mid-session reads the session's start."""
     events: list[EventUnion] = [opened(), started(), reply(), started("t2"), reply("t2")]
     log = InMemoryEventStore()
-    await log.append("s1", events, expected_last_seq=0)
+    await log.append("acme", "s1", events, expected_last_seq=0)
     items = [
-        (session_events("s1"), stored.seq, EVENT_CODEC.encode(stored.event))
-        for stored in await log.load("s1")
+        (session_events("acme", "s1"), stored.seq, EVENT_CODEC.encode(stored.event))
+        for stored in await log.load("acme", "s1")
     ]
     once = await UsageStore.open(tmp_path / "once.db")
     twice = await UsageStore.open(tmp_path / "twice.db")
