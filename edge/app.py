@@ -36,6 +36,12 @@ from edge.observe import observe_middleware, principal_known
 from edge.openai_wire import ApiError, error_body
 from edge.openapi import operation
 from edge.responses import Health
+from edge.responses_door import (
+    create_response,
+    delete_response,
+    get_response,
+    list_input_items,
+)
 from edge.sessions import (
     delete_session,
     get_session,
@@ -210,6 +216,10 @@ def create_app(
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/messages", create_message)
     app.router.add_post("/v1/messages/count_tokens", count_message_tokens)
+    app.router.add_post("/v1/responses", create_response)
+    app.router.add_get("/v1/responses/{response_id}", get_response)
+    app.router.add_delete("/v1/responses/{response_id}", delete_response)
+    app.router.add_get("/v1/responses/{response_id}/input_items", list_input_items)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model}", get_model)
     app.router.add_get("/v1/sessions/{session_id}", get_session)

@@ -127,7 +127,9 @@ def check_response(
     entry = response_schema(doc, template, method, status, media)
     where = f"{method} {template} {status} {media}"
     if media == "text/event-stream":
-        item = entry["schema"]["properties"]["data"]["anyOf"][0]["contentSchema"]
+        data = entry["schema"]["properties"]["data"]
+        # OpenAI's chat stream: JSON or `[DONE]`; streams named by `event:` have JSON only.
+        item = (data["anyOf"][0] if "anyOf" in data else data)["contentSchema"]
         events = event_data(body)
         assert events, f"{where}: no events"
         for event in events:

@@ -16,6 +16,7 @@ import pytest
 
 from config import ApiKey, Config, EngineConfig, MemoryConfig, ModelConfig, PipelineConfig
 from edge.app import create_app
+from edge.responses_wire import response_id
 from testkit.upstreams import FakeOpenAI
 from tests.harness import VeilThread
 from tests.test_gateway import http
@@ -27,6 +28,8 @@ SECRET_WORDS = "marmalade-zeppelin"
 # How each route keeps tenants apart:
 #   session: a session-scoped read or change; another tenant's id answers as a free one (404)
 #     (session ids are per tenant: a chat turn naming one opens the caller's own session)
+#   response: a response id names a session and a turn, looked up under the caller's
+#     tenant: another tenant's answers as a free one (404)
 #   admin: admin keys only (global by design); chat and audit keys get 403
 #   tenant: lists only the caller's tenant (checked by its own test below)
 #   public: no tenant data at all
@@ -34,6 +37,10 @@ ROUTES: dict[tuple[str, str], str] = {
     ("POST", "/v1/chat/completions"): "tenant",
     ("POST", "/v1/messages"): "tenant",
     ("POST", "/v1/messages/count_tokens"): "tenant",
+    ("POST", "/v1/responses"): "tenant",
+    ("GET", "/v1/responses/{response_id}"): "response",
+    ("DELETE", "/v1/responses/{response_id}"): "response",
+    ("GET", "/v1/responses/{response_id}/input_items"): "response",
     ("GET", "/v1/models"): "public",
     ("GET", "/v1/models/{model}"): "public",
     ("GET", "/v1/sessions/{session_id}"): "session",
@@ -161,6 +168,29 @@ def test_another_tenants_session_answers_as_a_free_id(
         assert SECRET_WORDS not in str(body)
     # And tenant a still has all of it.
     status, body = call(veil, "GET", f"/v1/sessions/{sid}/messages", A_AUDIT)
+    assert status == 200 and SECRET_WORDS in str(body)
+
+
+@pytest.mark.parametrize(
+    ("method", "path"), [k for k, v in ROUTES.items() if v == "response"], ids=str
+)
+def test_another_tenants_response_answers_as_a_free_id(
+    veil: VeilThread, a_session: tuple[str, str], method: str, path: str
+) -> None:
+    sid, turn_id = a_session
+    theirs, free = response_id(sid, turn_id), response_id("sess_free", turn_id)
+    for key in (B_CHAT, B_AUDIT):
+        status, body = call(veil, method, path.replace("{response_id}", theirs), key)
+        free_status, none = call(veil, method, path.replace("{response_id}", free), key)
+        if status == 403:  # an audit key may not delete: refused before any lookup
+            assert method == "DELETE" and key == B_AUDIT and free_status == 403
+            continue
+        assert status == free_status == 404, (status, body)
+        assert body["error"]["code"] == none["error"]["code"] == "response_not_found"
+        assert body["error"]["message"] == none["error"]["message"].replace(free, theirs)
+        assert SECRET_WORDS not in str(body)
+    # And tenant a reads it (a chat turn is a response of its session too).
+    status, body = call(veil, "GET", f"/v1/responses/{theirs}", A_AUDIT)
     assert status == 200 and SECRET_WORDS in str(body)
 
 
