@@ -279,6 +279,7 @@ def _decide_open(state: SessionState, cmd: OpenTurn) -> list[EventUnion]:
             fingerprint=start.fingerprint,
             key_id=start.key_id,
             user_id=start.user_id,
+            door=start.door,
         )
     )
     return events

@@ -159,6 +159,7 @@ def turn_traces(
                 started_at=event.at,
                 model=event.model,
                 streaming=event.streaming,
+                door=event.door or "chat.completions",
                 messages=len(event.messages),
                 pipeline=pipeline,
                 content=words,

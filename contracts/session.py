@@ -71,6 +71,8 @@ class StartTurn(msgspec.Struct, frozen=True, kw_only=True, tag="start_turn"):
     # This HTTP request, when its turn id is not its own (a retry under an Idempotency-Key
     # shares its turn id): a client that leaves before its turn starts cancels this id.
     request_id: str | None = None
+    # The API the request came through (recorded on the turn, for audits).
+    door: str = "chat.completions"
 
     @property
     def abandon_id(self) -> str:

@@ -112,6 +112,8 @@ class TurnTrace(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     # The public model the client asked for.
     model: str
     streaming: bool = False
+    # The API the turn came through: "chat.completions", "messages" or "responses".
+    door: str = "chat.completions"
     # How many messages the turn added (their text is in /messages).
     messages: int = 0
     pipeline: PipelineStep | None = None

@@ -190,6 +190,9 @@ TurnItem = Delta | ToolDelta | TurnDone | TurnError
 class Door(Protocol):
     """How one API answers a turn: its whole reply, or its stream."""
 
+    # The API's name, recorded on the turn: "chat.completions", "messages", "responses".
+    name: str
+
     async def complete(self, start: StartTurn, result: TurnDone | TurnError) -> web.Response:
         """The whole reply; a failed turn raises its ApiError."""
         ...
@@ -207,6 +210,8 @@ class Door(Protocol):
 
 class _ChatDoor:
     """OpenAI's chat.completion, or its chunks."""
+
+    name = "chat.completions"
 
     def __init__(self, include_usage: bool) -> None:
         self._include_usage = include_usage
@@ -275,6 +280,7 @@ async def run_chat_turn(
         metadata=chat.metadata or {},
         params=generation_params(chat),
         stream=bool(chat.stream),
+        door=door.name,
     )
     if command_id.startswith(IDEMPOTENT_PREFIX):
         start = msgspec.structs.replace(

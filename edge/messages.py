@@ -68,6 +68,8 @@ _HEADERS = (API_KEY_HEADER, ANTHROPIC_VERSION)
 class _MessagesDoor:
     """Anthropic's Message, or its events; the conversation recorded before either ends."""
 
+    name = "messages"
+
     def __init__(self, index: HistoryIndex, conversation: Conversation) -> None:
         self._index = index
         self._conversation = conversation

@@ -230,6 +230,8 @@ class SessionTurn(msgspec.Struct, kw_only=True):
     started_at: int
     ended_at: int | UnsetType = UNSET
     model: str
+    # The API the turn came through: "chat.completions", "messages" or "responses".
+    door: str
     streaming: bool | UnsetType = UNSET
     messages: int | UnsetType = UNSET
     pipeline: PipelineStep | UnsetType = UNSET

@@ -83,6 +83,8 @@ _ON_RESPONSE = {"response_id": RESPONSE_ID}
 class _ResponsesDoor:
     """The response object, or its events; a recognised conversation recorded first."""
 
+    name = "responses"
+
     def __init__(
         self, request: web.Request, settings: Settings, conversation: Conversation | None
     ) -> None:

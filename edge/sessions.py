@@ -232,6 +232,7 @@ def _turn_object(trace: TurnTrace) -> dict[str, Any]:
     body: dict[str, Any] = msgspec.to_builtins(trace)
     body.pop("turn_id")
     body["started_at"] = int(trace.started_at.timestamp())
+    body["door"] = trace.door  # always said, the default door too
     if trace.ended_at is not None:
         body["ended_at"] = int(trace.ended_at.timestamp())
     return {"id": trace.turn_id, "object": "session.turn", **body}

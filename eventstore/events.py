@@ -118,6 +118,9 @@ class TurnStarted(Event, tag="turn.started", frozen=True, kw_only=True):
     # logs written before turns recorded them: the SessionOpened's key and user then.
     key_id: str | None = None
     user_id: str | None = None
+    # The API the request came through: "chat.completions", "messages" (Anthropic's) or
+    # "responses". None in logs written before doors were recorded: chat completions.
+    door: str | None = None
 
 
 class ModelCall(msgspec.Struct, frozen=True, kw_only=True):

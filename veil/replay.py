@@ -80,7 +80,11 @@ def describe(event: EventUnion, resolve: Resolver = _no_references) -> list[str]
         case SessionOpened():
             return [f"session opened by tenant {event.tenant} (key {event.key_id})"]
         case TurnStarted():
-            head = f"turn {event.turn_id} started: model {event.model}, streaming {event.streaming}"
+            door = event.door or "chat.completions"
+            head = (
+                f"turn {event.turn_id} started through {door}: model {event.model}, "
+                f"streaming {event.streaming}"
+            )
             if event.pipeline is not None:
                 head += f", pipeline {event.pipeline} (the model's only one)"
             lines = [head]
