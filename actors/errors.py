@@ -8,6 +8,7 @@ ActorError
 ├── IdempotencyMismatch an Idempotency-Key reused with a different request
 ├── RequestAbandoned    the client gave up before its turn could start
 ├── TurnInProgress      another writer holds the session's turn lease
+├── ItemNotFound        a conversation item that does not exist (or was deleted)
 └── AlreadyHandled      the command id was seen before; carries its outcome
 """
 
@@ -23,6 +24,7 @@ __all__ = [
     "ActorError",
     "AlreadyHandled",
     "IdempotencyMismatch",
+    "ItemNotFound",
     "NothingNew",
     "RequestAbandoned",
     "SessionExists",
@@ -96,3 +98,10 @@ class AlreadyHandled(ActorError):
         self.turn_id = turn_id
         # None while the first delivery is still running.
         self.outcome = outcome
+
+
+class ItemNotFound(ActorError):
+    """A conversation item (a message of the history) that does not exist, or was deleted."""
+
+    status = 404
+    code = "item_not_found"

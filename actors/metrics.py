@@ -137,6 +137,12 @@ class WorkerMetrics:
             ["pipeline", "engine"],
             registry=registry,
         )
+        self._refusals = Counter(
+            "veil_actor_overload_refusals",
+            "Requests an actor host refused at a bound (mailbox: one key's; in_flight: all)",
+            ["service", "bound"],
+            registry=registry,
+        )
         self._state = _StateCollector()
         registry.register(self._state)
         self._children: dict[tuple[object, ...], MetricWrapperBase] = {}
@@ -177,6 +183,10 @@ class WorkerMetrics:
 
     def retry(self, pipeline: str, engine: str) -> None:
         self._child(self._retries, pipeline, engine).inc()
+
+    def refused(self, service: str, bound: str) -> None:
+        """A request `service`'s host refused at `bound` (bus.runtime.Overloaded)."""
+        self._child(self._refusals, service, bound).inc()
 
     # -- read at scrape time ------------------------------------------------------------
 

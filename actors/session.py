@@ -16,6 +16,7 @@ from msgspec.structs import replace
 from actors.errors import (
     AlreadyHandled,
     IdempotencyMismatch,
+    ItemNotFound,
     NothingNew,
     SessionExists,
     SessionNotFound,
@@ -23,15 +24,25 @@ from actors.errors import (
     UnknownToolCall,
 )
 from actors.tokens import message_tokens
+from contracts.conversations import (
+    AddItems,
+    ConversationEdit,
+    DeleteItem,
+    OpenConversation,
+    UpdateMetadata,
+)
 from contracts.errors import ErrorInfo, error_type
-from contracts.session import StartTurn
+from contracts.session import SessionView, StartTurn
 from eventstore.events import (
     ChatMessage,
     DocumentsRetrieved,
     EventUnion,
     FactsExtracted,
     HistorySummarized,
+    ItemDeleted,
+    ItemsAdded,
     MemoryRecalled,
+    MetadataUpdated,
     ModelCalled,
     PipelineChosen,
     PromptTrimmed,
@@ -48,6 +59,7 @@ from eventstore.events import (
 
 __all__ = [
     "Command",
+    "Edit",
     "OpenTurn",
     "OpenTurnState",
     "Record",
@@ -59,9 +71,11 @@ __all__ = [
     "fold",
     "fold_plan",
     "initial",
+    "item_numbers",
     "owned",
     "prompt",
     "recall_may_add",
+    "session_view",
     "turn_query",
 ]
 
@@ -119,6 +133,11 @@ class SessionState(msgspec.Struct, frozen=True, kw_only=True):
     # What long-term memory holds of this session that its history never carries:
     # messages of failed and cancelled turns, extracted facts.
     beyond_history: int = 0
+    # Conversations: the session's metadata, and the numbers of the items (history
+    # messages) deleted, sorted. A message's item number is its position among every
+    # message the history ever held, so it never changes (see `item_numbers`).
+    metadata: dict[str, str] = {}
+    deleted_items: tuple[int, ...] = ()
 
 
 # Commands: the shell fills in `now` and everything else non-deterministic.
@@ -146,7 +165,14 @@ class Record(msgspec.Struct, frozen=True, kw_only=True):
     after_turn: bool = False
 
 
-Command = OpenTurn | Record
+class Edit(msgspec.Struct, frozen=True, kw_only=True):
+    """A conversation changed without a turn (/v1/conversations)."""
+
+    edit: ConversationEdit
+    now: datetime
+
+
+Command = OpenTurn | Record | Edit
 
 
 def initial() -> SessionState:
@@ -309,8 +335,79 @@ def decide(state: SessionState, command: Command) -> list[EventUnion]:
                 return list(events) if state.session_id is not None else []
             # A turn already closed (cancelled, or taken over by another writer) takes no more.
             return list(events) if _require_open(state, turn_id) else []
+        case Edit():
+            return _decide_edit(state, command)
         case _:
             assert_never(command)
+
+
+def item_numbers(state: SessionState) -> list[int]:
+    """Each history message's item number: its position among all messages the history
+    ever held, the deleted ones included (so numbers are stable and never reused)."""
+    numbers: list[int] = []
+    deleted = state.deleted_items
+    n = d = 0
+    for _ in state.history:
+        while d < len(deleted) and deleted[d] == n:
+            n, d = n + 1, d + 1
+        numbers.append(n)
+        n += 1
+    return numbers
+
+
+def _decide_edit(state: SessionState, command: Edit) -> list[EventUnion]:
+    edit, now = command.edit, command.now
+    if isinstance(edit, OpenConversation):
+        if state.session_id is not None:
+            raise SessionExists(f"session {edit.session_id} already exists")
+        events: list[EventUnion] = [
+            SessionOpened(
+                at=now,
+                session_id=edit.session_id,
+                tenant=edit.tenant,
+                key_id=edit.key_id,
+                user_id=edit.user,
+            )
+        ]
+        if edit.messages:
+            events.append(ItemsAdded(at=now, messages=edit.messages))
+        if edit.metadata:
+            events.append(MetadataUpdated(at=now, metadata=edit.metadata))
+        return events
+    if not owned(state, edit.tenant, edit.user):
+        raise SessionNotFound(f"No session found with id '{edit.session_id}'.")
+    if isinstance(edit, UpdateMetadata):
+        return [MetadataUpdated(at=now, metadata=edit.metadata)]
+    if state.open_turn is not None:
+        # The turn's messages join the history when it ends: items wait until then.
+        turn = state.open_turn
+        raise TurnInProgress(turn.turn_id, turn.lease_until, turn.holder)
+    match edit:
+        case AddItems():
+            return [ItemsAdded(at=now, messages=edit.messages)]
+        case DeleteItem():
+            if edit.item not in item_numbers(state):
+                raise ItemNotFound(f"No item found with id 'msg_{edit.item}'.")
+            return [ItemDeleted(at=now, item=edit.item)]
+        case _:
+            assert_never(edit)
+
+
+def session_view(session_id: str, state: SessionState, messages: bool) -> SessionView:
+    """What a read of the session answers (the state must be of an open session)."""
+    assert state.created_at is not None and state.updated_at is not None
+    return SessionView(
+        session_id=session_id,
+        created_at=state.created_at,
+        updated_at=state.updated_at,
+        turns=state.turns,
+        usage=state.usage,
+        model=state.open_turn.model if state.open_turn else state.last_model,
+        messages=list(state.history) if messages else None,
+        metadata=state.metadata,
+        item_count=len(state.history) + len(state.deleted_items),
+        item_numbers=item_numbers(state) if messages else None,
+    )
 
 
 def _add_usage(a: Usage, b: Usage) -> Usage:
@@ -455,8 +552,30 @@ def evolve(state: SessionState, event: EventUnion) -> SessionState:
                 usage=_add_usage(state.usage, event.usage),
                 beyond_history=state.beyond_history + 1,
             )
+        case ItemsAdded():
+            return replace(state, history=(*state.history, *event.messages), updated_at=event.at)
+        case ItemDeleted():
+            return _delete_item(state, event)
+        case MetadataUpdated():
+            return replace(state, metadata=dict(event.metadata), updated_at=event.at)
         case _:
             assert_never(event)
+
+
+def _delete_item(state: SessionState, event: ItemDeleted) -> SessionState:
+    """The history without the item. One already folded into the summary leaves the
+    summary as written (it covers one message less)."""
+    numbers = item_numbers(state)
+    if event.item not in numbers:
+        return replace(state, updated_at=event.at)
+    i = numbers.index(event.item)
+    return replace(
+        state,
+        history=(*state.history[:i], *state.history[i + 1 :]),
+        summarized=state.summarized - 1 if i < state.summarized else state.summarized,
+        deleted_items=tuple(sorted((*state.deleted_items, event.item))),
+        updated_at=event.at,
+    )
 
 
 SUMMARY_HEADER = "Summary of the earlier conversation (written by you for yourself):"

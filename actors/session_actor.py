@@ -33,6 +33,13 @@ from bus.requests import BUS_DOWN
 from bus.runtime import Envelope
 from bus.subjects import session_cancel, session_out, split_session_key
 from config import ModelConfig
+from contracts.conversations import (
+    AddItems,
+    ConversationEdit,
+    DeleteItem,
+    OpenConversation,
+    UpdateMetadata,
+)
 from contracts.errors import ErrorInfo, error_info
 from contracts.memory import ForgetRequest
 from contracts.session import (
@@ -60,6 +67,10 @@ MAX_CONFLICTS = 20
 PROBE_EVERY = 2.0
 FORGET_TIMEOUT = 10.0
 GONE_BEFORE_START = "The client went away before the turn could start."
+
+# What the front hands to a session's mailbox: turns, deletions, conversation changes.
+Mailed = StartTurn | DeleteSession | ConversationEdit
+_MAILED = (StartTurn, DeleteSession, OpenConversation, AddItems, DeleteItem, UpdateMetadata)
 
 
 class SessionActor:
@@ -150,7 +161,7 @@ class SessionActor:
     async def receive(self, envelope: Envelope) -> None:
         """A command the front admitted (actors/session_front.py): a turn or a deletion."""
         request, command = envelope.request, envelope.message
-        if not isinstance(command, StartTurn | DeleteSession):
+        if not isinstance(command, _MAILED):
             await self._reject(request, error_info(400, "bad_command", "not a mailbox command"))
             return
         headers = request.headers
@@ -168,7 +179,7 @@ class SessionActor:
         finally:
             structlog.contextvars.reset_contextvars(**bound)
 
-    async def _receive(self, request: Request, command: StartTurn | DeleteSession) -> None:
+    async def _receive(self, request: Request, command: Mailed) -> None:
         try:
             await self._handle(request, command)
         except (StoreUnavailable, *BUS_DOWN) as error:
@@ -181,7 +192,7 @@ class SessionActor:
             with contextlib.suppress(Exception):
                 await self._reject(request, error_info(503, "service_unavailable", message))
 
-    async def _handle(self, request: Request, command: StartTurn | DeleteSession) -> None:
+    async def _handle(self, request: Request, command: Mailed) -> None:
         if not self._loaded:
             if isinstance(command, StartTurn) and command.new_session and command.random_id:
                 # An id the gateway just drew has no log and no tombstone: start from the
@@ -204,8 +215,25 @@ class SessionActor:
                 await self._start_turn(request, command)
             case DeleteSession():
                 await self._delete(request, command)
+            case OpenConversation() | AddItems() | DeleteItem() | UpdateMetadata():
+                await self._edit(request, command)
             case _:
                 assert_never(command)
+
+    async def _edit(self, request: Request, command: ConversationEdit) -> None:
+        """A conversation changed without a turn (contracts/conversations.py); the reply
+        is the session after the change."""
+        if self._erased:
+            await self._reject(request, _not_found(self.session_id))
+            return
+        try:
+            await self._append(session.Edit(edit=command, now=self._ctx.clock()))
+        except ActorError as refusal:
+            error = error_info(refusal.status, refusal.code, str(refusal), refusal.param)
+            await self._reject(request, error)
+            return
+        view = session.session_view(self.session_id, self._state, messages=False)
+        await request.respond(TURN_REPLY_CODEC.encode(view))
 
     async def _start_turn(self, request: Request, start: StartTurn) -> None:
         refusal = turn.admit(self._ctx.config, start)
@@ -485,7 +513,7 @@ class SessionActor:
         await request.respond(TURN_REPLY_CODEC.encode(TurnRejected(error=error)))
 
 
-def _log_context(command: StartTurn | DeleteSession) -> dict[str, str]:
+def _log_context(command: Mailed) -> dict[str, str]:
     context = {
         "session_id": command.session_id,
         "tenant": command.tenant,
@@ -496,12 +524,14 @@ def _log_context(command: StartTurn | DeleteSession) -> dict[str, str]:
     return context
 
 
-def _span_name(command: StartTurn | DeleteSession) -> str:
+def _span_name(command: Mailed) -> str:
     # The GenAI conventions' agent span: the session runs the model's pipeline as an agent.
-    return f"invoke_agent {command.model}" if isinstance(command, StartTurn) else "delete_session"
+    if isinstance(command, StartTurn):
+        return f"invoke_agent {command.model}"
+    return "delete_session" if isinstance(command, DeleteSession) else "edit_conversation"
 
 
-def _span_attributes(command: StartTurn | DeleteSession) -> dict[str, str | bool]:
+def _span_attributes(command: Mailed) -> dict[str, str | bool]:
     attributes: dict[str, str | bool] = {
         "gen_ai.conversation.id": command.session_id,
         "gen_ai.provider.name": "veil",

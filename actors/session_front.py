@@ -15,10 +15,16 @@ Every session command passes here first (the runtime's screen, bus/runtime.py):
 - Reads (metadata, messages, memory search) answer from the live actor's state plus
   whatever the log holds after it, without queuing behind a running turn.
 - A deletion cancels the session's running turn, then takes its place in the mailbox.
+- What enters a mailbox is bounded (bus/runtime.py): past `[server]
+  max_queued_per_session` waiting on one session, or `max_turns_in_flight` in this
+  worker, a turn (or a conversation's change) is refused at once with a 503
+  `server_is_overloaded` and a Retry-After, before any I/O. Reads are never refused by
+  these bounds, and neither are deletions (they end work rather than add it).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Coroutine
 from typing import Any, assert_never
 
@@ -37,9 +43,11 @@ from actors.memory.actor import ask_recall
 from actors.session_actor import SessionActor
 from actors.turn_trace import turn_traces
 from bus.codec import DecodeError
-from bus.runtime import Actor, ActorHost, Envelope
+from bus.requests import BUS_DOWN
+from bus.runtime import Actor, ActorHost, Envelope, Overloaded
 from bus.subjects import InvalidToken, session_cancel, session_key
-from contracts.errors import ErrorInfo, error_info
+from contracts.conversations import AddItems, DeleteItem, OpenConversation, UpdateMetadata
+from contracts.errors import ErrorInfo, error_info, error_type
 from contracts.memory import RecallRequest
 from contracts.session import (
     CANCEL_CODEC,
@@ -55,11 +63,16 @@ from contracts.session import (
     TurnRejected,
 )
 from contracts.turns import MAX_TURNS_PAGE, GetTurns, TurnsFound
+from eventstore.errors import StoreUnavailable
 from eventstore.events import EventUnion, SessionOpened
 
 __all__ = ["SessionFront"]
 
 log = structlog.get_logger("veil.session")
+
+# Seconds a refused turn is told to wait (Retry-After): about a short turn's length, so
+# the OpenAI SDKs, which honour the header, come back once a slot may have freed.
+OVERLOAD_RETRY_AFTER = 1.0
 
 
 class SessionFront:
@@ -73,6 +86,14 @@ class SessionFront:
         self._host = host
 
     def screen(
+        self, key: str, request: Request, actor: Actor | None
+    ) -> Envelope | Coroutine[Any, Any, None]:
+        admitted = self._screen(key, request, actor)
+        if isinstance(admitted, Envelope):
+            return admitted
+        return _log_guarded(request, admitted)
+
+    def _screen(
         self, key: str, request: Request, actor: Actor | None
     ) -> Envelope | Coroutine[Any, Any, None]:
         try:
@@ -102,18 +123,50 @@ class SessionFront:
                 return self._read(request, command, live)
             case GetTurns():
                 return self._turns(request, command, live)
+            case OpenConversation():
+                return Envelope(request, command)  # a new id, as a new session's first turn
+            case AddItems() | DeleteItem() | UpdateMetadata():
+                return self._edit(key, request, command, live)
             case _:
                 assert_never(command)
+
+    async def overloaded(self, request: Request, refusal: Overloaded) -> None:
+        """The answer to a turn a bound refused (the host's `overloaded`)."""
+        if self._ctx.metrics is not None:
+            self._ctx.metrics.refused("veil-session", refusal.bound)
+        if refusal.bound == "mailbox":
+            message = (
+                f"Too many requests are waiting for this session (at most {refusal.limit} "
+                "behind the running turn); try again shortly."
+            )
+        else:
+            message = "The server is overloaded; try again shortly."
+        log.warning("session.overloaded", bound=refusal.bound, limit=refusal.limit)
+        error = ErrorInfo(
+            status=503,
+            type=error_type(503),
+            code="server_is_overloaded",
+            message=message,
+            retryable=True,
+            retry_after=OVERLOAD_RETRY_AFTER,
+        )
+        await _refuse(request, error)
 
     async def _admit(self, key: str, request: Request, command: StartTurn) -> None:
         """A turn on a name the tenant has no session of goes on (its actor opens it); on
         an existing session, only if it is the caller's."""
+        assert self._host is not None, "attach the front to its host first"
+        try:
+            self._host.check(key)  # before the log is read for it
+        except Overloaded as refusal:
+            await self.overloaded(request, refusal)
+            return
         user = command.user_id if command.user_bound else None
         first = await self._ctx.store.first(command.tenant, command.session_id)
         if first is not None and not _opened_for(first.event, command.tenant, user):
             await _refuse(request, _not_found(command.session_id))
             return
-        self._deliver(key, Envelope(request, command))
+        await self._deliver(key, Envelope(request, command))
 
     async def _delete(
         self, key: str, request: Request, command: DeleteSession, live: SessionActor | None
@@ -128,7 +181,21 @@ class SessionFront:
             await self._ctx.nc.publish(
                 subject, CANCEL_CODEC.encode(CancelRequest(reason="session_deleted"))
             )
-        self._deliver(key, Envelope(request, command))
+        await self._deliver(key, Envelope(request, command), bounded=False)
+
+    async def _edit(
+        self,
+        key: str,
+        request: Request,
+        command: AddItems | DeleteItem | UpdateMetadata,
+        live: SessionActor | None,
+    ) -> None:
+        """A conversation's change needs an existing session of the caller's; its actor
+        makes it, in turn with the session's turns."""
+        if await self._state(command.tenant, command.session_id, command.user, live) is None:
+            await _refuse(request, _not_found(command.session_id))
+            return
+        await self._deliver(key, Envelope(request, command))
 
     async def _read(
         self,
@@ -215,9 +282,13 @@ class SessionFront:
         page = TurnsFound(turns=traces[:limit], has_more=len(traces) > limit)
         await request.respond(TURN_REPLY_CODEC.encode(page))
 
-    def _deliver(self, key: str, envelope: Envelope) -> None:
+    async def _deliver(self, key: str, envelope: Envelope, *, bounded: bool = True) -> None:
         assert self._host is not None, "attach the front to its host first"
-        self._host.deliver(key, envelope)
+        try:
+            self._host.deliver(key, envelope, bounded=bounded)
+        except Overloaded as refusal:
+            # The bounds were checked before the log was read; others came in meanwhile.
+            await self.overloaded(envelope.request, refusal)
 
 
 def _opened_for(event: EventUnion, tenant: str, user: str | None) -> bool:
@@ -230,16 +301,19 @@ def _opened_for(event: EventUnion, tenant: str, user: str | None) -> bool:
 
 
 def _view(session_id: str, state: session.SessionState, messages: bool) -> SessionView:
-    assert state.created_at is not None and state.updated_at is not None
-    return SessionView(
-        session_id=session_id,
-        created_at=state.created_at,
-        updated_at=state.updated_at,
-        turns=state.turns,
-        usage=state.usage,
-        model=state.open_turn.model if state.open_turn else state.last_model,
-        messages=list(state.history) if messages else None,
-    )
+    return session.session_view(session_id, state, messages)
+
+
+async def _log_guarded(request: Request, work: Coroutine[Any, Any, None]) -> None:
+    """A read of the log that cannot be made (a cluster electing a new leader, the bus
+    down) is a 503 to retry, as in the actor: not an actor failure (a 500)."""
+    try:
+        await work
+    except (StoreUnavailable, *BUS_DOWN) as error:
+        log.warning("session.log_unavailable", subject=request.subject, error=repr(error))
+        message = "The session log is unavailable; try again shortly."
+        with contextlib.suppress(Exception):
+            await _refuse(request, error_info(503, "service_unavailable", message))
 
 
 async def _refuse(request: Request, error: ErrorInfo) -> None:

@@ -12,6 +12,17 @@ what it made of the request), or takes it over as a task of its own: to answer
 without queuing behind the actor's current work (reads), to refuse it without
 activating an actor for a key that has no state, or to check something before
 delivering it itself (`deliver`).
+
+Bounds keep a burst from queueing without end (a request that waits longer than its
+caller does is work for nobody). A host may bound the requests admitted to one key and
+not yet answered (`max_queued` waiting behind the one running), and the requests admitted
+to all its keys together (`max_in_flight`, running or waiting). Past a bound, `deliver`
+raises Overloaded before anything reaches a mailbox, and the host hands the request to
+`overloaded` to answer it (else a micro "503" error). Work a screen takes over without a
+mailbox (reads) is not bounded. A refusal is final: a NATS micro service answers each
+request once, and a request nobody answers is not redelivered to another member of the
+queue group but times out, so a refusal says "try again" and the caller's retry lands on
+whichever worker the queue group picks.
 """
 
 from __future__ import annotations
@@ -29,7 +40,7 @@ from nats.micro.service import Service
 
 from bus import telemetry
 
-__all__ = ["Actor", "ActorHost", "Envelope", "Screen"]
+__all__ = ["Actor", "ActorHost", "Envelope", "Overloaded", "Screen"]
 
 log = structlog.get_logger("veil.runtime")
 
@@ -51,20 +62,35 @@ class Actor(Protocol):
         ...
 
 
+class Overloaded(Exception):
+    """A bound refused a request: its key's mailbox is full ("mailbox"), or the host has
+    as many requests in flight as it takes ("in_flight")."""
+
+    def __init__(self, bound: str, limit: int) -> None:
+        super().__init__(f"{bound} bound of {limit} reached")
+        self.bound = bound
+        self.limit = limit
+
+
 class _Cell:
     """One live actor: its mailbox and the task draining it."""
 
-    __slots__ = ("actor", "mailbox", "task")
+    __slots__ = ("actor", "mailbox", "pending", "task")
 
     def __init__(self, actor: Actor) -> None:
         self.actor = actor
         # None is the stop signal, queued behind the requests already in.
         self.mailbox: asyncio.Queue[Envelope | None] = asyncio.Queue()
+        # Requests delivered and not yet handled: the mailbox's and the one running.
+        # Counted, not read from the queue: a request just taken out still runs.
+        self.pending = 0
         self.task: asyncio.Task[None] | None = None
 
 
 # Admit now (an Envelope), or handle the request in a task of the screen's own.
 Screen = Callable[[str, Request, Actor | None], Envelope | Coroutine[Any, Any, None]]
+# Answers a request that a bound refused.
+OnOverload = Callable[[Request, Overloaded], Coroutine[Any, Any, None]]
 
 
 class ActorHost:
@@ -84,6 +110,9 @@ class ActorHost:
         idle_seconds: float = 300.0,
         queue_group: str = "q",
         screen: Screen | None = None,
+        max_queued: int | None = None,
+        max_in_flight: int | None = None,
+        overloaded: OnOverload | None = None,
     ) -> None:
         self._nc = nc
         self._service_name = service
@@ -96,6 +125,10 @@ class ActorHost:
         self._idle = idle_seconds
         self._queue_group = queue_group
         self._screen = screen
+        self._max_queued = max_queued
+        self._max_in_flight = max_in_flight
+        self._overloaded = overloaded
+        self._in_flight = 0
         self._cells: dict[str, _Cell] = {}
         self._screening: set[asyncio.Task[None]] = set()
         self._service: Service | None = None
@@ -104,6 +137,11 @@ class ActorHost:
     @property
     def active(self) -> int:
         return len(self._cells)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests delivered to mailboxes and not yet handled, running ones included."""
+        return self._in_flight
 
     def mailbox_depths(self) -> tuple[int, int]:
         """Requests waiting in all mailboxes together, and in the fullest one (read when
@@ -132,14 +170,36 @@ class ActorHost:
         cell = self._cells.get(key)
         return cell.actor if cell is not None else None
 
-    def deliver(self, key: str, envelope: Envelope) -> None:
-        """Into the key's mailbox, activating its actor if needed."""
+    def check(self, key: str) -> None:
+        """Raise Overloaded if a request for `key` would be refused now (a screen asks
+        before it spends I/O on a request that `deliver` would refuse anyway)."""
+        if self._max_in_flight is not None and self._in_flight >= self._max_in_flight:
+            raise Overloaded("in_flight", self._max_in_flight)
+        cell = self._cells.get(key)
+        if (
+            self._max_queued is not None
+            and cell is not None
+            and cell.pending > self._max_queued  # the one running and max_queued waiting
+        ):
+            raise Overloaded("mailbox", self._max_queued)
+
+    def deliver(self, key: str, envelope: Envelope, *, bounded: bool = True) -> None:
+        """Into the key's mailbox, activating its actor if needed; past a bound (unless
+        `bounded` is False: work that must not be refused) it raises Overloaded."""
+        if bounded:
+            self.check(key)
         cell = self._cells.get(key)
         if cell is None:
             cell = _Cell(self._factory(key))
             self._cells[key] = cell
             cell.task = asyncio.create_task(self._run(key, cell), name=f"actor:{key}")
+        cell.pending += 1
+        self._in_flight += 1
         cell.mailbox.put_nowait(envelope)
+
+    def _done(self, cell: _Cell) -> None:
+        cell.pending -= 1
+        self._in_flight -= 1
 
     async def _route(self, request: Request) -> None:
         try:
@@ -148,15 +208,23 @@ class ActorHost:
             await request.respond_error("400", str(error))
             return
         if self._screen is None:
-            self.deliver(key, Envelope(request))
-            return
-        admitted = self._screen(key, request, self.actor(key))
+            admitted: Envelope | Coroutine[Any, Any, None] = Envelope(request)
+        else:
+            admitted = self._screen(key, request, self.actor(key))
         if isinstance(admitted, Envelope):
-            self.deliver(key, admitted)
-            return
+            try:
+                self.deliver(key, admitted)
+                return
+            except Overloaded as refusal:
+                admitted = self._refuse(request, refusal)
         task = asyncio.create_task(self._screened(request, admitted), name=f"screen:{key}")
         self._screening.add(task)
         task.add_done_callback(self._screening.discard)
+
+    def _refuse(self, request: Request, refusal: Overloaded) -> Coroutine[Any, Any, None]:
+        if self._overloaded is not None:
+            return self._overloaded(request, refusal)
+        return request.respond_error("503", str(refusal))
 
     async def _screened(self, request: Request, work: Coroutine[Any, Any, None]) -> None:
         headers = request.headers
@@ -198,16 +266,21 @@ class ActorHost:
                     with contextlib.suppress(Exception):
                         await cell.actor.stop()
                     cell.actor = self._factory(key)
+                finally:
+                    self._done(cell)
         finally:
             if self._cells.get(key) is cell:
                 del self._cells[key]
             with contextlib.suppress(Exception):
                 await cell.actor.stop()
-            # Anything that raced into the mailbox after the idle check goes to a new actor.
-            while not cell.mailbox.empty() and not self._stopping:
+            # Anything that raced into the mailbox after the idle check goes to a new actor
+            # (admitted already: no bound refuses it now).
+            while not cell.mailbox.empty():
                 leftover = cell.mailbox.get_nowait()
                 if leftover is not None:
-                    self.deliver(key, leftover)
+                    self._done(cell)
+                    if not self._stopping:
+                        self.deliver(key, leftover, bounded=False)
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop taking requests, let running actors finish, then cancel stragglers."""

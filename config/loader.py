@@ -364,7 +364,13 @@ def _check(config: Config, text: str | None, env: Mapping[str, str]) -> None:
     ):
         if not getattr(server, name) > 0:
             raise invalid(f"server.{name}", "must be more than 0 seconds")
-    for name in ("max_body_bytes", "max_connections", "max_connections_per_client"):
+    for name in (
+        "max_body_bytes",
+        "max_connections",
+        "max_connections_per_client",
+        "max_queued_per_session",
+        "max_turns_in_flight",
+    ):
         if getattr(server, name) < 1:
             raise invalid(f"server.{name}", "must be at least 1")
     if server.metrics_port is not None and not 0 <= server.metrics_port <= 65535:

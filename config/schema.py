@@ -127,6 +127,11 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     accept_timeout: float = 600.0
     # Seconds an idle session actor stays in memory.
     actor_idle: float = 300.0
+    # Backpressure, per worker process: turns that may wait behind a session's running
+    # turn, and turns admitted to all its sessions together (running or waiting). Past
+    # either, a turn gets a 503 `server_is_overloaded` with Retry-After at once.
+    max_queued_per_session: int = 8
+    max_turns_in_flight: int = 256
     # Slow or idle clients: seconds to send a request's headers (from the connection's
     # start or the request's first byte), to send its body, and to sit idle between
     # requests (keep-alive) before the connection is closed.

@@ -12,6 +12,7 @@ from typing import Any
 import msgspec
 
 from bus.codec import Codec
+from contracts.conversations import AddItems, DeleteItem, OpenConversation, UpdateMetadata
 from contracts.errors import ErrorInfo
 from contracts.memory import MemoryHit
 from contracts.turns import GetTurns, TurnsFound
@@ -109,7 +110,17 @@ class SearchMemories(msgspec.Struct, frozen=True, kw_only=True, tag="search_memo
     user: str | None = None
 
 
-SessionCommandUnion = StartTurn | GetSession | DeleteSession | SearchMemories | GetTurns
+SessionCommandUnion = (
+    StartTurn
+    | GetSession
+    | DeleteSession
+    | SearchMemories
+    | GetTurns
+    | OpenConversation
+    | AddItems
+    | DeleteItem
+    | UpdateMetadata
+)
 
 
 class MemoriesFound(msgspec.Struct, frozen=True, kw_only=True, tag="memories"):
@@ -124,6 +135,11 @@ class SessionView(msgspec.Struct, frozen=True, kw_only=True, tag="session"):
     usage: Usage
     model: str | None = None
     messages: list[ChatMessage] | None = None
+    # Conversations: the session's metadata; how many item numbers were ever given out
+    # (the next item's number); and, with `messages`, each message's item number.
+    metadata: dict[str, str] = {}
+    item_count: int = 0
+    item_numbers: list[int] | None = None
 
 
 class SessionDeleted(msgspec.Struct, frozen=True, kw_only=True, tag="deleted"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import structlog
@@ -23,6 +24,7 @@ from edge.admission import add_limits
 from edge.anthropic_errors import anthropic_error, speaks_anthropic
 from edge.auth import Authenticator
 from edge.chat import chat_completions
+from edge.conversations import add_conversation_routes
 from edge.cross_site import refuse_cross_site
 from edge.docs_page import add_doc_routes
 from edge.history_index import add_history_index
@@ -81,7 +83,13 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         return await handler(request)
     except ApiError as error:
-        response = _error(request, error.status, error.message, error.type, error.code, error.param)
+        headers = None
+        if error.retry_after is not None:
+            # Whole seconds (RFC 9110's delay-seconds), never 0: "now" invites a stampede.
+            headers = {"Retry-After": str(max(1, math.ceil(error.retry_after)))}
+        response = _error(
+            request, error.status, error.message, error.type, error.code, error.param, headers
+        )
         if error.status in (408, 413):
             # The rest of the body is not wanted: the connection closes after this answer
             # (aiohttp still reads on for its lingering time, see veil/server.py).
@@ -233,5 +241,6 @@ def create_app(
     app.router.add_get("/metrics", metrics_page)
     add_admin_routes(app)
     add_key_routes(app)
+    add_conversation_routes(app)
     add_doc_routes(app)
     return app

@@ -41,6 +41,7 @@ from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
 from bus.codec import encode
+from bus.connection import replicas as configured_replicas
 from bus.subjects import HISTORIES_BUCKET, is_valid_id
 from contracts.history import HISTORY_ENTRY_CODEC, HistoryEntry
 from contracts.session import GetSession, SessionView, StartTurn, TurnDone
@@ -86,7 +87,9 @@ class HistoryIndex:
             kv = await js.key_value(HISTORIES_BUCKET)
         except nats.js.errors.BucketNotFoundError:
             kv = await js.create_key_value(
-                KeyValueConfig(bucket=HISTORIES_BUCKET, history=1, ttl=TTL)
+                KeyValueConfig(
+                    bucket=HISTORIES_BUCKET, history=1, ttl=TTL, replicas=configured_replicas()
+                )
             )
         return cls(kv)
 

@@ -19,6 +19,7 @@ from nats.js.api import KeyValueConfig
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
+from bus.connection import replicas as configured_replicas
 from bus.subjects import KEYS_BUCKET, is_valid_id
 from contracts.keys import KEY_RECORD_CODEC, SCOPES, KeyRecord, Quota, Scope
 
@@ -55,7 +56,9 @@ class KeyStore:
         try:
             kv = await js.key_value(KEYS_BUCKET)
         except nats.js.errors.BucketNotFoundError:
-            kv = await js.create_key_value(KeyValueConfig(bucket=KEYS_BUCKET, history=1))
+            kv = await js.create_key_value(
+                KeyValueConfig(bucket=KEYS_BUCKET, history=1, replicas=configured_replicas())
+            )
         return cls(kv)
 
     async def create(

@@ -28,6 +28,7 @@ from nats.js.api import KeyValueConfig
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
+from bus.connection import replicas as configured_replicas
 from bus.subjects import LIMITS_BUCKET, is_valid_id
 from contracts.keys import Quota
 from contracts.limits import LIMIT_STATE_CODEC, ScopeState
@@ -91,7 +92,9 @@ class LimitStore:
         except nats.js.errors.BucketNotFoundError:
             # direct=False: reads go to the stream's leader, never to a replica behind it.
             kv = await js.create_key_value(
-                KeyValueConfig(bucket=LIMITS_BUCKET, history=1, direct=False)
+                KeyValueConfig(
+                    bucket=LIMITS_BUCKET, history=1, direct=False, replicas=configured_replicas()
+                )
             )
         return cls(kv, timeout)
 

@@ -57,6 +57,7 @@ class ApiError(Exception):
         type: str | None = None,
         code: str | None = None,
         param: str | None = None,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -64,11 +65,20 @@ class ApiError(Exception):
         self.type = type or error_type(status)
         self.code = code
         self.param = param
+        # Seconds to wait before another try: sent as the Retry-After header.
+        self.retry_after = retry_after
 
     @classmethod
     def of(cls, info: ErrorInfo) -> ApiError:
         """The HTTP error for an error a reply carried: the one translation at the edge."""
-        return cls(info.status, info.message, type=info.type, code=info.code, param=info.param)
+        return cls(
+            info.status,
+            info.message,
+            type=info.type,
+            code=info.code,
+            param=info.param,
+            retry_after=info.retry_after,
+        )
 
     def body(self) -> ErrorBody:
         return error_body(self.message, self.type, self.code, self.param)

@@ -83,12 +83,14 @@ ERROR_TEXT: dict[int, str] = {
     408: "The request body did not arrive in time.",
     413: "The request body is larger than the server accepts.",
     415: "The body is not sent as application/json.",
+    409: "A turn of the conversation is running: add or delete its items once it ends.",
     422: "The Idempotency-Key was used before for a different request.",
     429: "A rate limit or budget of the key or its tenant is spent: retry after "
     "`Retry-After` seconds.",
     502: "The upstream model failed, or the turn's output broke off.",
     503: "A part of Veil (the message bus, a worker, the knowledge base) or an upstream "
-    "model is unavailable; try again shortly.",
+    "model is unavailable, or the worker is at its bound of queued turns "
+    "(`server_is_overloaded`, with `Retry-After`); try again shortly.",
     504: "The turn, or the session it waited for, did not finish in time.",
 }
 
@@ -274,6 +276,8 @@ def _error_responses() -> dict[str, Any]:
                 "Retry-After": {"$ref": "#/components/headers/Retry-After"},
                 **_rate_limit_refs(),
             }
+        elif status == 503:
+            response["headers"] = {"Retry-After": {"$ref": "#/components/headers/Retry-After"}}
         responses[str(status)] = response
     return responses
 

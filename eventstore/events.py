@@ -22,7 +22,10 @@ __all__ = [
     "FactsExtracted",
     "FunctionCall",
     "HistorySummarized",
+    "ItemDeleted",
+    "ItemsAdded",
     "MemoryRecalled",
+    "MetadataUpdated",
     "ModelCall",
     "ModelCalled",
     "PipelineChosen",
@@ -312,6 +315,28 @@ class TurnCancelled(Event, tag="turn.cancelled", frozen=True, kw_only=True):
     reason: str = "client_disconnected"
 
 
+# Conversations (/v1/conversations): a session changed without a turn.
+
+
+class ItemsAdded(Event, tag="items.added", frozen=True, kw_only=True):
+    """Messages appended to the session's history without calling a model."""
+
+    messages: list[ChatMessage]
+
+
+class ItemDeleted(Event, tag="item.deleted", frozen=True, kw_only=True):
+    """A message taken out of the history the model sees. `item` is its number: its
+    position among every message the history ever held (deleted ones keep theirs)."""
+
+    item: int
+
+
+class MetadataUpdated(Event, tag="metadata.updated", frozen=True, kw_only=True):
+    """The session's metadata, replaced whole."""
+
+    metadata: dict[str, str]
+
+
 EventUnion = (
     SessionOpened
     | TurnStarted
@@ -327,6 +352,9 @@ EventUnion = (
     | ReplyCompleted
     | TurnFailed
     | TurnCancelled
+    | ItemsAdded
+    | ItemDeleted
+    | MetadataUpdated
 )
 
 

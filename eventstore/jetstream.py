@@ -37,6 +37,7 @@ from nats.js.api import (
 from nats.js.client import JetStreamContext
 
 from bus.codec import Codec
+from bus.connection import replicas as configured_replicas
 from bus.requests import nats_request
 from bus.subjects import (
     EVENTS_STREAM,
@@ -153,15 +154,18 @@ async def ensure_stream(
     js: JetStreamContext,
     stream: str = EVENTS_STREAM,
     *,
-    replicas: int = 1,
+    replicas: int | None = None,
     storage: Literal["file", "memory"] = "file",
 ) -> StreamInfo:
-    """Create the events stream, or bring an existing one to our config; safe on every start."""
+    """Create the events stream, or bring an existing one to our config; safe on every start.
+
+    The replica count (VEIL_NATS_REPLICAS unless given) is used at creation only: an existing
+    stream keeps its own, which an operator changes with `nats stream edit --replicas`; a
+    worker started without the variable never shrinks a cluster's stream to one copy."""
     wanted: dict[str, Any] = {
         "subjects": [EVENTS_WILDCARD],
         "retention": RetentionPolicy.LIMITS,
         "storage": StorageType(storage),
-        "num_replicas": replicas,
         "allow_direct": True,
         "duplicate_window": DUPLICATE_WINDOW,
         "discard": DiscardPolicy.OLD,
@@ -171,7 +175,8 @@ async def ensure_stream(
         "max_age": 0.0,
         "max_msgs_per_subject": -1,
     }
-    info = await create_stream(js, StreamConfig(name=stream, **wanted))
+    copies = configured_replicas() if replicas is None else replicas
+    info = await create_stream(js, StreamConfig(name=stream, num_replicas=copies, **wanted))
     try:
         current = info.config
         if all(getattr(current, key) == value for key, value in wanted.items()):

@@ -21,6 +21,7 @@ from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from nats.js.client import JetStreamContext
 
 from bus.codec import Codec
+from bus.connection import replicas as configured_replicas
 from bus.requests import nats_request
 from bus.subjects import (
     TOMBSTONES_STREAM,
@@ -52,13 +53,13 @@ class TombstoneLog:
         self._nc = nc
         self._timeout = timeout
 
-    async def ensure(self, *, replicas: int = 1) -> None:
+    async def ensure(self, *, replicas: int | None = None) -> None:
         config = StreamConfig(
             name=TOMBSTONES_STREAM,
             subjects=[TOMBSTONES_WILDCARD],
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
-            num_replicas=replicas,
+            num_replicas=configured_replicas() if replicas is None else replicas,
             allow_direct=True,
         )
         await create_stream(self._js, config)

@@ -65,6 +65,9 @@ def _known(base: str) -> dict[str, Any]:
     return {
         "model": "veil",
         "session_id": turn.json()["session_id"],
+        # A session is a conversation; its first message is item msg_0.
+        "conversation_id": turn.json()["session_id"],
+        "item_id": "msg_0",
         "turn_id": turn.json()["id"].removeprefix("chatcmpl-"),
         "key_id": key.json()["id"],
         "collection": "handbook",

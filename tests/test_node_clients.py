@@ -34,8 +34,10 @@ NODE_DIR = Path(__file__).resolve().parent / "node"
 PERSONA = "You are Veil, a careful assistant."
 # One tenant per script: the sessions a tenant holds are the ones its script opened.
 OPENAI_TENANT, ANTHROPIC_TENANT = "node-openai", "node-anthropic"
+RESPONSES_TENANT = "node-responses"
 OPENAI_KEY = ApiKey(key="sk-node-openai", tenant=OPENAI_TENANT)
 ANTHROPIC_KEY = ApiKey(key="sk-node-anthropic", tenant=ANTHROPIC_TENANT)
+RESPONSES_KEY = ApiKey(key="sk-node-responses", tenant=RESPONSES_TENANT)
 # tests/node/openai_chat.mjs sends this, the chat door's shape of its tool.
 TOOLS: list[dict[str, Any]] = [
     {
@@ -111,7 +113,7 @@ def upstream() -> Iterator[FakeOpenAI]:
 @pytest.fixture(scope="module")
 def veil(nats_url: str, upstream: FakeOpenAI) -> Iterator[VeilThread]:
     config = Config(
-        keys=[OPENAI_KEY, ANTHROPIC_KEY],
+        keys=[OPENAI_KEY, ANTHROPIC_KEY, RESPONSES_KEY],
         engines={
             "up": EngineConfig(
                 kind="openai", base_url=upstream.base_url, api_key="sk-upstream", timeout=10.0
@@ -175,6 +177,11 @@ def openai_run(node: str, veil: VeilThread, upstream: FakeOpenAI) -> Run:
 @pytest.fixture(scope="module")
 def anthropic_run(node: str, veil: VeilThread, upstream: FakeOpenAI) -> Run:
     return _run(node, "anthropic_messages.mjs", veil, upstream, ANTHROPIC_KEY)
+
+
+@pytest.fixture(scope="module")
+def responses_run(node: str, veil: VeilThread, upstream: FakeOpenAI) -> Run:
+    return _run(node, "openai_responses.mjs", veil, upstream, RESPONSES_KEY)
 
 
 def sessions_of(veil: VeilThread, tenant: str) -> set[str]:
@@ -397,3 +404,49 @@ def test_anthropic_errors_are_the_clients_classes(anthropic_run: Run) -> None:
             "status": 404,
             "type": "not_found_error",
         }, name
+
+
+# --- the openai client on Responses and Conversations -------------------------------------------
+
+
+def test_responses_a_chain_whole_then_streamed(responses_run: Run) -> None:
+    chain = responses_run.summary["chain"]
+    assert chain["first"]["object"] == "response" and chain["first"]["status"] == "completed"
+    assert chain["first"]["id"].startswith("resp_")
+    assert chain["second"]["text"] == "echo: What is my name?"
+    assert chain["second"]["usage"]["total_tokens"] > 0
+    # previous_response_id continued the session: the model saw the first turn.
+    seen = responses_run.request_ending("user", "What is my name?")["messages"]
+    assert {"role": "user", "content": "My name is Bea."} in seen
+    streamed = chain["streamed"]
+    for kind in ("response.created", "response.output_text.delta", "response.completed"):
+        assert kind in streamed["types"], streamed["types"]
+    assert streamed["text"] == streamed["completed_text"] == "echo: Say it again, streamed."
+    assert chain["retrieved"] == {"id": chain["second"]["id"], "text": chain["second"]["text"]}
+    earlier = responses_run.request_ending("user", "Say it again, streamed.")["messages"]
+    assert {"role": "user", "content": "My name is Bea."} in earlier
+
+
+def test_responses_a_function_tool_round_trip(responses_run: Run) -> None:
+    tool = responses_run.summary["tool"]
+    assert tool["call"]["name"] == "get_weather" and tool["call"]["arguments"] == {"city": "Paris"}
+    assert tool["answer"] == "The weather: sunny, 22 C (node)"
+    answered = responses_run.request_ending("tool", "sunny, 22 C (node)")["messages"]
+    assert answered[-1]["tool_call_id"] == tool["call"]["call_id"]
+
+
+def test_conversations_items_reach_the_model(responses_run: Run) -> None:
+    conversation = responses_run.summary["conversation"]
+    assert conversation["metadata"] == {"topic": "colours"}
+    seen = responses_run.request_ending("user", "Which colour?")["messages"]
+    assert {"role": "user", "content": "Remember the colour teal."} in seen
+    assert conversation["items"] == ["assistant", "user", "user"]  # newest first, as OpenAI lists
+    assert conversation["deleted"] is True
+    assert conversation["gone"] == {"class": "NotFoundError", "status": 404}
+
+
+def test_responses_errors_are_the_clients_classes(responses_run: Run) -> None:
+    errors = responses_run.summary["errors"]
+    assert errors["wrong_key"] == {"class": "AuthenticationError", "status": 401}
+    assert errors["unknown_model"] == {"class": "NotFoundError", "status": 404}
+    assert errors["unknown_response"] == {"class": "NotFoundError", "status": 404}

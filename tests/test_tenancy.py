@@ -6,6 +6,7 @@ endpoint added later fails here until someone says (and tests) how tenants stay 
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -28,6 +29,8 @@ SECRET_WORDS = "marmalade-zeppelin"
 # How each route keeps tenants apart:
 #   session: a session-scoped read or change; another tenant's id answers as a free one (404)
 #     (session ids are per tenant: a chat turn naming one opens the caller's own session)
+#   conversation: a session read or changed as a conversation; another tenant's id answers
+#     as a free one (404), with a valid body for the changes (a bad body is a 400 first)
 #   response: a response id names a session and a turn, looked up under the caller's
 #     tenant: another tenant's answers as a free one (404)
 #   admin: admin keys only (global by design); chat and audit keys get 403
@@ -49,6 +52,14 @@ ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/v1/sessions/{session_id}/memories"): "session",
     ("GET", "/v1/sessions/{session_id}/turns"): "session",
     ("GET", "/v1/sessions/{session_id}/turns/{turn_id}"): "session",
+    ("POST", "/v1/conversations"): "tenant",
+    ("GET", "/v1/conversations/{conversation_id}"): "conversation",
+    ("POST", "/v1/conversations/{conversation_id}"): "conversation",
+    ("DELETE", "/v1/conversations/{conversation_id}"): "conversation",
+    ("GET", "/v1/conversations/{conversation_id}/items"): "conversation",
+    ("POST", "/v1/conversations/{conversation_id}/items"): "conversation",
+    ("GET", "/v1/conversations/{conversation_id}/items/{item_id}"): "conversation",
+    ("DELETE", "/v1/conversations/{conversation_id}/items/{item_id}"): "conversation",
     ("GET", "/healthz"): "public",
     ("GET", "/metrics"): "admin",
     ("GET", "/v1/usage"): "tenant",
@@ -169,6 +180,48 @@ def test_another_tenants_session_answers_as_a_free_id(
     # And tenant a still has all of it.
     status, body = call(veil, "GET", f"/v1/sessions/{sid}/messages", A_AUDIT)
     assert status == 200 and SECRET_WORDS in str(body)
+
+
+# A valid body for each conversation change, so that only the lookup can refuse it.
+_CONVERSATION_BODIES: dict[tuple[str, str], dict[str, Any]] = {
+    ("POST", "/v1/conversations/{conversation_id}"): {"metadata": {"k": "v"}},
+    ("POST", "/v1/conversations/{conversation_id}/items"): {
+        "items": [{"type": "message", "role": "user", "content": "mine now"}]
+    },
+}
+
+
+@pytest.mark.parametrize(
+    ("method", "path"), [k for k, v in ROUTES.items() if v == "conversation"], ids=str
+)
+def test_another_tenants_conversation_answers_as_a_free_id(
+    veil: VeilThread, a_session: tuple[str, str], method: str, path: str
+) -> None:
+    sid = a_session[0]
+    body = _CONVERSATION_BODIES.get((method, path))
+    root = veil.base_url.removesuffix("/v1")
+
+    def ask(conversation: str, key: str) -> tuple[int, dict[str, Any]]:
+        url = path.replace("{conversation_id}", conversation).replace("{item_id}", "msg_0")
+        headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+        data = json.dumps(body).encode() if body is not None else None
+        reply = http(method, root + url, data, headers)
+        return reply.status_code, reply.json()
+
+    for key in (B_CHAT, B_AUDIT):
+        status, answer = ask(sid, key)
+        free_status, free = ask("sess_free", key)
+        if status == 403:  # an audit key may not change: refused before any lookup
+            assert method != "GET" and key == B_AUDIT and free_status == 403
+            continue
+        assert status == free_status == 404, (status, answer)
+        assert answer["error"]["code"] == free["error"]["code"] == "conversation_not_found"
+        assert answer["error"]["message"] == free["error"]["message"].replace("sess_free", sid)
+        assert SECRET_WORDS not in str(answer)
+    # And tenant a still has all of it, unchanged.
+    status, items = call(veil, "GET", f"/v1/conversations/{sid}/items?order=asc", A_AUDIT)
+    assert status == 200 and SECRET_WORDS in str(items) and len(items["data"]) == 2
+    assert call(veil, "GET", f"/v1/conversations/{sid}", A_AUDIT)[1]["metadata"] == {}
 
 
 @pytest.mark.parametrize(

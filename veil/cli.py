@@ -17,6 +17,7 @@ from config import Config, ConfigError, load_config
 from veil.backup import add_backup_parser
 from veil.keys import add_keys_parser
 from veil.logs import FORMATS, LEVELS, configure_logging, default_format
+from veil.roles import ROLES, parse_roles
 from veil.usage import add_usage_parser
 
 __all__ = ["main"]
@@ -29,7 +30,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="TOML config file (or VEIL_CONFIG)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (
-        ("serve", "run everything in one process (embeds nats-server unless VEIL_NATS_URL is set)"),
+        (
+            "serve",
+            (
+                "run everything on this machine: one process, or --workers N "
+                "(embeds nats-server unless VEIL_NATS_URL is set)"
+            ),
+        ),
         ("gateway", "run the HTTP gateway only, against VEIL_NATS_URL"),
         ("worker", "run the actors only, against VEIL_NATS_URL"),
     ):
@@ -41,6 +48,20 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
             p.add_argument(
                 "--port", type=int, help="port to listen on (default 8000; 0 picks a free one)"
+            )
+        if name == "serve":
+            p.add_argument(
+                "--workers",
+                default="1",
+                help="processes serving turns: 1 (default) runs everything in one process; "
+                "N > 1 starts N worker processes and one memory process beside the gateway; "
+                "auto: one per core",
+            )
+        if name == "worker":
+            p.add_argument(
+                "--roles",
+                default=",".join(ROLES),
+                help=f"comma-separated roles to run (default: all of {','.join(ROLES)})",
             )
         p.add_argument(
             "--log-format",
@@ -249,6 +270,31 @@ async def _reindex(config: Config) -> int:
     return 0
 
 
+def _workers_of(text: str) -> int:
+    """`--workers`: a count of at least 1, or `auto` (one per core)."""
+    if text == "auto":
+        from veil.supervisor import default_workers
+
+        return default_workers()
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"--workers {text!r} is not a count of at least 1 or auto")
+    return int(text)
+
+
+def _worker_args(args: argparse.Namespace) -> list[str]:
+    """What `veil serve --workers N` passes on to its worker children."""
+    out: list[str] = []
+    if args.config:
+        out += ["--config", args.config]
+    if args.log_format:
+        out += ["--log-format", args.log_format]
+    if args.log_level:
+        out += ["--log-level", args.log_level]
+    if args.metrics_port is not None:
+        out += ["--metrics-port", "0"]  # the parent's port is taken: a free one each
+    return out
+
+
 def _run_fast(main: Coroutine[Any, Any, None]) -> None:
     """Run a server role on uvloop where it is installed (VEIL_EVENT_LOOP=asyncio opts out)."""
     if os.environ.get("VEIL_EVENT_LOOP", "uvloop") == "uvloop":
@@ -297,7 +343,23 @@ def main(argv: list[str] | None = None) -> int:
 
         make_private(Path(config.data_dir))
         try:
-            _run_fast(run_role(config, args.command, host, port))
+            roles = parse_roles(args.roles) if args.command == "worker" else None
+            workers = _workers_of(args.workers) if args.command == "serve" else 1
+        except ValueError as error:
+            print(f"veil: {error}", file=sys.stderr)
+            return 2
+        try:
+            _run_fast(
+                run_role(
+                    config,
+                    args.command,
+                    host,
+                    port,
+                    roles=roles,
+                    workers=workers,
+                    worker_args=_worker_args(args),
+                )
+            )
         except KeyboardInterrupt:
             pass
         return 0

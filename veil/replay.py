@@ -15,7 +15,10 @@ from eventstore.events import (
     EventUnion,
     FactsExtracted,
     HistorySummarized,
+    ItemDeleted,
+    ItemsAdded,
     MemoryRecalled,
+    MetadataUpdated,
     ModelCall,
     ModelCalled,
     PipelineChosen,
@@ -190,6 +193,14 @@ def describe(event: EventUnion, resolve: Resolver = _no_references) -> list[str]
                 f"left out {', '.join(cut)}"
             )
             return [head]
+        case ItemsAdded():
+            lines = [f"items added: {len(event.messages)} messages"]
+            lines += [f"  {m.role}: {_quote(m.content)}" for m in event.messages]
+            return lines
+        case ItemDeleted():
+            return [f"item msg_{event.item} deleted from the history"]
+        case MetadataUpdated():
+            return [f"metadata set: {encode(event.metadata).decode()}"]
         case _:
             assert_never(event)
 

@@ -14,7 +14,7 @@ import os
 import secrets
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,6 +31,7 @@ from veil.natsserver import NatsServer
 from veil.telemetry import new_registry, serve_metrics, setup_tracing, stop_tracing
 
 if TYPE_CHECKING:
+    from veil.supervisor import WorkerPool
     from veil.workers import Workers
 
 __all__ = ["embedded_nats", "is_loopback", "make_private", "run_role", "serve_gateway"]
@@ -181,8 +182,15 @@ async def run_role(
     port: int,
     *,
     until: Callable[[], asyncio.Future[None] | asyncio.Task[None]] | None = None,
+    roles: frozenset[str] | None = None,
+    workers: int = 1,
+    worker_args: Sequence[str] = (),
 ) -> None:
-    """Run `serve` (everything), `gateway` or `worker` until SIGINT/SIGTERM."""
+    """Run `serve` (everything), `gateway` or `worker` until SIGINT/SIGTERM.
+
+    A worker runs `roles` (all by default). `serve` with `workers` > 1 runs the actors
+    in child processes (veil/supervisor.py), each started with `worker_args`.
+    """
     if role in ("serve", "gateway") and not config.keys and not is_loopback(host):
         raise SystemExit(
             f"refusing to serve on {host} with authentication off: set VEIL_API_KEYS or "
@@ -201,7 +209,8 @@ async def run_role(
             f"Embedded NATS at {nats.public_url} (JetStream in {nats.store_dir}; "
             f"its URL with credentials is in {url_file})"
         )
-    workers: Workers | None = None
+    actors: Workers | None = None
+    pool: WorkerPool | None = None
     runner: web.AppRunner | None = None
     metrics: web.AppRunner | None = None
     # One registry for the process: in `serve`, the gateway's page shows the workers' too.
@@ -213,12 +222,22 @@ async def run_role(
             metrics = await serve_metrics(
                 registry, config.server.metrics_host, config.server.metrics_port
             )
-        if role in ("serve", "worker"):
+        if role == "serve" and workers > 1:
+            from veil.supervisor import WorkerPool, worker_commands
+
+            pool = WorkerPool(worker_commands(workers, worker_args), url)
+            await pool.start()
+            _say(f"Worker processes ready: {workers} serving turns, 1 indexing memory")
+        elif role in ("serve", "worker"):
+            from veil.roles import ROLES
             from veil.workers import Workers
 
-            workers = Workers(config, url, registry)
-            await workers.start()
-            _say(f"Workers ready: engines {', '.join(config.engines) or '(none)'}")
+            actors = Workers(config, url, registry, roles or frozenset(ROLES))
+            await actors.start()
+            _say(
+                f"Workers ready: engines {', '.join(config.engines) or '(none)'} "
+                f"(roles {','.join(r for r in ROLES if r in actors.roles)})"
+            )
         if role in ("serve", "gateway"):
             runner, actual = await serve_gateway(config, url, host, port, registry)
             if not config.keys:
@@ -242,8 +261,10 @@ async def run_role(
             supervisor.cancel()
         if runner is not None:
             await _bounded(runner.cleanup(), 30, "gateway")
-        if workers is not None:
-            await _bounded(workers.stop(), 30, "workers")
+        if actors is not None:
+            await _bounded(actors.stop(), 30, "workers")
+        if pool is not None:
+            await _bounded(pool.stop(), 40, "worker processes")
         if metrics is not None:
             await _bounded(metrics.cleanup(), 5, "metrics")
         # The spans still queued go out (on a thread: an unreachable collector may block).

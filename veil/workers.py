@@ -34,19 +34,25 @@ from eventstore.jetstream import JetStreamEventStore, ensure_stream
 from eventstore.tombstones import TombstoneLog
 from veil import __version__
 from veil.memory_role import MemoryHandle, start_memory
+from veil.roles import ROLES
 from veil.usage_role import UsageHandle, start_usage
 
 __all__ = ["Workers"]
 
 
 class Workers:
-    """The actors of one worker process: session actors and model actors."""
+    """The actors of one worker process: those of its roles (all by default)."""
 
     def __init__(
-        self, config: Config, nats_url: str, registry: CollectorRegistry | None = None
+        self,
+        config: Config,
+        nats_url: str,
+        registry: CollectorRegistry | None = None,
+        roles: frozenset[str] = frozenset(ROLES),
     ) -> None:
         self._config = config
         self._url = nats_url
+        self.roles = roles
         # The process's metrics registry (veil/telemetry.py), else one of its own.
         self.metrics = WorkerMetrics(registry or CollectorRegistry())
         self._nc: Client | None = None
@@ -79,6 +85,26 @@ class Workers:
             tombstones=tombstones,
             tools=configured_tools(self._config),
         )
+        if "sessions" in self.roles:
+            await self._start_sessions(ctx)
+        if "memory" in self.roles:
+            self._memory = await start_memory(self._config, nc, js, ctx.store, tombstones)
+            if self.memory is not None:
+                self.metrics.watch_memory(self.memory.stats)
+        if "usage" in self.roles:
+            self._usage = await start_usage(self._config, nc, js, ctx.store)
+        if "models" in self.roles:
+            engines: dict[str, Engine] = {
+                name: build_engine(self._config, name) for name in self._config.engines
+            }
+            self._models = ModelActor(
+                nc, engines, version=__version__, signals=signals, metrics=self.metrics
+            )
+            await self._models.start()
+
+    async def _start_sessions(self, ctx: SessionContext) -> None:
+        """The session actors, and the router and tools only they ask."""
+        nc = ctx.nc
         front = SessionFront(ctx)
         self._sessions = ActorHost(
             nc,
@@ -92,16 +118,15 @@ class Workers:
             factory=lambda key: SessionActor(key, ctx),
             idle_seconds=self._config.server.actor_idle,
             screen=front.screen,
+            max_queued=self._config.server.max_queued_per_session,
+            max_in_flight=self._config.server.max_turns_in_flight,
+            overloaded=front.overloaded,
         )
         front.attach(self._sessions)
         await self._sessions.start()
         self.metrics.watch_actors(
             "veil-session", lambda: self.sessions.active, self.sessions.mailbox_depths
         )
-        self._memory = await start_memory(self._config, nc, js, ctx.store, tombstones)
-        if self.memory is not None:
-            self.metrics.watch_memory(self.memory.stats)
-        self._usage = await start_usage(self._config, nc, js, ctx.store)
         routers = build_routers(self._config, default_embedder(), nc)
         if routers:
             self._router = RouterActor(nc, routers, version=__version__)
@@ -109,13 +134,6 @@ class Workers:
         if any(p.tools for p in self._config.pipelines.values()):
             self._tools = ToolActor(nc, configured_tools(self._config), version=__version__)
             await self._tools.start()
-        engines: dict[str, Engine] = {
-            name: build_engine(self._config, name) for name in self._config.engines
-        }
-        self._models = ModelActor(
-            nc, engines, version=__version__, signals=signals, metrics=self.metrics
-        )
-        await self._models.start()
 
     @property
     def nc(self) -> Client:

@@ -14,6 +14,7 @@ from nats.aio.client import Client
 from nats.js.api import Header, RetentionPolicy, StorageType, StreamConfig
 from nats.js.client import JetStreamContext
 
+from bus.connection import replicas as configured_replicas
 from bus.subjects import KB_STREAM, KB_WILDCARD, collection_from_subject, collection_subject
 from eventstore.errors import ConcurrencyConflict, EventStoreError, StoreUnavailable
 from eventstore.jetstream import UNAVAILABLE, WRONG_LAST_SEQUENCE, create_stream
@@ -33,14 +34,14 @@ class KnowledgeLog:
     def of(cls, nc: Client) -> KnowledgeLog:
         return cls(nc.jetstream())
 
-    async def ensure(self, *, replicas: int = 1) -> None:
+    async def ensure(self, *, replicas: int | None = None) -> None:
         """Create the stream if it does not exist; safe on every start."""
         config = StreamConfig(
             name=KB_STREAM,
             subjects=[KB_WILDCARD],
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
-            num_replicas=replicas,
+            num_replicas=configured_replicas() if replicas is None else replicas,
             allow_direct=True,
             max_msgs=-1,
             max_bytes=-1,

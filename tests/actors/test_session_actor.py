@@ -11,11 +11,18 @@ from nats.aio.client import Client
 
 from actors.leases import Leases
 from actors.session_actor import SessionActor, SessionContext
+from actors.session_front import SessionFront
 from bus.runtime import Envelope
 from bus.signals import Signals
 from bus.subjects import SESSION_CANCEL_WILDCARD, session_key
 from config import Config, EngineConfig, ModelConfig, PipelineConfig
-from contracts.session import TURN_REPLY_CODEC, StartTurn, TurnRejected
+from contracts.session import (
+    SESSION_COMMAND_CODEC,
+    TURN_REPLY_CODEC,
+    GetSession,
+    StartTurn,
+    TurnRejected,
+)
 from eventstore.errors import StoreUnavailable
 from eventstore.events import ChatMessage, EventUnion
 from eventstore.memory import InMemoryEventStore
@@ -47,6 +54,7 @@ class _Request:
     def __init__(self) -> None:
         self.replies: list[bytes] = []
         self.headers: dict[str, str] = {}  # a request of the bus carries none here
+        self.subject = "chat.session.t.s1.cmd"
 
     async def respond(self, data: bytes) -> None:
         self.replies.append(data)
@@ -99,3 +107,30 @@ async def test_a_log_out_of_reach_is_a_503_to_retry_not_an_actor_failure(
     assert reply.error.code == "service_unavailable"
     assert await store.load("t", "s1") == []
     assert not actor.owned_by("t"), "it reads the log again before trusting its state"
+
+
+class _Unreadable(InMemoryEventStore):
+    """A store that cannot be read, as while a cluster elects the log's new leader."""
+
+    async def first(self, tenant: str, session_id: str) -> Any:
+        raise StoreUnavailable("direct get on CHAT_EVENTS: NoRespondersError()")
+
+
+async def test_a_log_the_front_cannot_read_is_a_503_not_an_actor_failure(nc: Client) -> None:
+    ctx = SessionContext(
+        nc=nc,
+        store=_Unreadable(),
+        config=Config(),
+        signals=Signals(nc, SESSION_CANCEL_WILDCARD),
+        leases=Leases(nc),
+    )
+    front = SessionFront(ctx)
+    key = session_key("t", "s1")
+    request: Any = _Request()
+    request.data = SESSION_COMMAND_CODEC.encode(GetSession(session_id="s1", tenant="t"))
+    work = front.screen(key, request, None)
+    assert not isinstance(work, Envelope), "a read of a session without an actor reads the log"
+    await work
+    reply = TURN_REPLY_CODEC.decode(request.replies[-1])
+    assert isinstance(reply, TurnRejected) and reply.error.status == 503
+    assert reply.error.code == "service_unavailable"
