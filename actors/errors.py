@@ -9,6 +9,7 @@ ActorError
 ├── RequestAbandoned    the client gave up before its turn could start
 ├── TurnInProgress      another writer holds the session's turn lease
 ├── ItemNotFound        a conversation item that does not exist (or was deleted)
+├── ResponseNotFound    a turn to delete as a response that is not (or no longer) there
 └── AlreadyHandled      the command id was seen before; carries its outcome
 """
 
@@ -27,6 +28,7 @@ __all__ = [
     "ItemNotFound",
     "NothingNew",
     "RequestAbandoned",
+    "ResponseNotFound",
     "SessionExists",
     "SessionNotFound",
     "TurnInProgress",
@@ -105,3 +107,10 @@ class ItemNotFound(ActorError):
 
     status = 404
     code = "item_not_found"
+
+
+class ResponseNotFound(ActorError):
+    """A response (a closed turn) that is not in the session, or was deleted."""
+
+    status = 404
+    code = "response_not_found"

@@ -18,6 +18,7 @@ from actors.errors import (
     IdempotencyMismatch,
     ItemNotFound,
     NothingNew,
+    ResponseNotFound,
     SessionExists,
     SessionNotFound,
     TurnInProgress,
@@ -28,6 +29,7 @@ from contracts.conversations import (
     AddItems,
     ConversationEdit,
     DeleteItem,
+    DeleteResponse,
     OpenConversation,
     UpdateMetadata,
 )
@@ -47,6 +49,7 @@ from eventstore.events import (
     PipelineChosen,
     PromptTrimmed,
     ReplyCompleted,
+    ResponseDeleted,
     SessionOpened,
     ToolCall,
     ToolLoopStopped,
@@ -138,6 +141,9 @@ class SessionState(msgspec.Struct, frozen=True, kw_only=True):
     # message the history ever held, so it never changes (see `item_numbers`).
     metadata: dict[str, str] = {}
     deleted_items: tuple[int, ...] = ()
+    # Every closed turn not deleted as a response (/v1/responses): the item number of
+    # its first history message and how many it added (none, failed or cancelled).
+    turn_items: dict[str, tuple[int, int]] = {}
 
 
 # Commands: the shell fills in `now` and everything else non-deterministic.
@@ -389,6 +395,10 @@ def _decide_edit(state: SessionState, command: Edit) -> list[EventUnion]:
             if edit.item not in item_numbers(state):
                 raise ItemNotFound(f"No item found with id 'msg_{edit.item}'.")
             return [ItemDeleted(at=now, item=edit.item)]
+        case DeleteResponse():
+            if edit.turn_id not in state.turn_items:
+                raise ResponseNotFound(f"No response found with turn id '{edit.turn_id}'.")
+            return [ResponseDeleted(at=now, turn_id=edit.turn_id)]
         case _:
             assert_never(edit)
 
@@ -426,8 +436,18 @@ def _close(
         return replace(state, updated_at=at, **changes)
     outcomes = dict(state.outcomes)
     outcomes[open_turn.command_id] = replace(outcome, fingerprint=open_turn.fingerprint)
+    history = changes.get("history", state.history)
+    added = len(history) - len(state.history) if isinstance(history, tuple) else 0
+    first = len(state.history) + len(state.deleted_items)
+    turn_items = {**state.turn_items, open_turn.turn_id: (first, added)}
     return replace(
-        state, open_turn=None, outcomes=outcomes, updated_at=at, turns=state.turns + 1, **changes
+        state,
+        open_turn=None,
+        outcomes=outcomes,
+        turn_items=turn_items,
+        updated_at=at,
+        turns=state.turns + 1,
+        **changes,
     )
 
 
@@ -555,26 +575,35 @@ def evolve(state: SessionState, event: EventUnion) -> SessionState:
         case ItemsAdded():
             return replace(state, history=(*state.history, *event.messages), updated_at=event.at)
         case ItemDeleted():
-            return _delete_item(state, event)
+            return _delete_items(state, {event.item}, event.at)
         case MetadataUpdated():
             return replace(state, metadata=dict(event.metadata), updated_at=event.at)
+        case ResponseDeleted():
+            span = state.turn_items.get(event.turn_id)
+            if span is None:
+                return replace(state, updated_at=event.at)
+            turn_items = {t: s for t, s in state.turn_items.items() if t != event.turn_id}
+            state = replace(state, turn_items=turn_items)
+            first, added = span
+            return _delete_items(state, set(range(first, first + added)), event.at)
         case _:
             assert_never(event)
 
 
-def _delete_item(state: SessionState, event: ItemDeleted) -> SessionState:
-    """The history without the item. One already folded into the summary leaves the
-    summary as written (it covers one message less)."""
+def _delete_items(state: SessionState, items: set[int], at: datetime) -> SessionState:
+    """The history without the items (those still in it). Ones already folded into the
+    summary leave the summary as written (it covers fewer messages)."""
     numbers = item_numbers(state)
-    if event.item not in numbers:
-        return replace(state, updated_at=event.at)
-    i = numbers.index(event.item)
+    gone = [i for i, n in enumerate(numbers) if n in items]
+    if not gone:
+        return replace(state, updated_at=at)
+    drop = set(gone)
     return replace(
         state,
-        history=(*state.history[:i], *state.history[i + 1 :]),
-        summarized=state.summarized - 1 if i < state.summarized else state.summarized,
-        deleted_items=tuple(sorted((*state.deleted_items, event.item))),
-        updated_at=event.at,
+        history=tuple(m for i, m in enumerate(state.history) if i not in drop),
+        summarized=state.summarized - sum(1 for i in gone if i < state.summarized),
+        deleted_items=tuple(sorted((*state.deleted_items, *(numbers[i] for i in gone)))),
+        updated_at=at,
     )
 
 

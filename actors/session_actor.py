@@ -37,6 +37,7 @@ from contracts.conversations import (
     AddItems,
     ConversationEdit,
     DeleteItem,
+    DeleteResponse,
     OpenConversation,
     UpdateMetadata,
 )
@@ -70,7 +71,15 @@ GONE_BEFORE_START = "The client went away before the turn could start."
 
 # What the front hands to a session's mailbox: turns, deletions, conversation changes.
 Mailed = StartTurn | DeleteSession | ConversationEdit
-_MAILED = (StartTurn, DeleteSession, OpenConversation, AddItems, DeleteItem, UpdateMetadata)
+_MAILED = (
+    StartTurn,
+    DeleteSession,
+    OpenConversation,
+    AddItems,
+    DeleteItem,
+    UpdateMetadata,
+    DeleteResponse,
+)
 
 
 class SessionActor:
@@ -215,7 +224,9 @@ class SessionActor:
                 await self._start_turn(request, command)
             case DeleteSession():
                 await self._delete(request, command)
-            case OpenConversation() | AddItems() | DeleteItem() | UpdateMetadata():
+            case (
+                OpenConversation() | AddItems() | DeleteItem() | UpdateMetadata() | DeleteResponse()
+            ):
                 await self._edit(request, command)
             case _:
                 assert_never(command)

@@ -46,7 +46,13 @@ from bus.codec import DecodeError
 from bus.requests import BUS_DOWN
 from bus.runtime import Actor, ActorHost, Envelope, Overloaded
 from bus.subjects import InvalidToken, session_cancel, session_key
-from contracts.conversations import AddItems, DeleteItem, OpenConversation, UpdateMetadata
+from contracts.conversations import (
+    AddItems,
+    DeleteItem,
+    DeleteResponse,
+    OpenConversation,
+    UpdateMetadata,
+)
 from contracts.errors import ErrorInfo, error_info, error_type
 from contracts.memory import RecallRequest
 from contracts.session import (
@@ -125,7 +131,7 @@ class SessionFront:
                 return self._turns(request, command, live)
             case OpenConversation():
                 return Envelope(request, command)  # a new id, as a new session's first turn
-            case AddItems() | DeleteItem() | UpdateMetadata():
+            case AddItems() | DeleteItem() | UpdateMetadata() | DeleteResponse():
                 return self._edit(key, request, command, live)
             case _:
                 assert_never(command)
@@ -187,7 +193,7 @@ class SessionFront:
         self,
         key: str,
         request: Request,
-        command: AddItems | DeleteItem | UpdateMetadata,
+        command: AddItems | DeleteItem | UpdateMetadata | DeleteResponse,
         live: SessionActor | None,
     ) -> None:
         """A conversation's change needs an existing session of the caller's; its actor

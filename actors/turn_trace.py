@@ -30,6 +30,7 @@ from eventstore.events import (
     PipelineChosen,
     PromptTrimmed,
     ReplyCompleted,
+    ResponseDeleted,
     ToolLoopStopped,
     ToolsCalled,
     TurnCancelled,
@@ -164,6 +165,10 @@ def turn_traces(
                 pipeline=pipeline,
                 content=words,
             )
+            continue
+        if isinstance(event, ResponseDeleted):
+            # Deleted as a response: read back as if it never ran (the log keeps it).
+            traces.pop(event.turn_id, None)
             continue
         turn_id = getattr(event, "turn_id", None)
         trace = traces.get(turn_id) if isinstance(turn_id, str) else None

@@ -15,6 +15,7 @@ __all__ = [
     "AddItems",
     "ConversationEdit",
     "DeleteItem",
+    "DeleteResponse",
     "OpenConversation",
     "UpdateMetadata",
 ]
@@ -62,4 +63,15 @@ class UpdateMetadata(msgspec.Struct, frozen=True, kw_only=True, tag="update_meta
     metadata: dict[str, str]
 
 
-ConversationEdit = OpenConversation | AddItems | DeleteItem | UpdateMetadata
+class DeleteResponse(msgspec.Struct, frozen=True, kw_only=True, tag="delete_response"):
+    """Delete a response (a closed turn, by its id): its messages leave the history the
+    model sees, and it reads back as a free id (DELETE /v1/responses/{id})."""
+
+    session_id: str
+    tenant: str
+    key_id: str
+    user: str | None = None
+    turn_id: str
+
+
+ConversationEdit = OpenConversation | AddItems | DeleteItem | UpdateMetadata | DeleteResponse

@@ -12,7 +12,13 @@ from typing import Any
 import msgspec
 
 from bus.codec import Codec
-from contracts.conversations import AddItems, DeleteItem, OpenConversation, UpdateMetadata
+from contracts.conversations import (
+    AddItems,
+    DeleteItem,
+    DeleteResponse,
+    OpenConversation,
+    UpdateMetadata,
+)
 from contracts.errors import ErrorInfo
 from contracts.memory import MemoryHit
 from contracts.turns import GetTurns, TurnsFound
@@ -120,6 +126,7 @@ SessionCommandUnion = (
     | AddItems
     | DeleteItem
     | UpdateMetadata
+    | DeleteResponse
 )
 
 

@@ -14,10 +14,14 @@ edge/responses_sse.py) are this API's. Which session:
   new session. X-Session-Id and metadata.session_id name one as on the chat door.
 
 A response is read back from the session's log (GET: the turn's answer; input_items:
-the messages the turn added). The log is append-only and a turn is part of its
-session's history, so DELETE of one response is refused with a 400 that says to delete
-the session (DELETE /v1/sessions/{id}); `store: false` does not keep a turn out of the
-log either (the session is Veil's memory): delete the session to forget it.
+the messages the turn added). The log is append-only, so DELETE appends a
+`response.deleted` event (through the session actor, between turns, as conversation
+item edits: `decide` refuses it while a turn is open): the turn's messages leave the
+history the model sees and the conversation's items, and the response reads back as a
+free id (404; a 400 as `previous_response_id`).
+Its words stay in the log until the session is deleted (DELETE /v1/sessions/{id}), as a
+deleted conversation item's do; `store: false` does not keep a turn out of the log
+either (the session is Veil's memory): delete the session to forget it.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ import msgspec
 from aiohttp import web
 from msgspec import Meta
 
-from contracts.session import StartTurn, TurnDone, TurnError
+from contracts.conversations import DeleteResponse
+from contracts.session import SessionView, StartTurn, TurnDone, TurnError
 from contracts.turns import GetTurns, TurnsFound, TurnTrace
 from edge.auth import require_scope
 from edge.chat import (
@@ -53,7 +58,12 @@ from edge.responses_answer import (
     settings_of_request,
     traced_response,
 )
-from edge.responses_objects import RESPONSE_EVENTS, InputItemList, ResponseObject
+from edge.responses_objects import (
+    RESPONSE_EVENTS,
+    InputItemList,
+    ResponseDeletedObject,
+    ResponseObject,
+)
 from edge.responses_sse import stream_response
 from edge.responses_wire import (
     MAX_RESPONSE_ID,
@@ -270,23 +280,40 @@ async def get_response(request: web.Request) -> web.Response:
 
 @operation(
     "Delete a response",
-    description="Refused (400) for a response that exists: a response is a turn of its "
-    "session's append-only log. Delete the whole session (DELETE /v1/sessions/{id}), which "
-    "forgets it everywhere.",
+    description="Takes the response's turn out of its session (a `response.deleted` "
+    "event): its input and its answer leave the history the model sees and the "
+    "conversation's items, and the id reads back as unknown (404). Decided between turns, "
+    "as conversation item edits are (a 409 while a turn holds the session). The log keeps "
+    "its words until the session is deleted (DELETE /v1/sessions/{id}).",
     tags=("chat",),
     path=_ON_RESPONSE,
-    errors=(400, 404, 503, 504),
+    ok=ResponseDeletedObject,
+    errors=(404, 409, 503, 504),
 )
 async def delete_response(request: web.Request) -> web.Response:
-    require_scope(request[PRINCIPAL], "chat")
-    ref, _ = await _trace(request, request.match_info["response_id"])
-    raise ApiError(
-        400,
-        "A response is one turn of its session's append-only log and cannot be deleted "
-        f"alone; delete its session to forget it: DELETE /v1/sessions/{ref.session_id}.",
-        param="response_id",
-        code="delete_the_session",
+    principal = request[PRINCIPAL]
+    require_scope(principal, "chat")
+    value = request.match_info["response_id"]
+    ref = parse_response_id(value)
+    if ref is None:
+        raise _not_found(value)
+    command = DeleteResponse(
+        session_id=ref.session_id,
+        tenant=principal.tenant,
+        key_id=principal.key_id,
+        user=principal.user,
+        turn_id=ref.turn_id,
     )
+    config = request.app[CONFIG]
+    try:
+        reply = await ask_session(request.app[NATS], command, config.server.accept_timeout)
+    except ApiError as error:
+        if error.status == 404:
+            raise _not_found(value) from None  # no such session, or no such response in it
+        raise
+    if not isinstance(reply, SessionView):
+        raise ApiError(500, "Unexpected reply from the session actor.", code="actor_failed")
+    return json_response(ResponseDeletedObject(id=value, object="response", deleted=True))
 
 
 @operation(

@@ -31,6 +31,7 @@ __all__ = [
     "OutputTextDone",
     "ResponseCompleted",
     "ResponseCreated",
+    "ResponseDeletedObject",
     "ResponseError",
     "ResponseEvent",
     "ResponseFailed",
@@ -98,6 +99,12 @@ class InputItemList(msgspec.Struct, kw_only=True):
     first_id: str | None
     last_id: str | None
     has_more: bool
+
+
+class ResponseDeletedObject(msgspec.Struct, kw_only=True):
+    id: str
+    object: Literal["response"]
+    deleted: bool
 
 
 class InputTokensDetails(msgspec.Struct, kw_only=True):

@@ -32,6 +32,7 @@ __all__ = [
     "PromptTrimmed",
     "RecalledMemory",
     "ReplyCompleted",
+    "ResponseDeleted",
     "RetrievedChunk",
     "SessionOpened",
     "ToolCall",
@@ -331,6 +332,14 @@ class ItemDeleted(Event, tag="item.deleted", frozen=True, kw_only=True):
     item: int
 
 
+class ResponseDeleted(Event, tag="response.deleted", frozen=True, kw_only=True):
+    """A turn deleted as a response (DELETE /v1/responses/{id}): its messages leave the
+    history the model sees and the item lists, and it is read back as a free id. Its
+    words stay in the log until the session is deleted."""
+
+    turn_id: str
+
+
 class MetadataUpdated(Event, tag="metadata.updated", frozen=True, kw_only=True):
     """The session's metadata, replaced whole."""
 
@@ -355,6 +364,7 @@ EventUnion = (
     | ItemsAdded
     | ItemDeleted
     | MetadataUpdated
+    | ResponseDeleted
 )
 
 

@@ -5,6 +5,8 @@ upstream on loopback."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -13,6 +15,7 @@ import nats
 import openai
 import pytest
 import requests
+from msgspec import to_builtins as msgspec_dump
 
 from config import ApiKey, Config, EngineConfig, ModelConfig, PipelineConfig
 from config.schema import ServerConfig
@@ -455,11 +458,85 @@ def test_retrieve_input_items_and_delete(client: openai.OpenAI, veil: VeilThread
     items = client.responses.input_items.list(made.id)
     assert [(i.type, i.role) for i in items.data] == [("message", "user")]  # type: ignore[union-attr]
     assert items.data[0].content[0].text == "Remember the lighthouse."  # type: ignore[union-attr]
-    with pytest.raises(openai.BadRequestError) as refused:
+    deleted = requests.delete(
+        f"{veil.base_url}/responses/{made.id}",
+        headers={"Authorization": f"Bearer {KEY_A}"},
+        timeout=30,
+    )
+    assert deleted.status_code == 200, deleted.text
+    assert deleted.json() == {"id": made.id, "object": "response", "deleted": True}
+    for read in (client.responses.retrieve, client.responses.input_items.list):
+        with pytest.raises(openai.NotFoundError) as gone:
+            read(made.id)  # type: ignore[operator]
+        assert gone.value.code == "response_not_found"
+    with pytest.raises(openai.NotFoundError) as twice:
         client.responses.delete(made.id)
-    assert refused.value.code == "delete_the_session"
-    assert session_of(made) in str(refused.value.body)
-    assert client.responses.retrieve(made.id).output_text == made.output_text
+    assert twice.value.code == "response_not_found"
+
+
+def test_a_deleted_response_leaves_the_history_the_model_sees(
+    client: openai.OpenAI, veil: VeilThread, upstream: FakeOpenAI
+) -> None:
+    conv = client.conversations.create()
+    upstream.reply = "Kept."
+    first = client.responses.create(model="veil", conversation=conv.id, input="Say kept.")
+    upstream.reply = "The code word is heron."
+    second = client.responses.create(model="veil", conversation=conv.id, input="Code word?")
+    upstream.reply = None
+    assert client.responses.delete(second.id) is None  # the SDK answers None for a 200
+    items = client.conversations.items.list(conv.id, order="asc")
+    said = [(i.role, i.content[0].text) for i in items.data]  # type: ignore[union-attr]
+    assert said == [("user", "Say kept."), ("assistant", "Kept.")]
+    # The next turn's prompt carries the first turn, not the deleted one.
+    client.responses.create(model="veil", previous_response_id=first.id, input="And now?")
+    prompt = texts(sent_messages(upstream))
+    assert prompt == [("user", "Say kept."), ("assistant", "Kept."), ("user", "And now?")]
+    assert "heron" not in json.dumps(upstream.last_request.body)
+    # A deleted response cannot be continued.
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(model="veil", previous_response_id=second.id, input="x")
+    assert refused.value.code == "previous_response_not_found"
+    # Its words stay in the log until the session is deleted.
+    assert any("heron" in json.dumps(msgspec_dump(e)) for e in veil.events(session_of(second)))
+
+
+def test_a_delete_sent_while_a_turn_runs_waits_for_it_in_the_sessions_mailbox(
+    client: openai.OpenAI, upstream: FakeOpenAI
+) -> None:
+    """One worker runs a session's commands one at a time: the deletion is decided after
+    the running turn closed (`decide` refuses it while a turn is open: a 409 when another
+    worker holds the turn, tests/actors/test_conversation_edits.py)."""
+    made = client.responses.create(model="veil", input="First.")
+    gate = upstream.hold()
+    done: dict[str, Any] = {}
+
+    def later() -> None:
+        done["next"] = client.responses.create(
+            model="veil", previous_response_id=made.id, input="Next."
+        )
+
+    def delete() -> None:
+        done["deleted"] = client.responses.delete(made.id)
+
+    turn = threading.Thread(target=later)
+    turn.start()
+    deleting = threading.Thread(target=delete)
+    try:
+        deadline = time.monotonic() + 30
+        while upstream.pending() < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert upstream.pending() == 1
+        deleting.start()
+        deleting.join(0.5)
+        assert "deleted" not in done  # it waits behind the running turn
+    finally:
+        gate.set()
+        turn.join(30)
+        deleting.join(30)
+    assert done["next"].status == "completed" and "deleted" in done
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(made.id)
+    assert client.responses.retrieve(done["next"].id).status == "completed"
 
 
 def test_unknown_and_other_tenants_responses_are_alike(
@@ -587,6 +664,7 @@ def test_real_answers_match_the_document(veil: VeilThread, upstream: FakeOpenAI)
     check(requests.get(one, headers=auth, timeout=30), "/v1/responses/{response_id}", 200)
     items = requests.get(f"{one}/input_items?order=asc&limit=1", headers=auth, timeout=30)
     check(items, "/v1/responses/{response_id}/input_items", 200)
-    check(requests.delete(one, headers=auth, timeout=30), "/v1/responses/{response_id}", 400)
+    check(requests.delete(one, headers=auth, timeout=30), "/v1/responses/{response_id}", 200)
+    check(requests.delete(one, headers=auth, timeout=30), "/v1/responses/{response_id}", 404)
     free = f"{veil.base_url}/responses/resp_none"
     check(requests.get(free, headers=auth, timeout=30), "/v1/responses/{response_id}", 404)

@@ -31,6 +31,7 @@ from eventstore.events import (
     PipelineChosen,
     RecalledMemory,
     ReplyCompleted,
+    ResponseDeleted,
     RetrievedChunk,
     TurnCancelled,
     TurnFailed,
@@ -273,3 +274,20 @@ def test_the_fold_keeps_recall_retrieval_and_every_ending() -> None:
     assert (two.status, two.error_status, two.error_code) == ("failed", 502, "upstream_error")
     assert three.status == "cancelled" and three.usage.completion_tokens == 2
     assert four.status == "running" and four.ended_at is None and four.model_calls == []
+
+
+def test_a_turn_deleted_as_a_response_is_read_back_as_if_it_never_ran() -> None:
+    reply = ReplyCompleted(
+        at=at(1), turn_id="t1", content="a", finish_reason="stop", usage=Usage(), call=None
+    )
+    events: list[EventUnion] = [
+        started("t1", 0),
+        reply,
+        started("t2", 2),
+        ResponseDeleted(at=at(3), turn_id="t1"),
+        # Its events after the deletion (a late fact extraction) bring no trace back.
+        ModelCalled(
+            at=at(4), turn_id="t1", call=ModelCall(engine="e", upstream_model="m", latency_ms=1)
+        ),
+    ]
+    assert [t.turn_id for t in turn_traces(events, content=True)] == ["t2"]

@@ -24,6 +24,7 @@ from eventstore.events import (
     PipelineChosen,
     PromptTrimmed,
     ReplyCompleted,
+    ResponseDeleted,
     SessionOpened,
     ToolLoopStopped,
     ToolsCalled,
@@ -201,6 +202,8 @@ def describe(event: EventUnion, resolve: Resolver = _no_references) -> list[str]
             return [f"item msg_{event.item} deleted from the history"]
         case MetadataUpdated():
             return [f"metadata set: {encode(event.metadata).decode()}"]
+        case ResponseDeleted():
+            return [f"turn {event.turn_id} deleted as a response (its messages left the history)"]
         case _:
             assert_never(event)
 

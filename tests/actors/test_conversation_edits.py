@@ -9,8 +9,20 @@ import msgspec
 import pytest
 
 from actors import session
-from actors.errors import ItemNotFound, SessionExists, SessionNotFound, TurnInProgress
-from contracts.conversations import AddItems, DeleteItem, OpenConversation, UpdateMetadata
+from actors.errors import (
+    ItemNotFound,
+    ResponseNotFound,
+    SessionExists,
+    SessionNotFound,
+    TurnInProgress,
+)
+from contracts.conversations import (
+    AddItems,
+    DeleteItem,
+    DeleteResponse,
+    OpenConversation,
+    UpdateMetadata,
+)
 from contracts.session import StartTurn
 from eventstore.events import (
     ChatMessage,
@@ -20,8 +32,11 @@ from eventstore.events import (
     ItemsAdded,
     MetadataUpdated,
     ReplyCompleted,
+    ResponseDeleted,
     SessionOpened,
+    TurnFailed,
     TurnStarted,
+    Usage,
 )
 from eventstore.upcast import EVENT_CODEC
 
@@ -200,6 +215,7 @@ def test_the_new_events_keep_their_tags_through_the_log_codec() -> None:
         ItemsAdded(at=T0, messages=[msg("user", "a")]),
         ItemDeleted(at=T0, item=3),
         MetadataUpdated(at=T0, metadata={"k": "v"}),
+        ResponseDeleted(at=T0, turn_id="t1"),
     ]
     for event in events:
         raw = EVENT_CODEC.encode(event)
@@ -207,5 +223,91 @@ def test_the_new_events_keep_their_tags_through_the_log_codec() -> None:
             "items.added",
             "item.deleted",
             "metadata.updated",
+            "response.deleted",
         )
         assert EVENT_CODEC.decode(raw) == event
+
+
+# --- responses deleted (DELETE /v1/responses/{id}) ------------------------------------------
+
+
+def delete_response(turn_id: str, tenant: str = "t1", user: str | None = None) -> DeleteResponse:
+    return DeleteResponse(session_id="c1", tenant=tenant, key_id="k1", user=user, turn_id=turn_id)
+
+
+def ran(turn_id: str, question: str, answer: str) -> list[EventUnion]:
+    started = TurnStarted(
+        at=T0,
+        turn_id=turn_id,
+        command_id=f"cmd-{turn_id}",
+        model="veil",
+        messages=[msg("user", question)],
+        lease_until=T0 + timedelta(minutes=1),
+    )
+    done = ReplyCompleted(
+        at=T0, turn_id=turn_id, content=answer, finish_reason="stop", usage=Usage(), call=None
+    )
+    return [started, done]
+
+
+def test_a_deleted_response_takes_its_turns_messages_out_of_the_history() -> None:
+    state = given(
+        opened(),
+        ItemsAdded(at=T0, messages=[msg("user", "item")]),
+        *ran("a", "qa", "ra"),
+        *ran("b", "qb", "rb"),
+        *ran("c", "qc", "rc"),
+    )
+    assert session.decide(state, edit(delete_response("b"))) == [
+        ResponseDeleted(at=T0, turn_id="b")
+    ]
+    state = session.fold([ResponseDeleted(at=T0, turn_id="b")], state)
+    assert [m.content for m in state.history] == ["item", "qa", "ra", "qc", "rc"]
+    assert session.item_numbers(state) == [0, 1, 2, 5, 6]
+    with pytest.raises(ResponseNotFound):  # deleting twice
+        session.decide(state, edit(delete_response("b")))
+    # A replayed deletion changes nothing more.
+    again = session.fold([ResponseDeleted(at=T0, turn_id="b")], state)
+    assert again.history == state.history and again.deleted_items == state.deleted_items
+
+
+def test_a_deleted_response_with_an_item_already_deleted_takes_the_rest() -> None:
+    state = given(
+        opened(), *ran("a", "qa", "ra"), *ran("b", "qb", "rb"), ItemDeleted(at=T0, item=2)
+    )
+    state = session.fold(session.decide(state, edit(delete_response("b"))), state)
+    assert [m.content for m in state.history] == ["qa", "ra"]
+    assert state.deleted_items == (2, 3)
+
+
+def test_a_deleted_summarized_turn_moves_the_summary_boundary() -> None:
+    state = given(
+        opened(),
+        *ran("a", "qa", "ra"),
+        *ran("b", "qb", "rb"),
+        HistorySummarized(at=T0, turn_id="b", summary="qa ra", covers=2),
+    )
+    state = session.fold([ResponseDeleted(at=T0, turn_id="a")], state)
+    assert state.summarized == 0 and [m.content for m in state.history] == ["qb", "rb"]
+
+
+def test_a_failed_turn_is_a_response_that_can_be_deleted() -> None:
+    started = ran("a", "qa", "ra")[0]
+    failed = TurnFailed(at=T0, turn_id="a", status=502, code="upstream_error", message="x")
+    state = given(opened(), started, failed)
+    assert session.decide(state, edit(delete_response("a"))) == [
+        ResponseDeleted(at=T0, turn_id="a")
+    ]
+
+
+def test_deleting_a_response_is_refused_for_unknown_turns_others_and_while_a_turn_runs() -> None:
+    state = given(opened(user="ann"), *ran("a", "qa", "ra"))
+    with pytest.raises(ResponseNotFound):
+        session.decide(state, edit(delete_response("nope")))
+    for other in (delete_response("a", tenant="t2"), delete_response("a", user="bob")):
+        with pytest.raises(SessionNotFound):
+            session.decide(state, edit(other))
+    running = session.fold([ran("b", "qb", "rb")[0]], state)
+    for turn_id in ("a", "b"):
+        with pytest.raises(TurnInProgress):
+            session.decide(running, edit(delete_response(turn_id)))
