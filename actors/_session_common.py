@@ -18,6 +18,7 @@ from bus.signals import Signals
 from config import Config
 from contracts.errors import ErrorInfo, error_info
 from contracts.session import TurnDone, TurnError
+from eventstore.snapshots import SnapshotStore
 from eventstore.store import EventStore, StoredEvent
 from eventstore.tombstones import TombstoneLog
 
@@ -41,6 +42,8 @@ class SessionContext(msgspec.Struct, kw_only=True):
     # The turns this worker runs, and the question asked of another lease's holder.
     leases: Leases
     tombstones: TombstoneLog | None = None
+    # Where sessions keep snapshots to activate from (actors/snapshots.py); None: none.
+    snapshots: SnapshotStore | None = None
     # Every tool a pipeline may name (their schemas go to the model; the tool actor runs them).
     tools: dict[str, Tool] = {}
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)

@@ -97,7 +97,7 @@ class OpenTurnState(msgspec.Struct, frozen=True, kw_only=True):
     fingerprint: str | None = None
 
 
-class TurnOutcome(msgspec.Struct, frozen=True, kw_only=True):
+class TurnOutcome(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     turn_id: str
     status: str  # completed | failed | cancelled
     content: str = ""

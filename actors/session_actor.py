@@ -22,7 +22,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.micro.request import Request
 
-from actors import session, turn
+from actors import session, snapshots, turn
 from actors._session_common import SessionContext, _not_found, _outcome_message, fold_stored
 from actors.errors import ActorError, AlreadyHandled, RequestAbandoned, TurnInProgress
 from actors.memory.actor import ask_forget
@@ -99,10 +99,16 @@ class SessionActor:
         # it and the mailbox's turns write one at a time.
         self._after: set[asyncio.Task[None]] = set()
         self._writing = asyncio.Lock()
+        # Events folded into the state since the last snapshot, and the snapshot being
+        # written (one at a time, off the turn's path).
+        self._unsnapshotted = 0
+        self._snapshotting: asyncio.Task[None] | None = None
 
     async def stop(self) -> None:
         if self._after:
             await asyncio.gather(*self._after, return_exceptions=True)
+        if self._snapshotting is not None:
+            await asyncio.gather(self._snapshotting, return_exceptions=True)
 
     async def _reload(self) -> None:
         async with self._writing:
@@ -117,12 +123,20 @@ class SessionActor:
             and await self._ctx.tombstones.get(self.tenant, self.session_id) is not None
         ):
             await self._ctx.store.erase(self.tenant, self.session_id)
+            await self._forget_snapshot()
             self._loaded = self._erased = True
             return
-        stored = await self._ctx.store.load(self.tenant, self.session_id, after=self._last_seq)
+        if self._last_seq == 0:
+            # Nothing read yet (the state is the initial one): start from a snapshot if any.
+            self._state, self._last_seq, stored = await snapshots.restore(
+                self._ctx.store, self._ctx.snapshots, self.tenant, self.session_id
+            )
+        else:
+            stored = await self._ctx.store.load(self.tenant, self.session_id, after=self._last_seq)
         if stored:
             self._state = await fold_stored(self._state, stored)
             self._last_seq = stored[-1].seq
+            self._unsnapshotted += len(stored)
         self._loaded = True
 
     def owned_by(self, tenant: str, user: str | None = None) -> bool:
@@ -164,8 +178,46 @@ class SessionActor:
             self._assumed_new = False
             for event in events:
                 self._state = session.evolve(self._state, event)
+            self._unsnapshotted += len(events)
+            self._snapshot_later()
             return events
         raise ConcurrencyConflict(self.session_id, self._last_seq)
+
+    def _snapshot_later(self) -> None:
+        """Every SNAPSHOT_EVERY events, write a snapshot in a task of its own: the turn
+        goes on meanwhile, and a lost write costs the next activation a longer fold."""
+        if (
+            self._ctx.snapshots is None
+            or self._unsnapshotted < snapshots.SNAPSHOT_EVERY
+            or self._snapshotting is not None
+        ):
+            return
+        self._unsnapshotted = 0
+        task = asyncio.create_task(self._write_snapshot(self._state, self._last_seq))
+        self._snapshotting = task
+        task.add_done_callback(self._snapshot_written)
+
+    def _snapshot_written(self, task: asyncio.Task[None]) -> None:
+        if self._snapshotting is task:
+            self._snapshotting = None
+
+    async def _write_snapshot(self, state: session.SessionState, seq: int) -> None:
+        store = self._ctx.snapshots
+        assert store is not None
+        # The state is immutable: encoding it in a thread leaves the event loop to turns.
+        data = await asyncio.to_thread(snapshots.encode, self.tenant, self.session_id, seq, state)
+        if not self._erased:
+            await store.put(self.tenant, self.session_id, data)
+
+    async def _forget_snapshot(self) -> None:
+        """Delete the session's snapshot, after any write of one still under way."""
+        pending = self._snapshotting
+        if pending is not None:
+            pending.cancel()
+            await asyncio.gather(pending, return_exceptions=True)
+        self._unsnapshotted = 0
+        if self._ctx.snapshots is not None:
+            await self._ctx.snapshots.delete(self.tenant, self.session_id)
 
     async def receive(self, envelope: Envelope) -> None:
         """A command the front admitted (actors/session_front.py): a turn or a deletion."""
@@ -197,6 +249,7 @@ class SessionActor:
             # What this actor holds may be behind the log now: read it again next time.
             log.warning("session.bus_unavailable", session=self.session_id, error=repr(error))
             self._state, self._last_seq, self._loaded = session.initial(), 0, False
+            self._unsnapshotted = 0
             message = "The session log is unavailable; try again shortly."
             with contextlib.suppress(Exception):
                 await self._reject(request, error_info(503, "service_unavailable", message))
@@ -458,6 +511,7 @@ class SessionActor:
         )
         async with self._writing:
             await self._ctx.store.erase(self.tenant, self.session_id)
+            await self._forget_snapshot()
             self._state, self._last_seq = session.initial(), 0
         if start.random_id:
             # What memory may have indexed of it goes too (an id drawn at random is never
@@ -499,6 +553,7 @@ class SessionActor:
                 )
             )
         erased = await self._ctx.store.erase(self.tenant, self.session_id)
+        await self._forget_snapshot()
         memories = await self._forget_memories(command.tenant)
         self._state, self._last_seq, self._erased = session.initial(), 0, True
         log.info("session.deleted", session=self.session_id, events=erased, memories=memories)

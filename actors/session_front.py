@@ -33,7 +33,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.micro.request import Request
 
-from actors import session
+from actors import session, snapshots
 from actors._session_common import (
     SessionContext,
     _not_found,
@@ -247,16 +247,20 @@ class SessionFront:
     ) -> session.SessionState | None:
         """The session's current state if it exists and is the caller's: the live actor's
         state and what the log holds after it, or the whole log. The actor is never
-        changed."""
+        changed. Without a live actor, the session's snapshot spares the read the fold of
+        its whole log; ownership is still judged by the log and the tombstones first."""
         if live is not None and live.owned_by(tenant, user):
             state, seq = live.snapshot()
+            stored = await self._ctx.store.load(tenant, sid, after=seq)
         elif await self._owned_in_log(tenant, sid, user):
             if self._ctx.tombstones is not None and await self._ctx.tombstones.get(tenant, sid):
                 return None  # a deletion cut short: its actor finishes it when next activated
-            state, seq = session.initial(), 0
+            state, _, stored = await snapshots.restore(
+                self._ctx.store, self._ctx.snapshots, tenant, sid
+            )
         else:
             return None
-        state = await fold_stored(state, await self._ctx.store.load(tenant, sid, after=seq))
+        state = await fold_stored(state, stored)
         return state if session.owned(state, tenant, user) else None
 
     async def _turns(self, request: Request, command: GetTurns, live: SessionActor | None) -> None:

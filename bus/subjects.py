@@ -24,6 +24,7 @@ __all__ = [
     "ROUTER_ROUTE",
     "SESSION_CANCEL_WILDCARD",
     "SESSION_CMD_WILDCARD",
+    "SNAPSHOTS_BUCKET",
     "TOMBSTONES_STREAM",
     "TOMBSTONES_WILDCARD",
     "TOOLS_RUN",
@@ -196,6 +197,9 @@ KEYS_BUCKET = "VEIL_KEYS"
 LIMITS_BUCKET = "VEIL_LIMITS"
 # Which session holds a conversation that a client resends whole (the Anthropic door).
 HISTORIES_BUCKET = "VEIL_HISTORIES"
+# Session snapshots (a cache of folded state, never the truth): one entry per session,
+# keyed by its session_key.
+SNAPSHOTS_BUCKET = "VEIL_SNAPSHOTS"
 KB_WILDCARD = "kb.events.>"
 _KB_PREFIX = "kb.events."
 

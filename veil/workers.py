@@ -31,6 +31,7 @@ from bus.subjects import (
 )
 from config import Config
 from eventstore.jetstream import JetStreamEventStore, ensure_stream
+from eventstore.snapshots import JetStreamSnapshotStore
 from eventstore.tombstones import TombstoneLog
 from veil import __version__
 from veil.memory_role import MemoryHandle, start_memory
@@ -71,6 +72,7 @@ class Workers:
         await ensure_stream(js)
         tombstones = TombstoneLog(js, nc)
         await tombstones.ensure()
+        snapshot_store = await JetStreamSnapshotStore.open(js)
         signals = self.signals = Signals(nc, SESSION_CANCEL_WILDCARD)
         await signals.start()
         leases = self._leases = Leases(nc)
@@ -83,6 +85,7 @@ class Workers:
             store=JetStreamEventStore(js, nc),
             config=self._config,
             tombstones=tombstones,
+            snapshots=snapshot_store,
             tools=configured_tools(self._config),
         )
         if "sessions" in self.roles:
