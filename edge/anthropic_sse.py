@@ -39,7 +39,7 @@ from edge.anthropic_responses import (
     ToolUseOut,
 )
 from edge.openai_wire import ApiError
-from edge.relay import ClientGone
+from edge.sse import open_stream, write_events
 
 __all__ = ["stream_message"]
 
@@ -143,15 +143,7 @@ async def stream_message(
 
     async def flush(last: bool = False) -> None:
         assert response is not None
-        data = b"".join(events.out)
-        events.out.clear()
-        try:
-            if last:
-                await response.write_eof(data)
-            else:
-                await response.write(data)
-        except ConnectionResetError:
-            raise ClientGone() from None
+        await write_events(response, events.out, last)
 
     async for batch in batches:
         for item in batch:
@@ -159,14 +151,7 @@ async def stream_message(
                 await on_end(item)
                 raise ApiError.of(item.error)
             if response is None:
-                response = web.StreamResponse(
-                    headers={
-                        "Content-Type": "text/event-stream; charset=utf-8",
-                        "Cache-Control": "no-cache",
-                        **headers,
-                    }
-                )
-                await response.prepare(request)
+                response = await open_stream(request, headers)
                 events.send(_first(start))
                 events.send(Ping())
             if isinstance(item, Delta):

@@ -22,7 +22,6 @@ from aiohttp import web
 from bus.codec import encode
 from contracts.session import Delta, StartTurn, ToolDelta, TurnDone, TurnError
 from edge.openai_wire import ApiError
-from edge.relay import ClientGone
 from edge.responses_answer import (
     Settings,
     call_item_id,
@@ -50,6 +49,7 @@ from edge.responses_objects import (
     ResponseIncomplete,
     ResponseInProgress,
 )
+from edge.sse import open_stream, write_events
 
 __all__ = ["stream_response"]
 
@@ -252,15 +252,7 @@ async def stream_response(
 
     async def flush(last: bool = False) -> None:
         assert response is not None
-        data = b"".join(events.out)
-        events.out.clear()
-        try:
-            if last:
-                await response.write_eof(data)
-            else:
-                await response.write(data)
-        except ConnectionResetError:
-            raise ClientGone() from None
+        await write_events(response, events.out, last)
 
     async for batch in batches:
         for item in batch:
@@ -268,14 +260,7 @@ async def stream_response(
                 await on_end(item)
                 raise ApiError.of(item.error)
             if response is None:
-                response = web.StreamResponse(
-                    headers={
-                        "Content-Type": "text/event-stream; charset=utf-8",
-                        "Cache-Control": "no-cache",
-                        **headers,
-                    }
-                )
-                await response.prepare(request)
+                response = await open_stream(request, headers)
                 events.begin()
             if isinstance(item, Delta):
                 if not item.choice:  # n is 1 on this door

@@ -20,7 +20,34 @@ from edge.openai_wire import (
 from edge.relay import ClientGone
 from edge.responses import ChatCompletionChunk, ChunkDelta, ErrorBody
 
-__all__ = ["stream_turn"]
+__all__ = ["open_stream", "stream_turn", "write_events"]
+
+
+async def open_stream(request: web.Request, headers: dict[str, str]) -> web.StreamResponse:
+    """An event stream's response, its headers sent (every door's stream starts so)."""
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream; charset=utf-8",
+            "Cache-Control": "no-cache",
+            **headers,
+        }
+    )
+    await response.prepare(request)
+    return response
+
+
+async def write_events(response: web.StreamResponse, out: list[bytes], last: bool = False) -> None:
+    """Write (and clear) the events gathered in `out` as one write; the last closes the
+    stream. A client that hung up is ClientGone."""
+    data = b"".join(out)
+    out.clear()
+    try:
+        if last:
+            await response.write_eof(data)
+        else:
+            await response.write(data)
+    except ConnectionResetError:
+        raise ClientGone() from None
 
 
 async def stream_turn(
@@ -51,33 +78,14 @@ async def stream_turn(
 
     async def flush(last: bool = False) -> None:
         assert response is not None
-        data = b"".join(out)
-        out.clear()
-        try:
-            if last:
-                await response.write_eof(data)
-            else:
-                await response.write(data)
-        except ConnectionResetError:
-            raise ClientGone() from None
-
-    async def begin() -> web.StreamResponse:
-        resp = web.StreamResponse(
-            headers={
-                "Content-Type": "text/event-stream; charset=utf-8",
-                "Cache-Control": "no-cache",
-                **headers,
-            }
-        )
-        await resp.prepare(request)
-        return resp
+        await write_events(response, out, last)
 
     async for batch in batches:
         for item in batch:
             if isinstance(item, TurnError) and response is None:
                 raise ApiError.of(item.error)
             if response is None:
-                response = await begin()
+                response = await open_stream(request, headers)
                 send(
                     chunk(
                         meta,
