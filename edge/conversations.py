@@ -44,6 +44,7 @@ from edge.conversations_wire import (
     message_object,
     to_messages,
 )
+from edge.listing import MAX_ITEMS_PAGE, list_limit, list_order
 from edge.openai_wire import ApiError
 from edge.openapi import SESSION_ID, Param, operation
 from edge.relay import ask_session
@@ -61,7 +62,6 @@ __all__ = [
     "update_conversation",
 ]
 
-MAX_ITEMS_PAGE = 100
 ITEM_ID = Annotated[str, Meta(pattern=r"^msg_[0-9]{1,9}$", description="An item id (`msg_N`).")]
 _ON_CONVERSATION = {"conversation_id": SESSION_ID}
 _ON_ITEM = {**_ON_CONVERSATION, "item_id": ITEM_ID}
@@ -261,17 +261,8 @@ async def delete_conversation(request: web.Request) -> web.Response:
 )
 async def list_items(request: web.Request) -> web.Response:
     query = request.query
-    order = query.get("order", "desc")
-    if order not in ("asc", "desc"):
-        raise ApiError(400, "order must be 'asc' or 'desc'.", param="order", code="invalid_value")
-    try:
-        limit = int(query.get("limit", "20"))
-    except ValueError:
-        limit = 0
-    if not 1 <= limit <= MAX_ITEMS_PAGE:
-        raise ApiError(
-            400, f"limit must be 1-{MAX_ITEMS_PAGE}.", param="limit", code="invalid_value"
-        )
+    order = list_order(query)
+    limit = list_limit(query)
     after = query.get("after")
     if after is not None and item_number(after) is None:
         raise ApiError(400, "after must be an item id.", param="after", code="invalid_value")

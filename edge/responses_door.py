@@ -47,6 +47,7 @@ from edge.chat import (
     run_chat_turn,
 )
 from edge.history_index import HISTORY, Conversation, recognise
+from edge.listing import MAX_ITEMS_PAGE, list_limit, list_order
 from edge.openai_wire import ApiError
 from edge.openapi import IDEMPOTENCY_KEY, SESSION_ID_HEADER, Param, operation
 from edge.relay import ask_session
@@ -79,7 +80,6 @@ from edge.webkeys import CONFIG, NATS, PRINCIPAL, json_response
 
 __all__ = ["create_response", "delete_response", "get_response", "list_input_items"]
 
-MAX_ITEMS_PAGE = 100
 # Pages of later turns read to find a session's latest response (100 turns each).
 MAX_PAGES = 10
 
@@ -333,17 +333,8 @@ async def delete_response(request: web.Request) -> web.Response:
 async def list_input_items(request: web.Request) -> web.Response:
     require_scope(request[PRINCIPAL], "chat", "audit")
     query = request.query
-    order = query.get("order", "desc")
-    if order not in ("asc", "desc"):
-        raise ApiError(400, "order must be 'asc' or 'desc'.", param="order", code="invalid_value")
-    try:
-        limit = int(query.get("limit", "20"))
-    except ValueError:
-        limit = 0
-    if not 1 <= limit <= MAX_ITEMS_PAGE:
-        raise ApiError(
-            400, f"limit must be 1-{MAX_ITEMS_PAGE}.", param="limit", code="invalid_value"
-        )
+    order = list_order(query)
+    limit = list_limit(query)
     ref, trace = await _trace(request, request.match_info["response_id"])
     messages = trace.content.messages if trace.content is not None else []
     items = input_items(ref.turn_id, messages)
