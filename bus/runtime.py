@@ -29,14 +29,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Collection, Coroutine
 from typing import Any, NamedTuple, Protocol
 
 import structlog
 from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.micro import add_service
 from nats.micro.request import Request
-from nats.micro.service import Service
+from nats.micro.service import EndpointStats, Service
 
 from bus import telemetry
 
@@ -132,6 +134,10 @@ class ActorHost:
         self._cells: dict[str, _Cell] = {}
         self._screening: set[asyncio.Task[None]] = set()
         self._service: Service | None = None
+        # Subjects served besides the endpoint's (serve_placed): placement's partitions,
+        # and the requests they brought (in `nats micro stats`, the endpoint's data).
+        self._also: dict[str, Subscription] = {}
+        self._placed_requests = 0
         self._stopping = False
 
     @property
@@ -160,10 +166,33 @@ class ActorHost:
             version=self._version,
             description=self._description,
             queue_group=self._queue_group,
+            stats_handler=self._placed_stats,
         )
         await self._service.add_endpoint(
             name=self._endpoint, subject=self._subject, handler=self._route
         )
+
+    async def serve_placed(self, subjects: Collection[str]) -> None:
+        """Serve exactly these subjects besides the endpoint's, in the same queue group
+        and through the same routing (bus/placement.py's partitions). Subjects dropped
+        are drained: requests already delivered to this host still reach their actors.
+        `nats micro stats` counts their requests in the endpoint's data."""
+        wanted = set(subjects)
+        for subject in [s for s in self._also if s not in wanted]:
+            await _let_go(self._nc, self._also.pop(subject))
+        for subject in sorted(wanted - self._also.keys()):
+            if self._stopping:
+                return
+            self._also[subject] = await self._nc.subscribe(
+                subject, queue=self._queue_group, cb=self._route_msg
+            )
+
+    async def _route_msg(self, msg: Msg) -> None:
+        self._placed_requests += 1
+        await self._route(Request(msg))
+
+    def _placed_stats(self, _: EndpointStats) -> dict[str, int]:
+        return {"placed_requests": self._placed_requests, "placed_subjects": len(self._also)}
 
     def actor(self, key: str) -> Actor | None:
         """The key's live actor, if one is active."""
@@ -285,6 +314,7 @@ class ActorHost:
     async def stop(self, grace: float = 10.0) -> None:
         """Stop taking requests, let running actors finish, then cancel stragglers."""
         self._stopping = True
+        await self.serve_placed(())
         if self._service is not None:
             with contextlib.suppress(Exception):
                 await self._service.stop()
@@ -299,3 +329,16 @@ class ActorHost:
                 task.cancel()
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
+
+
+async def _let_go(nc: Client, sub: Subscription) -> None:
+    """Stop a subscription: with the bus there, a drain, so the requests it was already
+    sent still reach their actors; without it at once (a drain's round trip would wait,
+    and nothing is in flight). A drain that times out leaves at worst a subscription
+    that goes on serving: a partition served twice is safe (bus/placement.py)."""
+    with contextlib.suppress(Exception):
+        if nc.is_connected:
+            async with asyncio.timeout(2):
+                await sub.drain()  # type: ignore[no-untyped-call]  # nats-py has no hints here
+        else:
+            await sub.unsubscribe()

@@ -7,6 +7,7 @@ Ids that become subject tokens are checked against a safe alphabet first
 from __future__ import annotations
 
 import re
+import zlib
 
 __all__ = [
     "EVENTS_STREAM",
@@ -21,6 +22,8 @@ __all__ = [
     "LIMITS_BUCKET",
     "MEMORY_FORGET",
     "MEMORY_RECALL",
+    "PARTITIONS",
+    "PLACEMENT_SESSIONS",
     "ROUTER_ROUTE",
     "SESSION_CANCEL_WILDCARD",
     "SESSION_CMD_WILDCARD",
@@ -39,14 +42,17 @@ __all__ = [
     "legacy_session_tombstone",
     "model_generate",
     "model_generate_wildcard",
+    "partition_of",
     "session_cancel",
     "session_cmd",
+    "session_cmd_placed",
     "session_events",
     "session_events_of_any_tenant",
     "session_from_events_subject",
     "session_key",
     "session_key_from_cmd_subject",
     "session_out",
+    "session_partition_wildcard",
     "session_tombstone",
     "split_session_key",
     "stream_info",
@@ -142,10 +148,37 @@ def session_cmd(tenant: str, session_id: str) -> str:
     return f"chat.session.{session_key(tenant, session_id)}.cmd"
 
 
+# Session commands are also split into partitions, each served by one worker while the
+# workers' membership holds (bus/placement.py), so a session's turns reach the worker
+# that already holds its actor. A fixed count: gateways and workers must agree on it.
+PARTITIONS = 64
+# Session workers' heartbeats (bus/placement.py).
+PLACEMENT_SESSIONS = "chat.placement.sessions"
+
+
+def partition_of(tenant: str, session_id: str) -> int:
+    """The partition of a session: CRC-32 of its key (stable across processes and
+    versions, unlike Python's hash)."""
+    return zlib.crc32(session_key(tenant, session_id).encode()) % PARTITIONS
+
+
+def session_cmd_placed(tenant: str, session_id: str) -> str:
+    """Commands to a session actor through its partition: `<session_cmd>.<partition>`."""
+    return f"{session_cmd(tenant, session_id)}.{partition_of(tenant, session_id)}"
+
+
+def session_partition_wildcard(partition: int) -> str:
+    """Every session command of one partition: what the worker serving it subscribes to."""
+    if not 0 <= partition < PARTITIONS:
+        raise ValueError(f"partition {partition} is not in 0-{PARTITIONS - 1}")
+    return f"{SESSION_CMD_WILDCARD}.{partition}"
+
+
 def session_key_from_cmd_subject(subject: str) -> str:
-    """The session_key of a command subject: the key of the actor that serves it."""
+    """The session_key of a command subject, placed or not: the key of the actor that
+    serves it."""
     parts = subject.split(".")
-    if len(parts) != 5 or parts[0] != "chat" or parts[1] != "session" or parts[4] != "cmd":
+    if len(parts) not in (5, 6) or parts[0] != "chat" or parts[1] != "session" or parts[4] != "cmd":
         raise InvalidToken(f"not a session command subject: {subject!r}")
     return session_key(parts[2], parts[3])
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import ssl
 import tomllib
 from collections.abc import Callable, Mapping
 from importlib.util import find_spec
@@ -41,6 +42,7 @@ __all__ = [
     "load_config",
     "local_install_command",
     "local_model_available",
+    "tls_files_problem",
 ]
 
 
@@ -212,6 +214,8 @@ def _fill_defaults(config: Config, env: Mapping[str, str]) -> Config:
         config.keys.append(ApiKey(key=raw))
     config.nats_url = env.get("VEIL_NATS_URL") or config.nats_url
     config.data_dir = env.get("VEIL_DATA_DIR") or config.data_dir
+    config.server.tls_cert = env.get("VEIL_TLS_CERT") or config.server.tls_cert
+    config.server.tls_key = env.get("VEIL_TLS_KEY") or config.server.tls_key
     return config
 
 
@@ -375,6 +379,9 @@ def _check(config: Config, text: str | None, env: Mapping[str, str]) -> None:
             raise invalid(f"server.{name}", "must be at least 1")
     if server.metrics_port is not None and not 0 <= server.metrics_port <= 65535:
         raise invalid("server.metrics_port", "must be a port number (0 picks a free one)")
+    tls_problem = tls_files_problem(server.tls_cert, server.tls_key)
+    if tls_problem is not None:
+        raise invalid("server.tls_cert", tls_problem)
     for i, api_key in enumerate(config.keys):
         # An empty key would let anyone in with `Authorization: Bearer` and nothing after.
         if not api_key.key.strip():
@@ -449,3 +456,19 @@ def load_config(
     config = _fill_defaults(config, env)
     _check(config, text, env)
     return config
+
+
+def tls_files_problem(cert: str | None, key: str | None) -> str | None:
+    """What is wrong with a gateway's HTTPS files (both or neither, readable PEM that
+    belong together), None when nothing is."""
+    if (cert is None) != (key is None):
+        return "HTTPS needs both a certificate (tls_cert) and its key (tls_key)"
+    if cert is None or key is None:
+        return None
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except FileNotFoundError as error:
+        return f"cannot read {error.filename}"
+    except (ssl.SSLError, OSError) as error:
+        return f"{cert} and {key} are not a PEM certificate and its key: {error}"
+    return None

@@ -147,6 +147,11 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # `--metrics-port` sets it per process (a worker beside a gateway needs another).
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    # HTTPS served by the gateway itself (PEM files: the certificate chain and its key),
+    # for deployments without a proxy in front; `--tls-cert`/`--tls-key`, or
+    # VEIL_TLS_CERT/VEIL_TLS_KEY, set them too. Both or neither.
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
 
 class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

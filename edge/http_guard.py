@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import resource
+import ssl
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -253,15 +254,17 @@ class GuardedSite(web.BaseSite):
         # A flood opens connections faster than they are accepted: a short listen queue
         # overflows and new clients wait for SYN retries (1-2 s, bench/abuse.py flood).
         backlog: int = 4096,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        super().__init__(runner, backlog=backlog)
+        super().__init__(runner, backlog=backlog, ssl_context=ssl_context)
         self._host = host
         self._port = port
         self.guard = guard
 
     @property
     def name(self) -> str:
-        return f"http://{self._host}:{self._port}"
+        scheme = "https" if self._ssl_context is not None else "http"
+        return f"{scheme}://{self._host}:{self._port}"
 
     @property
     def port(self) -> int:
@@ -279,6 +282,7 @@ class GuardedSite(web.BaseSite):
             self._port,
             backlog=self._backlog,
             reuse_address=True,
+            ssl=self._ssl_context,
         )
         self.guard.start()
 

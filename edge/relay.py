@@ -15,7 +15,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from bus.requests import BUS_DOWN, nats_request
-from bus.subjects import session_cancel, session_cmd, session_out
+from bus.subjects import session_cancel, session_cmd, session_cmd_placed, session_out
 from bus.telemetry import outgoing
 from contracts.session import (
     CANCEL_CODEC,
@@ -56,16 +56,31 @@ def bus_unavailable() -> ApiError:
 
 
 async def ask_bus(
-    nc: Client, subject: str, payload: bytes, timeout: float, *, absent: str, late: str
+    nc: Client,
+    subject: str,
+    payload: bytes,
+    timeout: float,
+    *,
+    absent: str,
+    late: str,
+    unplaced: str | None = None,
 ) -> Msg:
     """One request from the gateway; bus failures become ApiErrors: 503 `absent` when
     nobody serves the subject, 504 `late` after `timeout`, 503 at once while the bus
-    is down (instead of waiting out `timeout`)."""
+    is down (instead of waiting out `timeout`). When nobody serves `subject` and
+    `unplaced` is given, the request goes there instead (bus/placement.py: a partition
+    between two workers is served by all of them)."""
     if not nc.is_connected:
         raise bus_unavailable()
+    # The request's id and trace go along (bus/telemetry.py).
+    headers = outgoing()
     try:
-        # The request's id and trace go along (bus/telemetry.py).
-        return await nats_request(nc, subject, payload, timeout=timeout, headers=outgoing())
+        try:
+            return await nats_request(nc, subject, payload, timeout=timeout, headers=headers)
+        except NoRespondersError:
+            if unplaced is None:
+                raise
+        return await nats_request(nc, unplaced, payload, timeout=timeout, headers=headers)
     except NoRespondersError:
         raise ApiError(503, absent, code="service_unavailable") from None
     except NatsTimeout:
@@ -78,11 +93,12 @@ async def ask_session(nc: Client, command: SessionCommandUnion, timeout: float) 
     """One request to a session actor; refusals and bus failures become ApiErrors."""
     msg = await ask_bus(
         nc,
-        session_cmd(command.tenant, command.session_id),
+        session_cmd_placed(command.tenant, command.session_id),
         SESSION_COMMAND_CODEC.encode(command),
         timeout,
         absent="No session worker is running; try again shortly.",
         late="The session did not answer in time.",
+        unplaced=session_cmd(command.tenant, command.session_id),
     )
     if msg.headers and msg.headers.get("Nats-Service-Error-Code"):
         raise ApiError(

@@ -109,6 +109,8 @@ class VeilThread:
         return self
 
     def stop(self) -> None:
+        if self._loop.is_closed():
+            return  # stopped already (a test may stop an instance before its `with` ends)
         self.call(self._stop())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)

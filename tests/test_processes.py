@@ -216,7 +216,14 @@ pipeline = "default"
             assert second.choices[0].message.content == "echo: again"
             stats = asyncio.run(_service_stats(server.url, "veil-session"))
             assert len(stats) == 2, "both workers answer $SRV.STATS"
-            served = [sum(e["num_requests"] for e in s["endpoints"]) for s in stats]
+            # Commands come through the session's partition (placed) or not.
+            served = [
+                sum(
+                    e["num_requests"] + (e.get("data") or {}).get("placed_requests", 0)
+                    for e in s["endpoints"]
+                )
+                for s in stats
+            ]
             assert all(n > 0 for n in served), f"both workers took turns: {served}"
             assert len(asyncio.run(_service_stats(server.url, "veil-model"))) == 2
 

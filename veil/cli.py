@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from config import Config, ConfigError, load_config
+from config.loader import tls_files_problem
 from veil.backup import add_backup_parser
 from veil.keys import add_keys_parser
 from veil.logs import FORMATS, LEVELS, configure_logging, default_format
@@ -49,6 +50,12 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--port", type=int, help="port to listen on (default 8000; 0 picks a free one)"
             )
+            p.add_argument(
+                "--tls-cert",
+                help="serve HTTPS with this PEM certificate chain (with --tls-key; "
+                "default: [server] tls_cert or VEIL_TLS_CERT)",
+            )
+            p.add_argument("--tls-key", help="the certificate's PEM private key")
         if name == "serve":
             p.add_argument(
                 "--workers",
@@ -339,6 +346,13 @@ def main(argv: list[str] | None = None) -> int:
             config.server.metrics_port = args.metrics_port
         port = getattr(args, "port", None)
         port = config.server.port if port is None else port
+        if getattr(args, "tls_cert", None) or getattr(args, "tls_key", None):
+            config.server.tls_cert = args.tls_cert or config.server.tls_cert
+            config.server.tls_key = args.tls_key or config.server.tls_key
+            problem = tls_files_problem(config.server.tls_cert, config.server.tls_key)
+            if problem is not None:
+                print(f"veil: {problem}", file=sys.stderr)
+                return 2
         from veil.server import make_private
 
         make_private(Path(config.data_dir))

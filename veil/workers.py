@@ -22,12 +22,16 @@ from actors.session_actor import SessionActor, SessionContext
 from actors.session_front import SessionFront
 from actors.tools.actor import ToolActor, configured_tools
 from bus.connection import connect
+from bus.placement import Membership
 from bus.runtime import ActorHost
 from bus.signals import Signals
 from bus.subjects import (
+    PARTITIONS,
+    PLACEMENT_SESSIONS,
     SESSION_CANCEL_WILDCARD,
     SESSION_CMD_WILDCARD,
     session_key_from_cmd_subject,
+    session_partition_wildcard,
 )
 from config import Config
 from eventstore.jetstream import JetStreamEventStore, ensure_stream
@@ -64,6 +68,7 @@ class Workers:
         self._router: RouterActor | None = None
         self._tools: ToolActor | None = None
         self._leases: Leases | None = None
+        self._placement: Membership | None = None
         self.signals: Signals | None = None
 
     async def start(self) -> None:
@@ -127,6 +132,17 @@ class Workers:
         )
         front.attach(self._sessions)
         await self._sessions.start()
+        # The partitions of session commands this worker serves (bus/placement.py); the
+        # endpoint above serves every session too, for commands no partition took.
+        sessions = self._sessions
+        self._placement = Membership(
+            nc,
+            PLACEMENT_SESSIONS,
+            ctx.leases.worker_id,
+            PARTITIONS,
+            lambda owned: sessions.serve_placed({session_partition_wildcard(p) for p in owned}),
+        )
+        await self._placement.start()
         self.metrics.watch_actors(
             "veil-session", lambda: self.sessions.active, self.sessions.mailbox_depths
         )
@@ -150,10 +166,19 @@ class Workers:
         return self._sessions
 
     @property
+    def placement(self) -> Membership:
+        """This worker's place among the session workers (which partitions it serves)."""
+        assert self._placement is not None
+        return self._placement
+
+    @property
     def memory(self) -> MemoryActor | None:
         return self._memory.actor if self._memory is not None else None
 
     async def stop(self) -> None:
+        if self._placement is not None:
+            # Its partitions move to the others at once, before its actors stop.
+            await self._placement.stop()
         if self._sessions is not None:
             await self._sessions.stop()
         if self._leases is not None:
