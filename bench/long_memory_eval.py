@@ -19,8 +19,10 @@ found at k when one of the top k items holds its evidence turn; "tokens@10" is
 what the ten items hold together (`actors.tokens.estimate_tokens`), which the
 issue caps at 1,500.
 
-Rows: `veil` is the product's search as it stands (`MemoryIndex.search`), `bm25`
-the keyword side alone over the same items, `vector` the vector side alone; the
+Rows: `veil` is the product's recall as it stands (`MemoryIndex.semantic_query`, then
+`MemoryIndex.search` with that query's vector), `bm25` the keyword side alone over the
+same items, `vector` the vector side alone; `..., whole query` embed the question as
+asked, as recall did before it left out the words half the items hold; the
 `fuse ...` rows re-fuse the same candidates another way (`--sweep`), and the
 `items=...` rows index the same turns as other items (`--items`): `speaker` (one
 item a line: the projection before issue 15's exchanges), `context` (each
@@ -388,12 +390,37 @@ async def evaluate(
                 f"embedded and indexed in {took:.1f} s "
                 f"({took / count * 1e3:.2f} ms an item)\n"
             )
-            vectors = embedder.embed([q.text for q in questions])
+            # What recall embeds: the question less the words most items hold
+            # (`MemoryIndex.semantic_query`); the `whole query` rows embed it as asked.
+            semantic = [
+                await index.semantic_query(
+                    tenant=TENANT,
+                    session_id=f"{q.conversation}-ask",
+                    user_id=q.conversation,
+                    query_text=q.text,
+                )
+                for q in questions
+            ]
+            whole = embedder.embed([q.text for q in questions])
+            vectors = embedder.embed(semantic)
+            embedded = dict(zip(semantic, vectors, strict=True))
 
             def memory(mode: str) -> Search:
                 async def search(q: Question, v: npt.NDArray[np.float32]) -> Found:
                     args = {"tenant": TENANT, "session_id": f"{q.conversation}-ask"}
                     if mode == "veil":
+                        # Timed with the look-up of the words left out (embedded before).
+                        text = await index.semantic_query(
+                            **args, user_id=q.conversation, query_text=q.text
+                        )
+                        hits = await index.search(
+                            **args,
+                            user_id=q.conversation,
+                            query_vector=embedded[text],
+                            query_text=q.text,
+                            k=10,
+                        )
+                    elif mode == "veil, whole query":
                         hits = await index.search(
                             **args, user_id=q.conversation, query_vector=v, query_text=q.text, k=10
                         )
@@ -409,8 +436,14 @@ async def evaluate(
 
                 return search
 
-            for mode in ("veil", "bm25", "vector"):
-                rows.append(await run_row(mode, memory(mode), questions, vectors, log.turns_of))
+            for mode, asked in (
+                ("veil", vectors),
+                ("veil, whole query", whole),
+                ("bm25", vectors),
+                ("vector", vectors),
+                ("vector, whole query", whole),
+            ):
+                rows.append(await run_row(mode, memory(mode), questions, asked, log.turns_of))
             if dedupe:
                 for same in (0.9, 0.7, 0.5):
 

@@ -88,6 +88,8 @@ __all__ = ["main"]
 DATA = Path(__file__).resolve().parent / "data" / "memory_eval.jsonl"
 K = 10
 MODES = ("hybrid", "keyword", "vector")
+#: Hybrid with the question embedded whole, as recall did before `semantic_query`.
+WHOLE = "hybrid, whole query"
 TYPES = ("paraphrase", "keyword", "distractor")
 CODEC: Codec[EventUnion] = Codec(EventUnion)
 
@@ -457,13 +459,24 @@ async def evaluate(data: EvalSet, log: Log, repeat: int, fusion: bool = False) -
         try:
             took = await ingest(index, log)
             assert await index.count() == len(log.owner_of)
-            vectors = default_embedder().embed([q.text for q in data.questions])
+            # What recall embeds (`MemoryIndex.semantic_query`), and the question as asked.
+            semantic = [
+                await index.semantic_query(
+                    tenant=q.tenant, session_id=q.session_id, user_id=q.user_id, query_text=q.text
+                )
+                for q in data.questions
+            ]
+            vectors = default_embedder().embed(semantic)
+            whole = default_embedder().embed([q.text for q in data.questions])
             outcomes: dict[str, list[Outcome]] = {}
             latency: dict[str, list[float]] = {}
             for mode, search in searches(index).items():
                 outcomes[mode], latency[mode] = await run_mode(
                     search, data.questions, vectors, log, repeat
                 )
+            outcomes[WHOLE], _ = await run_mode(
+                searches(index)["hybrid"], data.questions, whole, log, 0
+            )
             injected = await count_injected(index, data.questions, vectors, log)
             if fusion:
                 await sweep_fusion(index, data.questions, vectors, log)
@@ -484,6 +497,8 @@ def report(data: EvalSet, log: Log, res: Results, repeat: int) -> None:
     )
     print(f"ingest: embedded and indexed through the Projector in {res.ingest_s:.1f} s\n")
     print_quality(questions, outcomes)
+    r1, r5, r10, mrr = metrics(outcomes[WHOLE])
+    print(f"{WHOLE}: R@1 {r1:.3f} R@5 {r5:.3f} R@10 {r10:.3f} MRR {mrr:.3f}\n")
     print_sides(questions, outcomes)
     print(
         f"distractor ranked above the answer (or answer missed), of "

@@ -205,7 +205,10 @@ class MemoryActor:
             return await self._index.keyword_search(
                 tenant=tenant, session_id=session_id, user_id=user_id, query_text=ask.query, k=ask.k
             )
-        vector = (await self._embedder.aembed([ask.query]))[0]
+        semantic = await self._index.semantic_query(
+            tenant=tenant, session_id=session_id, user_id=user_id, query_text=ask.query
+        )
+        vector = (await self._embedder.aembed([semantic]))[0]
         if ask.mode == "vector":
             return await self._index.vector_search(
                 tenant=tenant, session_id=session_id, user_id=user_id, query_vector=vector, k=ask.k

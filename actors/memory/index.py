@@ -38,6 +38,7 @@ from typing import Any
 import msgspec
 import numpy.typing as npt
 
+from actors.memory.query import COMMON_LEAST, COMMON_SHARE, without_words
 from actors.search.hybrid import (
     KEYWORD_TERM_CAP,
     PROMOTE_AT,
@@ -246,7 +247,9 @@ class MemoryIndex:
         k: int = 10,
         kinds: Collection[str] | None = None,
     ) -> list[MemoryHit]:
-        """Hybrid recall: vector and keyword candidates fused by reciprocal rank."""
+        """Hybrid recall: vector and keyword candidates fused by reciprocal rank. The
+        keyword side leaves out the words half the searched memories hold, as
+        `semantic_query` leaves them out of what is embedded (`actors.memory.query`)."""
         hits = await self.store.search(
             _scopes(tenant, session_id, user_id),
             query_vector=query_vector,
@@ -255,8 +258,23 @@ class MemoryIndex:
             kinds=kinds,
             head=FUSED_HEAD,
             keyword_weight=KEYWORD_WEIGHT,
+            common=(COMMON_SHARE, COMMON_LEAST),
         )
         return [_hit(h) for h in hits]
+
+    async def semantic_query(
+        self, *, tenant: str, session_id: str, user_id: str | None, query_text: str
+    ) -> str:
+        """What recall embeds of `query_text`: the query less the words that half or more
+        of the memories it searches hold (`actors.memory.query`), such as the names of
+        a transcript's speakers, which begin every item."""
+        common = await self.store.common_terms(
+            _scopes(tenant, session_id, user_id),
+            query_text,
+            share=COMMON_SHARE,
+            least=COMMON_LEAST,
+        )
+        return without_words(query_text, common)
 
     async def vector_search(
         self,
@@ -284,9 +302,13 @@ class MemoryIndex:
         k: int = 10,
         kinds: Collection[str] | None = None,
     ) -> list[MemoryHit]:
-        """Keyword-only recall (score: BM25), for comparison."""
+        """Keyword-only recall (score: BM25; common words left out as `search` does)."""
         hits = await self.store.keyword_search(
-            _scopes(tenant, session_id, user_id), query_text=query_text, k=k, kinds=kinds
+            _scopes(tenant, session_id, user_id),
+            query_text=query_text,
+            k=k,
+            kinds=kinds,
+            common=(COMMON_SHARE, COMMON_LEAST),
         )
         return [_hit(h) for h in hits]
 

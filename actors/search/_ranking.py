@@ -29,6 +29,7 @@ __all__ = [
     "fuse",
     "keyword_candidates",
     "quantize",
+    "term_counts",
     "unit",
     "vector_candidates",
 ]
@@ -131,17 +132,12 @@ async def vector_candidates(
     return [(int(rids[i]), float(sims[i])) for i in order]
 
 
-async def keyword_candidates(
-    db: aiosqlite.Connection,
-    scopes: Sequence[ScopeRow],
-    query_text: str,
-    pool: int,
-    kinds: Collection[str] | None,
-) -> list[tuple[int, float]]:
-    """(rowid, BM25) best first, with the searched scopes' own statistics."""
-    terms = fts_terms(query_text)
-    if not terms:
-        return []
+async def term_counts(
+    db: aiosqlite.Connection, scopes: Sequence[ScopeRow], terms: Sequence[str]
+) -> dict[str, int]:
+    """How many entries of these scopes hold each term (`fts_terms` words), in one query."""
+    if not terms or not scopes:
+        return dict.fromkeys(terms, 0)
     ranges = [sql.bounds(s.id) for s in scopes]
     in_scopes = "+".join(
         "(SELECT count(*) FROM memory_fts WHERE memory_fts MATCH ? AND rowid BETWEEN ? AND ?)"
@@ -151,7 +147,32 @@ async def keyword_candidates(
         "SELECT " + ", ".join(f"({in_scopes})" for _ in terms),
         [v for t in terms for lo, hi in ranges for v in (f'"{t}"', lo, hi)],
     )
-    df = dict(zip(terms, (int(c) for c in next(iter(rows))), strict=True))
+    return dict(zip(terms, (int(c) for c in next(iter(rows))), strict=True))
+
+
+async def keyword_candidates(
+    db: aiosqlite.Connection,
+    scopes: Sequence[ScopeRow],
+    query_text: str,
+    pool: int,
+    kinds: Collection[str] | None,
+    common: tuple[float, int] | None = None,
+) -> list[tuple[int, float]]:
+    """(rowid, BM25) best first, with the searched scopes' own statistics.
+
+    With `common` (share, least): once the scopes have received `least` entries, a term
+    that at least `share` of them hold is left out, and a query of such terms alone
+    finds nothing. Such a term scores next to nothing, yet every entry it matches would
+    still get a rank, by recency, that fusion reads as a keyword match.
+    """
+    terms = fts_terms(query_text)
+    if not terms:
+        return []
+    ranges = [sql.bounds(s.id) for s in scopes]
+    df = await term_counts(db, scopes, terms)
+    total = sum(s.size for s in scopes)
+    if common is not None and total >= max(1, common[1]):
+        terms = [t for t in terms if df[t] < common[0] * total]
     # Rarest first, while the rows to read stay under the cap; a query of common
     # words only keeps its rarest one, read over its newest matches.
     kept: list[str] = []
@@ -176,7 +197,6 @@ async def keyword_candidates(
     # BM25 where a term counts once per entry (they are short) and length is not
     # normalised (b = 0); IDF from the scopes searched, so no other scope's text
     # weighs on the ranking and no query pays for the size of the whole index.
-    total = sum(s.size for s in scopes)
     idf = [math.log(1 + (total - df[t] + 0.5) / (df[t] + 0.5)) for t in kept]
     score: dict[int, float] = {}
     for t, rid in await db.execute_fetchall(" UNION ALL ".join(arms), args):

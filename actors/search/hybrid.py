@@ -338,11 +338,14 @@ class HybridIndex:
         head: int = ranking.FUSED_HEAD,
         keyword_weight: float = ranking.KEYWORD_WEIGHT,
         pool: int = 40,
+        common: tuple[float, int] | None = None,
     ) -> list[Hit]:
         """Hybrid search of these scopes: vector and keyword candidates fused by rank.
 
         `pool` candidates are read from each side, the first `head` of each fused, the
-        keyword side weighing `keyword_weight` (the vector side 1).
+        keyword side weighing `keyword_weight` (the vector side 1). With `common`
+        (share, least), the keyword side leaves out the terms that share of the scopes'
+        entries hold, once they have received `least` (`_ranking.keyword_candidates`).
         """
         found = await self._scopes(scopes)
         if not found or k <= 0:
@@ -353,7 +356,7 @@ class HybridIndex:
         # Two read connections, two threads: SQLite releases the GIL, so both sides overlap.
         vec, kw = await asyncio.gather(
             ranking.vector_candidates(self._reader, rows, q, pool, kinds),
-            ranking.keyword_candidates(self._keyword_reader, rows, query_text, pool, kinds),
+            ranking.keyword_candidates(self._keyword_reader, rows, query_text, pool, kinds, common),
         )
         best, fused = ranking.fuse(vec, kw, k, head=head, keyword_weight=keyword_weight)
         return await self._hits(found, best, fused, vec, kw)
@@ -383,17 +386,32 @@ class HybridIndex:
         query_text: str,
         k: int = 10,
         kinds: Collection[str] | None = None,
+        common: tuple[float, int] | None = None,
     ) -> list[Hit]:
-        """Keyword-only search (score: BM25), for comparison."""
+        """Keyword-only search (score: BM25), for comparison; `common` as for `search`."""
         found = await self._scopes(scopes)
         if not found or k <= 0:
             return []
         kw = (
             await ranking.keyword_candidates(
-                self._keyword_reader, [f.scope for f in found], query_text, k, kinds
+                self._keyword_reader, [f.scope for f in found], query_text, k, kinds, common
             )
         )[:k]
         return await self._hits(found, [r for r, _ in kw], dict(kw), [], kw)
+
+    async def common_terms(
+        self, scopes: Iterable[Scope], text: str, *, share: float, least: int
+    ) -> set[str]:
+        """The words of `text` (as `fts_terms` reads them) that at least `share` of the
+        entries of these scopes hold: words that tell none of them apart. None while the
+        scopes have received fewer than `least` entries, too few for the share to say so."""
+        rows = [f.scope for f in await self._scopes(scopes)]
+        total = sum(r.size for r in rows)
+        terms = fts_terms(text)
+        if not terms or total < max(1, least):
+            return set()
+        df = await ranking.term_counts(self._keyword_reader, rows, terms)
+        return {t for t, n in df.items() if n >= share * total}
 
     async def similarities(
         self, scope: Scope, ids: Collection[str], query_vector: npt.ArrayLike
