@@ -1,5 +1,6 @@
 """The workers' Prometheus metrics: model calls, tokens, upstream errors, fallbacks, and
-what is read only when scraped (mailbox depths, memory indexing lag).
+what is read only when scraped (mailbox depths, memory indexing lag, the event loop's
+asyncio tasks).
 
 One `WorkerMetrics` per registry: a process makes one registry (veil/telemetry.py) and
 its gateway and workers share it, so `veil serve` shows everything on one page, while
@@ -12,6 +13,7 @@ for them.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
@@ -28,6 +30,9 @@ __all__ = ["LATENCY_BUCKETS", "WorkerMetrics"]
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 M = TypeVar("M", bound=MetricWrapperBase)
+
+TASKS = "veil_asyncio_tasks"
+_TASKS_HELP = "asyncio tasks of the process's event loop (not yet done), counted when scraped"
 
 # What a scrape reads: (service, active actors, (queued in all mailboxes, in the fullest)).
 HostProbe = Callable[[], tuple[int, tuple[int, int]]]
@@ -88,6 +93,31 @@ class _StateCollector(Collector):
             )
 
 
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+class _TaskCount(Collector):
+    """`veil_asyncio_tasks`: len(asyncio.all_tasks()) of the loop scraped on (or, scraped
+    from another thread, of the loop running where the metrics were made). edge/metrics.py
+    has the same gauge for the gateway (actors may not import edge): in `veil serve`, one
+    process, one registry, whichever registers first counts for both."""
+
+    def __init__(self) -> None:
+        self._loop = _running_loop()
+
+    def describe(self) -> Iterable[Metric]:
+        return [GaugeMetricFamily(TASKS, _TASKS_HELP)]  # so a second one is refused
+
+    def collect(self) -> Iterator[Metric]:
+        loop = _running_loop() or self._loop
+        if loop is not None and not loop.is_closed():
+            yield GaugeMetricFamily(TASKS, _TASKS_HELP, value=len(asyncio.all_tasks(loop)))
+
+
 class WorkerMetrics:
     """The metrics of one process's actors, in `registry`."""
 
@@ -145,6 +175,10 @@ class WorkerMetrics:
         )
         self._state = _StateCollector()
         registry.register(self._state)
+        try:
+            registry.register(_TaskCount())
+        except ValueError:  # the gateway's metrics in the same registry count them already
+            pass
         self._children: dict[tuple[object, ...], MetricWrapperBase] = {}
 
     def _child(self, metric: M, *labels: str) -> M:

@@ -129,9 +129,12 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     actor_idle: float = 300.0
     # Backpressure, per worker process: turns that may wait behind a session's running
     # turn, and turns admitted to all its sessions together (running or waiting). Past
-    # either, a turn gets a 503 `server_is_overloaded` with Retry-After at once.
+    # either, a turn gets a 503 `server_is_overloaded` with Retry-After at once. A turn
+    # mostly waits on its upstream and costs memory and two descriptors, not CPU
+    # (bench/load_streams.py: 1,000 open streams, about 100 MiB); 1,024 matches the
+    # OpenAI engine's connection pool, beyond which calls would queue out of sight.
     max_queued_per_session: int = 8
-    max_turns_in_flight: int = 256
+    max_turns_in_flight: int = 1024
     # Slow or idle clients: seconds to send a request's headers (from the connection's
     # start or the request's first byte), to send its body, and to sit idle between
     # requests (keep-alive) before the connection is closed.

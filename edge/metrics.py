@@ -2,7 +2,8 @@
 
 HTTP requests by route, method, status and public model; their latency and, for
 streams, the time to the first token; tokens by public model; requests refused by a
-limit (`limit_hit`, for the limiter to call). Labels are bounded: the route is the
+limit (`limit_hit`, for the limiter to call); the event loop's asyncio tasks, counted
+when scraped (`veil_asyncio_tasks`: a leak shows as a count that never comes back down). Labels are bounded: the route is the
 route's pattern (never the path), the model a configured public model (never what the
 client sent), the method one of HTTP's own.
 
@@ -13,7 +14,9 @@ also serve them without a key on a listener of their own.
 
 from __future__ import annotations
 
+import asyncio
 import re
+from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
 from aiohttp import web
@@ -25,7 +28,9 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.registry import Collector
 
 from edge.auth import require_scope
 from edge.cross_site import refuse_cross_site
@@ -42,6 +47,33 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # A limit's name as the limiter gives it ("rpm", "tpm", "concurrency", "budget"...).
 _LIMIT_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+TASKS = "veil_asyncio_tasks"
+_TASKS_HELP = "asyncio tasks of the process's event loop (not yet done), counted when scraped"
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+class _TaskCount(Collector):
+    """`veil_asyncio_tasks`: len(asyncio.all_tasks()) of the loop scraped on (or, scraped
+    from another thread, of the loop running where the metrics were made). actors/metrics.py
+    has the same gauge for workers (edge may not import actors): in `veil serve`, one
+    process, one registry, whichever registers first counts for both."""
+
+    def __init__(self) -> None:
+        self._loop = _running_loop()
+
+    def describe(self) -> Iterable[Metric]:
+        return [GaugeMetricFamily(TASKS, _TASKS_HELP)]  # so a second one is refused
+
+    def collect(self) -> Iterator[Metric]:
+        loop = _running_loop() or self._loop
+        if loop is not None and not loop.is_closed():
+            yield GaugeMetricFamily(TASKS, _TASKS_HELP, value=len(asyncio.all_tasks(loop)))
 
 
 class GatewayMetrics:
@@ -85,6 +117,10 @@ class GatewayMetrics:
             "veil_http_requests_in_flight", "Requests being served now", registry=registry
         )
         self._children: dict[tuple[object, ...], MetricWrapperBase] = {}
+        try:
+            registry.register(_TaskCount())
+        except ValueError:  # the workers' metrics in the same registry count them already
+            pass
 
     def _child(self, metric: M, *labels: str) -> M:
         # prometheus_client's labels() locks and checks its arguments on every call.

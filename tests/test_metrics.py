@@ -360,6 +360,7 @@ pipeline = "plain"
     assert ("veil_actors_active", frozenset({("service", "veil-session")})) in samples
     assert re.search(r"^# TYPE veil_model_calls_total counter$", text, re.MULTILINE)
     assert "veil_http_requests_total" not in text  # a worker has no gateway
+    assert value(samples, "veil_asyncio_tasks") > 0  # its own loop's, on its own page
 
 
 def test_the_metrics_port_is_refused_when_it_is_not_a_port(tmp_path: Path) -> None:
@@ -367,3 +368,30 @@ def test_the_metrics_port_is_refused_when_it_is_not_a_port(tmp_path: Path) -> No
         "worker", "--metrics-port", "70000", env={"VEIL_NATS_URL": "nats://127.0.0.1:1"}
     )
     assert done.returncode == 2 and "--metrics-port 70000" in done.stderr
+
+
+async def test_asyncio_tasks_are_counted_when_scraped() -> None:
+    def tasks(registry: CollectorRegistry) -> float:
+        text = generate_latest(registry).decode()
+        assert text.count("# TYPE veil_asyncio_tasks gauge") == 1, text
+        return value(parse(text), "veil_asyncio_tasks")
+
+    # `veil serve` in one process: the gateway's and the workers' metrics share a
+    # registry, whichever comes first, and the gauge is there once.
+    for first, second in ((GatewayMetrics, WorkerMetrics), (WorkerMetrics, GatewayMetrics)):
+        registry = CollectorRegistry()
+        first(registry)
+        second(registry)
+        before = tasks(registry)
+        assert before >= 1  # this test's own task at least
+        release = asyncio.Event()
+        waiting = [asyncio.create_task(release.wait()) for _ in range(5)]
+        await asyncio.sleep(0)
+        assert tasks(registry) == before + 5
+        release.set()
+        await asyncio.gather(*waiting)
+        assert tasks(registry) == before  # done tasks are not counted: back to where it was
+
+
+def test_the_gateway_page_counts_its_asyncio_tasks(veil: VeilThread) -> None:
+    assert value(scrape(veil), "veil_asyncio_tasks") > 0

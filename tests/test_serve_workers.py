@@ -228,3 +228,17 @@ def test_ctrl_c_stops_workers_in_order(tmp_path: Path, upstream: FakeOpenAI) -> 
     assert not any("nats.error" in line or "Traceback" in line for line in serve.lines), serve.lines
     assert not [pid for pid in everyone if _alive(pid)]
     assert not processes_mentioning(str(tmp_path / "nats"))
+
+
+def test_workers_get_a_metrics_port_of_their_own_when_the_config_file_sets_one() -> None:
+    # The parent listens on the configured port: children reading the same file would
+    # fail to bind it and restart in a loop.
+    from config import Config
+    from veil.cli import _parser, _worker_args
+
+    config = Config()
+    args = _parser().parse_args(["serve", "--workers", "2"])
+    assert "--metrics-port" not in _worker_args(args, config)
+    config.server.metrics_port = 9464
+    worker_args = _worker_args(args, config)
+    assert worker_args[worker_args.index("--metrics-port") + 1] == "0"
