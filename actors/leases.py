@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+from collections import Counter
 from collections.abc import Iterator
 
 import structlog
@@ -26,7 +27,7 @@ from nats.errors import TimeoutError as NatsTimeout
 
 from bus.codec import DecodeError
 from bus.requests import nats_request
-from bus.subjects import is_valid_id, worker_leases
+from bus.subjects import TURNS_WHERE, is_valid_id, worker_leases
 from contracts.leases import LEASE_PROBE_CODEC, LEASE_REPLY_CODEC, LeaseProbe, LeaseReply
 
 __all__ = ["PROBE_TIMEOUT", "LeaseProbe", "LeaseReply", "Leases"]
@@ -44,16 +45,42 @@ class Leases:
         self._nc = nc
         self.worker_id = worker_id or f"w_{secrets.token_hex(8)}"
         self._running: set[str] = set()
-        self._sub: Subscription | None = None
+        # Turns admitted to a mailbox here and not answered yet (they may wait there).
+        self._in_hand: Counter[str] = Counter()
+        self._subs: list[Subscription] = []
 
     async def start(self) -> None:
-        self._sub = await self._nc.subscribe(worker_leases(self.worker_id), cb=self._answer)
+        self._subs = [
+            await self._nc.subscribe(worker_leases(self.worker_id), cb=self._answer),
+            await self._nc.subscribe(TURNS_WHERE, cb=self._answer_where),
+        ]
 
     async def stop(self) -> None:
-        if self._sub is not None:
+        for sub in self._subs:
             with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
-            self._sub = None
+                await sub.unsubscribe()
+        self._subs = []
+
+    def hand(self, turn_id: str) -> None:
+        """A request for `turn_id` entered a mailbox here: asked where it is, say here."""
+        self._in_hand[turn_id] += 1
+
+    def drop(self, turn_id: str) -> None:
+        """That request was answered (or refused)."""
+        left = self._in_hand[turn_id] - 1
+        if left > 0:
+            self._in_hand[turn_id] = left
+        else:
+            self._in_hand.pop(turn_id, None)
+
+    async def _answer_where(self, msg: Msg) -> None:
+        try:
+            probe = LEASE_PROBE_CODEC.decode(msg.data)
+        except DecodeError:
+            return
+        if probe.turn_id in self._running or probe.turn_id in self._in_hand:
+            with contextlib.suppress(Exception):
+                await msg.respond(LEASE_REPLY_CODEC.encode(LeaseReply(running=True)))
 
     @contextlib.contextmanager
     def holding(self, turn_id: str) -> Iterator[None]:

@@ -15,17 +15,28 @@ from typing import Any
 
 import structlog
 from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from opentelemetry.trace import Span
 
 from actors.engines import Engine, EngineError, EngineOutput, estimate_tokens
 from actors.engines.base import ChoicePiece, ToolCallPiece
 from actors.metrics import WorkerMetrics
 from bus import telemetry
+from bus.codec import DecodeError
 from bus.service import Endpoint, TypedService, start_service
 from bus.signals import Signals
-from bus.subjects import SESSION_CANCEL_WILDCARD, model_generate
+from bus.subjects import MODEL_JOBS, SESSION_CANCEL_WILDCARD, model_generate
 from contracts.errors import ErrorInfo
-from contracts.model import GENERATE_CODEC, GENERATE_RESULT_CODEC, GenerateRequest, GenerateResult
+from contracts.model import (
+    GENERATE_CODEC,
+    GENERATE_RESULT_CODEC,
+    JOB_PROBE_CODEC,
+    JOB_RUNNING_CODEC,
+    GenerateRequest,
+    GenerateResult,
+    JobRunning,
+)
 from contracts.session import OUTPUT_CODEC, Delta, Deltas, ToolDelta
 from eventstore.events import Usage
 
@@ -51,6 +62,9 @@ class ModelActor:
         self._engines = engines
         self._version = version
         self._service: TypedService | None = None
+        # The jobs running here, by the caller's job id (answered on MODEL_JOBS).
+        self._jobs: set[str] = set()
+        self._jobs_sub: Subscription | None = None
 
     async def start(self) -> None:
         self._service = service = await start_service(
@@ -72,6 +86,18 @@ class ModelActor:
         )
         if self._metrics is not None:
             self._metrics.watch_running("veil-model", lambda: service.running)
+        self._jobs_sub = await self._nc.subscribe(MODEL_JOBS, cb=self._answer_probe)
+
+    async def _answer_probe(self, msg: Msg) -> None:
+        """Say so when a job asked about runs here; stay silent otherwise (another model
+        actor may run it: silence from all of them means nobody does)."""
+        try:
+            probe = JOB_PROBE_CODEC.decode(msg.data)
+        except DecodeError:
+            return
+        if probe.job_id in self._jobs:
+            with contextlib.suppress(Exception):
+                await msg.respond(JOB_RUNNING_CODEC.encode(JobRunning(job_id=probe.job_id)))
 
     async def generate(self, engine_name: str, job: GenerateRequest) -> GenerateResult:
         # The GenAI conventions' inference span: this actor is the upstream's client.
@@ -79,7 +105,13 @@ class ModelActor:
         with telemetry.span(name, kind=telemetry.SpanKind.CLIENT) as span:
             if span is not None:
                 span.set_attributes(self._request_attributes(engine_name, job))
-            result = await self._generate(engine_name, job)
+            if job.job_id is not None:
+                self._jobs.add(job.job_id)
+            try:
+                result = await self._generate(engine_name, job)
+            finally:
+                if job.job_id is not None:
+                    self._jobs.discard(job.job_id)
             if span is not None:
                 _describe(span, result)
         if self._metrics is not None:
@@ -219,6 +251,9 @@ class ModelActor:
         )
 
     async def stop(self, grace: float = 10.0) -> None:
+        if self._jobs_sub is not None:
+            with contextlib.suppress(Exception):
+                await self._jobs_sub.unsubscribe()
         if self._service is not None:
             await self._service.stop(grace)
         for engine in self._engines.values():

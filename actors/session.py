@@ -239,17 +239,26 @@ def _unanswered_tool_call(history: tuple[ChatMessage, ...], new: list[ChatMessag
 
 def _decide_open(state: SessionState, cmd: OpenTurn) -> list[EventUnion]:
     start = cmd.start
+    # A retry of a command whose run was closed unfinished, or whose worker is gone now.
+    again = False
     if state.session_id is not None and state.tenant == start.tenant:
         # A retry, of a new session's first turn too, answers from what was recorded.
         outcome = state.outcomes.get(start.command_id)
         if outcome is not None:
             _same_request(outcome.fingerprint, start)
-            raise AlreadyHandled(outcome.turn_id, outcome)
+            if not ended_unanswered(outcome):
+                raise AlreadyHandled(outcome.turn_id, outcome)
+            # Nothing answered it (its client left, its worker was lost, its lease
+            # lapsed): it runs again rather than replaying how it ended.
+            again = True
         if state.open_turn is not None and state.open_turn.command_id == start.command_id:
             _same_request(state.open_turn.fingerprint, start)
-            raise AlreadyHandled(state.open_turn.turn_id, None)
+            if cmd.holder_gone != state.open_turn.turn_id:
+                raise AlreadyHandled(state.open_turn.turn_id, None)
+            # Its worker is gone: the retry closes that turn (below) and runs it again.
+            again = True
     if start.new_session:
-        if state.session_id is not None:
+        if state.session_id is not None and not again:
             raise SessionExists(f"session {start.session_id} already exists")
     elif state.session_id is not None and not owned(
         state, start.tenant, start.user_id if start.user_bound else None
@@ -426,6 +435,20 @@ def _add_usage(a: Usage, b: Usage) -> Usage:
         completion_tokens=a.completion_tokens + b.completion_tokens,
         total_tokens=a.total_tokens + b.total_tokens,
     )
+
+
+# Codes of a turn that ended because a worker was lost or hung (its own, closed by
+# another writer; or the model worker of its generation): nothing answered the request,
+# so its Idempotency-Key may run again.
+UNFINISHED = frozenset({"worker_lost", "lease_expired", "model_worker_lost"})
+
+
+def ended_unanswered(outcome: TurnOutcome) -> bool:
+    """A turn that ended without an answer to give again: cancelled (its client left) or
+    UNFINISHED. A retry under its Idempotency-Key runs it again."""
+    if outcome.status == "cancelled":
+        return True
+    return outcome.error is not None and outcome.error.code in UNFINISHED
 
 
 def _close(

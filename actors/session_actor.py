@@ -239,6 +239,8 @@ class SessionActor:
                 await self._receive(request, command)
         finally:
             structlog.contextvars.reset_contextvars(**bound)
+            if isinstance(command, StartTurn):
+                self._ctx.leases.drop(command.turn_id)  # answered (see SessionFront._handed)
 
     async def _receive(self, request: Request, command: Mailed) -> None:
         try:
@@ -321,9 +323,13 @@ class SessionActor:
             await self._open(start, turn.only_pipeline(model))
         except AlreadyHandled as handled:
             if start.stream:
-                await request.respond(
-                    TURN_REPLY_CODEC.encode(TurnAccepted(turn_id=handled.turn_id, replay=True))
+                running = self._state.open_turn if handled.outcome is None else None
+                accepted = TurnAccepted(
+                    turn_id=handled.turn_id,
+                    replay=True,
+                    holder=running.holder if running is not None else None,
                 )
+                await request.respond(TURN_REPLY_CODEC.encode(accepted))
             if handled.outcome is not None:
                 await finish(_outcome_message(handled.outcome))
             elif not start.stream:
@@ -336,8 +342,18 @@ class SessionActor:
             await self._reject(request, error)
             return
         if start.stream:
-            await request.respond(TURN_REPLY_CODEC.encode(TurnAccepted(turn_id=start.turn_id)))
-        await self._run_turn(start, model, finish)
+            accepted = TurnAccepted(turn_id=start.turn_id, holder=self._ctx.leases.worker_id)
+            await request.respond(TURN_REPLY_CODEC.encode(accepted))
+        try:
+            await self._run_turn(start, model, finish)
+        except (StoreUnavailable, *BUS_DOWN):
+            # The log went out of reach mid-turn: say so to a stream that waits on the
+            # turn's output (a request's reply is the caller's 503, sent by _receive).
+            if start.stream:
+                message = "The session log became unavailable mid-turn; retry the request."
+                with contextlib.suppress(Exception):
+                    await finish(TurnError(error=error_info(503, "service_unavailable", message)))
+            raise
 
     def _finisher(
         self, request: Request, start: StartTurn, out: str
@@ -375,7 +391,13 @@ class SessionActor:
                 holder_gone=gone,
             )
             try:
-                events = await self._append(command, dedupe_id=start.command_id)
+                # The store drops a second append under one id: running a lost turn again
+                # appends under an id of its own (the same for every worker doing it from
+                # this position, so only one of them does).
+                dedupe = start.command_id
+                if gone == start.turn_id:
+                    dedupe = f"{start.command_id}.after.{self._last_seq}"
+                events = await self._append(command, dedupe_id=dedupe)
             except TurnInProgress as busy:
                 if self._ctx.signals.fired(cancel):
                     raise RequestAbandoned(GONE_BEFORE_START) from None
@@ -397,16 +419,46 @@ class SessionActor:
                 probe_at = self._ctx.clock() + timedelta(seconds=PROBE_EVERY)
                 await self._wait_for_change(min(busy.lease_until, probe_at), cancel)
                 await self._reload()
-            except (AlreadyHandled, ActorError) as refusal:
+            except AlreadyHandled as handled:
+                if handled.outcome is not None or gone == handled.turn_id:
+                    raise
+                # A retry of a turn that is still open: run it again if the worker that
+                # held it is gone (asked on a state that is up to date), else wait on it.
+                if not fresh:
+                    await self._reload()
+                    fresh = True
+                    continue
+                open_turn = self._state.open_turn
+                if open_turn is None or open_turn.holder is None:
+                    raise
+                # This worker holding it means it no longer runs: its turns run in this
+                # actor's mailbox, which is busy with this retry (and the lease set
+                # counts the retry itself).
+                if (
+                    open_turn.holder != self._ctx.leases.worker_id
+                    and await self._ctx.leases.holder_runs(open_turn.holder, handled.turn_id)
+                    is not False
+                ):
+                    raise
+                log.warning(
+                    "session.holder_gone",
+                    session=self.session_id,
+                    turn=handled.turn_id,
+                    holder=open_turn.holder,
+                )
+                gone = handled.turn_id
+                continue
+            except ActorError:
                 # Another worker may have moved the session on since this actor
                 # last read it: refuse only on a state that is up to date.
-                if isinstance(refusal, AlreadyHandled) or fresh:
+                if fresh:
                     raise
                 await self._reload()
             else:
                 lost = [e for e in events if isinstance(e, TurnFailed) and e.code == "worker_lost"]
                 for failed in lost:
-                    await self._tell_lost(failed)
+                    if failed.turn_id != start.turn_id:  # else it runs again, for its waiters
+                        await self._tell_lost(failed)
                 return
             fresh = True
 

@@ -28,6 +28,7 @@ import contextlib
 from collections.abc import Coroutine
 from typing import Any, assert_never
 
+import msgspec
 import structlog
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
@@ -41,6 +42,7 @@ from actors._session_common import (
 )
 from actors.memory.actor import ask_recall
 from actors.session_actor import SessionActor
+from actors.state_digest import state_digest
 from actors.turn_trace import turn_traces
 from bus.codec import DecodeError
 from bus.requests import BUS_DOWN
@@ -96,8 +98,15 @@ class SessionFront:
     ) -> Envelope | Coroutine[Any, Any, None]:
         admitted = self._screen(key, request, actor)
         if isinstance(admitted, Envelope):
+            self._handed(admitted)
             return admitted
         return _log_guarded(request, admitted)
+
+    def _handed(self, envelope: Envelope) -> None:
+        # A turn entering the mailbox: a gateway asking where it is hears "here" until
+        # it is answered (SessionActor.receive, or `overloaded` when a bound refuses it).
+        if isinstance(envelope.message, StartTurn):
+            self._ctx.leases.hand(envelope.message.turn_id)
 
     def _screen(
         self, key: str, request: Request, actor: Actor | None
@@ -138,6 +147,10 @@ class SessionFront:
 
     async def overloaded(self, request: Request, refusal: Overloaded) -> None:
         """The answer to a turn a bound refused (the host's `overloaded`)."""
+        with contextlib.suppress(DecodeError):
+            command = SESSION_COMMAND_CODEC.decode(request.data)
+            if isinstance(command, StartTurn):
+                self._ctx.leases.drop(command.turn_id)
         if self._ctx.metrics is not None:
             self._ctx.metrics.refused("veil-session", refusal.bound)
         if refusal.bound == "mailbox":
@@ -215,7 +228,11 @@ class SessionFront:
             await _refuse(request, _not_found(sid))
             return
         if isinstance(command, GetSession):
-            await request.respond(TURN_REPLY_CODEC.encode(_view(sid, state, command.messages)))
+            view = _view(sid, state, command.messages)
+            if command.digest:
+                # The live actor's state plus the log after it: what a replay must rebuild.
+                view = msgspec.structs.replace(view, state_digest=state_digest(state))
+            await request.respond(TURN_REPLY_CODEC.encode(view))
             return
         ask = RecallRequest(
             tenant=command.tenant,
@@ -294,6 +311,7 @@ class SessionFront:
 
     async def _deliver(self, key: str, envelope: Envelope, *, bounded: bool = True) -> None:
         assert self._host is not None, "attach the front to its host first"
+        self._handed(envelope)
         try:
             self._host.deliver(key, envelope, bounded=bounded)
         except Overloaded as refusal:

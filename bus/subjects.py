@@ -22,6 +22,7 @@ __all__ = [
     "LIMITS_BUCKET",
     "MEMORY_FORGET",
     "MEMORY_RECALL",
+    "MODEL_JOBS",
     "PARTITIONS",
     "PLACEMENT_SESSIONS",
     "ROUTER_ROUTE",
@@ -31,6 +32,7 @@ __all__ = [
     "TOMBSTONES_STREAM",
     "TOMBSTONES_WILDCARD",
     "TOOLS_RUN",
+    "TURNS_WHERE",
     "USAGE_QUERY",
     "USAGE_SPEND",
     "InvalidToken",
@@ -204,6 +206,10 @@ def model_generate_wildcard() -> str:
     return "model.*.generate"
 
 
+# Who runs a generation (every model actor listens; only the one running it answers).
+MODEL_JOBS = "model.jobs"
+
+
 # The tool actor: runs server-side tools.
 TOOLS_RUN = "tools.run"
 
@@ -254,6 +260,11 @@ def direct_get(stream: str) -> str:
 def stream_info(stream: str) -> str:
     """JetStream's stream info API (a subjects filter lists the stream's subjects)."""
     return f"$JS.API.STREAM.INFO.{stream}"
+
+
+# Which worker has a turn in hand, queued or running (every worker listens; only one
+# that has it answers): a gateway waiting on a turn whose worker died stops waiting.
+TURNS_WHERE = "chat.turns.where"
 
 
 def worker_leases(worker_id: str) -> str:

@@ -8,6 +8,9 @@ from bus.codec import Codec
 
 __all__ = ["LEASE_PROBE_CODEC", "LEASE_REPLY_CODEC", "LeaseProbe", "LeaseReply"]
 
+# The same probe, sent to every worker on TURNS_WHERE: whoever has the turn in hand
+# (waiting in a mailbox or running) answers; the others stay silent.
+
 
 class LeaseProbe(msgspec.Struct, frozen=True, kw_only=True):
     turn_id: str

@@ -14,10 +14,14 @@ __all__ = [
     "GENERATE_CODEC",
     "GENERATE_RESULT_CODEC",
     "GENERATION_PARAMS",
+    "JOB_PROBE_CODEC",
+    "JOB_RUNNING_CODEC",
     "SAMPLING_PARAMS",
     "TOOL_PARAMS",
     "GenerateRequest",
     "GenerateResult",
+    "JobProbe",
+    "JobRunning",
 ]
 
 # The OpenAI generation parameters Veil carries from a request to an engine.
@@ -48,6 +52,23 @@ class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True):
     cancel_subject: str | None = None
     # Server-side tools: their calls never stream to the client.
     hidden_tools: list[str] = []
+    # The caller's name for this call: a model actor running it says so when asked
+    # (JobProbe), so a caller whose model worker died stops waiting.
+    job_id: str | None = None
+
+
+class JobProbe(msgspec.Struct, frozen=True, kw_only=True):
+    """Session actor -> every model actor: who runs this job? Only its runner answers."""
+
+    job_id: str
+
+
+class JobRunning(msgspec.Struct, frozen=True, kw_only=True):
+    job_id: str
+
+
+JOB_PROBE_CODEC: Codec[JobProbe] = Codec(JobProbe)
+JOB_RUNNING_CODEC: Codec[JobRunning] = Codec(JobRunning)
 
 
 class GenerateResult(msgspec.Struct, frozen=True, kw_only=True):

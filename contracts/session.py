@@ -95,6 +95,8 @@ class GetSession(msgspec.Struct, frozen=True, kw_only=True, tag="get"):
     messages: bool = False
     # The caller's key is pinned to this user: another user's session is not found.
     user: str | None = None
+    # Audits: the digest of the state the read is answered from (actors/state_digest.py).
+    digest: bool = False
 
 
 class DeleteSession(msgspec.Struct, frozen=True, kw_only=True, tag="delete"):
@@ -147,6 +149,8 @@ class SessionView(msgspec.Struct, frozen=True, kw_only=True, tag="session"):
     metadata: dict[str, str] = {}
     item_count: int = 0
     item_numbers: list[int] | None = None
+    # With GetSession.digest: the state's digest, to compare with `veil replay --digest`.
+    state_digest: str | None = None
 
 
 class SessionDeleted(msgspec.Struct, frozen=True, kw_only=True, tag="deleted"):
@@ -164,6 +168,9 @@ class TurnAccepted(msgspec.Struct, frozen=True, kw_only=True, tag="accepted"):
 
     turn_id: str
     replay: bool = False
+    # The worker running the turn (its lease's holder): a gateway whose stream goes
+    # quiet asks it whether it still runs the turn (actors/leases.py).
+    holder: str | None = None
 
 
 class TurnRejected(msgspec.Struct, frozen=True, kw_only=True, tag="rejected"):

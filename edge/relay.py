@@ -14,9 +14,19 @@ from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
+from bus.codec import DecodeError
 from bus.requests import BUS_DOWN, nats_request
-from bus.subjects import session_cancel, session_cmd, session_cmd_placed, session_out
+from bus.subjects import (
+    TURNS_WHERE,
+    session_cancel,
+    session_cmd,
+    session_cmd_placed,
+    session_out,
+    worker_leases,
+)
 from bus.telemetry import outgoing
+from contracts.errors import error_info
+from contracts.leases import LEASE_PROBE_CODEC, LEASE_REPLY_CODEC, LeaseProbe
 from contracts.session import (
     CANCEL_CODEC,
     OUTPUT_CODEC,
@@ -43,6 +53,20 @@ __all__ = ["ClientGone", "TurnRelay", "ask_bus", "ask_session", "bus_unavailable
 POLL_SECONDS = 0.25
 # How long to wait for deltas that the final message says were sent but are late.
 STRAGGLER_SECONDS = 1.0
+# A turn's output quiet this long: ask its worker whether it still runs the turn (a
+# worker killed mid-turn publishes nothing more, and its turn would wait out its lease).
+QUIET_SECONDS = 2.0
+# How long the worker has to answer (no answer: taken as alive but busy), and how long a
+# final message published just before a "no" may still take to arrive.
+PROBE_SECONDS = 1.0
+LAST_WORD_SECONDS = 0.5
+# A request nobody says it has, asked this many times QUIET_SECONDS apart, was lost
+# with its worker (sent to it just before it died, or waiting in its mailbox).
+WHERE_MISSES = 2
+WORKER_LOST = (
+    "The worker running this turn stopped before it finished; retry the request (under "
+    "the same Idempotency-Key it runs again)."
+)
 
 
 class ClientGone(Exception):
@@ -133,13 +157,22 @@ async def _ask_while_present(
     queued behind another turn, it would otherwise run later for nobody.
     """
     task = asyncio.ensure_future(ask_session(nc, start, timeout))
+    loop = asyncio.get_running_loop()
     try:
+        asked = loop.time()
+        misses = 0
         while True:
             done, _ = await asyncio.wait({task}, timeout=POLL_SECONDS)
             if task in done:
                 return task.result()
             if client_gone():
                 raise ClientGone()
+            if loop.time() - asked >= QUIET_SECONDS:
+                # A worker that died with the request in hand never answers: ask who has it.
+                misses = 0 if await _in_hand(nc, start.turn_id) else misses + 1
+                asked = loop.time()
+                if misses >= WHERE_MISSES:
+                    raise ApiError(503, WORKER_LOST, code="worker_lost")
     except ClientGone:
         await _cancel(nc, start)
         raise
@@ -149,6 +182,23 @@ async def _ask_while_present(
         raise
     finally:
         task.cancel()
+
+
+async def _in_hand(nc: Client, turn_id: str) -> bool:
+    """Whether a worker says it has the turn in hand, queued or running (True when that
+    cannot be told: the bus is away, which fails the request on its own)."""
+    try:
+        await nats_request(
+            nc,
+            TURNS_WHERE,
+            LEASE_PROBE_CODEC.encode(LeaseProbe(turn_id=turn_id)),
+            timeout=PROBE_SECONDS,
+        )
+    except (NoRespondersError, NatsTimeout):
+        return False
+    except BUS_DOWN:
+        return True
+    return True
 
 
 async def run_turn(
@@ -175,6 +225,8 @@ class TurnRelay:
         # which nats-py's next_msg spends.
         self._inbox: asyncio.Queue[OutputUnion] = asyncio.Queue()
         self.replay = False
+        # The worker running the turn, asked whether it still does when the output is quiet.
+        self.holder: str | None = None
         # For the metrics and the span: when (time.perf_counter) the first delta came,
         # and how the turn ended.
         self.first_output: float | None = None
@@ -210,6 +262,7 @@ class TurnRelay:
                 500, f"Unexpected reply from the session actor: {reply!r}", code="actor_failed"
             )
         self.replay = reply.replay
+        self.holder = reply.holder
 
     async def cancel(self) -> None:
         await _cancel(self._nc, self.start)
@@ -237,7 +290,8 @@ class TurnRelay:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        received = 0
+        order = _InOrder()
+        heard = loop.time()
         while True:
             if client_gone():
                 raise ClientGone()
@@ -249,18 +303,19 @@ class TurnRelay:
                 raise ApiError(504, "The turn did not finish in time.", code="timeout")
             item = await self._next(POLL_SECONDS)
             if item is None:
-                continue
+                if loop.time() - heard >= QUIET_SECONDS:
+                    heard = loop.time()
+                    item = await self._lost(order.received)
+                if item is None:
+                    continue
+            heard = loop.time()
             batch: list[Delta | ToolDelta | TurnDone | TurnError] = []
             while item is not None:
                 if isinstance(item, Delta | ToolDelta):
-                    if item.seq > received:
-                        if not received:
-                            self.first_output = time.perf_counter()
-                        received = item.seq
-                        batch.append(item)
+                    batch += order.take(item)
                 elif isinstance(item, TurnDone | TurnError):
-                    if item.deltas > received:
-                        batch += await self._stragglers(received, item.deltas)
+                    if item.deltas > order.received:
+                        batch += await self._stragglers(order, item.deltas)
                     self.final = item
                     if self.first_output is None:
                         self.first_output = time.perf_counter()
@@ -269,20 +324,72 @@ class TurnRelay:
                     return
                 item = self._inbox.get_nowait() if not self._inbox.empty() else None
             if batch:
+                if self.first_output is None:
+                    self.first_output = time.perf_counter()
                 yield batch
 
-    async def _stragglers(self, received: int, sent: int) -> list[Delta | ToolDelta]:
+    async def _lost(self, received: int) -> OutputUnion | None:
+        """A quiet turn's worker asked whether it still runs the turn: a TurnError when it
+        is gone or dropped the turn (and no final message follows its answer), else None."""
+        if self.holder is None:
+            return None
+        try:
+            reply = await nats_request(
+                self._nc,
+                worker_leases(self.holder),
+                LEASE_PROBE_CODEC.encode(LeaseProbe(turn_id=self.start.turn_id)),
+                timeout=PROBE_SECONDS,
+            )
+            running = LEASE_REPLY_CODEC.decode(reply.data).running
+        except NoRespondersError:
+            running = False  # its connection, and so the process, is gone
+        except (NatsTimeout, DecodeError, *BUS_DOWN):
+            return None  # busy, cut off or not ours to judge: keep waiting
+        if running:
+            return None
+        # A "no" may have overtaken the final message published just before it.
+        last = await self._next(LAST_WORD_SECONDS)
+        if last is not None:
+            return last
+        return TurnError(
+            error=error_info(503, "worker_lost", WORKER_LOST), content="", deltas=received
+        )
+
+    async def _stragglers(self, order: _InOrder, sent: int) -> list[Delta | ToolDelta]:
         """Deltas published before the final message but delivered after it (they come
-        from another connection): a moment for them; the final message carries the
-        full text anyway, so what stays missing is sent from it."""
+        from another connection), or lost: a moment for them; the final message carries
+        the full text anyway, so what stays missing is sent from it (what went out is
+        always its beginning: deltas go out in order)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + STRAGGLER_SECONDS
         late: list[Delta | ToolDelta] = []
-        while received < sent:
+        while order.received < sent:
             item = await self._next(max(0.0, deadline - loop.time()))
             if item is None:
                 break
-            if isinstance(item, Delta | ToolDelta) and item.seq > received:
-                received = item.seq
-                late.append(item)
+            if isinstance(item, Delta | ToolDelta):
+                late += order.take(item)
         return late
+
+
+class _InOrder:
+    """Deltas handed on in the order of their seq. One that arrives after a gap waits
+    for the missing one: core NATS delivers at most once, and a message in flight when
+    a node goes away is lost; sent on, the next one would leave a hole in the text."""
+
+    __slots__ = ("_held", "received")
+
+    def __init__(self) -> None:
+        self.received = 0  # every seq up to this one was handed on
+        self._held: dict[int, Delta | ToolDelta] = {}
+
+    def take(self, item: Delta | ToolDelta) -> list[Delta | ToolDelta]:
+        """What may go out now that `item` came: it and what waited on it, or nothing."""
+        if item.seq <= self.received:
+            return []  # a duplicate (a replayed turn's output)
+        self._held[item.seq] = item
+        out: list[Delta | ToolDelta] = []
+        while self.received + 1 in self._held:
+            self.received += 1
+            out.append(self._held.pop(self.received))
+        return out

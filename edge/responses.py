@@ -170,7 +170,7 @@ class ModelList(msgspec.Struct, kw_only=True):
 # -- sessions ---------------------------------------------------------------------------------
 
 
-class SessionObject(msgspec.Struct, kw_only=True):
+class SessionObject(msgspec.Struct, kw_only=True, omit_defaults=True):
     id: str
     object: Literal["session"]
     created_at: int
@@ -178,6 +178,9 @@ class SessionObject(msgspec.Struct, kw_only=True):
     model: str | None
     turns: int
     usage: CompletionUsage
+    # Audit and admin keys only: the digest of the session's state as the live actor holds
+    # it, equal to `veil replay --digest` of its log.
+    state_digest: str | None = None
 
 
 class SessionMessage(msgspec.Struct, kw_only=True):

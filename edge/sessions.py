@@ -70,10 +70,11 @@ def _session_object(view: SessionView) -> SessionObject:
             completion_tokens=view.usage.completion_tokens,
             total_tokens=view.usage.total_tokens,
         ),
+        state_digest=view.state_digest,
     )
 
 
-async def _view(request: web.Request, messages: bool) -> SessionView:
+async def _view(request: web.Request, messages: bool, digest: bool = False) -> SessionView:
     principal = request[PRINCIPAL]
     require_scope(principal, "chat", "audit")
     command = GetSession(
@@ -81,6 +82,7 @@ async def _view(request: web.Request, messages: bool) -> SessionView:
         tenant=principal.tenant,
         user=principal.user,
         messages=messages,
+        digest=digest,
     )
     reply = await ask_session(request.app[NATS], command, request.app[CONFIG].server.accept_timeout)
     if not isinstance(reply, SessionView):
@@ -103,14 +105,17 @@ TURN_ID = Annotated[
 
 @operation(
     "Retrieve a session",
-    description="Created, updated, turns, usage and model of one of the caller's sessions.",
+    description="Created, updated, turns, usage and model of one of the caller's sessions; "
+    "for audit and admin keys also `state_digest`, the digest of the state the session's "
+    "actor holds, which `veil replay --digest` rebuilds from the log alone.",
     tags=("sessions",),
     path=_ON_SESSION,
     ok=SessionObject,
     errors=_READ_ERRORS,
 )
 async def get_session(request: web.Request) -> web.Response:
-    return json_response(_session_object(await _view(request, messages=False)))
+    auditor = bool(request[PRINCIPAL].scopes & {"audit", "admin"})
+    return json_response(_session_object(await _view(request, messages=False, digest=auditor)))
 
 
 @operation(

@@ -110,3 +110,24 @@ async def test_relay_unpacks_batches_in_order_and_waits_for_late_deltas(nc: Clie
     assert [i.text for i in items if isinstance(i, Delta)] == ["a", "b", "c", "d", "e"]
     assert items[-1] == done
     assert len(batches) <= 3  # what arrived together was handed over together
+
+
+async def test_relay_holds_deltas_after_a_lost_one_so_the_text_has_no_hole(nc: Client) -> None:
+    start = _start("s_gap", "t3")
+    out = session_out(start.tenant, start.session_id, start.turn_id)
+    done = TurnDone(content="abcdef", finish_reason="stop", usage=Usage(), deltas=6)
+    async with TurnRelay(nc, start) as relay:
+        for seq, text in ((1, "a"), (2, "b"), (4, "d"), (5, "e")):  # 3 is late
+            await nc.publish(out, OUTPUT_CODEC.encode(Delta(seq=seq, text=text)))
+        await nc.publish(out, OUTPUT_CODEC.encode(Delta(seq=3, text="c")))
+        for seq, text in ((6, "f"), (8, "h")):  # 7 never comes
+            await nc.publish(out, OUTPUT_CODEC.encode(Delta(seq=seq, text=text)))
+        await nc.publish(out, OUTPUT_CODEC.encode(done))
+        await nc.flush()
+        batches = [batch async for batch in relay.batches(5, lambda: False)]
+    items = [item for batch in batches for item in batch]
+    deltas = [i for i in items if isinstance(i, Delta)]
+    # In order, the late one in its place; nothing after the hole that never filled
+    # (the final message's text carries the rest).
+    assert [d.seq for d in deltas] == [1, 2, 3, 4, 5, 6]
+    assert items[-1] == done

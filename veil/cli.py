@@ -96,6 +96,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     replay.add_argument("--json", action="store_true", help="one JSON object per line")
     replay.add_argument(
+        "--digest",
+        action="store_true",
+        help="print only the digest of the rebuilt state (GET /v1/sessions/{id} shows the "
+        "live actor's as state_digest to audit keys)",
+    )
+    replay.add_argument(
         "--config", default=argparse.SUPPRESS, help="TOML config file (or VEIL_CONFIG)"
     )
     reindex = sub.add_parser("reindex", help="drop the memory index and rebuild it from the log")
@@ -162,12 +168,14 @@ async def _log_connection(config: Config, *, create: bool = False) -> AsyncItera
         server.stop()
 
 
-async def _replay(config: Config, session_id: str, tenant: str | None, as_json: bool) -> int:
+async def _replay(
+    config: Config, session_id: str, tenant: str | None, as_json: bool, digest: bool = False
+) -> int:
     from actors.memory.items import item_text
     from bus.connection import connect
     from bus.subjects import is_valid_id
     from eventstore.jetstream import JetStreamEventStore
-    from veil.replay import referenced_sessions, render_replay
+    from veil.replay import referenced_sessions, render_replay, replay_digest
 
     if not is_valid_id(session_id):
         print(f"invalid session id: {session_id!r}", file=sys.stderr)
@@ -200,6 +208,10 @@ async def _replay(config: Config, session_id: str, tenant: str | None, as_json: 
     if not events:
         print(f"no events for session {session_id}", file=sys.stderr)
         return 1
+
+    if digest:
+        print(replay_digest(events))
+        return 0
 
     def resolve(sid: str, seq: int) -> str | None:
         return item_text(others.get(sid, {}), seq)
@@ -288,7 +300,7 @@ def _workers_of(text: str) -> int:
     return int(text)
 
 
-def _worker_args(args: argparse.Namespace) -> list[str]:
+def _worker_args(args: argparse.Namespace, config: Config) -> list[str]:
     """What `veil serve --workers N` passes on to its worker children."""
     out: list[str] = []
     if args.config:
@@ -297,8 +309,9 @@ def _worker_args(args: argparse.Namespace) -> list[str]:
         out += ["--log-format", args.log_format]
     if args.log_level:
         out += ["--log-level", args.log_level]
-    if args.metrics_port is not None:
-        out += ["--metrics-port", "0"]  # the parent's port is taken: a free one each
+    if args.metrics_port is not None or config.server.metrics_port is not None:
+        # The parent's port (from the flag or the config file) is taken: a free one each.
+        out += ["--metrics-port", "0"]
     return out
 
 
@@ -371,14 +384,14 @@ def main(argv: list[str] | None = None) -> int:
                     port,
                     roles=roles,
                     workers=workers,
-                    worker_args=_worker_args(args),
+                    worker_args=_worker_args(args, config),
                 )
             )
         except KeyboardInterrupt:
             pass
         return 0
     if args.command == "replay":
-        return asyncio.run(_replay(config, args.session_id, args.tenant, args.json))
+        return asyncio.run(_replay(config, args.session_id, args.tenant, args.json, args.digest))
     if args.command == "sessions":
         return asyncio.run(_sessions(config, args.tenant, args.json))
     if args.command == "reindex":

@@ -9,6 +9,7 @@ from typing import assert_never
 import msgspec
 
 from actors import session
+from actors.state_digest import state_digest
 from bus.codec import encode
 from eventstore.events import (
     DocumentsRetrieved,
@@ -40,6 +41,7 @@ __all__ = [
     "referenced_sessions",
     "render_replay",
     "render_sessions",
+    "replay_digest",
 ]
 
 QUOTE_WIDTH = 400
@@ -237,6 +239,12 @@ def render_replay(
     yield "  history:"
     for m in state.history:
         yield f"    {m.role}: {_quote(m.content)}"
+
+
+def replay_digest(stored: Sequence[StoredEvent]) -> str:
+    """The digest of the state the log alone folds to (`veil replay --digest`): what the
+    live actor's `state_digest` must equal."""
+    return state_digest(session.fold([s.event for s in stored]))
 
 
 def _state_summary(state: session.SessionState) -> dict[str, object]:

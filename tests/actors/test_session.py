@@ -223,6 +223,76 @@ def test_a_lease_names_its_holder_and_a_gone_holder_frees_the_session_at_once() 
         session.decide(state, stale)
 
 
+def test_a_retry_of_a_turn_whose_worker_is_gone_runs_it_again() -> None:
+    first = session.OpenTurn(
+        start=start("t1", user("hi"), new=True), now=T0, lease_until=T0 + LEASE, holder="w-1"
+    )
+    state, _ = run(session.initial(), first)
+    soon = T0 + timedelta(seconds=5)
+    retry = start("t1", user("hi"))  # the same command (same Idempotency-Key): t1 again
+    with pytest.raises(AlreadyHandled) as waiting:
+        session.decide(state, open_turn(retry, now=soon))
+    assert waiting.value.outcome is None  # still running as far as the log says
+    # Its holder is gone: the retry closes that turn and starts it again.
+    again = session.OpenTurn(
+        start=retry, now=soon, lease_until=soon + LEASE, holder="w-2", holder_gone="t1"
+    )
+    state, events = run(state, again)
+    assert [type(e) for e in events] == [TurnFailed, TurnStarted]
+    assert events[0].code == "worker_lost" and events[1].turn_id == "t1"
+    assert state.open_turn is not None and state.open_turn.holder == "w-2"
+    state, _ = run(state, complete("t1", result("hello")))
+    with pytest.raises(AlreadyHandled) as done:
+        session.decide(state, open_turn(retry, now=soon))
+    assert done.value.outcome is not None and done.value.outcome.status == "completed"
+
+
+def test_a_turn_closed_because_its_worker_was_lost_leaves_its_key_free() -> None:
+    first = session.OpenTurn(
+        start=start("t1", user("hi"), new=True), now=T0, lease_until=T0 + LEASE, holder="w-1"
+    )
+    state, _ = run(session.initial(), first)
+    soon = T0 + timedelta(seconds=5)
+    # Another request finds t1's worker gone and closes it.
+    other = session.OpenTurn(
+        start=start("t2", user("x")), now=soon, lease_until=soon + LEASE, holder_gone="t1"
+    )
+    state, _ = run(state, other)
+    state, _ = run(state, complete("t2", result("ok")))
+    # The same request again runs (nothing answered it: no 503 to replay), a first turn
+    # that opened its session too.
+    for again in (start("t1", user("hi")), start("t1", user("hi"), new=True)):
+        assert [type(e) for e in session.decide(state, open_turn(again, now=soon))] == [TurnStarted]
+    state, _ = run(state, open_turn(start("t1", user("hi")), now=soon))
+    # A turn that failed on its own (the upstream's error) is replayed, not run again.
+    state, _ = run(
+        state,
+        session.Record(
+            turn_id="t1",
+            events=(
+                TurnFailed(at=soon, turn_id="t1", status=502, code="upstream_error", message="x"),
+            ),
+        ),
+    )
+    with pytest.raises(AlreadyHandled) as replayed:
+        session.decide(state, open_turn(start("t1", user("hi")), now=soon))
+    assert replayed.value.outcome is not None and replayed.value.outcome.status == "failed"
+
+
+def test_a_turn_cancelled_because_its_client_left_runs_again_on_retry() -> None:
+    state, _ = run(session.initial(), open_turn(start("t1", user("hi"), new=True)))
+    state, _ = run(
+        state,
+        session.Record(
+            turn_id="t1",
+            events=(TurnCancelled(at=T0, turn_id="t1", content="partial", usage=Usage()),),
+        ),
+    )
+    # The client that left got no answer: its retry runs the turn, not a replayed 499.
+    events = session.decide(state, open_turn(start("t1", user("hi"), new=True)))
+    assert [type(e) for e in events] == [TurnStarted]
+
+
 def test_a_retry_must_be_the_same_request() -> None:
     first = msgspec.structs.replace(start("t1", user("hi"), new=True), fingerprint="f1")
     state, _ = run(session.initial(), open_turn(first))
