@@ -73,10 +73,11 @@ class ClientGone(Exception):
     """The HTTP client disconnected while its turn was running."""
 
 
+BUS_UNAVAILABLE = "Veil's message bus is unavailable; try again shortly."
+
+
 def bus_unavailable() -> ApiError:
-    return ApiError(
-        503, "Veil's message bus is unavailable; try again shortly.", code="service_unavailable"
-    )
+    return ApiError(503, BUS_UNAVAILABLE, code="service_unavailable")
 
 
 async def ask_bus(
@@ -285,8 +286,9 @@ class TurnRelay:
         """Deltas in order, then exactly one TurnDone or TurnError, in lists of what
         had arrived together (the gateway writes each list at once).
 
-        Raises ClientGone when the client left, and ApiError(504) (after
-        cancelling the turn) when nothing final arrives within `timeout`.
+        Raises ClientGone when the client left. Ends with a TurnError of its own when
+        nothing final arrives within `timeout` (504, after cancelling the turn), when
+        the bus goes away (503) or when the turn's worker is lost (503 worker_lost).
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -295,12 +297,17 @@ class TurnRelay:
         while True:
             if client_gone():
                 raise ClientGone()
+            # Failures end the turn's output like the session's own errors do: as the last
+            # item, which a stream that has begun writes as an OpenAI-shaped error event
+            # (raised, it would only break the connection).
             if not self._nc.is_connected:
                 # What was published while the bus was down is lost: do not wait for it.
-                raise bus_unavailable()
+                yield [self._ended(503, "service_unavailable", BUS_UNAVAILABLE, order)]
+                return
             if loop.time() > deadline:
                 await self.cancel()
-                raise ApiError(504, "The turn did not finish in time.", code="timeout")
+                yield [self._ended(504, "timeout", "The turn did not finish in time.", order)]
+                return
             item = await self._next(POLL_SECONDS)
             if item is None:
                 if loop.time() - heard >= QUIET_SECONDS:
@@ -327,6 +334,10 @@ class TurnRelay:
                 if self.first_output is None:
                     self.first_output = time.perf_counter()
                 yield batch
+
+    def _ended(self, status: int, code: str, message: str, order: _InOrder) -> TurnError:
+        self.final = TurnError(error=error_info(status, code, message), deltas=order.received)
+        return self.final
 
     async def _lost(self, received: int) -> OutputUnion | None:
         """A quiet turn's worker asked whether it still runs the turn: a TurnError when it

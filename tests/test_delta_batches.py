@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import nats
 from nats.aio.client import Client
 
 from actors.engines.base import DeltaSink, EngineOutput
 from actors.model_actor import ModelActor
 from bus.subjects import session_out
 from contracts.model import GenerateRequest
-from contracts.session import OUTPUT_CODEC, Delta, Deltas, StartTurn, TurnDone
+from contracts.session import OUTPUT_CODEC, Delta, Deltas, StartTurn, TurnDone, TurnError
 from edge.relay import TurnRelay
 from eventstore.events import ChatMessage, Usage
 
@@ -131,3 +132,20 @@ async def test_relay_holds_deltas_after_a_lost_one_so_the_text_has_no_hole(nc: C
     # (the final message's text carries the rest).
     assert [d.seq for d in deltas] == [1, 2, 3, 4, 5, 6]
     assert items[-1] == done
+
+
+async def test_a_stream_whose_bus_goes_away_ends_with_an_error_item(nats_url: str) -> None:
+    # Raised mid-stream, the failure could only break the client's connection; as the
+    # last item it is written as an OpenAI-shaped error event.
+    own = await nats.connect(nats_url)
+    start = _start("s_bus", "t4")
+    out = session_out(start.tenant, start.session_id, start.turn_id)
+    async with TurnRelay(own, start) as relay:
+        await own.publish(out, OUTPUT_CODEC.encode(Delta(seq=1, text="a")))
+        await own.flush()
+        batches = relay.batches(5, lambda: False)
+        assert [d.seq for d in await anext(batches) if isinstance(d, Delta)] == [1]
+        await own.close()
+        [ended] = await anext(batches)
+    assert isinstance(ended, TurnError) and ended.error.code == "service_unavailable"
+    assert ended.deltas == 1 and relay.final is ended
