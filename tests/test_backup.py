@@ -5,6 +5,7 @@ replay); a stopped data directory backed up; every refusal."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import stat
@@ -17,12 +18,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import nats
+import nats.js.errors
 import openai
 import pytest
 
 from testkit.procs import VeilProcess, processes_mentioning, run_veil
 from testkit.upstreams import FakeOpenAI
 from tests.test_processes import CLEAN
+from veil.natsserver import NatsServer
 
 ADMIN = "sk-backup-admin"
 PATIENCE = 60
@@ -281,8 +285,35 @@ def test_a_restore_refuses_streams_that_exist_unless_forced(origin: Origin, tmp_
     refusal = _refused("restore", str(origin.backup), env=env)
     assert "CHAT_EVENTS" in refusal and "KV_VEIL_KEYS" in refusal and "--force" in refusal
     assert _key_names(env) == {"ci", "after-the-backup"}
-    assert "Replaced: CHAT_EVENTS" in _ok("restore", "--force", str(origin.backup), env=env)
+    # Snapshots of the log being replaced would name its sequence numbers, which the
+    # restored log gives out again: the bucket goes with the log.
+    with NatsServer(data / "nats") as server:
+        asyncio.run(_make_snapshot_bucket(server.url))
+    replaced = _ok("restore", "--force", str(origin.backup), env=env)
+    assert "Replaced: CHAT_EVENTS" in replaced and "KV_VEIL_SNAPSHOTS" in replaced
     assert _key_names(env) == {"ci"}
+    with NatsServer(data / "nats") as server:
+        assert not asyncio.run(_has_stream(server.url, "KV_VEIL_SNAPSHOTS"))
+
+
+async def _make_snapshot_bucket(url: str) -> None:
+    nc = await nats.connect(url)
+    try:
+        kv = await nc.jetstream().create_key_value(bucket="VEIL_SNAPSHOTS")
+        await kv.put("acme.old", b"a snapshot of another log")
+    finally:
+        await nc.close()
+
+
+async def _has_stream(url: str, name: str) -> bool:
+    nc = await nats.connect(url)
+    try:
+        await nc.jetstream().stream_info(name)
+        return True
+    except nats.js.errors.NotFoundError:
+        return False
+    finally:
+        await nc.close()
 
 
 def _key_names(env: dict[str, str]) -> set[str]:

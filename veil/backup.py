@@ -48,7 +48,14 @@ import nats.js.errors
 from nats.aio.client import Client
 
 from bus.connection import connect
-from bus.subjects import EVENTS_STREAM, KB_STREAM, KEYS_BUCKET, LIMITS_BUCKET, TOMBSTONES_STREAM
+from bus.subjects import (
+    EVENTS_STREAM,
+    KB_STREAM,
+    KEYS_BUCKET,
+    LIMITS_BUCKET,
+    SNAPSHOTS_BUCKET,
+    TOMBSTONES_STREAM,
+)
 from config import Config
 from veil import __version__
 from veil._snapshot import CHUNK_SIZE, SnapshotError, restore_stream, snapshot_stream
@@ -72,6 +79,9 @@ LEFT_OUT = {
     f"KV_{LIMITS_BUCKET}": "rate-limit windows and concurrency leases: state of the moment, "
     "rebuilt empty at start",
 }
+# Caches of the log a restore replaces: dropped, so none outlives its log (a restored
+# stream gives out the same sequence numbers again, which an old snapshot names).
+CACHES = (f"KV_{SNAPSHOTS_BUCKET}",)
 MANIFEST = "manifest.json"
 FORMAT = 1
 # A manifest is a few kilobytes; anything far larger is not one.
@@ -308,7 +318,8 @@ def projection_files(config: Config) -> list[Path]:
 
 
 async def restore(nc: Client, directory: Path, manifest: Manifest, *, force: bool) -> list[str]:
-    """Restore the verified backup's streams; the streams replaced (with `force`)."""
+    """Restore the verified backup's streams; the streams replaced (with `force`) and the
+    caches dropped."""
     existing = [stream for stream in STREAMS if await _exists(nc, stream)]
     if existing and not force:
         raise BackupError(
@@ -319,7 +330,8 @@ async def restore(nc: Client, directory: Path, manifest: Manifest, *, force: boo
     if nc.max_payload and any(e.chunk_size > nc.max_payload for e in manifest.streams):
         raise BackupError(f"this NATS takes messages of at most {nc.max_payload} bytes")
     js = nc.jetstream()
-    for stream in existing:
+    caches = [stream for stream in CACHES if await _exists(nc, stream)]
+    for stream in [*existing, *caches]:
         # Every Veil stream, not only the backup's: what is restored is the backup, whole.
         await js.delete_stream(stream)
     for entry in manifest.streams:
@@ -337,7 +349,7 @@ async def restore(nc: Client, directory: Path, manifest: Manifest, *, force: boo
                 f"{entry.name} was restored with {got[0]} messages up to sequence {got[1]}, "
                 f"the backup had {entry.messages} up to {entry.last_seq}"
             )
-    return existing
+    return [*existing, *caches]
 
 
 def _size(count: int) -> str:
