@@ -40,17 +40,18 @@ PROBE_SECONDS = 1.0
 
 
 async def _job_runs(nc: Client, job_id: str | None, timeout: float) -> bool:
-    """Whether a model actor says it runs the job (True when it cannot be told: the
-    bus is down, or the job has no id)."""
+    """Whether a model actor says it runs the job. True when it cannot be told: no model
+    actor listens (ones of a version before this question), the bus is down, or the job
+    has no id."""
     if job_id is None or not nc.is_connected:
         return True
     try:
         await nats_request(
             nc, MODEL_JOBS, JOB_PROBE_CODEC.encode(JobProbe(job_id=job_id)), timeout=timeout
         )
-    except (NoRespondersError, NatsTimeout):
-        return False
-    except BUS_DOWN:
+    except NatsTimeout:
+        return False  # model actors listen, and none runs it
+    except (NoRespondersError, *BUS_DOWN):
         return True
     return True
 

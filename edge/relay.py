@@ -186,8 +186,9 @@ async def _ask_while_present(
 
 
 async def _in_hand(nc: Client, turn_id: str) -> bool:
-    """Whether a worker says it has the turn in hand, queued or running (True when that
-    cannot be told: the bus is away, which fails the request on its own)."""
+    """Whether a worker says it has the turn in hand, queued or running. True when that
+    cannot be told: no worker listens at all (workers of a version before this question,
+    during a rolling upgrade), or the bus is away (which fails the request on its own)."""
     try:
         await nats_request(
             nc,
@@ -195,9 +196,9 @@ async def _in_hand(nc: Client, turn_id: str) -> bool:
             LEASE_PROBE_CODEC.encode(LeaseProbe(turn_id=turn_id)),
             timeout=PROBE_SECONDS,
         )
-    except (NoRespondersError, NatsTimeout):
-        return False
-    except BUS_DOWN:
+    except NatsTimeout:
+        return False  # workers listen, and none has it
+    except (NoRespondersError, *BUS_DOWN):
         return True
     return True
 

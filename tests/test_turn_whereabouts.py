@@ -38,6 +38,10 @@ def _short(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 async def test_a_turn_nobody_has_fails_as_lost(nc: Client) -> None:
+    # A live worker that does not have it (with no worker listening at all, as during
+    # an upgrade from workers that do not answer, the gateway cannot tell and waits).
+    other = Leases(nc)
+    await other.start()
     taken = asyncio.Event()
 
     async def swallow(msg: Msg) -> None:  # took it, then died: never a word again
@@ -53,8 +57,32 @@ async def test_a_turn_nobody_has_fails_as_lost(nc: Client) -> None:
     finally:
         for sub in subs:
             await sub.unsubscribe()
+        await other.stop()
     assert taken.is_set()
     assert (lost.value.status, lost.value.code) == (503, "worker_lost")
+
+
+async def test_without_any_worker_listening_the_gateway_waits(nc: Client) -> None:
+    pending: list[Msg] = []
+
+    async def old_worker(msg: Msg) -> None:  # answers turns, not the question
+        pending.append(msg)
+
+    subs = [
+        await nc.subscribe(s, cb=old_worker)
+        for s in (SESSION_CMD_WILDCARD, f"{SESSION_CMD_WILDCARD}.*")
+    ]
+    try:
+        waiting = asyncio.ensure_future(relay.run_turn(nc, START, 600, lambda: False))
+        await asyncio.sleep(1.0)
+        assert not waiting.done()
+        done = TurnDone(content="late but whole", finish_reason="stop", usage=Usage())
+        await pending[0].respond(TURN_REPLY_CODEC.encode(done))
+        result = await asyncio.wait_for(waiting, 10)
+        assert isinstance(result, TurnDone) and result.content == "late but whole"
+    finally:
+        for sub in subs:
+            await sub.unsubscribe()
 
 
 async def test_a_turn_a_worker_has_in_hand_is_waited_for(nc: Client) -> None:

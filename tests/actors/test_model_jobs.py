@@ -61,6 +61,10 @@ async def test_a_generation_nobody_runs_any_more_ends_as_lost(nc: Client) -> Non
     async def swallow(msg: Msg) -> None:  # takes the job, then dies: never a word again
         taken.set()
 
+    # A live model actor that does not run it (with none listening at all, the caller
+    # cannot tell and waits, as with model actors of an earlier version).
+    other = ModelActor(nc, {"slow": SlowEngine()}, version="0.0.0")
+    await other.start()
     sub = await nc.subscribe(model_generate("doomed"), cb=swallow)
     try:
         link = FallbackConfig(engine="doomed", model="m")
@@ -69,6 +73,7 @@ async def test_a_generation_nobody_runs_any_more_ends_as_lost(nc: Client) -> Non
         )
     finally:
         await sub.unsubscribe()
+        await other.stop()
     assert taken.is_set()
     assert result.error is not None
     assert (result.error.code, result.error.status, result.error.retryable) == (
