@@ -81,7 +81,7 @@ def _kind(pid: int, root: int) -> str:
         return "gateway"
     if "nats-server" in cmdline:
         return "nats"
-    if "memory" in cmdline:
+    if "--roles memory" in cmdline:
         return "memory"
     return "workers"
 
