@@ -9,7 +9,6 @@ import datetime
 import ipaddress
 import os
 import secrets
-import socket
 import ssl
 import sys
 import urllib.request
@@ -32,6 +31,7 @@ from nats.aio.client import Client
 from bus.connection import replicas
 from bus.subjects import EVENTS_STREAM, KB_STREAM, TOMBSTONES_STREAM, session_events
 from eventstore.jetstream import ensure_stream
+from testkit.cluster import free_ports
 from testkit.procs import REPO, Child, VeilProcess
 from testkit.upstreams import FakeOpenAI
 
@@ -158,18 +158,6 @@ def issue(ca: Authority, where: Path, name: str, *, server: bool) -> Issued:
 
 
 # --- the cluster ------------------------------------------------------------------------
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports free on loopback now (held together, so they differ)."""
-    held = [socket.socket() for _ in range(count)]
-    try:
-        for s in held:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in held]
-    finally:
-        for s in held:
-            s.close()
 
 
 def nats_binary() -> str:
