@@ -7,7 +7,8 @@
    lease lapsed: nothing answered it, so a retry runs it again).
 3. Every request completed under its own key, and every failed attempt got an
    OpenAI-shaped error (JSON `{"error": ...}` or an SSE error event), or found no gateway
-   listening.
+   listening, or had its connection closed before the answer began (a keep-alive race
+   with a draining gateway: testkit/traffic.py).
 4. The state a fold of the log gives (`veil replay --digest`) is the live actor's
    (`state_digest` of GET /v1/sessions/{id}, read with an audit key).
 """

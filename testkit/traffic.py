@@ -10,12 +10,13 @@ recorded, with how it failed, for the checks of testkit/logcheck.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import httpx2 as httpx
@@ -24,7 +25,11 @@ import openai
 __all__ = ["Attempt", "Request", "Traffic", "error_kind"]
 
 # Failures no OpenAI client can read as an answer: nothing came back in time, or the
-# connection broke mid-answer, or a stream ended without its end.
+# connection broke mid-answer, or a stream ended without its end. Not among them:
+# `refused` (no gateway listening) and `closed` (a connection closed before the answer
+# began: for a stream, before its headers; a keep-alive connection a draining gateway
+# shut as the request went out), which carry nothing to shape and which the SDKs retry
+# by default.
 UNSHAPED = frozenset({"timeout", "dropped", "truncated", "wrong_answer", "unexpected"})
 
 
@@ -256,16 +261,18 @@ class Traffic:
         ]
         expected = self._answer(request.text)
         if not request.stream:
-            reply = await client.chat.completions.create(
-                model="veil", messages=messages, extra_headers=headers
-            )
+            async with _before_any_answer():
+                reply = await client.chat.completions.create(
+                    model="veil", messages=messages, extra_headers=headers
+                )
             content = reply.choices[0].message.content or ""
             sid = (reply.model_extra or {}).get("session_id")
             completion_id = reply.id
         else:
-            stream = await client.chat.completions.create(
-                model="veil", messages=messages, extra_headers=headers, stream=True
-            )
+            async with _before_any_answer():
+                stream = await client.chat.completions.create(
+                    model="veil", messages=messages, extra_headers=headers, stream=True
+                )
             sid = stream.response.headers.get("x-session-id")
             parts: list[str] = []
             finish, completion_id = None, ""
@@ -284,6 +291,20 @@ class Traffic:
             raise _Failed("wrong_answer")
         request.content, request.completion_id = content, completion_id
         request.answered_session = sid if isinstance(sid, str) else None
+
+
+@contextlib.asynccontextmanager
+async def _before_any_answer() -> AsyncIterator[None]:
+    """Until the answer begins (a stream's headers, a JSON body): a connection closed
+    under the request is `closed`, not `dropped` (a break in the middle of an answer)."""
+    try:
+        yield
+    except openai.APIConnectionError as error:
+        if isinstance(error, openai.APITimeoutError) or isinstance(
+            error.__cause__, httpx.ConnectError
+        ):
+            raise
+        raise _Failed("closed") from error
 
 
 class _Failed(Exception):
