@@ -283,6 +283,10 @@ class GuardedSite(web.BaseSite):
             backlog=self._backlog,
             reuse_address=True,
             ssl=self._ssl_context,
+            # The guard sees a TLS connection only once its handshake is done: a client
+            # that never finishes one gets the time it would have for its headers, not
+            # asyncio's default of 60 s.
+            ssl_handshake_timeout=self.guard.header_timeout if self._ssl_context else None,
         )
         self.guard.start()
 

@@ -125,3 +125,24 @@ def test_the_config_file_names_the_files_too(
     done = run_veil("--config", str(config), "serve", env=_env(tmp_path / "data", upstream))
     assert done.returncode == 2
     assert "server.tls_cert" in done.stderr and "tls_key" in done.stderr
+
+
+def test_a_client_that_never_finishes_its_handshake_is_cut_off(
+    tmp_path: Path, upstream: FakeOpenAI, certs: tuple[Path, Issued]
+) -> None:
+    # The connection guard sees a TLS connection only after its handshake: the handshake
+    # gets the headers' time (here 1 s), not asyncio's default of 60 s.
+    _, gateway = certs
+    config = tmp_path / "veil.toml"
+    config.write_text(
+        f'[server]\nheader_timeout = 1\ntls_cert = "{gateway.cert}"\ntls_key = "{gateway.key}"\n'
+    )
+    env = _env(tmp_path / "data", upstream)
+    with VeilProcess("--config", str(config), "serve", "--port", "0", env=env) as veil:
+        port = int(veil.wait_for(LISTENING, timeout=120).group(2))
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as silent:
+            try:
+                closed = silent.recv(1) == b""
+            except ConnectionResetError:
+                closed = True
+        assert closed, "the server kept a connection that never began its handshake"
