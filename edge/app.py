@@ -27,6 +27,7 @@ from edge.chat import chat_completions
 from edge.conversations import add_conversation_routes
 from edge.cross_site import refuse_cross_site
 from edge.docs_page import add_doc_routes
+from edge.draining import add_draining
 from edge.history_index import add_history_index
 from edge.http_guard import ConnectionGuard, guard_middleware
 from edge.keys_admin import add_key_routes
@@ -219,6 +220,7 @@ def create_app(
 
     app.cleanup_ctx.append(nats_connection)
     app.cleanup_ctx.append(watch_keys)
+    add_draining(app)
     add_limits(app)
     add_history_index(app)
     app.router.add_post("/v1/chat/completions", chat_completions)
