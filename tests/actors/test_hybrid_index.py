@@ -23,6 +23,7 @@ from actors.knowledge.index import collection_scope
 from actors.knowledge.log import KnowledgeLog
 from actors.memory.embedder import Embedder, default_embedder
 from actors.memory.index import MemoryIndex, MemoryRecord, indexed_model
+from actors.search.connection import CACHE_KIB, connect
 from actors.search.hybrid import Entry, HybridIndex, Scope
 from eventstore.knowledge import (
     ChunkData,
@@ -320,3 +321,17 @@ async def test_a_memory_file_of_the_old_layout_is_emptied_and_keeps_its_deletion
         await memory.verify()
     finally:
         await memory.close()
+
+
+async def test_every_connection_keeps_a_small_page_cache(tmp_path: Path) -> None:
+    """An index process holds several connections to files that grow with every turn: a
+    large cache each lets it grow by that much times their count."""
+    path = str(tmp_path / "index.sqlite")
+    for reader in (False, True):
+        db = await connect(path, reader=reader)
+        try:
+            [(size,)] = list(await db.execute_fetchall("PRAGMA cache_size"))
+        finally:
+            await db.close()
+        assert size == -CACHE_KIB
+    assert CACHE_KIB <= 4096
