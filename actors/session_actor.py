@@ -55,7 +55,7 @@ from contracts.session import (
     TurnRejected,
 )
 from eventstore.errors import ConcurrencyConflict, EventStoreError, StoreUnavailable
-from eventstore.events import EventUnion, TurnFailed
+from eventstore.events import EventUnion, TurnFailed, TurnStarted
 from eventstore.tombstones import Tombstone
 
 __all__ = ["SessionActor", "SessionContext"]
@@ -162,7 +162,7 @@ class SessionActor:
             if not events:
                 return events
             try:
-                self._last_seq = await self._ctx.store.append(
+                appended = await self._ctx.store.append(
                     self.tenant,
                     self.session_id,
                     events,
@@ -176,12 +176,27 @@ class SessionActor:
                 await self._catch_up()
                 continue
             self._assumed_new = False
+            if appended.reused:
+                # An earlier try (its acknowledgement lost) stored part of the batch, with
+                # its own clock: fold the log's copies, not this decision's.
+                return await self._read_back(appended)
+            self._last_seq = int(appended)
             for event in events:
                 self._state = session.evolve(self._state, event)
             self._unsnapshotted += len(events)
             self._snapshot_later()
             return events
         raise ConcurrencyConflict(self.session_id, self._last_seq)
+
+    async def _read_back(self, appended: int) -> list[EventUnion]:
+        """Catch up with the log through an append; the batch's events as stored."""
+        stored = await self._ctx.store.load(self.tenant, self.session_id, after=self._last_seq)
+        if stored:
+            self._state = await fold_stored(self._state, stored)
+            self._last_seq = stored[-1].seq
+            self._unsnapshotted += len(stored)
+            self._snapshot_later()
+        return [s.event for s in stored if s.seq <= appended]
 
     def _snapshot_later(self) -> None:
         """Every SNAPSHOT_EVERY events, write a snapshot in a task of its own: the turn
@@ -455,6 +470,12 @@ class SessionActor:
                     raise
                 await self._reload()
             else:
+                if _started_elsewhere(events, start.turn_id, holder):
+                    # An earlier try of this request on another worker stored the turn's
+                    # start and lost the acknowledgement: that try never ran it. The log
+                    # must name who runs it: close that start, as for a worker gone.
+                    gone = start.turn_id
+                    continue
                 lost = [e for e in events if isinstance(e, TurnFailed) and e.code == "worker_lost"]
                 for failed in lost:
                     if failed.turn_id != start.turn_id:  # else it runs again, for its waiters
@@ -703,3 +724,11 @@ def _turn_ended(start: StartTurn, step: turn.Step) -> None:
         log.debug("turn.ended", **fields)
     else:
         log.info("turn.ended", **fields)
+
+
+def _started_elsewhere(events: list[EventUnion], turn_id: str, holder: str) -> bool:
+    """Whether the turn's start among `events` (as the log holds them) names another holder."""
+    return any(
+        isinstance(e, TurnStarted) and e.turn_id == turn_id and e.holder not in (None, holder)
+        for e in events
+    )

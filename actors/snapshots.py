@@ -63,8 +63,9 @@ _head = msgspec.msgpack.Decoder(_Head)
 
 
 def encode(tenant: str, session_id: str, seq: int, state: session.SessionState) -> bytes:
+    # int(): an append's result is an int subclass (Appended), which msgspec does not encode.
     snapshot = Snapshot(
-        version=SNAPSHOT_VERSION, tenant=tenant, session_id=session_id, seq=seq, state=state
+        version=SNAPSHOT_VERSION, tenant=tenant, session_id=session_id, seq=int(seq), state=state
     )
     return _encoder.encode(snapshot)
 

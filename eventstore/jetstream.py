@@ -53,7 +53,7 @@ from bus.subjects import (
 )
 from eventstore.errors import ConcurrencyConflict, EventStoreError, StoreUnavailable
 from eventstore.events import EventUnion, SessionOpened
-from eventstore.store import SessionInfo, StoredEvent
+from eventstore.store import Appended, SessionInfo, StoredEvent
 from eventstore.upcast import EVENT_CODEC
 
 __all__ = [
@@ -246,7 +246,7 @@ class JetStreamEventStore:
         *,
         expected_last_seq: int,
         dedupe_id: str | None = None,
-    ) -> int:
+    ) -> Appended:
         """Append events one message each, each one expecting the previous one's seq."""
         subject = await self.subject(tenant, session_id)
         key = session_key(tenant, session_id)
@@ -254,9 +254,9 @@ class JetStreamEventStore:
             last = await self.last_seq(tenant, session_id)
             if last != expected_last_seq:
                 raise ConcurrencyConflict(session_id, expected_last_seq)
-            return last
+            return Appended(last)
         expected = expected_last_seq
-        i = 0
+        i = reused = 0
         while i < len(events):
             event = events[i]
             headers = {
@@ -279,14 +279,16 @@ class JetStreamEventStore:
                 )
                 if len(stored) <= i:
                     raise ConcurrencyConflict(session_id, expected_last_seq) from e
+                reused += len(stored) - i
                 i, expected = len(stored), stored[-1]
                 continue
             except UNAVAILABLE as e:
                 raise StoreUnavailable(f"append to {subject}: {e!r}") from e
             # A duplicate's ack carries the seq it was first stored at.
+            reused += ack.duplicate
             expected = ack.seq
             i += 1
-        return expected
+        return Appended(expected, reused=reused)
 
     async def _publish(self, subject: str, payload: bytes, headers: dict[str, str]) -> _PubAck:
         """JetStream's publish, on the lean request (bus.requests); errors as nats-py raises them."""

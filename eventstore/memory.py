@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from bus.subjects import session_events, session_key
 from eventstore.errors import ConcurrencyConflict
 from eventstore.events import EventUnion
-from eventstore.store import SessionInfo, StoredEvent
+from eventstore.store import Appended, SessionInfo, StoredEvent
 
 __all__ = ["InMemoryEventStore"]
 
@@ -42,25 +42,25 @@ class InMemoryEventStore:
         *,
         expected_last_seq: int,
         dedupe_id: str | None = None,
-    ) -> int:
+    ) -> Appended:
         """Append events if the session is still at expected_last_seq."""
         key = _key(tenant, session_id)
         # No await in here: the check and the write cannot interleave with another append.
         if dedupe_id is not None and (key, dedupe_id) in self._dedupe:
             # A retry of a batch that was stored: like JetStream, it wins over the expected seq.
-            return self._dedupe[(key, dedupe_id)]
+            return Appended(self._dedupe[(key, dedupe_id)], reused=len(events))
         last = self._last(key)
         if last != expected_last_seq:
             raise ConcurrencyConflict(session_id, expected_last_seq)
         if not events:
-            return last
+            return Appended(last)
         log = self._logs.setdefault(key, [])
         for event in events:
             self._seq += 1
             log.append(StoredEvent(seq=self._seq, event=event))
         if dedupe_id is not None:
             self._dedupe[(key, dedupe_id)] = self._seq
-        return self._seq
+        return Appended(self._seq)
 
     async def first(self, tenant: str, session_id: str) -> StoredEvent | None:
         """The session's first event, None if it has none."""

@@ -7,13 +7,13 @@ tenants may use the same session id and never share a log.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, Self
 
 import msgspec
 
 from eventstore.events import EventUnion
 
-__all__ = ["EventStore", "SessionInfo", "StoredEvent"]
+__all__ = ["Appended", "EventStore", "SessionInfo", "StoredEvent"]
 
 
 class StoredEvent(msgspec.Struct, frozen=True, kw_only=True):
@@ -21,6 +21,24 @@ class StoredEvent(msgspec.Struct, frozen=True, kw_only=True):
     # increasing within a session, not contiguous.
     seq: int
     event: EventUnion
+
+
+class Appended(int):
+    """What an append returns: the seq of the batch's last event, and how many of the
+    batch's first events an earlier try of it (same dedupe_id) had already stored.
+
+    Those stay in the log as that try made them: a command decided again carries its own
+    clock, so a caller that folds what it appended reads them back when `reused` is set.
+    An int, so that every caller that only wants the seq keeps it as before; msgspec
+    encodes plain ints only (`int(appended)` where it is stored).
+    """
+
+    reused: int
+
+    def __new__(cls, seq: int, reused: int = 0) -> Self:
+        appended = super().__new__(cls, seq)
+        appended.reused = reused
+        return appended
 
 
 class SessionInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -43,13 +61,14 @@ class EventStore(Protocol):
         *,
         expected_last_seq: int,
         dedupe_id: str | None = None,
-    ) -> int:
+    ) -> Appended:
         """Append events in order if the session's last seq is expected_last_seq.
 
         expected_last_seq is 0 for a session with no events. Returns the seq of
         the last appended event. Raises ConcurrencyConflict when another writer
         got there first. With dedupe_id, re-appending the same batch (a retry
-        after a lost acknowledgement) stores nothing twice.
+        after a lost acknowledgement) stores nothing twice: what an earlier try
+        stored is kept, and counted in the result's `reused`.
         """
         ...
 

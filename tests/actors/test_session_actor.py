@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import nats.errors
@@ -12,6 +14,7 @@ from nats.aio.client import Client
 from actors.leases import Leases
 from actors.session_actor import SessionActor, SessionContext
 from actors.session_front import SessionFront
+from actors.state_digest import state_digest
 from bus.runtime import Envelope
 from bus.signals import Signals
 from bus.subjects import SESSION_CANCEL_WILDCARD, session_key
@@ -24,8 +27,11 @@ from contracts.session import (
     TurnRejected,
 )
 from eventstore.errors import StoreUnavailable
-from eventstore.events import ChatMessage, EventUnion
+from eventstore.events import ChatMessage, EventUnion, SessionOpened, TurnFailed, TurnStarted
+from eventstore.jetstream import JetStreamEventStore, ensure_stream
 from eventstore.memory import InMemoryEventStore
+from eventstore.store import Appended
+from veil.replay import replay_digest
 
 
 class _Unreachable(InMemoryEventStore):
@@ -42,7 +48,7 @@ class _Unreachable(InMemoryEventStore):
         *,
         expected_last_seq: int,
         dedupe_id: str | None = None,
-    ) -> int:
+    ) -> Appended:
         if self.down:
             raise self.failure
         return await super().append(
@@ -134,3 +140,93 @@ async def test_a_log_the_front_cannot_read_is_a_503_not_an_actor_failure(nc: Cli
     reply = TURN_REPLY_CODEC.decode(request.replies[-1])
     assert isinstance(reply, TurnRejected) and reply.error.status == 503
     assert reply.error.code == "service_unavailable"
+
+
+class _LostAck(JetStreamEventStore):
+    """The real log, whose first acknowledgement is lost: stored, then reported down."""
+
+    lose = True
+
+    async def append(
+        self,
+        tenant: str,
+        session_id: str,
+        events: Sequence[EventUnion],
+        *,
+        expected_last_seq: int,
+        dedupe_id: str | None = None,
+    ) -> Appended:
+        appended = await super().append(
+            tenant, session_id, events, expected_last_seq=expected_last_seq, dedupe_id=dedupe_id
+        )
+        if self.lose:
+            self.lose = False
+            raise StoreUnavailable("append: nats: timeout")
+        return appended
+
+
+@pytest.mark.parametrize("same_worker", [True, False])
+async def test_a_retry_after_a_lost_acknowledgement_folds_what_the_log_kept(
+    nc: Client, same_worker: bool
+) -> None:
+    """The retry decides again with a later clock; the log keeps the first try's events,
+    and the actor must hold what a replay of the log rebuilds. A start the first try
+    stored on another worker names that worker: the retry closes it and starts its own."""
+    js = nc.jetstream()
+    await ensure_stream(js)
+    store = _LostAck(js, nc)
+    ticks = iter(range(1_000))
+    config = Config(
+        engines={"up": EngineConfig(kind="openai", base_url="http://127.0.0.1:9/v1")},
+        pipelines={"p": PipelineConfig(engine="up", model="m")},
+        models=[ModelConfig(name="veil", pipeline="p")],
+    )
+
+    def context() -> SessionContext:
+        return SessionContext(
+            nc=nc,
+            store=store,
+            config=config,
+            signals=Signals(nc, SESSION_CANCEL_WILDCARD),
+            leases=Leases(nc),
+            clock=lambda: datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=next(ticks)),
+        )
+
+    here = context()
+    there = here if same_worker else context()
+    sid = f"s{uuid.uuid4().hex}"
+    start = StartTurn(
+        command_id="c1",
+        turn_id="t1",
+        session_id=sid,
+        new_session=True,
+        tenant="t",
+        key_id="k",
+        model="veil",
+        messages=[ChatMessage(role="user", content="hi")],
+        stream=True,  # its session stays when the turn fails (no model worker here)
+    )
+    # The retry reaches an actor that read the log before the first try.
+    actor = SessionActor(session_key("t", sid), here)
+    await actor._reload()
+    first: Any = _Request()
+    await SessionActor(session_key("t", sid), there).receive(Envelope(first, start))
+    refused = TURN_REPLY_CODEC.decode(first.replies[-1])
+    assert isinstance(refused, TurnRejected) and refused.error.status == 503
+    kept = await store.load("t", sid)
+    assert [type(s.event) for s in kept] == [SessionOpened, TurnStarted]
+
+    retry: Any = _Request()
+    await actor.receive(Envelope(retry, start))
+    stored = await store.load("t", sid)
+    assert stored[: len(kept)] == kept, "nothing of the first try is stored twice or lost"
+    state, seq = actor.snapshot()
+    assert seq == stored[-1].seq
+    assert state_digest(state) == replay_digest(stored)
+    starts = [s.event for s in stored if isinstance(s.event, TurnStarted)]
+    assert starts[-1].holder == here.leases.worker_id
+    closed = [s.event.code for s in stored if isinstance(s.event, TurnFailed)]
+    if same_worker:
+        assert len(starts) == 1
+    else:
+        assert len(starts) == 2 and closed[0] == "worker_lost"

@@ -217,6 +217,7 @@ async def test_dedupe_retry_stores_nothing_twice(store: EventStore) -> None:
     # The acknowledgement was lost: the writer retries exactly the same call.
     again = await store.append(T, sid, events, expected_last_seq=0, dedupe_id="cmd-1")
     assert again == first
+    assert (first.reused, again.reused) == (0, 3), "the retry says the log kept the first try's"
     loaded = await store.load(T, sid)
     assert [s.event for s in loaded] == events
     assert await store.last_seq(T, sid) == first
@@ -402,10 +403,12 @@ async def test_jetstream_retry_completes_a_batch_cut_short(js_store: JetStreamEv
     # The first attempt died after two of five messages were stored.
     await js_store.append(T, sid, events[:2], expected_last_seq=0, dedupe_id="cmd")
     last = await js_store.append(T, sid, events, expected_last_seq=0, dedupe_id="cmd")
+    assert last.reused == 2
     loaded = await js_store.load(T, sid)
     assert [s.event for s in loaded] == events
     assert loaded[-1].seq == last
-    assert await js_store.append(T, sid, events, expected_last_seq=0, dedupe_id="cmd") == last
+    again = await js_store.append(T, sid, events, expected_last_seq=0, dedupe_id="cmd")
+    assert again == last and again.reused == 5
 
 
 async def test_jetstream_message_layout(js_store: JetStreamEventStore, nc: Client) -> None:
