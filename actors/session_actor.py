@@ -470,10 +470,20 @@ class SessionActor:
                     raise
                 await self._reload()
             else:
-                if _started_elsewhere(events, start.turn_id, holder):
+                other = _started_elsewhere(events, start.turn_id, holder)
+                if other is not None:
                     # An earlier try of this request on another worker stored the turn's
-                    # start and lost the acknowledgement: that try never ran it. The log
-                    # must name who runs it: close that start, as for a worker gone.
+                    # start (its acknowledgement lost, or this retry came while it runs).
+                    # The log names that worker: wait on it while it runs the turn, else
+                    # close that start, as for a worker gone, and run it here.
+                    if await self._ctx.leases.holder_runs(other, start.turn_id) is not False:
+                        raise AlreadyHandled(start.turn_id, None)
+                    log.warning(
+                        "session.holder_gone",
+                        session=self.session_id,
+                        turn=start.turn_id,
+                        holder=other,
+                    )
                     gone = start.turn_id
                     continue
                 lost = [e for e in events if isinstance(e, TurnFailed) and e.code == "worker_lost"]
@@ -726,9 +736,9 @@ def _turn_ended(start: StartTurn, step: turn.Step) -> None:
         log.info("turn.ended", **fields)
 
 
-def _started_elsewhere(events: list[EventUnion], turn_id: str, holder: str) -> bool:
-    """Whether the turn's start among `events` (as the log holds them) names another holder."""
-    return any(
-        isinstance(e, TurnStarted) and e.turn_id == turn_id and e.holder not in (None, holder)
-        for e in events
-    )
+def _started_elsewhere(events: list[EventUnion], turn_id: str, holder: str) -> str | None:
+    """The other holder that the turn's start among `events` (as the log holds them) names."""
+    for e in events:
+        if isinstance(e, TurnStarted) and e.turn_id == turn_id and e.holder not in (None, holder):
+            return e.holder
+    return None

@@ -24,6 +24,7 @@ from contracts.session import (
     TURN_REPLY_CODEC,
     GetSession,
     StartTurn,
+    TurnAccepted,
     TurnRejected,
 )
 from eventstore.errors import StoreUnavailable
@@ -165,13 +166,14 @@ class _LostAck(JetStreamEventStore):
         return appended
 
 
-@pytest.mark.parametrize("same_worker", [True, False])
+@pytest.mark.parametrize("first_try", ["same worker", "another worker", "another, running"])
 async def test_a_retry_after_a_lost_acknowledgement_folds_what_the_log_kept(
-    nc: Client, same_worker: bool
+    nc: Client, first_try: str
 ) -> None:
     """The retry decides again with a later clock; the log keeps the first try's events,
     and the actor must hold what a replay of the log rebuilds. A start the first try
-    stored on another worker names that worker: the retry closes it and starts its own."""
+    stored on another worker names that worker: while that worker runs the turn the
+    retry waits on it, else it closes that start and runs the turn under its own name."""
     js = nc.jetstream()
     await ensure_stream(js)
     store = _LostAck(js, nc)
@@ -193,7 +195,7 @@ async def test_a_retry_after_a_lost_acknowledgement_folds_what_the_log_kept(
         )
 
     here = context()
-    there = here if same_worker else context()
+    there = here if first_try == "same worker" else context()
     sid = f"s{uuid.uuid4().hex}"
     start = StartTurn(
         command_id="c1",
@@ -217,16 +219,29 @@ async def test_a_retry_after_a_lost_acknowledgement_folds_what_the_log_kept(
     assert [type(s.event) for s in kept] == [SessionOpened, TurnStarted]
 
     retry: Any = _Request()
-    await actor.receive(Envelope(retry, start))
+    if first_try == "another, running":
+        await there.leases.start()
+        try:
+            with there.leases.holding(start.turn_id):
+                await actor.receive(Envelope(retry, start))
+        finally:
+            await there.leases.stop()
+    else:
+        await actor.receive(Envelope(retry, start))
     stored = await store.load("t", sid)
     assert stored[: len(kept)] == kept, "nothing of the first try is stored twice or lost"
     state, seq = actor.snapshot()
     assert seq == stored[-1].seq
     assert state_digest(state) == replay_digest(stored)
     starts = [s.event for s in stored if isinstance(s.event, TurnStarted)]
-    assert starts[-1].holder == here.leases.worker_id
     closed = [s.event.code for s in stored if isinstance(s.event, TurnFailed)]
-    if same_worker:
-        assert len(starts) == 1
-    else:
+    if first_try == "same worker":
+        assert len(starts) == 1 and starts[0].holder == here.leases.worker_id
+    elif first_try == "another worker":
         assert len(starts) == 2 and closed[0] == "worker_lost"
+        assert starts[-1].holder == here.leases.worker_id
+    else:
+        assert stored == kept, "the running turn is not started twice"
+        accepted = TURN_REPLY_CODEC.decode(retry.replies[0])
+        assert isinstance(accepted, TurnAccepted) and accepted.replay
+        assert accepted.holder == there.leases.worker_id
