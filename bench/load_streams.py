@@ -4,8 +4,8 @@ Starts a fake OpenAI upstream (testkit.upstreams) that sleeps `--token-delay` be
 of a reply's `--tokens` deltas, so that every stream lasts a few seconds, and `veil serve`
 on its embedded default (its own nats-server, every actor in one process; `--workers N`
 for the multi-process server) with a config that lets it hold the load: `[server]
-max_turns_in_flight` above the client count (the default, 256 per worker, would refuse
-the rest with 503 `server_is_overloaded`: `--max-turns-in-flight 256` shows it),
+max_turns_in_flight` above the client count (the default, 1,024 per worker, holds 1,000;
+below it the rest get 503 `server_is_overloaded`: `--max-turns-in-flight 256` shows it),
 `max_connections_per_client` above it too (every client is 127.0.0.1).
 
 Then, in one run, twice the same load from this process (one aiohttp session, no
