@@ -20,6 +20,7 @@ log when it started from a position after it (a restart).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import structlog
@@ -42,9 +43,13 @@ from eventstore.events import (
 from eventstore.store import EventStore
 from eventstore.upcast import EVENT_CODEC
 
-__all__ = ["Owner", "Projector", "records_of"]
+__all__ = ["MAX_OWNERS", "Owner", "Projector", "records_of"]
 
 log = structlog.get_logger("veil.memory")
+
+# Sessions whose owner is kept (as the usage ledger keeps 10,000): without a bound the
+# memory process grew by one entry for every session ever seen.
+MAX_OWNERS = 10_000
 
 # (tenant, user_id) of a session, pinned when it opened.
 Owner = tuple[str, str | None]
@@ -109,8 +114,9 @@ class Projector:
         self.index = index
         self._embedder = embedder
         self._store = store
-        # By (tenant, session id): two tenants may use the same session id.
-        self._owners: dict[tuple[str, str], Owner] = {}
+        # By (tenant, session id): two tenants may use the same session id. The recent
+        # ones only: another session's owner is one read of its log's first event.
+        self._owners: OrderedDict[tuple[str, str], Owner] = OrderedDict()
         # The turn.started of each session's open turns, by turn id, until the turn ends.
         self._open: dict[tuple[str, str], dict[str, TurnStarted]] = {}
 
@@ -148,14 +154,24 @@ class Projector:
                 return None
         key = (tenant, session_id)
         if isinstance(event, SessionOpened):
-            self._owners[key] = (tenant, event.user_id)
+            self._remember(key, (tenant, event.user_id))
         owner = self._owners.get(key)
         if owner is None:
-            # This session opened before the position we started from: read its opening.
+            # This session opened before the position we started from (or is no longer
+            # among the recent ones): read its opening.
             first = await self._store.first(tenant, session_id)
             if first is not None and isinstance(first.event, SessionOpened):
-                owner = self._owners[key] = (tenant, first.event.user_id)
+                owner = (tenant, first.event.user_id)
+                self._remember(key, owner)
+        else:
+            self._owners.move_to_end(key)
         return owner
+
+    def _remember(self, key: tuple[str, str], owner: Owner) -> None:
+        self._owners[key] = owner
+        self._owners.move_to_end(key)
+        while len(self._owners) > MAX_OWNERS:
+            self._owners.popitem(last=False)
 
     async def apply_messages(self, batch: Sequence[Msg]) -> int:
         """`apply` for messages read from CHAT_EVENTS."""

@@ -13,6 +13,7 @@ import numpy.typing as npt
 import pytest
 
 from actors.memory import index as memory_index
+from actors.memory import projector as projector_module
 from actors.memory.embedder import Embedder
 from actors.memory.index import MemoryIndex
 from actors.memory.items import ITEM_TOKENS, exchange, item_text, parts
@@ -25,6 +26,7 @@ from config import MemoryPolicy
 from contracts.memory import MemoryHit
 from eventstore.events import (
     ChatMessage,
+    EventUnion,
     FactsExtracted,
     ReplyCompleted,
     SessionOpened,
@@ -295,5 +297,48 @@ async def test_deleting_a_session_removes_its_turns_and_keeps_them_out(tmp_path:
             tenant="acme", session_id="s3", user_id="u1", query_text="Pixel Lisbon"
         )
         assert hits == []
+    finally:
+        await index.close()
+
+
+async def test_the_projector_keeps_the_owners_of_recent_sessions_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every session ever seen once stayed in the projector: the memory process grew for
+    as long as it ran. Past the bound, a session's owner is read again from its log."""
+    monkeypatch.setattr(projector_module, "MAX_OWNERS", 3)
+    store = InMemoryEventStore()
+    sids = [f"s{i}" for i in range(6)]
+    for sid in sids:
+        opened = SessionOpened(at=AT, session_id=sid, tenant="acme", key_id="k", user_id=sid)
+        await store.append("acme", sid, [opened], expected_last_seq=0)
+
+    async def logged(sid: str, *events: EventUnion) -> list[tuple[str, int, bytes]]:
+        out = []
+        for event in events:
+            last = await store.append(
+                "acme", sid, [event], expected_last_seq=await store.last_seq("acme", sid)
+            )
+            out.append((session_events("acme", sid), last, EVENT_CODEC.encode(event)))
+        return out
+
+    index = await MemoryIndex.open(tmp_path / "m.db")
+    projector = Projector(index, cast(Embedder, HashEmbedder()), cast(EventStore, store))
+    try:
+        opened = [
+            (session_events("acme", sid), s.seq, EVENT_CODEC.encode(s.event))
+            for sid in sids
+            for s in await store.load("acme", sid)
+        ]
+        await projector.apply(opened)
+        assert len(projector._owners) == 3
+        # s0's owner is long gone from the cache: its turn is still indexed as its user's.
+        turn = _turn(ChatMessage(role="user", content="My cat is called Pixel."))
+        await projector.apply(await logged("s0", turn, _reply("Nice name!")))
+        assert len(projector._owners) == 3
+        hits = await index.keyword_search(
+            tenant="acme", session_id="s0", user_id="s0", query_text="Pixel"
+        )
+        assert [h.session_id for h in hits] == ["s0"]
     finally:
         await index.close()
