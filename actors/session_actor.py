@@ -56,6 +56,7 @@ from contracts.session import (
 )
 from eventstore.errors import ConcurrencyConflict, EventStoreError, StoreUnavailable
 from eventstore.events import EventUnion, TurnFailed, TurnStarted
+from eventstore.store import StoredEvent
 from eventstore.tombstones import Tombstone
 
 __all__ = ["SessionActor", "SessionContext"]
@@ -133,11 +134,15 @@ class SessionActor:
             )
         else:
             stored = await self._ctx.store.load(self.tenant, self.session_id, after=self._last_seq)
+        await self._fold_in(stored)
+        self._loaded = True
+
+    async def _fold_in(self, stored: list[StoredEvent]) -> None:
+        """Fold events read from the log into the state, up to the last one's position."""
         if stored:
             self._state = await fold_stored(self._state, stored)
             self._last_seq = stored[-1].seq
             self._unsnapshotted += len(stored)
-        self._loaded = True
 
     def owned_by(self, tenant: str, user: str | None = None) -> bool:
         """Whether this actor's state (once read) shows `tenant`'s (and `user`'s) session."""
@@ -191,11 +196,8 @@ class SessionActor:
     async def _read_back(self, appended: int) -> list[EventUnion]:
         """Catch up with the log through an append; the batch's events as stored."""
         stored = await self._ctx.store.load(self.tenant, self.session_id, after=self._last_seq)
-        if stored:
-            self._state = await fold_stored(self._state, stored)
-            self._last_seq = stored[-1].seq
-            self._unsnapshotted += len(stored)
-            self._snapshot_later()
+        await self._fold_in(stored)
+        self._snapshot_later()
         return [s.event for s in stored if s.seq <= appended]
 
     def _snapshot_later(self) -> None:
